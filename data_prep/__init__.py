@@ -1,0 +1,1 @@
+"""Offline data preparation: dataset builders and the LLM text-embedding precompute job."""

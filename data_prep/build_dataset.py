@@ -1,0 +1,149 @@
+"""Builds a TFDS dataset (ArrayRecord shards) from MIMIC-CXR, IU X-ray, NIH14 or a CSV manifest.
+
+  python -m data_prep.build_dataset --source=mimic_cxr --input_dir=/data/mimic --output_dir=/data/tfds
+
+writes `{output_dir}/{name}/1.0.0/` (readable with `tfds.builder_from_directory` and grain) plus
+`build_report.json` there: records read, written per split, skipped per reason with examples. The
+build happens in a temporary folder renamed into place at the end, so a failed build never leaves
+anything that looks finished.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+import time
+
+from absl import app, flags
+
+from data_prep import records as R
+from data_prep.sources import SOURCE_NAMES, get_scanner
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("source", None, list(SOURCE_NAMES), "Layout of --input_dir.")
+flags.DEFINE_string("input_dir", None, "Folder holding the raw data set.")
+flags.DEFINE_string("output_dir", None, "TFDS data dir: the dataset goes to {output_dir}/{name}/1.0.0.")
+flags.DEFINE_string("name", "", "Dataset name (folder); default: the source name ('csv' -> 'cxr_csv').")
+flags.DEFINE_integer("image_size", 512, "Shorter image side after resize (aspect kept, never upsampled; 0 keeps).")
+flags.DEFINE_enum("views", "frontal", ["frontal", "all"], "frontal keeps PA/AP acquisitions only.")
+flags.DEFINE_boolean("strict", False, "Fail on the first bad record instead of skipping and counting it.")
+flags.DEFINE_integer("num_workers", 1, "Processes decoding and resizing images in parallel.")
+flags.DEFINE_integer("seed", 0, "Seed of patient-level splits (iu_xray, csv without split column, nih14 val).")
+flags.DEFINE_boolean("overwrite", False, "Replace an existing dataset of the same name and version.")
+# iu_xray / nih14
+flags.DEFINE_string("labels_csv", "", "iu_xray: CheXpert label CSV (subject_id = report uid).")
+flags.DEFINE_float("val_fraction", 0.1, "nih14: fraction of train_val patients held out as 'validate'.")
+# csv
+flags.DEFINE_string("manifest", "", "csv: manifest path or SPLIT=PATH,... (relative to --input_dir).")
+flags.DEFINE_string("image_column", "image", "csv: column with the image path.")
+flags.DEFINE_string("image_dir", "", "csv: folder (relative to --input_dir) the image paths are relative to.")
+flags.DEFINE_string("text_column", "", "csv: column with the report / notes text.")
+flags.DEFINE_string("label_columns", "", "csv: comma-separated label columns (1/0/-1/blank).")
+flags.DEFINE_string("split_column", "", "csv: column with the split name; default a seeded split.")
+flags.DEFINE_string("id_column", "", "csv: unique image id column; default the image file name.")
+flags.DEFINE_string("group_column", "", "csv: patient column for patient-level splits.")
+flags.DEFINE_string("study_column", "", "csv: study column (text embeddings join on it); default the image id.")
+flags.DEFINE_string("view_column", "", "csv: view position column (filtered by --views).")
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def build(source: str, input_dir: str, output_dir: str, *, name: str = "", image_size: int = 512,
+          views: str = "frontal", strict: bool = False, num_workers: int = 1, overwrite: bool = False,
+          **source_options) -> dict:
+    """Scans, decodes and writes one dataset; returns the build report (also written as JSON)."""
+    import tensorflow_datasets as tfds  # heavy: imported here so decode workers never load it
+
+    from data_prep.tfds_builder import VERSION, builder_class
+
+    name = name or ("cxr_csv" if source == "csv" else source)
+    if not _NAME.match(name):
+        raise R.InputError(f"--name={name!r}: use lower case letters, digits and underscores")
+    if not os.path.isdir(input_dir):
+        raise R.InputError(f"--input_dir={input_dir} is not a folder")
+    final_dir = os.path.join(output_dir, name, VERSION)
+    if os.path.exists(final_dir) and not overwrite:
+        raise R.InputError(f"{final_dir} already exists; pass --overwrite to rebuild it")
+
+    start = time.perf_counter()
+    scan = get_scanner(source)(input_dir, views=views, strict=strict, **source_options)
+    scan.drop_duplicate_ids()
+    if not scan.records:
+        raise R.InputError(f"nothing to build from {input_dir}: {scan.records_read} records read, "
+                           f"skipped {scan.skips.as_dict()}")
+    print(f"{source}: {scan.records_read} records read, {len(scan.records)} to decode "
+          f"({scan.skips.total} skipped while scanning)", flush=True)
+
+    os.makedirs(output_dir, exist_ok=True)
+    staging = os.path.join(output_dir, f".staging-{name}-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    decode_skips = R.SkipLog(strict)
+    try:
+        tfds.disable_progress_bar()
+        builder = builder_class(name)(scan=scan, image_size=image_size, num_workers=num_workers,
+                                      decode_skips=decode_skips, data_dir=staging,
+                                      file_format="array_record")
+        builder.download_and_prepare()
+        written = {split: info.num_examples for split, info in builder.info.splits.items()}
+        if sum(written.values()) == 0:
+            raise R.InputError(f"every record of {input_dir} was skipped: {decode_skips.as_dict()}")
+        skips = R.SkipLog()
+        skips.merge(scan.skips)
+        skips.merge(decode_skips)
+        elapsed = time.perf_counter() - start
+        report = {
+            "source": source, "name": name, "version": VERSION, "source_version": scan.source_version,
+            "input_dir": os.path.abspath(input_dir), "image_size": image_size, "views": views,
+            "label_names": list(scan.label_names), "records_read": scan.records_read,
+            "records_written": written, "records_written_total": sum(written.values()),
+            "skipped": skips.as_dict(), "skipped_total": skips.total, "notes": scan.notes,
+            "elapsed_s": round(elapsed, 2),
+            "images_per_s": round(len(scan.records) / elapsed, 2),
+            "command": " ".join(sys.argv),
+        }
+        staged_dir = os.path.join(staging, name, VERSION)
+        with open(os.path.join(staged_dir, "build_report.json"), "w") as f:
+            json.dump(report, f, indent=2)
+        if os.path.exists(final_dir):
+            shutil.rmtree(final_dir)
+        os.makedirs(os.path.dirname(final_dir), exist_ok=True)
+        os.replace(staged_dir, final_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    report["dataset_dir"] = final_dir
+    return report
+
+
+def summary_line(report: dict) -> str:
+    splits = ", ".join(f"{k} {v}" for k, v in sorted(report["records_written"].items()))
+    skipped = ", ".join(f"{k} {v['count']}" for k, v in report["skipped"].items()) or "none"
+    return (f"built {report['name']}: {report['records_written_total']} images ({splits}) in "
+            f"{report['elapsed_s']:.1f}s ({report['images_per_s']:.1f} img/s); skipped: {skipped} -> "
+            f"{report['dataset_dir']}")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    for required in ("source", "input_dir", "output_dir"):
+        if FLAGS[required].value is None:
+            raise app.UsageError(f"--{required} is required")
+    options = dict(seed=FLAGS.seed, labels_csv=FLAGS.labels_csv, val_fraction=FLAGS.val_fraction,
+                   manifest=FLAGS.manifest, image_column=FLAGS.image_column, image_dir=FLAGS.image_dir,
+                   text_column=FLAGS.text_column, label_columns=FLAGS.label_columns,
+                   split_column=FLAGS.split_column, id_column=FLAGS.id_column,
+                   group_column=FLAGS.group_column, study_column=FLAGS.study_column,
+                   view_column=FLAGS.view_column)
+    try:
+        report = build(FLAGS.source, FLAGS.input_dir, FLAGS.output_dir, name=FLAGS.name,
+                       image_size=FLAGS.image_size, views=FLAGS.views, strict=FLAGS.strict,
+                       num_workers=FLAGS.num_workers, overwrite=FLAGS.overwrite, **options)
+    except (R.InputError, R.BadRecordError) as e:
+        print(f"build_dataset: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(summary_line(report))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,67 @@
+"""Anyone's own data: a CSV manifest with an image column and optional text, labels, split, ids.
+
+`--manifest` is one CSV path, or `SPLIT=PATH,SPLIT=PATH` to take each split from its own file.
+A relative manifest path resolves against --input_dir; image paths against the manifest's own
+folder joined with --image_dir.
+Labels use the project coding: 1 / 0 / -1 (uncertain) / blank (not mentioned).
+Without --split_column (and a single manifest), a seeded split by --group_column (patient) is used.
+"""
+from __future__ import annotations
+
+import os
+
+from data_prep import records as R
+from data_prep.sources.tables import read_csv
+
+DESCRIPTION = "Chest X-rays from a CSV manifest."
+
+
+def _parse_manifests(spec: str, input_dir: str) -> list[tuple[str | None, str]]:
+    if not spec:
+        return [(None, os.path.join(input_dir, "manifest.csv"))]
+    parts = []
+    for item in spec.split(","):
+        split, _, path = item.rpartition("=")
+        parts.append((split or None, os.path.join(input_dir, path)))
+    return parts
+
+
+def scan(input_dir: str, *, manifest: str = "", image_column: str = "image", image_dir: str = "",
+         text_column: str = "", label_columns: str = "", split_column: str = "", id_column: str = "",
+         group_column: str = "", study_column: str = "", view_column: str = "", views: str = "frontal",
+         seed: int = 0, strict: bool = False, **_) -> R.SourceScan:
+    skips = R.SkipLog(strict)
+    labels = tuple(c.strip() for c in label_columns.split(",") if c.strip())
+    manifests = _parse_manifests(manifest, input_dir)
+    required = tuple(c for c in (image_column, text_column, split_column, id_column, group_column,
+                                 study_column, view_column) if c) + labels
+    out: list[R.RawRecord] = []
+    read = 0
+    for fixed_split, path in manifests:
+        for row_number, row in enumerate(read_csv(path, required), start=2):
+            read += 1
+            image_path = os.path.join(os.path.dirname(path), image_dir, row[image_column])
+            where = f"{path}:{row_number} {image_path}"
+            if view_column and not R.view_selected(row[view_column], views):
+                skips.skip(R.VIEW_NOT_SELECTED, where, f"{view_column}={row[view_column]!r}")
+                continue
+            if not os.path.exists(image_path):
+                skips.skip(R.IMAGE_MISSING, where)
+                continue
+            try:
+                coded = R.code_labels(row, labels)
+            except ValueError as e:
+                skips.skip(R.BAD_LABEL_VALUE, where, str(e))
+                continue
+            image_id = row[id_column] if id_column else os.path.splitext(os.path.basename(image_path))[0]
+            group = row[group_column] if group_column else image_id
+            split = fixed_split or (row[split_column] if split_column else R.seeded_split(group, seed))
+            if not split:
+                skips.skip(R.NO_SPLIT, where, f"empty {split_column!r}")
+                continue
+            text = " ".join(row[text_column].split()) if text_column else ""
+            out.append(R.RawRecord(
+                split=split, image_path=image_path, image_id=image_id,
+                study_id=row[study_column] if study_column else image_id, subject_id=group,
+                view=row[view_column] if view_column else "", report=text, labels=coded))
+    return R.SourceScan("csv", os.path.basename(manifests[0][1]), labels, out, read, skips, DESCRIPTION)

@@ -1,0 +1,108 @@
+"""The TFDS builder that writes every source as ArrayRecord shards with one feature schema.
+
+Images are decoded and resized in a pool of spawned worker processes (PIL only) and arrive as PNG
+bytes in the source's record order, so a build is deterministic whatever `num_workers` is.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import time
+import types
+from typing import Iterator
+
+import numpy as np
+import tensorflow_datasets as tfds
+from tqdm import tqdm
+
+from data_prep import records as R
+from data_prep.images import decode_task
+
+VERSION = "1.0.0"
+SCHEMA_NOTE = ("labels: int8[num_labels], 1 positive, 0 negative, -1 uncertain, -2 not mentioned; "
+               "label names in metadata['label_names']")
+
+
+def features(num_labels: int) -> tfds.features.FeaturesDict:
+    return tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(None, None, 1), dtype=np.uint8, encoding_format="png"),
+        "image_id": tfds.features.Text(),
+        "study_id": tfds.features.Text(),
+        "subject_id": tfds.features.Text(),
+        "view": tfds.features.Text(),
+        "report": tfds.features.Text(),
+        "findings": tfds.features.Text(),
+        "impression": tfds.features.Text(),
+        "labels": tfds.features.Tensor(shape=(num_labels,), dtype=np.int8),
+    })
+
+
+class ChestXrayBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Writes a `SourceScan`; subclassed per dataset name by `builder_class`."""
+
+    VERSION = tfds.core.Version(VERSION)
+
+    def __init__(self, *, scan: R.SourceScan, image_size: int, num_workers: int,
+                 decode_skips: R.SkipLog, **kwargs):
+        self._scan = scan
+        self._image_size = image_size
+        self._num_workers = num_workers
+        self._decode_skips = decode_skips
+        super().__init__(**kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return self.dataset_info_from_configs(
+            description=f"{self._scan.description} {SCHEMA_NOTE}",
+            features=features(len(self._scan.label_names)),
+            metadata=tfds.core.MetadataDict(
+                label_names=list(self._scan.label_names), source=self._scan.source,
+                source_version=self._scan.source_version, image_size=self._image_size),
+        )
+
+    def _split_generators(self, dl_manager):
+        return {split: self._generate_examples(split, recs)
+                for split, recs in sorted(self._scan.splits().items())}
+
+    def _generate_examples(self, split: str, recs: list[R.RawRecord]) -> Iterator[tuple[str, dict]]:
+        tasks = [(i, rec.image_path, self._image_size) for i, rec in enumerate(recs)]
+        bar = tqdm(total=len(tasks), desc=f"{self.name}/{split}", unit="img", dynamic_ncols=True)
+        start = time.perf_counter()
+        with _decoder_map(self._num_workers) as imap:
+            for index, png, error in imap(decode_task, tasks):
+                bar.update(1)
+                rec = recs[index]
+                if png is None:
+                    self._decode_skips.skip(R.IMAGE_UNREADABLE, rec.image_path, error)
+                    continue
+                yield rec.image_id, {
+                    "image": png, "image_id": rec.image_id, "study_id": rec.study_id,
+                    "subject_id": rec.subject_id, "view": rec.view, "report": rec.report,
+                    "findings": rec.findings, "impression": rec.impression,
+                    "labels": np.asarray(rec.labels, np.int8).reshape(len(self._scan.label_names)),
+                }
+        bar.set_postfix_str(f"{len(tasks) / max(time.perf_counter() - start, 1e-9):.1f} img/s")
+        bar.close()
+
+
+class _decoder_map:
+    """Context manager giving an ordered `imap`: in-process for 1 worker, a spawn pool otherwise."""
+
+    def __init__(self, num_workers: int):
+        self._pool = (multiprocessing.get_context("spawn").Pool(num_workers)
+                      if num_workers > 1 else None)
+
+    def __enter__(self):
+        if self._pool is None:
+            return map
+        return lambda fn, items: self._pool.imap(fn, items, chunksize=4)
+
+    def __exit__(self, *exc):
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+
+
+def builder_class(name: str) -> type[ChestXrayBuilder]:
+    """A builder class whose TFDS name (and so folder name) is `name`."""
+    return types.new_class(
+        "".join(part.title() for part in name.split("_")), (ChestXrayBuilder,),
+        {"skip_registration": True}, lambda ns: ns.update(name=name, __module__=__name__))
