@@ -1,0 +1,1 @@
+"""Image encoders (ViT, MAE, windowed ViTDet) and heads, as pure flax.linen modules."""

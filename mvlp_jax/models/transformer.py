@@ -1,0 +1,192 @@
+"""Transformer building blocks shared by ViT, MAE's decoder, ViTDet and the pooling heads.
+
+Parameters and activations carry logical axis names ('embed', 'mlp', 'heads', 'kv', 'batch',
+'length', 'layers'), so `mvlp_jax.sharding` maps them onto a mesh by rules instead of per-model code.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def logical(init, *names: str | None):
+    return nn.with_logical_partitioning(init, names)
+
+
+def constrain(x: jax.Array, *names: str | None) -> jax.Array:
+    return nn.with_logical_constraint(x, names)
+
+
+def sincos_2d(height: int, width: int, dim: int, temperature: float = 10_000.0) -> np.ndarray:
+    """Fixed 2-D sin-cos position embeddings, (height*width, dim), rows outer.
+
+    Log-spaced frequencies; layout [sin_w | cos_w | sin_h | cos_h], the layout of the original MAE
+    code and so of every public MAE checkpoint (transformers rotates its table to it).
+    Computed for any grid, so a model trained at one size runs at another without interpolation.
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos position embeddings need a width divisible by 4, got {dim}")
+    omega = 1.0 / temperature ** (np.arange(dim // 4, dtype=np.float64) / (dim // 4))
+    grid_h, grid_w = np.meshgrid(np.arange(height, dtype=np.float64), np.arange(width, dtype=np.float64),
+                                 indexing="ij")
+    emb_h = np.outer(grid_h.ravel(), omega)
+    emb_w = np.outer(grid_w.ravel(), omega)
+    return np.concatenate([np.sin(emb_w), np.cos(emb_w), np.sin(emb_h), np.cos(emb_h)], axis=1).astype(np.float32)
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None
+                          ) -> tuple[jax.Array, jax.Array]:
+    """q (B,Q,H,D), k/v (B,K,H,D), mask broadcastable to (B,H,Q,K) (True = attend). Softmax in float32."""
+    q = q / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v), weights
+
+
+class Attention(nn.Module):
+    """Multi-head attention (self, or cross with `inputs_kv`); sows its weights when asked."""
+    num_heads: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    qkv_bias: bool = True
+    sow_weights: bool = False
+
+    @nn.compact
+    def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array | None = None,
+                 mask: jax.Array | None = None) -> jax.Array:
+        inputs_kv = inputs_q if inputs_kv is None else inputs_kv
+        width = inputs_q.shape[-1]
+        if width % self.num_heads:
+            raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
+        head_dim = width // self.num_heads
+
+        def project(name: str, x: jax.Array) -> jax.Array:
+            y = nn.DenseGeneral((self.num_heads, head_dim), use_bias=self.qkv_bias, dtype=self.dtype,
+                                param_dtype=self.param_dtype, name=name,
+                                kernel_init=logical(nn.initializers.xavier_uniform(), "embed", "heads", "kv"),
+                                bias_init=logical(nn.initializers.zeros, "heads", "kv"))(x)
+            return constrain(y, "batch", "length", "heads", "kv")
+
+        out, weights = dot_product_attention(project("query", inputs_q), project("key", inputs_kv),
+                                             project("value", inputs_kv), mask)
+        if self.sow_weights:
+            self.sow("intermediates", "attention_weights", weights)
+        return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype, name="out",
+                               kernel_init=logical(nn.initializers.xavier_uniform(), "heads", "kv", "embed"),
+                               bias_init=logical(nn.initializers.zeros, "embed"))(out)
+
+
+class MlpBlock(nn.Module):
+    mlp_dim: int
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        width = x.shape[-1]
+        h = nn.Dense(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1",
+                     kernel_init=logical(nn.initializers.xavier_uniform(), "embed", "mlp"),
+                     bias_init=logical(nn.initializers.normal(1e-6), "mlp"))(x)
+        h = nn.gelu(constrain(h, "batch", "length", "mlp"), approximate=False)
+        h = nn.Dropout(self.dropout)(h, deterministic=not train)
+        return nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2",
+                        kernel_init=logical(nn.initializers.xavier_uniform(), "mlp", "embed"),
+                        bias_init=logical(nn.initializers.normal(1e-6), "embed"))(h)
+
+
+def layer_norm(name: str, eps: float, dtype: Dtype, param_dtype: Dtype) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name,
+                        scale_init=logical(nn.initializers.ones, "norm"),
+                        bias_init=logical(nn.initializers.zeros, "norm"))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block with dropout and stochastic depth (per-sample drop path).
+
+    Returns (x, None) so the same module can be scanned over layers.
+    """
+    num_heads: int
+    mlp_dim: int
+    dropout: float = 0.0
+    use_drop_path: bool = False
+    layer_norm_eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    train: bool = False
+    sow_attention: bool = False
+
+    def _drop_path(self, y: jax.Array, rate: jax.Array) -> jax.Array:
+        if not (self.train and self.use_drop_path):
+            return y
+        keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rate, (y.shape[0],) + (1,) * (y.ndim - 1))
+        return jnp.where(keep, y / (1.0 - rate), 0.0).astype(y.dtype)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, drop_rate: jax.Array | float = 0.0,
+                 mask: jax.Array | None = None) -> tuple[jax.Array, None]:
+        x = constrain(x, "batch", "length", "embed")
+        norm = lambda name: layer_norm(name, self.layer_norm_eps, self.dtype, self.param_dtype)
+        y = Attention(self.num_heads, self.dtype, self.param_dtype, sow_weights=self.sow_attention,
+                      name="attention")(norm("norm1")(x), mask=mask)
+        y = nn.Dropout(self.dropout)(y, deterministic=not self.train)
+        x = x + self._drop_path(y, drop_rate)
+        y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.param_dtype, name="mlp")(norm("norm2")(x), self.train)
+        y = nn.Dropout(self.dropout)(y, deterministic=not self.train)
+        x = x + self._drop_path(y, drop_rate)
+        return constrain(x, "batch", "length", "embed"), None
+
+
+class Encoder(nn.Module):
+    """`depth` blocks (looped or scanned, optionally rematerialised) then a final LayerNorm."""
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    dropout: float = 0.0
+    drop_path: float = 0.0
+    layer_norm_eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    scan: bool = False
+    remat_policy: str = "none"
+    sow_attention: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy={self.remat_policy!r}; choose one of {sorted(REMAT_POLICIES)}")
+        block_cls = Block
+        if self.remat_policy != "none":
+            block_cls = nn.remat(Block, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=not self.scan)
+        kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout=self.dropout,
+                      use_drop_path=self.drop_path > 0, layer_norm_eps=self.layer_norm_eps, dtype=self.dtype,
+                      param_dtype=self.param_dtype, train=train, sow_attention=self.sow_attention)
+        rates = jnp.linspace(0.0, self.drop_path, self.depth)  # stochastic depth grows with depth
+        if self.scan:
+            stack = nn.scan(block_cls, variable_axes={"params": 0, "intermediates": 0},
+                            split_rngs={"params": True, "dropout": True}, in_axes=0, length=self.depth,
+                            metadata_params={nn.PARTITION_NAME: "layers"})
+            x, _ = stack(**kwargs, name="blocks")(x, rates)
+        else:
+            for i in range(self.depth):
+                x, _ = block_cls(**kwargs, name=f"block_{i:02d}")(x, rates[i])
+        return layer_norm("norm", self.layer_norm_eps, self.dtype, self.param_dtype)(x)
+
+
+def count_params(params) -> int:
+    return int(sum(math.prod(p.shape) for p in jax.tree_util.tree_leaves(nn.unbox(params))))

@@ -1,0 +1,200 @@
+"""Vision Transformer encoder and the masked autoencoder (MAE) around it.
+
+ViT follows big_vision / MAE: conv patch embedding, fixed 2-D sin-cos (or learned, interpolated)
+position embeddings, optional CLS token, pre-LN blocks. `MAE` masks per sample by argsort of
+uniform noise, runs the encoder on the visible tokens only, and reconstructs the masked patches
+with its own decoder; with the same noise it reproduces transformers' ViTMAEForPreTraining.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mvlp_jax.models.transformer import Dtype, Encoder, constrain, logical, sincos_2d
+
+# name -> (width, depth, num_heads, mlp_dim); the patch comes from the name ('B/16').
+VARIANTS = {
+    "Ti": (192, 12, 3, 768),
+    "S": (384, 12, 6, 1536),
+    "B": (768, 12, 12, 3072),
+    "L": (1024, 24, 16, 4096),
+    "H": (1280, 32, 16, 5120),
+}
+POSEMB = ("sincos2d", "learned")
+
+
+def variant(name: str) -> dict[str, int]:
+    """'B/16' -> dict(width=768, depth=12, num_heads=12, mlp_dim=3072, patch_size=16)."""
+    match = re.fullmatch(r"(Ti|S|B|L|H)/(\d+)", name)
+    if not match:
+        raise ValueError(f"unknown ViT variant {name!r}; use one of {sorted(VARIANTS)} + '/patch', e.g. 'B/16'")
+    width, depth, heads, mlp = VARIANTS[match.group(1)]
+    return dict(width=width, depth=depth, num_heads=heads, mlp_dim=mlp, patch_size=int(match.group(2)))
+
+
+def patchify(images: jax.Array, patch: int) -> jax.Array:
+    """(B, H, W, C) -> (B, H/p * W/p, p*p*C), patch pixels ordered (row, col, channel) as MAE."""
+    b, h, w, c = images.shape
+    if h % patch or w % patch:
+        raise ValueError(f"image size {h}x{w} is not divisible by the patch size {patch}")
+    x = images.reshape(b, h // patch, patch, w // patch, patch, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, (h // patch) * (w // patch), patch * patch * c)
+
+
+def unpatchify(patches: jax.Array, grid: tuple[int, int], patch: int, channels: int) -> jax.Array:
+    """Inverse of `patchify` for a (rows, cols) patch grid."""
+    b = patches.shape[0]
+    gh, gw = grid
+    x = patches.reshape(b, gh, gw, patch, patch, channels).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, gh * patch, gw * patch, channels)
+
+
+def random_masking(noise: jax.Array, mask_ratio: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-sample masking from uniform noise (B, N): (keep_ids (B,K), mask (B,N) 1=masked, ids_restore)."""
+    n = noise.shape[1]
+    len_keep = int(n * (1 - mask_ratio))
+    ids_shuffle = jnp.argsort(noise, axis=1)
+    ids_restore = jnp.argsort(ids_shuffle, axis=1)
+    mask = jnp.ones(noise.shape, jnp.float32).at[:, :len_keep].set(0.0)
+    return ids_shuffle[:, :len_keep], jnp.take_along_axis(mask, ids_restore, axis=1), ids_restore
+
+
+def reconstruction_loss(pred: jax.Array, target: jax.Array, mask: jax.Array, norm_pix: bool) -> jax.Array:
+    """Mean squared error per patch, averaged over masked patches only (MAE).
+
+    norm_pix normalises each target patch by its mean and (unbiased) variance, as MAE does; on chest
+    X-rays it tends to give noise-like reconstructions, so it is a choice, off by default.
+    """
+    target = target.astype(jnp.float32)
+    if norm_pix:
+        mean = target.mean(axis=-1, keepdims=True)
+        var = target.var(axis=-1, keepdims=True, ddof=1)
+        target = (target - mean) / jnp.sqrt(var + 1e-6)
+    per_patch = jnp.mean((pred.astype(jnp.float32) - target) ** 2, axis=-1)
+    return jnp.sum(per_patch * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+class PatchEmbed(nn.Module):
+    """Conv patch embedding plus position embeddings: (B,H,W,C) -> (B, N, D) and the (rows, cols) grid."""
+    width: int
+    patch_size: int
+    posemb: str = "sincos2d"
+    image_size: int = 224  # grid size of learned position embeddings
+    cls_token: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array | None, tuple[int, int]]:
+        """Returns (patch tokens with position, cls position embedding or None, grid)."""
+        if self.posemb not in POSEMB:
+            raise ValueError(f"posemb={self.posemb!r}; choose one of {POSEMB}")
+        x = nn.Conv(self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2, padding="VALID",
+                    dtype=self.dtype, param_dtype=self.param_dtype, name="conv",
+                    kernel_init=logical(nn.initializers.lecun_normal(), None, None, None, "embed"),
+                    bias_init=logical(nn.initializers.zeros, "embed"))(images.astype(self.dtype))
+        b, gh, gw, d = x.shape
+        x = x.reshape(b, gh * gw, d)
+        cls_pos = None
+        if self.posemb == "sincos2d":
+            pos = jnp.asarray(sincos_2d(gh, gw, d))[None]
+            if self.cls_token:
+                cls_pos = jnp.zeros((1, 1, d), jnp.float32)
+        else:
+            g = self.image_size // self.patch_size
+            table = self.param("pos_embedding", logical(nn.initializers.normal(0.02), None, "length", "embed"),
+                               (1, g * g + int(self.cls_token), d), self.param_dtype)
+            if self.cls_token:
+                cls_pos, table = table[:, :1], table[:, 1:]
+            pos = table.reshape(1, g, g, d)
+            if (gh, gw) != (g, g):  # interpolate learned embeddings to the new grid
+                pos = jax.image.resize(pos, (1, gh, gw, d), method="bilinear")
+            pos = pos.reshape(1, gh * gw, d)
+        return (x + pos.astype(x.dtype)), cls_pos, (gh, gw)
+
+
+class ViT(nn.Module):
+    """ViT encoder. `keep_ids` (B, K) selects the visible patches (MAE); returns (B, [1+]N, width)."""
+    width: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_dim: int = 3072
+    patch_size: int = 16
+    image_size: int = 224
+    posemb: str = "sincos2d"
+    cls_token: bool = True
+    dropout: float = 0.0
+    drop_path: float = 0.0
+    layer_norm_eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    scan: bool = False
+    remat_policy: str = "none"
+    sow_attention: bool = False
+
+    @nn.compact
+    def __call__(self, images: jax.Array, *, keep_ids: jax.Array | None = None, train: bool = False) -> jax.Array:
+        x, cls_pos, _ = PatchEmbed(self.width, self.patch_size, self.posemb, self.image_size, self.cls_token,
+                                   self.dtype, self.param_dtype, name="embedding")(images)
+        if keep_ids is not None:
+            x = jnp.take_along_axis(x, keep_ids[..., None], axis=1)
+        if self.cls_token:
+            cls = self.param("cls", logical(nn.initializers.normal(0.02), None, None, "embed"),
+                             (1, 1, self.width), self.param_dtype)
+            cls = jnp.broadcast_to((cls + cls_pos).astype(x.dtype), (x.shape[0], 1, self.width))
+            x = jnp.concatenate([cls, x], axis=1)
+        x = nn.Dropout(self.dropout)(constrain(x, "batch", "length", "embed"), deterministic=not train)
+        return Encoder(self.depth, self.num_heads, self.mlp_dim, self.dropout, self.drop_path,
+                       self.layer_norm_eps, self.dtype, self.param_dtype, self.scan, self.remat_policy,
+                       self.sow_attention, name="encoder")(x, train)
+
+
+class MAE(nn.Module):
+    """Masked autoencoder: ViT encoder on visible patches, a lighter decoder reconstructs the masked ones."""
+    encoder: ViT
+    decoder_width: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    decoder_mlp_dim: int = 2048
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = False
+
+    @nn.compact
+    def __call__(self, images: jax.Array, *, noise: jax.Array | None = None, train: bool = False
+                 ) -> dict[str, Any]:
+        """images (B,H,W,C) -> dict(loss, pred (B,N,p*p*C), mask (B,N), latent, ids_restore).
+
+        `noise` (B, N) fixes the masking (for parity tests); otherwise drawn from the 'masking' rng.
+        """
+        enc, p = self.encoder, self.encoder.patch_size
+        b, h, w, c = images.shape
+        grid = (h // p, w // p)
+        n = grid[0] * grid[1]
+        if noise is None:
+            noise = jax.random.uniform(self.make_rng("masking"), (b, n))
+        keep_ids, mask, ids_restore = random_masking(noise, self.mask_ratio)
+        latent = enc(images, keep_ids=keep_ids, train=train)
+
+        dense = lambda features, name, axes: nn.Dense(
+            features, dtype=enc.dtype, param_dtype=enc.param_dtype, name=name,
+            kernel_init=logical(nn.initializers.xavier_uniform(), *axes),
+            bias_init=logical(nn.initializers.zeros, axes[1]))
+        x = dense(self.decoder_width, "decoder_embed", ("embed", "decoder_embed"))(latent)
+        cls, visible = (x[:, :1], x[:, 1:]) if enc.cls_token else (None, x)
+        mask_token = self.param("mask_token", logical(nn.initializers.normal(0.02), None, None, "decoder_embed"),
+                                (1, 1, self.decoder_width), enc.param_dtype)
+        filler = jnp.broadcast_to(mask_token.astype(x.dtype), (b, n - visible.shape[1], self.decoder_width))
+        x = jnp.take_along_axis(jnp.concatenate([visible, filler], axis=1), ids_restore[..., None], axis=1)
+        x = x + jnp.asarray(sincos_2d(*grid, self.decoder_width))[None].astype(x.dtype)
+        if cls is not None:
+            x = jnp.concatenate([cls, x], axis=1)  # decoder cls position is zero, as in MAE
+        x = Encoder(self.decoder_depth, self.decoder_heads, self.decoder_mlp_dim, 0.0, 0.0, enc.layer_norm_eps,
+                    enc.dtype, enc.param_dtype, enc.scan, enc.remat_policy, name="decoder")(x, train)
+        pred = dense(p * p * c, "decoder_pred", ("decoder_embed", None))(x)
+        pred = pred[:, 1:] if cls is not None else pred
+        loss = reconstruction_loss(pred, patchify(images, p), mask, self.norm_pix_loss)
+        return dict(loss=loss, pred=pred, mask=mask, latent=latent, ids_restore=ids_restore, grid=grid)
