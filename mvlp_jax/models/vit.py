@@ -79,7 +79,10 @@ def reconstruction_loss(pred: jax.Array, target: jax.Array, mask: jax.Array, nor
 
 
 class PatchEmbed(nn.Module):
-    """Conv patch embedding plus position embeddings: (B,H,W,C) -> (B, N, D) and the (rows, cols) grid."""
+    """Conv patch embedding and position embeddings: (B,H,W,C) -> tokens (B, N, D), pos (1, N, D).
+
+    Returned apart, so masked-image modelling can replace tokens before position is added.
+    """
     width: int
     patch_size: int
     posemb: str = "sincos2d"
@@ -89,8 +92,9 @@ class PatchEmbed(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array | None, tuple[int, int]]:
-        """Returns (patch tokens with position, cls position embedding or None, grid)."""
+    def __call__(self, images: jax.Array
+                 ) -> tuple[jax.Array, jax.Array, jax.Array | None, tuple[int, int]]:
+        """Returns (patch tokens, their position embeddings, cls position embedding or None, grid)."""
         if self.posemb not in POSEMB:
             raise ValueError(f"posemb={self.posemb!r}; choose one of {POSEMB}")
         x = nn.Conv(self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2, padding="VALID",
@@ -114,7 +118,7 @@ class PatchEmbed(nn.Module):
             if (gh, gw) != (g, g):  # interpolate learned embeddings to the new grid
                 pos = jax.image.resize(pos, (1, gh, gw, d), method="bilinear")
             pos = pos.reshape(1, gh * gw, d)
-        return (x + pos.astype(x.dtype)), cls_pos, (gh, gw)
+        return x, pos.astype(x.dtype), cls_pos, (gh, gw)
 
 
 class ViT(nn.Module):
@@ -138,8 +142,9 @@ class ViT(nn.Module):
 
     @nn.compact
     def __call__(self, images: jax.Array, *, keep_ids: jax.Array | None = None, train: bool = False) -> jax.Array:
-        x, cls_pos, _ = PatchEmbed(self.width, self.patch_size, self.posemb, self.image_size, self.cls_token,
-                                   self.dtype, self.param_dtype, name="embedding")(images)
+        x, pos, cls_pos, _ = PatchEmbed(self.width, self.patch_size, self.posemb, self.image_size,
+                                        self.cls_token, self.dtype, self.param_dtype, name="embedding")(images)
+        x = x + pos
         if keep_ids is not None:
             x = jnp.take_along_axis(x, keep_ids[..., None], axis=1)
         if self.cls_token:

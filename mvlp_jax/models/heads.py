@@ -1,0 +1,128 @@
+"""Heads on encoder tokens: pooling (MAP, mean, CLS), projections, the DINO head, the box head."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mvlp_jax.models.transformer import Attention, Dtype, MlpBlock, layer_norm, logical
+
+POOLINGS = ("map", "mean", "cls")
+
+
+class MAPHead(nn.Module):
+    """Multi-head attention pooling with a learned probe (big_vision's MAP): (B, L, D) -> (B, D)."""
+    num_heads: int
+    mlp_dim: int | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    sow_attention: bool = False
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        b, _, d = tokens.shape
+        probe = self.param("probe", logical(nn.initializers.xavier_uniform(), None, None, "embed"), (1, 1, d),
+                           self.param_dtype)
+        x = Attention(self.num_heads, self.dtype, self.param_dtype, sow_weights=self.sow_attention,
+                      name="attention")(jnp.broadcast_to(probe.astype(tokens.dtype), (b, 1, d)), tokens)
+        y = layer_norm("norm", 1e-6, self.dtype, self.param_dtype)(x)
+        x = x + MlpBlock(self.mlp_dim or 4 * d, dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(y)
+        return x[:, 0]
+
+
+class Pool(nn.Module):
+    """Pools encoder tokens by `kind`; `has_cls` says whether tokens[:, 0] is a CLS token."""
+    kind: str = "map"
+    has_cls: bool = True
+    num_heads: int = 8
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    sow_attention: bool = False
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        if self.kind not in POOLINGS:
+            raise ValueError(f"pooling {self.kind!r}; choose one of {POOLINGS}")
+        if self.kind == "cls":
+            if not self.has_cls:
+                raise ValueError("pooling 'cls' needs an encoder with a CLS token")
+            return tokens[:, 0]
+        patches = tokens[:, 1:] if self.has_cls else tokens
+        if self.kind == "mean":
+            return patches.mean(axis=1)
+        return MAPHead(self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
+                       sow_attention=self.sow_attention, name="map")(patches)
+
+
+class ProjectionHead(nn.Module):
+    """Linear, or MLP (Dense -> norm -> GELU) x (depth-1) -> Dense; norm 'layer', 'batch' or 'none'."""
+    out_dim: int
+    kind: str = "linear"
+    hidden_dim: int = 2048
+    depth: int = 2
+    norm: str = "layer"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        if self.kind not in ("linear", "mlp"):
+            raise ValueError(f"projection kind {self.kind!r}; choose 'linear' or 'mlp'")
+        if self.kind == "mlp":
+            for i in range(self.depth - 1):
+                x = nn.Dense(self.hidden_dim, dtype=self.dtype, name=f"hidden_{i}")(x)
+                if self.norm == "layer":
+                    x = nn.LayerNorm(dtype=self.dtype, name=f"norm_{i}")(x)
+                elif self.norm == "batch":
+                    x = nn.BatchNorm(use_running_average=not train, axis_name=None, dtype=self.dtype,
+                                     name=f"norm_{i}")(x)
+                x = nn.gelu(x)
+        return nn.Dense(self.out_dim, dtype=self.dtype, name="out")(x)
+
+
+class DINOHead(nn.Module):
+    """DINO head: MLP -> L2-normalised bottleneck -> weight-normalised linear layer (no bias)."""
+    out_dim: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    depth: int = 3
+    norm_last_layer: bool = True  # freezes the weight-norm gain at 1, as DINO recommends
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for i in range(self.depth - 1):
+            x = nn.gelu(nn.Dense(self.hidden_dim, name=f"hidden_{i}",
+                                 kernel_init=nn.initializers.truncated_normal(0.02))(x))
+        x = nn.Dense(self.bottleneck_dim, name="bottleneck", kernel_init=nn.initializers.truncated_normal(0.02))(x)
+        x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+        v = self.param("last_v", nn.initializers.truncated_normal(0.02), (self.bottleneck_dim, self.out_dim))
+        w = v / jnp.linalg.norm(v, axis=0, keepdims=True)
+        if not self.norm_last_layer:
+            w = w * self.param("last_g", nn.initializers.ones, (self.out_dim,))
+        return x @ w
+
+
+class BoxHead(nn.Module):
+    """Predicts a normalised box (cx, cy, w, h) in [0, 1] from a feature vector."""
+    hidden_dim: int = 256
+    depth: int = 3
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for i in range(self.depth - 1):
+            x = nn.relu(nn.Dense(self.hidden_dim, name=f"hidden_{i}")(x))
+        return jax.nn.sigmoid(nn.Dense(4, name="out")(x))
+
+
+def last_block_attention(model: nn.Module, params, images: jax.Array, **kwargs) -> jax.Array:
+    """Attention weights (B, heads, L, L) of the encoder's last block, for visualisation.
+
+    `model` must be built with sow_attention=True (ViT, ViTDet); scanned stacks return layer -1.
+    """
+    _, state = model.apply({"params": params}, images, mutable=["intermediates"], **kwargs)
+    leaves = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state.get("intermediates", {}))
+              if "attention_weights" in jax.tree_util.keystr(path)]
+    if not leaves:
+        raise ValueError("no attention weights were sown: build the model with sow_attention=True")
+    last = leaves[-1]
+    last = last[0] if isinstance(last, tuple) else last
+    return last[-1] if last.ndim == 5 else last
