@@ -1,0 +1,1 @@
+"""The offline LLM text-embedding job: report sources, model loading, record schema, shard planning."""
