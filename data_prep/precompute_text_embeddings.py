@@ -40,6 +40,7 @@ flags.DEFINE_enum("store_dtype", "float16", ["float16", "float32"], "Dtype of st
 flags.DEFINE_integer("max_tokens", 512, "Reports are truncated to this many tokens (counted).")
 flags.DEFINE_integer("token_budget", 8192, "Padded tokens per batch (batches formed longest first).")
 flags.DEFINE_integer("max_batch", 64, "At most this many reports per batch.")
+flags.DEFINE_float("max_padding", 0.1, "A batch closes before its padding fraction would exceed this.")
 flags.DEFINE_integer("records_per_shard", 1024, "Studies per output shard.")
 flags.DEFINE_integer("num_workers", 1, "Workers splitting the shards (hosts or processes).")
 flags.DEFINE_integer("worker_index", 0, "This worker's index in [0, num_workers).")
@@ -124,7 +125,7 @@ def main(argv: list[str]) -> None:
         raise SystemExit("precompute: no non-empty reports to embed")
     lm = FrozenLM(FLAGS.model, FLAGS.layer, FLAGS.dtype, FLAGS.device, FLAGS.trust_remote_code)
     ids = sorted(texts)
-    full_lengths = dict(zip(ids, lm.token_lengths([texts[s] for s in ids], FLAGS.max_tokens)))
+    full_lengths = dict(zip(ids, lm.token_lengths([texts[s] for s in ids])))
     lengths = {s: min(n, FLAGS.max_tokens) for s, n in full_lengths.items()}
     shard_ids = plan.shards(ids, FLAGS.records_per_shard)
     manifest = {
@@ -158,7 +159,7 @@ def main(argv: list[str]) -> None:
     for s, path in todo:
         records: dict[str, bytes] = {}
         for batch in plan.token_budget_batches({i: lengths[i] for i in shard_ids[s]}, FLAGS.token_budget,
-                                               FLAGS.max_batch):
+                                               FLAGS.max_batch, FLAGS.max_padding):
             for study, (mean, last, tokens) in zip(batch, lm.embed([texts[i] for i in batch], FLAGS.max_tokens,
                                                                    FLAGS.store_tokens)):
                 records[study] = schema.encode(study, mean, last, FLAGS.store_dtype, tokens)

@@ -12,3 +12,17 @@ SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
 SAMPLE = os.path.join(REPO, "data_prep", "sample")
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def pretrain_data(tmp_path_factory):
+    """(data_dir, embeddings_dir, all study ids): the real covid sample at 64 px with stand-in targets."""
+    from tests.pretrain_setup import build_sample, write_targets
+
+    root = str(tmp_path_factory.mktemp("pretrain"))
+    data_dir = build_sample(root)
+    studies = write_targets(data_dir, os.path.join(root, "emb"))
+    return data_dir, os.path.join(root, "emb"), studies

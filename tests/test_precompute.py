@@ -147,8 +147,12 @@ def test_bad_inputs_are_refused_clearly(tiny_llama, tmp_path):
 
 def test_token_budget_batches_and_worker_plan():
     lengths = {f"s{i}": n for i, n in enumerate([5, 50, 7, 48, 6, 49])}
-    batches = plan.token_budget_batches(lengths, budget=100, max_batch=8)
-    assert batches == [["s1", "s5"], ["s3", "s2"], ["s4", "s0"]]  # longest first, <= 100 padded tokens each
+    loose = plan.token_budget_batches(lengths, budget=100, max_batch=8, max_padding=1.0)
+    assert loose == [["s1", "s5"], ["s3", "s2"], ["s4", "s0"]]  # longest first, <= 100 padded tokens each
+    batches = plan.token_budget_batches(lengths, budget=100, max_batch=8)  # and <= 10% padding each
+    assert batches == [["s1", "s5"], ["s3"], ["s2", "s4"], ["s0"]]
+    assert all(plan.padding_fraction(lengths, [b]) <= 0.1 for b in batches)
+    assert plan.padding_fraction(lengths, batches) < plan.padding_fraction(lengths, loose)
     assert sorted(s for b in batches for s in b) == sorted(lengths)
     assert plan.worker_shards(7, 3, 1) == [1, 4]
     with pytest.raises(ValueError):

@@ -71,7 +71,8 @@ class FrozenLM:
         self.hash = weights_hash(directory, gguf_file)
         self.tokenizer_name = type(self.tokenizer).__name__
 
-    def token_lengths(self, texts: list[str], max_tokens: int) -> list[int]:
+    def token_lengths(self, texts: list[str]) -> list[int]:
+        """Untruncated token counts (so truncations can be counted)."""
         ids = self.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
         return [len(x) for x in ids]
 

@@ -16,16 +16,27 @@ def worker_shards(num_shards: int, num_workers: int, worker_index: int) -> list[
     return [s for s in range(num_shards) if s % num_workers == worker_index]
 
 
-def token_budget_batches(lengths: dict[str, int], budget: int, max_batch: int) -> list[list[str]]:
-    """Longest first; a batch holds as many as fit `budget` padded tokens (dynamic padding)."""
+def token_budget_batches(lengths: dict[str, int], budget: int, max_batch: int,
+                         max_padding: float = 0.1) -> list[list[str]]:
+    """Longest first; a batch closes before it would exceed `budget` padded tokens, `max_batch` reports,
+    or a padding fraction (pad tokens / padded tokens) of `max_padding` (dynamic padding)."""
     order = sorted(lengths, key=lambda s: (-lengths[s], s))
-    batches, current = [], []
+    batches, current, real = [], [], 0
     for study in order:
-        width = lengths[current[0]] if current else lengths[study]
-        if current and (width * (len(current) + 1) > budget or len(current) >= max_batch):
-            batches.append(current)
-            current = []
+        if current:
+            padded = lengths[current[0]] * (len(current) + 1)
+            if (padded > budget or len(current) >= max_batch
+                    or 1 - (real + lengths[study]) / padded > max_padding):
+                batches.append(current)
+                current, real = [], 0
         current.append(study)
+        real += lengths[study]
     if current:
         batches.append(current)
     return batches
+
+
+def padding_fraction(lengths: dict[str, int], batches: list[list[str]]) -> float:
+    """Pad tokens over padded tokens across `batches`."""
+    padded = sum(max(lengths[s] for s in b) * len(b) for b in batches)
+    return 1 - sum(lengths[s] for b in batches for s in b) / padded if padded else 0.0

@@ -19,22 +19,13 @@ def render(template: str, fields: dict[str, str]) -> str:
 def from_dataset(data_dir: str, dataset: str, splits: list[str] | None, template: str
                  ) -> tuple[dict[str, str], dict]:
     """study_id -> text for the given splits of a dataset built by data_prep.build_dataset."""
-    import tensorflow_datasets as tfds
+    from data_prep import built
 
-    name, _, version = dataset.partition(":")
-    root = os.path.join(data_dir, name)
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"dataset {name!r} not found under --data_dir={data_dir}")
-    version = version or sorted(os.listdir(root))[-1]
-    builder = tfds.builder_from_directory(os.path.join(root, version))
-    available = list(builder.info.splits)
-    splits = splits or available
-    unknown = [s for s in splits if s not in available]
-    if unknown:
-        raise ValueError(f"dataset {name} has no split(s) {unknown}; it has {available}")
+    builder, name, version = built.open_builder(data_dir, dataset)
+    splits = splits or list(builder.info.splits)
     texts: dict[str, str] = {}
     for split in splits:
-        source = builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
+        source = built.open_split(builder, split)
         for i in range(len(source)):
             record = source[i]
             study = record["study_id"].decode()

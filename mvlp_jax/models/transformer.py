@@ -27,7 +27,9 @@ def logical(init, *names: str | None):
 
 
 def constrain(x: jax.Array, *names: str | None) -> jax.Array:
-    return nn.with_logical_constraint(x, names)
+    """Activation sharding by logical names (mvlp_jax.sharding.RULES; identity without a mesh)."""
+    from mvlp_jax import sharding  # the one place that knows meshes
+    return sharding.constrain(x, names)
 
 
 def sincos_2d(height: int, width: int, dim: int, temperature: float = 10_000.0) -> np.ndarray:

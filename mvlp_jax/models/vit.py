@@ -18,6 +18,7 @@ from mvlp_jax.models.transformer import Dtype, Encoder, constrain, logical, sinc
 
 # name -> (width, depth, num_heads, mlp_dim); the patch comes from the name ('B/16').
 VARIANTS = {
+    "mu": (64, 2, 2, 128),  # a micro model for tests and smoke runs
     "Ti": (192, 12, 3, 768),
     "S": (384, 12, 6, 1536),
     "B": (768, 12, 12, 3072),
@@ -29,7 +30,7 @@ POSEMB = ("sincos2d", "learned")
 
 def variant(name: str) -> dict[str, int]:
     """'B/16' -> dict(width=768, depth=12, num_heads=12, mlp_dim=3072, patch_size=16)."""
-    match = re.fullmatch(r"(Ti|S|B|L|H)/(\d+)", name)
+    match = re.fullmatch(r"(mu|Ti|S|B|L|H)/(\d+)", name)
     if not match:
         raise ValueError(f"unknown ViT variant {name!r}; use one of {sorted(VARIANTS)} + '/patch', e.g. 'B/16'")
     width, depth, heads, mlp = VARIANTS[match.group(1)]

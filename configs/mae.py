@@ -1,0 +1,17 @@
+"""MAE-only baseline: the same encoder, data and schedule as configs/pretrain.py, without the LLM target.
+
+  python -m mvlp_jax.main --config=configs/mae.py[:demo|:vitdet] --workdir=DIR
+
+The side-by-side comparison the evaluation binary reports (MAE alone vs LLM contrastive + MAE).
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import pretrain  # noqa: E402  (configs are loaded by path, not as a package)
+
+
+def get_config(arg: str | None = None):
+    c = pretrain.get_config(arg)
+    c.objectives = {"mae": 1.0}
+    return c

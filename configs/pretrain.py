@@ -1,0 +1,56 @@
+"""LLM-target contrastive + MAE pretraining on MIMIC-CXR (ViT-B/16 at 224): the production default.
+
+  python -m mvlp_jax.main --config=configs/pretrain.py --workdir=DIR [--config.key=value ...]
+
+Variants by argument, comma-separated (as big_vision does):
+  :demo    the shipped real sample (covid notes + SmolLM2 embeddings) on a CPU in minutes
+  :vitdet  the windowed ViTDet encoder (SimMIM masking instead of MAE token dropping)
+Every key is documented in mvlp_jax/configuration.py (and the README's config table).
+"""
+from mvlp_jax import configuration
+
+VARIANTS = ("demo", "vitdet")
+
+
+def parse_variants(arg: str | None) -> set[str]:
+    chosen = {a for a in (arg or "").split(",") if a}
+    if chosen - set(VARIANTS):
+        raise ValueError(f"unknown config variant(s) {sorted(chosen - set(VARIANTS))}; choose from {VARIANTS}")
+    return chosen
+
+
+def apply_demo(c) -> None:
+    """Shipped sample, tiny encoder at 128 px, a few hundred steps: a CPU run of minutes (make demo)."""
+    c.data.data_dir = "runs/demo/tfds"
+    c.data.dataset = "covid_notes"
+    c.data.embeddings_dir = "runs/demo/emb/covid_notes"
+    c.data.batch_size = 32
+    c.data.num_threads = 4
+    c.model.variant = "Ti/16"
+    c.model.image_size = 128
+    c.model.dtype = "float32"  # bfloat16 is slower than float32 on CPUs
+    c.model.decoder_width, c.model.decoder_depth, c.model.decoder_heads = 128, 2, 4
+    c.model.pool_heads = 4
+    c.total_steps = 300
+    c.optim.lr = 4e-3  # x batch/256: peak 5e-4
+    c.optim.warmup_steps = 30
+    c.checkpoint.save_interval_steps = 100
+    c.log_every_steps = 10
+
+
+def get_config(arg: str | None = None):
+    variants = parse_variants(arg)
+    c = configuration.defaults()
+    c.objectives = {"llm_contrastive": 1.0, "mae": 1.0}
+    c.data.data_dir = "~/tensorflow_datasets"
+    c.data.dataset = "mimic_cxr"
+    c.data.embeddings_dir = "~/mvlp/embeddings/mimic_cxr_llama2_7b"
+    c.data.batch_size = 256
+    c.total_steps = 100_000
+    c.optim.warmup_steps = 5_000
+    if "vitdet" in variants:
+        c.model.encoder = "vitdet"
+        c.model.pool = "map"
+    if "demo" in variants:
+        apply_demo(c)
+    return c

@@ -1,0 +1,33 @@
+"""Opening a dataset written by data_prep.build_dataset (`{data_dir}/{name}/{version}/`)."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+
+def open_builder(data_dir: str, dataset: str) -> tuple[Any, str, str]:
+    """'name' or 'name:version' -> (tfds builder, name, version); the newest version when none is given."""
+    import tensorflow_datasets as tfds
+
+    name, _, version = dataset.partition(":")
+    root = os.path.join(os.path.expanduser(data_dir), name)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"dataset {name!r} not found under data dir {data_dir!r} "
+                                f"(build it with python -m data_prep.build_dataset)")
+    versions = sorted(v for v in os.listdir(root) if os.path.isfile(os.path.join(root, v, "dataset_info.json")))
+    if not versions or (version and version not in versions):
+        raise FileNotFoundError(f"dataset {name!r} has no complete version {version or ''} under {root} "
+                                f"(found {versions})")
+    version = version or versions[-1]
+    return tfds.builder_from_directory(os.path.join(root, version)), name, version
+
+
+def open_split(builder: Any, split: str, decode_images: bool = False) -> Any:
+    """Random-access source of one split; images stay PNG bytes unless `decode_images`."""
+    import tensorflow_datasets as tfds
+
+    available = list(builder.info.splits)
+    if split not in available:
+        raise ValueError(f"dataset {builder.info.name} has no split {split!r}; it has {available}")
+    decoders = None if decode_images else {"image": tfds.decode.SkipDecoding()}
+    return builder.as_data_source(split, decoders=decoders)

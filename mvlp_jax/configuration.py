@@ -1,0 +1,154 @@
+"""Every pretraining config key in one table: default, allowed values and what it means.
+
+`defaults()` builds the ml_collections ConfigDict that configs/*.py start from; `validate()` rejects
+unknown keys and invalid values at start-up with a message naming the key and what is allowed;
+`describe()` renders the table for the README. One table, so code, checks and docs cannot drift.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable
+
+import ml_collections
+
+Check = tuple | Callable[[Any], bool] | None  # a tuple of allowed values, a predicate, or any value of the type
+
+_positive = lambda v: v > 0
+_non_negative = lambda v: v >= 0
+_fraction = lambda v: 0 <= v < 1
+_mesh_axis = lambda v: v == -1 or v >= 1
+_crop_scale = lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1
+_objective_weights = lambda v: bool(v) and all(k in OBJECTIVES and w >= 0 for k, w in v.items())
+OBJECTIVES = ("llm_contrastive", "mae")
+
+# key -> (default, check, description)
+SPEC: dict[str, tuple[Any, Check, str]] = {
+    "seed": (0, None, "Seed of parameter init, masking, dropout and the data order."),
+    "total_steps": (100_000, _positive, "Optimizer steps to train."),
+    "objectives": ({"llm_contrastive": 1.0, "mae": 1.0}, _objective_weights,
+                   f"Objective name -> loss weight; names from {OBJECTIVES}."),
+    "task_schedule": ("sum", ("sum", "cyclic"),
+                      "'sum': every step optimises the weighted sum; 'cyclic': step s trains objective s mod n only."),
+    "model.encoder": ("vit", ("vit", "vitdet"), "Image encoder: plain ViT (MAE) or windowed ViTDet (SimMIM)."),
+    "model.variant": ("B/16", None, "Encoder size/patch, e.g. 'S/16', 'B/16', 'L/16'."),
+    "model.image_size": (224, _positive, "Training resolution (square crops)."),
+    "model.dtype": ("bfloat16", ("float32", "bfloat16"), "Compute dtype; params and optimizer state stay float32."),
+    "model.remat": ("none", ("none", "full", "dots", "dots_no_batch"), "Activation rematerialisation policy."),
+    "model.scan": (False, None, "Scan the encoder blocks (faster compile for deep models; ViT only)."),
+    "model.drop_path": (0.0, _fraction, "Stochastic depth rate of the last block."),
+    "model.window_size": (14, _positive, "ViTDet window (in patches)."),
+    "model.mask_ratio": (0.75, _fraction, "Fraction of patches masked for MAE / SimMIM."),
+    "model.norm_pix_loss": (False, None, "Per-patch normalised MAE targets (noise-like reconstructions on X-rays)."),
+    "model.decoder_width": (512, _positive, "MAE decoder width."),
+    "model.decoder_depth": (8, _positive, "MAE decoder depth."),
+    "model.decoder_heads": (16, _positive, "MAE decoder heads."),
+    "model.pool": ("map", ("map", "mean", "cls"), "Image embedding pooling (MAP = attention pooling)."),
+    "model.pool_heads": (8, _positive, "Heads of the MAP pooling."),
+    "contrastive.loss": ("infonce", ("infonce", "sigmoid", "margin"),
+                         "Batch-wide loss between image and report embeddings (over the global batch)."),
+    "contrastive.target": ("mean", ("mean", "last"), "Which stored LLM vector is the target."),
+    "contrastive.embed_dim": (0, _non_negative, "Shared embedding size; 0 = the LLM hidden size (needs no text proj)."),
+    "contrastive.image_proj": ("mlp", ("linear", "mlp"), "Projection after pooling."),
+    "contrastive.text_proj": ("none", ("none", "linear", "mlp"), "Trainable projection of the frozen LLM vector."),
+    "contrastive.temperature": (0.07, _positive, "Initial temperature (infonce, sigmoid); learnable."),
+    "contrastive.sigmoid_bias": (-10.0, None, "Initial logit bias of the sigmoid loss; learnable."),
+    "contrastive.margin": (1.0, _positive, "eps of the margin loss: non-matching pairs are pushed this far apart."),
+    "data.data_dir": ("", None, "TFDS data dir written by data_prep.build_dataset."),
+    "data.dataset": ("mimic_cxr", None, "Dataset name (optionally name:version) under data.data_dir."),
+    "data.train_split": ("train", None, "Split to train on."),
+    "data.embeddings_dir": ("", None, "Output dir of data_prep.precompute_text_embeddings."),
+    "data.allow_missing_embeddings": (False, None, "Drop images whose study has no embedding instead of failing."),
+    "data.batch_size": (256, _positive, "Global batch size (all processes together)."),
+    "data.crop_scale": ((0.5, 1.0), _crop_scale, "RandomResizedCrop area range."),
+    "data.brightness": (0.1, _non_negative, "Intensity augmentation: random brightness shift (fraction of 255)."),
+    "data.contrast": (0.1, _non_negative, "Intensity augmentation: random contrast factor range 1 +- this."),
+    "data.mean": (0.5, None, "Normalisation: (pixel / 255 - mean) / std."),
+    "data.std": (0.25, _positive, "Normalisation std."),
+    "data.num_threads": (8, _positive, "Decode/augment threads per process."),
+    "data.num_workers": (0, _non_negative, "Decode/augment worker processes per process (0: threads only)."),
+    "data.prefetch": (2, _non_negative, "Batches prefetched."),
+    "optim.lr": (1.5e-4, _positive, "Peak learning rate (scaled by batch_size / 256)."),
+    "optim.min_lr": (0.0, _non_negative, "Final learning rate of the cosine schedule."),
+    "optim.warmup_steps": (5_000, _non_negative, "Linear warmup steps."),
+    "optim.weight_decay": (0.05, _non_negative, "AdamW decay (not on norms, biases, position embeddings, tokens)."),
+    "optim.b1": (0.9, _fraction, "Adam beta1."),
+    "optim.b2": (0.95, _fraction, "Adam beta2."),
+    "optim.clip_norm": (1.0, _non_negative, "Global gradient-norm clipping (0: off)."),
+    "optim.accum_steps": (1, _positive, "Gradient accumulation micro-steps per update (batch-wide losses per micro-batch)."),
+    "max_nonfinite_steps": (10, _positive, "Stop after this many skipped non-finite updates in a row."),
+    "mesh.data": (-1, _mesh_axis, "Data-parallel axis size (-1: the remaining devices)."),
+    "mesh.fsdp": (1, _mesh_axis, "Fully-sharded data-parallel axis (params sharded, batch split)."),
+    "mesh.model": (1, _mesh_axis, "Tensor-parallel axis (heads / MLP hidden sharded)."),
+    "checkpoint.save_interval_steps": (1_000, _positive, "Save every this many steps (and at the end)."),
+    "checkpoint.max_to_keep": (3, _positive, "Checkpoints kept."),
+    "checkpoint.async_save": (True, None, "Save in the background while training goes on."),
+    "log_every_steps": (50, _positive, "Metrics to TensorBoard and console every this many steps."),
+    "peak_flops_per_device": (0.0, _non_negative, "For the MFU estimate; 0: known accelerators, or measured on CPU."),
+}
+
+
+def defaults() -> ml_collections.ConfigDict:
+    """The ConfigDict holding every key of SPEC at its default."""
+    tree: dict[str, Any] = {}
+    for key, (default, _, _) in SPEC.items():
+        *parents, leaf = key.split(".")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = default
+    return ml_collections.ConfigDict(tree)
+
+
+def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, (ml_collections.ConfigDict, dict)) and name not in SPEC:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _same_kind(default: Any, value: Any) -> bool:
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(default, bool) and isinstance(value, bool)
+    kinds = {float: (int, float), tuple: (tuple, list), dict: (dict, ml_collections.ConfigDict)}
+    return isinstance(value, kinds.get(type(default), type(default)))
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the first unknown key or invalid value."""
+    flat = flatten(config)
+    for key in flat:
+        if key not in SPEC:
+            close = [k for k in SPEC if k.split(".")[-1] == key.split(".")[-1]]
+            raise ValueError(f"unknown config key {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+    for key, (default, check, _) in SPEC.items():
+        if key not in flat:
+            raise ValueError(f"config key {key!r} is missing (default {default!r})")
+        value = flat[key]
+        if not _same_kind(default, value):
+            raise ValueError(f"config key {key!r} = {value!r} must be of type {type(default).__name__}")
+        if isinstance(check, tuple) and value not in check:
+            raise ValueError(f"config key {key!r} = {value!r}; allowed values: {', '.join(map(repr, check))}")
+        if callable(check) and not check(value):
+            raise ValueError(f"config key {key!r} = {value!r} is invalid: {SPEC[key][2]}")
+
+
+def save(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """Writes the resolved config to workdir/config.json (what this run really used)."""
+    path = os.path.join(workdir, "config.json")
+    with open(path, "w") as f:
+        json.dump(config.to_dict(), f, indent=2, sort_keys=True, default=list)
+    return path
+
+
+def describe() -> str:
+    """Markdown table of every key (README)."""
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for key, (default, check, doc) in SPEC.items():
+        allowed = f" One of {', '.join(map(repr, check))}." if isinstance(check, tuple) else ""
+        rows.append(f"| `{key}` | `{default!r}` | {doc}{allowed} |")
+    return "\n".join(rows)

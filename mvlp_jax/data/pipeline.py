@@ -1,0 +1,126 @@
+"""The training input pipeline: grain over a built dataset, joined to the LLM targets by study id.
+
+Random access all the way: record order = a per-epoch index shuffle of the seed; augmentation = a
+NumPy generator seeded by (seed, position in the stream). Process p of P reads local batch
+`step * P + p` of the stream cut into local batches, so the global batch of a step is the same
+records in the same order on 1 host or on P hosts, and resuming at step s only needs s.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import grain
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from data_prep import built
+from mvlp_jax.data import targets as targets_lib
+from mvlp_jax.data import transforms
+
+
+@dataclass
+class TrainRecords:
+    """What the pipeline reads: the split, the records kept, and their LLM target rows."""
+    source: Any
+    indices: np.ndarray               # kept record indices into `source`
+    target_rows: np.ndarray | None    # row in `table.vectors` per kept record
+    table: targets_lib.TargetTable | None
+    where: str
+
+
+def needs_targets(config: ml_collections.ConfigDict) -> bool:
+    return "llm_contrastive" in config.objectives
+
+
+def open_records(config: ml_collections.ConfigDict) -> TrainRecords:
+    """Opens the split and, when an objective needs LLM targets, joins every image to its study's vector."""
+    builder, name, version = built.open_builder(config.data.data_dir, config.data.dataset)
+    source = built.open_split(builder, config.data.train_split)
+    where = f"{name}:{version}/{config.data.train_split}"
+    if len(source) == 0:
+        raise ValueError(f"{where} has no records")
+    indices = np.arange(len(source))
+    if not needs_targets(config):
+        return TrainRecords(source, indices, None, None, where)
+    if not config.data.embeddings_dir:
+        raise ValueError("objective llm_contrastive needs config.data.embeddings_dir "
+                         "(the output of data_prep.precompute_text_embeddings)")
+    table = targets_lib.load_targets(config.data.embeddings_dir, config.contrastive.target)
+    study_ids = [source[i]["study_id"].decode() for i in
+                 tqdm(range(len(source)), desc="joining images to LLM targets", unit="img", disable=len(source) < 10_000)]
+    rows = targets_lib.join(study_ids, table, config.data.allow_missing_embeddings, where)
+    keep = rows >= 0
+    if not keep.any():
+        raise ValueError(f"no image of {where} has an LLM embedding in {config.data.embeddings_dir}")
+    return TrainRecords(source, indices[keep], rows[keep], table, where)
+
+
+class Preprocess(grain.transforms.RandomMap):
+    """Stream position -> training example: image (S, S, 1) float32 [, target (D,) float32]."""
+
+    def __init__(self, records: TrainRecords, config: ml_collections.ConfigDict):
+        self.records = records
+        self.size = config.model.image_size
+        self.scale = tuple(config.data.crop_scale)
+        self.brightness, self.contrast = config.data.brightness, config.data.contrast
+        self.mean, self.std = config.data.mean, config.data.std
+
+    def random_map(self, position: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        index = int(self.records.indices[position])
+        pixels = transforms.decode_png(self.records.source[index]["image"])
+        box = transforms.random_resized_crop_box(*pixels.shape, self.scale, rng)
+        pixels = transforms.crop_resize(pixels, box, self.size)
+        pixels = transforms.intensity_jitter(pixels, self.brightness, self.contrast, rng)
+        example = {"image": transforms.normalise(pixels, self.mean, self.std)}
+        if self.records.table is not None:
+            row = self.records.target_rows[position]
+            example["target"] = self.records.table.vectors[row].astype(np.float32)
+        return example
+
+
+def local_batches(records: TrainRecords, config: ml_collections.ConfigDict, process_index: int,
+                  process_count: int) -> grain.MapDataset:
+    """MapDataset whose element s is this process's share of global batch s (infinite, random access)."""
+    if config.data.batch_size % process_count:
+        raise ValueError(f"data.batch_size={config.data.batch_size} is not divisible by {process_count} processes")
+    local = config.data.batch_size // process_count
+    stream = (grain.MapDataset.range(len(records.indices)).shuffle(seed=config.seed).repeat(None)
+              .random_map(Preprocess(records, config), seed=config.seed))
+    return stream.batch(local, drop_remainder=True)[process_index::process_count]
+
+
+class TrainIterator:
+    """Iterates local batches from `start_step` with prefetching threads/processes; state = next step."""
+
+    def __init__(self, batches: grain.MapDataset, config: ml_collections.ConfigDict, start_step: int = 0):
+        self._batches = batches
+        self._config = config
+        self.next_step = start_step
+        self._iter = self._open(start_step)
+
+    def _open(self, start: int) -> Iterator:
+        dataset = self._batches[start:].to_iter_dataset(
+            grain.ReadOptions(num_threads=self._config.data.num_threads,
+                              prefetch_buffer_size=max(self._config.data.prefetch, self._config.data.num_threads)))
+        if self._config.data.num_workers:
+            dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._config.data.num_workers))
+        return iter(dataset)
+
+    def __iter__(self) -> "TrainIterator":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = next(self._iter)
+        self.next_step += 1
+        return batch
+
+    def get_state(self) -> dict[str, int]:
+        return {"next_step": self.next_step, "seed": self._config.seed}
+
+    def set_state(self, state: dict[str, int]) -> None:
+        if state.get("seed", self._config.seed) != self._config.seed:
+            raise ValueError(f"checkpointed data order has seed {state['seed']}, the config {self._config.seed}")
+        self.next_step = int(state["next_step"])
+        self._iter = self._open(self.next_step)

@@ -1,0 +1,66 @@
+"""One module holding everything pretraining trains: the encoder, its masked-image model, pooling,
+projections and the learnable loss scalars. The encoder is shared (bound once in `setup`), so MAE and
+the contrastive path update the same weights."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from mvlp_jax.models.heads import Pool, ProjectionHead
+from mvlp_jax.models.vit import MAE, ViT, variant
+from mvlp_jax.models.vitdet import SimMIM, ViTDet
+
+
+class Pretrainer(nn.Module):
+    config: ml_collections.ConfigDict
+    target_dim: int = 0  # hidden size of the stored LLM vectors (0: no contrastive path)
+
+    def setup(self) -> None:
+        m = self.config.model
+        dtype = jnp.dtype(m.dtype)
+        size = variant(m.variant)
+        if m.encoder == "vit":
+            self.encoder = ViT(**size, image_size=m.image_size, drop_path=m.drop_path, dtype=dtype,
+                               scan=m.scan, remat_policy=m.remat)
+            self.masked_model = MAE(self.encoder, m.decoder_width, m.decoder_depth, m.decoder_heads,
+                                    4 * m.decoder_width, m.mask_ratio, m.norm_pix_loss)
+        else:
+            self.encoder = ViTDet(**size, window_size=m.window_size, drop_path=m.drop_path, dtype=dtype,
+                                  remat_policy=m.remat)
+            self.masked_model = SimMIM(self.encoder, m.mask_ratio, m.norm_pix_loss)
+        if self.target_dim:
+            c = self.config.contrastive
+            embed_dim = c.embed_dim or self.target_dim
+            if c.text_proj == "none" and embed_dim != self.target_dim:
+                raise ValueError(f"contrastive.embed_dim={c.embed_dim} differs from the LLM hidden size "
+                                 f"{self.target_dim}: set contrastive.text_proj to 'linear' or 'mlp'")
+            self.pool = Pool(m.pool, has_cls=self.encoder.cls_token, num_heads=m.pool_heads, dtype=dtype)
+            self.image_proj = ProjectionHead(embed_dim, c.image_proj, dtype=dtype)
+            self.text_proj = None if c.text_proj == "none" else ProjectionHead(embed_dim, c.text_proj, dtype=dtype)
+            self.log_temperature = self.param("log_temperature", nn.initializers.constant(jnp.log(c.temperature)), ())
+            self.logit_bias = self.param("logit_bias", nn.initializers.constant(c.sigmoid_bias), ())
+
+    def masked(self, images: jax.Array, train: bool = True) -> dict[str, Any]:
+        """MAE (ViT) or SimMIM (ViTDet) on a batch: dict with 'loss' and the reconstruction."""
+        return self.masked_model(images, train=train)
+
+    def embed_images(self, images: jax.Array, train: bool = True) -> jax.Array:
+        """Full (unmasked) image -> encoder -> pooling -> projection, float32 (B, embed_dim)."""
+        return self.image_proj(self.pool(self.encoder(images, train=train))).astype(jnp.float32)
+
+    def embed_targets(self, targets: jax.Array) -> jax.Array:
+        """Frozen LLM vectors through the optional trainable text projection, float32."""
+        x = targets.astype(jnp.float32)
+        return x if self.text_proj is None else self.text_proj(x).astype(jnp.float32)
+
+    def init_all(self, images: jax.Array, targets: jax.Array | None = None) -> None:
+        """Touches every submodule the configured objectives use, so `init` creates their parameters."""
+        if "mae" in self.config.objectives:
+            self.masked(images, train=False)
+        if self.target_dim:
+            self.embed_images(images, train=False)
+            self.embed_targets(targets)

@@ -1,0 +1,1 @@
+"""Pretraining objectives: each a pure function (params, batch, rng) -> (loss, metrics)."""

@@ -1,0 +1,127 @@
+"""What a run reports: clu scalars (TensorBoard + console), a metrics.jsonl history, a progress line
+with throughput and ETA, model FLOPs utilisation, and the loss-curve PNG. Never report text."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+# Dense bf16 peak FLOP/s per chip of accelerators we know (for the MFU estimate).
+PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,
+              "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
+
+
+def peak_flops_per_device(configured: float) -> float:
+    """Configured value, else the known peak of this device kind, else a matmul measured here (CPU)."""
+    if configured:
+        return configured
+    kind = jax.devices()[0].device_kind
+    for name, flops in PEAK_FLOPS.items():
+        if name.lower() in kind.lower():
+            return flops
+    n = 2048
+    a = jax.numpy.ones((n, n), jax.numpy.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(3):
+        f(a).block_until_ready()
+    return 2 * n ** 3 * 3 / (time.perf_counter() - start) / jax.local_device_count()
+
+
+def step_flops(compiled) -> float:
+    """FLOPs of one step from XLA's cost analysis (per device for a partitioned program); 0 if unknown."""
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        return float(cost.get("flops", 0.0))
+    except Exception:  # cost analysis is best-effort on some backends
+        return 0.0
+
+
+class Reporter:
+    """Accumulates step timings; every `log_every` steps writes scalars and prints one progress line."""
+
+    def __init__(self, workdir: str, total_steps: int, global_batch: int, flops_per_step: float, peak: float,
+                 start_step: int):
+        from clu import metric_writers
+
+        self.is_main = jax.process_index() == 0
+        self.writer = metric_writers.create_default_writer(workdir, just_logging=not self.is_main)
+        self.history = os.path.join(workdir, "metrics.jsonl")
+        self.total, self.batch = total_steps, global_batch
+        self.flops, self.peak = flops_per_step, peak
+        self.start_step, self.start_time = start_step, time.perf_counter()
+        self.last_step, self.last_time = start_step, self.start_time
+
+    def write_hparams(self, flat_config: dict) -> None:
+        self.writer.write_hparams({k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                   for k, v in flat_config.items()})
+
+    def report(self, step: int, metrics: dict) -> None:
+        now = time.perf_counter()
+        steps = max(step - self.last_step, 1)
+        step_time = (now - self.last_time) / steps
+        scalars = {k: float(np.asarray(v)) for k, v in metrics.items()}
+        scalars.update({"images_per_s": self.batch / step_time, "step_time_s": step_time})
+        if self.flops and self.peak:
+            scalars["mfu"] = self.flops / step_time / self.peak
+        self.writer.write_scalars(step, scalars)
+        if self.is_main:
+            with open(self.history, "a") as f:
+                f.write(json.dumps({"step": step, **scalars}) + "\n")
+            rate = (step - self.start_step) / max(now - self.start_time, 1e-9)
+            eta = (self.total - step) / max(rate, 1e-9)
+            losses = " ".join(f"{k}={v:.4f}" for k, v in scalars.items() if k.endswith("loss"))
+            print(f"step {step}/{self.total} | {losses} | {scalars['images_per_s']:.1f} img/s | "
+                  f"{step_time * 1e3:.0f} ms/step" + (f" | MFU {scalars['mfu']:.1%}" if "mfu" in scalars else "")
+                  + f" | ETA {_duration(eta)}", flush=True)
+        self.last_step, self.last_time = step, now
+
+    def close(self) -> None:
+        self.writer.flush()
+        self.writer.close()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def read_history(workdir: str) -> dict[int, dict]:
+    """step -> scalars; a step logged twice (a resumed run redoing steps) keeps its last record."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    history: dict[int, dict] = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                record = json.loads(line)
+                history[record["step"]] = record
+    return dict(sorted(history.items()))
+
+
+def plot_losses(workdir: str) -> str | None:
+    """loss_curve.png: every '*loss' scalar against step; returns its path (None without history)."""
+    history = read_history(workdir)
+    if not history:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({k for r in history.values() for k in r if k.endswith("loss")})
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.5), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        steps = [s for s, r in history.items() if key in r]
+        ax.plot(steps, [history[s][key] for s in steps])
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = os.path.join(workdir, "loss_curve.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

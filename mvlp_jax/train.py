@@ -1,0 +1,132 @@
+"""The pretraining loop: build everything from the config, resume, step, log, checkpoint, stop cleanly."""
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from mvlp_jax import checkpointing, configuration, observe, optim, sharding, train_step
+from mvlp_jax.data import pipeline
+from mvlp_jax.models.pretrainer import Pretrainer
+
+
+class NonFiniteError(RuntimeError):
+    """Raised after config.max_nonfinite_steps skipped updates in a row."""
+
+
+class Preemption:
+    """SIGTERM sets a flag; the loop saves at the next step and exits 0. All hosts agree on it."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        print("SIGTERM received: saving a checkpoint at the next step, then exiting", flush=True)
+        self.requested = True
+
+    def agreed(self) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+        return bool(np.max(multihost_utils.process_allgather(np.int32(self.requested))))
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+@dataclass
+class Outcome:
+    state: Any
+    stopped_early: bool  # preempted (SIGTERM) before total_steps
+    last_step: int
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> Outcome:
+    configuration.validate(config)
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        configuration.save(config, workdir)
+    mesh = sharding.make_mesh(config)
+    records = pipeline.open_records(config)
+    model = Pretrainer(config, records.table.dim if records.table else 0)
+    tx = optim.make(config)
+    state, state_sh = train_step.create_state(model, tx, config, mesh)
+    mngr = checkpointing.manager(workdir, config)
+    data_state = {"next_step": 0, "seed": config.seed}
+    restored = checkpointing.restore_latest(mngr, state, state_sh)
+    if restored is not None:
+        state, data_state = restored
+        _log(f"resumed from {workdir}/checkpoints/{int(state.step)}")
+    start = int(state.step)
+    if data_state["next_step"] != start:
+        raise ValueError(f"checkpoint at step {start} holds data position {data_state['next_step']}")
+
+    batches = pipeline.local_batches(records, config, jax.process_index(), jax.process_count())
+    data = pipeline.TrainIterator(batches, config)
+    data.set_state(data_state)
+    shapes = {k: jax.ShapeDtypeStruct((config.data.batch_size, *v.shape[1:]), v.dtype)
+              for k, v in batches[0].items()}
+    _log(f"{records.where}: {len(records.indices)} training images; mesh {dict(mesh.shape)}; "
+         f"{configuration_summary(config)}; compiling the train step...")
+    compiled = train_step.compile_train_step(train_step.make_train_step(model, tx, config), state, state_sh, mesh,
+                                             shapes)
+    reporter = observe.Reporter(workdir, config.total_steps, config.data.batch_size, observe.step_flops(compiled),
+                                observe.peak_flops_per_device(config.peak_flops_per_device), start)
+    if start == 0:
+        reporter.write_hparams(configuration.flatten(config))
+    preemption = Preemption()
+    step, pending, stopped = start, None, False
+    try:
+        while step < config.total_steps:
+            state, metrics = compiled(state, sharding.global_batch(next(data), mesh))
+            step += 1
+            if pending is not None:  # last step's counter: checked one step late to keep dispatch async
+                _check_finite(pending, config, workdir)
+            pending = (step, metrics["nonfinite_run"])  # metrics are not donated; the state is
+            if step % config.log_every_steps == 0 or step == config.total_steps:
+                reporter.report(step, jax.device_get(metrics))
+            if preemption.agreed() or mngr.reached_preemption(step):
+                checkpointing.save(mngr, step, state, data.get_state(), force=True)
+                stopped = step < config.total_steps
+                break
+            checkpointing.save(mngr, step, state, data.get_state(), force=step == config.total_steps)
+        if pending is not None:
+            _check_finite(pending, config, workdir)
+    finally:
+        mngr.wait_until_finished()
+        preemption.restore()
+        reporter.close()
+    if jax.process_index() == 0:
+        plot = observe.plot_losses(workdir)
+        _log(("preempted: saved" if stopped else "done: saved") + f" step {step} in {workdir}/checkpoints"
+             + (f"; loss curve {plot}" if plot else ""))
+    mngr.close()
+    return Outcome(state, stopped, step)
+
+
+def _check_finite(pending: tuple, config: ml_collections.ConfigDict, workdir: str) -> None:
+    step, run = pending
+    run = int(run)
+    if run >= config.max_nonfinite_steps:
+        raise NonFiniteError(f"{run} updates in a row up to step {step} had a non-finite loss or gradient and were "
+                             f"skipped (max_nonfinite_steps={config.max_nonfinite_steps}); the last good checkpoint "
+                             f"is {checkpointing.describe_latest(workdir)}: lower optim.lr or check the data, "
+                             f"then rerun to resume from it")
+
+
+def configuration_summary(config: ml_collections.ConfigDict) -> str:
+    weights = ", ".join(f"{k} x{v}" for k, v in sorted(config.objectives.items()))
+    return (f"{config.model.encoder} {config.model.variant} @ {config.model.image_size}, {weights} "
+            f"({config.task_schedule}), batch {config.data.batch_size}, {config.total_steps} steps")
+
+
+def _log(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, flush=True)

@@ -1,0 +1,133 @@
+"""Train state and the jit-sharded train step (pure: state, batch -> state, metrics)."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh
+
+from mvlp_jax import optim, sharding
+from mvlp_jax.models.pretrainer import Pretrainer
+from mvlp_jax.objectives import combine
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array            # int32: updates attempted (skipped ones included)
+    params: Any
+    opt_state: Any
+    rng: jax.Array             # uint32[2] base key; step s uses fold_in(rng, s), so resuming is exact
+    nonfinite_run: jax.Array   # int32: consecutive skipped (non-finite) updates
+    nonfinite_total: jax.Array
+
+
+def example_batch(config: ml_collections.ConfigDict, target_dim: int, batch: int = 2) -> dict[str, jax.Array]:
+    s = config.model.image_size
+    out = {"image": jnp.zeros((batch, s, s, 1), jnp.float32)}
+    if target_dim:
+        out["target"] = jnp.zeros((batch, target_dim), jnp.float32)
+    return out
+
+
+def create_state(model: Pretrainer, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
+                 mesh: Mesh) -> tuple[TrainState, Any]:
+    """Initialises params and optimizer state directly in their shardings; returns (state, shardings)."""
+    ex = example_batch(config, model.target_dim)
+    key = jax.random.PRNGKey(config.seed)
+
+    def init_params(k):
+        return model.init({"params": k, "masking": k, "dropout": k}, ex["image"], ex.get("target"),
+                          method=Pretrainer.init_all)["params"]
+
+    with sharding.active(mesh):
+        boxed = jax.eval_shape(init_params, key)
+        param_sh = sharding.param_shardings(boxed, mesh)
+
+        def init(k):
+            params = nn.unbox(init_params(k))
+            return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.fold_in(k, 1),
+                              jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+
+        abstract = jax.eval_shape(init, key)
+        rep = sharding.replicated(mesh)
+        opt_sh = jax.tree.map(lambda x: rep, abstract.opt_state)
+        opt_sh = _match_param_shardings(abstract.opt_state, abstract.params, param_sh, opt_sh)
+        state_sh = TrainState(rep, param_sh, opt_sh, rep, rep, rep)
+        state = jax.jit(init, out_shardings=state_sh)(key)
+    return state, state_sh
+
+
+def _match_param_shardings(opt_state: Any, params: Any, param_sh: Any, default: Any) -> Any:
+    """Optimizer leaves whose path ends with a parameter's path (Adam moments) take its sharding."""
+    by_path = {tuple(path): (leaf.shape, sh) for (path, leaf), sh in
+               zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(param_sh))}
+    depth = {len(p) for p in by_path}
+
+    def pick(path, leaf, fallback):
+        for n in depth:
+            match = by_path.get(tuple(path[-n:]))
+            if match and match[0] == leaf.shape:
+                return match[1]
+        return fallback
+
+    return jax.tree_util.tree_map_with_path(pick, opt_state, default)
+
+
+def make_train_step(model: Pretrainer, tx: optax.GradientTransformation, config: ml_collections.ConfigDict
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    loss_fn = combine.make(model, config)
+    accum = config.optim.accum_steps
+
+    def grads_of(params, batch, rng, step):
+        return jax.value_and_grad(loss_fn, has_aux=True)(params, batch, rng, step)
+
+    def accumulated(params, batch, rng, step):
+        """Mean of gradients over `accum` strided micro-batches (each shard stays on its devices)."""
+        micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1),
+                             batch)
+
+        def body(carry, i_batch):
+            i, b = i_batch
+            (loss, metrics), grads = grads_of(params, b, jax.random.fold_in(rng, i), step)
+            return jax.tree.map(jnp.add, carry, ((loss, metrics), grads)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grads_of, params, jax.tree.map(lambda x: x[0], micro),
+                                                              rng, step))
+        total, _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
+        return jax.tree.map(lambda x: x / accum, total)
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        rng = jax.random.fold_in(state.rng, state.step)
+        compute = grads_of if accum == 1 else accumulated
+        (loss, metrics), grads = compute(state.params, batch, rng, state.step)
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        state = TrainState(step=state.step + 1, params=keep(params, state.params),
+                           opt_state=keep(opt_state, state.opt_state), rng=state.rng,
+                           nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1),
+                           nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32))
+        metrics = {**metrics, "loss": loss, "grad_norm": grad_norm, "skipped_nonfinite": state.nonfinite_total,
+                   "nonfinite_run": state.nonfinite_run,
+                   "learning_rate": optim.learning_rate(config)(state.step - 1)}
+        return state, metrics
+
+    return train_step
+
+
+def compile_train_step(train_step: Callable, state: TrainState, state_sh: Any, mesh: Mesh,
+                       batch_shapes: dict[str, jax.ShapeDtypeStruct]) -> Any:
+    """jit with explicit shardings (state donated and kept in place, batch over (data, fsdp)), compiled
+    ahead of time so its FLOPs are known; call it as compiled(state, global_batch)."""
+    batch_sh = {k: sharding.batch_sharding(mesh, len(v.shape)) for k, v in batch_shapes.items()}
+    jitted = jax.jit(train_step, in_shardings=(state_sh, batch_sh),
+                     out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
+    with sharding.active(mesh):
+        return jitted.lower(state, batch_shapes).compile()

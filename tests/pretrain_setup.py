@@ -1,0 +1,74 @@
+"""Shared set-up of the pretraining tests: the shipped real COVID sample built small, stand-in LLM
+targets written in the real embedding schema, and a micro config that compiles in seconds."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+
+from data_prep.text_embeddings import schema
+from tests.conftest import REPO, SAMPLE
+
+HIDDEN = 24
+
+
+def build_sample(root: str) -> str:
+    """The shipped covid_notes sample as a TFDS dataset at 64 px; returns the data dir."""
+    from data_prep.build_dataset import build
+    from mvlp_jax.demo import DATASETS
+
+    options = dict(DATASETS["covid_notes"], image_size=64)
+    input_dir = options.pop("input_dir")
+    build("csv", input_dir, os.path.join(root, "tfds"), name="covid_notes", **options)
+    return os.path.join(root, "tfds")
+
+
+def write_targets(data_dir: str, out: str, drop: tuple[str, ...] = (), hidden: int = HIDDEN) -> list[str]:
+    """One random `mean`/`last` record per study of every split (minus `drop`), in the stored schema."""
+    from data_prep import built
+
+    builder, _, _ = built.open_builder(data_dir, "covid_notes")
+    studies = sorted({built.open_split(builder, s)[i]["study_id"].decode()
+                      for s in builder.info.splits for i in range(len(built.open_split(builder, s)))})
+    kept = [s for s in studies if s not in drop]
+    rng = np.random.default_rng(0)
+    os.makedirs(out, exist_ok=True)
+    records = [schema.encode(s, rng.normal(size=hidden), rng.normal(size=hidden), "float32") for s in kept]
+    schema.write_shard(os.path.join(out, schema.SHARD_PATTERN.format(index=0, count=1)), records)
+    with open(os.path.join(out, "manifest.json"), "w") as f:
+        json.dump({"schema_version": schema.SCHEMA_VERSION, "hidden_size": hidden, "poolings": ["mean", "last"],
+                   "num_records": len(kept), "model": "random-test-targets"}, f)
+    return studies
+
+
+def micro_config(data_dir: str, embeddings_dir: str, **overrides):
+    """configs/pretrain.py:demo shrunk to a 2-layer width-64 ViT at 32 px, batch 16."""
+    sys.path.insert(0, os.path.join(REPO, "configs"))
+    import pretrain
+
+    c = pretrain.get_config("demo")
+    c.data.data_dir, c.data.embeddings_dir = data_dir, embeddings_dir
+    c.model.variant, c.model.image_size = "mu/8", 32
+    c.model.decoder_width, c.model.decoder_depth, c.model.decoder_heads, c.model.pool_heads = 32, 1, 2, 2
+    c.data.batch_size, c.data.num_threads = 16, 2
+    c.total_steps, c.optim.warmup_steps, c.log_every_steps = 6, 2, 1
+    c.checkpoint.save_interval_steps = 2
+    c.peak_flops_per_device = 1e11
+    for key, value in overrides.items():
+        node = c
+        *path, leaf = key.split(".")
+        for p in path:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def write_config_file(path: str, data_dir: str, embeddings_dir: str, **overrides) -> str:
+    """A config file for the binary whose get_config() is `micro_config(...)` (for subprocess runs)."""
+    with open(path, "w") as f:
+        f.write(f"import sys\nsys.path.insert(0, {REPO!r})\nfrom tests.pretrain_setup import micro_config\n\n\n"
+                f"def get_config(arg=None):\n"
+                f"    return micro_config({data_dir!r}, {embeddings_dir!r}, **{overrides!r})\n")
+    return path
