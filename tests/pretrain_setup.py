@@ -9,7 +9,8 @@ import sys
 import numpy as np
 
 from data_prep.text_embeddings import schema
-from tests.conftest import REPO, SAMPLE
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # not from conftest: it sets XLA_FLAGS,
+# and config files written by `write_config_file` import this module inside the binary under test
 
 HIDDEN = 24
 

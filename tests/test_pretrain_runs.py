@@ -1,0 +1,160 @@
+"""The pretraining binary end to end, as a user runs it: exact resume after kill -9, SIGTERM saves and
+exits 0, resume onto another mesh, two processes = one process, bad config and runaway loss stop cleanly."""
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from mvlp_jax import observe, train
+from tests.conftest import REPO
+from tests.pretrain_setup import micro_config, write_config_file
+
+
+def _main(config_file: str, workdir: str, *extra: str, env: dict | None = None, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "mvlp_jax.main", f"--config={config_file}",
+                             f"--workdir={workdir}", *extra], cwd=REPO, env=env or os.environ.copy(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 420) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def _params(workdir: str, like: dict | None = None) -> tuple:
+    """(params, data state, step) of the newest checkpoint, on one local device; `like`: a restored state
+    of the same model, to restore checkpoints written by devices this process does not have."""
+    mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "data"))
+    step = mngr.latest_step()
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # whatever mesh saved it
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device),
+                          like if like is not None else mngr.item_metadata(step)["state"])
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                          data=ocp.args.JsonRestore()))
+    if like is None and "params" in restored["state"]:
+        _params.last_state = restored["state"]
+    return restored["state"]["params"], restored["data"], step
+
+
+def _losses(workdir: str) -> dict[int, float]:
+    return {s: r["loss"] for s, r in observe.read_history(workdir).items()}
+
+
+def _wait_for_step(workdir: str, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if max(_losses(workdir), default=0) >= step:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"run never reached step {step}: {proc.stdout.read()[-2000:] if proc.stdout else ''}")
+
+
+@pytest.fixture(scope="module")
+def config_file(pretrain_data, tmp_path_factory):
+    data_dir, emb_dir, _ = pretrain_data
+    path = str(tmp_path_factory.mktemp("cfg") / "micro.py")
+    return write_config_file(path, data_dir, emb_dir, **{"model.image_size": 64, "total_steps": 40,
+                                                         "checkpoint.save_interval_steps": 5})
+
+
+def test_resume_after_sigkill_is_bitwise_exact(config_file, tmp_path):
+    straight = str(tmp_path / "straight")
+    _finish(_main(config_file, straight))
+    interrupted = str(tmp_path / "interrupted")
+    kill_at = random.Random().randint(6, 30)
+    proc = _main(config_file, interrupted)
+    _wait_for_step(interrupted, kill_at, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(_losses(interrupted))
+    assert killed_at < 40, "the run finished before it could be killed"
+    out = _finish(_main(config_file, interrupted))
+    assert "resumed from" in out
+    ref, ref_data, ref_step = _params(straight)
+    got, got_data, got_step = _params(interrupted)
+    assert ref_step == got_step == 40 and ref_data == got_data == {"next_step": 40, "seed": 0}
+    jax.tree.map(np.testing.assert_array_equal, got, ref)  # bitwise
+    assert _losses(interrupted) == _losses(straight)  # same data order: the same loss at every step
+    assert os.path.exists(os.path.join(interrupted, "loss_curve.png"))
+    assert os.path.exists(os.path.join(interrupted, "config.json"))
+
+
+def test_sigterm_saves_and_exits_zero_then_resumes_on_another_mesh(config_file, tmp_path):
+    workdir = str(tmp_path / "w")
+    proc = _main(config_file, workdir, "--config.total_steps=100000", "--config.mesh.data=8")
+    _wait_for_step(workdir, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    out = _finish(proc)
+    assert "SIGTERM received" in out and "preempted: saved" in out
+    _, data, step = _params(workdir)
+    assert 3 <= step < 100000 and data["next_step"] == step
+    out = _finish(_main(config_file, workdir, f"--config.total_steps={step + 2}", "--config.mesh.data=2",
+                        "--config.mesh.fsdp=4"))
+    assert f"resumed from {workdir}/checkpoints/{step}" in out and "'fsdp': 4" in out
+    assert _params(workdir)[2] == step + 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one(config_file, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device per process
+    steps = ["--config.total_steps=6", "--config.mesh.data=-1"]
+    single = str(tmp_path / "single")
+    _finish(_main(config_file, single, *steps, env=env))
+    multi = str(tmp_path / "multi")
+    port = _free_port()
+    procs = [_main(config_file, multi, *steps, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                   f"--process_id={i}", env=env) for i in range(2)]
+    outs = [_finish(p) for p in procs]
+    assert "mesh {'data': 2" in outs[0], [l for l in outs[0].splitlines() if "mesh" in l]
+    ref, _, _ = _params(single)
+    got, _, step = _params(multi, like=_params.last_state)
+    assert step == 6
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got, ref)
+
+
+def test_bad_config_fails_at_start_up_naming_the_key(tmp_path):
+    demo = os.path.join(REPO, "configs", "pretrain.py") + ":demo"
+    bad_value = subprocess.run([sys.executable, "-m", "mvlp_jax.main", f"--config={demo}", f"--workdir={tmp_path}",
+                                "--config.contrastive.loss=cosine"], cwd=REPO, capture_output=True, text=True)
+    assert bad_value.returncode == 2
+    assert "'contrastive.loss' = 'cosine'; allowed values: 'infonce', 'sigmoid', 'margin'" in bad_value.stderr
+    unknown = subprocess.run([sys.executable, "-m", "mvlp_jax.main", f"--config={demo}", f"--workdir={tmp_path}",
+                              "--config.model.encodr=vit"], cwd=REPO, capture_output=True, text=True)
+    assert unknown.returncode != 0 and "encodr" in unknown.stderr
+    assert not os.listdir(tmp_path)
+
+
+def test_runaway_loss_stops_naming_the_last_good_checkpoint(pretrain_data, tmp_path):
+    data_dir, emb_dir, _ = pretrain_data
+    config = micro_config(data_dir, emb_dir, **{"optim.lr": 1e30, "optim.warmup_steps": 0, "optim.clip_norm": 0.0,
+                                                "max_nonfinite_steps": 2, "total_steps": 30})
+    with pytest.raises(train.NonFiniteError, match=r"2 updates in a row .* last good checkpoint is .*checkpoints/\d"):
+        train.train(config, str(tmp_path))
+
+
+def test_mae_only_config_trains(pretrain_data, tmp_path):
+    sys.path.insert(0, os.path.join(REPO, "configs"))
+    import mae
+
+    data_dir, _, _ = pretrain_data
+    config = micro_config(data_dir, "", total_steps=4)
+    config.objectives = mae.get_config("demo").objectives
+    outcome = train.train(config, str(tmp_path))
+    assert outcome.last_step == 4 and not outcome.stopped_early
+    history = observe.read_history(str(tmp_path))
+    assert set(history) == {1, 2, 3, 4} and "mae/loss" in history[4] and "llm_contrastive/loss" not in history[4]
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path))
