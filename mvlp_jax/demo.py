@@ -1,11 +1,15 @@
 """`make demo`: the pipeline on the shipped real sample, stage by stage, reusing finished stages.
 
-Stages so far: build the COVID image+notes set and the NIH 14-label set from data_prep/sample.
-Each stage is skipped (and says so) when its output is already complete.
+Stages so far: build the COVID image+notes set and the NIH 14-label set from data_prep/sample; embed
+the COVID notes with the embedded SmolLM2; pretrain LLM contrastive + MAE and MAE alone on them
+(configs/pretrain.py:demo, configs/mae.py:demo). Each stage is skipped (and says so) when its
+output is already complete; an interrupted training stage resumes from its last checkpoint.
 """
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 
 from data_prep.records import NIH14_LABELS
@@ -38,10 +42,44 @@ def build_datasets() -> None:
         print("[demo] " + summary_line(build("csv", input_dir, DATA_DIR, name=name, num_workers=2, **options)))
 
 
+EMBEDDINGS = os.path.join(RUNS, "emb", "covid_notes")
+
+
+def embed_reports() -> None:
+    if os.path.exists(os.path.join(EMBEDDINGS, "manifest.json")):
+        print(f"[demo] embeddings: already computed, reusing {EMBEDDINGS}")
+        return
+    print("[demo] embedding the COVID notes with SmolLM2-135M (frozen, offline)")
+    subprocess.run([sys.executable, "-m", "data_prep.precompute_text_embeddings", f"--data_dir={DATA_DIR}",
+                    "--dataset=covid_notes", "--model=smollm2", f"--output_dir={EMBEDDINGS}"], check=True)
+
+
+def pretrain(config_name: str) -> None:
+    """Trains configs/{config_name}.py:demo into runs/demo/{config_name} (resuming if interrupted)."""
+    import importlib.util
+
+    from mvlp_jax import train
+
+    spec = importlib.util.spec_from_file_location(config_name, os.path.join(REPO, "configs", f"{config_name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("demo")
+    config.data.data_dir, config.data.embeddings_dir = DATA_DIR, EMBEDDINGS
+    workdir = os.path.join(RUNS, config_name)
+    if os.path.isdir(os.path.join(workdir, "checkpoints", str(config.total_steps))):
+        print(f"[demo] {config_name}: already trained, reusing {workdir}")
+        return
+    print(f"[demo] pretraining configs/{config_name}.py:demo into {workdir}")
+    train.train(config, workdir)
+
+
 def main() -> None:
     start = time.perf_counter()
     os.makedirs(RUNS, exist_ok=True)
     build_datasets()
+    embed_reports()
+    pretrain("pretrain")
+    pretrain("mae")
     print(f"[demo] done in {time.perf_counter() - start:.0f}s; outputs under {RUNS}")
 
 

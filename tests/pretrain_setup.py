@@ -15,12 +15,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # not from c
 HIDDEN = 24
 
 
-def build_sample(root: str) -> str:
-    """The shipped covid_notes sample as a TFDS dataset at 64 px; returns the data dir."""
+def build_sample(root: str, image_size: int = 64) -> str:
+    """The shipped covid_notes sample as a TFDS dataset (shorter side `image_size`); returns the data dir."""
     from data_prep.build_dataset import build
     from mvlp_jax.demo import DATASETS
 
-    options = dict(DATASETS["covid_notes"], image_size=64)
+    options = dict(DATASETS["covid_notes"], image_size=image_size)
     input_dir = options.pop("input_dir")
     build("csv", input_dir, os.path.join(root, "tfds"), name="covid_notes", **options)
     return os.path.join(root, "tfds")

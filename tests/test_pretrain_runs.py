@@ -54,7 +54,7 @@ def _wait_for_step(workdir: str, step: int, proc: subprocess.Popen, timeout: flo
     while time.time() < deadline and proc.poll() is None:
         if max(_losses(workdir), default=0) >= step:
             return
-        time.sleep(0.05)
+        time.sleep(0.01)
     raise AssertionError(f"run never reached step {step}: {proc.stdout.read()[-2000:] if proc.stdout else ''}")
 
 
@@ -66,18 +66,21 @@ def config_file(pretrain_data, tmp_path_factory):
                                                          "checkpoint.save_interval_steps": 5})
 
 
+ONE_DEVICE = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device: compiles faster
+
+
 def test_resume_after_sigkill_is_bitwise_exact(config_file, tmp_path):
     straight = str(tmp_path / "straight")
-    _finish(_main(config_file, straight))
+    _finish(_main(config_file, straight, env=ONE_DEVICE))
     interrupted = str(tmp_path / "interrupted")
     kill_at = random.Random().randint(6, 30)
-    proc = _main(config_file, interrupted)
+    proc = _main(config_file, interrupted, env=ONE_DEVICE)
     _wait_for_step(interrupted, kill_at, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = max(_losses(interrupted))
     assert killed_at < 40, "the run finished before it could be killed"
-    out = _finish(_main(config_file, interrupted))
+    out = _finish(_main(config_file, interrupted, env=ONE_DEVICE))
     assert "resumed from" in out
     ref, ref_data, ref_step = _params(straight)
     got, got_data, got_step = _params(interrupted)
@@ -110,7 +113,7 @@ def _free_port() -> int:
 
 
 def test_two_processes_train_like_one(config_file, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device per process
+    env = ONE_DEVICE  # one CPU device per process
     steps = ["--config.total_steps=6", "--config.mesh.data=-1"]
     single = str(tmp_path / "single")
     _finish(_main(config_file, single, *steps, env=env))
