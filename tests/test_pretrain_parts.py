@@ -204,3 +204,19 @@ def test_weight_decay_only_on_matrices(pretrain_data):
     assert decayed and all(k.endswith("['kernel']") or k.endswith("['kernel'].value") for k in decayed)
     assert not any(m for k, m in mask.items() if any(n in k for n in ("bias", "scale", "cls", "mask_token",
                                                                       "probe", "log_temperature")))
+
+
+def test_cyclic_schedule_trains_one_objective_per_step(pretrain_data):
+    config = _micro(pretrain_data, task_schedule="cyclic")
+    model = Pretrainer(config, HIDDEN)
+    batch = _batch(config)
+    params = model.init({"params": jax.random.PRNGKey(0), "masking": jax.random.PRNGKey(1)}, batch["image"],
+                        batch["target"], method=Pretrainer.init_all)["params"]
+    loss_fn = jax.jit(combine.make(model, config))
+    names = sorted(config.objectives)  # step s trains names[s % 2]
+    for step in range(4):
+        loss, metrics = loss_fn(params, batch, jax.random.PRNGKey(2), step)
+        trained, idle = names[step % 2], names[(step + 1) % 2]
+        assert float(metrics[f"{idle}/loss"]) == 0.0
+        np.testing.assert_allclose(loss, metrics[f"{trained}/loss"] * config.objectives[trained], rtol=1e-6)
+        assert float(loss) > 0

@@ -154,7 +154,7 @@ def test_mae_only_config_trains(pretrain_data, tmp_path):
     import mae
 
     data_dir, _, _ = pretrain_data
-    config = micro_config(data_dir, "", total_steps=4)
+    config = micro_config(data_dir, "", total_steps=4, **{"optim.accum_steps": 2})  # 2 micro-batches of 8
     config.objectives = mae.get_config("demo").objectives
     outcome = train.train(config, str(tmp_path))
     assert outcome.last_step == 4 and not outcome.stopped_early
