@@ -28,11 +28,15 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_state: dict, f
                                                    data=ocp.args.JsonSave(data_state)), force=force)
 
 
-def restore_latest(mngr: ocp.CheckpointManager, state: Any, state_shardings: Any) -> tuple[Any, dict] | None:
-    """(state, data state) of the newest checkpoint laid out with `state_shardings`, or None."""
-    step = mngr.latest_step()
+def restore_latest(mngr: ocp.CheckpointManager, state: Any, state_shardings: Any,
+                   step: int | None = None) -> tuple[Any, dict] | None:
+    """(state, data state) of checkpoint `step` (default: the newest) laid out with `state_shardings`;
+    None when there is none. `state` may be abstract (shape/dtype structs)."""
+    step = mngr.latest_step() if step is None else step
     if step is None:
         return None
+    if step not in mngr.all_steps():
+        raise FileNotFoundError(f"no checkpoint {step} in {mngr.directory}; there are {sorted(mngr.all_steps())}")
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings)
     restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                           data=ocp.args.JsonRestore()))

@@ -137,12 +137,32 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config key {key!r} = {value!r} is invalid: {SPEC[key][2]}")
 
 
-def save(config: ml_collections.ConfigDict, workdir: str) -> str:
-    """Writes the resolved config to workdir/config.json (what this run really used)."""
+def save(config: ml_collections.ConfigDict, workdir: str, target_dim: int) -> str:
+    """Writes the resolved config to workdir/config.json (what this run really used) and the model's
+    LLM target width to workdir/model.json (the evaluation binary rebuilds the model from both)."""
     path = os.path.join(workdir, "config.json")
     with open(path, "w") as f:
         json.dump(config.to_dict(), f, indent=2, sort_keys=True, default=list)
+    with open(os.path.join(workdir, "model.json"), "w") as f:
+        json.dump({"target_dim": target_dim}, f)
     return path
+
+
+def load(workdir: str) -> tuple[ml_collections.ConfigDict, int]:
+    """(config, target_dim) of a pretraining workdir."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{workdir} is not a pretraining workdir (no config.json)")
+    with open(path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    model_json = os.path.join(workdir, "model.json")
+    if os.path.exists(model_json):
+        with open(model_json) as f:
+            return config, int(json.load(f)["target_dim"])
+    if "llm_contrastive" not in config.objectives:
+        return config, 0
+    with open(os.path.join(config.data.embeddings_dir, "manifest.json")) as f:
+        return config, int(json.load(f)["hidden_size"])
 
 
 def describe() -> str:

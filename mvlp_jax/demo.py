@@ -2,7 +2,8 @@
 
 Stages so far: build the COVID image+notes set and the NIH 14-label set from data_prep/sample; embed
 the COVID notes with the embedded SmolLM2; pretrain LLM contrastive + MAE and MAE alone on them
-(configs/pretrain.py:demo, configs/mae.py:demo). Each stage is skipped (and says so) when its
+(configs/pretrain.py:demo, configs/mae.py:demo); linear-probe both and an untrained encoder on the NIH
+sample's 14 labels (runs/demo/eval/results.md). Each stage is skipped (and says so) when its
 output is already complete; an interrupted training stage resumes from its last checkpoint.
 """
 from __future__ import annotations
@@ -73,6 +74,25 @@ def pretrain(config_name: str) -> None:
     train.train(config, workdir)
 
 
+def evaluate_probes() -> None:
+    import importlib.util
+
+    from mvlp_jax import evaluate
+
+    out = os.path.join(RUNS, "eval")
+    if os.path.exists(os.path.join(out, "results.md")):
+        print(f"[demo] evaluation: already done, reusing {out}/results.md")
+        return
+    spec = importlib.util.spec_from_file_location("linear_probe", os.path.join(REPO, "configs", "linear_probe.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("nih_sample")
+    config.data_dir = DATA_DIR
+    config.workdirs = ",".join([os.path.join(RUNS, "mae"), os.path.join(RUNS, "pretrain"), "random_init"])
+    print(f"[demo] linear probes on the NIH sample -> {out}")
+    evaluate.evaluate(config, out)
+
+
 def main() -> None:
     start = time.perf_counter()
     os.makedirs(RUNS, exist_ok=True)
@@ -80,6 +100,7 @@ def main() -> None:
     embed_reports()
     pretrain("pretrain")
     pretrain("mae")
+    evaluate_probes()
     print(f"[demo] done in {time.perf_counter() - start:.0f}s; outputs under {RUNS}")
 
 

@@ -51,11 +51,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Outcome:
     configuration.validate(config)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        configuration.save(config, workdir)
     mesh = sharding.make_mesh(config)
     records = pipeline.open_records(config)
-    model = Pretrainer(config, records.table.dim if records.table else 0)
+    target_dim = records.table.dim if records.table else 0
+    if jax.process_index() == 0:
+        configuration.save(config, workdir, target_dim=target_dim)
+    model = Pretrainer(config, target_dim)
     tx = optim.make(config)
     state, state_sh = train_step.create_state(model, tx, config, mesh)
     mngr = checkpointing.manager(workdir, config)

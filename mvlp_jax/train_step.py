@@ -34,31 +34,36 @@ def example_batch(config: ml_collections.ConfigDict, target_dim: int, batch: int
     return out
 
 
-def create_state(model: Pretrainer, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
-                 mesh: Mesh) -> tuple[TrainState, Any]:
-    """Initialises params and optimizer state directly in their shardings; returns (state, shardings)."""
+def state_layout(model: Pretrainer, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
+                 mesh: Mesh) -> tuple[Callable, TrainState, Any]:
+    """(init function of a PRNG key, abstract state, state shardings): the state's shape without computing it."""
     ex = example_batch(config, model.target_dim)
-    key = jax.random.PRNGKey(config.seed)
 
     def init_params(k):
         return model.init({"params": k, "masking": k, "dropout": k}, ex["image"], ex.get("target"),
                           method=Pretrainer.init_all)["params"]
 
+    def init(k):
+        params = nn.unbox(init_params(k))
+        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.fold_in(k, 1),
+                          jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+
+    key = jax.random.PRNGKey(config.seed)
     with sharding.active(mesh):
-        boxed = jax.eval_shape(init_params, key)
-        param_sh = sharding.param_shardings(boxed, mesh)
-
-        def init(k):
-            params = nn.unbox(init_params(k))
-            return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.fold_in(k, 1),
-                              jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
-
+        param_sh = sharding.param_shardings(jax.eval_shape(init_params, key), mesh)
         abstract = jax.eval_shape(init, key)
-        rep = sharding.replicated(mesh)
-        opt_sh = jax.tree.map(lambda x: rep, abstract.opt_state)
-        opt_sh = _match_param_shardings(abstract.opt_state, abstract.params, param_sh, opt_sh)
-        state_sh = TrainState(rep, param_sh, opt_sh, rep, rep, rep)
-        state = jax.jit(init, out_shardings=state_sh)(key)
+    rep = sharding.replicated(mesh)
+    opt_sh = _match_param_shardings(abstract.opt_state, abstract.params, param_sh,
+                                    jax.tree.map(lambda x: rep, abstract.opt_state))
+    return init, abstract, TrainState(rep, param_sh, opt_sh, rep, rep, rep)
+
+
+def create_state(model: Pretrainer, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
+                 mesh: Mesh) -> tuple[TrainState, Any]:
+    """Initialises params and optimizer state directly in their shardings; returns (state, shardings)."""
+    init, _, state_sh = state_layout(model, tx, config, mesh)
+    with sharding.active(mesh):
+        state = jax.jit(init, out_shardings=state_sh)(jax.random.PRNGKey(config.seed))
     return state, state_sh
 
 

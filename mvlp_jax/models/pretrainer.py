@@ -52,6 +52,20 @@ class Pretrainer(nn.Module):
         """Full (unmasked) image -> encoder -> pooling -> projection, float32 (B, embed_dim)."""
         return self.image_proj(self.pool(self.encoder(images, train=train))).astype(jnp.float32)
 
+    def features(self, images: jax.Array, pooling: str) -> jax.Array:
+        """Frozen features for probes: 'cls', 'mean' (patch tokens) or 'map' (the trained attention pooling)."""
+        tokens = self.encoder(images, train=False)
+        if pooling == "map":
+            if not self.target_dim:
+                raise ValueError("pooling 'map' needs a checkpoint trained with llm_contrastive (it has no MAP head)")
+            return self.pool(tokens).astype(jnp.float32)
+        if pooling == "cls":
+            if not self.encoder.cls_token:
+                raise ValueError("pooling 'cls' needs an encoder with a CLS token (ViTDet has none)")
+            return tokens[:, 0].astype(jnp.float32)
+        patches = tokens[:, 1:] if self.encoder.cls_token else tokens
+        return patches.mean(axis=1).astype(jnp.float32)
+
     def embed_targets(self, targets: jax.Array) -> jax.Array:
         """Frozen LLM vectors through the optional trainable text projection, float32."""
         x = targets.astype(jnp.float32)

@@ -1,0 +1,151 @@
+"""Evaluation binary: linear probes on frozen checkpoints -> per-label AUC, mAUC, exact-match accuracy.
+
+  python -m mvlp_jax.evaluate --config=configs/linear_probe.py --config.workdirs=A,B[,random_init] \
+      --config.dataset=... --output_dir=DIR
+
+Writes DIR/results.json (everything), DIR/results.md (one row per checkpoint and label fraction:
+mAUC [95% CI], accuracy [95% CI], per-label AUC), roc_<label>.png with every checkpoint overlaid,
+auc_per_label.png, and prints the table. Intervals resample patients; every checkpoint after the
+first is compared with the first by a paired bootstrap.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Flags of the binary only (so `evaluate()` can be imported beside other absl programs)."""
+    config_flags.DEFINE_config_file("config", None, "configs/linear_probe.py[:nih_sample]", lock_config=True)
+    flags.DEFINE_string("output_dir", None, "results.json, results.md, plots and the feature cache go here.")
+    flags.mark_flags_as_required(["config", "output_dir"])
+
+CHOICES = {"mode": ("linear",), "features_from": ("image",), "pooling": ("mean", "cls", "map"),
+           "uncertain": ("ignore", "ones", "zeros"), "unmentioned": ("negative", "ignore")}
+
+
+def validate(config) -> None:
+    for key, allowed in CHOICES.items():
+        if config[key] not in allowed:
+            later = {"mode": "'finetune' is not implemented yet", "features_from": "'text_embeddings' is not "
+                     "implemented yet"}.get(key, "")
+            raise ValueError(f"config key {key!r} = {config[key]!r}; allowed values: {', '.join(allowed)}"
+                             + (f" ({later})" if later else ""))
+    if not config.workdirs:
+        raise ValueError("config.workdirs is empty: list pretraining workdirs (and/or random_init)")
+    if not all(0 < f <= 1 for f in config.label_fractions):
+        raise ValueError(f"config.label_fractions={config.label_fractions} must lie in (0, 1]")
+
+
+def targets_and_mask(labels: np.ndarray, uncertain: str, unmentioned: str) -> tuple[np.ndarray, np.ndarray]:
+    """Coded labels (1/0/-1/-2) -> (0/1 targets, mask of the entries that count)."""
+    y = (labels == 1).astype(np.float32)
+    mask = np.ones(labels.shape, bool)
+    if uncertain == "ignore":
+        mask &= labels != -1
+    else:
+        y[labels == -1] = 1.0 if uncertain == "ones" else 0.0
+    if unmentioned == "ignore":
+        mask &= labels != -2
+    return y, mask
+
+
+def patient_fraction(patients: np.ndarray, fraction: float, seed: int, salt: str = "fraction") -> np.ndarray:
+    """Cases of a fixed, seeded `fraction` of the patients (at least one)."""
+    unique = sorted(set(patients), key=lambda p: hashlib.sha256(f"{salt}:{seed}:{p}".encode()).hexdigest())
+    keep = set(unique[:max(1, math.ceil(fraction * len(unique)))])
+    return np.array([p in keep for p in patients])
+
+
+def evaluate(config, output_dir: str) -> dict:
+    from mvlp_jax import features, metrics, probe, report, sharding
+
+    validate(config)
+    os.makedirs(output_dir, exist_ok=True)
+    config.unlock()
+    config.mesh = {"data": -1, "fsdp": 1, "model": 1}
+    mesh = sharding.make_mesh(config)
+    splits = {}
+    for role in ("train", "val", "test"):
+        name = config[f"{role}_split"]
+        if name:
+            splits[role] = features.labelled_split(config.data_dir, config.dataset, name)
+    names = splits["train"][1]
+    for role, (_, other, where) in splits.items():
+        if other != names:
+            raise ValueError(f"{where} has labels {other}, the training split {names}")
+    labels = {role: features.read_labels(src) for role, (src, _, _) in splits.items()}
+    if "val" not in splits:  # carve 10% of the training patients out for model selection
+        val_cases = patient_fraction(labels["train"][1], 0.1, config.seed, salt="validation")
+    workdirs = [w.strip() for w in config.workdirs.split(",") if w.strip()]
+    like = next((w for w in workdirs if w != features.RANDOM_INIT), config.random_init_like)
+    results = {"config": config.to_dict(), "label_names": names, "checkpoints": [], "comparisons": []}
+    probs_by = {}
+    test_y, test_m = targets_and_mask(labels["test"][0], config.uncertain, config.unmentioned)
+    test_groups = labels["test"][1]
+    for workdir in workdirs:
+        encoder = features.load_encoder(workdir, config.step, mesh, like)
+        feats = {role: features.extract(encoder, src, config.pooling, config.batch_size, mesh,
+                                        os.path.join(output_dir, "features"), where)
+                 for role, (src, _, where) in splits.items()}
+        train_x, train_labels, train_patients = feats["train"], *labels["train"]
+        if "val" in splits:
+            val_x, val_labels = feats["val"], labels["val"][0]
+        else:
+            val_x, val_labels = train_x[val_cases], train_labels[val_cases]
+            train_x, train_labels, train_patients = (train_x[~val_cases], train_labels[~val_cases],
+                                                     train_patients[~val_cases])
+        for fraction in config.label_fractions:
+            keep = patient_fraction(train_patients, fraction, config.seed)
+            y, m = targets_and_mask(train_labels[keep], config.uncertain, config.unmentioned)
+            vy, vm = targets_and_mask(val_labels, config.uncertain, config.unmentioned)
+            fitted = probe.fit(train_x[keep], y, m, val_x, vy, vm)
+            probs = fitted.predict(feats["test"])
+            probs_by[(encoder.name, fraction)] = probs
+            row = {"name": encoder.name, "workdir": workdir, "step": encoder.step, "label_fraction": fraction,
+                   "train_cases": int(keep.sum()), "test_cases": len(probs),
+                   "probe": {"l2": fitted.l2, "lr": fitted.lr, "steps": fitted.steps, "val_mauc": fitted.val_mauc},
+                   **metrics.summary(test_y, probs, test_m, names),
+                   "ci95": metrics.bootstrap_ci(test_y, probs, test_m, test_groups, config.bootstrap, config.seed)}
+            results["checkpoints"].append(row)
+            print(f"{encoder.name} (step {encoder.step}), {fraction:.0%} labels: mAUC {row['mauc']:.4f}, "
+                  f"exact-match accuracy {row['accuracy']:.4f}", flush=True)
+    first = features.display_name(workdirs[0])
+    for (name, fraction), probs in probs_by.items():
+        if name != first and (first, fraction) in probs_by:
+            results["comparisons"].append({"baseline": first, "candidate": name, "label_fraction": fraction,
+                                           **metrics.paired_bootstrap(test_y, probs_by[(first, fraction)], probs,
+                                                                      test_m, test_groups, config.bootstrap,
+                                                                      config.seed)})
+    with open(os.path.join(output_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2, default=float)
+    table = report.markdown(results)
+    with open(os.path.join(output_dir, "results.md"), "w") as f:
+        f.write(table)
+    report.plots(results, probs_by, test_y, test_m, output_dir)
+    print(table)
+    return results
+
+
+def main(argv: list[str]) -> int:
+    del argv
+    try:
+        evaluate(FLAGS.config, FLAGS.output_dir)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"evaluation stopped: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

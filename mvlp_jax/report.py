@@ -1,0 +1,72 @@
+"""Evaluation outputs a user pastes or looks at: the markdown table, ROC curves, per-label AUC bars."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+def _ci(row: dict, key: str) -> str:
+    lo, hi = row["ci95"][key]
+    return f"{row[key]:.4f} [{lo:.4f}, {hi:.4f}]"
+
+
+def markdown(results: dict) -> str:
+    names = results["label_names"]
+    head = ["checkpoint", "step", "labels", "mAUC [95% CI]", "exact-match acc. [95% CI]", *names]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for row in results["checkpoints"]:
+        aucs = [f"{row['auc'][n]:.3f}" if np.isfinite(row["auc"][n]) else "n/a" for n in names]
+        lines.append(f"| {row['name']} | {row['step']} | {row['label_fraction']:.0%} | {_ci(row, 'mauc')} | "
+                     f"{_ci(row, 'accuracy')} | " + " | ".join(aucs) + " |")
+    for c in results["comparisons"]:
+        lo, hi = c["interval"]
+        lines.append(f"\n{c['candidate']} vs {c['baseline']} ({c['label_fraction']:.0%} labels): mAUC difference "
+                     f"{c['mauc_difference']:+.4f} [95% CI {lo:+.4f}, {hi:+.4f}], P(not better) = {c['p_not_better']:.3f}")
+    missing = sorted({n for row in results["checkpoints"] for n in row["labels_without_both_classes"]})
+    if missing:
+        lines.append(f"\nLeft out of mAUC (a class is absent from the test set): {', '.join(missing)}")
+    return "\n".join(lines) + "\n"
+
+
+def _roc(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    order = np.argsort(-s, kind="mergesort")
+    y = y[order].astype(bool)
+    tpr = np.r_[0, np.cumsum(y) / max(y.sum(), 1)]
+    fpr = np.r_[0, np.cumsum(~y) / max((~y).sum(), 1)]
+    return fpr, tpr
+
+
+def plots(results: dict, probs_by: dict, labels: np.ndarray, mask: np.ndarray, output_dir: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = results["label_names"]
+    for j, name in enumerate(names):
+        m = mask[:, j]
+        if len(set(labels[m, j])) < 2:
+            continue
+        fig, ax = plt.subplots(figsize=(4, 4))
+        for (ckpt, fraction), probs in probs_by.items():
+            fpr, tpr = _roc(labels[m, j], probs[m, j])
+            ax.plot(fpr, tpr, label=f"{ckpt} ({fraction:.0%})")
+        ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+        ax.set(title=name, xlabel="false positive rate", ylabel="true positive rate")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(output_dir, f"roc_{name.lower().replace(' ', '_')}.png"), dpi=90)
+        plt.close(fig)
+    rows = results["checkpoints"]
+    fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.7), 3.5))
+    width = 0.8 / max(len(rows), 1)
+    for i, row in enumerate(rows):
+        ax.bar(np.arange(len(names)) + i * width, [row["auc"][n] for n in names], width,
+               label=f"{row['name']} ({row['label_fraction']:.0%})")
+    ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("AUC")
+    ax.axhline(0.5, color="k", lw=0.8, ls=":")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(output_dir, "auc_per_label.png"), dpi=90)
+    plt.close(fig)
