@@ -55,16 +55,21 @@ def embed_reports() -> None:
                     "--dataset=covid_notes", "--model=smollm2", f"--output_dir={EMBEDDINGS}"], check=True)
 
 
-def pretrain(config_name: str) -> None:
-    """Trains configs/{config_name}.py:demo into runs/demo/{config_name} (resuming if interrupted)."""
+def load_config(name: str, arg: str):
+    """configs/{name}.py:{arg}, loaded by path as the binaries do."""
     import importlib.util
 
-    from mvlp_jax import train
-
-    spec = importlib.util.spec_from_file_location(config_name, os.path.join(REPO, "configs", f"{config_name}.py"))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config("demo")
+    return module.get_config(arg)
+
+
+def pretrain(config_name: str) -> None:
+    """Trains configs/{config_name}.py:demo into runs/demo/{config_name} (resuming if interrupted)."""
+    from mvlp_jax import train
+
+    config = load_config(config_name, "demo")
     config.data.data_dir, config.data.embeddings_dir = DATA_DIR, EMBEDDINGS
     workdir = os.path.join(RUNS, config_name)
     if os.path.isdir(os.path.join(workdir, "checkpoints", str(config.total_steps))):
@@ -75,18 +80,13 @@ def pretrain(config_name: str) -> None:
 
 
 def evaluate_probes() -> None:
-    import importlib.util
-
     from mvlp_jax import evaluate
 
     out = os.path.join(RUNS, "eval")
     if os.path.exists(os.path.join(out, "results.md")):
         print(f"[demo] evaluation: already done, reusing {out}/results.md")
         return
-    spec = importlib.util.spec_from_file_location("linear_probe", os.path.join(REPO, "configs", "linear_probe.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("nih_sample")
+    config = load_config("linear_probe", "nih_sample")
     config.data_dir = DATA_DIR
     config.workdirs = ",".join([os.path.join(RUNS, "mae"), os.path.join(RUNS, "pretrain"), "random_init"])
     print(f"[demo] linear probes on the NIH sample -> {out}")
