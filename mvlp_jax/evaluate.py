@@ -1,4 +1,4 @@
-"""Evaluation binary: linear probes on frozen checkpoints -> per-label AUC, mAUC, exact-match accuracy.
+"""Evaluation binary: probes on pretrained checkpoints -> per-label AUC, mAUC, exact-match accuracy.
 
   python -m mvlp_jax.evaluate --config=configs/linear_probe.py --config.workdirs=A,B[,random_init] \
       --config.dataset=... --output_dir=DIR
@@ -7,6 +7,10 @@ Writes DIR/results.json (everything), DIR/results.md (one row per checkpoint and
 mAUC [95% CI], accuracy [95% CI], per-label AUC), roc_<label>.png with every checkpoint overlaid,
 auc_per_label.png, and prints the table. Intervals resample patients; every checkpoint after the
 first is compared with the first by a paired bootstrap.
+
+`mode=linear` (default) fits a logistic-regression probe on frozen features; `mode=finetune` trains the
+whole encoder with layer-wise lr decay. `features_from=text_embeddings` probes the stored LLM vectors
+of `config.embeddings` instead: the ceiling the image encoder is chasing.
 """
 from __future__ import annotations
 
@@ -29,19 +33,23 @@ def define_flags() -> None:
     flags.DEFINE_string("output_dir", None, "results.json, results.md, plots and the feature cache go here.")
     flags.mark_flags_as_required(["config", "output_dir"])
 
-CHOICES = {"mode": ("linear",), "features_from": ("image",), "pooling": ("mean", "cls", "map"),
+CHOICES = {"mode": ("linear", "finetune"), "features_from": ("image", "text_embeddings"),
+           "pooling": ("mean", "cls", "map"), "text_pooling": ("mean", "last"),
            "uncertain": ("ignore", "ones", "zeros"), "unmentioned": ("negative", "ignore")}
 
 
 def validate(config) -> None:
     for key, allowed in CHOICES.items():
         if config[key] not in allowed:
-            later = {"mode": "'finetune' is not implemented yet", "features_from": "'text_embeddings' is not "
-                     "implemented yet"}.get(key, "")
-            raise ValueError(f"config key {key!r} = {config[key]!r}; allowed values: {', '.join(allowed)}"
-                             + (f" ({later})" if later else ""))
-    if not config.workdirs:
+            raise ValueError(f"config key {key!r} = {config[key]!r}; allowed values: {', '.join(allowed)}")
+    if config.features_from == "image" and not config.workdirs:
         raise ValueError("config.workdirs is empty: list pretraining workdirs (and/or random_init)")
+    if config.features_from == "text_embeddings":
+        if not config.embeddings:
+            raise ValueError("features_from='text_embeddings' needs config.embeddings: comma-separated output "
+                             "dirs of data_prep.precompute_text_embeddings")
+        if config.mode != "linear":
+            raise ValueError("features_from='text_embeddings' probes stored vectors: it needs mode='linear'")
     if not all(0 < f <= 1 for f in config.label_fractions):
         raise ValueError(f"config.label_fractions={config.label_fractions} must lie in (0, 1]")
 
@@ -66,8 +74,14 @@ def patient_fraction(patients: np.ndarray, fraction: float, seed: int, salt: str
     return np.array([p in keep for p in patients])
 
 
+def _subjects(config) -> list[str]:
+    """What is evaluated: pretraining workdirs (image features) or embedding dirs (stored LLM vectors)."""
+    listed = config.embeddings if config.features_from == "text_embeddings" else config.workdirs
+    return [w.strip() for w in listed.split(",") if w.strip()]
+
+
 def evaluate(config, output_dir: str) -> dict:
-    from mvlp_jax import features, metrics, probe, report, sharding
+    from mvlp_jax import features, finetune, metrics, probe, report, sharding
 
     validate(config)
     os.makedirs(output_dir, exist_ok=True)
@@ -84,42 +98,58 @@ def evaluate(config, output_dir: str) -> dict:
         if other != names:
             raise ValueError(f"{where} has labels {other}, the training split {names}")
     labels = {role: features.read_labels(src) for role, (src, _, _) in splits.items()}
-    if "val" not in splits:  # carve 10% of the training patients out for model selection
-        val_cases = patient_fraction(labels["train"][1], 0.1, config.seed, salt="validation")
-    workdirs = [w.strip() for w in config.workdirs.split(",") if w.strip()]
-    like = next((w for w in workdirs if w != features.RANDOM_INIT), config.random_init_like)
-    results = {"config": config.to_dict(), "label_names": names, "checkpoints": [], "comparisons": []}
-    probs_by = {}
+    train_idx = np.arange(len(labels["train"][0]))
+    if "val" in splits:
+        val_src, val_idx = splits["val"][0], np.arange(len(labels["val"][0]))
+        val_labels = labels["val"][0]
+    else:  # carve 10% of the training patients out for model selection
+        carved = patient_fraction(labels["train"][1], 0.1, config.seed, salt="validation")
+        val_src, val_idx, train_idx = splits["train"][0], train_idx[carved], train_idx[~carved]
+        val_labels = labels["train"][0][carved]
+    vy, vm = targets_and_mask(val_labels, config.uncertain, config.unmentioned)
     test_y, test_m = targets_and_mask(labels["test"][0], config.uncertain, config.unmentioned)
     test_groups = labels["test"][1]
-    for workdir in workdirs:
-        encoder = features.load_encoder(workdir, config.step, mesh, like)
-        feats = {role: features.extract(encoder, src, config.pooling, config.batch_size, mesh,
-                                        os.path.join(output_dir, "features"), where)
-                 for role, (src, _, where) in splits.items()}
-        train_x, train_labels, train_patients = feats["train"], *labels["train"]
-        if "val" in splits:
-            val_x, val_labels = feats["val"], labels["val"][0]
+    subjects = _subjects(config)
+    like = next((w for w in subjects if w != features.RANDOM_INIT), config.random_init_like)
+    results = {"config": config.to_dict(), "label_names": names, "checkpoints": [], "comparisons": []}
+    probs_by = {}
+    for subject in subjects:
+        if config.features_from == "text_embeddings":
+            name, step, encoder = features.text_name(subject, config.text_pooling), 0, None
+            table = features.load_text_table(subject, config.text_pooling)
+            feats = {role: features.text_features(table, src, where) for role, (src, _, where) in splits.items()}
         else:
-            val_x, val_labels = train_x[val_cases], train_labels[val_cases]
-            train_x, train_labels, train_patients = (train_x[~val_cases], train_labels[~val_cases],
-                                                     train_patients[~val_cases])
+            encoder = features.load_encoder(subject, config.step, mesh, like)
+            name, step = encoder.name, encoder.step
+            feats = None if config.mode == "finetune" else {
+                role: features.extract(encoder, src, config.pooling, config.batch_size, mesh,
+                                       os.path.join(output_dir, "features"), where)
+                for role, (src, _, where) in splits.items()}
+        train_labels, train_patients = labels["train"][0][train_idx], labels["train"][1][train_idx]
         for fraction in config.label_fractions:
             keep = patient_fraction(train_patients, fraction, config.seed)
             y, m = targets_and_mask(train_labels[keep], config.uncertain, config.unmentioned)
-            vy, vm = targets_and_mask(val_labels, config.uncertain, config.unmentioned)
-            fitted = probe.fit(train_x[keep], y, m, val_x, vy, vm)
-            probs = fitted.predict(feats["test"])
-            probs_by[(encoder.name, fraction)] = probs
-            row = {"name": encoder.name, "workdir": workdir, "step": encoder.step, "label_fraction": fraction,
-                   "train_cases": int(keep.sum()), "test_cases": len(probs),
-                   "probe": {"l2": fitted.l2, "lr": fitted.lr, "steps": fitted.steps, "val_mauc": fitted.val_mauc},
+            if feats is not None:
+                val_x = feats["val"] if "val" in splits else feats["train"][val_idx]
+                fitted = probe.fit(feats["train"][train_idx[keep]], y, m, val_x, vy, vm)
+                probs = fitted.predict(feats["test"])
+                trained = {"l2": fitted.l2, "lr": fitted.lr, "steps": fitted.steps, "val_mauc": fitted.val_mauc}
+            else:
+                tuned = finetune.fit(encoder, splits["train"][0], train_idx[keep], y, m,
+                                     features.Subset(val_src, val_idx), vy, vm, config.pooling, config.finetune,
+                                     mesh, config.seed)
+                probs = finetune.predict(encoder, tuned, splits["test"][0], config.pooling, config.batch_size, mesh,
+                                         f"test {name}")
+                trained = {"epoch": tuned.epoch, "lr": tuned.lr, "val_mauc": tuned.val_mauc}
+            probs_by[(name, fraction)] = probs
+            row = {"name": name, "workdir": subject, "step": step, "label_fraction": fraction,
+                   "train_cases": int(keep.sum()), "test_cases": len(probs), "mode": config.mode, "probe": trained,
                    **metrics.summary(test_y, probs, test_m, names),
                    "ci95": metrics.bootstrap_ci(test_y, probs, test_m, test_groups, config.bootstrap, config.seed)}
             results["checkpoints"].append(row)
-            print(f"{encoder.name} (step {encoder.step}), {fraction:.0%} labels: mAUC {row['mauc']:.4f}, "
+            print(f"{name} (step {step}), {fraction:.0%} labels, {config.mode}: mAUC {row['mauc']:.4f}, "
                   f"exact-match accuracy {row['accuracy']:.4f}", flush=True)
-    first = features.display_name(workdirs[0])
+    first = results["checkpoints"][0]["name"]
     for (name, fraction), probs in probs_by.items():
         if name != first and (first, fraction) in probs_by:
             results["comparisons"].append({"baseline": first, "candidate": name, "label_fraction": fraction,

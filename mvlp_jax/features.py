@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import grain
 import jax
@@ -86,21 +87,64 @@ def extract(encoder: Encoder, source, pooling: str, batch_size: int, mesh: jax.s
     path = os.path.join(cache_dir, f"{encoder.name}-{encoder.step}-{pooling}-{key}.npy")
     if encoder.name != RANDOM_INIT and os.path.exists(path):
         return np.load(path)
-    size, mean, std = c.model.image_size, c.data.mean, c.data.std
+    forward = lambda p, x: encoder.model.apply({"params": p}, x, pooling, method=Pretrainer.features)
+    features = apply_to_split(forward, encoder.params, source, c, batch_size, mesh,
+                              f"features {encoder.name} {where}")
+    os.makedirs(cache_dir, exist_ok=True)
+    np.save(path, features)
+    return features
+
+
+def apply_to_split(forward: Callable, params: Any, source, config: ml_collections.ConfigDict, batch_size: int,
+                   mesh: jax.sharding.Mesh, desc: str) -> np.ndarray:
+    """`forward(params, images)` over every record of `source` (centre crop at the model's size, the training
+    normalisation), batch-sharded over all devices of `mesh`; float32 (N, ...) in record order."""
+    size, mean, std = config.model.image_size, config.data.mean, config.data.std
     per_device = -(-batch_size // mesh.devices.size)
     batch = per_device * mesh.devices.size
     prep = lambda r: transforms.normalise(transforms.center_crop_resize(transforms.decode_png(r["image"]), size),
                                           mean, std)
     n = len(source)
     padded = grain.MapDataset.range(-(-n // batch) * batch).map(lambda i: prep(source[min(i, n - 1)])).batch(batch)
-    forward = jax.jit(lambda p, x: encoder.model.apply({"params": p}, x, pooling, method=Pretrainer.features),
-                      in_shardings=(None, sharding.batch_sharding(mesh, 4)), out_shardings=sharding.replicated(mesh))
+    images_sh = sharding.batch_sharding(mesh, 4)
+    jitted = jax.jit(forward, in_shardings=(None, images_sh), out_shardings=sharding.replicated(mesh))
     out = []
     iterator = padded.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=4))
     with sharding.active(mesh):
-        for images in tqdm(iterator, total=len(padded), desc=f"features {encoder.name} {where}", unit="batch"):
-            out.append(np.asarray(forward(encoder.params, jax.device_put(images, sharding.batch_sharding(mesh, 4)))))
-    features = np.concatenate(out)[:n]
-    os.makedirs(cache_dir, exist_ok=True)
-    np.save(path, features)
-    return features
+        for images in tqdm(iterator, total=len(padded), desc=desc, unit="batch"):
+            out.append(np.asarray(jitted(params, jax.device_put(images, images_sh)), np.float32))
+    return np.concatenate(out)[:n]
+
+
+class Subset:
+    """Records `indices` of a random-access source, as a source."""
+
+    def __init__(self, source, indices: np.ndarray):
+        self.source, self.indices = source, np.asarray(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.source[int(self.indices[i])]
+
+
+def text_name(embeddings_dir: str, pooling: str) -> str:
+    return f"llm:{display_name(embeddings_dir)}/{pooling}"
+
+
+def load_text_table(embeddings_dir: str, pooling: str):
+    from mvlp_jax.data import targets
+
+    return targets.load_targets(embeddings_dir, pooling)
+
+
+def text_features(table, source, where: str) -> np.ndarray:
+    """(N, hidden) float32: the stored LLM vector of each record's study (the text-side ceiling)."""
+    rows = table.rows()
+    study_ids = [source[i]["study_id"].decode() for i in range(len(source))]
+    missing = sorted({s for s in study_ids if s not in rows})
+    if missing:
+        raise ValueError(f"{len(missing)} studies of {where} have no stored embedding, e.g. {', '.join(missing[:5])}; "
+                         f"embed the dataset with data_prep.precompute_text_embeddings --dataset=...")
+    return table.vectors[[rows[s] for s in study_ids]].astype(np.float32)

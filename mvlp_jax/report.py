@@ -13,11 +13,11 @@ def _ci(row: dict, key: str) -> str:
 
 def markdown(results: dict) -> str:
     names = results["label_names"]
-    head = ["checkpoint", "step", "labels", "mAUC [95% CI]", "exact-match acc. [95% CI]", *names]
+    head = ["checkpoint", "step", "labels", "probe", "mAUC [95% CI]", "exact-match acc. [95% CI]", *names]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for row in results["checkpoints"]:
         aucs = [f"{row['auc'][n]:.3f}" if np.isfinite(row["auc"][n]) else "n/a" for n in names]
-        lines.append(f"| {row['name']} | {row['step']} | {row['label_fraction']:.0%} | {_ci(row, 'mauc')} | "
+        lines.append(f"| {row['name']} | {row['step']} | {row['label_fraction']:.0%} | {row['mode']} | {_ci(row, 'mauc')} | "
                      f"{_ci(row, 'accuracy')} | " + " | ".join(aucs) + " |")
     for c in results["comparisons"]:
         lo, hi = c["interval"]

@@ -103,7 +103,7 @@ def test_evaluates_random_init_and_a_checkpoint_on_the_real_nih_sample(nih_and_w
         assert 0 <= r["mauc"] <= 1 and r["ci95"]["mauc"][0] <= r["mauc"] <= r["ci95"]["mauc"][1]
         assert len(r["auc"]) == 14
     table = open(tmp_path / "results.md").read()
-    assert "| random_init | 0 | 100% |" in table and "pretrain vs random_init" in table
+    assert "| random_init | 0 | 100% | linear |" in table and "pretrain vs random_init" in table
     assert os.path.exists(tmp_path / "results.json") and os.path.exists(tmp_path / "auc_per_label.png")
     assert any(f.startswith("roc_") for f in os.listdir(tmp_path))
 
@@ -130,7 +130,99 @@ def test_bad_inputs_are_named(nih_and_workdir, pretrain_data, tmp_path):
     no_labels.dataset, no_labels.test_split = "covid_notes", "test"
     with pytest.raises(ValueError, match="covid_notes:1.0.0 has no labels"):
         evaluate.evaluate(no_labels, str(tmp_path / "o2"))
-    finetune = _probe_config(data_dir, workdir)
-    finetune.mode = "finetune"
-    with pytest.raises(ValueError, match="'mode' = 'finetune'"):
-        evaluate.evaluate(finetune, str(tmp_path / "o3"))
+    bad_mode = _probe_config(data_dir, workdir)
+    bad_mode.mode = "full"
+    with pytest.raises(ValueError, match="'mode' = 'full'; allowed values: linear, finetune"):
+        evaluate.evaluate(bad_mode, str(tmp_path / "o3"))
+    text = _probe_config(data_dir, "")
+    text.features_from, text.mode, text.embeddings = "text_embeddings", "finetune", "x"
+    with pytest.raises(ValueError, match="needs mode='linear'"):
+        evaluate.evaluate(text, str(tmp_path / "o4"))
+
+
+def _planted_text_embeddings(data_dir: str, out: str, drop: int = 0, hidden: int = 24) -> dict[str, np.ndarray]:
+    """Stored-schema vectors for every NIH-sample study: a random linear image of its labels plus noise."""
+    import json
+
+    from data_prep import built
+    from data_prep.text_embeddings import schema
+
+    builder, _, _ = built.open_builder(data_dir, "nih_sample")
+    rows = {}
+    for split in builder.info.splits:
+        source = built.open_split(builder, split)
+        for i in range(len(source)):
+            rows[source[i]["study_id"].decode()] = (source[i]["labels"] == 1).astype(float)
+    rng = np.random.default_rng(3)
+    mix = rng.normal(size=(14, hidden))
+    vectors = {s: y @ mix + 0.5 * rng.normal(size=hidden) for s, y in sorted(rows.items())[drop:]}
+    records = [schema.encode(s, v, -v, "float32") for s, v in vectors.items()]
+    os.makedirs(out, exist_ok=True)
+    schema.write_shard(os.path.join(out, schema.SHARD_PATTERN.format(index=0, count=1)), records)
+    with open(os.path.join(out, "manifest.json"), "w") as f:
+        json.dump({"schema_version": schema.SCHEMA_VERSION, "hidden_size": hidden, "poolings": ["mean", "last"],
+                   "num_records": len(records), "model": "planted"}, f)
+    return vectors
+
+
+def test_text_embeddings_are_probed_by_study_and_a_planted_signal_is_found(nih_and_workdir, tmp_path):
+    data_dir, _ = nih_and_workdir
+    vectors = _planted_text_embeddings(data_dir, str(tmp_path / "emb"))
+    source, _, where = features.labelled_split(data_dir, "nih_sample", "valid")
+    got = features.text_features(features.load_text_table(str(tmp_path / "emb"), "last"), source, where)
+    want = np.stack([-vectors[source[i]["study_id"].decode()] for i in range(len(source))])
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    config = _probe_config(data_dir, "")
+    config.features_from, config.embeddings = "text_embeddings", str(tmp_path / "emb")
+    row = evaluate.evaluate(config, str(tmp_path / "out"))["checkpoints"][0]
+    assert row["name"] == "llm:emb/mean" and row["mauc"] > 0.85, row["mauc"]
+    _planted_text_embeddings(data_dir, str(tmp_path / "partial"), drop=3)
+    config.embeddings = str(tmp_path / "partial")
+    with pytest.raises(ValueError, match="3 studies of nih_sample:1.0.0/train have no stored embedding"):
+        evaluate.evaluate(config, str(tmp_path / "out2"))
+
+
+def test_layer_wise_lr_decay_scales_each_layer_and_freezes_the_rest():
+    import jax.numpy as jnp
+    import optax
+
+    from mvlp_jax import finetune
+
+    depth, decay, lr = 3, 0.5, 0.1
+    block = {"attention": {"kernel": jnp.ones((2, 2))}}
+    loop = {"encoder": {"embedding": {"conv": {"kernel": jnp.ones((2, 2))}}, "cls": jnp.ones((1, 2)),
+                        "encoder": {**{f"block_{i:02d}": block for i in range(depth)}, "norm": {"scale": jnp.ones(2)}}},
+            "pool": {"map": {"probe": jnp.ones(2)}},
+            "masked_model": {"decoder": {"kernel": jnp.ones(2)}}, "log_temperature": jnp.ones(())}
+    scales = finetune.layer_scales(loop, depth, decay)
+    assert float(scales["encoder"]["embedding"]["conv"]["kernel"]) == decay ** 4 == float(scales["encoder"]["cls"])
+    assert [float(scales["encoder"]["encoder"][f"block_{i:02d}"]["attention"]["kernel"]) for i in range(3)] == \
+        [decay ** 3, decay ** 2, decay]
+    assert float(scales["encoder"]["encoder"]["norm"]["scale"]) == 1 == float(scales["pool"]["map"]["probe"])
+    assert float(scales["masked_model"]["decoder"]["kernel"]) == 0 == float(scales["log_temperature"])
+    tx = optax.chain(optax.adam(lr), finetune.scale_by_tree(scales))
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, loop), tx.init(loop), loop)  # Adam's first step: -lr * sign
+    assert np.allclose(updates["encoder"]["encoder"]["block_00"]["attention"]["kernel"], -lr * decay ** 3, rtol=1e-4)
+    assert np.all(updates["masked_model"]["decoder"]["kernel"] == 0)
+    stacked = {"encoder": {"encoder": {"blocks": {"attention": {"kernel": jnp.ones((depth, 2, 2))}}}}}
+    scan_scales = finetune.layer_scales(stacked, depth, decay)["encoder"]["encoder"]["blocks"]["attention"]["kernel"]
+    assert np.allclose(np.broadcast_to(scan_scales, (depth, 2, 2))[:, 0, 0], [decay ** 3, decay ** 2, decay])
+
+
+def test_finetune_mode_trains_the_encoder_and_reports_a_row(nih_and_workdir, tmp_path, monkeypatch):
+    from mvlp_jax import finetune
+
+    data_dir, workdir = nih_and_workdir
+    config = _probe_config(data_dir, workdir)
+    config.mode, config.finetune.epochs, config.finetune.batch_size, config.finetune.lr = "finetune", 2, 64, 2e-3
+    seen = {}
+    fit = finetune.fit
+    monkeypatch.setattr(finetune, "fit", lambda encoder, *a, **k: seen.setdefault("out", (encoder, fit(encoder, *a, **k)))[1])
+    row = evaluate.evaluate(config, str(tmp_path))["checkpoints"][0]
+    assert row["mode"] == "finetune" and row["probe"]["epoch"] in (1, 2) and 0 <= row["mauc"] <= 1
+    encoder, tuned = seen["out"]
+    before, after = encoder.params, tuned.params["model"]
+    moved = lambda tree_a, tree_b: max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                                       for a, b in zip(jax.tree.leaves(tree_a), jax.tree.leaves(tree_b)))
+    assert moved(before["encoder"]["embedding"], after["encoder"]["embedding"]) > 0  # the encoder itself learned
+    assert moved(before["masked_model"], after["masked_model"]) == 0  # the MAE decoder is frozen

@@ -52,9 +52,10 @@ class Pretrainer(nn.Module):
         """Full (unmasked) image -> encoder -> pooling -> projection, float32 (B, embed_dim)."""
         return self.image_proj(self.pool(self.encoder(images, train=train))).astype(jnp.float32)
 
-    def features(self, images: jax.Array, pooling: str) -> jax.Array:
-        """Frozen features for probes: 'cls', 'mean' (patch tokens) or 'map' (the trained attention pooling)."""
-        tokens = self.encoder(images, train=False)
+    def features(self, images: jax.Array, pooling: str, train: bool = False) -> jax.Array:
+        """Features for probes and fine-tuning: 'cls', 'mean' (patch tokens) or 'map' (the trained attention
+        pooling); `train` turns on the encoder's dropout and stochastic depth (fine-tuning)."""
+        tokens = self.encoder(images, train=train)
         if pooling == "map":
             if not self.target_dim:
                 raise ValueError("pooling 'map' needs a checkpoint trained with llm_contrastive (it has no MAP head)")
