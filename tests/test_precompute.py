@@ -55,10 +55,14 @@ def tiny_llama(tmp_path_factory):
     return str(root / "model"), str(csv_path), reports
 
 
+def _job_flags(model, csv_path, out) -> list[str]:
+    return [f"--reports_csv={csv_path}", "--id_column=uid", "--text_column=text", f"--model={model}",
+            f"--output_dir={out}", "--store_dtype=float32", "--max_tokens=48", "--token_budget=200",
+            "--records_per_shard=7"]
+
+
 def _run(model, csv_path, out, *extra, check=True):
-    args = [sys.executable, "-m", "data_prep.precompute_text_embeddings", f"--reports_csv={csv_path}",
-            "--id_column=uid", "--text_column=text", f"--model={model}", f"--output_dir={out}",
-            "--store_dtype=float32", "--max_tokens=48", "--token_budget=200", "--records_per_shard=7", *extra]
+    args = [sys.executable, "-m", "data_prep.precompute_text_embeddings", *_job_flags(model, csv_path, out), *extra]
     result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
@@ -95,10 +99,13 @@ def test_stored_vectors_equal_a_direct_unpadded_forward(tiny_llama, tmp_path):
 
 def test_three_workers_cover_every_study_once_and_match_one_worker(tiny_llama, tmp_path):
     model_dir, csv_path, _ = tiny_llama
-    for i in range(3):
-        _run(model_dir, csv_path, tmp_path / "multi", "--num_workers=3", f"--worker_index={i}")
-    verified = _run(model_dir, csv_path, tmp_path / "multi", "--verify")
-    assert "verify: OK:" in verified.stdout and "each exactly once" in verified.stdout
+    # the scale-out launcher, for real: 3 local worker processes in parallel, then its --verify pass
+    launched = subprocess.run(["bash", "launch/precompute.sh", "--num_workers=3", "--local", f"--python={sys.executable}",
+                               "--", *_job_flags(model_dir, csv_path, tmp_path / "multi")],
+                              cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert launched.stdout.count("--num_workers=3 --worker_index=") == 3
+    assert "verify: OK:" in launched.stdout and "each exactly once" in launched.stdout
     _run(model_dir, csv_path, tmp_path / "single")
     multi, single = _records(tmp_path / "multi"), _records(tmp_path / "single")
     assert multi.keys() == single.keys()

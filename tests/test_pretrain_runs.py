@@ -1,5 +1,5 @@
 """The pretraining binary end to end, as a user runs it: exact resume after kill -9, SIGTERM saves and
-exits 0, resume onto another mesh, two processes = one process, bad config and runaway loss stop cleanly."""
+exits 0, resume onto another mesh, two SLURM tasks (killed, resumed) = one process, bad config and runaway loss stop cleanly."""
 import os
 import random
 import signal
@@ -106,26 +106,48 @@ def test_sigterm_saves_and_exits_zero_then_resumes_on_another_mesh(config_file, 
     assert _params(workdir)[2] == step + 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _slurm_job_id() -> int:
+    """A job id whose SLURM-derived coordinator port (jax: 61440 + id % 4096) is free now."""
+    for _ in range(100):
+        job = random.randrange(4096, 10 ** 6)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", 61440 + job % 4096))
+                return job
+            except OSError:
+                continue
+    raise AssertionError("no free port in 61440..65535")
 
 
-def test_two_processes_train_like_one(config_file, tmp_path):
-    env = ONE_DEVICE  # one CPU device per process
-    steps = ["--config.total_steps=6", "--config.mesh.data=-1"]
+def _srun(config_file: str, workdir: str, steps: list[str], tasks: int = 2) -> list[subprocess.Popen]:
+    """What `srun` in launch/gpu_slurm.sh starts: `tasks` processes with SLURM's variables, no JAX flags."""
+    job = _slurm_job_id()
+    procs = []
+    for task in range(tasks):
+        env = dict(ONE_DEVICE, SLURM_JOB_ID=str(job), SLURM_STEP_NODELIST="localhost", SLURM_NTASKS=str(tasks),
+                   SLURM_PROCID=str(task), SLURM_LOCALID=str(task), SLURM_STEP_NUM_NODES="1")
+        procs.append(_main(config_file, workdir, *steps, env=env))
+    return procs
+
+
+def test_slurm_tasks_train_like_one_process_and_resume_after_a_kill(config_file, tmp_path):
+    steps = ["--config.total_steps=12", "--config.mesh.data=-1"]
     single = str(tmp_path / "single")
-    _finish(_main(config_file, single, *steps, env=env))
+    _finish(_main(config_file, single, *steps, env=ONE_DEVICE))
     multi = str(tmp_path / "multi")
-    port = _free_port()
-    procs = [_main(config_file, multi, *steps, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                   f"--process_id={i}", env=env) for i in range(2)]
-    outs = [_finish(p) for p in procs]
-    assert "mesh {'data': 2" in outs[0], [l for l in outs[0].splitlines() if "mesh" in l]
+    procs = _srun(config_file, multi, steps)
+    _wait_for_step(multi, 7, procs[0])
+    procs[1].send_signal(signal.SIGKILL)  # one task dies; the scheduler then ends the whole step
+    procs[0].send_signal(signal.SIGKILL)
+    for p in procs:
+        p.wait()
+    assert max(_losses(multi)) < 12
+    outs = [_finish(p) for p in _srun(config_file, multi, steps)]
+    assert "distributed start-up: slurm, 2 processes, 2 devices" in outs[0], outs[0][-2000:]
+    assert f"resumed from {multi}/checkpoints/" in outs[0] and "mesh {'data': 2" in outs[0]
     ref, _, _ = _params(single)
-    got, _, step = _params(multi, like=_params.last_state)
-    assert step == 6
+    got, data, step = _params(multi, like=_params.last_state)
+    assert step == 12 and data == {"next_step": 12, "seed": 0}
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got, ref)
 
 

@@ -1,0 +1,55 @@
+"""Multi-host start-up: decide how (and whether) to call `jax.distributed.initialize`.
+
+One rule for every launcher, checked in this order:
+  explicit   --num_processes > 1 (with --coordinator_address, --process_id): anything else, local tests
+  slurm      SLURM_JOB_ID, SLURM_STEP_NODELIST, SLURM_NTASKS > 1, SLURM_PROCID, SLURM_LOCALID (srun sets them);
+             jax's SLURM detection takes the coordinator from the first node and, per task, the GPU
+             SLURM_LOCALID (one process per GPU) unless JAX_LOCAL_DEVICE_IDS lists a node's GPUs
+  tpu        a Cloud TPU VM (TPU devices under /dev, or GKE's TPU_WORKER_HOSTNAMES): jax reads the slice's
+             workers from the TPU metadata, so a pod slice needs no arguments
+  forced     --distributed: jax's own detection (MPI, Kubernetes, ...)
+  none       one host: nothing to initialise
+"""
+from __future__ import annotations
+
+import glob
+import os
+from typing import Mapping
+
+SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+
+
+def on_tpu_vm(environ: Mapping[str, str] = os.environ) -> bool:
+    return bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*") or environ.get("TPU_WORKER_HOSTNAMES"))
+
+
+def detect(num_processes: int, force: bool, environ: Mapping[str, str] = os.environ,
+           tpu: bool | None = None) -> str:
+    """Which start-up applies: 'explicit', 'slurm', 'tpu', 'forced' or 'none' (see the module docstring)."""
+    if num_processes > 1:
+        return "explicit"
+    if all(v in environ for v in SLURM_VARS) and int(environ["SLURM_NTASKS"]) > 1:
+        return "slurm"
+    if on_tpu_vm(environ) if tpu is None else tpu:
+        return "tpu"
+    return "forced" if force else "none"
+
+
+def initialize(num_processes: int = 1, process_id: int = 0, coordinator_address: str = "",
+               force: bool = False) -> str:
+    """Initialises the multi-controller runtime when the environment asks for it; returns the method used.
+    CPU collectives go over gloo (used only when the devices are CPUs, e.g. local multi-process runs)."""
+    import jax
+
+    method = detect(num_processes, force)
+    if method == "none":
+        return method
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if method == "explicit":
+        if not coordinator_address:
+            raise ValueError("--num_processes > 1 needs --coordinator_address=host:port of process 0")
+        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                                   process_id=process_id)
+    else:
+        jax.distributed.initialize()
+    return method
