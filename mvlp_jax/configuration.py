@@ -20,7 +20,7 @@ _fraction = lambda v: 0 <= v < 1
 _mesh_axis = lambda v: v == -1 or v >= 1
 _crop_scale = lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1
 _objective_weights = lambda v: bool(v) and all(k in OBJECTIVES and w >= 0 for k, w in v.items())
-OBJECTIVES = ("llm_contrastive", "mae")
+OBJECTIVES = ("llm_contrastive", "mae", "mflag")
 
 # key -> (default, check, description)
 SPEC: dict[str, tuple[Any, Check, str]] = {
@@ -54,6 +54,10 @@ SPEC: dict[str, tuple[Any, Check, str]] = {
     "contrastive.temperature": (0.07, _positive, "Initial temperature (infonce, sigmoid); learnable."),
     "contrastive.sigmoid_bias": (-10.0, None, "Initial logit bias of the sigmoid loss; learnable."),
     "contrastive.margin": (1.0, _positive, "eps of the margin loss: non-matching pairs are pushed this far apart."),
+    "mflag.embed_dim": (512, _positive, "M-FLAG: size of the aligned image/text embeddings."),
+    "mflag.hidden_dim": (2048, _positive, "M-FLAG: hidden width of the projection MLPs (with batch norm)."),
+    "mflag.ortho_weight": (1.0, _non_negative, "M-FLAG: weight of the orthogonality loss beside the alignment loss."),
+    "mflag.ortho_lambda": (0.0051, _non_negative, "M-FLAG: weight of the off-diagonal terms in the orthogonality loss."),
     "data.data_dir": ("", None, "TFDS data dir written by data_prep.build_dataset."),
     "data.dataset": ("mimic_cxr", None, "Dataset name (optionally name:version) under data.data_dir."),
     "data.train_split": ("train", None, "Split to train on."),

@@ -20,11 +20,12 @@ from tests.pretrain_setup import HIDDEN, micro_config, write_targets
 
 sys.path.insert(0, os.path.join(REPO, "configs"))
 import mae as mae_config  # noqa: E402
+import mflag as mflag_config  # noqa: E402
 import pretrain as pretrain_config  # noqa: E402
 
 
 def test_configs_validate_and_bad_values_are_named():
-    for module in (pretrain_config, mae_config):
+    for module in (pretrain_config, mae_config, mflag_config):
         for arg in (None, "demo", "vitdet", "demo,vitdet"):
             configuration.validate(module.get_config(arg))
     with pytest.raises(ValueError, match="unknown config variant"):
@@ -220,3 +221,39 @@ def test_cyclic_schedule_trains_one_objective_per_step(pretrain_data):
         assert float(metrics[f"{idle}/loss"]) == 0.0
         np.testing.assert_allclose(loss, metrics[f"{trained}/loss"] * config.objectives[trained], rtol=1e-6)
         assert float(loss) > 0
+
+
+def test_mflag_losses_match_numpy_and_a_sharded_batch_equals_the_gathered_one():
+    from mvlp_jax.models.heads import BatchStatNorm
+    from mvlp_jax.objectives import mflag
+
+    rng = np.random.default_rng(4)
+    x, a, b = (rng.normal(size=(32, 12)).astype(np.float32) * 0.7 for _ in range(3))
+    cos = np.sum(a * b, 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    np.testing.assert_allclose(mflag.alignment(a, b), np.mean(2 - 2 * cos), rtol=1e-6)
+    c = x.T @ x / 32
+    off = c[~np.eye(12, dtype=bool)]
+    want = 0.5 * (np.sum((np.diag(c) - 1) ** 2) + 0.0051 * np.sum(off ** 2))
+    np.testing.assert_allclose(mflag.orthogonality(x, 0.0051), want, rtol=1e-5)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(8), ("data",))
+    sx = jax.device_put(x, NamedSharding(mesh, P("data", None)))
+    sharded = jax.jit(mflag.orthogonality, static_argnums=1)(sx, 0.0051)
+    np.testing.assert_allclose(sharded, want, rtol=1e-5)
+    per_shard = np.mean([mflag.orthogonality(x[i:i + 4], 0.0051) for i in range(0, 32, 4)])
+    assert abs(float(sharded) - per_shard) > 1e-2  # statistics really are over the global batch
+    norm = BatchStatNorm(use_affine=False)
+    normed = jax.jit(lambda v: norm.apply({}, v))(sx)
+    np.testing.assert_allclose(normed, (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5), rtol=1e-4, atol=1e-5)
+
+
+def test_mflag_training_on_a_mesh_equals_one_device(pretrain_data):
+    overrides = {"objectives": {"mflag": 1.0}, "model.pool": "mean", "mflag.embed_dim": 16, "mflag.hidden_dim": 32}
+    one = _micro(pretrain_data, **{"mesh.data": 1, **overrides})
+    batches = [_batch(one, seed) for seed in range(2)]
+    ref_metrics, ref_params, _, _ = _train(one, jax.devices()[:1], batches)
+    metrics, params, _, _ = _train(_micro(pretrain_data, **{"mesh.data": 2, "mesh.fsdp": 4, **overrides}),
+                                   jax.devices(), batches)
+    assert "mflag_image_proj" in params and "image_proj" not in params and ref_metrics[0][0] > 0
+    np.testing.assert_allclose(metrics, ref_metrics, rtol=1e-5, atol=1e-6)
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(ref_params)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5, err_msg=jax.tree_util.keystr(path))

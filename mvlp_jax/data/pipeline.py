@@ -31,7 +31,7 @@ class TrainRecords:
 
 
 def needs_targets(config: ml_collections.ConfigDict) -> bool:
-    return "llm_contrastive" in config.objectives
+    return bool({"llm_contrastive", "mflag"} & set(config.objectives))
 
 
 def open_records(config: ml_collections.ConfigDict) -> TrainRecords:
@@ -45,7 +45,7 @@ def open_records(config: ml_collections.ConfigDict) -> TrainRecords:
     if not needs_targets(config):
         return TrainRecords(source, indices, None, None, where)
     if not config.data.embeddings_dir:
-        raise ValueError("objective llm_contrastive needs config.data.embeddings_dir "
+        raise ValueError("objectives llm_contrastive and mflag need config.data.embeddings_dir "
                          "(the output of data_prep.precompute_text_embeddings)")
     table = targets_lib.load_targets(config.data.embeddings_dir, config.contrastive.target)
     study_ids = [source[i]["study_id"].decode() for i in

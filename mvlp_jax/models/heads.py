@@ -54,17 +54,37 @@ class Pool(nn.Module):
                        sow_attention=self.sow_attention, name="map")(patches)
 
 
+class BatchStatNorm(nn.Module):
+    """Batch normalisation with the statistics of the batch it sees, always (no running averages): for heads
+    used only in training. Under a sharded jit the batch mean is over the global batch, as the losses need."""
+    use_affine: bool = True
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        mean = x.mean(axis=0)
+        var = ((x - mean) ** 2).mean(axis=0)
+        y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
+        if self.use_affine:
+            y = y * self.param("scale", nn.initializers.ones, (x.shape[-1],)) + \
+                self.param("bias", nn.initializers.zeros, (x.shape[-1],))
+        return y
+
+
 class ProjectionHead(nn.Module):
-    """Linear, or MLP (Dense -> norm -> GELU) x (depth-1) -> Dense; norm 'layer', 'batch' or 'none'."""
+    """Linear, or MLP (Dense -> norm -> GELU) x (depth-1) -> Dense; norm 'layer', 'batch' (batch statistics,
+    see BatchStatNorm) or 'none'; `out_norm` adds a final batch norm without affine (M-FLAG's image head)."""
     out_dim: int
     kind: str = "linear"
     hidden_dim: int = 2048
     depth: int = 2
     norm: str = "layer"
     dtype: Dtype = jnp.float32
+    out_norm: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array) -> jax.Array:
         if self.kind not in ("linear", "mlp"):
             raise ValueError(f"projection kind {self.kind!r}; choose 'linear' or 'mlp'")
         if self.kind == "mlp":
@@ -73,10 +93,10 @@ class ProjectionHead(nn.Module):
                 if self.norm == "layer":
                     x = nn.LayerNorm(dtype=self.dtype, name=f"norm_{i}")(x)
                 elif self.norm == "batch":
-                    x = nn.BatchNorm(use_running_average=not train, axis_name=None, dtype=self.dtype,
-                                     name=f"norm_{i}")(x)
+                    x = BatchStatNorm(name=f"norm_{i}")(x).astype(self.dtype)
                 x = nn.gelu(x)
-        return nn.Dense(self.out_dim, dtype=self.dtype, name="out")(x)
+        x = nn.Dense(self.out_dim, dtype=self.dtype, name="out")(x)
+        return BatchStatNorm(use_affine=False, name="out_norm")(x) if self.out_norm else x
 
 
 class DINOHead(nn.Module):

@@ -32,17 +32,23 @@ class Pretrainer(nn.Module):
             self.encoder = ViTDet(**size, window_size=m.window_size, drop_path=m.drop_path, dtype=dtype,
                                   remat_policy=m.remat)
             self.masked_model = SimMIM(self.encoder, m.mask_ratio, m.norm_pix_loss)
+        objectives = self.config.objectives
         if self.target_dim:
+            self.pool = Pool(m.pool, has_cls=self.encoder.cls_token, num_heads=m.pool_heads, dtype=dtype)
+        if self.target_dim and "llm_contrastive" in objectives:
             c = self.config.contrastive
             embed_dim = c.embed_dim or self.target_dim
             if c.text_proj == "none" and embed_dim != self.target_dim:
                 raise ValueError(f"contrastive.embed_dim={c.embed_dim} differs from the LLM hidden size "
                                  f"{self.target_dim}: set contrastive.text_proj to 'linear' or 'mlp'")
-            self.pool = Pool(m.pool, has_cls=self.encoder.cls_token, num_heads=m.pool_heads, dtype=dtype)
             self.image_proj = ProjectionHead(embed_dim, c.image_proj, dtype=dtype)
             self.text_proj = None if c.text_proj == "none" else ProjectionHead(embed_dim, c.text_proj, dtype=dtype)
             self.log_temperature = self.param("log_temperature", nn.initializers.constant(jnp.log(c.temperature)), ())
             self.logit_bias = self.param("logit_bias", nn.initializers.constant(c.sigmoid_bias), ())
+        if self.target_dim and "mflag" in objectives:
+            f = self.config.mflag
+            self.mflag_image_proj = ProjectionHead(f.embed_dim, "mlp", f.hidden_dim, norm="batch", out_norm=True)
+            self.mflag_text_proj = ProjectionHead(f.embed_dim, "mlp", f.hidden_dim, norm="batch")
 
     def masked(self, images: jax.Array, train: bool = True) -> dict[str, Any]:
         """MAE (ViT) or SimMIM (ViTDet) on a batch: dict with 'loss' and the reconstruction."""
@@ -67,6 +73,12 @@ class Pretrainer(nn.Module):
         patches = tokens[:, 1:] if self.encoder.cls_token else tokens
         return patches.mean(axis=1).astype(jnp.float32)
 
+    def mflag_embed(self, images: jax.Array, targets: jax.Array, train: bool = True
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """M-FLAG: (pooled image features before projection, projected image, projected text), float32."""
+        features = self.pool(self.encoder(images, train=train)).astype(jnp.float32)
+        return features, self.mflag_image_proj(features), self.mflag_text_proj(targets.astype(jnp.float32))
+
     def embed_targets(self, targets: jax.Array) -> jax.Array:
         """Frozen LLM vectors through the optional trainable text projection, float32."""
         x = targets.astype(jnp.float32)
@@ -76,6 +88,8 @@ class Pretrainer(nn.Module):
         """Touches every submodule the configured objectives use, so `init` creates their parameters."""
         if "mae" in self.config.objectives:
             self.masked(images, train=False)
-        if self.target_dim:
+        if self.target_dim and "llm_contrastive" in self.config.objectives:
             self.embed_images(images, train=False)
             self.embed_targets(targets)
+        if self.target_dim and "mflag" in self.config.objectives:
+            self.mflag_embed(images, targets, train=False)

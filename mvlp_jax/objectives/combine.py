@@ -8,12 +8,13 @@ import jax.numpy as jnp
 import ml_collections
 
 from mvlp_jax.models.pretrainer import Pretrainer
-from mvlp_jax.objectives import llm_contrastive, mae
+from mvlp_jax.objectives import llm_contrastive, mae, mflag
 
 Objective = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
 REGISTRY: dict[str, Callable[[Pretrainer, ml_collections.ConfigDict], Objective]] = {
     "llm_contrastive": llm_contrastive.make,
     "mae": mae.make,
+    "mflag": mflag.make,
 }
 
 
