@@ -19,8 +19,9 @@ _non_negative = lambda v: v >= 0
 _fraction = lambda v: 0 <= v < 1
 _mesh_axis = lambda v: v == -1 or v >= 1
 _crop_scale = lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1
+_momentum = lambda v: 0 <= v <= 1
 _objective_weights = lambda v: bool(v) and all(k in OBJECTIVES and w >= 0 for k, w in v.items())
-OBJECTIVES = ("llm_contrastive", "mae", "mflag")
+OBJECTIVES = ("llm_contrastive", "mae", "mflag", "dino", "query_box")
 
 # key -> (default, check, description)
 SPEC: dict[str, tuple[Any, Check, str]] = {
@@ -58,6 +59,23 @@ SPEC: dict[str, tuple[Any, Check, str]] = {
     "mflag.hidden_dim": (2048, _positive, "M-FLAG: hidden width of the projection MLPs (with batch norm)."),
     "mflag.ortho_weight": (1.0, _non_negative, "M-FLAG: weight of the orthogonality loss beside the alignment loss."),
     "mflag.ortho_lambda": (0.0051, _non_negative, "M-FLAG: weight of the off-diagonal terms in the orthogonality loss."),
+    "dino.out_dim": (65536, _positive, "DINO: prototypes (output size of the DINO head)."),
+    "dino.hidden_dim": (2048, _positive, "DINO: hidden width of the head's MLP."),
+    "dino.bottleneck_dim": (256, _positive, "DINO: L2-normalised bottleneck before the weight-normalised last layer."),
+    "dino.num_local_crops": (6, _non_negative, "DINO: local crops per image (besides the 2 global crops)."),
+    "dino.local_size": (96, _positive, "DINO: local crop size in pixels (global crops: model.image_size)."),
+    "dino.global_scale": ((0.4, 1.0), _crop_scale, "DINO: area range of the global crops."),
+    "dino.local_scale": ((0.05, 0.4), _crop_scale, "DINO: area range of the local crops."),
+    "dino.student_temp": (0.1, _positive, "DINO: student softmax temperature."),
+    "dino.teacher_temp": (0.04, _positive, "DINO: teacher softmax temperature after warmup (sharpening)."),
+    "dino.warmup_teacher_temp": (0.04, _positive, "DINO: teacher temperature at step 0."),
+    "dino.teacher_temp_warmup_steps": (0, _non_negative, "DINO: linear warmup of the teacher temperature."),
+    "dino.momentum": (0.996, _momentum, "DINO: EMA momentum of the teacher at step 0, cosine to 1 at the end."),
+    "dino.center_momentum": (0.9, _momentum, "DINO: EMA momentum of the center subtracted from teacher outputs."),
+    "query_box.size": (96, _positive, "Query box: the cropped region is resized to this many pixels."),
+    "query_box.scale": ((0.05, 0.3), _crop_scale, "Query box: area range of the region, of the training image."),
+    "query_box.l1_weight": (5.0, _non_negative, "Query box: weight of the L1 loss on (cx, cy, w, h)."),
+    "query_box.giou_weight": (2.0, _non_negative, "Query box: weight of the generalised-IoU loss."),
     "data.data_dir": ("", None, "TFDS data dir written by data_prep.build_dataset."),
     "data.dataset": ("mimic_cxr", None, "Dataset name (optionally name:version) under data.data_dir."),
     "data.train_split": ("train", None, "Split to train on."),

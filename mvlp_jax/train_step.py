@@ -13,7 +13,7 @@ from jax.sharding import Mesh
 
 from mvlp_jax import optim, sharding
 from mvlp_jax.models.pretrainer import Pretrainer
-from mvlp_jax.objectives import combine
+from mvlp_jax.objectives import combine, dino
 
 
 @flax.struct.dataclass
@@ -24,6 +24,7 @@ class TrainState:
     rng: jax.Array             # uint32[2] base key; step s uses fold_in(rng, s), so resuming is exact
     nonfinite_run: jax.Array   # int32: consecutive skipped (non-finite) updates
     nonfinite_total: jax.Array
+    extra: Any                 # state outside the optimizer: DINO's EMA teacher and center ({} otherwise)
 
 
 def example_batch(config: ml_collections.ConfigDict, target_dim: int, batch: int = 2) -> dict[str, jax.Array]:
@@ -31,6 +32,13 @@ def example_batch(config: ml_collections.ConfigDict, target_dim: int, batch: int
     out = {"image": jnp.zeros((batch, s, s, 1), jnp.float32)}
     if target_dim:
         out["target"] = jnp.zeros((batch, target_dim), jnp.float32)
+    if "dino" in config.objectives:
+        local = config.dino.local_size
+        out["global_views"] = jnp.zeros((batch, 2, s, s, 1), jnp.float32)
+        out["local_views"] = jnp.zeros((batch, config.dino.num_local_crops, local, local, 1), jnp.float32)
+    if "query_box" in config.objectives:
+        q = config.query_box.size
+        out["query"], out["box"] = jnp.zeros((batch, q, q, 1), jnp.float32), jnp.full((batch, 4), 0.5, jnp.float32)
     return out
 
 
@@ -45,17 +53,18 @@ def state_layout(model: Pretrainer, tx: optax.GradientTransformation, config: ml
 
     def init(k):
         params = nn.unbox(init_params(k))
+        extra = dino.init_extra(params, config) if "dino" in config.objectives else {}
         return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.fold_in(k, 1),
-                          jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+                          jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), extra)
 
     key = jax.random.PRNGKey(config.seed)
     with sharding.active(mesh):
         param_sh = sharding.param_shardings(jax.eval_shape(init_params, key), mesh)
         abstract = jax.eval_shape(init, key)
     rep = sharding.replicated(mesh)
-    opt_sh = _match_param_shardings(abstract.opt_state, abstract.params, param_sh,
-                                    jax.tree.map(lambda x: rep, abstract.opt_state))
-    return init, abstract, TrainState(rep, param_sh, opt_sh, rep, rep, rep)
+    opt_sh, extra_sh = (_match_param_shardings(tree, abstract.params, param_sh, jax.tree.map(lambda x: rep, tree))
+                        for tree in (abstract.opt_state, abstract.extra))
+    return init, abstract, TrainState(rep, param_sh, opt_sh, rep, rep, rep, extra_sh)
 
 
 def create_state(model: Pretrainer, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
@@ -88,37 +97,42 @@ def make_train_step(model: Pretrainer, tx: optax.GradientTransformation, config:
     loss_fn = combine.make(model, config)
     accum = config.optim.accum_steps
 
-    def grads_of(params, batch, rng, step):
-        return jax.value_and_grad(loss_fn, has_aux=True)(params, batch, rng, step)
+    def grads_of(params, batch, rng, step, extra):
+        return jax.value_and_grad(loss_fn, has_aux=True)(params, batch, rng, step, extra)
 
-    def accumulated(params, batch, rng, step):
+    def accumulated(params, batch, rng, step, extra):
         """Mean of gradients over `accum` strided micro-batches (each shard stays on its devices)."""
         micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1),
                              batch)
 
         def body(carry, i_batch):
             i, b = i_batch
-            (loss, metrics), grads = grads_of(params, b, jax.random.fold_in(rng, i), step)
+            (loss, metrics), grads = grads_of(params, b, jax.random.fold_in(rng, i), step, extra)
             return jax.tree.map(jnp.add, carry, ((loss, metrics), grads)), None
 
         zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grads_of, params, jax.tree.map(lambda x: x[0], micro),
-                                                              rng, step))
+                                                              rng, step, extra))
         total, _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
         return jax.tree.map(lambda x: x / accum, total)
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(state.rng, state.step)
         compute = grads_of if accum == 1 else accumulated
-        (loss, metrics), grads = compute(state.params, batch, rng, state.step)
+        (loss, metrics), grads = compute(state.params, batch, rng, state.step, state.extra)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        extra = state.extra
+        if "dino" in config.objectives:  # after the student's update, as DINO does
+            extra = dino.update_extra(extra, params, metrics.pop("dino/teacher_center"), metrics.pop("dino/active"),
+                                      state.step, config)
         state = TrainState(step=state.step + 1, params=keep(params, state.params),
                            opt_state=keep(opt_state, state.opt_state), rng=state.rng,
                            nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1),
-                           nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32))
+                           nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
+                           extra=keep(extra, state.extra))
         metrics = {**metrics, "loss": loss, "grad_norm": grad_norm, "skipped_nonfinite": state.nonfinite_total,
                    "nonfinite_run": state.nonfinite_run,
                    "learning_rate": optim.learning_rate(config)(state.step - 1)}

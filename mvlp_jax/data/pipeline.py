@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from data_prep import built
 from mvlp_jax.data import targets as targets_lib
-from mvlp_jax.data import transforms
+from mvlp_jax.data import transforms, views
 
 
 @dataclass
@@ -58,10 +58,14 @@ def open_records(config: ml_collections.ConfigDict) -> TrainRecords:
 
 
 class Preprocess(grain.transforms.RandomMap):
-    """Stream position -> training example: image (S, S, 1) float32 [, target (D,) float32]."""
+    """Stream position -> training example: image (S, S, 1) float32 [, target (D,) float32], and the views the
+    configured objectives need: DINO's global_views (2, S, S, 1) + local_views (N, L, L, 1), the query box's
+    query (Q, Q, 1) + box (4,)."""
 
     def __init__(self, records: TrainRecords, config: ml_collections.ConfigDict):
         self.records = records
+        self.objectives = set(config.objectives)
+        self.dino, self.query_box = config.get("dino"), config.get("query_box")  # absent in older workdirs
         self.size = config.model.image_size
         self.scale = tuple(config.data.crop_scale)
         self.brightness, self.contrast = config.data.brightness, config.data.contrast
@@ -69,11 +73,22 @@ class Preprocess(grain.transforms.RandomMap):
 
     def random_map(self, position: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         index = int(self.records.indices[position])
-        pixels = transforms.decode_png(self.records.source[index]["image"])
-        box = transforms.random_resized_crop_box(*pixels.shape, self.scale, rng)
-        pixels = transforms.crop_resize(pixels, box, self.size)
-        pixels = transforms.intensity_jitter(pixels, self.brightness, self.contrast, rng)
+        decoded = transforms.decode_png(self.records.source[index]["image"])
+        box = transforms.random_resized_crop_box(*decoded.shape, self.scale, rng)
+        crop = transforms.crop_resize(decoded, box, self.size)
+        pixels = transforms.intensity_jitter(crop, self.brightness, self.contrast, rng)
         example = {"image": transforms.normalise(pixels, self.mean, self.std)}
+        if "dino" in self.objectives:
+            d = self.dino
+            global_views, local_views = views.multi_crop(decoded, self.size, d.local_size, d.num_local_crops,
+                                                         tuple(d.global_scale), tuple(d.local_scale), self.brightness,
+                                                         self.contrast, rng)
+            example["global_views"] = transforms.normalise(global_views, self.mean, self.std)
+            example["local_views"] = transforms.normalise(local_views, self.mean, self.std)
+        if "query_box" in self.objectives:
+            query, example["box"] = views.query_region(crop, self.query_box.size, tuple(self.query_box.scale), rng)
+            query = transforms.intensity_jitter(query, self.brightness, self.contrast, rng)
+            example["query"] = transforms.normalise(query, self.mean, self.std)
         if self.records.table is not None:
             row = self.records.target_rows[position]
             example["target"] = self.records.table.vectors[row].astype(np.float32)

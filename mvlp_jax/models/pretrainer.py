@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mvlp_jax.models.heads import Pool, ProjectionHead
+from mvlp_jax.models.heads import BoxHead, DINOHead, Pool, ProjectionHead
 from mvlp_jax.models.vit import MAE, ViT, variant
 from mvlp_jax.models.vitdet import SimMIM, ViTDet
 
@@ -49,6 +49,27 @@ class Pretrainer(nn.Module):
             f = self.config.mflag
             self.mflag_image_proj = ProjectionHead(f.embed_dim, "mlp", f.hidden_dim, norm="batch", out_norm=True)
             self.mflag_text_proj = ProjectionHead(f.embed_dim, "mlp", f.hidden_dim, norm="batch")
+
+        if "dino" in objectives:
+            d = self.config.dino
+            self.dino_head = DINOHead(d.out_dim, d.hidden_dim, d.bottleneck_dim)
+        if "query_box" in objectives:
+            self.box_head = BoxHead()
+
+    @property
+    def global_pooling(self) -> str:
+        """How DINO and the box head summarise an image: the CLS token, or the mean token without one."""
+        return "cls" if self.encoder.cls_token else "mean"
+
+    def dino_embed(self, images: jax.Array, train: bool = True) -> jax.Array:
+        """Image (any size the encoder takes) -> DINO head logits, float32 (B, dino.out_dim)."""
+        return self.dino_head(self.features(images, self.global_pooling, train)).astype(jnp.float32)
+
+    def locate(self, images: jax.Array, queries: jax.Array, train: bool = True) -> jax.Array:
+        """(image, augmented region of it) -> predicted normalised box (cx, cy, w, h) of the region."""
+        pooled = jnp.concatenate([self.features(images, self.global_pooling, train),
+                                  self.features(queries, self.global_pooling, train)], axis=-1)
+        return self.box_head(pooled).astype(jnp.float32)
 
     def masked(self, images: jax.Array, train: bool = True) -> dict[str, Any]:
         """MAE (ViT) or SimMIM (ViTDet) on a batch: dict with 'loss' and the reconstruction."""
@@ -93,3 +114,7 @@ class Pretrainer(nn.Module):
             self.embed_targets(targets)
         if self.target_dim and "mflag" in self.config.objectives:
             self.mflag_embed(images, targets, train=False)
+        if "dino" in self.config.objectives:
+            self.dino_embed(images, train=False)
+        if "query_box" in self.config.objectives:
+            self.locate(images, images, train=False)

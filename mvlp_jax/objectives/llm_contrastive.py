@@ -12,10 +12,11 @@ from mvlp_jax.objectives import contrastive_losses as losses
 
 
 def make(model: Pretrainer, config: ml_collections.ConfigDict
-         ) -> Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]:
+         ) -> Callable[[Any, dict, jax.Array, dict], tuple[jax.Array, dict]]:
     kind, eps = config.contrastive.loss, config.contrastive.margin
 
-    def objective(params: Any, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
+    def objective(params: Any, batch: dict, rng: jax.Array, context: dict) -> tuple[jax.Array, dict]:
+        del context  # train-state extras and step: unused here
         variables = {"params": params}
         rngs = {"dropout": jax.random.fold_in(rng, 0)}
         z_img = model.apply(variables, batch["image"], train=True, rngs=rngs, method=Pretrainer.embed_images)

@@ -29,10 +29,11 @@ def orthogonality(features: jax.Array, off_diagonal_weight: float) -> jax.Array:
 
 
 def make(model: Pretrainer, config: ml_collections.ConfigDict
-         ) -> Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]:
+         ) -> Callable[[Any, dict, jax.Array, dict], tuple[jax.Array, dict]]:
     f = config.mflag
 
-    def objective(params: Any, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
+    def objective(params: Any, batch: dict, rng: jax.Array, context: dict) -> tuple[jax.Array, dict]:
+        del context  # train-state extras and step: unused here
         features, z_img, z_txt = model.apply({"params": params}, batch["image"], batch["target"], train=True,
                                              rngs={"dropout": jax.random.fold_in(rng, 0)},
                                              method=Pretrainer.mflag_embed)

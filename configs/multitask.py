@@ -1,0 +1,30 @@
+"""The unsupervised toolkit for medical ViTs: MAE + DINO-style contrastive embedding + query-box
+localization on the windowed ViTDet, one task per minibatch in a cycle (no reports needed).
+
+  python -m mvlp_jax.main --config=configs/multitask.py[:demo|:sum] --workdir=DIR
+
+Variants: `demo` (the shipped sample on a CPU), `sum` (every step optimises the weighted sum instead of
+cycling). Same data, schedule and evaluation as configs/pretrain.py.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import pretrain  # noqa: E402  (configs are loaded by path, not as a package)
+
+
+def get_config(arg: str | None = None):
+    chosen = {a for a in (arg or "").split(",") if a}
+    if chosen - {"demo", "sum"}:
+        raise ValueError(f"unknown config variant(s) {sorted(chosen - {'demo', 'sum'})}; choose from ('demo', 'sum')")
+    c = pretrain.get_config("demo,vitdet" if "demo" in chosen else "vitdet")
+    c.objectives = {"mae": 1.0, "dino": 1.0, "query_box": 1.0}
+    c.task_schedule = "sum" if "sum" in chosen else "cyclic"
+    c.data.embeddings_dir = ""
+    if "demo" in chosen:
+        c.model.window_size = 4
+        c.dino.out_dim, c.dino.hidden_dim, c.dino.bottleneck_dim = 1024, 256, 64
+        c.dino.num_local_crops, c.dino.local_size = 2, 64
+        c.dino.teacher_temp_warmup_steps = 30
+        c.query_box.size = 64
+    return c

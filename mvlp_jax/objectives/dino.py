@@ -1,0 +1,91 @@
+"""DINO-style contrastive embedding: a student matches an EMA teacher across crops of the same image.
+
+The student sees 2 global + N local crops, the teacher the 2 global ones; the loss is the cross-entropy
+between the teacher's centred, sharpened softmax and the student's softmax over every (teacher crop,
+other student crop) pair. The teacher (encoder + DINO head) and the center live in the train state's
+`extra`, outside the optimizer: `update_extra` moves them after each step, and they are checkpointed.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from mvlp_jax.models.pretrainer import Pretrainer
+
+TEACHER = ("encoder", "dino_head")  # the params the teacher keeps its own (EMA) copy of
+
+
+def teacher_temperature(config: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
+    """Linear warmup from warmup_teacher_temp to teacher_temp, then constant."""
+    d = config.dino
+    if not d.teacher_temp_warmup_steps:
+        return jnp.asarray(d.teacher_temp, jnp.float32)
+    frac = jnp.clip(step / d.teacher_temp_warmup_steps, 0.0, 1.0)
+    return d.warmup_teacher_temp + frac * (d.teacher_temp - d.warmup_teacher_temp)
+
+
+def teacher_momentum(config: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
+    """Cosine from dino.momentum at step 0 to 1 at total_steps."""
+    m0 = config.dino.momentum
+    return 1.0 - (1.0 - m0) * (jnp.cos(math.pi * jnp.minimum(step, config.total_steps) / config.total_steps) + 1) / 2
+
+
+def loss(student: jax.Array, teacher: jax.Array, center: jax.Array, student_temp: float,
+         teacher_temp: jax.Array) -> jax.Array:
+    """student (V, B, K) logits of V crops (the first 2 global), teacher (2, B, K) logits of the global crops."""
+    targets = jax.lax.stop_gradient(jax.nn.softmax((teacher - center) / teacher_temp, axis=-1))
+    log_probs = jax.nn.log_softmax(student / student_temp, axis=-1)
+    total, pairs = 0.0, 0
+    for t in range(teacher.shape[0]):
+        for v in range(student.shape[0]):
+            if v != t:  # the same crop is not its own target
+                total = total + jnp.mean(-jnp.sum(targets[t] * log_probs[v], axis=-1))
+                pairs += 1
+    return total / pairs
+
+
+def init_extra(params: Any, config: ml_collections.ConfigDict) -> dict:
+    """The teacher starts as a copy of the student; the center at zero."""
+    return {"teacher": {k: params[k] for k in TEACHER}, "center": jnp.zeros((config.dino.out_dim,), jnp.float32)}
+
+
+def update_extra(extra: dict, params: Any, batch_center: jax.Array, active: jax.Array, step: jax.Array,
+                 config: ml_collections.ConfigDict) -> dict:
+    """EMA of the student into the teacher; EMA of the teacher's batch mean into the center (only on steps
+    where the DINO objective ran: `active` is 0 on the other steps of a cyclic schedule)."""
+    m = teacher_momentum(config, step)
+    teacher = jax.tree.map(lambda t, s: m * t + (1 - m) * s, extra["teacher"], {k: params[k] for k in TEACHER})
+    c = config.dino.center_momentum
+    center = jnp.where(active > 0, c * extra["center"] + (1 - c) * batch_center, extra["center"])
+    return {"teacher": teacher, "center": center}
+
+
+def make(model: Pretrainer, config: ml_collections.ConfigDict) -> Callable:
+    d = config.dino
+
+    def objective(params: Any, batch: dict, rng: jax.Array, context: dict) -> tuple[jax.Array, dict]:
+        extra, step = context["extra"], context["step"]
+        global_views, local_views = batch["global_views"], batch["local_views"]
+        b = global_views.shape[0]
+        flat = lambda x: x.reshape(-1, *x.shape[2:])  # (B, V, ...) -> (B * V, ...), crop-major below
+        by_crop = lambda logits, v: logits.reshape(b, v, -1).swapaxes(0, 1)
+        apply = lambda p, x, r: model.apply({"params": p}, x, train=True, rngs={"dropout": r},
+                                            method=Pretrainer.dino_embed)
+        student = [by_crop(apply(params, flat(global_views), jax.random.fold_in(rng, 0)), 2)]
+        if local_views.shape[1]:
+            student.append(by_crop(apply(params, flat(local_views), jax.random.fold_in(rng, 1)),
+                                   local_views.shape[1]))
+        teacher_params = {**params, **jax.lax.stop_gradient(extra["teacher"])}
+        teacher = by_crop(model.apply({"params": teacher_params}, flat(global_views), train=False,
+                                      method=Pretrainer.dino_embed), 2)
+        teacher = jax.lax.stop_gradient(teacher)
+        value = loss(jnp.concatenate(student, axis=0), teacher, extra["center"], d.student_temp,
+                     teacher_temperature(config, step))
+        return value, {"loss": value, "teacher_temp": teacher_temperature(config, step),
+                       "teacher_center": teacher.mean(axis=(0, 1)), "active": jnp.ones((), jnp.float32)}
+
+    return objective
