@@ -22,9 +22,9 @@ def get_config(arg: str | None = None):
     c.task_schedule = "sum" if "sum" in chosen else "cyclic"
     c.data.embeddings_dir = ""
     if "demo" in chosen:
-        c.model.window_size = 4
+        c.model.window_size = 3  # 96 px / 16 = 6 x 6 patches: 4 windows, no padding
         c.dino.out_dim, c.dino.hidden_dim, c.dino.bottleneck_dim = 1024, 256, 64
-        c.dino.num_local_crops, c.dino.local_size = 2, 64
+        c.dino.num_local_crops, c.dino.local_size = 2, 48
         c.dino.teacher_temp_warmup_steps = 30
-        c.query_box.size = 64
+        c.query_box.size = 48
     return c

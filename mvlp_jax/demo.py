@@ -1,10 +1,11 @@
 """`make demo`: the pipeline on the shipped real sample, stage by stage, reusing finished stages.
 
-Stages so far: build the COVID image+notes set and the NIH 14-label set from data_prep/sample; embed
-the COVID notes with the embedded SmolLM2; pretrain LLM contrastive + MAE and MAE alone on them
-(configs/pretrain.py:demo, configs/mae.py:demo); linear-probe both and an untrained encoder on the NIH
-sample's 14 labels (runs/demo/eval/results.md). Each stage is skipped (and says so) when its
-output is already complete; an interrupted training stage resumes from its last checkpoint.
+Stages: build the COVID image+notes set and the NIH 14-label set from data_prep/sample; embed the
+COVID notes with the embedded SmolLM2; pretrain the four recipes on them with the same encoder size,
+steps and seed (configs/{pretrain,mae,mflag,multitask}.py:demo: LLM contrastive + MAE, MAE alone,
+M-FLAG, and MAE + DINO + query box in a cycle on ViTDet); linear-probe all four and an untrained encoder
+on the NIH sample's 14 labels (runs/demo/eval/results.md). Each stage is skipped (and says so) when
+its output is already complete; an interrupted training stage resumes from its last checkpoint.
 """
 from __future__ import annotations
 
@@ -65,6 +66,9 @@ def load_config(name: str, arg: str):
     return module.get_config(arg)
 
 
+RECIPES = ("mae", "pretrain", "mflag", "multitask")  # the first is the baseline the others are compared with
+
+
 def pretrain(config_name: str) -> None:
     """Trains configs/{config_name}.py:demo into runs/demo/{config_name} (resuming if interrupted)."""
     from mvlp_jax import train
@@ -88,7 +92,7 @@ def evaluate_probes() -> None:
         return
     config = load_config("linear_probe", "nih_sample")
     config.data_dir = DATA_DIR
-    config.workdirs = ",".join([os.path.join(RUNS, "mae"), os.path.join(RUNS, "pretrain"), "random_init"])
+    config.workdirs = ",".join([os.path.join(RUNS, name) for name in RECIPES] + ["random_init"])
     print(f"[demo] linear probes on the NIH sample -> {out}")
     evaluate.evaluate(config, out)
 
@@ -98,8 +102,8 @@ def main() -> None:
     os.makedirs(RUNS, exist_ok=True)
     build_datasets()
     embed_reports()
-    pretrain("pretrain")
-    pretrain("mae")
+    for name in RECIPES:
+        pretrain(name)
     evaluate_probes()
     print(f"[demo] done in {time.perf_counter() - start:.0f}s; outputs under {RUNS}")
 
