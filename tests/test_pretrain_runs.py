@@ -69,19 +69,22 @@ def config_file(pretrain_data, tmp_path_factory):
 ONE_DEVICE = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device: compiles faster
 
 
-def test_resume_after_sigkill_is_bitwise_exact(config_file, tmp_path):
+def test_resume_after_sigkill_mid_cycle_is_bitwise_exact(config_file, tmp_path):
+    cyclic = "--config.task_schedule=cyclic"  # odd steps train MAE, even steps the LLM contrastive loss
     straight = str(tmp_path / "straight")
-    _finish(_main(config_file, straight, env=ONE_DEVICE))
+    _finish(_main(config_file, straight, cyclic, env=ONE_DEVICE))
     interrupted = str(tmp_path / "interrupted")
-    kill_at = random.Random().randint(6, 30)
-    proc = _main(config_file, interrupted, env=ONE_DEVICE)
-    _wait_for_step(interrupted, kill_at, proc)
-    proc.send_signal(signal.SIGKILL)
+    odd_checkpoint = random.Random().choice([15, 25])  # resuming there restarts in the middle of a cycle
+    proc = _main(config_file, interrupted, cyclic, env=ONE_DEVICE)
+    deadline = time.time() + 300
+    while not os.path.isdir(os.path.join(interrupted, "checkpoints", str(odd_checkpoint))):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its checkpoint"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)  # as soon as the odd checkpoint is complete, before the next one
     proc.wait()
-    killed_at = max(_losses(interrupted))
-    assert killed_at < 40, "the run finished before it could be killed"
-    out = _finish(_main(config_file, interrupted, env=ONE_DEVICE))
-    assert "resumed from" in out
+    assert max(_losses(interrupted)) < 40, "the run finished before it could be killed"
+    out = _finish(_main(config_file, interrupted, cyclic, env=ONE_DEVICE))
+    assert f"resumed from {interrupted}/checkpoints/{odd_checkpoint}" in out, out[-2000:]
     ref, ref_data, ref_step = _params(straight)
     got, got_data, got_step = _params(interrupted)
     assert ref_step == got_step == 40 and ref_data == got_data == {"next_step": 40, "seed": 0}
