@@ -37,14 +37,35 @@ positive_int() {
   [[ $2 =~ ^[1-9][0-9]*$ ]] || die "--$1 must be a positive integer, got '$2'"
 }
 
-# value_of ARG: the value of --key=value, or of '--key value' (then SHIFT_BY=2).
-value_of() {
-  if [[ $1 == *=* ]]; then
-    VALUE=${1#*=}
-    SHIFT_BY=1
-  else
-    [[ $# -ge 2 ]] || die "$1 needs a value"
-    VALUE=$2
-    SHIFT_BY=2
-  fi
+# parse_args "$@": sets the variables named by VALUE_FLAGS (flag -> variable, '--flag=v' or '--flag v') and
+# SWITCH_FLAGS (flag -> variable set to 1); --dry_run, --help, and EXTRA=(everything after --) for all.
+parse_args() {
+  local flag value
+  EXTRA=()
+  while [[ $# -gt 0 ]]; do
+    flag=${1#--}
+    flag=${flag%%=*}
+    case $1 in
+      --dry_run) DRY_RUN=1 ;;
+      -h|--help) usage; exit 0 ;;
+      --) shift; EXTRA=("$@"); return ;;
+      --*)
+        if [[ -n ${SWITCH_FLAGS[$flag]:-} && $1 != *=* ]]; then
+          printf -v "${SWITCH_FLAGS[$flag]}" 1
+        elif [[ -n ${VALUE_FLAGS[$flag]:-} ]]; then
+          if [[ $1 == *=* ]]; then
+            value=${1#*=}
+          else
+            [[ $# -ge 2 ]] || die "$1 needs a value"
+            value=$2
+            shift
+          fi
+          printf -v "${VALUE_FLAGS[$flag]}" '%s' "$value"
+        else
+          die "unknown argument '$1'"
+        fi ;;
+      *) die "unknown argument '$1'" ;;
+    esac
+    shift
+  done
 }

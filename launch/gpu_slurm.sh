@@ -27,27 +27,9 @@ USAGE
 NODES="" GPUS="" PER="gpu" CONFIG="" WORKDIR="" PARTITION="" ACCOUNT="" TIME="24:00:00" CPUS=8 JOB="mvlp_jax"
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV="$ROOT/.venv" SCRIPT="" EXTRA=()
-while [[ $# -gt 0 ]]; do
-  case $1 in
-    --nodes|--nodes=*) value_of "$@"; NODES=$VALUE ;;
-    --gpus_per_node|--gpus_per_node=*) value_of "$@"; GPUS=$VALUE ;;
-    --per|--per=*) value_of "$@"; PER=$VALUE ;;
-    --config|--config=*) value_of "$@"; CONFIG=$VALUE ;;
-    --workdir|--workdir=*) value_of "$@"; WORKDIR=$VALUE ;;
-    --partition|--partition=*) value_of "$@"; PARTITION=$VALUE ;;
-    --account|--account=*) value_of "$@"; ACCOUNT=$VALUE ;;
-    --time|--time=*) value_of "$@"; TIME=$VALUE ;;
-    --cpus_per_gpu|--cpus_per_gpu=*) value_of "$@"; CPUS=$VALUE ;;
-    --job_name|--job_name=*) value_of "$@"; JOB=$VALUE ;;
-    --venv|--venv=*) value_of "$@"; VENV=$VALUE ;;
-    --script|--script=*) value_of "$@"; SCRIPT=$VALUE ;;
-    --dry_run) DRY_RUN=1; SHIFT_BY=1 ;;
-    -h|--help) usage; exit 0 ;;
-    --) shift; EXTRA=("$@"); break ;;
-    *) die "unknown argument '$1'" ;;
-  esac
-  shift "$SHIFT_BY"
-done
+declare -A VALUE_FLAGS=([nodes]=NODES [gpus_per_node]=GPUS [per]=PER [config]=CONFIG [workdir]=WORKDIR [partition]=PARTITION [account]=ACCOUNT [time]=TIME [cpus_per_gpu]=CPUS [job_name]=JOB [venv]=VENV [script]=SCRIPT)
+declare -A SWITCH_FLAGS=()
+parse_args "$@"
 need nodes "$NODES"
 need gpus_per_node "$GPUS"
 need config "$CONFIG"

@@ -25,34 +25,21 @@ USAGE
 }
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-WORKERS="" MODE="" HOSTS="" GPUS="" PARTITION="" ACCOUNT="" TIME="12:00:00" REMOTE_DIR="$ROOT"
+WORKERS="" USE_SLURM=0 USE_LOCAL=0 HOSTS="" GPUS="" PARTITION="" ACCOUNT="" TIME="12:00:00" REMOTE_DIR="$ROOT"
 PYTHON="$ROOT/.venv/bin/python" JOB_FLAGS=()
-set_mode() {
-  [[ -z $MODE ]] || die "choose one of --slurm, --hosts, --local"
-  MODE=$1
-}
-while [[ $# -gt 0 ]]; do
-  case $1 in
-    --num_workers|--num_workers=*) value_of "$@"; WORKERS=$VALUE ;;
-    --slurm) set_mode slurm; SHIFT_BY=1 ;;
-    --local) set_mode local; SHIFT_BY=1 ;;
-    --hosts|--hosts=*) value_of "$@"; HOSTS=$VALUE; set_mode hosts ;;
-    --gpus|--gpus=*) value_of "$@"; GPUS=$VALUE ;;
-    --partition|--partition=*) value_of "$@"; PARTITION=$VALUE ;;
-    --account|--account=*) value_of "$@"; ACCOUNT=$VALUE ;;
-    --time|--time=*) value_of "$@"; TIME=$VALUE ;;
-    --remote_dir|--remote_dir=*) value_of "$@"; REMOTE_DIR=$VALUE ;;
-    --python|--python=*) value_of "$@"; PYTHON=$VALUE ;;
-    --dry_run) DRY_RUN=1; SHIFT_BY=1 ;;
-    -h|--help) usage; exit 0 ;;
-    --) shift; JOB_FLAGS=("$@"); break ;;
-    *) die "unknown argument '$1'" ;;
-  esac
-  shift "$SHIFT_BY"
-done
+declare -A VALUE_FLAGS=([num_workers]=WORKERS [hosts]=HOSTS [gpus]=GPUS [partition]=PARTITION [account]=ACCOUNT [time]=TIME [remote_dir]=REMOTE_DIR [python]=PYTHON)
+declare -A SWITCH_FLAGS=([slurm]=USE_SLURM [local]=USE_LOCAL)
+parse_args "$@"
+JOB_FLAGS=("${EXTRA[@]}")
 need num_workers "$WORKERS"
 positive_int num_workers "$WORKERS"
-[[ -n $MODE ]] || die "choose where the workers run: --slurm, --hosts=... or --local"
+MODES=()
+[[ $USE_SLURM == 1 ]] && MODES+=(slurm)
+[[ -n $HOSTS ]] && MODES+=(hosts)
+[[ $USE_LOCAL == 1 ]] && MODES+=(local)
+[[ ${#MODES[@]} -gt 0 ]] || die "choose where the workers run: --slurm, --hosts=... or --local"
+[[ ${#MODES[@]} -eq 1 ]] || die "choose one of --slurm, --hosts, --local"
+MODE=${MODES[0]}
 printf '%s\n' "${JOB_FLAGS[@]}" | grep -q -- '^--output_dir=.' || die "the job flags after -- need --output_dir=DIR"
 for flag in "${JOB_FLAGS[@]}"; do
   case $flag in --num_workers*|--worker_index*|--verify*) die "$flag is set by this script" ;; esac

@@ -28,28 +28,9 @@ USAGE
 
 NAME="" ZONE="" TYPE="v4-32" VERSION="tpu-ubuntu2204-base" PROJECT="" SPOT=0 QUEUED=0 CONFIG="" WORKDIR=""
 REPO_URL="" JAX_VERSION="0.10.2" DELETE=0 DELETE_ONLY=0 EXTRA=()
-while [[ $# -gt 0 ]]; do
-  case $1 in
-    --name|--name=*) value_of "$@"; NAME=$VALUE ;;
-    --zone|--zone=*) value_of "$@"; ZONE=$VALUE ;;
-    --accelerator_type|--accelerator_type=*) value_of "$@"; TYPE=$VALUE ;;
-    --version|--version=*) value_of "$@"; VERSION=$VALUE ;;
-    --project|--project=*) value_of "$@"; PROJECT=$VALUE ;;
-    --config|--config=*) value_of "$@"; CONFIG=$VALUE ;;
-    --workdir|--workdir=*) value_of "$@"; WORKDIR=$VALUE ;;
-    --repo|--repo=*) value_of "$@"; REPO_URL=$VALUE ;;
-    --jax_version|--jax_version=*) value_of "$@"; JAX_VERSION=$VALUE ;;
-    --spot) SPOT=1; SHIFT_BY=1 ;;
-    --queued) QUEUED=1; SHIFT_BY=1 ;;
-    --delete) DELETE=1; SHIFT_BY=1 ;;
-    --delete_only) DELETE_ONLY=1; SHIFT_BY=1 ;;
-    --dry_run) DRY_RUN=1; SHIFT_BY=1 ;;
-    -h|--help) usage; exit 0 ;;
-    --) shift; EXTRA=("$@"); break ;;
-    *) die "unknown argument '$1'" ;;
-  esac
-  shift "$SHIFT_BY"
-done
+declare -A VALUE_FLAGS=([name]=NAME [zone]=ZONE [accelerator_type]=TYPE [version]=VERSION [project]=PROJECT [config]=CONFIG [workdir]=WORKDIR [repo]=REPO_URL [jax_version]=JAX_VERSION)
+declare -A SWITCH_FLAGS=([spot]=SPOT [queued]=QUEUED [delete]=DELETE [delete_only]=DELETE_ONLY)
+parse_args "$@"
 need name "$NAME"
 need zone "$ZONE"
 [[ $TYPE =~ ^v[0-9]+[a-z]*(pod)?-[0-9]+$ ]] || die "--accelerator_type '$TYPE' is not like v4-32 or v5litepod-64"
