@@ -88,7 +88,9 @@ def evaluate_probes() -> None:
 
     out = os.path.join(RUNS, "eval")
     if os.path.exists(os.path.join(out, "results.md")):
-        print(f"[demo] evaluation: already done, reusing {out}/results.md")
+        print(f"[demo] evaluation: already done, reusing {out}/results.md\n")
+        with open(os.path.join(out, "results.md")) as f:
+            print(f.read())
         return
     config = load_config("linear_probe", "nih_sample")
     config.data_dir = DATA_DIR

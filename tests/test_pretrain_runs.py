@@ -134,7 +134,7 @@ def _srun(config_file: str, workdir: str, steps: list[str], tasks: int = 2) -> l
 
 
 def test_slurm_tasks_train_like_one_process_and_resume_after_a_kill(config_file, tmp_path):
-    steps = ["--config.total_steps=12", "--config.mesh.data=-1"]
+    steps = ["--config.total_steps=12", "--config.mesh.data=-1", "--config.model.image_size=32"]
     single = str(tmp_path / "single")
     _finish(_main(config_file, single, *steps, env=ONE_DEVICE))
     multi = str(tmp_path / "multi")

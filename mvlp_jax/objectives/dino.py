@@ -83,9 +83,13 @@ def make(model: Pretrainer, config: ml_collections.ConfigDict) -> Callable:
         teacher = by_crop(model.apply({"params": teacher_params}, flat(global_views), train=False,
                                       method=Pretrainer.dino_embed), 2)
         teacher = jax.lax.stop_gradient(teacher)
-        value = loss(jnp.concatenate(student, axis=0), teacher, extra["center"], d.student_temp,
-                     teacher_temperature(config, step))
-        return value, {"loss": value, "teacher_temp": teacher_temperature(config, step),
+        temperature = teacher_temperature(config, step)
+        value = loss(jnp.concatenate(student, axis=0), teacher, extra["center"], d.student_temp, temperature)
+        targets = jax.nn.softmax((teacher - extra["center"]) / temperature, axis=-1)
+        entropy = jnp.mean(-jnp.sum(targets * jnp.log(targets + 1e-12), axis=-1))
+        # every teacher crop is the target of the same number of pairs, so loss = entropy + mean KL: the KL is
+        # what the student learns to close, the entropy what centering (up) and sharpening (down) set
+        return value, {"loss": value, "kl": value - entropy, "teacher_entropy": entropy, "teacher_temp": temperature,
                        "teacher_center": teacher.mean(axis=(0, 1)), "active": jnp.ones((), jnp.float32)}
 
     return objective
