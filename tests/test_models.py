@@ -143,10 +143,13 @@ def test_heads_shapes_and_properties():
         assert pool.apply(pool.init(jax.random.key(0), tokens), tokens).shape == (3, 32)
     with pytest.raises(ValueError, match="CLS"):
         heads.Pool("cls", has_cls=False).init(jax.random.key(0), tokens)
-    for proj in (heads.ProjectionHead(8), heads.ProjectionHead(8, "mlp", 16, norm="batch")):
-        variables = proj.init(jax.random.key(0), tokens[:, 0])
-        out = proj.apply(variables, tokens[:, 0], train=True, mutable=["batch_stats"])[0]
-        assert out.shape == (3, 8)
+    for proj in (heads.ProjectionHead(8), heads.ProjectionHead(8, "mlp", 16, norm="batch"),
+                 heads.ProjectionHead(8, "mlp", 16, norm="batch", out_norm=True)):
+        out = proj.apply(proj.init(jax.random.key(0), tokens[:, 0]), tokens[:, 0])
+        assert out.shape == (3, 8) and "batch_stats" not in proj.init(jax.random.key(0), tokens[:, 0])
+        if proj.out_norm:  # affine-free batch norm at the output: zero mean, unit variance over the batch
+            np.testing.assert_allclose(out.mean(0), 0, atol=1e-5)
+            np.testing.assert_allclose(out.var(0), 1, rtol=1e-3)
     dino = heads.DINOHead(out_dim=64, hidden_dim=32, bottleneck_dim=16)
     params = dino.init(jax.random.key(0), tokens[:, 0])
     logits = dino.apply(params, tokens[:, 0])
