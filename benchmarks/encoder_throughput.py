@@ -1,27 +1,30 @@
 """MAE training-step throughput: this Flax MAE vs transformers' PyTorch ViTMAEForPreTraining.
 
-  python -m benchmarks.encoder_throughput [--variants=S/16,B/16] [--batch=16] [--steps=3]
+  python -m benchmarks.encoder_throughput [--variants=S/16,B/16] [--batch=16] [--steps=3] [--rounds=2]
 
 Same configuration for both (grayscale 224, mask 0.75, decoder 512 x 8 x 16, AdamW, batch 16): one step
-= forward + backward + AdamW update. Also reports model FLOPs utilisation: the step's FLOPs (XLA cost
-analysis) per second over the FLOP/s of a large float32 matmul measured in the same run. The last line
-is the JAX / PyTorch images/s ratio of the last variant.
+= forward + backward + AdamW update. Each framework runs in its own process (a process that has loaded
+torch runs JAX ~15% slower here: their thread pools compete), and the two alternate for `rounds` rounds
+so that a noisy neighbour on a shared machine slows both; the figure is the ratio of median step times.
+Also reports model FLOPs utilisation: the step's FLOPs (XLA cost analysis) per second over the FLOP/s of
+a large float32 matmul measured in the JAX process. The last line is the JAX / PyTorch ratio of the last
+variant.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-import torch
-
-from mvlp_jax.models.vit import MAE, ViT, variant
 
 
 def matmul_flops_per_s(n: int = 4096, repeats: int = 5) -> float:
+    import jax
+    import jax.numpy as jnp
+
     a = jnp.ones((n, n), jnp.float32)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
@@ -31,7 +34,13 @@ def matmul_flops_per_s(n: int = 4096, repeats: int = 5) -> float:
     return 2 * n ** 3 * repeats / (time.perf_counter() - start)
 
 
-def jax_step_rate(name: str, batch: int, steps: int) -> tuple[float, float]:
+def jax_step_times(name: str, batch: int, steps: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from mvlp_jax.models.vit import MAE, ViT, variant
+
     model = MAE(ViT(**variant(name)))
     images = jnp.asarray(np.random.default_rng(0).normal(size=(batch, 224, 224, 1)), jnp.float32)
     params = jax.jit(lambda: model.init({"params": jax.random.key(0), "masking": jax.random.key(1)}, images)["params"])()
@@ -48,21 +57,26 @@ def jax_step_rate(name: str, batch: int, steps: int) -> tuple[float, float]:
     flops = float((cost[0] if isinstance(cost, list) else cost).get("flops", 0.0))
     params, opt_state, loss = compiled(params, opt_state, jax.random.key(0))
     loss.block_until_ready()
-    start = time.perf_counter()
+    times = []
     for i in range(steps):
+        start = time.perf_counter()
         params, opt_state, loss = compiled(params, opt_state, jax.random.key(i + 1))
-    loss.block_until_ready()
-    elapsed = time.perf_counter() - start
-    return batch * steps / elapsed, flops * steps / elapsed
+        loss.block_until_ready()
+        times.append(time.perf_counter() - start)
+    return {"times": times, "flops": flops, "peak": matmul_flops_per_s()}
 
 
-def torch_step_rate(name: str, batch: int, steps: int) -> float:
+def torch_step_times(name: str, batch: int, steps: int) -> dict:
+    import torch
     from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+    from mvlp_jax.models.vit import variant
 
     v = variant(name)
     cfg = ViTMAEConfig(hidden_size=v["width"], num_hidden_layers=v["depth"], num_attention_heads=v["num_heads"],
                        intermediate_size=v["mlp_dim"], patch_size=v["patch_size"], image_size=224, num_channels=1,
                        mask_ratio=0.75)
+    torch.manual_seed(0)
     model = ViTMAEForPreTraining(cfg).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1.5e-4, weight_decay=0.05)
     images = torch.randn(batch, 1, 224, 224)
@@ -73,10 +87,20 @@ def torch_step_rate(name: str, batch: int, steps: int) -> float:
         opt.step()
 
     step()
-    start = time.perf_counter()
+    times = []
     for _ in range(steps):
+        start = time.perf_counter()
         step()
-    return batch * steps / (time.perf_counter() - start)
+        times.append(time.perf_counter() - start)
+    return {"times": times}
+
+
+def run_worker(framework: str, name: str, batch: int, steps: int) -> dict:
+    """One framework's measurement in a fresh process (its result is the last line, as JSON)."""
+    out = subprocess.run([sys.executable, "-m", "benchmarks.encoder_throughput", f"--worker={framework}",
+                          f"--variants={name}", f"--batch={batch}", f"--steps={steps}"],
+                         check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -84,18 +108,28 @@ def main() -> None:
     parser.add_argument("--variants", default="S/16,B/16")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
-    peak = matmul_flops_per_s()
-    print(f"large fp32 matmul: {peak / 1e9:.0f} GFLOP/s (the utilisation reference)")
+    if args.worker:
+        measure = jax_step_times if args.worker == "jax" else torch_step_times
+        print(json.dumps(measure(args.variants, args.batch, args.steps)))
+        return
     ratio = 0.0
     for name in args.variants.split(","):
-        jax_rate, jax_flops = jax_step_rate(name, args.batch, args.steps)
-        torch_rate = torch_step_rate(name, args.batch, args.steps)
-        ratio = jax_rate / torch_rate
-        print(f"MAE {name} @224 gray, batch {args.batch}: JAX {jax_rate:.2f} img/s "
-              f"(MFU {jax_flops / peak:.0%} of matmul peak, {jax_flops / 1e9:.0f} GFLOP/s), "
-              f"PyTorch {torch_rate:.2f} img/s, ratio {ratio:.2f}x")
+        jax_times, torch_times, flops, peaks = [], [], 0.0, []
+        for _ in range(args.rounds):
+            result = run_worker("jax", name, args.batch, args.steps)
+            jax_times += result["times"]
+            flops = result["flops"]
+            peaks.append(result["peak"])
+            torch_times += run_worker("torch", name, args.batch, args.steps)["times"]
+        jax_step, torch_step, peak = np.median(jax_times), np.median(torch_times), np.median(peaks)
+        ratio = torch_step / jax_step
+        print(f"MAE {name} @224 gray, batch {args.batch}, median of {len(jax_times)} steps each: "
+              f"JAX {args.batch / jax_step:.2f} img/s (MFU {flops / jax_step / peak:.0%} of a "
+              f"{peak / 1e9:.0f} GFLOP/s fp32 matmul), PyTorch {args.batch / torch_step:.2f} img/s, "
+              f"ratio {ratio:.2f}x", flush=True)
     print(f"encoder_throughput: JAX/PyTorch MAE train-step images/s ratio ({name}): {ratio:.2f}x")
 
 

@@ -42,6 +42,45 @@ def step_flops(compiled) -> float:
         return 0.0
 
 
+LAST_VALUE = ("skipped_nonfinite", "nonfinite_run", "learning_rate")  # counters and schedules: not averaged
+
+
+@jax.jit
+def _add(total: dict, metrics: dict) -> dict:
+    return jax.tree.map(lambda a, b: a + b.astype(a.dtype), total, metrics)
+
+
+class IntervalMeans:
+    """Sums a step's metrics on the device (no host sync) and averages them over the logging interval.
+
+    An objective's metrics ('name/x') are averaged over the steps where it ran ('name/active' = 1): in a
+    cyclic schedule each objective reports the mean of its own steps, not a mean diluted by idle zeros.
+    """
+
+    def __init__(self) -> None:
+        self.total: dict | None = None
+        self.steps = 0
+
+    def add(self, metrics: dict) -> None:
+        metrics = {k: v.astype(np.float32) for k, v in metrics.items()}
+        self.total = metrics if self.total is None else _add(self.total, metrics)
+        self.last = metrics
+        self.steps += 1
+
+    def means(self) -> dict[str, float]:
+        total, last = jax.device_get((self.total, self.last))
+        out = {}
+        for key, value in total.items():
+            if key in LAST_VALUE:
+                out[key] = float(last[key])
+                continue
+            count = float(total.get(key.split("/")[0] + "/active", self.steps)) if "/" in key else self.steps
+            if not key.endswith("/active") and count > 0:
+                out[key] = float(value) / count
+        self.total, self.steps = None, 0
+        return out
+
+
 class Reporter:
     """Accumulates step timings; every `log_every` steps writes scalars and prints one progress line."""
 
@@ -61,11 +100,12 @@ class Reporter:
         self.writer.write_hparams({k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                    for k, v in flat_config.items()})
 
-    def report(self, step: int, metrics: dict) -> None:
+    def report(self, step: int, metrics: dict[str, float]) -> None:
+        """metrics: the interval's means (IntervalMeans.means())."""
         now = time.perf_counter()
         steps = max(step - self.last_step, 1)
         step_time = (now - self.last_time) / steps
-        scalars = {k: float(np.asarray(v)) for k, v in metrics.items()}
+        scalars = dict(metrics)
         scalars.update({"images_per_s": self.batch / step_time, "step_time_s": step_time})
         if self.flops and self.peak:
             scalars["mfu"] = self.flops / step_time / self.peak

@@ -84,6 +84,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Outcome:
         reporter.write_hparams(configuration.flatten(config))
     preemption = Preemption()
     step, pending, stopped = start, None, False
+    interval = observe.IntervalMeans()
     try:
         while step < config.total_steps:
             state, metrics = compiled(state, sharding.global_batch(next(data), mesh))
@@ -91,8 +92,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Outcome:
             if pending is not None:  # last step's counter: checked one step late to keep dispatch async
                 _check_finite(pending, config, workdir)
             pending = (step, metrics["nonfinite_run"])  # metrics are not donated; the state is
+            interval.add(metrics)
             if step % config.log_every_steps == 0 or step == config.total_steps:
-                reporter.report(step, jax.device_get(metrics))
+                reporter.report(step, interval.means())
             if preemption.agreed() or mngr.reached_preemption(step):
                 checkpointing.save(mngr, step, state, data.get_state(), force=True)
                 stopped = step < config.total_steps

@@ -126,7 +126,7 @@ def make_train_step(model: Pretrainer, tx: optax.GradientTransformation, config:
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         extra = state.extra
         if "dino" in config.objectives:  # after the student's update, as DINO does
-            extra = dino.update_extra(extra, params, metrics.pop("dino/teacher_center"), metrics.pop("dino/active"),
+            extra = dino.update_extra(extra, params, metrics.pop("dino/teacher_center"), metrics["dino/active"],
                                       state.step, config)
         state = TrainState(step=state.step + 1, params=keep(params, state.params),
                            opt_state=keep(opt_state, state.opt_state), rng=state.rng,

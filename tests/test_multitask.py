@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mvlp_jax import configuration, optim, sharding
+from mvlp_jax import configuration, observe, optim, sharding
 from mvlp_jax import train_step as ts
 from mvlp_jax.data import transforms, views
 from mvlp_jax.models.pretrainer import Pretrainer
@@ -72,20 +72,26 @@ def test_teacher_is_an_ema_of_the_student_with_no_gradient_and_the_center_moves(
     state, state_sh = ts.create_state(model, tx, config, mesh)
     batch = _batch(config)
     loss_fn = combine.make(model, config)
-    grads = jax.grad(lambda extra: loss_fn(state.params, batch, jax.random.PRNGKey(0), 0, extra)[0])(state.extra)
+    with_teacher = lambda t: {**state.extra, "teacher": t[0], "center": t[1]}
+    grads = jax.grad(lambda t: loss_fn(state.params, batch, jax.random.PRNGKey(0), 0, with_teacher(t))[0])(
+        (state.extra["teacher"], state.extra["center"]))
     assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grads))  # nothing flows into the teacher
-    flat = batch["global_views"].reshape(-1, *batch["global_views"].shape[2:])
-    teacher0 = model.apply({"params": state.params}, flat, train=False, method=Pretrainer.dino_embed)
     shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
     step = ts.compile_train_step(ts.make_train_step(model, tx, config), state, state_sh, mesh, shapes)
-    expected = jax.device_get(state.extra["teacher"])
+    expected, center = jax.device_get(state.extra["teacher"]), None
     for k in range(3):
+        views = _batch(config, k)["global_views"]
+        teacher_out = model.apply({"params": {**state.params, **state.extra["teacher"]}},
+                                  views.reshape(-1, *views.shape[2:]), train=False, method=Pretrainer.dino_embed)
+        # the first step's batch mean becomes the center, later ones move it with momentum 0.8
+        mean = np.asarray(teacher_out).mean(0)
+        center = mean if center is None else 0.8 * center + 0.2 * mean
         state, _ = step(state, sharding.global_batch(_batch(config, k), mesh))
+        np.testing.assert_allclose(state.extra["center"], center, rtol=1e-4, atol=1e-6)
         m = float(dino.teacher_momentum(config, k))
         student = jax.device_get({n: state.params[n] for n in dino.TEACHER})
         expected = jax.tree.map(lambda t, s: m * t + (1 - m) * s, expected, student)
-        if k == 0:  # step 0 saw the teacher's outputs on batch 0: the center is (1 - 0.8) x their mean
-            np.testing.assert_allclose(state.extra["center"], 0.2 * np.asarray(teacher0).mean(0), rtol=1e-4, atol=1e-6)
+    assert int(state.extra["center_steps"]) == 3
     for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(state.extra["teacher"]), jax.tree.leaves(expected)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
     moved = jax.tree.map(lambda t, s: float(np.abs(np.asarray(t) - np.asarray(s)).max()), state.extra["teacher"],
@@ -127,13 +133,17 @@ def test_multitask_on_a_mesh_equals_one_device(schedule):
         state, state_sh = ts.create_state(model, tx, config, m)
         shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batches[0].items()}
         step = ts.compile_train_step(ts.make_train_step(model, tx, config), state, state_sh, m, shapes)
-        losses = []
+        losses, interval = [], observe.IntervalMeans()
         for b in batches:
             state, metrics = step(state, sharding.global_batch(b, m))
+            interval.add(metrics)
             losses.append({k: float(v) for k, v in metrics.items() if k.endswith("loss")})
-        runs.append((losses, jax.device_get(state.extra["center"])))
-    (ref, ref_center), (got, got_center) = runs
-    if schedule == "cyclic":  # one task per step, in name order
+        runs.append((losses, jax.device_get(state.extra["center"]), interval.means()))
+    (ref, ref_center, ref_means), (got, got_center, _) = runs
+    if schedule == "cyclic":  # one task per step, in name order; each logged mean over its own steps only
+        for name in ("dino", "mae", "query_box"):
+            np.testing.assert_allclose(ref_means[f"{name}/loss"], sum(s[f"{name}/loss"] for s in ref), rtol=1e-6)
+        np.testing.assert_allclose(ref_means["loss"], np.mean([s["loss"] for s in ref]), rtol=1e-6)
         assert [[k for k, v in step.items() if v and k != "loss"] for step in ref] == \
             [["dino/loss"], ["mae/loss"], ["query_box/loss"]]
     for r, g in zip(ref, got):

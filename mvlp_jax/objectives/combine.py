@@ -30,6 +30,7 @@ def make(model: Pretrainer, config: ml_collections.ConfigDict
 
     def run(name: str, params: Any, batch: dict, rng: jax.Array, context: dict) -> tuple[jax.Array, dict]:
         loss, metrics = objectives[name](params, batch, jax.random.fold_in(rng, names.index(name)), context)
+        metrics = {**metrics, "active": jnp.ones((), jnp.float32)}  # 0 on the steps a cyclic schedule skips it
         return weights[name] * loss, {f"{name}/{k}": v for k, v in metrics.items()}
 
     def weighted_sum(params: Any, batch: dict, rng: jax.Array, step: jax.Array, extra: Any = None

@@ -49,8 +49,10 @@ def loss(student: jax.Array, teacher: jax.Array, center: jax.Array, student_temp
 
 
 def init_extra(params: Any, config: ml_collections.ConfigDict) -> dict:
-    """The teacher starts as a copy of the student; the center at zero."""
-    return {"teacher": {k: params[k] for k in TEACHER}, "center": jnp.zeros((config.dino.out_dim,), jnp.float32)}
+    """The teacher starts as a copy of the student. The center has no value before the first DINO step
+    (`center_steps` = 0): that step centres by its own batch mean, which then becomes the center."""
+    return {"teacher": {k: params[k] for k in TEACHER}, "center": jnp.zeros((config.dino.out_dim,), jnp.float32),
+            "center_steps": jnp.zeros((), jnp.int32)}
 
 
 def update_extra(extra: dict, params: Any, batch_center: jax.Array, active: jax.Array, step: jax.Array,
@@ -59,9 +61,9 @@ def update_extra(extra: dict, params: Any, batch_center: jax.Array, active: jax.
     where the DINO objective ran: `active` is 0 on the other steps of a cyclic schedule)."""
     m = teacher_momentum(config, step)
     teacher = jax.tree.map(lambda t, s: m * t + (1 - m) * s, extra["teacher"], {k: params[k] for k in TEACHER})
-    c = config.dino.center_momentum
+    c = jnp.where(extra["center_steps"] > 0, config.dino.center_momentum, 0.0)  # the first DINO step sets it
     center = jnp.where(active > 0, c * extra["center"] + (1 - c) * batch_center, extra["center"])
-    return {"teacher": teacher, "center": center}
+    return {"teacher": teacher, "center": center, "center_steps": extra["center_steps"] + (active > 0)}
 
 
 def make(model: Pretrainer, config: ml_collections.ConfigDict) -> Callable:
@@ -84,12 +86,16 @@ def make(model: Pretrainer, config: ml_collections.ConfigDict) -> Callable:
                                       method=Pretrainer.dino_embed), 2)
         teacher = jax.lax.stop_gradient(teacher)
         temperature = teacher_temperature(config, step)
-        value = loss(jnp.concatenate(student, axis=0), teacher, extra["center"], d.student_temp, temperature)
-        targets = jax.nn.softmax((teacher - extra["center"]) / temperature, axis=-1)
+        batch_center = teacher.mean(axis=(0, 1))
+        # before any center exists, centre by this batch's mean: a zero center would make the first targets all
+        # pick the one prototype a random network favours, a trivially low loss no later step can match
+        center = jnp.where(extra["center_steps"] > 0, extra["center"], batch_center)
+        value = loss(jnp.concatenate(student, axis=0), teacher, center, d.student_temp, temperature)
+        targets = jax.nn.softmax((teacher - center) / temperature, axis=-1)
         entropy = jnp.mean(-jnp.sum(targets * jnp.log(targets + 1e-12), axis=-1))
         # every teacher crop is the target of the same number of pairs, so loss = entropy + mean KL: the KL is
         # what the student learns to close, the entropy what centering (up) and sharpening (down) set
         return value, {"loss": value, "kl": value - entropy, "teacher_entropy": entropy, "teacher_temp": temperature,
-                       "teacher_center": teacher.mean(axis=(0, 1)), "active": jnp.ones((), jnp.float32)}
+                       "teacher_center": batch_center}
 
     return objective
