@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mvlp_jax.models import heads
-from mvlp_jax.models.transformer import Block, count_params
+from mvlp_jax.models.transformer import Attention, Block, count_params
 from mvlp_jax.models.vit import MAE, VARIANTS, ViT, patchify, unpatchify, variant
 from mvlp_jax.models.vitdet import SimMIM, ViTDet, window_partition, window_unpartition
 
@@ -169,3 +169,22 @@ def test_last_block_attention_maps():
     with pytest.raises(ValueError, match="sow_attention"):
         heads.last_block_attention(ViT(**TINY), ViT(**TINY).init(jax.random.key(0), images)["params"], images)
     assert count_params(params) > 0
+
+
+def test_attention_projections_initialise_as_dense_general():
+    """The heads-major projections keep nn.DenseGeneral's parameters and its draw (xavier on the flattened
+    matrix): same shapes, same values for the same key, so checkpoints and init scales are unchanged."""
+    class Reference(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            xavier = nn.initializers.xavier_uniform()
+            for name in ("query", "key", "value"):
+                nn.DenseGeneral((4, 8), kernel_init=xavier, name=name)(x)
+            return nn.DenseGeneral(32, axis=(-2, -1), kernel_init=xavier, name="out")(x.reshape(1, 3, 4, 8))
+
+    x = jnp.ones((1, 3, 32))
+    got = nn.unbox(Attention(num_heads=4).init(jax.random.key(3), x)["params"])
+    want = Reference().init(jax.random.key(3), x)["params"]
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(g, w)

@@ -26,6 +26,14 @@ def logical(init, *names: str | None):
     return nn.with_logical_partitioning(init, names)
 
 
+def flat_init(init, in_dims: int):
+    """`init` on the kernel seen as a (prod(shape[:in_dims]), rest) matrix, as nn.DenseGeneral draws it: fan-in
+    and fan-out (and so xavier's scale) are those of the matrix, not of the multi-axis shape."""
+    def draw(key, shape, dtype=jnp.float32):
+        return init(key, (math.prod(shape[:in_dims]), math.prod(shape[in_dims:])), dtype).reshape(shape)
+    return draw
+
+
 def constrain(x: jax.Array, *names: str | None) -> jax.Array:
     """Activation sharding by logical names (mvlp_jax.sharding.RULES; identity without a mesh)."""
     from mvlp_jax import sharding  # the one place that knows meshes
@@ -74,7 +82,7 @@ class HeadsProjection(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", logical(nn.initializers.xavier_uniform(), "embed", "heads", "kv"),
+        kernel = self.param("kernel", logical(flat_init(nn.initializers.xavier_uniform(), 1), "embed", "heads", "kv"),
                             (x.shape[-1], self.num_heads, self.head_dim), self.param_dtype)
         bias = (self.param("bias", logical(nn.initializers.zeros, "heads", "kv"), (self.num_heads, self.head_dim),
                            self.param_dtype) if self.use_bias else None)
@@ -91,7 +99,7 @@ class HeadsMerge(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", logical(nn.initializers.xavier_uniform(), "heads", "kv", "embed"),
+        kernel = self.param("kernel", logical(flat_init(nn.initializers.xavier_uniform(), 2), "heads", "kv", "embed"),
                             (x.shape[1], x.shape[3], self.width), self.param_dtype)
         bias = self.param("bias", logical(nn.initializers.zeros, "embed"), (self.width,), self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
