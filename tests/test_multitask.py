@@ -86,8 +86,13 @@ def test_teacher_is_an_ema_of_the_student_with_no_gradient_and_the_center_moves(
         # the first step's batch mean becomes the center, later ones move it with momentum 0.8
         mean = np.asarray(teacher_out).mean(0)
         center = mean if center is None else 0.8 * center + 0.2 * mean
-        state, _ = step(state, sharding.global_batch(_batch(config, k), mesh))
+        state, metrics = step(state, sharding.global_batch(_batch(config, k), mesh))
         np.testing.assert_allclose(state.extra["center"], center, rtol=1e-4, atol=1e-6)
+        if k == 0:  # the collapse diagnostics: mean entropy of the targets, and entropy of their batch mean
+            targets = _np_softmax((np.asarray(teacher_out) - mean) / float(dino.teacher_temperature(config, 0)))
+            entropy = lambda p: -(p * np.log(p + 1e-12)).sum(-1)
+            np.testing.assert_allclose(metrics["dino/teacher_entropy"], entropy(targets).mean(), rtol=1e-4)
+            np.testing.assert_allclose(metrics["dino/batch_target_entropy"], entropy(targets.mean(0)), rtol=1e-4)
         m = float(dino.teacher_momentum(config, k))
         student = jax.device_get({n: state.params[n] for n in dino.TEACHER})
         expected = jax.tree.map(lambda t, s: m * t + (1 - m) * s, expected, student)

@@ -132,7 +132,11 @@ def test_sharded_training_equals_one_device(pretrain_data, one_device_run, mesh)
     np.testing.assert_allclose(metrics, ref_metrics, rtol=1e-5, atol=1e-6)
     for tree, ref in ((grads, ref_grads), (params, ref_params)):
         for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(ref)):
-            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+            name = jax.tree_util.keystr(path)
+            # a key bias adds the same q.b to a whole row of logits, which softmax ignores: its gradient is 0 up
+            # to rounding (~1e-9, summed in another order when sharded), and Adam turns that into lr-sized steps
+            atol = 5e-5 if tree is params and "['key']['bias']" in name else 1e-5
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=atol, err_msg=name)
 
 
 def test_nonfinite_guard_skips_a_nan_batch_and_training_goes_on(pretrain_data):

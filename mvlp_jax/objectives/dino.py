@@ -92,10 +92,13 @@ def make(model: Pretrainer, config: ml_collections.ConfigDict) -> Callable:
         center = jnp.where(extra["center_steps"] > 0, extra["center"], batch_center)
         value = loss(jnp.concatenate(student, axis=0), teacher, center, d.student_temp, temperature)
         targets = jax.nn.softmax((teacher - center) / temperature, axis=-1)
-        entropy = jnp.mean(-jnp.sum(targets * jnp.log(targets + 1e-12), axis=-1))
+        entropy_of = lambda p: -jnp.sum(p * jnp.log(p + 1e-12), axis=-1)
+        entropy = jnp.mean(entropy_of(targets))
         # every teacher crop is the target of the same number of pairs, so loss = entropy + mean KL: the KL is
         # what the student learns to close, the entropy what centering (up) and sharpening (down) set
+        # DINO's collapse diagnostics: one shared target for every image gives batch entropy = entropy; uniform
+        # targets give entropy = ln(out_dim); learning shows as a batch entropy well above a low entropy
         return value, {"loss": value, "kl": value - entropy, "teacher_entropy": entropy, "teacher_temp": temperature,
-                       "teacher_center": batch_center}
+                       "batch_target_entropy": entropy_of(targets.mean(axis=(0, 1))), "teacher_center": batch_center}
 
     return objective
