@@ -4,6 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export XLA_FLAGS ?=
+# Test files run in this many pytest-xdist workers (whole files per worker: module fixtures are built once).
+TEST_WORKERS ?= 2
 
 .PHONY: install test demo clean
 
@@ -20,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 
 demo: $(STAMP)
 	$(PY) -m mvlp_jax.demo
