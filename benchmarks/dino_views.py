@@ -38,8 +38,9 @@ def paired_crops(config, seed: int = 1) -> np.ndarray:
     return np.stack(crops, axis=1)
 
 
-def view_retrieval(encoder: features.Encoder, crops: np.ndarray, mesh: jax.sharding.Mesh) -> float:
-    """Top-1 accuracy of retrieving each image's second crop from its first among all second crops."""
+def view_retrieval(encoder: features.Encoder, crops: np.ndarray, mesh: jax.sharding.Mesh) -> dict[str, float]:
+    """Retrieving each image's second crop from its first among all second crops: top-1 and top-5 accuracy,
+    and the median rank of the true match (0 = found first)."""
     forward = jax.jit(lambda p, x: encoder.model.apply({"params": p}, x, "mean", method=Pretrainer.features))
     with sharding.active(mesh):
         embed = lambda x: np.concatenate([np.asarray(forward(encoder.params, x[i:i + 64]))
@@ -48,7 +49,8 @@ def view_retrieval(encoder: features.Encoder, crops: np.ndarray, mesh: jax.shard
     mean = np.concatenate([first, second]).mean(axis=0)
     unit = lambda f: (f - mean) / np.linalg.norm(f - mean, axis=1, keepdims=True)
     similarity = unit(first) @ unit(second).T
-    return float(np.mean(similarity.argmax(axis=1) == np.arange(len(first))))
+    rank = (similarity > similarity.diagonal()[:, None]).sum(axis=1)
+    return {"top1": float(np.mean(rank == 0)), "top5": float(np.mean(rank < 5)), "median_rank": float(np.median(rank))}
 
 
 def main() -> None:
@@ -73,10 +75,11 @@ def main() -> None:
     crops = paired_crops(config)
     trained = view_retrieval(features.load_encoder(args.workdir, -1, mesh), crops, mesh)
     initial = view_retrieval(features.load_encoder(features.RANDOM_INIT, -1, mesh, like=args.workdir), crops, mesh)
-    print(f"{crops.shape[1]} held-out NIH images, 2 global crops each; top-1 view retrieval: "
-          f"DINO ({args.steps} steps) {trained:.3f}, initialisation {initial:.3f}, chance {1 / crops.shape[1]:.4f}")
-    print(f"dino_views: top-1 view retrieval, trained / initialisation = {trained / initial:.2f}x")
-
+    describe = lambda r: f"top-1 {r['top1']:.3f}, top-5 {r['top5']:.3f}, median rank {r['median_rank']:.0f}"
+    print(f"{crops.shape[1]} held-out NIH images, 2 global crops each (chance: top-1 {1 / crops.shape[1]:.4f}, "
+          f"median rank {(crops.shape[1] - 1) / 2:.0f}):\n  DINO ({args.steps} steps): {describe(trained)}\n"
+          f"  initialisation: {describe(initial)}")
+    print(f"dino_views: top-1 view retrieval, trained / initialisation = {trained['top1'] / initial['top1']:.2f}x")
 
 if __name__ == "__main__":
     main()
