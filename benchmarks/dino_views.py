@@ -18,6 +18,7 @@ import os
 import jax
 import numpy as np
 
+from data_prep import built
 from mvlp_jax import demo, features, sharding, train
 from mvlp_jax.data import transforms, views
 from mvlp_jax.models.pretrainer import Pretrainer
@@ -28,8 +29,9 @@ def paired_crops(config, seed: int = 1) -> np.ndarray:
     d, data = config.dino, config.data
     rng = np.random.default_rng(seed)
     crops = []
+    builder, _, _ = built.open_builder(config.data.data_dir, "nih_sample")
     for split in ("train", "valid"):
-        source, _, _ = features.labelled_split(config.data.data_dir, "nih_sample", split)
+        source = built.open_split(builder, split)
         for i in range(len(source)):
             image = transforms.decode_png(source[i]["image"])
             pair, _ = views.multi_crop(image, config.model.image_size, d.local_size, 0, tuple(d.global_scale),
@@ -63,13 +65,7 @@ def main() -> None:
     config = demo.load_config("multitask", "demo")
     config.data.data_dir, config.objectives, config.total_steps = demo.DATA_DIR, {"dino": 1.0}, args.steps
     config.checkpoint.save_interval_steps = args.steps
-    for item in args.set:
-        key, value = item.split("=", 1)
-        *path, last = key.split(".")
-        node = config
-        for part in path:
-            node = node[part]
-        node[last] = ast.literal_eval(value)
+    config.update_from_flattened_dict({k: ast.literal_eval(v) for k, v in (item.split("=", 1) for item in args.set)})
     train.train(config, args.workdir)
     mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(-1, 1, 1), sharding.AXES)
     crops = paired_crops(config)
@@ -80,6 +76,7 @@ def main() -> None:
           f"median rank {(crops.shape[1] - 1) / 2:.0f}):\n  DINO ({args.steps} steps): {describe(trained)}\n"
           f"  initialisation: {describe(initial)}")
     print(f"dino_views: top-1 view retrieval, trained / initialisation = {trained['top1'] / initial['top1']:.2f}x")
+
 
 if __name__ == "__main__":
     main()

@@ -56,6 +56,8 @@ def make_mesh(config: ml_collections.ConfigDict, devices: list | None = None) ->
         from jax.experimental import mesh_utils
         grid = mesh_utils.create_device_mesh(shape, devices=devices)
     except (ValueError, NotImplementedError, AssertionError):
+        # mesh_utils lays a TPU slice out by its physical topology; for a mesh shape that topology cannot hold
+        # or a device kind it does not know it raises, and plain device order is the fallback layout
         grid = np.asarray(devices).reshape(shape)
     return Mesh(grid, AXES)
 
