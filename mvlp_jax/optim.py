@@ -7,7 +7,7 @@ import jax
 import ml_collections
 import optax
 
-NO_DECAY_LEAVES = ("kernel", "last_v")  # decay only matrices; norms, biases, embeddings, tokens are exempt
+DECAYED_LEAVES = ("kernel", "last_v")  # decay only matrices; norms, biases, embeddings, tokens are exempt
 
 
 def learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -19,9 +19,9 @@ def learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
 
 
 def decay_mask(params: Any) -> Any:
-    """True for weight matrices only (leaf names in NO_DECAY_LEAVES)."""
+    """True for weight matrices only (leaf names in DECAYED_LEAVES)."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: getattr(path[-1], "key", None) in NO_DECAY_LEAVES, params)
+        lambda path, _: getattr(path[-1], "key", None) in DECAYED_LEAVES, params)
 
 
 def make(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
