@@ -7,7 +7,8 @@ random global crops (DINO's scale range and intensity jitter) of each of the 800
 it never saw) and asks, for each first crop, whether the nearest second crop by cosine of the centred,
 mean-pooled encoder features is its own. Compares this top-1 view retrieval with that of the same
 architecture at its initialisation (random features already match crops by their low-level statistics:
-DINO should raise it). Prints the ratio last.
+DINO should raise it). Scores the EMA teacher (the network DINO evaluates) and the student; prints the
+teacher's ratio last.
 """
 from __future__ import annotations
 
@@ -69,14 +70,14 @@ def main() -> None:
     train.train(config, args.workdir)
     mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(-1, 1, 1), sharding.AXES)
     crops = paired_crops(config)
-    trained = view_retrieval(features.load_encoder(args.workdir, -1, mesh), crops, mesh)
+    student = view_retrieval(features.load_encoder(args.workdir, -1, mesh), crops, mesh)
+    teacher = view_retrieval(features.load_encoder(args.workdir, -1, mesh, teacher=True), crops, mesh)
     initial = view_retrieval(features.load_encoder(features.RANDOM_INIT, -1, mesh, like=args.workdir), crops, mesh)
     describe = lambda r: f"top-1 {r['top1']:.3f}, top-5 {r['top5']:.3f}, median rank {r['median_rank']:.0f}"
     print(f"{crops.shape[1]} held-out NIH images, 2 global crops each (chance: top-1 {1 / crops.shape[1]:.4f}, "
-          f"median rank {(crops.shape[1] - 1) / 2:.0f}):\n  DINO ({args.steps} steps): {describe(trained)}\n"
-          f"  initialisation: {describe(initial)}")
-    print(f"dino_views: top-1 view retrieval, trained / initialisation = {trained['top1'] / initial['top1']:.2f}x")
-
+          f"median rank {(crops.shape[1] - 1) / 2:.0f}):\n  DINO student ({args.steps} steps): {describe(student)}\n"
+          f"  DINO teacher: {describe(teacher)}\n  initialisation: {describe(initial)}")
+    print(f"dino_views: top-1 view retrieval, DINO teacher / initialisation = {teacher['top1'] / initial['top1']:.2f}x")
 
 if __name__ == "__main__":
     main()

@@ -34,9 +34,10 @@ def display_name(workdir: str) -> str:
     return RANDOM_INIT if workdir == RANDOM_INIT else os.path.basename(os.path.normpath(workdir))
 
 
-def load_encoder(workdir: str, step: int, mesh: jax.sharding.Mesh, like: str = "") -> Encoder:
+def load_encoder(workdir: str, step: int, mesh: jax.sharding.Mesh, like: str = "", teacher: bool = False) -> Encoder:
     """The params of `workdir`'s checkpoint `step` (-1: newest), without the optimizer state, on `mesh`.
-    `random_init` gives the architecture of `like` (a workdir) at its initialisation: the floor."""
+    `random_init` gives the architecture of `like` (a workdir) at its initialisation: the floor. `teacher`
+    swaps in a DINO run's EMA teacher encoder (the network DINO evaluates) for the student's."""
     source = like if workdir == RANDOM_INIT else workdir
     if not source:
         raise ValueError("random_init needs an architecture: list a real workdir too, or set config.random_init_like")
@@ -57,7 +58,12 @@ def load_encoder(workdir: str, step: int, mesh: jax.sharding.Mesh, like: str = "
         raise ValueError(f"{workdir}: its checkpoint does not match the model in its config.json: {error}") from error
     finally:
         mngr.close()
-    return Encoder(display_name(workdir), config, model, state.params, int(state.step))
+    params, name = state.params, display_name(workdir)
+    if teacher:
+        if "teacher" not in state.extra:
+            raise ValueError(f"{workdir} has no DINO teacher (its objectives: {dict(config.objectives)})")
+        params, name = {**params, "encoder": state.extra["teacher"]["encoder"]}, f"{name}/teacher"
+    return Encoder(name, config, model, params, int(state.step))
 
 
 def labelled_split(data_dir: str, dataset: str, split: str):

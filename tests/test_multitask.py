@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mvlp_jax import configuration, observe, optim, sharding
+from mvlp_jax import checkpointing, configuration, features, observe, optim, sharding
 from mvlp_jax import train_step as ts
 from mvlp_jax.data import transforms, views
 from mvlp_jax.models.pretrainer import Pretrainer
@@ -65,7 +65,7 @@ def test_dino_loss_and_schedules_match_a_direct_computation():
                                atol=1e-7)
 
 
-def test_teacher_is_an_ema_of_the_student_with_no_gradient_and_the_center_moves():
+def test_teacher_is_an_ema_of_the_student_with_no_gradient_and_the_center_moves(tmp_path):
     config = _micro(objectives={"dino": 1.0}, **{"dino.momentum": 0.9, "dino.center_momentum": 0.8})
     mesh = sharding.make_mesh(config, jax.devices()[:1])
     model, tx = Pretrainer(config, 0), optim.make(config)
@@ -102,6 +102,16 @@ def test_teacher_is_an_ema_of_the_student_with_no_gradient_and_the_center_moves(
     moved = jax.tree.map(lambda t, s: float(np.abs(np.asarray(t) - np.asarray(s)).max()), state.extra["teacher"],
                          {n: state.params[n] for n in dino.TEACHER})
     assert max(jax.tree.leaves(moved)) > 0  # the teacher lags the student
+    # the evaluation side restores either network from a checkpoint of this state
+    workdir = str(tmp_path)
+    configuration.save(config, workdir, 0)
+    mngr = checkpointing.manager(workdir, config)
+    checkpointing.save(mngr, 3, state, {"next_step": 3}, force=True)
+    mngr.wait_until_finished()
+    for teacher, want in ((False, state.params["encoder"]), (True, state.extra["teacher"]["encoder"])):
+        got = features.load_encoder(workdir, -1, mesh, teacher=teacher)
+        assert got.name == os.path.basename(workdir) + ("/teacher" if teacher else "")
+        jax.tree.map(np.testing.assert_array_equal, got.params["encoder"], jax.device_get(want))
 
 
 def test_query_targets_are_the_boxes_of_the_crops():
