@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ("data", "fsdp", "model")
@@ -52,13 +53,8 @@ def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int
 def make_mesh(config: ml_collections.ConfigDict, devices: list | None = None) -> Mesh:
     devices = list(devices if devices is not None else jax.devices())
     shape = mesh_shape(config, len(devices))
-    try:
-        from jax.experimental import mesh_utils
-        grid = mesh_utils.create_device_mesh(shape, devices=devices)
-    except (ValueError, NotImplementedError, AssertionError):
-        # mesh_utils lays a TPU slice out by its physical topology; for a mesh shape that topology cannot hold
-        # or a device kind it does not know it raises, and plain device order is the fallback layout
-        grid = np.asarray(devices).reshape(shape)
+    # topology-aware on TPU (splitting physical axes where a mesh axis needs it), id order on GPU, as given on CPU
+    grid = mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
     return Mesh(grid, AXES)
 
 

@@ -127,8 +127,8 @@ def test_bad_inputs_are_named(nih_and_workdir, pretrain_data, tmp_path):
     with pytest.raises(FileNotFoundError, match="not a pretraining workdir"):
         evaluate.evaluate(_probe_config(data_dir, str(empty)), str(tmp_path / "o1"))
     with pytest.raises(ValueError, match="has no DINO teacher"):
-        features.load_encoder(workdir, -1, jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.AXES),
-                              teacher=True)
+        one_device = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.AXES)
+        features.load_encoder(workdir, -1, one_device, teacher=True)
     no_labels = _probe_config(pretrain_data[0], workdir)
     no_labels.dataset, no_labels.test_split = "covid_notes", "test"
     with pytest.raises(ValueError, match="covid_notes:1.0.0 has no labels"):
