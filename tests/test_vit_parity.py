@@ -46,15 +46,27 @@ def test_mae_encoder_output_and_loss_match_transformers(norm_pix):
     torch.manual_seed(0)
     cfg = ViTMAEConfig(**SMALL, norm_pix_loss=norm_pix)
     ref = _reference(ViTMAEForPreTraining, cfg)
+    with torch.no_grad():  # peaked attention, so that its backward matters (at init it is near uniform)
+        for name, weight in ref.named_parameters():
+            if "q_proj.weight" in name or "k_proj.weight" in name:
+                weight.mul_(6.0)
     images, noise = _inputs(cfg)
-    with torch.no_grad():
-        out = ref(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)), noise=torch.from_numpy(noise))
+    out = ref(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)), noise=torch.from_numpy(noise))
+    out.loss.backward()
     model = MAE(_flax_vit(cfg), decoder_width=32, decoder_depth=2, decoder_heads=4, decoder_mlp_dim=64,
                 mask_ratio=0.75, norm_pix_loss=norm_pix)
     params = mae_params_from_hf(ref.state_dict(), 4, 2, 4, 2)
     ours = model.apply({"params": params}, jnp.asarray(images), noise=jnp.asarray(noise))
+    # Gradients too (the attention backward and GELU are written by hand): torch's, mapped like the weights.
+    grads = jax.grad(lambda p: model.apply({"params": p}, jnp.asarray(images), noise=jnp.asarray(noise))["loss"])(params)
+    want = mae_params_from_hf({n: p.grad for n, p in ref.named_parameters() if p.grad is not None}, 4, 2, 4, 2)
+    assert jax.tree.structure(grads) == jax.tree.structure(want)
+    for (path, got), expected in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(want)):
+        # Per-leaf scale, with a floor for leaves whose exact gradient is 0 (key biases: softmax is shift-invariant).
+        np.testing.assert_allclose(np.asarray(got), expected, rtol=0, atol=1e-4 * np.abs(expected).max() + 1e-7,
+                                   err_msg=jax.tree_util.keystr(path))
     np.testing.assert_array_equal(np.asarray(ours["mask"]), out.mask.numpy())
-    np.testing.assert_allclose(np.asarray(ours["pred"]), out.logits.numpy(), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(ours["pred"]), out.logits.detach().numpy(), atol=1e-4)
     np.testing.assert_allclose(float(ours["loss"]), out.loss.item(), rtol=1e-5, atol=1e-6)
     with torch.no_grad():
         latent = ref.vit(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)),
