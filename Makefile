@@ -4,6 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export XLA_FLAGS ?=
+# Huge-page malloc: XLA:CPU re-faults a step's GBs of temporaries with 4 KiB pages (mvlp_jax/host_memory.py).
+export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 # Test files run in this many pytest-xdist workers (whole files per worker: module fixtures are built once).
 TEST_WORKERS ?= 2
 

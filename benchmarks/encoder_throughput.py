@@ -1,19 +1,22 @@
 """MAE training-step throughput: this Flax MAE vs transformers' PyTorch ViTMAEForPreTraining.
 
   python -m benchmarks.encoder_throughput [--variants=S/16,B/16] [--batch=16] [--steps=3] [--rounds=2]
+                                          [--no-huge_page_malloc]
 
 Same configuration for both (grayscale 224, mask 0.75, decoder 512 x 8 x 16, AdamW, batch 16): one step
 = forward + backward + AdamW update. Each framework runs in its own process (a process that has loaded
 torch runs JAX ~15% slower here: their thread pools compete), and the two alternate for `rounds` rounds
 so that a noisy neighbour on a shared machine slows both; the figure is the ratio of median step times.
 Also reports model FLOPs utilisation: the step's FLOPs (XLA cost analysis) per second over the FLOP/s of
-a large float32 matmul measured in the JAX process. The last line is the JAX / PyTorch ratio of the last
+a large float32 matmul measured in the JAX process. Both workers start with huge-page malloc
+(`mvlp_jax/host_memory.py`; --no-huge_page_malloc: glibc's defaults). The last line is the JAX / PyTorch ratio of the last
 variant.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -95,11 +98,14 @@ def torch_step_times(name: str, batch: int, steps: int) -> dict:
     return {"times": times}
 
 
-def run_worker(framework: str, name: str, batch: int, steps: int) -> dict:
+def run_worker(framework: str, name: str, batch: int, steps: int, huge_page_malloc: bool) -> dict:
     """One framework's measurement in a fresh process (its result is the last line, as JSON)."""
+    from mvlp_jax.host_memory import with_huge_page_malloc
+
+    env = with_huge_page_malloc(os.environ) if huge_page_malloc else dict(os.environ)
     out = subprocess.run([sys.executable, "-m", "benchmarks.encoder_throughput", f"--worker={framework}",
                           f"--variants={name}", f"--batch={batch}", f"--steps={steps}"],
-                         check=True, capture_output=True, text=True)
+                         check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -109,6 +115,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--huge_page_malloc", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -119,11 +126,11 @@ def main() -> None:
     for name in args.variants.split(","):
         jax_times, torch_times, flops, peaks = [], [], 0.0, []
         for _ in range(args.rounds):
-            result = run_worker("jax", name, args.batch, args.steps)
+            result = run_worker("jax", name, args.batch, args.steps, args.huge_page_malloc)
             jax_times += result["times"]
             flops = result["flops"]
             peaks.append(result["peak"])
-            torch_times += run_worker("torch", name, args.batch, args.steps)["times"]
+            torch_times += run_worker("torch", name, args.batch, args.steps, args.huge_page_malloc)["times"]
         jax_step, torch_step, peak = np.median(jax_times), np.median(torch_times), np.median(peaks)
         ratio = torch_step / jax_step
         print(f"MAE {name} @224 gray, batch {args.batch}, median of {len(jax_times)} steps each: "

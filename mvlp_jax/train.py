@@ -10,7 +10,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from mvlp_jax import checkpointing, configuration, observe, optim, sharding, train_step
+from mvlp_jax import checkpointing, configuration, host_memory, observe, optim, sharding, train_step
 from mvlp_jax.data import pipeline
 from mvlp_jax.models.pretrainer import Pretrainer
 
@@ -74,6 +74,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Outcome:
     data.set_state(data_state)
     shapes = {k: jax.ShapeDtypeStruct((config.data.batch_size, *v.shape[1:]), v.dtype)
               for k, v in batches[0].items()}
+    hint = host_memory.huge_page_malloc_hint() if jax.default_backend() == "cpu" else None
+    if hint:
+        _log(hint)
     _log(f"{records.where}: {len(records.indices)} training images; mesh {dict(mesh.shape)}; "
          f"{configuration_summary(config)}; compiling the train step...")
     compiled = train_step.compile_train_step(train_step.make_train_step(model, tx, config), state, state_sh, mesh,

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mvlp_jax.models.matmul import dense_dot_general
+
 Dtype = Any
 REMAT_POLICIES = {
     "none": None,
@@ -183,11 +185,13 @@ class MlpBlock(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         width = x.shape[-1]
         h = nn.Dense(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1",
+                     dot_general=dense_dot_general,
                      kernel_init=logical(nn.initializers.xavier_uniform(), "embed", "mlp"),
                      bias_init=logical(nn.initializers.normal(1e-6), "mlp"))(x)
         h = gelu(constrain(h, "batch", "length", "mlp"))
         h = nn.Dropout(self.dropout)(h, deterministic=not train)
         return nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2",
+                        dot_general=dense_dot_general,
                         kernel_init=logical(nn.initializers.xavier_uniform(), "mlp", "embed"),
                         bias_init=logical(nn.initializers.normal(1e-6), "embed"))(h)
 

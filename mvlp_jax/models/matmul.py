@@ -1,0 +1,58 @@
+"""x @ kernel with a weight gradient that XLA:CPU runs as a plain GEMM.
+
+Autodiff writes a dense layer's weight gradient as x^T g, a dot contracting the leading (token) axis of
+both operands. XLA:CPU hands that form to Eigen instead of YNNPACK and runs it ~25% slower than the same
+GEMM on row-major operands (MAE B/16 decoder fc1, 3152 tokens x 512 -> 2048: 52 vs 39 ms; PyTorch's MKL:
+39 ms). On CPU the backward here transposes the smaller operand first (a copy of a few MB) and keeps the
+transpose from being folded back into the dot; other platforms take autodiff's form, which their
+compilers handle natively.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def _weight_grad_cpu(x: jax.Array, g: jax.Array) -> jax.Array:
+    """x (N, K), g (N, M) -> x^T g (K, M) from non-transposed GEMMs (optimization barriers pin the layout)."""
+    barrier = jax.lax.optimization_barrier
+    if x.shape[1] <= g.shape[1]:
+        return barrier(x.T) @ g
+    return barrier(barrier(g.T) @ x).T
+
+
+def _weight_grad(x: jax.Array, g: jax.Array) -> jax.Array:
+    return jnp.einsum("nk,nm->km", x, g)
+
+
+@jax.custom_vjp
+def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """x (..., K) @ kernel (K, M); same values and gradients as autodiff, faster weight gradient on CPU."""
+    return x @ kernel
+
+
+def _matmul_fwd(x: jax.Array, kernel: jax.Array):
+    return x @ kernel, (x, kernel)
+
+
+def _matmul_bwd(residuals, g: jax.Array):
+    x, kernel = residuals
+    d_x = jnp.einsum("...m,km->...k", g, kernel)
+    x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+    d_kernel = jax.lax.platform_dependent(x2, g2, cpu=_weight_grad_cpu, default=_weight_grad)
+    return d_x.astype(x.dtype), d_kernel.astype(kernel.dtype)
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def dense_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None,
+                      preferred_element_type=None) -> jax.Array:
+    """`dot_general` for flax's nn.Dense (its contraction: lhs's last axis with kernel's first) via `matmul`;
+    any other contraction, precision or result type goes to lax.dot_general unchanged."""
+    dense_form = (((lhs.ndim - 1,), (0,)), ((), ()))
+    if (tuple(map(tuple, dimension_numbers[0])), tuple(map(tuple, dimension_numbers[1]))) != dense_form \
+            or rhs.ndim != 2 or precision is not None or preferred_element_type is not None:
+        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                                   preferred_element_type=preferred_element_type)
+    return matmul(lhs, rhs)
