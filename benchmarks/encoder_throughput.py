@@ -9,8 +9,8 @@ torch runs JAX ~15% slower here: their thread pools compete), and the two altern
 so that a noisy neighbour on a shared machine slows both; the figure is the ratio of median step times.
 Also reports model FLOPs utilisation: the step's FLOPs (XLA cost analysis) per second over the FLOP/s of
 a large float32 matmul measured in the JAX process. Both workers start with huge-page malloc
-(`mvlp_jax/host_memory.py`; --no-huge_page_malloc: glibc's defaults). The last line is the JAX / PyTorch ratio of the last
-variant.
+(`mvlp_jax/host_memory.py`; --no-huge_page_malloc: glibc's defaults). The last line is the JAX / PyTorch
+ratio of the last variant.
 """
 from __future__ import annotations
 
