@@ -1,7 +1,7 @@
 """MAE training-step throughput: this Flax MAE vs transformers' PyTorch ViTMAEForPreTraining.
 
   python -m benchmarks.encoder_throughput [--variants=S/16,B/16] [--batch=16] [--steps=3] [--rounds=2]
-                                          [--no-huge_page_malloc]
+                                          [--no-huge_page_malloc] [--blocks]
 
 Same configuration for both (grayscale 224, mask 0.75, decoder 512 x 8 x 16, AdamW, batch 16): one step
 = forward + backward + AdamW update. Each framework runs in its own process (a process that has loaded
@@ -10,7 +10,9 @@ so that a noisy neighbour on a shared machine slows both; the figure is the rati
 Also reports model FLOPs utilisation: the step's FLOPs (XLA cost analysis) per second over the FLOP/s of
 a large float32 matmul measured in the JAX process. Both workers start with huge-page malloc
 (`mvlp_jax/host_memory.py`; --no-huge_page_malloc: glibc's defaults). The last line is the JAX / PyTorch
-ratio of the last variant.
+ratio of the last variant. --blocks instead times one transformer block forward + backward (loss sum y^2) in
+each framework: B/16's encoder block on the 50 tokens it sees at mask 0.75, and the MAE decoder's block
+(197 tokens, 512 wide, 16 heads) against transformers' ViTMAELayer with SDPA attention.
 """
 from __future__ import annotations
 
@@ -22,6 +24,11 @@ import sys
 import time
 
 import numpy as np
+
+from mvlp_jax.host_memory import with_huge_page_malloc
+
+# (name, tokens, width, heads, mlp_dim) of MAE B/16's encoder and decoder blocks at 224, mask 0.75.
+BLOCKS = (("encoder", 50, 768, 12, 3072), ("decoder", 197, 512, 16, 2048))
 
 
 def matmul_flops_per_s(n: int = 4096, repeats: int = 5) -> float:
@@ -98,10 +105,59 @@ def torch_step_times(name: str, batch: int, steps: int) -> dict:
     return {"times": times}
 
 
+def _median_seconds(run, steps: int) -> float:
+    run()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def jax_block_times(name: str, batch: int, steps: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from mvlp_jax.models.transformer import Block
+
+    del name
+    out = {}
+    for block_name, tokens, width, heads, mlp_dim in BLOCKS:
+        block = Block(heads, mlp_dim)
+        x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, tokens, width)), jnp.float32)
+        params = block.init(jax.random.key(0), x)
+        grad = jax.jit(jax.grad(lambda p, x: jnp.sum(block.apply(p, x)[0] ** 2), argnums=(0, 1)))
+        out[block_name] = _median_seconds(lambda: jax.block_until_ready(grad(params, x)), steps)
+    return out
+
+
+def torch_block_times(name: str, batch: int, steps: int) -> dict:
+    import torch
+    from transformers import ViTMAEConfig
+    from transformers.models.vit_mae.modeling_vit_mae import ViTMAELayer
+
+    del name
+    out = {}
+    for block_name, tokens, width, heads, mlp_dim in BLOCKS:
+        cfg = ViTMAEConfig(hidden_size=width, num_attention_heads=heads, intermediate_size=mlp_dim)
+        cfg._attn_implementation = "sdpa"
+        layer = ViTMAELayer(cfg).train()
+        x = torch.randn(batch, tokens, width, requires_grad=True)
+
+        def step():
+            y = layer(x)
+            (y[0] if isinstance(y, tuple) else y).square().sum().backward()
+        out[block_name] = _median_seconds(step, steps)
+    return out
+
+
+WORKERS = {"jax": jax_step_times, "torch": torch_step_times, "jax_blocks": jax_block_times,
+           "torch_blocks": torch_block_times}
+
+
 def run_worker(framework: str, name: str, batch: int, steps: int, huge_page_malloc: bool) -> dict:
     """One framework's measurement in a fresh process (its result is the last line, as JSON)."""
-    from mvlp_jax.host_memory import with_huge_page_malloc
-
     env = with_huge_page_malloc(os.environ) if huge_page_malloc else dict(os.environ)
     out = subprocess.run([sys.executable, "-m", "benchmarks.encoder_throughput", f"--worker={framework}",
                           f"--variants={name}", f"--batch={batch}", f"--steps={steps}"],
@@ -116,11 +172,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--huge_page_malloc", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
+    parser.add_argument("--blocks", action="store_true", help="time single blocks instead of the MAE step")
+    parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        measure = jax_step_times if args.worker == "jax" else torch_step_times
-        print(json.dumps(measure(args.variants, args.batch, args.steps)))
+        print(json.dumps(WORKERS[args.worker](args.variants, args.batch, args.steps)))
+        return
+    if args.blocks:
+        compare_blocks(args)
         return
     ratio = 0.0
     for name in args.variants.split(","):
@@ -138,6 +197,20 @@ def main() -> None:
               f"{peak / 1e9:.0f} GFLOP/s fp32 matmul), PyTorch {args.batch / torch_step:.2f} img/s, "
               f"ratio {ratio:.2f}x", flush=True)
     print(f"encoder_throughput: JAX/PyTorch MAE train-step images/s ratio ({name}): {ratio:.2f}x")
+
+
+def compare_blocks(args: argparse.Namespace) -> None:
+    times = {"jax_blocks": [], "torch_blocks": []}
+    for _ in range(args.rounds):
+        for framework, results in times.items():
+            results.append(run_worker(framework, "", args.batch, args.steps, args.huge_page_malloc))
+    ratio = 0.0
+    for block_name, tokens, width, heads, _ in BLOCKS:
+        jax_s, torch_s = (np.median([r[block_name] for r in times[f]]) for f in times)
+        ratio = torch_s / jax_s
+        print(f"{block_name} block ({tokens} tokens, {width} wide, {heads} heads), batch {args.batch}, fwd + bwd: "
+              f"JAX {jax_s * 1e3:.0f} ms, PyTorch {torch_s * 1e3:.0f} ms, ratio {ratio:.2f}x", flush=True)
+    print(f"encoder_throughput --blocks: JAX/PyTorch speed ratio of the decoder block: {ratio:.2f}x")
 
 
 if __name__ == "__main__":
