@@ -89,14 +89,15 @@ def _attend_fwd(q, k, v, mask):
 def _attend_bwd(residuals, d_out):
     """Softmax's backward with rowsum(dP * P) taken as rowsum(dO * O) (equal, as O = P V; FlashAttention's
     identity): one pass over (B,H,Q,D) instead of two over the (B,H,Q,K) tensors that set the cost on CPU
-    (MAE B/16's decoder: 40 MB each, per layer)."""
+    (MAE B/16's decoder: 40 MB each, per layer). The 1/sqrt(D) scale goes onto d_q and d_k: on the
+    (B,H,Q,K) product XLA:CPU materialised it as a 40 MB broadcast that every decoder layer re-read."""
     q, k, v, weights, out = residuals
     scale = 1.0 / math.sqrt(q.shape[-1])
     d_weights = jnp.einsum("bhqd,bhkd->bhqk", d_out, v).astype(jnp.float32)
     row_dot = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-    d_logits = (weights * (d_weights - row_dot) * scale).astype(q.dtype)
-    d_q = jnp.einsum("bhqk,bhkd->bhqd", d_logits, k).astype(q.dtype)
-    d_k = jnp.einsum("bhqk,bhqd->bhkd", d_logits, q).astype(k.dtype)
+    d_scores = (weights * (d_weights - row_dot)).astype(q.dtype)  # w.r.t. q k^T, before the scale
+    d_q = (jnp.einsum("bhqk,bhkd->bhqd", d_scores, k) * scale).astype(q.dtype)
+    d_k = (jnp.einsum("bhqk,bhqd->bhkd", d_scores, q) * scale).astype(k.dtype)
     d_v = jnp.einsum("bhqk,bhqd->bhkd", weights.astype(d_out.dtype), d_out).astype(v.dtype)
     return d_q, d_k, d_v, None
 
