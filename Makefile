@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export XLA_FLAGS ?=
 # XLA:CPU re-faults a step's GBs of temporaries with 4 KiB pages: huge pages, and freed blocks kept in one
-# heap for the next step (mvlp_jax/host_memory.py.TUNABLES; the Makefile's copy is checked by its test).
+# heap for the next step (TUNABLES in mvlp_jax/host_memory.py; tests/test_host_memory.py checks this copy).
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:glibc.malloc.mmap_threshold=1099511627776:glibc.malloc.trim_threshold=1099511627776
 # Test files run in this many pytest-xdist workers (whole files per worker: module fixtures are built once).
 TEST_WORKERS ?= 2
