@@ -66,15 +66,13 @@ def jax_step_times(name: str, batch: int, steps: int) -> dict:
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, jax.random.key(0)).compile()
     cost = compiled.cost_analysis()
     flops = float((cost[0] if isinstance(cost, list) else cost).get("flops", 0.0))
-    params, opt_state, loss = compiled(params, opt_state, jax.random.key(0))
-    loss.block_until_ready()
-    times = []
-    for i in range(steps):
-        start = time.perf_counter()
-        params, opt_state, loss = compiled(params, opt_state, jax.random.key(i + 1))
+    state, keys = (params, opt_state), iter(jax.random.split(jax.random.key(0), steps + 1))
+
+    def run() -> None:
+        nonlocal state
+        *state, loss = compiled(*state, next(keys))
         loss.block_until_ready()
-        times.append(time.perf_counter() - start)
-    return {"times": times, "flops": flops, "peak": matmul_flops_per_s()}
+    return {"times": step_seconds(run, steps), "flops": flops, "peak": matmul_flops_per_s()}
 
 
 def torch_step_times(name: str, batch: int, steps: int) -> dict:
@@ -97,23 +95,18 @@ def torch_step_times(name: str, batch: int, steps: int) -> dict:
         model(pixel_values=images).loss.backward()
         opt.step()
 
-    step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return {"times": times}
+    return {"times": step_seconds(step, steps)}
 
 
-def _median_seconds(run, steps: int) -> float:
+def step_seconds(run, steps: int) -> list[float]:
+    """Wall seconds of each of `steps` calls of `run`, after one untimed warm-up call."""
     run()
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return times
 
 
 def jax_block_times(name: str, batch: int, steps: int) -> dict:
@@ -129,7 +122,7 @@ def jax_block_times(name: str, batch: int, steps: int) -> dict:
         x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, tokens, width)), jnp.float32)
         params = block.init(jax.random.key(0), x)
         grad = jax.jit(jax.grad(lambda p, x: jnp.sum(block.apply(p, x)[0] ** 2), argnums=(0, 1)))
-        out[block_name] = _median_seconds(lambda: jax.block_until_ready(grad(params, x)), steps)
+        out[block_name] = float(np.median(step_seconds(lambda: jax.block_until_ready(grad(params, x)), steps)))
     return out
 
 
@@ -149,7 +142,7 @@ def torch_block_times(name: str, batch: int, steps: int) -> dict:
         def step():
             y = layer(x)
             (y[0] if isinstance(y, tuple) else y).square().sum().backward()
-        out[block_name] = _median_seconds(step, steps)
+        out[block_name] = float(np.median(step_seconds(step, steps)))
     return out
 
 
