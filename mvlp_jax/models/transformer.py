@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mvlp_jax.models.matmul import dense_dot_general
+from mvlp_jax.kernels.cpu_blas import batched_matmul, use_blas
+from mvlp_jax.models.matmul import dense_dot_general, matmul
 
 Dtype = Any
 REMAT_POLICIES = {
@@ -69,7 +70,7 @@ def gelu(x: jax.Array) -> jax.Array:
 def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """softmax(q k^T / sqrt(D)) over keys, in float32; q (B,H,Q,D), k (B,H,K,D), mask broadcastable to
     (B,H,Q,K) (True = attend)."""
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q * (1.0 / math.sqrt(q.shape[-1])), k).astype(jnp.float32)
+    logits = batched_matmul(q * (1.0 / math.sqrt(q.shape[-1])), k, transpose_b=True).astype(jnp.float32)
     if mask is not None:
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     return jax.nn.softmax(logits, axis=-1)
@@ -82,7 +83,7 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) ->
 
 def _attend_fwd(q, k, v, mask):
     weights = attention_weights(q, k, mask)
-    out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v)
+    out = batched_matmul(weights.astype(v.dtype), v)
     return out, (q, k, v, weights, out)
 
 
@@ -93,12 +94,12 @@ def _attend_bwd(residuals, d_out):
     (B,H,Q,K) product XLA:CPU materialised it as a 40 MB broadcast that every decoder layer re-read."""
     q, k, v, weights, out = residuals
     scale = 1.0 / math.sqrt(q.shape[-1])
-    d_weights = jnp.einsum("bhqd,bhkd->bhqk", d_out, v).astype(jnp.float32)
+    d_weights = batched_matmul(d_out, v, transpose_b=True).astype(jnp.float32)
     row_dot = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
     d_scores = (weights * (d_weights - row_dot)).astype(q.dtype)  # w.r.t. q k^T, before the scale
-    d_q = (jnp.einsum("bhqk,bhkd->bhqd", d_scores, k) * scale).astype(q.dtype)
-    d_k = (jnp.einsum("bhqk,bhqd->bhkd", d_scores, q) * scale).astype(k.dtype)
-    d_v = jnp.einsum("bhqk,bhqd->bhkd", weights.astype(d_out.dtype), d_out).astype(v.dtype)
+    d_q = (batched_matmul(d_scores, k) * scale).astype(q.dtype)
+    d_k = (batched_matmul(d_scores, q, transpose_a=True) * scale).astype(k.dtype)
+    d_v = batched_matmul(weights.astype(d_out.dtype), d_out, transpose_a=True).astype(v.dtype)
     return d_q, d_k, d_v, None
 
 
@@ -129,7 +130,11 @@ class HeadsProjection(nn.Module):
         bias = (self.param("bias", logical(nn.initializers.zeros, "heads", "kv"), (self.num_heads, self.head_dim),
                            self.param_dtype) if self.use_bias else None)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = jnp.einsum("bld,dhk->bhlk", x, kernel)
+        if use_blas(x, kernel):  # one (B*L, width) x (width, heads*head_dim) GEMM, then the heads-major copy
+            y = matmul(x, kernel.reshape(kernel.shape[0], -1)).reshape(x.shape[:2] + kernel.shape[1:])
+            y = y.transpose(0, 2, 1, 3)
+        else:
+            y = jnp.einsum("bld,dhk->bhlk", x, kernel)
         return y + bias[None, :, None, :] if bias is not None else y
 
 
@@ -145,6 +150,10 @@ class HeadsMerge(nn.Module):
                             (x.shape[1], x.shape[3], self.width), self.param_dtype)
         bias = self.param("bias", logical(nn.initializers.zeros, "embed"), (self.width,), self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        if use_blas(x, kernel):
+            batch, heads, length, head_dim = x.shape
+            merged = x.transpose(0, 2, 1, 3).reshape(batch, length, heads * head_dim)
+            return matmul(merged, kernel.reshape(heads * head_dim, -1)) + bias
         return jnp.einsum("bhlk,hkd->bld", x, kernel) + bias
 
 

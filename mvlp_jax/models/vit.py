@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mvlp_jax.models.matmul import dense_dot_general
 from mvlp_jax.models.transformer import Dtype, Encoder, constrain, logical, sincos_2d
 
 # name -> (width, depth, num_heads, mlp_dim); the patch comes from the name ('B/16').
@@ -186,7 +187,7 @@ class MAE(nn.Module):
         latent = enc(images, keep_ids=keep_ids, train=train)
 
         dense = lambda features, name, axes: nn.Dense(
-            features, dtype=enc.dtype, param_dtype=enc.param_dtype, name=name,
+            features, dtype=enc.dtype, param_dtype=enc.param_dtype, name=name, dot_general=dense_dot_general,
             kernel_init=logical(nn.initializers.xavier_uniform(), *axes),
             bias_init=logical(nn.initializers.zeros, axes[1]))
         x = dense(self.decoder_width, "decoder_embed", ("embed", "decoder_embed"))(latent)

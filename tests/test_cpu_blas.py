@@ -1,0 +1,77 @@
+"""The MKL GEMM path on CPU: products against numpy, a whole MAE step against XLA's own dots, and when it is taken."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mvlp_jax.kernels import cpu_blas
+from mvlp_jax.models.vit import MAE, ViT
+
+pytestmark = pytest.mark.skipif(not cpu_blas.mkl_candidates(), reason="no MKL on this machine")
+
+
+@pytest.mark.parametrize("transpose_a", [False, True])
+@pytest.mark.parametrize("transpose_b", [False, True])
+@pytest.mark.parametrize("batch,m,k,n", [((), 300, 33, 70),   # one GEMM split into row blocks
+                                         ((), 40, 17, 300),   # ... into column blocks
+                                         ((), 5, 0, 3),       # empty contraction: zeros
+                                         ((3,), 20, 9, 11), ((2, 5), 7, 6, 4)])  # batches split into slices
+def test_blas_matmul_equals_numpy(transpose_a, transpose_b, batch, m, k, n):
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=batch + ((k, m) if transpose_a else (m, k))).astype(np.float32)
+    b = rng.normal(size=batch + ((n, k) if transpose_b else (k, n))).astype(np.float32)
+    expected = np.matmul(np.swapaxes(a, -1, -2) if transpose_a else a,
+                         np.swapaxes(b, -1, -2) if transpose_b else b, dtype=np.float64)
+    got = jax.jit(lambda a, b: cpu_blas.blas_matmul(a, b, transpose_a, transpose_b))(a, b)
+    assert got.shape == batch + (m, n) and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def _mae_step(monkeypatch, setting: str):
+    """MAE loss and gradients, and the compiled step's HLO, with MVLP_JAX_CPU_BLAS=setting."""
+    monkeypatch.setenv("MVLP_JAX_CPU_BLAS", setting)
+    model = MAE(ViT(width=64, depth=2, num_heads=4, mlp_dim=128, patch_size=8), decoder_width=32,
+                decoder_depth=2, decoder_heads=4, decoder_mlp_dim=64)
+    images = jax.random.normal(jax.random.key(0), (3, 32, 32, 1))
+    params = model.init({"params": jax.random.key(1), "masking": jax.random.key(2)}, images)["params"]
+    loss = lambda p: model.apply({"params": p}, images, rngs={"masking": jax.random.key(3)})["loss"]
+    step = jax.jit(jax.value_and_grad(loss))  # a new function: traced afresh under this setting
+    return step(params), step.lower(params).compile().as_text()
+
+
+def test_mae_step_on_mkl_equals_xla_dots(monkeypatch):
+    (loss_mkl, grads_mkl), hlo_mkl = _mae_step(monkeypatch, "on")
+    (loss_xla, grads_xla), hlo_xla = _mae_step(monkeypatch, "off")
+    assert hlo_mkl.count(cpu_blas.TARGET) >= 20 and cpu_blas.TARGET not in hlo_xla  # each path was taken
+    np.testing.assert_allclose(loss_mkl, loss_xla, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grads_mkl, grads_xla)
+
+
+def test_when_the_mkl_path_is_taken(monkeypatch):
+    x32, x16 = jnp.ones((4, 4)), jnp.ones((4, 4), jnp.bfloat16)
+    monkeypatch.setenv("MVLP_JAX_CPU_BLAS", "auto")
+    assert jax.device_count() == 8 and not cpu_blas.use_blas(x32)  # sharded programs keep XLA's dots
+    monkeypatch.setenv("MVLP_JAX_CPU_BLAS", "on")
+    assert cpu_blas.use_blas(x32) and not cpu_blas.use_blas(x32, x16)
+    monkeypatch.setenv("MVLP_JAX_CPU_BLAS", "off")
+    assert not cpu_blas.use_blas(x32)
+    monkeypatch.setenv("MVLP_JAX_CPU_BLAS", "yes")
+    with pytest.raises(ValueError, match="MVLP_JAX_CPU_BLAS"):
+        cpu_blas.use_blas(x32)
+
+
+def test_without_mkl_it_falls_back_with_a_warning(monkeypatch, caplog):
+    monkeypatch.setenv("MVLP_JAX_CPU_BLAS", "on")
+    monkeypatch.setattr(cpu_blas, "mkl_candidates", lambda: [])
+    cpu_blas.load.cache_clear()
+    try:
+        assert not cpu_blas.use_blas(jnp.ones(3))
+        assert "no MKL found" in caplog.text
+    finally:
+        cpu_blas.load.cache_clear()
+
+
+def test_kernel_builds_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MVLP_JAX_CACHE", str(tmp_path))
+    built = cpu_blas.build_kernel()
+    assert built.parent == tmp_path and built.stat().st_size > 0 and cpu_blas.build_kernel() == built
