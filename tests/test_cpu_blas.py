@@ -42,7 +42,9 @@ def _mae_step(monkeypatch, setting: str):
 def test_mae_step_on_mkl_equals_xla_dots(monkeypatch):
     (loss_mkl, grads_mkl), hlo_mkl = _mae_step(monkeypatch, "on")
     (loss_xla, grads_xla), hlo_xla = _mae_step(monkeypatch, "off")
-    assert hlo_mkl.count(cpu_blas.TARGET) >= 20 and cpu_blas.TARGET not in hlo_xla  # each path was taken
+    calls = lambda hlo, target: hlo.count(f'custom_call_target="{target}"')
+    assert calls(hlo_mkl, "mvlp_gemm") >= 20 and calls(hlo_mkl, "mvlp_attention_bwd") == 4  # each path was taken
+    assert not any(calls(hlo_xla, target) for target in cpu_blas.TARGETS)
     np.testing.assert_allclose(loss_mkl, loss_xla, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grads_mkl, grads_xla)
 
@@ -75,3 +77,19 @@ def test_kernel_builds_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MVLP_JAX_CACHE", str(tmp_path))
     built = cpu_blas.build_kernel()
     assert built.parent == tmp_path and built.stat().st_size > 0 and cpu_blas.build_kernel() == built
+
+
+@pytest.mark.parametrize("setting", ["on", "off"])
+def test_patch_conv_is_nn_conv(monkeypatch, setting):
+    """Same parameters (so checkpoints load) and outputs as the strided nn.Conv it replaces, on either path."""
+    from flax import linen as nn
+
+    from mvlp_jax.models.vit import PatchConv
+
+    monkeypatch.setenv("MVLP_JAX_CPU_BLAS", setting)
+    images = jax.random.normal(jax.random.key(0), (2, 24, 16, 3))
+    conv = nn.Conv(8, (4, 4), strides=(4, 4), padding="VALID")
+    params = conv.init(jax.random.key(1), images)
+    ours = PatchConv(8, 4)
+    jax.tree.map(np.testing.assert_array_equal, nn.unbox(ours.init(jax.random.key(1), images)), params)
+    np.testing.assert_allclose(jax.jit(ours.apply)(params, images), conv.apply(params, images), rtol=1e-5, atol=1e-5)

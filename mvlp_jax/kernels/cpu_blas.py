@@ -1,9 +1,11 @@
-"""Float32 GEMMs on CPU through MKL: `blas_matmul`, and `use_blas` to decide when a model takes that path.
+"""Float32 GEMMs and attention on CPU through MKL (`blas_matmul`, `mkl_attention`), and `use_blas` to
+decide when a model takes that path.
 
 XLA:CPU's own GEMMs reach ~85% of MKL's FLOP/s on AVX-512 machines (800x768 @ 768x3072: 325 vs 390 GFLOP/s
-on two cores) and it runs the (batch x heads)-batched small matmuls of attention on one thread. A model step
-on a workstation CPU is mostly such GEMMs, so here they go to MKL's sgemm through an XLA FFI custom call
-(blas_gemm.cc, compiled on first use with the machine's g++ and cached), on XLA's own thread pool.
+on two cores), it runs the (batch x heads)-batched small matmuls of attention on one thread, and its softmax
+makes four passes over a (B, H, Q, K) tensor. A model step on a workstation CPU is mostly these, so here they
+go to MKL through XLA FFI custom calls (mkl_kernels.cc, compiled on first use with the machine's g++ and
+cached), on XLA's own thread pool.
 
 When: `use_blas(*operands)` is true for float32 operands in a process whose JAX backend is CPU with a single
 device, and an MKL is found (the one torch ships, or MVLP_JAX_BLAS_LIB). A custom call has no sharding rule,
@@ -17,6 +19,7 @@ import functools
 import hashlib
 import importlib.util
 import logging
+import math
 import os
 import pathlib
 import subprocess
@@ -25,9 +28,12 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-TARGET = "mvlp_blas_gemm"
-SOURCE = pathlib.Path(__file__).with_name("blas_gemm.cc")
+TARGETS = {"mvlp_gemm": "MvlpGemm", "mvlp_attention_fwd": "MvlpAttentionFwd",
+           "mvlp_attention_bwd": "MvlpAttentionBwd"}  # FFI target -> handler symbol
+SOURCE = pathlib.Path(__file__).with_name("mkl_kernels.cc")
+MKL_SYMBOLS = ("sgemm_", "mkl_set_num_threads_local_", "vsExp")
 MODES = ("auto", "on", "off")
 
 
@@ -39,7 +45,7 @@ def mode() -> str:
 
 
 def mkl_candidates() -> list[pathlib.Path]:
-    """Libraries that export MKL's Fortran sgemm_ and mkl_set_num_threads_local_, most explicit first."""
+    """Libraries that may export MKL_SYMBOLS, most explicit first."""
     paths = [pathlib.Path(p) for p in [os.environ.get("MVLP_JAX_BLAS_LIB")] if p]
     paths.append(pathlib.Path(sys.prefix) / "lib" / "libmkl_rt.so.2")  # PyPI's `mkl`
     torch_spec = importlib.util.find_spec("torch")
@@ -53,11 +59,11 @@ def cache_dir() -> pathlib.Path:
 
 
 def build_kernel() -> pathlib.Path:
-    """Compile blas_gemm.cc against the installed jaxlib's FFI headers (once per source and jaxlib version)."""
+    """Compile mkl_kernels.cc against the installed jaxlib's FFI headers (once per source and jaxlib version)."""
     import jaxlib
 
     key = hashlib.sha256(SOURCE.read_bytes() + jaxlib.__version__.encode()).hexdigest()[:16]
-    target = cache_dir() / f"blas_gemm-{key}.so"
+    target = cache_dir() / f"mkl_kernels-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -72,15 +78,15 @@ def build_kernel() -> pathlib.Path:
 
 @functools.cache
 def load() -> bool:
-    """Build and register the FFI target once per process; False (and one warning) when that is impossible."""
+    """Build and register the FFI targets once per process; False (and one warning) when that is impossible."""
     try:
         provider = next((ctypes.CDLL(str(p)) for p in mkl_candidates() if _exports_mkl(p)), None)
         if provider is None:
             raise RuntimeError("no MKL found (install torch or `mkl`, or set MVLP_JAX_BLAS_LIB)")
         kernel = ctypes.CDLL(str(build_kernel()))
-        kernel.mvlp_blas_init(ctypes.cast(provider.sgemm_, ctypes.c_void_p),
-                              ctypes.cast(provider.mkl_set_num_threads_local_, ctypes.c_void_p))
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(kernel.MvlpBlasGemm), platform="cpu")
+        kernel.mvlp_mkl_init(*(ctypes.cast(getattr(provider, name), ctypes.c_void_p) for name in MKL_SYMBOLS))
+        for target, symbol in TARGETS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(kernel, symbol)), platform="cpu")
         return True
     except (OSError, RuntimeError, subprocess.CalledProcessError) as error:
         detail = getattr(error, "stderr", "") or error
@@ -93,7 +99,12 @@ def _exports_mkl(path: pathlib.Path) -> bool:
         lib = ctypes.CDLL(str(path))
     except OSError:
         return False
-    return all(hasattr(lib, name) for name in ("sgemm_", "mkl_set_num_threads_local_"))
+    return all(hasattr(lib, name) for name in MKL_SYMBOLS)
+
+
+def _require() -> None:
+    if not load():
+        raise RuntimeError("the MKL kernels are unavailable here (see the warning above)")
 
 
 def use_blas(*operands: jax.Array) -> bool:
@@ -109,8 +120,7 @@ def use_blas(*operands: jax.Array) -> bool:
 def blas_matmul(a: jax.Array, b: jax.Array, transpose_a: bool = False, transpose_b: bool = False) -> jax.Array:
     """op(a) @ op(b) over shared leading batch axes by MKL: a (..., M, K) or (..., K, M) when transpose_a,
     b (..., K, N) or (..., N, K) when transpose_b. float32 on CPU only; callers check `use_blas` first."""
-    if not load():
-        raise RuntimeError("the MKL GEMM kernel is unavailable here (see the warning above)")
+    _require()
     batch = a.shape[:-2]
     if b.shape[:-2] != batch:
         raise ValueError(f"batch axes differ: {a.shape} and {b.shape}")
@@ -119,7 +129,7 @@ def blas_matmul(a: jax.Array, b: jax.Array, transpose_a: bool = False, transpose
     groups = 1
     for size in batch:
         groups *= size
-    out = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((groups, m, n), jnp.float32))(
+    out = jax.ffi.ffi_call("mvlp_gemm", jax.ShapeDtypeStruct((groups, m, n), jnp.float32))(
         a.reshape((groups,) + a.shape[-2:]), b.reshape((groups,) + b.shape[-2:]),
         transpose_a=transpose_a, transpose_b=transpose_b)
     return out.reshape(batch + (m, n))
@@ -130,3 +140,30 @@ def batched_matmul(a: jax.Array, b: jax.Array, transpose_a: bool = False, transp
     if use_blas(a, b):
         return blas_matmul(a, b, transpose_a, transpose_b)
     return jnp.einsum(f"...{'km' if transpose_a else 'mk'},...{'nk' if transpose_b else 'kn'}->...mn", a, b)
+
+
+@jax.custom_vjp
+def mkl_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """softmax(q k^T / sqrt(D)) v per head, without a mask, on (B, L, H, D) tensors (length-major: the
+    projections' own layout); float32 on CPU only, callers check `use_blas` first."""
+    return _attention_fwd(q, k, v)[0]
+
+
+def _attention_fwd(q, k, v):
+    _require()
+    (b, q_len, h, d), k_len = q.shape, k.shape[1]
+    out, weights = jax.ffi.ffi_call(
+        "mvlp_attention_fwd", (jax.ShapeDtypeStruct(q.shape, jnp.float32),
+                               jax.ShapeDtypeStruct((b, h, q_len, k_len), jnp.float32)))(
+        q, k, v, scale=np.float32(1.0 / math.sqrt(d)))
+    return out, (q, k, v, weights, out)
+
+
+def _attention_bwd(residuals, d_out):
+    q, k, v, weights, out = residuals
+    shapes = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
+    return jax.ffi.ffi_call("mvlp_attention_bwd", shapes)(q, k, v, weights, out, d_out,
+                                                          scale=np.float32(1.0 / math.sqrt(q.shape[-1])))
+
+
+mkl_attention.defvjp(_attention_fwd, _attention_bwd)

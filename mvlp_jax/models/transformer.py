@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mvlp_jax.kernels.cpu_blas import batched_matmul, use_blas
+from mvlp_jax.kernels.cpu_blas import batched_matmul, mkl_attention, use_blas
 from mvlp_jax.models.matmul import dense_dot_general, matmul
 
 Dtype = Any
@@ -116,49 +116,57 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
 
 
 class HeadsProjection(nn.Module):
-    """x (B, L, width) -> (B, heads, L, head_dim); kernel (width, heads, head_dim) as nn.DenseGeneral's."""
+    """x (B, L, width) -> (B, heads, L, head_dim), or (B, L, heads, head_dim) when not `heads_major`;
+    kernel (width, heads, head_dim) as nn.DenseGeneral's."""
     num_heads: int
     head_dim: int
     use_bias: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    heads_major: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", logical(flat_init(nn.initializers.xavier_uniform(), 1), "embed", "heads", "kv"),
                             (x.shape[-1], self.num_heads, self.head_dim), self.param_dtype)
         bias = (self.param("bias", logical(nn.initializers.zeros, "heads", "kv"), (self.num_heads, self.head_dim),
-                           self.param_dtype) if self.use_bias else None)
+                           self.param_dtype) if self.use_bias else jnp.zeros((), self.param_dtype))
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        if use_blas(x, kernel):  # one (B*L, width) x (width, heads*head_dim) GEMM, then the heads-major copy
-            y = matmul(x, kernel.reshape(kernel.shape[0], -1)).reshape(x.shape[:2] + kernel.shape[1:])
-            y = y.transpose(0, 2, 1, 3)
-        else:
-            y = jnp.einsum("bld,dhk->bhlk", x, kernel)
-        return y + bias[None, :, None, :] if bias is not None else y
+        if use_blas(x, kernel):  # one (B*L, width) x (width, heads*head_dim) GEMM in MKL
+            y = matmul(x, kernel.reshape(kernel.shape[0], -1)).reshape(x.shape[:2] + kernel.shape[1:]) + bias
+            return y.transpose(0, 2, 1, 3) if self.heads_major else y
+        if self.heads_major:
+            return jnp.einsum("bld,dhk->bhlk", x, kernel) + (bias[:, None, :] if bias.ndim else bias)
+        return jnp.einsum("bld,dhk->blhk", x, kernel) + bias
 
 
 class HeadsMerge(nn.Module):
-    """(B, heads, L, head_dim) -> (B, L, width); kernel (heads, head_dim, width) as nn.DenseGeneral's."""
+    """(B, heads, L, head_dim), or (B, L, heads, head_dim) when not `heads_major`, -> (B, L, width); kernel
+    (heads, head_dim, width) as nn.DenseGeneral's."""
     width: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    heads_major: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        heads, head_dim = (x.shape[1], x.shape[3]) if self.heads_major else x.shape[2:]
         kernel = self.param("kernel", logical(flat_init(nn.initializers.xavier_uniform(), 2), "heads", "kv", "embed"),
-                            (x.shape[1], x.shape[3], self.width), self.param_dtype)
+                            (heads, head_dim, self.width), self.param_dtype)
         bias = self.param("bias", logical(nn.initializers.zeros, "embed"), (self.width,), self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         if use_blas(x, kernel):
-            batch, heads, length, head_dim = x.shape
-            merged = x.transpose(0, 2, 1, 3).reshape(batch, length, heads * head_dim)
-            return matmul(merged, kernel.reshape(heads * head_dim, -1)) + bias
-        return jnp.einsum("bhlk,hkd->bld", x, kernel) + bias
+            x = x.transpose(0, 2, 1, 3) if self.heads_major else x
+            return matmul(x.reshape(x.shape[:2] + (heads * head_dim,)), kernel.reshape(heads * head_dim, -1)) + bias
+        return jnp.einsum("bhlk,hkd->bld" if self.heads_major else "blhk,hkd->bld", x, kernel) + bias
 
 
 class Attention(nn.Module):
-    """Multi-head attention (self, or cross with `inputs_kv`); sows its weights when asked."""
+    """Multi-head attention (self, or cross with `inputs_kv`); sows its weights when asked.
+
+    Unmasked float32 attention on a single-device CPU runs in MKL (`mkl_attention`) on length-major
+    (B, L, heads, head_dim) tensors, the projections' own layout; everything else heads-major in XLA.
+    """
     num_heads: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -172,17 +180,20 @@ class Attention(nn.Module):
         width = inputs_q.shape[-1]
         if width % self.num_heads:
             raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
+        fused = mask is None and use_blas(inputs_q.astype(self.dtype), inputs_kv.astype(self.dtype))
+        names = ("batch", "length", "heads", "kv") if fused else ("batch", "heads", "length", "kv")
 
         def project(name: str, x: jax.Array) -> jax.Array:
             y = HeadsProjection(self.num_heads, width // self.num_heads, self.qkv_bias, self.dtype,
-                                self.param_dtype, name=name)(x)
-            return constrain(y, "batch", "heads", "length", "kv")
+                                self.param_dtype, heads_major=not fused, name=name)(x)
+            return constrain(y, *names)
 
-        q, k = project("query", inputs_q), project("key", inputs_kv)
-        out = dot_product_attention(q, k, project("value", inputs_kv), mask)
+        q, k, v = project("query", inputs_q), project("key", inputs_kv), project("value", inputs_kv)
+        out = mkl_attention(q, k, v) if fused else dot_product_attention(q, k, v, mask)
         if self.sow_weights:
-            self.sow("intermediates", "attention_weights", attention_weights(q, k, mask))
-        return HeadsMerge(width, self.dtype, self.param_dtype, name="out")(out)
+            heads_major = (lambda x: x.transpose(0, 2, 1, 3)) if fused else (lambda x: x)
+            self.sow("intermediates", "attention_weights", attention_weights(heads_major(q), heads_major(k), mask))
+        return HeadsMerge(width, self.dtype, self.param_dtype, heads_major=not fused, name="out")(out)
 
 
 class MlpBlock(nn.Module):

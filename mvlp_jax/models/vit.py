@@ -14,7 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mvlp_jax.models.matmul import dense_dot_general
+from mvlp_jax.kernels.cpu_blas import use_blas
+from mvlp_jax.models.matmul import dense_dot_general, matmul
 from mvlp_jax.models.transformer import Dtype, Encoder, constrain, logical, sincos_2d
 
 # name -> (width, depth, num_heads, mlp_dim); the patch comes from the name ('B/16').
@@ -80,6 +81,30 @@ def reconstruction_loss(pred: jax.Array, target: jax.Array, mask: jax.Array, nor
     return jnp.sum(per_patch * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
+class PatchConv(nn.Module):
+    """nn.Conv with kernel = stride = patch, VALID padding, and its parameters; where `use_blas` allows, one
+    MKL GEMM on patchified pixels instead (XLA:CPU's strided conv: MAE B/16, 32 ms forward, 24 ms kernel
+    gradient, against ~8 ms for the GEMM)."""
+    features: int
+    patch_size: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        p, channels = self.patch_size, images.shape[-1]
+        kernel = self.param("kernel", logical(nn.initializers.lecun_normal(), None, None, None, "embed"),
+                            (p, p, channels, self.features), self.param_dtype)
+        bias = self.param("bias", logical(nn.initializers.zeros, "embed"), (self.features,), self.param_dtype)
+        images, kernel, bias = nn.dtypes.promote_dtype(images, kernel, bias, dtype=self.dtype)
+        if use_blas(images, kernel):
+            b, h, w, _ = images.shape
+            y = matmul(patchify(images, p), kernel.reshape(p * p * channels, self.features))
+            return y.reshape(b, h // p, w // p, self.features) + bias
+        return jax.lax.conv_general_dilated(images, kernel, (p, p), "VALID",
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
+
+
 class PatchEmbed(nn.Module):
     """Conv patch embedding and position embeddings: (B,H,W,C) -> tokens (B, N, D), pos (1, N, D).
 
@@ -99,10 +124,7 @@ class PatchEmbed(nn.Module):
         """Returns (patch tokens, their position embeddings, cls position embedding or None, grid)."""
         if self.posemb not in POSEMB:
             raise ValueError(f"posemb={self.posemb!r}; choose one of {POSEMB}")
-        x = nn.Conv(self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2, padding="VALID",
-                    dtype=self.dtype, param_dtype=self.param_dtype, name="conv",
-                    kernel_init=logical(nn.initializers.lecun_normal(), None, None, None, "embed"),
-                    bias_init=logical(nn.initializers.zeros, "embed"))(images.astype(self.dtype))
+        x = PatchConv(self.width, self.patch_size, self.dtype, self.param_dtype, name="conv")(images)
         b, gh, gw, d = x.shape
         x = x.reshape(b, gh * gw, d)
         cls_pos = None
