@@ -93,3 +93,19 @@ def test_patch_conv_is_nn_conv(monkeypatch, setting):
     ours = PatchConv(8, 4)
     jax.tree.map(np.testing.assert_array_equal, nn.unbox(ours.init(jax.random.key(1), images)), params)
     np.testing.assert_allclose(jax.jit(ours.apply)(params, images), conv.apply(params, images), rtol=1e-5, atol=1e-5)
+
+
+def test_cross_attention_on_mkl_equals_xla_and_sows_the_same_weights(monkeypatch):
+    """Queries and keys of different lengths (a pooling probe's case), outputs and sown attention maps."""
+    from mvlp_jax.models.transformer import Attention
+
+    queries, keys = jax.random.normal(jax.random.key(0), (2, 3, 16)), jax.random.normal(jax.random.key(1), (2, 7, 16))
+    attention = Attention(num_heads=4, sow_weights=True)
+    params = attention.init(jax.random.key(2), queries, keys)
+    results = {}
+    for setting in ("on", "off"):
+        monkeypatch.setenv("MVLP_JAX_CPU_BLAS", setting)
+        apply = jax.jit(lambda p, q, k: attention.apply(p, q, k, mutable=["intermediates"]))
+        results[setting] = apply(params, queries, keys)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), results["on"], results["off"])
+    assert results["on"][1]["intermediates"]["attention_weights"][0].shape == (2, 4, 3, 7)

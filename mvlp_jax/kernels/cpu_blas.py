@@ -107,8 +107,9 @@ def _require() -> None:
         raise RuntimeError("the MKL kernels are unavailable here (see the warning above)")
 
 
-def use_blas(*operands: jax.Array) -> bool:
-    """Whether GEMMs on these operands go to MKL (decided at trace time; see the module docstring)."""
+def use_blas(*operands: jax.Array | jnp.dtype) -> bool:
+    """Whether GEMMs on these operands (arrays or dtypes) go to MKL (decided at trace time; see the module
+    docstring)."""
     setting = mode()
     if setting == "off" or any(jnp.result_type(x) != jnp.float32 for x in operands):
         return False

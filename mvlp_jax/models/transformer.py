@@ -130,14 +130,16 @@ class HeadsProjection(nn.Module):
         kernel = self.param("kernel", logical(flat_init(nn.initializers.xavier_uniform(), 1), "embed", "heads", "kv"),
                             (x.shape[-1], self.num_heads, self.head_dim), self.param_dtype)
         bias = (self.param("bias", logical(nn.initializers.zeros, "heads", "kv"), (self.num_heads, self.head_dim),
-                           self.param_dtype) if self.use_bias else jnp.zeros((), self.param_dtype))
+                           self.param_dtype) if self.use_bias else None)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         if use_blas(x, kernel):  # one (B*L, width) x (width, heads*head_dim) GEMM in MKL
-            y = matmul(x, kernel.reshape(kernel.shape[0], -1)).reshape(x.shape[:2] + kernel.shape[1:]) + bias
-            return y.transpose(0, 2, 1, 3) if self.heads_major else y
-        if self.heads_major:
-            return jnp.einsum("bld,dhk->bhlk", x, kernel) + (bias[:, None, :] if bias.ndim else bias)
-        return jnp.einsum("bld,dhk->blhk", x, kernel) + bias
+            y = matmul(x, kernel.reshape(kernel.shape[0], -1)).reshape(x.shape[:2] + kernel.shape[1:])
+            y = y.transpose(0, 2, 1, 3) if self.heads_major else y
+        else:
+            y = jnp.einsum("bld,dhk->bhlk" if self.heads_major else "bld,dhk->blhk", x, kernel)
+        if bias is None:
+            return y
+        return y + (bias[:, None, :] if self.heads_major else bias)
 
 
 class HeadsMerge(nn.Module):
@@ -180,7 +182,7 @@ class Attention(nn.Module):
         width = inputs_q.shape[-1]
         if width % self.num_heads:
             raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
-        fused = mask is None and use_blas(inputs_q.astype(self.dtype), inputs_kv.astype(self.dtype))
+        fused = mask is None and use_blas(self.dtype)  # the projections compute in self.dtype
         names = ("batch", "length", "heads", "kv") if fused else ("batch", "heads", "length", "kv")
 
         def project(name: str, x: jax.Array) -> jax.Array:
