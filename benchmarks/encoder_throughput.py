@@ -7,9 +7,10 @@ Same configuration for both (grayscale 224, mask 0.75, decoder 512 x 8 x 16, Ada
 = forward + backward + AdamW update. Each framework runs in its own process (a process that has loaded
 torch runs JAX ~15% slower here: their thread pools compete), and the two alternate for `rounds` rounds
 so that a noisy neighbour on a shared machine slows both; the figure is the ratio of median step times.
-The JAX worker is a single-device CPU process, so the model takes its MKL path (mvlp_jax/kernels;
-MVLP_JAX_CPU_BLAS=off in the environment times XLA's own ops instead). Also reports model FLOPs
-utilisation: the step's FLOPs (XLA cost analysis of the XLA-op program) per second over the FLOP/s of a
+The JAX worker is a single-device CPU process, so the model takes its MKL path (mvlp_jax/kernels:
+fused attention, and MKL's GEMMs where they beat XLA's dots on this machine, see gemm_choice.py; the
+line names the GEMM library; MVLP_JAX_CPU_BLAS=off in the environment times XLA's own ops alone). Also
+reports model FLOPs utilisation: the step's FLOPs (XLA cost analysis of the XLA-op program) per second over the FLOP/s of a
 large float32 matmul (XLA's own) measured in the JAX process. Both workers start with the malloc tunables of
 `mvlp_jax/host_memory.py` (huge pages, one reused heap; --no-huge_page_malloc: glibc's defaults, or whatever
 GLIBC_TUNABLES the caller set). The last line is the JAX / PyTorch ratio of the last variant. --blocks
@@ -73,7 +74,14 @@ def jax_step_times(name: str, batch: int, steps: int) -> dict:
         nonlocal state
         *state, loss = compiled(*state, next(keys))
         loss.block_until_ready()
-    return {"times": step_seconds(run, steps), "flops": flops, "peak": matmul_flops_per_s()}
+    return {"times": step_seconds(run, steps), "flops": flops, "peak": matmul_flops_per_s(), "gemm": gemm_library()}
+
+
+def gemm_library() -> str:
+    """Which library ran the dense GEMMs of the timed program: 'mkl', or 'xla' (its own dots)."""
+    from mvlp_jax.kernels import cpu_blas, gemm_choice
+
+    return gemm_choice.gemm_backend() if cpu_blas.use_blas(np.float32) else "xla"
 
 
 def step_flops(step, *args) -> float:
@@ -194,18 +202,18 @@ def main() -> None:
         return
     ratio = 0.0
     for name in args.variants.split(","):
-        jax_times, torch_times, flops, peaks = [], [], 0.0, []
+        jax_times, torch_times, flops, peaks, gemm = [], [], 0.0, [], ""
         for _ in range(args.rounds):
             result = run_worker("jax", name, args.batch, args.steps, args.huge_page_malloc)
             jax_times += result["times"]
-            flops = result["flops"]
+            flops, gemm = result["flops"], result["gemm"]
             peaks.append(result["peak"])
             torch_times += run_worker("torch", name, args.batch, args.steps, args.huge_page_malloc)["times"]
         jax_step, torch_step, peak = np.median(jax_times), np.median(torch_times), np.median(peaks)
         ratio = torch_step / jax_step
         print(f"MAE {name} @224 gray, batch {args.batch}, median of {len(jax_times)} steps each: "
               f"JAX {args.batch / jax_step:.2f} img/s (MFU {flops / jax_step / peak:.0%} of a "
-              f"{peak / 1e9:.0f} GFLOP/s fp32 matmul), PyTorch {args.batch / torch_step:.2f} img/s, "
+              f"{peak / 1e9:.0f} GFLOP/s fp32 matmul; GEMMs by {gemm}), PyTorch {args.batch / torch_step:.2f} img/s, "
               f"ratio {ratio:.2f}x", flush=True)
     print(f"encoder_throughput: JAX/PyTorch MAE train-step images/s ratio ({name}): {ratio:.2f}x")
 

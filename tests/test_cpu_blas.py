@@ -1,4 +1,6 @@
 """The MKL GEMM path on CPU: products against numpy, a whole MAE step against XLA's own dots, and when it is taken."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,9 +29,11 @@ def test_blas_matmul_equals_numpy(transpose_a, transpose_b, batch, m, k, n):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
-def _mae_step(monkeypatch, setting: str):
-    """MAE loss and gradients, and the compiled step's HLO, with MVLP_JAX_CPU_BLAS=setting."""
+def _mae_step(monkeypatch, setting: str, gemm: str = "mkl"):
+    """MAE loss and gradients, and the compiled step's HLO, with MVLP_JAX_CPU_BLAS=setting and
+    MVLP_JAX_CPU_GEMM=gemm."""
     monkeypatch.setenv("MVLP_JAX_CPU_BLAS", setting)
+    monkeypatch.setenv("MVLP_JAX_CPU_GEMM", gemm)
     model = MAE(ViT(width=64, depth=2, num_heads=4, mlp_dim=128, patch_size=8), decoder_width=32,
                 decoder_depth=2, decoder_heads=4, decoder_mlp_dim=64)
     images = jax.random.normal(jax.random.key(0), (3, 32, 32, 1))
@@ -39,11 +43,14 @@ def _mae_step(monkeypatch, setting: str):
     return step(params), step.lower(params).compile().as_text()
 
 
-def test_mae_step_on_mkl_equals_xla_dots(monkeypatch):
-    (loss_mkl, grads_mkl), hlo_mkl = _mae_step(monkeypatch, "on")
+@pytest.mark.parametrize("gemm", ["mkl", "xla"])
+def test_mae_step_on_mkl_equals_xla_dots(monkeypatch, gemm):
+    """MKL attention with MKL's or XLA's GEMMs (gemm_choice) against XLA's ops alone."""
+    (loss_mkl, grads_mkl), hlo_mkl = _mae_step(monkeypatch, "on", gemm)
     (loss_xla, grads_xla), hlo_xla = _mae_step(monkeypatch, "off")
     calls = lambda hlo, target: hlo.count(f'custom_call_target="{target}"')
-    assert calls(hlo_mkl, "mvlp_gemm") >= 20 and calls(hlo_mkl, "mvlp_attention_bwd") == 4  # each path was taken
+    assert calls(hlo_mkl, "mvlp_attention_bwd") == 4  # each path was taken
+    assert calls(hlo_mkl, "mvlp_gemm") >= 20 if gemm == "mkl" else calls(hlo_mkl, "mvlp_gemm") == 0
     assert not any(calls(hlo_xla, target) for target in cpu_blas.TARGETS)
     np.testing.assert_allclose(loss_mkl, loss_xla, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grads_mkl, grads_xla)
@@ -87,6 +94,7 @@ def test_patch_conv_is_nn_conv(monkeypatch, setting):
     from mvlp_jax.models.vit import PatchConv
 
     monkeypatch.setenv("MVLP_JAX_CPU_BLAS", setting)
+    monkeypatch.setenv("MVLP_JAX_CPU_GEMM", "mkl")
     images = jax.random.normal(jax.random.key(0), (2, 24, 16, 3))
     conv = nn.Conv(8, (4, 4), strides=(4, 4), padding="VALID")
     params = conv.init(jax.random.key(1), images)
@@ -109,3 +117,29 @@ def test_cross_attention_on_mkl_equals_xla_and_sows_the_same_weights(monkeypatch
         results[setting] = apply(params, queries, keys)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), results["on"], results["off"])
     assert results["on"][1]["intermediates"]["attention_weights"][0].shape == (2, 4, 3, 7)
+
+
+def test_gemm_choice_is_timed_once_stored_and_reused(tmp_path, monkeypatch):
+    from mvlp_jax.kernels import gemm_choice
+
+    monkeypatch.setenv("MVLP_JAX_CACHE", str(tmp_path))
+    monkeypatch.delenv("MVLP_JAX_CPU_GEMM", raising=False)
+    gemm_choice.stored_backend.cache_clear()
+    try:
+        record = gemm_choice.time_backends(repeats=1)
+        assert record["backend"] in gemm_choice.CHOICES and all(t > 0 for ts in record["seconds"].values() for t in ts)
+        stored = tmp_path / f"gemm-choice-{gemm_choice.machine_key()}.json"
+        chosen = gemm_choice.gemm_backend()  # times both and stores the choice
+        assert json.loads(stored.read_text())["backend"] == chosen
+        stored.write_text(json.dumps({"backend": "mkl"}))  # a later process reads the file, times nothing
+        gemm_choice.stored_backend.cache_clear()
+        monkeypatch.setattr(gemm_choice, "time_backends", lambda: pytest.fail("timed again"))
+        monkeypatch.setenv("MVLP_JAX_CPU_BLAS", "on")
+        assert gemm_choice.gemm_backend() == "mkl" and gemm_choice.use_mkl_gemm(jnp.ones(3))
+        monkeypatch.setenv("MVLP_JAX_CPU_GEMM", "xla")  # the override wins over the stored choice
+        assert gemm_choice.gemm_backend() == "xla" and not gemm_choice.use_mkl_gemm(jnp.ones(3))
+        monkeypatch.setenv("MVLP_JAX_CPU_GEMM", "blas")
+        with pytest.raises(ValueError, match="MVLP_JAX_CPU_GEMM"):
+            gemm_choice.gemm_backend()
+    finally:
+        gemm_choice.stored_backend.cache_clear()

@@ -1,19 +1,21 @@
 """x @ kernel with GEMMs that run fast on CPU, and the same values and gradients as autodiff elsewhere.
 
-Where `mvlp_jax.kernels.cpu_blas.use_blas` allows (float32, single-device CPU), all three GEMMs (forward,
-input and weight gradient) go to MKL. Otherwise XLA's dots run, with one change to autodiff's form:
-autodiff writes a dense layer's weight gradient as x^T g, a dot contracting the leading (token) axis of
-both operands, which XLA:CPU hands to Eigen instead of YNNPACK and runs ~25% slower than the same GEMM on
-row-major operands (MAE B/16 decoder fc1, 3152 tokens x 512 -> 2048: 52 vs 39 ms). On CPU that backward
-transposes the smaller operand first (a copy of a few MB) and keeps the transpose from being folded back
-into the dot; other platforms take autodiff's form, which their compilers handle natively.
+Where `mvlp_jax.kernels.gemm_choice.use_mkl_gemm` allows (float32, single-device CPU, a machine whose MKL
+beats XLA's dots), all three GEMMs (forward, input and weight gradient) go to MKL. Otherwise XLA's dots run,
+with one change to autodiff's form: autodiff writes a dense layer's weight gradient as x^T g, a dot
+contracting the leading (token) axis of both operands, which XLA:CPU hands to Eigen instead of YNNPACK and
+runs ~25% slower than the same GEMM on row-major operands (MAE B/16 decoder fc1, 3152 tokens x 512 -> 2048: 52
+vs 39 ms). On CPU that backward transposes the smaller operand first (a copy of a few MB) and keeps the
+transpose from being folded back into the dot; other platforms take autodiff's form, which their compilers
+handle natively.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from mvlp_jax.kernels.cpu_blas import blas_matmul, use_blas
+from mvlp_jax.kernels.cpu_blas import blas_matmul
+from mvlp_jax.kernels.gemm_choice import use_mkl_gemm
 
 
 def _weight_grad_cpu(x: jax.Array, g: jax.Array) -> jax.Array:
@@ -31,8 +33,8 @@ def _weight_grad(x: jax.Array, g: jax.Array) -> jax.Array:
 @jax.custom_vjp
 def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """x (..., K) @ kernel (K, M); same values and gradients as autodiff, faster GEMMs on CPU (MKL where
-    `use_blas` allows, else XLA's dot with the weight gradient in the form above)."""
-    if use_blas(x, kernel):
+    `use_mkl_gemm` allows, else XLA's dot with the weight gradient in the form above)."""
+    if use_mkl_gemm(x, kernel):
         return blas_matmul(x.reshape(-1, x.shape[-1]), kernel).reshape(x.shape[:-1] + kernel.shape[1:])
     return x @ kernel
 
@@ -44,7 +46,7 @@ def _matmul_fwd(x: jax.Array, kernel: jax.Array):
 def _matmul_bwd(residuals, g: jax.Array):
     x, kernel = residuals
     x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-    if use_blas(x, kernel, g):
+    if use_mkl_gemm(x, kernel, g):
         return blas_matmul(g2, kernel, transpose_b=True).reshape(x.shape), blas_matmul(x2, g2, transpose_a=True)
     d_x = jnp.einsum("...m,km->...k", g, kernel)
     d_kernel = jax.lax.platform_dependent(x2, g2, cpu=_weight_grad_cpu, default=_weight_grad)

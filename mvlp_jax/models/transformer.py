@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mvlp_jax.kernels.cpu_blas import batched_matmul, mkl_attention, use_blas
+from mvlp_jax.kernels.gemm_choice import use_mkl_gemm
 from mvlp_jax.models.matmul import dense_dot_general, matmul
 
 Dtype = Any
@@ -132,7 +133,7 @@ class HeadsProjection(nn.Module):
         bias = (self.param("bias", logical(nn.initializers.zeros, "heads", "kv"), (self.num_heads, self.head_dim),
                            self.param_dtype) if self.use_bias else None)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        if use_blas(x, kernel):  # one (B*L, width) x (width, heads*head_dim) GEMM in MKL
+        if use_mkl_gemm(x, kernel):  # one (B*L, width) x (width, heads*head_dim) GEMM in MKL
             y = matmul(x, kernel.reshape(kernel.shape[0], -1)).reshape(x.shape[:2] + kernel.shape[1:])
             y = y.transpose(0, 2, 1, 3) if self.heads_major else y
         else:
@@ -157,7 +158,7 @@ class HeadsMerge(nn.Module):
                             (heads, head_dim, self.width), self.param_dtype)
         bias = self.param("bias", logical(nn.initializers.zeros, "embed"), (self.width,), self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        if use_blas(x, kernel):
+        if use_mkl_gemm(x, kernel):
             x = x.transpose(0, 2, 1, 3) if self.heads_major else x
             return matmul(x.reshape(x.shape[:2] + (heads * head_dim,)), kernel.reshape(heads * head_dim, -1)) + bias
         return jnp.einsum("bhlk,hkd->bld" if self.heads_major else "blhk,hkd->bld", x, kernel) + bias

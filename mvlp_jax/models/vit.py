@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mvlp_jax.kernels.cpu_blas import use_blas
+from mvlp_jax.kernels.gemm_choice import use_mkl_gemm
 from mvlp_jax.models.matmul import dense_dot_general, matmul
 from mvlp_jax.models.transformer import Dtype, Encoder, constrain, logical, sincos_2d
 
@@ -82,7 +82,7 @@ def reconstruction_loss(pred: jax.Array, target: jax.Array, mask: jax.Array, nor
 
 
 class PatchConv(nn.Module):
-    """nn.Conv with kernel = stride = patch, VALID padding, and its parameters; where `use_blas` allows, one
+    """nn.Conv with kernel = stride = patch, VALID padding, and its parameters; where `use_mkl_gemm` allows, one
     MKL GEMM on patchified pixels instead (XLA:CPU's strided conv: MAE B/16, 32 ms forward, 24 ms kernel
     gradient, against ~8 ms for the GEMM)."""
     features: int
@@ -97,7 +97,7 @@ class PatchConv(nn.Module):
                             (p, p, channels, self.features), self.param_dtype)
         bias = self.param("bias", logical(nn.initializers.zeros, "embed"), (self.features,), self.param_dtype)
         images, kernel, bias = nn.dtypes.promote_dtype(images, kernel, bias, dtype=self.dtype)
-        if use_blas(images, kernel):
+        if use_mkl_gemm(images, kernel):
             b, h, w, _ = images.shape
             y = matmul(patchify(images, p), kernel.reshape(p * p * channels, self.features))
             return y.reshape(b, h // p, w // p, self.features) + bias
