@@ -16,6 +16,7 @@ import numpy as np
 from mvlp_jax.kernels.cpu_blas import batched_matmul, mkl_attention, use_blas
 from mvlp_jax.kernels.gemm_choice import use_mkl_gemm
 from mvlp_jax.models.matmul import dense_dot_general, matmul
+from mvlp_jax.models.norm import LayerNorm
 
 Dtype = Any
 REMAT_POLICIES = {
@@ -220,10 +221,8 @@ class MlpBlock(nn.Module):
                         bias_init=logical(nn.initializers.normal(1e-6), "embed"))(h)
 
 
-def layer_norm(name: str, eps: float, dtype: Dtype, param_dtype: Dtype) -> nn.LayerNorm:
-    return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name,
-                        scale_init=logical(nn.initializers.ones, "norm"),
-                        bias_init=logical(nn.initializers.zeros, "norm"))
+def layer_norm(name: str, eps: float, dtype: Dtype, param_dtype: Dtype) -> LayerNorm:
+    return LayerNorm(eps, dtype, param_dtype, name=name)
 
 
 class Block(nn.Module):
