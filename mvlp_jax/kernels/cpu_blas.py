@@ -1,11 +1,11 @@
 """Float32 GEMMs and attention on CPU through MKL (`blas_matmul`, `mkl_attention`), and `use_blas` to
-decide when a model takes that path.
+decide when a model may take that path.
 
-XLA:CPU's own GEMMs reach ~85% of MKL's FLOP/s on AVX-512 machines (800x768 @ 768x3072: 325 vs 390 GFLOP/s
-on two cores), it runs the (batch x heads)-batched small matmuls of attention on one thread, and its softmax
-makes four passes over a (B, H, Q, K) tensor. A model step on a workstation CPU is mostly these, so here they
-go to MKL through XLA FFI custom calls (mkl_kernels.cc, compiled on first use with the machine's g++ and
-cached), on XLA's own thread pool.
+XLA:CPU runs the (batch x heads)-batched small matmuls of attention on one thread, and its softmax makes
+four passes over a (B, H, Q, K) tensor; on some machines its GEMMs also trail MKL's (800x768 @ 768x3072:
+325 vs 390 GFLOP/s on one 2-core AVX-512 machine; on another XLA's were the faster, so `gemm_choice`
+times the two for dense layers). These go to MKL through XLA FFI custom calls (mkl_kernels.cc, compiled on
+first use with the machine's g++ and cached), on XLA's own thread pool.
 
 When: `use_blas(*operands)` is true for float32 operands in a process whose JAX backend is CPU with a single
 device, and an MKL is found (the one torch ships, or MVLP_JAX_BLAS_LIB). A custom call has no sharding rule,
