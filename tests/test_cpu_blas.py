@@ -141,5 +141,10 @@ def test_gemm_choice_is_timed_once_stored_and_reused(tmp_path, monkeypatch):
         monkeypatch.setenv("MVLP_JAX_CPU_GEMM", "blas")
         with pytest.raises(ValueError, match="MVLP_JAX_CPU_GEMM"):
             gemm_choice.gemm_backend()
+        monkeypatch.delenv("MVLP_JAX_CPU_GEMM")
+        stored.write_text("{")  # a torn file is timed again and rewritten, not trusted or fatal
+        gemm_choice.stored_backend.cache_clear()
+        monkeypatch.setattr(gemm_choice, "time_backends", lambda: {"backend": "xla", "seconds": {}, "shapes": []})
+        assert gemm_choice.gemm_backend() == "xla" and json.loads(stored.read_text())["backend"] == "xla"
     finally:
         gemm_choice.stored_backend.cache_clear()

@@ -46,8 +46,12 @@ def gemm_backend() -> str:
 @functools.cache
 def stored_backend() -> str:
     path = cpu_blas.cache_dir() / f"gemm-choice-{machine_key()}.json"
-    if path.exists():
-        return json.loads(path.read_text())["backend"]
+    try:
+        stored = json.loads(path.read_text())["backend"]
+        if stored in CHOICES:
+            return stored
+    except (OSError, ValueError, KeyError, TypeError):  # absent or unreadable: time again and rewrite it
+        pass
     record = time_backends()
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{os.getpid()}.tmp")
