@@ -7,16 +7,16 @@ Same configuration for both (grayscale 224, mask 0.75, decoder 512 x 8 x 16, Ada
 = forward + backward + AdamW update. Each framework runs in its own process (a process that has loaded
 torch runs JAX ~15% slower here: their thread pools compete), and the two alternate for `rounds` rounds
 so that a noisy neighbour on a shared machine slows both; the figure is the ratio of median step times.
-The JAX worker is a single-device CPU process, so the model takes its MKL path (mvlp_jax/kernels:
-fused attention, and MKL's GEMMs where they beat XLA's dots on this machine, see gemm_choice.py; the
-line names the GEMM library; MVLP_JAX_CPU_BLAS=off in the environment times XLA's own ops alone). Also
-reports model FLOPs utilisation: the step's FLOPs (XLA cost analysis of the XLA-op program) per second over the FLOP/s of a
-large float32 matmul (XLA's own) measured in the JAX process. Both workers start with the malloc tunables of
-`mvlp_jax/host_memory.py` (huge pages, one reused heap; --no-huge_page_malloc: glibc's defaults, or whatever
-GLIBC_TUNABLES the caller set). The last line is the JAX / PyTorch ratio of the last variant. --blocks
-instead times one transformer block forward + backward (loss sum y^2) in each framework: B/16's encoder
-block on the 50 tokens it sees at mask 0.75, and the MAE decoder's block (197 tokens, 512 wide, 16 heads)
-against transformers' ViTMAELayer with SDPA attention.
+The JAX worker is a single-device CPU process, so the model takes its MKL path (mvlp_jax/kernels: fused
+attention, and MKL's GEMMs where they beat XLA's dots on this machine, see gemm_choice.py; the line names
+the GEMM library; MVLP_JAX_CPU_BLAS=off in the environment times XLA's own ops alone). Also reports model
+FLOPs utilisation: the step's FLOPs (XLA cost analysis of the XLA-op program) per second over the FLOP/s
+of a large float32 matmul (XLA's own) measured in the JAX process. Both workers start with the malloc
+tunables of `mvlp_jax/host_memory.py` (huge pages, one reused heap; --no-huge_page_malloc: glibc's
+defaults, or whatever GLIBC_TUNABLES the caller set). The last line is the JAX / PyTorch ratio of the last
+variant. --blocks instead times one transformer block forward + backward (loss sum y^2) in each framework:
+B/16's encoder block on the 50 tokens it sees at mask 0.75, and the MAE decoder's block (197 tokens, 512
+wide, 16 heads) against transformers' ViTMAELayer with SDPA attention.
 """
 from __future__ import annotations
 
