@@ -27,14 +27,10 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float, dtyp
     return _forward(x, scale, bias, eps, dtype)[0]
 
 
-def _statistics(x32: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    return mean, jax.lax.rsqrt(jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True) + eps)
-
-
 def _forward(x, scale, bias, eps, dtype):
     x32 = x.astype(jnp.float32)
-    mean, rstd = _statistics(x32, eps)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    rstd = jax.lax.rsqrt(jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True) + eps)
     y = (x32 - mean) * rstd * scale.astype(jnp.float32) + bias.astype(jnp.float32)
     return y.astype(dtype), (x, mean, rstd, scale, bias)
 
