@@ -98,6 +98,8 @@ def evaluate(config, output_dir: str) -> dict:
         if other != names:
             raise ValueError(f"{where} has labels {other}, the training split {names}")
     labels = {role: features.read_labels(src) for role, (src, _, _) in splits.items()}
+    fingerprints = {role: features.split_fingerprint(config.data_dir, config.dataset, config[f"{role}_split"])
+                    for role in splits}
     train_idx = np.arange(len(labels["train"][0]))
     if "val" in splits:
         val_src, val_idx = splits["val"][0], np.arange(len(labels["val"][0]))
@@ -123,7 +125,7 @@ def evaluate(config, output_dir: str) -> dict:
             name, step = encoder.name, encoder.step
             feats = None if config.mode == "finetune" else {
                 role: features.extract(encoder, src, config.pooling, config.batch_size, mesh,
-                                       os.path.join(output_dir, "features"), where)
+                                       os.path.join(output_dir, "features"), where, fingerprints[role])
                 for role, (src, _, where) in splits.items()}
         train_labels, train_patients = labels["train"][0][train_idx], labels["train"][1][train_idx]
         for fraction in config.label_fractions:

@@ -28,6 +28,33 @@ class Encoder:
     model: Pretrainer
     params: dict
     step: int
+    source: str = ""       # the resolved checkpoint path (or random_init@architecture)
+    fingerprint: str = ""  # sha256 of the restored parameters: what the feature cache is keyed on
+
+
+def params_fingerprint(params: Any) -> str:
+    """sha256 over every parameter's path, shape, dtype and bytes: two encoders share it only if equal."""
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        value = np.asarray(jax.device_get(leaf))
+        digest.update(f"{jax.tree_util.keystr(path)}:{value.shape}:{value.dtype};".encode())
+        digest.update(np.ascontiguousarray(value).tobytes())
+    return digest.hexdigest()
+
+
+def split_fingerprint(data_dir: str, dataset: str, split: str) -> str:
+    """Identity of a built split: its folder, dataset_info.json and each of its files' size and mtime
+    (a rebuilt dataset changes it without hashing gigabytes of images)."""
+    builder, name, version = built.open_builder(data_dir, dataset)
+    root = os.path.realpath(os.path.join(os.path.expanduser(data_dir), name, version))
+    digest = hashlib.sha256(root.encode())
+    with open(os.path.join(root, "dataset_info.json"), "rb") as f:
+        digest.update(f.read())
+    for file in sorted(os.listdir(root)):
+        if f"-{split}." in file:
+            stat = os.stat(os.path.join(root, file))
+            digest.update(f"{file}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    return digest.hexdigest()
 
 
 def display_name(workdir: str) -> str:
@@ -48,22 +75,24 @@ def load_encoder(workdir: str, step: int, mesh: jax.sharding.Mesh, like: str = "
     if workdir == RANDOM_INIT:
         with sharding.active(mesh):
             params = jax.jit(lambda k: init(k).params, out_shardings=state_sh.params)(jax.random.PRNGKey(config.seed))
-        return Encoder(RANDOM_INIT, config, model, params, 0)
-    mngr = checkpointing.manager(workdir, config)
-    if mngr.latest_step() is None:
+        return Encoder(RANDOM_INIT, config, model, params, 0, f"{RANDOM_INIT}@{os.path.realpath(source)}",
+                       params_fingerprint(params))
+    store = checkpointing.Store(workdir, config)
+    if store.latest_step() is None:
+        store.close()
         raise FileNotFoundError(f"{workdir} has no checkpoints (looked in {workdir}/checkpoints)")
     try:
-        state, _ = checkpointing.restore_latest(mngr, abstract, state_sh, None if step < 0 else step)
-    except (ValueError, KeyError) as error:
-        raise ValueError(f"{workdir}: its checkpoint does not match the model in its config.json: {error}") from error
+        restored = store.restore(abstract, state_sh, None if step < 0 else step)
     finally:
-        mngr.close()
+        store.close()
+    state = restored[0]
     params, name = state.params, display_name(workdir)
     if teacher:
         if "teacher" not in state.extra:
             raise ValueError(f"{workdir} has no DINO teacher (its objectives: {dict(config.objectives)})")
         params, name = {**params, "encoder": state.extra["teacher"]["encoder"]}, f"{name}/teacher"
-    return Encoder(name, config, model, params, int(state.step))
+    where = f"{os.path.realpath(workdir)}/checkpoints/{int(state.step)}" + ("/teacher" if teacher else "")
+    return Encoder(name, config, model, params, int(state.step), where, params_fingerprint(params))
 
 
 def labelled_split(data_dir: str, dataset: str, split: str):
@@ -85,19 +114,28 @@ def read_labels(source) -> tuple[np.ndarray, np.ndarray]:
 
 
 def extract(encoder: Encoder, source, pooling: str, batch_size: int, mesh: jax.sharding.Mesh,
-            cache_dir: str, where: str) -> np.ndarray:
-    """(N, D) float32 features of every record (centre crop, the training normalisation), cached on disk."""
+            cache_dir: str, where: str, data_fingerprint: str) -> np.ndarray:
+    """(N, D) float32 features of every record (centre crop, the training normalisation), cached on disk.
+
+    The cache key is what the features depend on: the parameters' fingerprint, the split's fingerprint
+    and the preprocessing; a checkpoint retrained under the same name or step never reuses old features."""
     c = encoder.config
-    key = hashlib.sha256(json.dumps([encoder.name, encoder.step, where, pooling, c.model.image_size, c.model.variant,
-                                     os.path.abspath(cache_dir)]).encode()).hexdigest()[:16]
-    path = os.path.join(cache_dir, f"{encoder.name}-{encoder.step}-{pooling}-{key}.npy")
-    if encoder.name != RANDOM_INIT and os.path.exists(path):
+    identity = {"params": encoder.fingerprint, "data": data_fingerprint, "where": where, "pooling": pooling,
+                "image_size": c.model.image_size, "mean": c.data.mean, "std": c.data.std, "records": len(source)}
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
+    safe_name = encoder.name.replace("/", "_")
+    path = os.path.join(cache_dir, f"{safe_name}-{encoder.step}-{pooling}-{key}.npy")
+    if encoder.fingerprint and os.path.exists(path):
         return np.load(path)
     forward = lambda p, x: encoder.model.apply({"params": p}, x, pooling, method=Pretrainer.features)
     features = apply_to_split(forward, encoder.params, source, c, batch_size, mesh,
                               f"features {encoder.name} {where}")
     os.makedirs(cache_dir, exist_ok=True)
-    np.save(path, features)
+    tmp = f"{path}.tmp-{os.getpid()}.npy"
+    np.save(tmp, features)
+    os.replace(tmp, path)
+    with open(path[:-4] + ".json", "w") as f:
+        json.dump({**identity, "checkpoint": encoder.source}, f, indent=2)
     return features
 
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from mvlp_jax import distributed
+from mvlp_jax import cli, distributed
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/pretrain.py:demo.", lock_config=True)
@@ -37,11 +37,7 @@ def main(argv: list[str]) -> int:
                   f"{jax.device_count()} devices", flush=True)
     from mvlp_jax import configuration, train
 
-    try:
-        configuration.validate(FLAGS.config)
-    except ValueError as error:
-        print(f"invalid config: {error}", file=sys.stderr)
-        return 2
+    configuration.validate(FLAGS.config)
     try:
         train.train(FLAGS.config, FLAGS.workdir)
     except train.NonFiniteError as error:
@@ -51,4 +47,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run("mvlp_jax.main", main)

@@ -10,13 +10,18 @@ import jax
 import ml_collections
 import numpy as np
 
-from mvlp_jax import checkpointing, configuration, host_memory, observe, optim, sharding, train_step
+from mvlp_jax import checkpointing, configuration, host_memory, observe, optim, sharding, startup, train_step
 from mvlp_jax.data import pipeline
 from mvlp_jax.models.pretrainer import Pretrainer
 
 
 class NonFiniteError(RuntimeError):
-    """Raised after config.max_nonfinite_steps skipped updates in a row."""
+    """Raised after config.max_nonfinite_steps skipped updates in a row; `first_bad_step` is the first step
+    whose weights gave a non-finite loss."""
+
+    def __init__(self, message: str, first_bad_step: int = -1):
+        super().__init__(message)
+        self.first_bad_step = first_bad_step
 
 
 class Preemption:
@@ -50,18 +55,22 @@ class Outcome:
 def train(config: ml_collections.ConfigDict, workdir: str) -> Outcome:
     configuration.validate(config)
     workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    startup.check_workdir(workdir)
     mesh = sharding.make_mesh(config)
+    startup.check_batch(config, mesh)
     records = pipeline.open_records(config)
     target_dim = records.table.dim if records.table else 0
+    changes = startup.check_resume(config, workdir, target_dim)  # before anything is written
     if jax.process_index() == 0:
-        configuration.save(config, workdir, target_dim=target_dim)
+        startup.record(config, workdir, target_dim, changes)
+    for key, (old, new) in changes.items():
+        _log(f"resuming with {key} changed: {old!r} -> {new!r} (recorded in {workdir}/config_changes.json)")
     model = Pretrainer(config, target_dim)
     tx = optim.make(config)
     state, state_sh = train_step.create_state(model, tx, config, mesh)
-    mngr = checkpointing.manager(workdir, config)
+    store = checkpointing.Store(workdir, config)
     data_state = {"next_step": 0, "seed": config.seed}
-    restored = checkpointing.restore_latest(mngr, state, state_sh)
+    restored = store.restore(state, state_sh, fall_back=True)
     if restored is not None:
         state, data_state = restored
         _log(f"resumed from {workdir}/checkpoints/{int(state.step)}")
@@ -93,38 +102,74 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Outcome:
             state, metrics = compiled(state, sharding.global_batch(next(data), mesh))
             step += 1
             if pending is not None:  # last step's counter: checked one step late to keep dispatch async
-                _check_finite(pending, config, workdir)
+                _check_finite(pending, config)
             pending = (step, metrics["nonfinite_run"])  # metrics are not donated; the state is
             interval.add(metrics)
             if step % config.log_every_steps == 0 or step == config.total_steps:
                 reporter.report(step, interval.means())
-            if preemption.agreed() or mngr.reached_preemption(step):
-                checkpointing.save(mngr, step, state, data.get_state(), force=True)
+            if preemption.agreed() or store.mngr.reached_preemption(step):
+                store.save(step, state, data.get_state(), force=True)
                 stopped = step < config.total_steps
                 break
-            checkpointing.save(mngr, step, state, data.get_state(), force=step == config.total_steps)
+            store.save(step, state, data.get_state(), force=step == config.total_steps)
         if pending is not None:
-            _check_finite(pending, config, workdir)
+            _check_finite(pending, config)
+        store.seal()
+    except NonFiniteError as error:
+        raise NonFiniteError(_set_aside_diverged(store, error.first_bad_step, str(error)),
+                             error.first_bad_step) from None
+    except OSError as error:
+        _wait_quietly(store)
+        partial = store.remove_partial_saves()
+        what = os.strerror(error.errno) if error.errno else str(error)
+        if error.strerror and error.strerror != what:
+            what += f" ({error.strerror})"
+        raise OSError(error.errno, f"{what} while saving; removed {len(partial)} unfinished "
+                      f"checkpoint folder(s); the last complete checkpoint is "
+                      f"{checkpointing.describe_latest(workdir)}: free space (or choose another --workdir), then "
+                      f"rerun to resume from it", error.filename) from error
     finally:
-        mngr.wait_until_finished()
+        _wait_quietly(store)
         preemption.restore()
         reporter.close()
     if jax.process_index() == 0:
         plot = observe.plot_losses(workdir)
         _log(("preempted: saved" if stopped else "done: saved") + f" step {step} in {workdir}/checkpoints"
              + (f"; loss curve {plot}" if plot else ""))
-    mngr.close()
+    store.close()
     return Outcome(state, stopped, step)
 
 
-def _check_finite(pending: tuple, config: ml_collections.ConfigDict, workdir: str) -> None:
+def _check_finite(pending: tuple, config: ml_collections.ConfigDict) -> None:
     step, run = pending
     run = int(run)
     if run >= config.max_nonfinite_steps:
+        # Step `step - run + 1` was the first with a non-finite loss, computed on the weights of step `step - run`:
+        # those weights, and every checkpoint from them on, are bad.
         raise NonFiniteError(f"{run} updates in a row up to step {step} had a non-finite loss or gradient and were "
-                             f"skipped (max_nonfinite_steps={config.max_nonfinite_steps}); the last good checkpoint "
-                             f"is {checkpointing.describe_latest(workdir)}: lower optim.lr or check the data, "
-                             f"then rerun to resume from it")
+                             f"skipped (max_nonfinite_steps={config.max_nonfinite_steps})",
+                             first_bad_step=step - run)
+
+
+def _set_aside_diverged(store: checkpointing.Store, first_bad: int, what: str) -> str:
+    """Moves the checkpoints holding weights that gave a non-finite loss out of the run; says what to do."""
+    moved = store.set_aside([s for s in store.mngr.all_steps() if s >= first_bad], "nonfinite_checkpoints")
+    good = [s for s in store.mngr.all_steps() if s < first_bad]
+    aside = f"; checkpoints from step {first_bad} on hold the diverged weights and were moved to " \
+            f"{os.path.dirname(moved[0])}" if moved else ""
+    if good:
+        return (f"{what}{aside}. The last checkpoint written before the loss went bad is "
+                f"{checkpointing.checkpoints_dir(store.workdir)}/{good[-1]}: lower --config.optim.lr (or check the "
+                f"data), then rerun with the same --workdir to resume from it")
+    return (f"{what}{aside}. No checkpoint was written before the loss went bad: lower --config.optim.lr (or check "
+            f"the data) and start again")
+
+
+def _wait_quietly(store: checkpointing.Store) -> None:
+    try:
+        store.mngr.wait_until_finished()
+    except Exception as error:  # noqa: BLE001 - already reported by the error being raised
+        print(f"(the background save failed too: {type(error).__name__})", flush=True)
 
 
 def configuration_summary(config: ml_collections.ConfigDict) -> str:

@@ -105,9 +105,9 @@ def test_teacher_is_an_ema_of_the_student_with_no_gradient_and_the_center_moves(
     # the evaluation side restores either network from a checkpoint of this state
     workdir = str(tmp_path)
     configuration.save(config, workdir, 0)
-    mngr = checkpointing.manager(workdir, config)
-    checkpointing.save(mngr, 3, state, {"next_step": 3}, force=True)
-    mngr.wait_until_finished()
+    store = checkpointing.Store(workdir, config)
+    store.save(3, state, {"next_step": 3}, force=True)
+    store.seal()
     for teacher, want in ((False, state.params["encoder"]), (True, state.extra["teacher"]["encoder"])):
         got = features.load_encoder(workdir, -1, mesh, teacher=teacher)
         assert got.name == os.path.basename(workdir) + ("/teacher" if teacher else "")

@@ -184,14 +184,6 @@ def test_bad_config_fails_at_start_up_naming_the_key(tmp_path):
     assert not os.listdir(tmp_path)
 
 
-def test_runaway_loss_stops_naming_the_last_good_checkpoint(pretrain_data, tmp_path):
-    data_dir, emb_dir, _ = pretrain_data
-    config = micro_config(data_dir, emb_dir, **{"optim.lr": 1e30, "optim.warmup_steps": 0, "optim.clip_norm": 0.0,
-                                                "max_nonfinite_steps": 2, "total_steps": 30})
-    with pytest.raises(train.NonFiniteError, match=r"2 updates in a row .* last good checkpoint is .*checkpoints/\d"):
-        train.train(config, str(tmp_path))
-
-
 def test_mae_only_config_trains(pretrain_data, tmp_path):
     sys.path.insert(0, os.path.join(REPO, "configs"))
     import mae

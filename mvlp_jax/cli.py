@@ -1,0 +1,87 @@
+"""How every binary ends on bad input: one paragraph that names the problem and what to do, exit code 2,
+no traceback. `MVLP_JAX_DEBUG=1` re-raises, so the traceback is there when a developer wants it.
+
+Bad input reaches the user as ValueError (a value, a key, a record), OSError (a path that is missing,
+a file, not writable, a full disk), UnicodeError (a file that is not UTF-8) or `UserError`; anything
+else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import sys
+import textwrap
+from typing import Callable
+
+DEBUG_ENV = "MVLP_JAX_DEBUG"
+EXIT_BAD_INPUT = 2
+
+
+class UserError(Exception):
+    """Bad input or a refused action, with a message written for the user."""
+
+
+def message(error: BaseException) -> str:
+    """The user-facing paragraph for `error` (an OSError names its path and the system's reason)."""
+    if isinstance(error, OSError) and error.errno is not None:
+        path = f"{error.filename}: " if error.filename else ""
+        system = os.strerror(error.errno)
+        if error.strerror and error.strerror != system:  # our own message, already saying what to do
+            return f"{error.strerror} [{path.rstrip(': ') or system}]" if path else error.strerror
+        hint = {errno.ENOSPC: "free some space or choose another output folder, then rerun (finished work is kept)",
+                errno.EACCES: "choose a folder you can write, or fix its permissions",
+                errno.EROFS: "choose a writable folder",
+                errno.ENOTDIR: "a path component is a file, not a folder: choose another path",
+                errno.EEXIST: "remove it or choose another path"}.get(error.errno, "check the path")
+        return f"{system}: {path}{hint}"
+    if isinstance(error, UnicodeDecodeError):
+        return (f"a file is not UTF-8 text ({error.reason} at byte {error.start}): save it as UTF-8 "
+                f"(e.g. `iconv -f latin1 -t utf-8`) and rerun")
+    text = str(error)
+    if isinstance(error, KeyError) and error.args:
+        text = str(error.args[0])
+    return text
+
+
+def is_bad_input(error: BaseException) -> bool:
+    return isinstance(error, (UserError, ValueError, OSError, UnicodeError, KeyError))
+
+
+def report(program: str, error: BaseException) -> int:
+    """Prints `program: error: ...` wrapped as one paragraph on stderr; returns the exit code."""
+    body = textwrap.fill(f"{program}: error: {message(error)}", width=110, break_long_words=False,
+                         break_on_hyphens=False)
+    print(body, file=sys.stderr)
+    print(f"(set {DEBUG_ENV}=1 to see the traceback)", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def guarded(program: str, main: Callable[[list[str]], int | None]) -> Callable[[list[str]], int | None]:
+    """`main` for absl's app.run: bad input ends in `report`, not a traceback (unless MVLP_JAX_DEBUG)."""
+
+    def wrapped(argv: list[str]) -> int | None:
+        try:
+            return main(argv)
+        except Exception as error:  # noqa: BLE001 - sorted into bad input vs bug just below
+            if os.environ.get(DEBUG_ENV) or not is_bad_input(error):
+                raise
+            sys.exit(report(program, error))
+
+    return wrapped
+
+
+def run(program: str, main: Callable[[list[str]], int | None]) -> None:
+    """absl's app.run with flag-parsing errors (e.g. an unknown --config.key) and bad input reported cleanly."""
+    from absl import app, flags
+
+    def parse(argv: list[str]) -> list[str]:
+        try:
+            return flags.FLAGS(argv)
+        except Exception as error:  # noqa: BLE001 - flags wraps config-file and override errors
+            if os.environ.get(DEBUG_ENV):
+                raise
+            cause = error.__cause__ or error.__context__ or error
+            detail = message(cause) if is_bad_input(cause) else str(error)
+            sys.exit(report(program, ValueError(f"{error if cause is error else detail}")))
+
+    app.run(guarded(program, main), flags_parser=parse)

@@ -1,0 +1,138 @@
+"""A run never trusts what it should not: a resume under another layout is refused before anything is
+written, checkpoints of diverged weights leave the run, a damaged checkpoint is caught by its checksums,
+and a full disk ends in a message with no half-written checkpoint left behind."""
+import json
+import os
+import subprocess
+
+import jax
+import numpy as np
+import pytest
+
+from mvlp_jax import checkpointing, features, observe, sharding, train
+from tests.pretrain_setup import micro_config
+
+
+def _snapshot(workdir: str) -> dict[str, bytes]:
+    out = {}
+    for root, _, files in os.walk(workdir):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, workdir)] = f.read()
+    return out
+
+
+def test_a_resume_that_changes_the_layout_is_refused_before_anything_is_written(pretrain_data, tmp_path):
+    data_dir, emb_dir, _ = pretrain_data
+    workdir = str(tmp_path / "run")
+    train.train(micro_config(data_dir, emb_dir, total_steps=2), workdir)
+    before = _snapshot(workdir)
+    wider = micro_config(data_dir, emb_dir, total_steps=4, **{"model.variant": "Ti/8", "seed": 3})
+    with pytest.raises(ValueError, match=r"cannot resume: model.variant: 'mu/8' -> 'Ti/8'; seed: 0 -> 3\."):
+        train.train(wider, workdir)
+    assert _snapshot(workdir) == before  # config.json and everything else untouched
+    # harmless changes resume, and are recorded
+    outcome = train.train(micro_config(data_dir, emb_dir, total_steps=3, **{"optim.lr": 1e-4}), workdir)
+    assert outcome.last_step == 3
+    changes = json.load(open(os.path.join(workdir, "config_changes.json")))
+    assert changes[-1]["resumed_at_step"] == 2
+    assert changes[-1]["changes"]["total_steps"] == {"stored": 2, "now": 3} and "optim.lr" in changes[-1]["changes"]
+    assert json.load(open(os.path.join(workdir, "config.json")))["total_steps"] == 3
+
+
+def test_a_failed_start_writes_nothing(pretrain_data, tmp_path):
+    data_dir, emb_dir, _ = pretrain_data
+    workdir = tmp_path / "never"
+    with pytest.raises(ValueError, match=r"data.batch_size=12 does not divide over the mesh's 8 data-parallel"):
+        train.train(micro_config(data_dir, emb_dir, **{"data.batch_size": 12}), str(workdir))
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        train.train(micro_config(data_dir, str(tmp_path / "no_embeddings")), str(workdir))
+    assert not workdir.exists()
+
+
+def test_diverged_checkpoints_leave_the_run_and_the_guard_names_the_last_good_one(pretrain_data, tmp_path):
+    data_dir, emb_dir, _ = pretrain_data
+    workdir = str(tmp_path / "run")
+    # lr 1e6 after a warmup: a few sane steps, then weights that are finite but huge, then a non-finite loss
+    config = micro_config(data_dir, emb_dir, **{"optim.lr": 1e6, "optim.warmup_steps": 6, "optim.clip_norm": 0.0,
+                                                "max_nonfinite_steps": 2, "total_steps": 30,
+                                                "checkpoint.save_interval_steps": 1, "checkpoint.max_to_keep": 50})
+    with pytest.raises(train.NonFiniteError) as caught:
+        train.train(config, workdir)
+    message = str(caught.value)
+    history = observe.read_history(workdir)
+    kept = checkpointing.finished_steps(workdir)
+    assert kept, message
+    named = int(message.split("went bad is ")[1].split(":")[0].rsplit("/", 1)[1])
+    assert named == kept[-1]
+    # every checkpoint left gave a finite loss and finite gradients on the next step; the first that did not is gone
+    for step in kept:
+        assert np.isfinite(history[step + 1]["loss"]) and np.isfinite(history[step + 1]["grad_norm"]), step
+    first_bad = caught.value.first_bad_step
+    assert not np.isfinite(history[first_bad + 1]["grad_norm"]) or not np.isfinite(history[first_bad + 1]["loss"])
+    assert sorted(map(int, os.listdir(os.path.join(workdir, "nonfinite_checkpoints"))))[0] == first_bad
+    # a rerun at a sane learning rate resumes from the named checkpoint and trains on
+    sane = micro_config(data_dir, emb_dir, **{"optim.lr": 1e-3, "optim.warmup_steps": 6, "optim.clip_norm": 0.0,
+                                              "max_nonfinite_steps": 2, "total_steps": named + 2,
+                                              "checkpoint.save_interval_steps": 1, "checkpoint.max_to_keep": 50})
+    assert train.train(sane, workdir).last_step == named + 2
+
+
+def _damage(path: str, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def _largest_file(directory: str) -> str:
+    files = [os.path.join(r, n) for r, _, ns in os.walk(directory) for n in ns]
+    return max(files, key=os.path.getsize)
+
+
+def test_a_damaged_checkpoint_is_caught_and_the_previous_good_one_is_offered(pretrain_data, tmp_path):
+    data_dir, emb_dir, _ = pretrain_data
+    workdir = str(tmp_path / "run")
+    train.train(micro_config(data_dir, emb_dir, total_steps=4), workdir)
+    steps = checkpointing.finished_steps(workdir)
+    assert steps[-2:] == [2, 4]
+    assert sorted(os.listdir(os.path.join(workdir, checkpointing.CHECKSUMS))) == [f"{s}.json" for s in steps]
+    victim = _largest_file(os.path.join(workdir, "checkpoints", "4"))
+    _damage(victim, 64, os.urandom(4096))  # the same size, other bytes: only a checksum can tell
+    assert "changed since it was saved" in checkpointing.verify(workdir, 4)
+    assert checkpointing.verify(workdir, 2) is None
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.AXES)
+    with pytest.raises(ValueError, match=r"checkpoints/4 is damaged: file .* has changed since it was saved .*; "
+                                         r"checkpoint 2 verifies: pass its step"):
+        features.load_encoder(workdir, -1, mesh)
+    assert features.load_encoder(workdir, 2, mesh).step == 2
+    # resuming training falls back to checkpoint 2 with a warning and sets the damaged one aside
+    outcome = train.train(micro_config(data_dir, emb_dir, total_steps=4), workdir)
+    assert outcome.last_step == 4 and os.path.isdir(os.path.join(workdir, "corrupt_checkpoints", "4"))
+    assert checkpointing.verify(workdir, 4) is None  # the new checkpoint 4, sealed anew
+    # a cut-short file is caught the same way
+    victim = _largest_file(os.path.join(workdir, "checkpoints", "4"))
+    os.truncate(victim, os.path.getsize(victim) // 2)
+    assert "bytes" in checkpointing.verify(workdir, 4)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
+    yield str(mount)
+    subprocess.run(["umount", "-l", str(mount)])
+
+
+def test_a_full_disk_while_saving_ends_cleanly_without_partial_checkpoints(pretrain_data, small_disk):
+    data_dir, emb_dir, _ = pretrain_data
+    workdir = os.path.join(small_disk, "run")
+    config = micro_config(data_dir, emb_dir, total_steps=6, **{"checkpoint.save_interval_steps": 1})
+    with pytest.raises(OSError) as caught:
+        train.train(config, workdir)
+    assert "No space left on device" in str(caught.value) and "rerun to resume" in str(caught.value)
+    leftovers = os.listdir(os.path.join(workdir, "checkpoints"))
+    assert all(name.isdigit() for name in leftovers), leftovers
