@@ -47,6 +47,19 @@ def is_bad_input(error: BaseException) -> bool:
     return isinstance(error, (UserError, ValueError, OSError, UnicodeError, KeyError))
 
 
+def output_dir(path: str, flag: str = "--output_dir") -> str:
+    """Makes `path` a folder this process can write, or raises an error naming the flag and the problem."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"{flag}={path}: {existing} is a file, not a folder: choose another {flag}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag}={path}: {existing} is not writable: choose a folder you can write")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
 def report(program: str, error: BaseException) -> int:
     """Prints `program: error: ...` wrapped as one paragraph on stderr; returns the exit code."""
     body = textwrap.fill(f"{program}: error: {message(error)}", width=110, break_long_words=False,

@@ -21,7 +21,7 @@ import os
 import sys
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -74,6 +74,21 @@ def patient_fraction(patients: np.ndarray, fraction: float, seed: int, salt: str
     return np.array([p in keep for p in patients])
 
 
+def trainable_labels(y: np.ndarray, mask: np.ndarray, names: list[str], fraction: float,
+                     patients: np.ndarray) -> tuple[np.ndarray, dict[str, str]]:
+    """(labels with both a positive and a negative counted training case, {skipped label: its counts}).
+    A probe fitted without positives (or negatives) only learns a bias: its AUC would be noise, so such a
+    label is neither trained nor scored. Raises ValueError when no label is left."""
+    positives, negatives = ((y == 1) & mask).sum(0), ((y == 0) & mask).sum(0)
+    usable = (positives > 0) & (negatives > 0)
+    skipped = {n: f"{p} positive / {q} negative" for n, p, q, u in zip(names, positives, negatives, usable) if not u}
+    if not usable.any():
+        raise ValueError(f"label fraction {fraction:g} keeps {len(y)} training cases of {len(set(patients))} "
+                         f"patients, and no label has both a positive and a negative case among them: use a larger "
+                         f"fraction (config.label_fractions) or a larger training split")
+    return usable[None, :], skipped
+
+
 def _subjects(config) -> list[str]:
     """What is evaluated: pretraining workdirs (image features) or embedding dirs (stored LLM vectors)."""
     listed = config.embeddings if config.features_from == "text_embeddings" else config.workdirs
@@ -83,8 +98,10 @@ def _subjects(config) -> list[str]:
 def evaluate(config, output_dir: str) -> dict:
     from mvlp_jax import features, finetune, metrics, probe, report, sharding
 
+    from mvlp_jax import cli
+
     validate(config)
-    os.makedirs(output_dir, exist_ok=True)
+    cli.output_dir(output_dir)
     config.unlock()
     config.mesh = {"data": -1, "fsdp": 1, "model": 1}
     mesh = sharding.make_mesh(config)
@@ -114,7 +131,7 @@ def evaluate(config, output_dir: str) -> dict:
     subjects = _subjects(config)
     like = next((w for w in subjects if w != features.RANDOM_INIT), config.random_init_like)
     results = {"config": config.to_dict(), "label_names": names, "checkpoints": [], "comparisons": []}
-    probs_by = {}
+    probs_by, scored_by = {}, {}
     for subject in subjects:
         if config.features_from == "text_embeddings":
             name, step, encoder = features.text_name(subject, config.text_pooling), 0, None
@@ -131,6 +148,8 @@ def evaluate(config, output_dir: str) -> dict:
         for fraction in config.label_fractions:
             keep = patient_fraction(train_patients, fraction, config.seed)
             y, m = targets_and_mask(train_labels[keep], config.uncertain, config.unmentioned)
+            usable, skipped = trainable_labels(y, m, names, fraction, train_patients[keep])
+            m, scored = m & usable, test_m & usable
             if feats is not None:
                 val_x = feats["val"] if "val" in splits else feats["train"][val_idx]
                 fitted = probe.fit(feats["train"][train_idx[keep]], y, m, val_x, vy, vm)
@@ -143,20 +162,27 @@ def evaluate(config, output_dir: str) -> dict:
                 probs = finetune.predict(encoder, tuned, splits["test"][0], config.pooling, config.batch_size, mesh,
                                          f"test {name}")
                 trained = {"epoch": tuned.epoch, "lr": tuned.lr, "val_mauc": tuned.val_mauc}
-            probs_by[(name, fraction)] = probs
+            probs_by[(name, fraction)], scored_by[fraction] = probs, scored
             row = {"name": name, "workdir": subject, "step": step, "label_fraction": fraction,
-                   "train_cases": int(keep.sum()), "test_cases": len(probs), "mode": config.mode, "probe": trained,
-                   **metrics.summary(test_y, probs, test_m, names),
-                   "ci95": metrics.bootstrap_ci(test_y, probs, test_m, test_groups, config.bootstrap, config.seed)}
+                   "train_cases": int(keep.sum()), "train_patients": len(set(train_patients[keep])),
+                   "train_fraction": float(keep.mean()), "labels_skipped": skipped,
+                   "test_cases": len(probs), "mode": config.mode, "probe": trained,
+                   **metrics.summary(test_y, probs, scored, names),
+                   "ci95": metrics.bootstrap_ci(test_y, probs, scored, test_groups, config.bootstrap, config.seed)}
             results["checkpoints"].append(row)
-            print(f"{name} (step {step}), {fraction:.0%} labels, {config.mode}: mAUC {row['mauc']:.4f}, "
-                  f"exact-match accuracy {row['accuracy']:.4f}", flush=True)
+            print(f"{name} (step {step}), {report.percent(fraction)} of the labels = {row['train_cases']} of "
+                  f"{len(keep)} training cases ({report.percent(row['train_fraction'])}), "
+                  f"{row['train_patients']} patients, {config.mode}: mAUC {row['mauc']:.4f} over "
+                  f"{len(names) - len(skipped)} labels, exact-match accuracy {row['accuracy']:.4f}"
+                  + (f"; skipped (no positive or no negative training case): {', '.join(skipped)}" if skipped else ""),
+                  flush=True)
     first = results["checkpoints"][0]["name"]
     for (name, fraction), probs in probs_by.items():
         if name != first and (first, fraction) in probs_by:
             results["comparisons"].append({"baseline": first, "candidate": name, "label_fraction": fraction,
                                            **metrics.paired_bootstrap(test_y, probs_by[(first, fraction)], probs,
-                                                                      test_m, test_groups, config.bootstrap,
+                                                                      scored_by[fraction], test_groups,
+                                                                      config.bootstrap,
                                                                       config.seed)})
     with open(os.path.join(output_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2, default=float)
@@ -170,14 +196,12 @@ def evaluate(config, output_dir: str) -> dict:
 
 def main(argv: list[str]) -> int:
     del argv
-    try:
-        evaluate(FLAGS.config, FLAGS.output_dir)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"evaluation stopped: {error}", file=sys.stderr)
-        return 2
+    evaluate(FLAGS.config, FLAGS.output_dir)
     return 0
 
 
 if __name__ == "__main__":
+    from mvlp_jax import cli
+
     define_flags()
-    app.run(main)
+    cli.run("mvlp_jax.evaluate", main)

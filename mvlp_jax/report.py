@@ -11,19 +11,39 @@ def _ci(row: dict, key: str) -> str:
     return f"{row[key]:.4f} [{lo:.4f}, {hi:.4f}]"
 
 
+def percent(fraction: float) -> str:
+    """10% / 1% / 0.5% / 0.12%: never '0%' for a small non-zero fraction."""
+    for digits in range(4):
+        text = f"{fraction * 100:.{digits}f}"
+        if float(text) != 0 and abs(float(text) - fraction * 100) < 0.05 * fraction * 100:
+            return f"{text}%"
+    return f"{fraction:.2e}"
+
+
+def _labels_cell(row: dict) -> str:
+    cases = f" ({row['train_cases']} cases)" if "train_cases" in row else ""
+    return f"{percent(row['label_fraction'])}{cases}"
+
+
 def markdown(results: dict) -> str:
     names = results["label_names"]
     head = ["checkpoint", "step", "labels", "probe", "mAUC [95% CI]", "exact-match acc. [95% CI]", *names]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for row in results["checkpoints"]:
         aucs = [f"{row['auc'][n]:.3f}" if np.isfinite(row["auc"][n]) else "n/a" for n in names]
-        lines.append(f"| {row['name']} | {row['step']} | {row['label_fraction']:.0%} | {row['mode']} | {_ci(row, 'mauc')} | "
+        lines.append(f"| {row['name']} | {row['step']} | {_labels_cell(row)} | {row['mode']} | {_ci(row, 'mauc')} | "
                      f"{_ci(row, 'accuracy')} | " + " | ".join(aucs) + " |")
     for c in results["comparisons"]:
         lo, hi = c["interval"]
-        lines.append(f"\n{c['candidate']} vs {c['baseline']} ({c['label_fraction']:.0%} labels): mAUC difference "
+        lines.append(f"\n{c['candidate']} vs {c['baseline']} ({percent(c['label_fraction'])} labels): mAUC difference "
                      f"{c['mauc_difference']:+.4f} [95% CI {lo:+.4f}, {hi:+.4f}], P(not better) = {c['p_not_better']:.3f}")
-    missing = sorted({n for row in results["checkpoints"] for n in row["labels_without_both_classes"]})
+    skipped = {percent(row["label_fraction"]): row.get("labels_skipped", {}) for row in results["checkpoints"]}
+    for fraction, labels in skipped.items():
+        if labels:
+            lines.append(f"\nNot trained or scored at {fraction} of the labels (no positive or no negative training "
+                         f"case): " + ", ".join(f"{n} ({c})" for n, c in labels.items()))
+    missing = sorted({n for row in results["checkpoints"] for n in row["labels_without_both_classes"]
+                      if n not in row.get("labels_skipped", {})})
     if missing:
         lines.append(f"\nLeft out of mAUC (a class is absent from the test set): {', '.join(missing)}")
     return "\n".join(lines) + "\n"
@@ -50,7 +70,7 @@ def plots(results: dict, probs_by: dict, labels: np.ndarray, mask: np.ndarray, o
         fig, ax = plt.subplots(figsize=(4, 4))
         for (ckpt, fraction), probs in probs_by.items():
             fpr, tpr = _roc(labels[m, j], probs[m, j])
-            ax.plot(fpr, tpr, label=f"{ckpt} ({fraction:.0%})")
+            ax.plot(fpr, tpr, label=f"{ckpt} ({percent(fraction)})")
         ax.plot([0, 1], [0, 1], "k:", lw=0.8)
         ax.set(title=name, xlabel="false positive rate", ylabel="true positive rate")
         ax.legend(fontsize=7)
@@ -62,7 +82,7 @@ def plots(results: dict, probs_by: dict, labels: np.ndarray, mask: np.ndarray, o
     width = 0.8 / max(len(rows), 1)
     for i, row in enumerate(rows):
         ax.bar(np.arange(len(names)) + i * width, [row["auc"][n] for n in names], width,
-               label=f"{row['name']} ({row['label_fraction']:.0%})")
+               label=f"{row['name']} ({percent(row['label_fraction'])})")
     ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, rotation=45, ha="right", fontsize=8)
     ax.set_ylabel("AUC")
     ax.axhline(0.5, color="k", lw=0.8, ls=":")

@@ -25,14 +25,12 @@ CHANGES_FILE = "config_changes.json"
 
 
 def check_workdir(workdir: str) -> None:
-    """The workdir is a folder (or can be made one) that this process can write."""
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise NotADirectoryError(f"--workdir={workdir} is a file, not a folder: choose another workdir")
+    """The workdir is a folder (or can be made one) that this process can write; nothing is created yet."""
     existing = workdir
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        raise NotADirectoryError(f"--workdir={workdir}: {existing} is a file, so the workdir cannot be made")
+        raise NotADirectoryError(f"--workdir={workdir}: {existing} is a file, not a folder: choose another workdir")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise PermissionError(f"--workdir={workdir}: {existing} is not writable: choose a folder you can write")
 

@@ -103,7 +103,8 @@ def test_evaluates_random_init_and_a_checkpoint_on_the_real_nih_sample(nih_and_w
         assert 0 <= r["mauc"] <= 1 and r["ci95"]["mauc"][0] <= r["mauc"] <= r["ci95"]["mauc"][1]
         assert len(r["auc"]) == 14
     table = open(tmp_path / "results.md").read()
-    assert "| random_init | 0 | 100% | linear |" in table and "pretrain vs random_init" in table
+    assert f"| random_init | 0 | 100% ({rows[0]['train_cases']} cases) | linear |" in table
+    assert "pretrain vs random_init" in table
     assert os.path.exists(tmp_path / "results.json") and os.path.exists(tmp_path / "auc_per_label.png")
     assert any(f.startswith("roc_") for f in os.listdir(tmp_path))
 
@@ -115,7 +116,8 @@ def test_features_on_one_and_eight_devices_agree(nih_and_workdir, tmp_path):
     for devices in (jax.devices()[:1], jax.devices()):
         mesh = jax.sharding.Mesh(np.array(devices).reshape(-1, 1, 1), sharding.AXES)
         encoder = features.load_encoder(workdir, -1, mesh)
-        out.append(features.extract(encoder, source, "map", 24, mesh, str(tmp_path / str(len(devices))), where))
+        out.append(features.extract(encoder, source, "map", 24, mesh, str(tmp_path / str(len(devices))), where,
+                                    features.split_fingerprint(data_dir, "nih_sample", "valid")))
     assert out[0].shape == (200, 64)
     np.testing.assert_allclose(out[1], out[0], rtol=1e-5, atol=1e-5)
 
@@ -229,3 +231,45 @@ def test_finetune_mode_trains_the_encoder_and_reports_a_row(nih_and_workdir, tmp
                                        for a, b in zip(jax.tree.leaves(tree_a), jax.tree.leaves(tree_b)))
     assert moved(before["encoder"]["embedding"], after["encoder"]["embedding"]) > 0  # the encoder itself learned
     assert moved(before["masked_model"], after["masked_model"]) == 0  # the MAE decoder is frozen
+
+
+def test_the_feature_cache_never_serves_another_checkpoints_features(nih_and_workdir, pretrain_data, tmp_path):
+    """Two runs both named `pretrain` at the same step, evaluated into one output dir, get their own features."""
+    data_dir, workdir = nih_and_workdir
+    other = str(tmp_path / "b" / "pretrain")
+    train.train(micro_config(pretrain_data[0], pretrain_data[1], total_steps=4, seed=7), other)
+    source, _, where = features.labelled_split(data_dir, "nih_sample", "valid")
+    fingerprint = features.split_fingerprint(data_dir, "nih_sample", "valid")
+    mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(-1, 1, 1), sharding.AXES)
+    cache = str(tmp_path / "features")
+    first, second = (features.load_encoder(w, -1, mesh) for w in (workdir, other))
+    assert (first.name, first.step) == (second.name, second.step) and first.fingerprint != second.fingerprint
+    got_first = features.extract(first, source, "map", 32, mesh, cache, where, fingerprint)
+    got_second = features.extract(second, source, "map", 32, mesh, cache, where, fingerprint)
+    assert np.abs(got_first - got_second).max() > 1e-3  # not the cached features of the first run
+    fresh = features.extract(second, source, "map", 32, mesh, str(tmp_path / "fresh"), where, fingerprint)
+    np.testing.assert_array_equal(got_second, fresh)
+    # the same checkpoint on another split (or a rebuilt one) is another cache entry too
+    other_split = features.split_fingerprint(data_dir, "nih_sample", "train")
+    assert other_split != fingerprint
+    assert len([f for f in os.listdir(cache) if f.endswith(".npy")]) == 2
+
+
+def test_labels_without_positives_in_the_training_subset_are_skipped_and_named(nih_and_workdir, tmp_path):
+    data_dir, workdir = nih_and_workdir
+    config = _probe_config(data_dir, "random_init")
+    config.random_init_like, config.label_fractions = workdir, (0.03,)
+    row = evaluate.evaluate(config, str(tmp_path))["checkpoints"][0]
+    skipped = row["labels_skipped"]
+    assert skipped and row["train_cases"] < 40, row["train_cases"]
+    for name in skipped:
+        assert np.isnan(row["auc"][name])  # not a constant-bias probe's AUC of 0.5
+    scored = [n for n in row["auc"] if n not in skipped]
+    assert scored and all(np.isfinite(row["auc"][n]) for n in scored)
+    assert abs(row["mauc"] - np.mean([row["auc"][n] for n in scored])) < 1e-12
+    table = open(tmp_path / "results.md").read()
+    assert f"| 3% ({row['train_cases']} cases) |" in table
+    assert "Not trained or scored at 3% of the labels" in table and next(iter(skipped)) in table
+    config.label_fractions = (0.001,)  # one patient: no label has both classes
+    with pytest.raises(ValueError, match=r"label fraction 0.001 keeps \d+ training cases of 1 patients, and no label"):
+        evaluate.evaluate(config, str(tmp_path / "tiny"))
