@@ -63,6 +63,10 @@ def build(source: str, input_dir: str, output_dir: str, *, name: str = "", image
         raise R.InputError(f"--name={name!r}: use lower case letters, digits and underscores")
     if not os.path.isdir(input_dir):
         raise R.InputError(f"--input_dir={input_dir} is not a folder")
+    if image_size < 0:
+        raise R.InputError(f"--image_size={image_size}: give the shorter side in pixels (> 0), or 0 to keep the size")
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise R.InputError(f"--output_dir={output_dir} is a file, not a folder: choose another --output_dir")
     final_dir = os.path.join(output_dir, name, VERSION)
     if os.path.exists(final_dir) and not overwrite:
         raise R.InputError(f"{final_dir} already exists; pass --overwrite to rebuild it")
@@ -77,6 +81,9 @@ def build(source: str, input_dir: str, output_dir: str, *, name: str = "", image
           f"({scan.skips.total} skipped while scanning)", flush=True)
 
     os.makedirs(output_dir, exist_ok=True)
+    if not os.access(output_dir, os.W_OK | os.X_OK):
+        raise R.InputError(f"--output_dir={output_dir} is not writable: choose a folder you can write")
+    remove_abandoned_staging(output_dir, name)
     staging = os.path.join(output_dir, f".staging-{name}-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     decode_skips = R.SkipLog(strict)
@@ -116,6 +123,29 @@ def build(source: str, input_dir: str, output_dir: str, *, name: str = "", image
     return report
 
 
+def remove_abandoned_staging(output_dir: str, name: str) -> list[str]:
+    """Deletes the staging folders of builds of `name` whose process is gone (killed builds)."""
+    removed = []
+    for entry in os.listdir(output_dir):
+        match = re.fullmatch(rf"\.staging-{re.escape(name)}-(\d+)", entry)
+        if match and not _process_alive(int(match.group(1))):
+            shutil.rmtree(os.path.join(output_dir, entry), ignore_errors=True)
+            removed.append(entry)
+    if removed:
+        print(f"removed the staging folder(s) of interrupted builds: {', '.join(removed)}", flush=True)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def summary_line(report: dict) -> str:
     splits = ", ".join(f"{k} {v}" for k, v in sorted(report["records_written"].items()))
     skipped = ", ".join(f"{k} {v['count']}" for k, v in report["skipped"].items()) or "none"
@@ -135,15 +165,13 @@ def main(argv: list[str]) -> None:
                    split_column=FLAGS.split_column, id_column=FLAGS.id_column,
                    group_column=FLAGS.group_column, study_column=FLAGS.study_column,
                    view_column=FLAGS.view_column)
-    try:
-        report = build(FLAGS.source, FLAGS.input_dir, FLAGS.output_dir, name=FLAGS.name,
-                       image_size=FLAGS.image_size, views=FLAGS.views, strict=FLAGS.strict,
-                       num_workers=FLAGS.num_workers, overwrite=FLAGS.overwrite, **options)
-    except (R.InputError, R.BadRecordError) as e:
-        print(f"build_dataset: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    report = build(FLAGS.source, FLAGS.input_dir, FLAGS.output_dir, name=FLAGS.name, image_size=FLAGS.image_size,
+                   views=FLAGS.views, strict=FLAGS.strict, num_workers=FLAGS.num_workers, overwrite=FLAGS.overwrite,
+                   **options)
     print(summary_line(report))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from mvlp_jax import cli
+
+    cli.run("build_dataset", main)

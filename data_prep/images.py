@@ -15,7 +15,11 @@ def _to_uint8_gray(image: Image.Image) -> Image.Image:
         # High-bit-depth scans: rescale the used range to 8 bits (their bit depth varies by vendor).
         pixels = np.asarray(image, dtype=np.float64)
         low, high = float(pixels.min()), float(pixels.max())
-        scaled = (pixels - low) * (255.0 / (high - low)) if high > low else np.zeros_like(pixels)
+        if high > low:
+            scaled = (pixels - low) * (255.0 / (high - low))
+        else:  # a constant image has no range to stretch: scale by its type's (16 bits, or [0, 1] floats)
+            full = 1.0 if image.mode == "F" and high <= 1.0 else 65535.0
+            scaled = np.clip(pixels * (255.0 / full), 0, 255)
         return Image.fromarray(np.round(scaled).astype(np.uint8), mode="L")
     return image.convert("L")
 

@@ -6,8 +6,10 @@
       --text_column=report --model=/models/Llama-2-7b-hf --dtype=bfloat16 --output_dir=...
 
 One record per study (see text_embeddings/schema.py). Shards are written under a temporary name and
-renamed when complete, so a rerun skips finished shards and redoes partial ones; `--num_workers` /
-`--worker_index` split the shards between hosts; `--verify` checks that every study has exactly one record.
+renamed when complete, each with a record of its inputs and bytes beside it; a rerun skips a shard only
+when its bytes are intact and its reports and settings are the ones of this run, and redoes the rest.
+`--num_workers` / `--worker_index` split the shards between hosts; `--verify` checks that every study
+has exactly one record and every shard matches its record and the source, naming any that does not.
 """
 from __future__ import annotations
 
@@ -73,6 +75,8 @@ def check_existing(output_dir: str, manifest: dict) -> None:
                          "pass --overwrite to replace them or choose another --output_dir")
     for p in schema.shard_paths(output_dir):
         os.remove(p)
+        if os.path.exists(f"{p}.json"):
+            os.remove(f"{p}.json")
 
 
 def write_json(path: str, data: dict) -> None:
@@ -84,15 +88,24 @@ def write_json(path: str, data: dict) -> None:
 
 def verify(output_dir: str, texts: dict[str, str]) -> int:
     manifest = schema.read_manifest(output_dir)
-    expected = {s for s, t in texts.items() if t}
+    texts = {s: t for s, t in texts.items() if t}
+    expected = set(texts)
     paths = schema.shard_paths(output_dir)
     problems = []
     if len(paths) != manifest["num_shards"]:
         problems.append(f"{len(paths)} of {manifest['num_shards']} shards present")
     seen: dict[str, int] = {}
+    planned = plan.shards(sorted(texts), manifest["records_per_shard"])
     for path in paths:
-        for record in schema.read_shard(path):
-            seen[record["study_id"]] = seen.get(record["study_id"], 0) + 1
+        index, count = schema.shard_position(path)
+        problem = (f"one of {count} shards, the source now makes {len(planned)}" if count != len(planned) else
+                   schema.shard_problem(path, schema.inputs_sha256(planned[index], texts),
+                                        schema.settings_sha256(manifest, SETTINGS_KEYS)))
+        if problem:
+            problems.append(f"shard {os.path.basename(path)}: {problem}")
+            continue
+        for study in schema.read_shard(path):
+            seen[study["study_id"]] = seen.get(study["study_id"], 0) + 1
     missing = sorted(expected - seen.keys())
     extra = sorted(seen.keys() - expected)
     duplicated = sorted(s for s, n in seen.items() if n > 1)
@@ -102,19 +115,30 @@ def verify(output_dir: str, texts: dict[str, str]) -> int:
     if manifest["num_records"] != len(expected):
         problems.append(f"manifest says {manifest['num_records']} records, the source has {len(expected)}")
     if problems:
-        print("verify: FAILED: " + "; ".join(problems), file=sys.stderr)
+        print("verify: FAILED: " + "; ".join(problems) + ". Rerun the same command without --verify to redo "
+              "the shards named", file=sys.stderr)
         return 1
-    print(f"verify: OK: {len(seen)} studies, each exactly once, in {len(paths)} shards; manifest matches")
+    print(f"verify: OK: {len(seen)} studies, each exactly once, in {len(paths)} shards matching their records "
+          f"and the source; manifest matches")
     return 0
 
 
 def main(argv: list[str]) -> None:
     del argv
+    from mvlp_jax import cli
+
     if not FLAGS.output_dir:
         raise app.UsageError("--output_dir is required")
     texts, source_info = load_texts()
     if FLAGS.verify:
+        if not os.path.exists(os.path.join(FLAGS.output_dir, "manifest.json")):
+            raise FileNotFoundError(f"--output_dir={FLAGS.output_dir} holds no embeddings (no manifest.json) to verify")
         sys.exit(verify(FLAGS.output_dir, texts))
+    cli.output_dir(FLAGS.output_dir)
+    conflicts = {k: source_info.pop(k) for k in ("conflicting_duplicate_ids", "conflicting_examples", "notes")
+                 if k in source_info}  # counts, not identity: they stay out of the settings compared on reruns
+    for note in conflicts.get("notes", []):
+        print(f"note: {note}")
     from tqdm import tqdm
 
     from data_prep.text_embeddings.model import FrozenLM
@@ -136,7 +160,9 @@ def main(argv: list[str]) -> None:
         "store_tokens": FLAGS.store_tokens, "tokenizer": lm.tokenizer_name, "text_template": FLAGS.text_template,
         "source": source_info, "records_per_shard": FLAGS.records_per_shard, "num_shards": len(shard_ids),
         "num_records": len(texts),
-        "counts": {"empty_skipped": len(empty), "truncated": sum(n > FLAGS.max_tokens for n in full_lengths.values())},
+        "counts": {"empty_skipped": len(empty), "truncated": sum(n > FLAGS.max_tokens for n in full_lengths.values()),
+                   "conflicting_duplicate_ids": conflicts.get("conflicting_duplicate_ids", 0)},
+        "conflicting_duplicate_ids": conflicts.get("conflicting_examples", []),
         "empty_study_ids": empty[:100],
         "command": " ".join(a for a in sys.argv if not a.startswith(("--worker_index", "--num_workers"))),
     }
@@ -144,19 +170,30 @@ def main(argv: list[str]) -> None:
     check_existing(FLAGS.output_dir, manifest)
     write_json(os.path.join(FLAGS.output_dir, "manifest.json"), manifest)
 
+    current = {os.path.join(FLAGS.output_dir, schema.SHARD_PATTERN.format(index=s, count=len(shard_ids)))
+               for s in range(len(shard_ids))}
+    for stale in set(schema.shard_paths(FLAGS.output_dir)) - current:  # a plan of another shard count
+        os.remove(stale)
+        if os.path.exists(f"{stale}.json"):
+            os.remove(f"{stale}.json")
+    settings = schema.settings_sha256(manifest, SETTINGS_KEYS)
     mine = plan.worker_shards(len(shard_ids), FLAGS.num_workers, FLAGS.worker_index)
     todo = []
     for s in mine:
         path = os.path.join(FLAGS.output_dir, schema.SHARD_PATTERN.format(index=s, count=len(shard_ids)))
-        if os.path.exists(path):
+        inputs = schema.inputs_sha256(shard_ids[s], texts)
+        problem = schema.shard_problem(path, inputs, settings)
+        if problem is None:
             print(f"shard {s}: complete, skipped")
-        else:
-            todo.append((s, path))
-    total = sum(len(shard_ids[s]) for s, _ in todo)
+            continue
+        if problem != "missing":
+            print(f"shard {s}: redone: {problem}")
+        todo.append((s, path, {"study_ids": shard_ids[s], "inputs_sha256": inputs, "settings_sha256": settings}))
+    total = sum(len(shard_ids[s]) for s, _, _ in todo)
     real_tokens = padded_tokens = 0
     start = time.perf_counter()
     bar = tqdm(total=total, unit="report", desc=f"worker {FLAGS.worker_index}/{FLAGS.num_workers}", dynamic_ncols=True)
-    for s, path in todo:
+    for s, path, provenance in todo:
         records: dict[str, bytes] = {}
         for batch in plan.token_budget_batches({i: lengths[i] for i in shard_ids[s]}, FLAGS.token_budget,
                                                FLAGS.max_batch, FLAGS.max_padding):
@@ -168,7 +205,7 @@ def main(argv: list[str]) -> None:
             bar.update(len(batch))
             elapsed = max(time.perf_counter() - start, 1e-9)
             bar.set_postfix_str(f"{real_tokens / elapsed:.0f} tok/s")
-        schema.write_shard(path, [records[i] for i in shard_ids[s]])
+        schema.write_shard(path, [records[i] for i in shard_ids[s]], provenance)
     bar.close()
     elapsed = time.perf_counter() - start
     padding = 1 - real_tokens / padded_tokens if padded_tokens else 0.0
@@ -178,4 +215,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from mvlp_jax import cli
+
+    cli.run("precompute_text_embeddings", main)

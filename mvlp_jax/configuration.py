@@ -81,6 +81,8 @@ SPEC: dict[str, tuple[Any, Check, str]] = {
     "data.train_split": ("train", None, "Split to train on."),
     "data.embeddings_dir": ("", None, "Output dir of data_prep.precompute_text_embeddings."),
     "data.allow_missing_embeddings": (False, None, "Drop images whose study has no embedding instead of failing."),
+    "data.embeddings_any_source": (False, None, "Accept embeddings made from another source (a reports CSV, another "
+                                   "dataset) whose study ids are this dataset's; refused by default."),
     "data.batch_size": (256, _positive, "Global batch size (all processes together)."),
     "data.crop_scale": ((0.5, 1.0), _crop_scale, "RandomResizedCrop area range."),
     "data.brightness": (0.1, _non_negative, "Intensity augmentation: random brightness shift (fraction of 255)."),

@@ -26,8 +26,10 @@ def build_sample(root: str, image_size: int = 64) -> str:
     return os.path.join(root, "tfds")
 
 
-def write_targets(data_dir: str, out: str, drop: tuple[str, ...] = (), hidden: int = HIDDEN) -> list[str]:
-    """One random `mean`/`last` record per study of every split (minus `drop`), in the stored schema."""
+def write_targets(data_dir: str, out: str, drop: tuple[str, ...] = (), hidden: int = HIDDEN,
+                  source: dict | None = None) -> list[str]:
+    """One random `mean`/`last` record per study of every split (minus `drop`), in the stored schema; the
+    manifest names the dataset as its source (or `source`)."""
     from data_prep import built
 
     builder, _, _ = built.open_builder(data_dir, "covid_notes")
@@ -40,7 +42,9 @@ def write_targets(data_dir: str, out: str, drop: tuple[str, ...] = (), hidden: i
     schema.write_shard(os.path.join(out, schema.SHARD_PATTERN.format(index=0, count=1)), records)
     with open(os.path.join(out, "manifest.json"), "w") as f:
         json.dump({"schema_version": schema.SCHEMA_VERSION, "hidden_size": hidden, "poolings": ["mean", "last"],
-                   "num_records": len(kept), "model": "random-test-targets"}, f)
+                   "num_records": len(kept), "model": "random-test-targets",
+                   "source": source or {"kind": "dataset", "name": "covid_notes", "version": "1.0.0",
+                                        "splits": list(builder.info.splits)}}, f)
     return studies
 
 

@@ -164,3 +164,46 @@ def test_token_budget_batches_and_worker_plan():
     assert plan.worker_shards(7, 3, 1) == [1, 4]
     with pytest.raises(ValueError):
         plan.worker_shards(7, 3, 3)
+
+
+def _rewrite_csv(csv_path: str, out_path: str, change: dict[str, str]) -> None:
+    with open(csv_path, newline="") as f:
+        rows = list(csv.reader(f))
+    with open(out_path, "w", newline="") as f:
+        csv.writer(f).writerows([[r[0], change.get(r[0], r[1])] for r in rows])
+
+
+def test_a_changed_source_or_a_damaged_shard_is_redone_and_verify_names_it(tiny_llama, tmp_path):
+    model_dir, csv_path, reports = tiny_llama
+    source = str(tmp_path / "reports.csv")
+    _rewrite_csv(csv_path, source, {})
+    out = tmp_path / "emb"
+    _run(model_dir, source, out)
+    before = _records(out)
+    # 1. a report edited in place: its shard no longer matches its inputs
+    study = sorted(s for s, t in reports.items() if t.strip())[10]  # in shard 1 of 7 studies each
+    _rewrite_csv(csv_path, source, {study: "effusion " + reports[study]})
+    failed = _run(model_dir, source, out, "--verify", check=False)
+    assert failed.returncode == 1
+    assert "shard embeddings-00001-of-00006.array_record: the reports it was made from have changed" in failed.stderr
+    rerun = _run(model_dir, source, out)
+    assert "shard 1: redone: the reports it was made from have changed" in rerun.stdout
+    assert rerun.stdout.count("complete, skipped") == 5
+    after = _records(out)
+    assert not np.array_equal(after[study]["mean"], before[study]["mean"])
+    for other in set(before) - {study}:
+        np.testing.assert_array_equal(after[other]["mean"], before[other]["mean"])
+    assert "verify: OK" in _run(model_dir, source, out, "--verify").stdout
+    # 2. a shard cut short: verify and training name it, a rerun redoes it
+    victim = schema.shard_paths(out)[3]
+    os.truncate(victim, os.path.getsize(victim) - 100)
+    failed = _run(model_dir, source, out, "--verify", check=False)
+    assert failed.returncode == 1 and f"shard {os.path.basename(victim)}: " in failed.stderr
+    assert "bytes on disk" in failed.stderr
+    from mvlp_jax.data import targets
+    with pytest.raises(ValueError, match=f"embedding shard .*{os.path.basename(victim)}: .* bytes on disk"):
+        targets.load_targets(str(out), "mean")
+    rerun = _run(model_dir, source, out)
+    assert "shard 3: redone:" in rerun.stdout and rerun.stdout.count("complete, skipped") == 5
+    assert _records(out).keys() == after.keys()
+    assert "verify: OK" in _run(model_dir, source, out, "--verify").stdout

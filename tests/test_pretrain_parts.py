@@ -232,3 +232,18 @@ def test_mflag_losses_match_numpy_and_a_sharded_batch_equals_the_gathered_one():
     norm = BatchStatNorm(use_affine=False)
     normed = jax.jit(lambda v: norm.apply({}, v))(sx)
     np.testing.assert_allclose(normed, (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5), rtol=1e-4, atol=1e-5)
+
+
+def test_embeddings_of_another_source_are_refused_unless_asked_for(pretrain_data, tmp_path):
+    data_dir = pretrain_data[0]
+    config = _micro(pretrain_data)
+    for made_from, says in (({"kind": "csv", "path": "/data/other_reports.csv"}, "csv /data/other_reports.csv"),
+                            ({"kind": "dataset", "name": "iu_xray", "version": "1.0.0"}, "dataset iu_xray:1.0.0")):
+        out = str(tmp_path / made_from["kind"])
+        write_targets(data_dir, out, source=made_from)  # the same study ids, another source
+        config.data.embeddings_dir = out
+        with pytest.raises(ValueError, match=f"made from the reports of {says}, not of the training dataset "
+                                             f"covid_notes:1.0.0"):
+            pipeline.open_records(config)
+    config.data.embeddings_any_source = True
+    assert len(pipeline.open_records(config).indices) == len(pipeline.open_records(_micro(pretrain_data)).indices)

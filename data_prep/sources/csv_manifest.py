@@ -60,6 +60,9 @@ def scan(input_dir: str, *, manifest: str = "", image_column: str = "image", ima
                 skips.skip(R.NO_SPLIT, where, f"empty {split_column!r}")
                 continue
             text = " ".join(row[text_column].split()) if text_column else ""
+            if text_column and not text:
+                skips.skip(R.REPORT_MISSING, where, f"empty {text_column!r}")
+                continue
             out.append(R.RawRecord(
                 split=split, image_path=image_path, image_id=image_id,
                 study_id=row[study_column] if study_column else image_id, subject_id=group,

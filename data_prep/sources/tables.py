@@ -14,12 +14,16 @@ def read_csv(path: str, required: tuple[str, ...] = ()) -> list[dict[str, str]]:
     if not os.path.exists(path):
         raise InputError(f"required file not found: {path}")
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in required if c not in (reader.fieldnames or [])]
-        if missing:
-            raise InputError(f"{path}: missing required column(s) {missing}; has {reader.fieldnames}")
-        return list(reader)
+    try:
+        with opener(path, "rt", newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in required if c not in (reader.fieldnames or [])]
+            if missing:
+                raise InputError(f"{path}: missing required column(s) {missing}; has {reader.fieldnames}")
+            return list(reader)
+    except UnicodeDecodeError as error:
+        raise InputError(f"{path} is not UTF-8 text (byte {error.start} cannot be decoded): save it as UTF-8, e.g. "
+                         f"iconv -f latin1 -t utf-8 IN > OUT, and rerun") from error
 
 
 def read_text(data: bytes) -> str:

@@ -8,6 +8,8 @@ import os
 import numpy as np
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# What transformers' AutoTokenizer reads from a checkpoint folder (one of them is enough).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "spiece.model")
 
 
 def resolve(model: str) -> tuple[str, str | None, str]:
@@ -22,6 +24,11 @@ def resolve(model: str) -> tuple[str, str | None, str]:
     if os.path.isdir(model):
         if not os.path.exists(os.path.join(model, "config.json")):
             raise ValueError(f"--model={model}: no config.json, not a Hugging Face checkpoint directory")
+        present = set(os.listdir(model))
+        if not present & set(TOKENIZER_FILES):
+            raise ValueError(f"--model={model} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}): copy "
+                             f"the tokenizer of the checkpoint into this folder (e.g. "
+                             f"AutoTokenizer.from_pretrained(...).save_pretrained(DIR))")
         return model, None, os.path.basename(os.path.normpath(model))
     raise FileNotFoundError(f"--model={model}: no such directory or .gguf file (or 'smollm2')")
 

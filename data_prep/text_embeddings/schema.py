@@ -5,11 +5,14 @@ One ArrayRecord record per study: a msgpack map
    ["tokens": bytes (num_tokens x dim), "num_tokens": int]}
 `mean` is the masked mean of the chosen layer's hidden states over the report's tokens, `last` the
 state of its last real token; vectors are stored little-endian in `dtype` (default float16).
-Shards are `embeddings-SSSSS-of-NNNNN.array_record`; `manifest.json` describes them.
+Shards are `embeddings-SSSSS-of-NNNNN.array_record`; `manifest.json` describes them. Beside each shard,
+`<shard>.json` records what it was made from (its study ids, the sha256 of their texts, the sha256 of the
+settings) and its own size and sha256: a shard without it, or whose bytes or inputs differ, is not complete.
 """
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import re
@@ -46,26 +49,89 @@ def decode(data: bytes) -> dict:
     return out
 
 
-def write_shard(path: str, records: list[bytes]) -> None:
-    """Writes to a temporary name and renames, so a shard on disk under its final name is complete."""
+def write_shard(path: str, records: list[bytes], provenance: dict | None = None) -> None:
+    """Writes to a temporary name and renames, then writes its provenance record (the shard's ids, inputs
+    and settings hashes, with its size and sha256 added): a shard is complete only once both exist."""
     tmp = f"{path}.tmp-{os.getpid()}"
     writer = ArrayRecordWriter(tmp, "group_size:1")
     for record in records:
         writer.write(record)
     writer.close()
     os.replace(tmp, path)
+    if provenance is not None:
+        record = {**provenance, "records": len(records), "bytes": os.path.getsize(path), "sha256": file_sha256(path)}
+        tmp = f"{path}.json.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(record, f)
+        os.replace(tmp, f"{path}.json")
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def inputs_sha256(study_ids: list[str], texts: dict[str, str]) -> str:
+    """sha256 of the (study id, text) pairs a shard is made from."""
+    return hashlib.sha256(json.dumps([[s, texts[s]] for s in study_ids]).encode()).hexdigest()
+
+
+def settings_sha256(manifest: dict, keys: tuple[str, ...]) -> str:
+    return hashlib.sha256(json.dumps({k: manifest.get(k) for k in keys}, sort_keys=True).encode()).hexdigest()
+
+
+def read_provenance(path: str) -> dict | None:
+    try:
+        with open(f"{path}.json") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def shard_problem(path: str, inputs: str | None = None, settings: str | None = None) -> str | None:
+    """None when the shard at `path` is complete and (where given) made from these inputs and settings;
+    otherwise why not, in words."""
+    if not os.path.exists(path):
+        return "missing"
+    record = read_provenance(path)
+    if record is None:
+        return "no provenance record beside it (written by an interrupted or older run)"
+    size = os.path.getsize(path)
+    if size != record["bytes"]:
+        return f"{size} bytes on disk, {record['bytes']} when written (cut short or overwritten)"
+    if file_sha256(path) != record["sha256"]:
+        return "its bytes changed since it was written (sha256 differs)"
+    if inputs is not None and record.get("inputs_sha256") != inputs:
+        return "the reports it was made from have changed (other study ids or texts)"
+    if settings is not None and record.get("settings_sha256") != settings:
+        return "it was made with other settings"
+    return None
 
 
 def shard_paths(output_dir: str) -> list[str]:
     return sorted(p for p in glob.glob(os.path.join(output_dir, "embeddings-*.array_record")) if _SHARD_RE.search(p))
 
 
+def shard_position(path: str) -> tuple[int, int]:
+    """(index, count) from a shard's file name."""
+    match = _SHARD_RE.search(path)
+    return int(match.group(1)), int(match.group(2))
+
+
 def read_shard(path: str) -> list[dict]:
-    reader = ArrayRecordReader(path)
+    reader = None
     try:
+        reader = ArrayRecordReader(path)
         return [decode(r) for r in reader.read_all()]
+    except (RuntimeError, ValueError, msgpack.exceptions.ExtraData, msgpack.exceptions.UnpackException) as error:
+        raise ValueError(f"embedding shard {path} cannot be read ({str(error).splitlines()[0][:160]}): rerun "
+                         f"data_prep.precompute_text_embeddings with the same flags to redo it") from error
     finally:
-        reader.close()
+        if reader is not None:
+            reader.close()
 
 
 def read_manifest(output_dir: str) -> dict:

@@ -1,7 +1,6 @@
 """Reports to embed: from a built dataset (one per study) or from a CSV; empty texts are counted."""
 from __future__ import annotations
 
-import csv
 import os
 
 DEFAULT_TEMPLATE = "{findings} {impression}"
@@ -36,12 +35,18 @@ def from_dataset(data_dir: str, dataset: str, splits: list[str] | None, template
 
 
 def from_csv(path: str, id_column: str, text_column: str) -> tuple[dict[str, str], dict]:
+    """study id -> text; the first row of an id wins, and ids whose rows disagree on the text are counted."""
+    from data_prep.sources.tables import read_csv
+
     texts: dict[str, str] = {}
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in (id_column, text_column) if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}; has {reader.fieldnames}")
-        for row in reader:
-            texts.setdefault(str(row[id_column]).strip(), " ".join((row[text_column] or "").split()))
-    return texts, {"kind": "csv", "path": os.path.abspath(path), "id_column": id_column, "text_column": text_column}
+    conflicting: set[str] = set()
+    for row in read_csv(path, (id_column, text_column)):
+        study, text = str(row[id_column]).strip(), " ".join((row[text_column] or "").split())
+        if texts.setdefault(study, text) != text:
+            conflicting.add(study)
+    info = {"kind": "csv", "path": os.path.abspath(path), "id_column": id_column, "text_column": text_column,
+            "conflicting_duplicate_ids": len(conflicting), "conflicting_examples": sorted(conflicting)[:5]}
+    if conflicting:
+        info["notes"] = [f"{len(conflicting)} ids of {path} have rows with different {text_column!r} texts (e.g. "
+                         f"{', '.join(sorted(conflicting)[:5])}); the first row of each is embedded"]
+    return texts, info

@@ -48,6 +48,8 @@ def open_records(config: ml_collections.ConfigDict) -> TrainRecords:
         raise ValueError("objectives llm_contrastive and mflag need config.data.embeddings_dir "
                          "(the output of data_prep.precompute_text_embeddings)")
     table = targets_lib.load_targets(config.data.embeddings_dir, config.contrastive.target)
+    targets_lib.check_source(table.manifest, name, version, config.data.embeddings_dir,
+                             config.data.get("embeddings_any_source", False))
     study_ids = [source[i]["study_id"].decode() for i in
                  tqdm(range(len(source)), desc="joining images to LLM targets", unit="img", disable=len(source) < 10_000)]
     rows = targets_lib.join(study_ids, table, config.data.allow_missing_embeddings, where)

@@ -1,6 +1,7 @@
 """LLM targets: the stored report vectors, loaded once and joined to training images by study id."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +39,11 @@ def check_manifest(manifest: dict, pooling: str, hidden_size: int = 0) -> None:
 
 def load_targets(embeddings_dir: str, pooling: str) -> TargetTable:
     """Reads every shard once: (num_studies, hidden) in the stored dtype (~1.9 GB for MIMIC at 4096, fp16)."""
+    if not os.path.exists(os.path.join(embeddings_dir, "manifest.json")):
+        raise FileNotFoundError(f"embeddings dir {embeddings_dir} holds no manifest.json"
+                                + ("" if os.path.isdir(embeddings_dir) else " (it does not exist)")
+                                + ": make it with python -m data_prep.precompute_text_embeddings "
+                                  "--output_dir=... or fix config data.embeddings_dir")
     manifest = schema.read_manifest(embeddings_dir)
     check_manifest(manifest, pooling)
     paths = schema.shard_paths(embeddings_dir)
@@ -45,12 +51,31 @@ def load_targets(embeddings_dir: str, pooling: str) -> TargetTable:
         raise FileNotFoundError(f"no embedding shards in {embeddings_dir}")
     ids, vectors = [], []
     for path in tqdm(paths, desc="loading LLM targets", unit="shard", disable=len(paths) < 4):
+        if schema.read_provenance(path) is not None and (problem := schema.shard_problem(path)):
+            raise ValueError(f"embedding shard {path}: {problem}; rerun data_prep.precompute_text_embeddings with "
+                             f"the same flags to redo it (--verify names every such shard)")
         for record in schema.read_shard(path):
             ids.append(record["study_id"])
             vectors.append(record[pooling])
     if len(set(ids)) != len(ids):
         raise ValueError(f"{embeddings_dir}: a study appears in more than one record (run --verify)")
     return TargetTable(tuple(ids), np.stack(vectors), manifest)
+
+
+def check_source(manifest: dict, dataset: str, version: str, embeddings_dir: str, allow_other: bool) -> None:
+    """The embeddings were made from the reports of this dataset: study ids alone (often plain numbers)
+    can match another source's and would silently pair images with the wrong reports."""
+    source = manifest.get("source")
+    if not source or allow_other:
+        return
+    if source.get("kind") == "dataset" and source.get("name") == dataset and source.get("version") == version:
+        return
+    made_from = (f"dataset {source.get('name')}:{source.get('version')}" if source.get("kind") == "dataset"
+                 else f"{source.get('kind')} {source.get('path', '')}".strip())
+    raise ValueError(f"{embeddings_dir} was made from the reports of {made_from}, not of the training dataset "
+                     f"{dataset}:{version}; its study ids would pair images with another source's reports. Embed "
+                     f"this dataset (data_prep.precompute_text_embeddings --dataset={dataset}), or, if its study "
+                     f"ids really are this dataset's, set --config.data.embeddings_any_source=True")
 
 
 def join(study_ids: list[str], table: TargetTable, allow_missing: bool, where: str) -> np.ndarray:
