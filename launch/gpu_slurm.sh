@@ -43,6 +43,11 @@ case $PER in
   *) die "--per must be gpu or node, got '$PER'" ;;
 esac
 SCRIPT=${SCRIPT:-$WORKDIR/slurm/pretrain.sbatch}
+# Values written into #SBATCH lines cannot be quoted there: they must be single plain words.
+for pair in "job_name:$JOB" "time:$TIME" "partition:$PARTITION" "account:$ACCOUNT"; do
+  [[ ${pair#*:} =~ ^[A-Za-z0-9_.:,@+=-]*$ ]] || die "--${pair%%:*} must be one word of letters, digits and _.:,@+=-"
+done
+[[ $WORKDIR != *$'\n'* && $WORKDIR != *' '* ]] || die "--workdir must not contain spaces or newlines (SLURM's --output)"
 
 MAIN="$(quote "$VENV/bin/python") -m mvlp_jax.main --config=$(quote "$CONFIG") --workdir=$(quote "$WORKDIR")"
 for flag in "${EXTRA[@]}"; do MAIN+=" $(quote "$flag")"; done

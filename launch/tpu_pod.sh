@@ -73,7 +73,7 @@ ALL=("$NAME" "${LOC[@]}" --worker=all)
 
 # 2. The code on every worker: a clone, or this checkout's HEAD as a tarball.
 if [[ -n $REPO_URL ]]; then
-  run "${GCLOUD[@]}" tpu-vm ssh "${ALL[@]}" --command="rm -rf ~/mvlp_jax && git clone --depth=1 $REPO_URL ~/mvlp_jax"
+  run "${GCLOUD[@]}" tpu-vm ssh "${ALL[@]}" --command="rm -rf ~/mvlp_jax && git clone --depth=1 $(quote "$REPO_URL") ~/mvlp_jax"
 else
   ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
   TARBALL=/tmp/mvlp_jax-$NAME.tar.gz
@@ -87,11 +87,12 @@ fi
 INSTALL="cd ~/mvlp_jax && (command -v python3.11 || (sudo apt-get update -qq && sudo apt-get install -y -qq python3.11 python3.11-venv))"
 INSTALL+=" && python3.11 -m venv .venv && .venv/bin/pip install -q --upgrade pip"
 INSTALL+=" && .venv/bin/pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
-INSTALL+=" && .venv/bin/pip install -q -e . \"jax[tpu]==$JAX_VERSION\""
+INSTALL+=" && .venv/bin/pip install -q -e . $(quote "jax[tpu]==$JAX_VERSION")"
 run "${GCLOUD[@]}" tpu-vm ssh "${ALL[@]}" --command="$INSTALL"
 
 # 4. Train on all workers at once; gcloud streams every worker's output (also kept in ~/mvlp_jax/train.log).
-MAIN="cd ~/mvlp_jax && .venv/bin/python -m mvlp_jax.main --config=$CONFIG --workdir=$WORKDIR"
+# Every user value is quoted: the remote shell sees it as one word, never as code.
+MAIN="cd ~/mvlp_jax && .venv/bin/python -m mvlp_jax.main --config=$(quote "$CONFIG") --workdir=$(quote "$WORKDIR")"
 for flag in "${EXTRA[@]}"; do MAIN+=" $(quote "$flag")"; done
 run "${GCLOUD[@]}" tpu-vm ssh "${ALL[@]}" --command="$MAIN 2>&1 | tee -a ~/mvlp_jax/train.log"
 

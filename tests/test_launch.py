@@ -32,7 +32,7 @@ def test_tpu_pod_dry_run_creates_ships_installs_runs_on_all_workers_and_deletes(
         f"gcloud compute tpus tpu-vm ssh {where} '--command=cd ~/mvlp_jax && (command -v python3.11 || "
         "(sudo apt-get update -qq && sudo apt-get install -y -qq python3.11 python3.11-venv)) && python3.11 -m venv "
         ".venv && .venv/bin/pip install -q --upgrade pip && .venv/bin/pip install -q torch==2.13.0 --index-url "
-        "https://download.pytorch.org/whl/cpu && .venv/bin/pip install -q -e . \"jax[tpu]==0.10.2\"'",
+        "https://download.pytorch.org/whl/cpu && .venv/bin/pip install -q -e . '\\''jax[tpu]==0.10.2'\\'''",
         f"gcloud compute tpus tpu-vm ssh {where} '--command=cd ~/mvlp_jax && .venv/bin/python -m mvlp_jax.main "
         "--config=configs/pretrain.py --workdir=gs://bucket/b16 --config.data.batch_size=4096 "
         "--config.data.data_dir=gs://bucket/tfds 2>&1 | tee -a ~/mvlp_jax/train.log'",
@@ -140,3 +140,45 @@ def test_readme_budget_tables_are_what_the_budget_script_computes():
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ")]
     assert len(rows) == 10 and all(row in readme for row in rows), [r for r in rows if r not in readme]
     assert "| `mean` + `last` | 16,441 |" in readme  # 2 x 4096 float16 values + the record's keys and id
+
+
+FAKE_GCLOUD = r"""#!/usr/bin/env bash
+# Stands in for gcloud: records each call; runs the training command of `tpu-vm ssh` in a fake worker home.
+printf '%s\n' "$*" >> "$FAKE_LOG"
+for arg in "$@"; do
+  case $arg in --command=*mvlp_jax.main*) HOME="$FAKE_HOME" bash -c "${arg#--command=}" ;; esac
+done
+exit 0
+"""
+
+
+def test_tpu_pod_passes_hostile_values_to_the_workers_as_single_words(tmp_path):
+    """Values with `;`, spaces and `$` reach the remote binary as the same single arguments, running nothing."""
+    bin_dir, home = tmp_path / "bin", tmp_path / "home"
+    (home / "mvlp_jax" / ".venv" / "bin").mkdir(parents=True)
+    bin_dir.mkdir()
+    (bin_dir / "gcloud").write_text(FAKE_GCLOUD)
+    python = home / "mvlp_jax" / ".venv" / "bin" / "python"
+    python.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$HOME/argv"\n')
+    for f in (bin_dir / "gcloud", python):
+        f.chmod(0o755)
+    hostile = {"config": "configs/pretrain.py; touch $HOME/pwned_config",
+               "workdir": "gs://bucket/run $(touch $HOME/pwned_workdir); echo `id`",
+               "extra": "--config.data.dataset=a b;c $USER"}
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_LOG": str(tmp_path / "log"),
+           "FAKE_HOME": str(home)}
+    result = subprocess.run(["bash", "launch/tpu_pod.sh", "--name=n", "--zone=z", f"--config={hostile['config']}",
+                             f"--workdir={hostile['workdir']}", "--", hostile["extra"]],
+                            cwd=REPO, capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 0, result.stderr
+    argv = (home / "argv").read_text().splitlines()
+    assert argv == ["-m", "mvlp_jax.main", f"--config={hostile['config']}", f"--workdir={hostile['workdir']}",
+                    hostile["extra"]]
+    assert not [p for p in os.listdir(home) if p.startswith("pwned")]
+
+
+def test_gpu_slurm_refuses_values_that_would_inject_lines_into_the_batch_script():
+    for flag in ("--job_name=x\nrm -rf ~", "--time=1:00 --wrap=id", "--partition=a;b"):
+        result = _launch("gpu_slurm.sh", "--nodes=1", "--gpus_per_node=1", "--config=c", "--workdir=w", flag,
+                         "--dry_run")
+        assert result.returncode == 2 and "must be one word" in result.stderr, (flag, result.stderr)
