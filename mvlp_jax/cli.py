@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import sys
 import textwrap
 from typing import Callable
@@ -83,6 +84,18 @@ def guarded(program: str, main: Callable[[list[str]], int | None]) -> Callable[[
     return wrapped
 
 
+def _name_the_override(detail: str, argv: list[str]) -> str:
+    """ml_collections says only "'varaint' Did you mean ...": name the --config.KEY=VALUE flag it came from."""
+    match = re.match(r"^'([^']+)'\s*(.*)$", detail)
+    if not match:
+        return detail
+    key, rest = match.groups()
+    flag = next((a for a in argv if a.startswith("--") and re.search(rf"\.{re.escape(key)}(=|$)", a)), None)
+    if flag is None:
+        return detail
+    return f"unknown config key {flag.split('=')[0][2:]!r} (in {flag})" + (f": {rest}" if rest else "")
+
+
 def run(program: str, main: Callable[[list[str]], int | None]) -> None:
     """absl's app.run with flag-parsing errors (e.g. an unknown --config.key) and bad input reported cleanly."""
     from absl import app, flags
@@ -94,7 +107,7 @@ def run(program: str, main: Callable[[list[str]], int | None]) -> None:
             if os.environ.get(DEBUG_ENV):
                 raise
             cause = error.__cause__ or error.__context__ or error
-            detail = message(cause) if is_bad_input(cause) else str(error)
-            sys.exit(report(program, ValueError(f"{error if cause is error else detail}")))
+            detail = " ".join((message(cause) if is_bad_input(cause) else str(error)).split())
+            sys.exit(report(program, ValueError(_name_the_override(detail, argv))))
 
     app.run(guarded(program, main), flags_parser=parse)

@@ -264,3 +264,46 @@ def test_real_shared_data_builds_and_iu_without_images_says_so(tmp_path):
         tar.extractall(iu, filter="data")
     with pytest.raises(R.InputError, match="none of the images"):
         build("iu_xray", str(iu), str(tmp_path))
+
+
+def test_empty_reports_are_skipped_and_counted_when_reports_are_asked_for(tmp_path):
+    root = tmp_path / "csv"
+    for name in ("a", "b", "c"):
+        _png(str(root / f"{name}.png"))
+    (root / "manifest.csv").write_text("image,text,split\na.png,note a,train\nb.png,  ,train\nc.png,,test\n")
+    report = build("csv", str(root), str(tmp_path / "out"), text_column="text", split_column="split", name="notes")
+    assert report["records_written"] == {"train": 1}
+    assert report["skipped"][R.REPORT_MISSING]["count"] == 2
+    images_only = build("csv", str(root), str(tmp_path / "out"), split_column="split", name="images")
+    assert images_only["records_written"] == {"train": 2, "test": 1}  # no text asked for: every image kept
+
+
+def test_a_constant_16_bit_image_keeps_its_level_instead_of_turning_black(tmp_path):
+    import io
+
+    from data_prep.images import load_gray_png
+
+    for value, want in ((0, 0), (32768, 128), (65535, 255)):
+        path = str(tmp_path / f"flat{value}.png")
+        Image.fromarray(np.full((8, 8), value, np.uint16)).save(path)
+        png, _ = load_gray_png(path, 0)
+        assert np.asarray(Image.open(io.BytesIO(png))).tolist() == np.full((8, 8), want).tolist()
+    ramp = str(tmp_path / "ramp.png")
+    Image.fromarray(np.arange(1000, 1064, dtype=np.uint16).reshape(8, 8)).save(ramp)
+    png, _ = load_gray_png(ramp, 0)
+    got = np.asarray(Image.open(io.BytesIO(png)))
+    assert got.min() == 0 and got.max() == 255  # a scan with a range is still stretched to 8 bits
+
+
+def test_a_killed_builds_staging_folder_is_removed_by_the_next_build(tmp_path):
+    from data_prep.build_dataset import remove_abandoned_staging
+
+    out = tmp_path / "out"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    abandoned = out / f".staging-mine-{dead.stdout.strip()}"  # a pid that has exited
+    running = out / f".staging-mine-{os.getpid()}"  # a build still going (this process)
+    other = out / f".staging-other-{dead.stdout.strip()}"
+    for folder in (abandoned, running, other):
+        (folder / "mine" / "1.0.0").mkdir(parents=True)
+    assert remove_abandoned_staging(str(out), "mine") == [abandoned.name]
+    assert not abandoned.exists() and running.exists() and other.exists()

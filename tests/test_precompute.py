@@ -207,3 +207,14 @@ def test_a_changed_source_or_a_damaged_shard_is_redone_and_verify_names_it(tiny_
     assert "shard 3: redone:" in rerun.stdout and rerun.stdout.count("complete, skipped") == 5
     assert _records(out).keys() == after.keys()
     assert "verify: OK" in _run(model_dir, source, out, "--verify").stdout
+
+
+def test_conflicting_duplicate_report_ids_are_counted_and_reported(tmp_path):
+    from data_prep.text_embeddings import sources
+
+    path = tmp_path / "reports.csv"
+    path.write_text("uid,text\n1,lungs clear\n2,effusion\n1,lungs  clear\n2,no effusion\n3,edema\n3,edema\n")
+    texts, info = sources.from_csv(str(path), "uid", "text")
+    assert texts == {"1": "lungs clear", "2": "effusion", "3": "edema"}  # the first row of an id wins
+    assert info["conflicting_duplicate_ids"] == 1 and info["conflicting_examples"] == ["2"]  # 1 and 3 agree
+    assert "1 ids of" in info["notes"][0]
