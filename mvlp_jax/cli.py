@@ -48,8 +48,8 @@ def is_bad_input(error: BaseException) -> bool:
     return isinstance(error, (UserError, ValueError, OSError, UnicodeError, KeyError))
 
 
-def output_dir(path: str, flag: str = "--output_dir") -> str:
-    """Makes `path` a folder this process can write, or raises an error naming the flag and the problem."""
+def check_writable_dir(path: str, flag: str = "--output_dir") -> None:
+    """`path` is a folder, or can be made one, that this process can write; creates nothing."""
     existing = os.path.abspath(path)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
@@ -57,6 +57,11 @@ def output_dir(path: str, flag: str = "--output_dir") -> str:
         raise UserError(f"{flag}={path}: {existing} is a file, not a folder: choose another {flag}")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"{flag}={path}: {existing} is not writable: choose a folder you can write")
+
+
+def output_dir(path: str, flag: str = "--output_dir") -> str:
+    """Makes `path` a folder this process can write, or raises an error naming the flag and the problem."""
+    check_writable_dir(path, flag)
     os.makedirs(path, exist_ok=True)
     return path
 
@@ -107,7 +112,8 @@ def run(program: str, main: Callable[[list[str]], int | None]) -> None:
             if os.environ.get(DEBUG_ENV):
                 raise
             cause = error.__cause__ or error.__context__ or error
-            detail = " ".join((message(cause) if is_bad_input(cause) else str(error)).split())
-            sys.exit(report(program, ValueError(_name_the_override(detail, argv))))
+            override = isinstance(cause, (KeyError, AttributeError)) and cause is not error
+            detail = " ".join((message(cause) if override else str(error)).split())
+            sys.exit(report(program, ValueError(_name_the_override(detail, argv) if override else detail)))
 
     app.run(guarded(program, main), flags_parser=parse)

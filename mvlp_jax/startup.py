@@ -24,17 +24,6 @@ RESUMABLE_KEYS = ("total_steps", "log_every_steps", "max_nonfinite_steps", "peak
 CHANGES_FILE = "config_changes.json"
 
 
-def check_workdir(workdir: str) -> None:
-    """The workdir is a folder (or can be made one) that this process can write; nothing is created yet."""
-    existing = workdir
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise NotADirectoryError(f"--workdir={workdir}: {existing} is a file, not a folder: choose another workdir")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(f"--workdir={workdir}: {existing} is not writable: choose a folder you can write")
-
-
 def check_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
     """The global batch splits evenly over the batch axes and the processes (and the micro-batches)."""
     batch, accum = config.data.batch_size, config.optim.accum_steps

@@ -1,6 +1,7 @@
 """The pretraining loop: build everything from the config, resume, step, log, checkpoint, stop cleanly."""
 from __future__ import annotations
 
+import errno
 import os
 import signal
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from mvlp_jax import checkpointing, configuration, host_memory, observe, optim, sharding, startup, train_step
+from mvlp_jax import checkpointing, cli, configuration, host_memory, observe, optim, sharding, startup, train_step
 from mvlp_jax.data import pipeline
 from mvlp_jax.models.pretrainer import Pretrainer
 
@@ -55,7 +56,7 @@ class Outcome:
 def train(config: ml_collections.ConfigDict, workdir: str) -> Outcome:
     configuration.validate(config)
     workdir = os.path.abspath(workdir)
-    startup.check_workdir(workdir)
+    cli.check_writable_dir(workdir, "--workdir")
     mesh = sharding.make_mesh(config)
     startup.check_batch(config, mesh)
     records = pipeline.open_records(config)
@@ -119,12 +120,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Outcome:
         raise NonFiniteError(_set_aside_diverged(store, error.first_bad_step, str(error)),
                              error.first_bad_step) from None
     except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
         _wait_quietly(store)
         partial = store.remove_partial_saves()
         what = os.strerror(error.errno) if error.errno else str(error)
         if error.strerror and error.strerror != what:
             what += f" ({error.strerror})"
-        raise OSError(error.errno, f"{what} while saving; removed {len(partial)} unfinished "
+        raise OSError(error.errno, f"{what} while saving a checkpoint; removed {len(partial)} unfinished "
                       f"checkpoint folder(s); the last complete checkpoint is "
                       f"{checkpointing.describe_latest(workdir)}: free space (or choose another --workdir), then "
                       f"rerun to resume from it", error.filename) from error
@@ -153,8 +156,11 @@ def _check_finite(pending: tuple, config: ml_collections.ConfigDict) -> None:
 
 def _set_aside_diverged(store: checkpointing.Store, first_bad: int, what: str) -> str:
     """Moves the checkpoints holding weights that gave a non-finite loss out of the run; says what to do."""
+    _wait_quietly(store)  # a save still in flight may be one of them
+    store.mngr.reload()
     moved = store.set_aside([s for s in store.mngr.all_steps() if s >= first_bad], "nonfinite_checkpoints")
     good = [s for s in store.mngr.all_steps() if s < first_bad]
+    store.seal()
     aside = f"; checkpoints from step {first_bad} on hold the diverged weights and were moved to " \
             f"{os.path.dirname(moved[0])}" if moved else ""
     if good:

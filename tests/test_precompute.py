@@ -81,7 +81,8 @@ def test_stored_vectors_equal_a_direct_unpadded_forward(tiny_llama, tmp_path):
     tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
     nonempty = [t for t in reports.values() if t.strip()]
     truncated = sum(len(tokenizer(t)["input_ids"]) > 48 for t in nonempty)
-    assert manifest["counts"] == {"empty_skipped": len(reports) - len(nonempty), "truncated": truncated}
+    assert manifest["counts"] == {"empty_skipped": len(reports) - len(nonempty), "truncated": truncated,
+                                  "conflicting_duplicate_ids": 0}
     assert truncated >= 1 and manifest["num_records"] == len(nonempty) == len(stored)
     assert manifest["hidden_size"] == 32 and manifest["source"]["kind"] == "csv"
     reference = AutoModel.from_pretrained(model_dir).eval()

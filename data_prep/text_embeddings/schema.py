@@ -50,20 +50,20 @@ def decode(data: bytes) -> dict:
 
 
 def write_shard(path: str, records: list[bytes], provenance: dict | None = None) -> None:
-    """Writes to a temporary name and renames, then writes its provenance record (the shard's ids, inputs
-    and settings hashes, with its size and sha256 added): a shard is complete only once both exist."""
+    """Writes to a temporary name, then its provenance record (the shard's ids, inputs and settings hashes,
+    with its size and sha256 added), then renames the shard: a shard under its final name has its record."""
     tmp = f"{path}.tmp-{os.getpid()}"
     writer = ArrayRecordWriter(tmp, "group_size:1")
     for record in records:
         writer.write(record)
     writer.close()
-    os.replace(tmp, path)
     if provenance is not None:
-        record = {**provenance, "records": len(records), "bytes": os.path.getsize(path), "sha256": file_sha256(path)}
-        tmp = f"{path}.json.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
+        record = {**provenance, "records": len(records), "bytes": os.path.getsize(tmp), "sha256": file_sha256(tmp)}
+        tmp_record = f"{path}.json.tmp-{os.getpid()}"
+        with open(tmp_record, "w") as f:
             json.dump(record, f)
-        os.replace(tmp, f"{path}.json")
+        os.replace(tmp_record, f"{path}.json")
+    os.replace(tmp, path)
 
 
 def file_sha256(path: str) -> str:
