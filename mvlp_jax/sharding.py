@@ -108,6 +108,11 @@ def active(mesh: Mesh) -> Iterator[None]:
         _ACTIVE_MESH.reset(token)
 
 
+def active_mesh() -> Mesh | None:
+    """The mesh of `active(mesh)`, or None outside it."""
+    return _ACTIVE_MESH.get()
+
+
 def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     """Sharding constraint on an activation by logical names; identity outside `active(mesh)`."""
     mesh = _ACTIVE_MESH.get()

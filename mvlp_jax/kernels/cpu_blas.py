@@ -7,8 +7,8 @@ four passes over a (B, H, Q, K) tensor; on some machines its GEMMs also trail MK
 times the two for dense layers). These go to MKL through XLA FFI custom calls (mkl_kernels.cc, compiled on
 first use with the machine's g++ and cached), on XLA's own thread pool.
 
-When: `use_blas(*operands)` is true for float32 operands in a process whose JAX backend is CPU with a single
-device, and an MKL is found (the one torch ships, or MVLP_JAX_BLAS_LIB). A custom call has no sharding rule,
+When: `use_blas(*operands)` is true for float32 operands of a program whose target devices (the active
+mesh's, else the process's) are a single CPU device, and an MKL is found (the one torch ships, or MVLP_JAX_BLAS_LIB). A custom call has no sharding rule,
 so multi-device (sharded) programs keep XLA's dots. MVLP_JAX_CPU_BLAS=off disables it, =on takes it whatever
 the device count. Any failure to find or build the kernel falls back to XLA, with one warning.
 """
@@ -107,13 +107,23 @@ def _require() -> None:
         raise RuntimeError("the MKL kernels are unavailable here (see the warning above)")
 
 
+def target_devices() -> list:
+    """The devices the program being traced is for: the active mesh's (which may be a TPU slice compiled
+    ahead of time from this CPU host), else this process's. Never the host backend alone."""
+    from mvlp_jax import sharding
+
+    mesh = sharding.active_mesh()
+    return list(mesh.devices.flat) if mesh is not None else jax.devices()
+
+
 def use_blas(*operands: jax.Array | jnp.dtype) -> bool:
     """Whether GEMMs on these operands (arrays or dtypes) go to MKL (decided at trace time; see the module
     docstring)."""
     setting = mode()
     if setting == "off" or any(jnp.result_type(x) != jnp.float32 for x in operands):
         return False
-    if jax.default_backend() != "cpu" or (setting == "auto" and jax.device_count() != 1):
+    devices = target_devices()
+    if devices[0].platform != "cpu" or (setting == "auto" and len(devices) != 1):
         return False
     return load()
 

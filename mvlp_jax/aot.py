@@ -1,0 +1,275 @@
+"""Ahead-of-time compile for a Cloud TPU slice, on a machine without one: does a config fit, and how fast can it be?
+
+  python -m mvlp_jax.aot --config=configs/pretrain.py --topology=v4-32 --topology=v5e-64 [--config.key=value ...]
+
+For each topology, the real TPU compiler (libtpu: `pip install -e '.[tpu]'`) compiles the config's train step
+(every objective and schedule, accumulation, remat, the config's mesh) and the evaluation binary's feature
+forward pass for the slice's devices, and prints per chip: argument / temporary / output bytes against the
+chip's HBM, FLOPs and bytes accessed per step, arithmetic intensity against the chip's roofline, the collectives
+of the optimised HLO, images/s per chip at 40% MFU, and the compiler's own time estimate where it is valid.
+Exits 1, naming the knobs, when a program does not fit in HBM.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import sys
+import time
+from typing import Any
+
+import jax
+import ml_collections
+from absl import flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+MFU_FOR_ESTIMATE = 0.4
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    name: str
+    hbm_bytes: float
+    peak_bf16_flops: float   # per chip
+    hbm_bytes_per_s: float
+
+
+# Public per-chip figures of Cloud TPU generations (device_kind substring -> chip).
+CHIPS = {"v6 lite": Chip("v6e", 32 * 2**30, 918e12, 1.64e12), "v5 lite": Chip("v5e", 16 * 2**30, 197e12, 0.819e12),
+         "v5p": Chip("v5p", 95 * 2**30, 459e12, 2.765e12), "v5": Chip("v5p", 95 * 2**30, 459e12, 2.765e12),
+         "v4": Chip("v4", 32 * 2**30, 275e12, 1.228e12)}
+# Accelerator-type names (what `gcloud ... --accelerator-type` takes) -> topology names libtpu knows.
+# v4 types count TensorCores (2 per chip); v5e/v6e types count chips.
+ALIASES = {"v4-8": "v4:2x2x1", "v4-16": "v4:2x2x2", "v4-32": "v4:2x2x4", "v4-64": "v4:2x4x4", "v4-128": "v4:4x4x4",
+           "v5e-1": "v5e:1x1", "v5e-4": "v5e:2x2", "v5e-8": "v5e:2x4", "v5e-16": "v5e:4x4", "v5e-32": "v5e:4x8",
+           "v5e-64": "v5e:8x8", "v5e-128": "v5e:8x16", "v5e-256": "v5e:16x16",
+           "v6e-4": "v6e:2x2", "v6e-8": "v6e:2x4", "v6e-16": "v6e:4x4", "v6e-64": "v6e:8x8", "v6e-256": "v6e:16x16"}
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
+                "s64": 8, "u64": 8, "f64": 8}
+_COLLECTIVE_LINE = re.compile(r"=\s*(.+?)\s(" + "|".join(COLLECTIVES) + r")(-start)?\(")
+_SHAPE = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
+
+
+def tpu_devices(topology: str) -> list:
+    """The devices of a Cloud TPU slice ('v4-32' or 'v4:2x2x4'), from libtpu, without a TPU."""
+    from jax.experimental import topologies
+
+    name = ALIASES.get(topology, topology)
+    if ":" not in name:
+        raise ValueError(f"--topology={topology}: use an accelerator type ({', '.join(ALIASES)}) or a topology "
+                         f"name like v4:2x2x4 or v5e:4x4")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # a second compile beside a running one
+    try:
+        import libtpu  # noqa: F401
+    except ImportError as error:
+        raise ValueError("compiling for TPU needs libtpu: pip install -e '.[tpu]'") from error
+    megacore = {"chip_config_name": "megacore"} if name.startswith("v4") else {}
+    return list(topologies.get_topology_desc(topology_name=name, platform="tpu", **megacore).devices)
+
+
+def chip_of(device) -> Chip:
+    kind = device.device_kind.lower()
+    for key, chip in CHIPS.items():
+        if key in kind:
+            return chip
+    raise ValueError(f"no HBM / peak figures for device kind {device.device_kind!r}")
+
+
+def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
+    """{op: {count, bytes}} of the collectives in optimised HLO (async pairs counted once, at -start)."""
+    out = {op: {"count": 0, "bytes": 0.0} for op in COLLECTIVES}
+    for line in hlo_text.splitlines():
+        match = _COLLECTIVE_LINE.search(line)
+        if not match:
+            continue
+        shapes = _SHAPE.findall(match.group(1))
+        if match.group(3) and len(shapes) > 1:  # an async start's tuple holds (operands..., result)
+            shapes = shapes[-1:]
+        size = sum(_DTYPE_BYTES[t] * _prod(dims) for t, dims in shapes)
+        out[match.group(2)]["count"] += 1
+        out[match.group(2)]["bytes"] += size
+    return out
+
+
+def _prod(dims: str) -> int:
+    n = 1
+    for d in filter(None, dims.split(",")):
+        n *= int(d)
+    return n
+
+
+@dataclasses.dataclass
+class Report:
+    program: str
+    topology: str
+    chips: int
+    mesh: dict
+    chip: Chip
+    argument_bytes: float
+    temp_bytes: float
+    output_bytes: float
+    alias_bytes: float
+    code_bytes: float
+    flops: float
+    bytes_accessed: float
+    optimal_seconds: float
+    collectives: dict
+    compile_seconds: float
+    images_per_step: int
+
+    @property
+    def total_bytes(self) -> float:
+        """What the program holds in HBM at its peak: arguments, temporaries, outputs not aliased to an
+        argument (donated state), and its code."""
+        return self.argument_bytes + self.temp_bytes + self.output_bytes - self.alias_bytes + self.code_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.chip.hbm_bytes
+
+    @property
+    def intensity(self) -> float:
+        return self.flops / max(self.bytes_accessed, 1.0)
+
+    @property
+    def ridge(self) -> float:
+        """FLOPs per byte where the chip turns from memory- to compute-bound."""
+        return self.chip.peak_bf16_flops / self.chip.hbm_bytes_per_s
+
+    @property
+    def images_per_s_per_chip(self) -> float:
+        seconds = self.flops / (MFU_FOR_ESTIMATE * self.chip.peak_bf16_flops)
+        return self.images_per_step / self.chips / seconds if seconds > 0 else float("nan")
+
+    @property
+    def estimate_valid(self) -> bool:
+        """The compiler's time estimate counts only when positive and no faster than the chip's peak allows."""
+        return self.optimal_seconds > 0 and self.optimal_seconds >= self.flops / self.chip.peak_bf16_flops
+
+    def lines(self) -> list[str]:
+        gib = lambda b: f"{b / 2**30:.2f} GiB"
+        comm = ", ".join(f"{op} {c['count']} ({c['bytes'] / 2**20:.1f} MiB)" for op, c in self.collectives.items()
+                         if c["count"]) or "none"
+        estimate = (f"{self.optimal_seconds * 1e3:.2f} ms" if self.estimate_valid else
+                    f"not valid (the compiler says {self.optimal_seconds:.4g} s)")
+        return [f"{self.program} on {self.topology}: {self.chips} x TPU {self.chip.name}, mesh {self.mesh}, "
+                f"compiled in {self.compile_seconds:.0f} s",
+                f"  HBM per chip: {gib(self.total_bytes)} of {gib(self.chip.hbm_bytes)} "
+                f"({'fits' if self.fits else 'DOES NOT FIT'}): arguments {gib(self.argument_bytes)}, temporaries "
+                f"{gib(self.temp_bytes)}, outputs {gib(self.output_bytes)} ({gib(self.alias_bytes)} aliased to "
+                f"donated arguments), code {gib(self.code_bytes)}",
+                f"  per chip and step: {self.flops:.3e} FLOPs, {self.bytes_accessed:.3e} bytes accessed, arithmetic "
+                f"intensity {self.intensity:.0f} FLOP/B (roofline ridge {self.ridge:.0f})",
+                f"  collectives: {comm}",
+                f"  at {MFU_FOR_ESTIMATE:.0%} MFU: {self.images_per_s_per_chip:.1f} images/s per chip; compiler's "
+                f"time estimate: {estimate}"]
+
+
+def _memory_and_cost(compiled) -> dict[str, float]:
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return {"argument_bytes": memory.argument_size_in_bytes, "temp_bytes": memory.temp_size_in_bytes,
+            "output_bytes": memory.output_size_in_bytes, "alias_bytes": memory.alias_size_in_bytes,
+            "code_bytes": memory.generated_code_size_in_bytes, "flops": float(cost.get("flops", 0.0)),
+            "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
+            "optimal_seconds": float(cost.get("optimal_seconds", -1.0))}
+
+
+def compile_programs(config: ml_collections.ConfigDict, topology: str, target_dim: int,
+                     programs: tuple[str, ...] = ("train", "features")) -> list[Report]:
+    """Compiles `programs` of `config` for the slice `topology` and reports each."""
+    from mvlp_jax import configuration, optim, sharding, startup, train_step
+    from mvlp_jax.models.pretrainer import Pretrainer
+
+    configuration.validate(config)
+    devices = tpu_devices(topology)
+    mesh = sharding.make_mesh(config, devices)
+    startup.check_batch(config, mesh)
+    target_dim = target_dim if {"llm_contrastive", "mflag"} & set(config.objectives) else 0
+    model, tx = Pretrainer(config, target_dim), optim.make(config)
+    _, abstract, state_sh = train_step.state_layout(model, tx, config, mesh)
+    batch = config.data.batch_size
+    reports = []
+    for program in programs:
+        start = time.perf_counter()
+        if program == "train":
+            shapes = jax.eval_shape(lambda: train_step.example_batch(config, target_dim, batch=batch))
+            compiled = train_step.compile_train_step(train_step.make_train_step(model, tx, config), abstract,
+                                                     state_sh, mesh, shapes)
+        elif program == "features":
+            compiled = _compile_features(model, config, abstract.params, state_sh.params, mesh, batch, target_dim)
+        else:
+            raise ValueError(f"unknown program {program!r}: train or features")
+        reports.append(Report(program=program, topology=topology, chips=len(devices), mesh=dict(mesh.shape),
+                              chip=chip_of(devices[0]), compile_seconds=time.perf_counter() - start,
+                              collectives=collectives(compiled.as_text()), images_per_step=batch,
+                              **_memory_and_cost(compiled)))
+    return reports
+
+
+def _compile_features(model, config, params, params_sh, mesh, batch: int, target_dim: int):
+    """The evaluation binary's forward: images -> pooled features, batch-sharded, parameters as trained."""
+    from mvlp_jax import sharding
+    from mvlp_jax.models.pretrainer import Pretrainer
+
+    pooling = "map" if target_dim else "mean"
+    size = config.model.image_size
+    images = jax.ShapeDtypeStruct((batch, size, size, 1), jax.numpy.float32)
+    forward = lambda p, x: model.apply({"params": p}, x, pooling, method=Pretrainer.features)
+    jitted = jax.jit(forward, in_shardings=(params_sh, sharding.batch_sharding(mesh, 4)),
+                     out_shardings=sharding.replicated(mesh))
+    with sharding.active(mesh):
+        return jitted.lower(params, images).compile()
+
+
+def too_big_advice(report: Report, config: ml_collections.ConfigDict) -> str:
+    per_chip = config.data.batch_size // report.chips
+    return (f"{report.program} needs {report.total_bytes / 2**30:.2f} GiB per chip, the {report.chip.name} has "
+            f"{report.chip.hbm_bytes / 2**30:.0f} GiB. To fit: a smaller per-chip batch (now {per_chip}: "
+            f"--config.data.batch_size), rematerialisation (--config.model.remat=dots or full; now "
+            f"{config.model.remat!r}), sharding the parameters and optimizer state (--config.mesh.fsdp; now "
+            f"{config.mesh.fsdp}), or gradient accumulation (--config.optim.accum_steps; now "
+            f"{config.optim.accum_steps})")
+
+
+def define_flags() -> None:
+    config_flags.DEFINE_config_file("config", None, "configs/pretrain.py[:variant]", lock_config=True)
+    flags.DEFINE_multi_string("topology", ["v4-32"], "Slice to compile for: an accelerator type (v4-32, v5e-64, "
+                              "...) or a topology name (v4:2x2x4, v5e:8x8); repeat for several.")
+    flags.DEFINE_multi_enum("program", ["train", "features"], ["train", "features"], "Programs to compile.")
+    flags.DEFINE_integer("target_dim", 4096, "LLM hidden size of the targets (4096: Llama-2-7b), when the config "
+                         "has no embeddings dir to read it from.")
+    flags.mark_flags_as_required(["config"])
+
+
+def _target_dim(config: ml_collections.ConfigDict) -> int:
+    path = os.path.join(config.data.embeddings_dir, "manifest.json") if config.data.embeddings_dir else ""
+    if path and os.path.exists(path):
+        import json
+
+        with open(path) as f:
+            return int(json.load(f)["hidden_size"])
+    return FLAGS.target_dim
+
+
+def main(argv: list[str]) -> int:
+    del argv
+    config = FLAGS.config
+    status = 0
+    for topology in FLAGS.topology:
+        for report in compile_programs(config, topology, _target_dim(config), tuple(FLAGS.program)):
+            print("\n".join(report.lines()), flush=True)
+            if not report.fits:
+                print(f"error: {too_big_advice(report, config)}", file=sys.stderr)
+                status = 1
+    return status
+
+
+if __name__ == "__main__":
+    from mvlp_jax import cli
+
+    define_flags()
+    cli.run("mvlp_jax.aot", main)
