@@ -23,22 +23,36 @@ def _snapshot(workdir: str) -> dict[str, bytes]:
     return out
 
 
-def test_a_resume_that_changes_the_layout_is_refused_before_anything_is_written(pretrain_data, tmp_path):
+@pytest.fixture(scope="module")
+def trained(pretrain_data, tmp_path_factory):
+    """A micro run of 4 steps (checkpoints up to 2 and 4); tests work on copies of it."""
     data_dir, emb_dir, _ = pretrain_data
-    workdir = str(tmp_path / "run")
-    train.train(micro_config(data_dir, emb_dir, total_steps=2), workdir)
+    workdir = str(tmp_path_factory.mktemp("trained") / "run")
+    train.train(micro_config(data_dir, emb_dir, total_steps=4), workdir)
+    return workdir
+
+
+def _copy(workdir: str, tmp_path) -> str:
+    import shutil
+
+    return shutil.copytree(workdir, str(tmp_path / "run"))
+
+
+def test_a_resume_that_changes_the_layout_is_refused_before_anything_is_written(pretrain_data, trained, tmp_path):
+    data_dir, emb_dir, _ = pretrain_data
+    workdir = _copy(trained, tmp_path)
     before = _snapshot(workdir)
-    wider = micro_config(data_dir, emb_dir, total_steps=4, **{"model.variant": "Ti/8", "seed": 3})
+    wider = micro_config(data_dir, emb_dir, total_steps=6, **{"model.variant": "Ti/8", "seed": 3})
     with pytest.raises(ValueError, match=r"cannot resume: model.variant: 'mu/8' -> 'Ti/8'; seed: 0 -> 3\."):
         train.train(wider, workdir)
     assert _snapshot(workdir) == before  # config.json and everything else untouched
     # harmless changes resume, and are recorded
-    outcome = train.train(micro_config(data_dir, emb_dir, total_steps=3, **{"optim.lr": 1e-4}), workdir)
-    assert outcome.last_step == 3
+    outcome = train.train(micro_config(data_dir, emb_dir, total_steps=5, **{"optim.lr": 1e-4}), workdir)
+    assert outcome.last_step == 5
     changes = json.load(open(os.path.join(workdir, "config_changes.json")))
-    assert changes[-1]["resumed_at_step"] == 2
-    assert changes[-1]["changes"]["total_steps"] == {"stored": 2, "now": 3} and "optim.lr" in changes[-1]["changes"]
-    assert json.load(open(os.path.join(workdir, "config.json")))["total_steps"] == 3
+    assert changes[-1]["resumed_at_step"] == 4
+    assert changes[-1]["changes"]["total_steps"] == {"stored": 4, "now": 5} and "optim.lr" in changes[-1]["changes"]
+    assert json.load(open(os.path.join(workdir, "config.json")))["total_steps"] == 5
 
 
 def test_a_failed_start_writes_nothing(pretrain_data, tmp_path):
@@ -90,10 +104,9 @@ def _largest_file(directory: str) -> str:
     return max(files, key=os.path.getsize)
 
 
-def test_a_damaged_checkpoint_is_caught_and_the_previous_good_one_is_offered(pretrain_data, tmp_path):
+def test_a_damaged_checkpoint_is_caught_and_the_previous_good_one_is_offered(pretrain_data, trained, tmp_path):
     data_dir, emb_dir, _ = pretrain_data
-    workdir = str(tmp_path / "run")
-    train.train(micro_config(data_dir, emb_dir, total_steps=4), workdir)
+    workdir = _copy(trained, tmp_path)
     steps = checkpointing.finished_steps(workdir)
     assert steps[-2:] == [2, 4]
     assert sorted(os.listdir(os.path.join(workdir, checkpointing.CHECKSUMS))) == [f"{s}.json" for s in steps]

@@ -1,6 +1,7 @@
 """The real TPU compiler (libtpu, installed by `make test` through the `tpu` extra) compiles every demo config's
 train step for a v4 slice with both data and fsdp parallelism, without a TPU: it fits in HBM, fsdp shards the
-parameters (per-chip argument bytes shrink, all-gathers appear), and the evaluation forward compiles too."""
+parameters (per-chip argument bytes shrink, all-gathers appear), and the evaluation forward compiles too.
+The encoders are cut to two blocks to keep CI short; `python -m mvlp_jax.aot` compiles the full configs."""
 import os
 
 import pytest
@@ -12,13 +13,19 @@ SLICE = "v4-8"  # 4 chips (v4:2x2x1, megacore)
 MESH = {"data": 2, "fsdp": 2}
 
 
-def _config(name: str, **mesh):
+def _config(name: str, **overrides):
     file, _, variant = name.partition(":")
     config = load_config(os.path.splitext(os.path.basename(file))[0], variant)
     config.unlock()
     config.data.embeddings_dir = ""
-    for axis, size in {**MESH, **mesh}.items():
-        config.mesh[axis] = size
+    # 2 encoder blocks and 1 decoder block: compile time grows with depth, and every op of the config stays
+    config.model.variant, config.model.decoder_depth = "mu/16", 1
+    for key, value in {**{f"mesh.{a}": n for a, n in MESH.items()}, **overrides}.items():
+        *path, leaf = key.split(".") if "." in key else ("mesh", key)
+        node = config
+        for part in path:
+            node = node[part]
+        node[leaf] = value
     return config
 
 
@@ -35,15 +42,16 @@ def test_demo_config_compiles_for_a_tpu_slice_and_fits(name):
 
 
 def test_fsdp_shards_the_parameters_and_the_evaluation_forward_compiles():
-    train, sharded = aot.compile_programs(_config("configs/mae.py:demo"), SLICE, 0, ("train", "features"))
-    replicated, = aot.compile_programs(_config("configs/mae.py:demo", data=4, fsdp=1), SLICE, 0, ("features",))
+    full_depth = {"model.variant": "Ti/16", "model.decoder_depth": 8}  # widths fsdp divides, as trained
+    sharded, = aot.compile_programs(_config("configs/mae.py:demo", **full_depth), SLICE, 0, ("features",))
+    replicated, = aot.compile_programs(_config("configs/mae.py:demo", data=4, fsdp=1, **full_depth), SLICE, 0,
+                                       ("features",))
     # the forward's arguments are the parameters (and a batch split 4 ways either way): fsdp=2 halves them
     images = replicated.images_per_step // 4 * 96 * 96 * 4
     ratio = (sharded.argument_bytes - images) / (replicated.argument_bytes - images)
     assert 0.45 < ratio < 0.6, ratio
     assert replicated.collectives["all-gather"]["count"] < sharded.collectives["all-gather"]["count"]
-    assert sharded.program == "features" and sharded.fits and 0 < sharded.flops < train.flops
-    assert train.fits and train.collectives["all-gather"]["count"] > 0
+    assert sharded.program == "features" and sharded.fits and sharded.flops > 0
 
 
 def test_collectives_are_read_from_hlo_text():
