@@ -28,7 +28,7 @@ def message(error: BaseException) -> str:
         path = f"{error.filename}: " if error.filename else ""
         system = os.strerror(error.errno)
         if error.strerror and error.strerror != system:  # our own message, already saying what to do
-            return f"{error.strerror} [{path.rstrip(': ') or system}]" if path else error.strerror
+            return f"{error.strerror} [{error.filename}]" if error.filename else error.strerror
         hint = {errno.ENOSPC: "free some space or choose another output folder, then rerun (finished work is kept)",
                 errno.EACCES: "choose a folder you can write, or fix its permissions",
                 errno.EROFS: "choose a writable folder",
@@ -45,7 +45,7 @@ def message(error: BaseException) -> str:
 
 
 def is_bad_input(error: BaseException) -> bool:
-    return isinstance(error, (UserError, ValueError, OSError, UnicodeError, KeyError))
+    return isinstance(error, (UserError, ValueError, OSError, UnicodeError))
 
 
 def check_writable_dir(path: str, flag: str = "--output_dir") -> None:
