@@ -7,9 +7,10 @@ Same configuration for both (grayscale 224, mask 0.75, decoder 512 x 8 x 16, Ada
 = forward + backward + AdamW update. Each framework runs in its own process (a process that has loaded
 torch runs JAX ~15% slower here: their thread pools compete), and the two alternate for `rounds` rounds
 so that a noisy neighbour on a shared machine slows both; the figure is the ratio of median step times.
-The JAX worker is a single-device CPU process, so the model takes its MKL path (mvlp_jax/kernels: fused
-attention, and MKL's GEMMs where they beat XLA's dots on this machine, see gemm_choice.py; the line names
-the GEMM library; MVLP_JAX_CPU_BLAS=off in the environment times XLA's own ops alone). Also reports model
+The JAX worker is a single-device CPU process and compiles under the backend of its device
+(mvlp_jax/kernels/backend.py), as training does: MKL's fused attention, and MKL's GEMMs where they beat XLA's
+dots on this machine (gemm_choice.py; the line names the GEMM library; MVLP_JAX_CPU_BLAS=off in the environment
+times XLA's own ops alone). Also reports model
 FLOPs utilisation: the step's FLOPs (XLA cost analysis of the XLA-op program) per second over the FLOP/s
 of a large float32 matmul (XLA's own) measured in the JAX process. Both workers start with the malloc
 tunables of `mvlp_jax/host_memory.py` (huge pages, one reused heap; --no-huge_page_malloc: glibc's
@@ -53,8 +54,10 @@ def jax_step_times(name: str, batch: int, steps: int) -> dict:
     import jax.numpy as jnp
     import optax
 
+    from mvlp_jax.kernels import backend
     from mvlp_jax.models.vit import MAE, ViT, variant
 
+    chosen = backend.select(jax.devices())
     model = MAE(ViT(**variant(name)))
     images = jnp.asarray(np.random.default_rng(0).normal(size=(batch, 224, 224, 1)), jnp.float32)
     params = jax.jit(lambda: model.init({"params": jax.random.key(0), "masking": jax.random.key(1)}, images)["params"])()
@@ -67,36 +70,27 @@ def jax_step_times(name: str, batch: int, steps: int) -> dict:
         return optax.apply_updates(params, updates), opt_state, loss
 
     flops = step_flops(step, params, opt_state)
-    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, jax.random.key(0)).compile()
+    with backend.use(chosen):
+        compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, jax.random.key(0)).compile()
     state, keys = (params, opt_state), iter(jax.random.split(jax.random.key(0), steps + 1))
 
     def run() -> None:
         nonlocal state
         *state, loss = compiled(*state, next(keys))
         loss.block_until_ready()
-    return {"times": step_seconds(run, steps), "flops": flops, "peak": matmul_flops_per_s(), "gemm": gemm_library()}
-
-
-def gemm_library() -> str:
-    """Which library ran the dense GEMMs of the timed program: 'mkl', or 'xla' (its own dots)."""
-    from mvlp_jax.kernels import cpu_blas, gemm_choice
-
-    return gemm_choice.gemm_backend() if cpu_blas.use_blas(np.float32) else "xla"
+    return {"times": step_seconds(run, steps), "flops": flops, "peak": matmul_flops_per_s(),
+            "gemm": "mkl" if chosen.mkl_gemm else "xla"}
 
 
 def step_flops(step, *args) -> float:
-    """The step's FLOPs by XLA's cost analysis of the program with XLA's own dots: it cannot see inside the
-    MKL custom calls (mvlp_jax.kernels.cpu_blas) that the timed program makes instead."""
+    """The step's FLOPs by XLA's cost analysis of the program with XLA's own ops (the portable backend): it
+    cannot see inside the MKL custom calls (mvlp_jax.kernels.cpu_blas) that the timed program makes instead."""
     import jax
 
-    previous = os.environ.get("MVLP_JAX_CPU_BLAS")
-    os.environ["MVLP_JAX_CPU_BLAS"] = "off"
-    try:
+    from mvlp_jax.kernels import backend
+
+    with backend.use(backend.PORTABLE):
         cost = jax.jit(lambda *a: step(*a)).lower(*args, jax.random.key(0)).cost_analysis()  # a fresh trace
-    finally:
-        os.environ.pop("MVLP_JAX_CPU_BLAS")
-        if previous is not None:
-            os.environ["MVLP_JAX_CPU_BLAS"] = previous
     return float((cost[0] if isinstance(cost, list) else cost).get("flops", 0.0))
 
 
@@ -138,15 +132,18 @@ def jax_block_times(name: str, batch: int, steps: int) -> dict:
     import jax
     import jax.numpy as jnp
 
+    from mvlp_jax.kernels import backend
     from mvlp_jax.models.transformer import Block
 
     del name
     out = {}
     for block_name, tokens, width, heads, mlp_dim in BLOCKS:
-        block = Block(heads, mlp_dim)
+        block = Block(num_heads=heads, mlp_dim=mlp_dim)
         x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, tokens, width)), jnp.float32)
         params = block.init(jax.random.key(0), x)
         grad = jax.jit(jax.grad(lambda p, x: jnp.sum(block.apply(p, x)[0] ** 2), argnums=(0, 1)))
+        with backend.use(backend.select(jax.devices())):
+            grad = grad.lower(params, x).compile()
         out[block_name] = float(np.median(step_seconds(lambda: jax.block_until_ready(grad(params, x)), steps)))
     return out
 

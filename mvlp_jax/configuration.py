@@ -12,6 +12,8 @@ from typing import Any, Callable
 
 import ml_collections
 
+from mvlp_jax.kernels.attention_ops import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+
 Check = tuple | Callable[[Any], bool] | None  # a tuple of allowed values, a predicate, or any value of the type
 
 _positive = lambda v: v > 0
@@ -34,7 +36,12 @@ SPEC: dict[str, tuple[Any, Check, str]] = {
     "model.encoder": ("vit", ("vit", "vitdet"), "Image encoder: plain ViT (MAE) or windowed ViTDet (SimMIM)."),
     "model.variant": ("B/16", None, "Encoder size/patch, e.g. 'S/16', 'B/16', 'L/16'."),
     "model.image_size": (224, _positive, "Training resolution (square crops)."),
-    "model.dtype": ("bfloat16", ("float32", "bfloat16"), "Compute dtype; params and optimizer state stay float32."),
+    "model.dtype": ("auto", ("auto", "float32", "bfloat16"),
+                    "Compute dtype; 'auto': bfloat16 on TPU and GPU, float32 on CPU (where bfloat16 is slower). "
+                    "Parameters, optimizer state, softmax and losses stay float32."),
+    "model.attention": ("auto", ATTENTION_IMPLEMENTATIONS,
+                        "Attention kernel; 'auto': Pallas flash on TPU, cuDNN on GPU, MKL on one CPU device, XLA's "
+                        "formula where a kernel does not apply (mvlp_jax/kernels/attention_ops.py)."),
     "model.remat": ("none", ("none", "full", "dots", "dots_no_batch"), "Activation rematerialisation policy."),
     "model.scan": (False, None, "Scan the encoder blocks (faster compile for deep models; ViT only)."),
     "model.drop_path": (0.0, _fraction, "Stochastic depth rate of the last block."),
@@ -124,6 +131,21 @@ def defaults() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(tree)
 
 
+def with_defaults(stored: dict) -> ml_collections.ConfigDict:
+    """A stored config with the keys added to SPEC since it was written, at their defaults (keys that do not
+    change what a run computes, such as model.attention)."""
+    config = defaults()
+    for key, value in flatten(stored).items():
+        *parents, leaf = key.split(".")
+        node = config
+        for p in parents:
+            if p not in node:
+                node[p] = ml_collections.ConfigDict()
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
 def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
     out = {}
     for key, value in config.items():
@@ -178,7 +200,7 @@ def load(workdir: str) -> tuple[ml_collections.ConfigDict, int]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{workdir} is not a pretraining workdir (no config.json)")
     with open(path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+        config = with_defaults(json.load(f))
     model_json = os.path.join(workdir, "model.json")
     if os.path.exists(model_json):
         with open(model_json) as f:

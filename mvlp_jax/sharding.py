@@ -95,14 +95,18 @@ _ACTIVE_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("mvlp
 
 @contextlib.contextmanager
 def active(mesh: Mesh) -> Iterator[None]:
-    """Mesh and RULES in effect while tracing, so activation constraints resolve to mesh axes.
+    """Mesh, RULES and the kernel backend of the mesh's devices in effect while tracing, so activation
+    constraints resolve to mesh axes and kernels follow the devices the program is for (`kernels.backend`).
 
     The mesh is held here rather than set globally (jax.set_mesh): flax would then also constrain
     parameters while unboxing them, which breaks on DenseGeneral's flattened kernels.
     """
+    from mvlp_jax.kernels import backend
+
+    chosen = backend.select(list(mesh.devices.flat))  # outside any trace: may load MKL and time GEMMs once
     token = _ACTIVE_MESH.set(mesh)
     try:
-        with nn.logical_axis_rules(RULES):
+        with nn.logical_axis_rules(RULES), backend.use(chosen):
             yield
     finally:
         _ACTIVE_MESH.reset(token)

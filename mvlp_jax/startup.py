@@ -19,8 +19,8 @@ from mvlp_jax import checkpointing, configuration
 # Keys a resumed run may change: they alter neither the parameter tree nor which records are read in
 # which order. Everything else (model, objectives, seed, batch, dataset) refuses.
 RESUMABLE_KEYS = ("total_steps", "log_every_steps", "max_nonfinite_steps", "peak_flops_per_device", "checkpoint.",
-                  "mesh.", "optim.", "model.remat", "model.dtype", "data.num_threads", "data.num_workers",
-                  "data.prefetch", "data.data_dir", "data.embeddings_dir")
+                  "mesh.", "optim.", "model.remat", "model.dtype", "model.attention", "data.num_threads",
+                  "data.num_workers", "data.prefetch", "data.data_dir", "data.embeddings_dir")
 CHANGES_FILE = "config_changes.json"
 
 

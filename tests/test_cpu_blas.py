@@ -1,12 +1,14 @@
-"""The MKL GEMM path on CPU: products against numpy, a whole MAE step against XLA's own dots, and when it is taken."""
+"""The CPU backend's MKL path: products against numpy, a whole MAE step against XLA's own ops, and when the
+backend takes it (chosen from the devices, once, outside tracing)."""
 import json
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mvlp_jax.kernels import cpu_blas
+from mvlp_jax.kernels import backend, cpu_blas
 from mvlp_jax.models.vit import MAE, ViT
 
 pytestmark = pytest.mark.skipif(not cpu_blas.mkl_candidates(), reason="no MKL on this machine")
@@ -29,25 +31,27 @@ def test_blas_matmul_equals_numpy(transpose_a, transpose_b, batch, m, k, n):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
-def _mae_step(monkeypatch, setting: str, gemm: str = "mkl"):
-    """MAE loss and gradients, and the compiled step's HLO, with MVLP_JAX_CPU_BLAS=setting and
-    MVLP_JAX_CPU_GEMM=gemm."""
-    monkeypatch.setenv("MVLP_JAX_CPU_BLAS", setting)
-    monkeypatch.setenv("MVLP_JAX_CPU_GEMM", gemm)
+def _mkl_backend(gemm: str) -> backend.Backend:
+    return backend.Backend("cpu", 1, mkl=True, mkl_gemm=gemm == "mkl")
+
+
+def _mae_step(chosen: backend.Backend):
+    """MAE loss and gradients, and the compiled step's HLO, traced under `chosen`."""
     model = MAE(ViT(width=64, depth=2, num_heads=4, mlp_dim=128, patch_size=8), decoder_width=32,
                 decoder_depth=2, decoder_heads=4, decoder_mlp_dim=64)
     images = jax.random.normal(jax.random.key(0), (3, 32, 32, 1))
     params = model.init({"params": jax.random.key(1), "masking": jax.random.key(2)}, images)["params"]
     loss = lambda p: model.apply({"params": p}, images, rngs={"masking": jax.random.key(3)})["loss"]
-    step = jax.jit(jax.value_and_grad(loss))  # a new function: traced afresh under this setting
-    return step(params), step.lower(params).compile().as_text()
+    with backend.use(chosen):
+        step = jax.jit(jax.value_and_grad(loss)).lower(params).compile()
+    return step(params), step.as_text()
 
 
 @pytest.mark.parametrize("gemm", ["mkl", "xla"])
-def test_mae_step_on_mkl_equals_xla_dots(monkeypatch, gemm):
-    """MKL attention with MKL's or XLA's GEMMs (gemm_choice) against XLA's ops alone."""
-    (loss_mkl, grads_mkl), hlo_mkl = _mae_step(monkeypatch, "on", gemm)
-    (loss_xla, grads_xla), hlo_xla = _mae_step(monkeypatch, "off")
+def test_mae_step_on_mkl_equals_xla_ops(gemm):
+    """MKL attention with MKL's or XLA's GEMMs (gemm_choice) against XLA's ops alone (the portable backend)."""
+    (loss_mkl, grads_mkl), hlo_mkl = _mae_step(_mkl_backend(gemm))
+    (loss_xla, grads_xla), hlo_xla = _mae_step(backend.PORTABLE)
     calls = lambda hlo, target: hlo.count(f'custom_call_target="{target}"')
     assert calls(hlo_mkl, "mvlp_attention_bwd") == 4  # each path was taken
     assert calls(hlo_mkl, "mvlp_gemm") >= 20 if gemm == "mkl" else calls(hlo_mkl, "mvlp_gemm") == 0
@@ -56,28 +60,50 @@ def test_mae_step_on_mkl_equals_xla_dots(monkeypatch, gemm):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grads_mkl, grads_xla)
 
 
-def test_when_the_mkl_path_is_taken(monkeypatch):
-    x32, x16 = jnp.ones((4, 4)), jnp.ones((4, 4), jnp.bfloat16)
+def _devices(platform: str, count: int) -> list:
+    return [types.SimpleNamespace(platform=platform)] * count
+
+
+def test_the_backend_follows_the_devices_of_the_program(monkeypatch):
+    monkeypatch.setenv("MVLP_JAX_CPU_GEMM", "xla")
     monkeypatch.setenv("MVLP_JAX_CPU_BLAS", "auto")
-    assert jax.device_count() == 8 and not cpu_blas.use_blas(x32)  # sharded programs keep XLA's dots
+    assert backend.select(jax.devices()) == backend.Backend("cpu", 8)  # sharded programs keep XLA's ops
+    assert backend.select(jax.devices()[:1]) == backend.Backend("cpu", 1, mkl=True)
+    assert backend.select(_devices("tpu", 16)) == backend.Backend("tpu", 16)  # a TPU slice compiled from here
+    assert backend.select(_devices("cuda", 1)) == backend.Backend("gpu", 1)
+    monkeypatch.setenv("MVLP_JAX_CPU_GEMM", "mkl")
+    assert backend.select(jax.devices()[:1]) == backend.Backend("cpu", 1, mkl=True, mkl_gemm=True)
     monkeypatch.setenv("MVLP_JAX_CPU_BLAS", "on")
-    assert cpu_blas.use_blas(x32) and not cpu_blas.use_blas(x32, x16)
+    assert backend.select(jax.devices()).mkl
     monkeypatch.setenv("MVLP_JAX_CPU_BLAS", "off")
-    assert not cpu_blas.use_blas(x32)
+    assert not backend.select(jax.devices()[:1]).mkl
     monkeypatch.setenv("MVLP_JAX_CPU_BLAS", "yes")
     with pytest.raises(ValueError, match="MVLP_JAX_CPU_BLAS"):
-        cpu_blas.use_blas(x32)
+        backend.select(jax.devices())
+
+
+def test_sharding_active_enters_the_backend_of_the_mesh():
+    from mvlp_jax import sharding
+
+    seen = {}
+    for n in (1, 8):
+        mesh = jax.sharding.Mesh(np.array(jax.devices()[:n]), ("data",))
+        with sharding.active(mesh):
+            seen[n] = backend.current()
+    assert seen[1].devices == 1 and seen[8] == backend.Backend("cpu", 8) and backend.current() is backend.PORTABLE
 
 
 def test_without_mkl_it_falls_back_with_a_warning(monkeypatch, caplog):
     monkeypatch.setenv("MVLP_JAX_CPU_BLAS", "on")
     monkeypatch.setattr(cpu_blas, "mkl_candidates", lambda: [])
     cpu_blas.load.cache_clear()
+    backend._select.cache_clear()
     try:
-        assert not cpu_blas.use_blas(jnp.ones(3))
+        assert backend.select(jax.devices()[:1]) == backend.Backend("cpu", 1)
         assert "no MKL found" in caplog.text
     finally:
         cpu_blas.load.cache_clear()
+        backend._select.cache_clear()
 
 
 def test_kernel_builds_into_the_cache(tmp_path, monkeypatch):
@@ -86,24 +112,25 @@ def test_kernel_builds_into_the_cache(tmp_path, monkeypatch):
     assert built.parent == tmp_path and built.stat().st_size > 0 and cpu_blas.build_kernel() == built
 
 
-@pytest.mark.parametrize("setting", ["on", "off"])
-def test_patch_conv_is_nn_conv(monkeypatch, setting):
+@pytest.mark.parametrize("mkl", [True, False])
+def test_patch_conv_is_nn_conv(mkl):
     """Same parameters (so checkpoints load) and outputs as the strided nn.Conv it replaces, on either path."""
     from flax import linen as nn
 
     from mvlp_jax.models.vit import PatchConv
 
-    monkeypatch.setenv("MVLP_JAX_CPU_BLAS", setting)
-    monkeypatch.setenv("MVLP_JAX_CPU_GEMM", "mkl")
     images = jax.random.normal(jax.random.key(0), (2, 24, 16, 3))
     conv = nn.Conv(8, (4, 4), strides=(4, 4), padding="VALID")
     params = conv.init(jax.random.key(1), images)
     ours = PatchConv(8, 4)
     jax.tree.map(np.testing.assert_array_equal, nn.unbox(ours.init(jax.random.key(1), images)), params)
-    np.testing.assert_allclose(jax.jit(ours.apply)(params, images), conv.apply(params, images), rtol=1e-5, atol=1e-5)
+    with backend.use(_mkl_backend("mkl") if mkl else backend.PORTABLE):
+        compiled = jax.jit(ours.apply).lower(params, images).compile()
+    assert ("mvlp_gemm" in compiled.as_text()) == mkl
+    np.testing.assert_allclose(compiled(params, images), conv.apply(params, images), rtol=1e-5, atol=1e-5)
 
 
-def test_cross_attention_on_mkl_equals_xla_and_sows_the_same_weights(monkeypatch):
+def test_cross_attention_on_mkl_equals_xla_and_sows_the_same_weights():
     """Queries and keys of different lengths (a pooling probe's case), outputs and sown attention maps."""
     from mvlp_jax.models.transformer import Attention
 
@@ -111,9 +138,10 @@ def test_cross_attention_on_mkl_equals_xla_and_sows_the_same_weights(monkeypatch
     attention = Attention(num_heads=4, sow_weights=True)
     params = attention.init(jax.random.key(2), queries, keys)
     results = {}
-    for setting in ("on", "off"):
-        monkeypatch.setenv("MVLP_JAX_CPU_BLAS", setting)
-        apply = jax.jit(lambda p, q, k: attention.apply(p, q, k, mutable=["intermediates"]))
+    for setting, chosen in (("on", _mkl_backend("mkl")), ("off", backend.PORTABLE)):
+        with backend.use(chosen):
+            apply = jax.jit(lambda p, q, k: attention.apply(p, q, k, mutable=["intermediates"]))
+            apply = apply.lower(params, queries, keys).compile()
         results[setting] = apply(params, queries, keys)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), results["on"], results["off"])
     assert results["on"][1]["intermediates"]["attention_weights"][0].shape == (2, 4, 3, 7)
@@ -134,10 +162,9 @@ def test_gemm_choice_is_timed_once_stored_and_reused(tmp_path, monkeypatch):
         stored.write_text(json.dumps({"backend": "mkl"}))  # a later process reads the file, times nothing
         gemm_choice.stored_backend.cache_clear()
         monkeypatch.setattr(gemm_choice, "time_backends", lambda: pytest.fail("timed again"))
-        monkeypatch.setenv("MVLP_JAX_CPU_BLAS", "on")
-        assert gemm_choice.gemm_backend() == "mkl" and gemm_choice.use_mkl_gemm(jnp.ones(3))
+        assert gemm_choice.gemm_backend() == "mkl"
         monkeypatch.setenv("MVLP_JAX_CPU_GEMM", "xla")  # the override wins over the stored choice
-        assert gemm_choice.gemm_backend() == "xla" and not gemm_choice.use_mkl_gemm(jnp.ones(3))
+        assert gemm_choice.gemm_backend() == "xla"
         monkeypatch.setenv("MVLP_JAX_CPU_GEMM", "blas")
         with pytest.raises(ValueError, match="MVLP_JAX_CPU_GEMM"):
             gemm_choice.gemm_backend()

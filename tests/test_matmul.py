@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mvlp_jax.models.matmul import _weight_grad, _weight_grad_cpu, dense_dot_general, matmul
+from mvlp_jax.kernels.linear import _weight_grad, _weight_grad_cpu, dense_dot_general, matmul
 
 
 def _loss(mm, x, kernel, g):

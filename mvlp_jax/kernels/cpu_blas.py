@@ -1,5 +1,5 @@
-"""Float32 GEMMs and attention on CPU through MKL (`blas_matmul`, `mkl_attention`), and `use_blas` to
-decide when a model may take that path.
+"""Float32 GEMMs and attention on CPU through MKL (`blas_matmul`, `mkl_attention`): part of the CPU backend
+(`backend.select` decides when a program takes them; no model file calls them).
 
 XLA:CPU runs the (batch x heads)-batched small matmuls of attention on one thread, and its softmax makes
 four passes over a (B, H, Q, K) tensor; on some machines its GEMMs also trail MKL's (800x768 @ 768x3072:
@@ -7,10 +7,7 @@ four passes over a (B, H, Q, K) tensor; on some machines its GEMMs also trail MK
 times the two for dense layers). These go to MKL through XLA FFI custom calls (mkl_kernels.cc, compiled on
 first use with the machine's g++ and cached), on XLA's own thread pool.
 
-When: `use_blas(*operands)` is true for float32 operands of a program whose target devices (the active
-mesh's, else the process's) are a single CPU device, and an MKL is found (the one torch ships, or MVLP_JAX_BLAS_LIB). A custom call has no sharding rule,
-so multi-device (sharded) programs keep XLA's dots. MVLP_JAX_CPU_BLAS=off disables it, =on takes it whatever
-the device count. Any failure to find or build the kernel falls back to XLA, with one warning.
+When: see `backend`. Any failure to find or build the kernel falls back to XLA, with one warning.
 """
 from __future__ import annotations
 
@@ -107,30 +104,9 @@ def _require() -> None:
         raise RuntimeError("the MKL kernels are unavailable here (see the warning above)")
 
 
-def target_devices() -> list:
-    """The devices the program being traced is for: the active mesh's (which may be a TPU slice compiled
-    ahead of time from this CPU host), else this process's. Never the host backend alone."""
-    from mvlp_jax import sharding
-
-    mesh = sharding.active_mesh()
-    return list(mesh.devices.flat) if mesh is not None else jax.devices()
-
-
-def use_blas(*operands: jax.Array | jnp.dtype) -> bool:
-    """Whether GEMMs on these operands (arrays or dtypes) go to MKL (decided at trace time; see the module
-    docstring)."""
-    setting = mode()
-    if setting == "off" or any(jnp.result_type(x) != jnp.float32 for x in operands):
-        return False
-    devices = target_devices()
-    if devices[0].platform != "cpu" or (setting == "auto" and len(devices) != 1):
-        return False
-    return load()
-
-
 def blas_matmul(a: jax.Array, b: jax.Array, transpose_a: bool = False, transpose_b: bool = False) -> jax.Array:
     """op(a) @ op(b) over shared leading batch axes by MKL: a (..., M, K) or (..., K, M) when transpose_a,
-    b (..., K, N) or (..., N, K) when transpose_b. float32 on CPU only; callers check `use_blas` first."""
+    b (..., K, N) or (..., N, K) when transpose_b. float32 on CPU only; the backend decides when."""
     _require()
     batch = a.shape[:-2]
     if b.shape[:-2] != batch:
@@ -146,17 +122,10 @@ def blas_matmul(a: jax.Array, b: jax.Array, transpose_a: bool = False, transpose
     return out.reshape(batch + (m, n))
 
 
-def batched_matmul(a: jax.Array, b: jax.Array, transpose_a: bool = False, transpose_b: bool = False) -> jax.Array:
-    """`blas_matmul` where `use_blas` allows, else the same product as one XLA dot (transposes folded in)."""
-    if use_blas(a, b):
-        return blas_matmul(a, b, transpose_a, transpose_b)
-    return jnp.einsum(f"...{'km' if transpose_a else 'mk'},...{'nk' if transpose_b else 'kn'}->...mn", a, b)
-
-
 @jax.custom_vjp
 def mkl_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """softmax(q k^T / sqrt(D)) v per head, without a mask, on (B, L, H, D) tensors (length-major: the
-    projections' own layout); float32 on CPU only, callers check `use_blas` first."""
+    projections' own layout); float32 on CPU only, the backend decides when."""
     return _attention_fwd(q, k, v)[0]
 
 

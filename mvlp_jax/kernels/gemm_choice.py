@@ -2,8 +2,8 @@
 
 Neither wins everywhere. On one 2-core AVX-512 machine MKL's sgemm ran 800x768 @ 768x3072 at 390 GFLOP/s
 against XLA's 325; on another (AMD EPYC, Zen 4) XLA's dots ran the MAE B/16 shapes at 176-202 GFLOP/s and
-MKL's at 111-182. So the first single-device float32 CPU program that could take MKL's GEMMs times both on
-two of MAE's shapes and keeps the faster, once per machine: the choice and its timings are stored in the
+MKL's at 111-182. So `backend.select`, for a single CPU device, times both on two of MAE's shapes and keeps
+the faster, once per machine: the choice and its timings are stored in the
 kernel cache (`cpu_blas.cache_dir()`, keyed by CPU, core count, jaxlib and kernel source), so every later
 process, and a resumed run, takes the same path. MVLP_JAX_CPU_GEMM=mkl or =xla skips the timing.
 Attention's fused kernel is not part of this choice: XLA has no fused CPU attention to weigh it against.
@@ -27,12 +27,6 @@ from mvlp_jax.kernels import cpu_blas
 CHOICES = ("mkl", "xla")
 SHAPES = ((3152, 512, 2048), (800, 768, 768))  # (M, K, N): MAE B/16's decoder fc1 and encoder q/k/v
 MKL_MARGIN = 0.97  # MKL must be 3% faster: XLA's dots fuse with their neighbours, a custom call cannot
-
-
-def use_mkl_gemm(*operands: jax.Array | jnp.dtype) -> bool:
-    """Whether a dense GEMM on these operands goes to MKL: `cpu_blas.use_blas` allows it and MKL is this
-    machine's faster GEMM."""
-    return cpu_blas.use_blas(*operands) and gemm_backend() == "mkl"
 
 
 def gemm_backend() -> str:
@@ -79,7 +73,7 @@ def _cpuinfo() -> str:
 
 def time_backends(repeats: int = 5) -> dict:
     """Best-of-`repeats` seconds of each backend on SHAPES, alternating so a noisy neighbour slows both."""
-    with jax.ensure_compile_time_eval():  # called while a model is traced: run these now, not in its program
+    with jax.ensure_compile_time_eval():  # run now even if first asked for inside a trace
         rng = np.random.default_rng(0)
         draw = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
         operands = [(draw(m, k), draw(k, n)) for m, k, n in SHAPES]

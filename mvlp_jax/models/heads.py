@@ -17,14 +17,15 @@ class MAPHead(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     sow_attention: bool = False
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, tokens: jax.Array) -> jax.Array:
         b, _, d = tokens.shape
         probe = self.param("probe", logical(nn.initializers.xavier_uniform(), None, None, "embed"), (1, 1, d),
                            self.param_dtype)
-        x = Attention(self.num_heads, self.dtype, self.param_dtype, sow_weights=self.sow_attention,
-                      name="attention")(jnp.broadcast_to(probe.astype(tokens.dtype), (b, 1, d)), tokens)
+        x = Attention(num_heads=self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
+                      sow_weights=self.sow_attention, attention=self.attention, name="attention")(jnp.broadcast_to(probe.astype(tokens.dtype), (b, 1, d)), tokens)
         y = layer_norm("norm", 1e-6, self.dtype, self.param_dtype)(x)
         x = x + MlpBlock(self.mlp_dim or 4 * d, dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(y)
         return x[:, 0]
@@ -38,6 +39,7 @@ class Pool(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     sow_attention: bool = False
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -50,8 +52,8 @@ class Pool(nn.Module):
         patches = tokens[:, 1:] if self.has_cls else tokens
         if self.kind == "mean":
             return patches.mean(axis=1)
-        return MAPHead(self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
-                       sow_attention=self.sow_attention, name="map")(patches)
+        return MAPHead(num_heads=self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
+                       sow_attention=self.sow_attention, attention=self.attention, name="map")(patches)
 
 
 class BatchStatNorm(nn.Module):

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from mvlp_jax import kernels
 from mvlp_jax.models.heads import BoxHead, DINOHead, Pool, ProjectionHead
 from mvlp_jax.models.vit import MAE, ViT, variant
 from mvlp_jax.models.vitdet import SimMIM, ViTDet
@@ -21,20 +22,21 @@ class Pretrainer(nn.Module):
 
     def setup(self) -> None:
         m = self.config.model
-        dtype = jnp.dtype(m.dtype)
+        dtype = kernels.compute_dtype(m.dtype)
         size = variant(m.variant)
         if m.encoder == "vit":
             self.encoder = ViT(**size, image_size=m.image_size, drop_path=m.drop_path, dtype=dtype,
-                               scan=m.scan, remat_policy=m.remat)
+                               scan=m.scan, remat_policy=m.remat, attention=m.attention)
             self.masked_model = MAE(self.encoder, m.decoder_width, m.decoder_depth, m.decoder_heads,
                                     4 * m.decoder_width, m.mask_ratio, m.norm_pix_loss)
         else:
             self.encoder = ViTDet(**size, window_size=m.window_size, drop_path=m.drop_path, dtype=dtype,
-                                  remat_policy=m.remat)
+                                  remat_policy=m.remat, attention=m.attention)
             self.masked_model = SimMIM(self.encoder, m.mask_ratio, m.norm_pix_loss)
         objectives = self.config.objectives
         if self.target_dim:
-            self.pool = Pool(m.pool, has_cls=self.encoder.cls_token, num_heads=m.pool_heads, dtype=dtype)
+            self.pool = Pool(m.pool, has_cls=self.encoder.cls_token, num_heads=m.pool_heads, dtype=dtype,
+                             attention=m.attention)
         if self.target_dim and "llm_contrastive" in objectives:
             c = self.config.contrastive
             embed_dim = c.embed_dim or self.target_dim

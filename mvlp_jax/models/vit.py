@@ -14,8 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mvlp_jax.kernels.gemm_choice import use_mkl_gemm
-from mvlp_jax.models.matmul import dense_dot_general, matmul
+from mvlp_jax import kernels
+from mvlp_jax.kernels import patchify
 from mvlp_jax.models.transformer import Dtype, Encoder, constrain, logical, sincos_2d
 
 # name -> (width, depth, num_heads, mlp_dim); the patch comes from the name ('B/16').
@@ -37,15 +37,6 @@ def variant(name: str) -> dict[str, int]:
         raise ValueError(f"unknown ViT variant {name!r}; use one of {sorted(VARIANTS)} + '/patch', e.g. 'B/16'")
     width, depth, heads, mlp = VARIANTS[match.group(1)]
     return dict(width=width, depth=depth, num_heads=heads, mlp_dim=mlp, patch_size=int(match.group(2)))
-
-
-def patchify(images: jax.Array, patch: int) -> jax.Array:
-    """(B, H, W, C) -> (B, H/p * W/p, p*p*C), patch pixels ordered (row, col, channel) as MAE."""
-    b, h, w, c = images.shape
-    if h % patch or w % patch:
-        raise ValueError(f"image size {h}x{w} is not divisible by the patch size {patch}")
-    x = images.reshape(b, h // patch, patch, w // patch, patch, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, (h // patch) * (w // patch), patch * patch * c)
 
 
 def unpatchify(patches: jax.Array, grid: tuple[int, int], patch: int, channels: int) -> jax.Array:
@@ -82,9 +73,7 @@ def reconstruction_loss(pred: jax.Array, target: jax.Array, mask: jax.Array, nor
 
 
 class PatchConv(nn.Module):
-    """nn.Conv with kernel = stride = patch, VALID padding, and its parameters; where `use_mkl_gemm` allows, one
-    MKL GEMM on patchified pixels instead (XLA:CPU's strided conv: MAE B/16, 32 ms forward, 24 ms kernel
-    gradient, against ~8 ms for the GEMM)."""
+    """nn.Conv with kernel = stride = patch, VALID padding: its parameters and values (`kernels.patch_conv`)."""
     features: int
     patch_size: int
     dtype: Dtype = jnp.float32
@@ -97,12 +86,7 @@ class PatchConv(nn.Module):
                             (p, p, channels, self.features), self.param_dtype)
         bias = self.param("bias", logical(nn.initializers.zeros, "embed"), (self.features,), self.param_dtype)
         images, kernel, bias = nn.dtypes.promote_dtype(images, kernel, bias, dtype=self.dtype)
-        if use_mkl_gemm(images, kernel):
-            b, h, w, _ = images.shape
-            y = matmul(patchify(images, p), kernel.reshape(p * p * channels, self.features))
-            return y.reshape(b, h // p, w // p, self.features) + bias
-        return jax.lax.conv_general_dilated(images, kernel, (p, p), "VALID",
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
+        return kernels.patch_conv(images, kernel) + bias
 
 
 class PatchEmbed(nn.Module):
@@ -163,6 +147,7 @@ class ViT(nn.Module):
     scan: bool = False
     remat_policy: str = "none"
     sow_attention: bool = False
+    attention: str = "auto"  # kernels.ATTENTION_IMPLEMENTATIONS
 
     @nn.compact
     def __call__(self, images: jax.Array, *, keep_ids: jax.Array | None = None, train: bool = False) -> jax.Array:
@@ -177,9 +162,10 @@ class ViT(nn.Module):
             cls = jnp.broadcast_to((cls + cls_pos).astype(x.dtype), (x.shape[0], 1, self.width))
             x = jnp.concatenate([cls, x], axis=1)
         x = nn.Dropout(self.dropout)(constrain(x, "batch", "length", "embed"), deterministic=not train)
-        return Encoder(self.depth, self.num_heads, self.mlp_dim, self.dropout, self.drop_path,
-                       self.layer_norm_eps, self.dtype, self.param_dtype, self.scan, self.remat_policy,
-                       self.sow_attention, name="encoder")(x, train)
+        return Encoder(depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout=self.dropout,
+                       drop_path=self.drop_path, layer_norm_eps=self.layer_norm_eps, dtype=self.dtype,
+                       param_dtype=self.param_dtype, scan=self.scan, remat_policy=self.remat_policy,
+                       sow_attention=self.sow_attention, attention=self.attention, name="encoder")(x, train)
 
 
 class MAE(nn.Module):
@@ -209,7 +195,7 @@ class MAE(nn.Module):
         latent = enc(images, keep_ids=keep_ids, train=train)
 
         dense = lambda features, name, axes: nn.Dense(
-            features, dtype=enc.dtype, param_dtype=enc.param_dtype, name=name, dot_general=dense_dot_general,
+            features, dtype=enc.dtype, param_dtype=enc.param_dtype, name=name, dot_general=kernels.dense_dot_general,
             kernel_init=logical(nn.initializers.xavier_uniform(), *axes),
             bias_init=logical(nn.initializers.zeros, axes[1]))
         x = dense(self.decoder_width, "decoder_embed", ("embed", "decoder_embed"))(latent)
@@ -221,8 +207,9 @@ class MAE(nn.Module):
         x = x + jnp.asarray(sincos_2d(*grid, self.decoder_width))[None].astype(x.dtype)
         if cls is not None:
             x = jnp.concatenate([cls, x], axis=1)  # decoder cls position is zero, as in MAE
-        x = Encoder(self.decoder_depth, self.decoder_heads, self.decoder_mlp_dim, 0.0, 0.0, enc.layer_norm_eps,
-                    enc.dtype, enc.param_dtype, enc.scan, enc.remat_policy, name="decoder")(x, train)
+        x = Encoder(depth=self.decoder_depth, num_heads=self.decoder_heads, mlp_dim=self.decoder_mlp_dim,
+                    layer_norm_eps=enc.layer_norm_eps, dtype=enc.dtype, param_dtype=enc.param_dtype, scan=enc.scan,
+                    remat_policy=enc.remat_policy, attention=enc.attention, name="decoder")(x, train)
         pred = dense(p * p * c, "decoder_pred", ("decoder_embed", None))(x)
         pred = pred[:, 1:] if cls is not None else pred
         loss = reconstruction_loss(pred, patchify(images, p), mask, self.norm_pix_loss)

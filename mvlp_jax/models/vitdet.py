@@ -60,14 +60,17 @@ class WindowedEncoder(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat_policy: str = "none"
     sow_attention: bool = False
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, grid: tuple[int, int], train: bool = False) -> jax.Array:
         block_cls = Block if self.remat_policy == "none" else nn.remat(Block, policy=REMAT_POLICIES[self.remat_policy])
         rates = jnp.linspace(0.0, self.drop_path, self.depth)
         for i in range(self.depth):
-            block = block_cls(self.num_heads, self.mlp_dim, self.dropout, self.drop_path > 0, self.layer_norm_eps,
-                              self.dtype, self.param_dtype, train, self.sow_attention, name=f"block_{i:02d}")
+            block = block_cls(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout=self.dropout,
+                              use_drop_path=self.drop_path > 0, layer_norm_eps=self.layer_norm_eps, dtype=self.dtype,
+                              param_dtype=self.param_dtype, train=train, sow_attention=self.sow_attention,
+                              attention=self.attention, name=f"block_{i:02d}")
             if i in self.global_blocks:
                 x, _ = block(x, rates[i])
             else:
@@ -93,6 +96,7 @@ class ViTDet(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat_policy: str = "none"
     sow_attention: bool = False
+    attention: str = "auto"  # kernels.ATTENTION_IMPLEMENTATIONS
     cls_token = False  # read by heads and objectives
 
     @nn.compact
@@ -106,9 +110,12 @@ class ViTDet(nn.Module):
         x = nn.Dropout(self.dropout)(constrain(x + pos, "batch", "length", "embed"), deterministic=not train)
         global_blocks = (default_global_blocks(self.depth) if self.global_blocks is None
                          else tuple(self.global_blocks))
-        return WindowedEncoder(self.depth, self.num_heads, self.mlp_dim, self.window_size, global_blocks,
-                               self.dropout, self.drop_path, self.layer_norm_eps, self.dtype, self.param_dtype,
-                               self.remat_policy, self.sow_attention, name="encoder")(x, grid, train)
+        return WindowedEncoder(depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
+                               window_size=self.window_size, global_blocks=global_blocks, dropout=self.dropout,
+                               drop_path=self.drop_path, layer_norm_eps=self.layer_norm_eps, dtype=self.dtype,
+                               param_dtype=self.param_dtype, remat_policy=self.remat_policy,
+                               sow_attention=self.sow_attention, attention=self.attention,
+                               name="encoder")(x, grid, train)
 
 
 class SimMIM(nn.Module):
