@@ -4,9 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export XLA_FLAGS ?=
-# XLA:CPU re-faults a step's GBs of temporaries with 4 KiB pages: huge pages, and freed blocks kept in one
-# heap for the next step (TUNABLES in mvlp_jax/host_memory.py; tests/test_host_memory.py checks this copy).
-export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:glibc.malloc.mmap_threshold=1099511627776:glibc.malloc.trim_threshold=1099511627776
+# CPU runs only (test, demo): XLA:CPU re-faults a step's GBs of temporaries with 4 KiB pages: huge pages, and
+# freed blocks kept in one heap for the next step (TUNABLES in mvlp_jax/host_memory.py; tests/test_host_memory.py
+# checks this copy). Not exported: installs and accelerator jobs keep glibc's defaults.
+CPU_MALLOC ?= glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:glibc.malloc.mmap_threshold=1099511627776:glibc.malloc.trim_threshold=1099511627776
 # Test files run in this many pytest-xdist workers (whole files per worker: module fixtures are built once).
 TEST_WORKERS ?= 2
 
@@ -26,10 +27,10 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 test: $(STAMP)
-	ALLOW_MULTIPLE_LIBTPU_LOAD=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
+	GLIBC_TUNABLES=$(CPU_MALLOC) ALLOW_MULTIPLE_LIBTPU_LOAD=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 
 demo: $(STAMP)
-	$(PY) -m mvlp_jax.demo
+	GLIBC_TUNABLES=$(CPU_MALLOC) $(PY) -m mvlp_jax.demo
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -122,5 +122,9 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     mesh = _ACTIVE_MESH.get()
     if mesh is None:
         return x
-    spec = nn.logical_to_mesh_axes(names, RULES)
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, _fit(spec, x.shape, mesh)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, activation_spec(x.shape, names, mesh)))
+
+
+def activation_spec(shape: tuple[int, ...], names: tuple[str | None, ...], mesh: Mesh) -> P:
+    """The PartitionSpec of an activation of `shape` with logical axis `names` on `mesh` (by RULES)."""
+    return _fit(nn.logical_to_mesh_axes(names, RULES), shape, mesh)

@@ -44,9 +44,9 @@ def test_environment_keeps_other_tunables_and_an_explicit_choice():
                                       + ":".join(host_memory.TUNABLES[2:]))
 
 
-def test_makefile_exports_the_same_tunables():
+def test_makefile_gives_cpu_runs_the_same_tunables():
     makefile = (pathlib.Path(__file__).parents[1] / "Makefile").read_text()
-    assert re.search(r"^export GLIBC_TUNABLES \?= (\S+)$", makefile, re.M).group(1) == host_memory.TUNABLE
+    assert re.search(r"^CPU_MALLOC \?= (\S+)$", makefile, re.M).group(1) == host_memory.TUNABLE
 
 
 def test_hint_only_without_the_tunables(monkeypatch):

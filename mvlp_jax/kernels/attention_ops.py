@@ -21,10 +21,12 @@ error.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from mvlp_jax.kernels import backend, cpu_blas
 
@@ -85,15 +87,29 @@ def _pad_to_block(x: jax.Array, length: int) -> jax.Array:
 
 
 def _tpu_flash(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
-    """Pallas TPU flash attention: lengths padded to whole blocks, padding and masked keys in segment 0 and
-    every query in segment 1, so no query attends them (padded queries' outputs are cut off)."""
+    """Pallas TPU flash attention. A Mosaic kernel has no sharding rule, so on a mesh it runs per shard
+    (shard_map over the batch and heads axes, as the activations are laid out); attention never mixes those."""
+    from mvlp_jax import sharding
+
+    keys = jnp.ones(k.shape[:2], bool) if mask is None else _key_mask(mask, k)
+    local = functools.partial(_tpu_flash_local, masked=mask is not None)
+    mesh = sharding.active_mesh()
+    if mesh is None or mesh.size == 1:
+        return local(q, k, v, keys)
+    spec = sharding.activation_spec(q.shape, ("batch", "length", "heads", "kv"), mesh)
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P(spec[0], None)), out_specs=spec,
+                         check_vma=False)(q, k, v, keys)
+
+
+def _tpu_flash_local(q: jax.Array, k: jax.Array, v: jax.Array, keys: jax.Array, masked: bool) -> jax.Array:
+    """The kernel on one shard: lengths padded to whole blocks, padding and masked keys in segment 0 and every
+    query in segment 1, so no query attends them (padded queries' outputs are cut off)."""
     from jax.experimental.pallas.ops.tpu import flash_attention as flash
 
     (b, q_len, _, d), k_len = q.shape, k.shape[1]
     q_pad, k_pad = (-(-n // FLASH_BLOCK) * FLASH_BLOCK for n in (q_len, k_len))
-    keys = jnp.ones((b, k_len), bool) if mask is None else _key_mask(mask, k)
     segments = None
-    if mask is not None or k_pad != k_len:
+    if masked or k_pad != k_len:
         segments = flash.SegmentIds(q=jnp.ones((b, q_pad), jnp.int32),
                                     kv=jnp.pad(keys, ((0, 0), (0, k_pad - k_len))).astype(jnp.int32))
     heads_major = lambda x, n: _pad_to_block(x, n).transpose(0, 2, 1, 3)

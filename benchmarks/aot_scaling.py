@@ -1,0 +1,94 @@
+"""The README's "Scaling up" table: production configs compiled by the real TPU compiler for Cloud TPU slices.
+
+  python -m benchmarks.aot_scaling [--cases=b16_v4,b16_v5e,...] [--out=benchmarks/aot_scaling.json]
+
+Each case AOT-compiles a config's train step (`mvlp_jax.aot.compile_programs`, unrolled blocks so the FLOPs
+count every layer) and records per chip: HBM (arguments + temporaries + outputs), FLOPs, arithmetic
+intensity, images/s at 40% MFU and the Pallas kernel calls. Results go to a JSON file; the table printed last
+is the README's (tests/test_readme.py holds the two equal). Compiling takes minutes per case on 2 cores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+PRETRAIN = "configs/pretrain.py"
+# name -> (config file, variant, overrides, topology, programs)
+CASES = {
+    "b16_v4": (PRETRAIN, "", {}, "v4-32", ("train", "features")),
+    "b16_v5e": (PRETRAIN, "", {}, "v5e-64", ("train", "features")),
+    "b16_v4_dots": (PRETRAIN, "", {"model.remat": "dots"}, "v4-32", ("train",)),
+    "b16_512_xla": (PRETRAIN, "", {"model.image_size": 512, "model.attention": "xla"}, "v4-32", ("train",)),
+    "b16_512_flash": (PRETRAIN, "", {"model.image_size": 512}, "v4-32", ("train",)),
+    "vitdet_1024_xla": (PRETRAIN, "vitdet", {"model.image_size": 1024, "data.batch_size": 64, "model.remat": "dots",
+                                            "model.attention": "xla"}, "v4-32", ("train",)),
+    "vitdet_1024_flash": (PRETRAIN, "vitdet", {"model.image_size": 1024, "data.batch_size": 64,
+                                              "model.remat": "dots"}, "v4-32", ("train",)),
+}
+TARGET_DIM = 4096  # Llama-2-7b's hidden size
+
+
+def load(file: str, variant: str, overrides: dict):
+    from mvlp_jax.demo import load_config
+
+    config = load_config(os.path.splitext(os.path.basename(file))[0], variant)
+    config.unlock()
+    for key, value in overrides.items():
+        *path, leaf = key.split(".")
+        node = config
+        for part in path:
+            node = node[part]
+        node[leaf] = value
+    return config
+
+
+def run_case(name: str) -> list[dict]:
+    from mvlp_jax import aot
+
+    file, variant, overrides, topology, programs = CASES[name]
+    config = load(file, variant, overrides)
+    rows = []
+    for report in aot.compile_programs(config, topology, TARGET_DIM, programs):
+        print("\n".join(report.lines()), flush=True)
+        rows.append({"case": name, "config": f"{file}{':' + variant if variant else ''}", "overrides": overrides,
+                     "variant": config.model.variant, "encoder": config.model.encoder,
+                     "image_size": config.model.image_size, "batch": config.data.batch_size,
+                     "remat": config.model.remat, **report.summary()})
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown table of the recorded rows (the README's)."""
+    lines = ["| encoder | px | batch (per chip) | remat | attention | slice | program | HBM per chip | fits | "
+             "FLOPs per chip | FLOP/B | images/s per chip at 40% MFU |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        encoder = f"{'ViTDet' if r['encoder'] == 'vitdet' else 'ViT'}-{r['variant']}"
+        lines.append(f"| {encoder} | {r['image_size']} | {r['batch']} ({r['batch'] // r['chips']}) | {r['remat']} | "
+                     f"{r['attention']} ({r['kernel_calls']} kernel calls) | {r['topology']} | {r['program']} | "
+                     f"{r['total_bytes'] / 2**30:.2f} of {r['hbm_bytes'] / 2**30:.0f} GiB | "
+                     f"{'yes' if r['fits'] else 'no'} | {r['flops']:.3g} | {r['intensity']:.0f} | "
+                     f"{r['images_per_s_per_chip']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "aot_scaling.json"))
+    args = parser.parse_args()
+    rows = []
+    if os.path.exists(args.out):
+        with open(args.out) as f:
+            rows = [r for r in json.load(f) if r["case"] in CASES]
+    for name in args.cases.split(","):
+        rows = [r for r in rows if r["case"] != name] + run_case(name)
+        rows.sort(key=lambda r: (list(CASES).index(r["case"]), r["program"]))
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
