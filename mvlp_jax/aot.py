@@ -121,6 +121,7 @@ class Report:
     attention: str = "auto"
     kernel_calls: int = 0  # Pallas (Mosaic) kernels in the optimised HLO: the flash attention calls
     loops: bool = False  # while loops (scan, accumulation): XLA's cost analysis counts their bodies once
+    refused: bool = False  # the compiler refused the program for HBM (temp_bytes: what it asked for)
 
     @property
     def total_bytes(self) -> float:
@@ -130,7 +131,7 @@ class Report:
 
     @property
     def fits(self) -> bool:
-        return self.total_bytes <= self.chip.hbm_bytes
+        return not self.refused and self.total_bytes <= self.chip.hbm_bytes
 
     @property
     def intensity(self) -> float:
@@ -158,15 +159,23 @@ class Report:
     def summary(self) -> dict:
         """The figures as plain values (for tables and JSON)."""
         return {"program": self.program, "topology": self.topology, "chips": self.chips, "chip": self.chip.name,
-                "attention": self.attention, "kernel_calls": self.kernel_calls, "total_bytes": self.total_bytes,
+                "attention": self.attention, "kernel_calls": self.kernel_calls, "loops": self.loops,
+                "refused": self.refused,
+                "total_bytes": self.total_bytes,
                 "hbm_bytes": self.chip.hbm_bytes, "fits": self.fits, "argument_bytes": self.argument_bytes,
-                "temp_bytes": self.temp_bytes, "flops": self.flops, "intensity": self.intensity,
-                "images_per_s_per_chip": self.images_per_s_per_chip,
+                "temp_bytes": self.temp_bytes, **({} if self.refused else {
+                    "flops": self.flops, "intensity": self.intensity,
+                    "images_per_s_per_chip": self.images_per_s_per_chip}),
                 "optimal_seconds": self.optimal_seconds if self.estimate_valid else None,
                 "compile_seconds": round(self.compile_seconds)}
 
     def lines(self) -> list[str]:
         gib = lambda b: f"{b / 2**30:.2f} GiB"
+        if self.refused:
+            return [f"{self.program} on {self.topology}: {self.chips} x TPU {self.chip.name}, mesh {self.mesh}, "
+                    f"attention {self.attention}: the compiler refused it after {self.compile_seconds:.0f} s",
+                    f"  HBM per chip: DOES NOT FIT: {gib(self.temp_bytes)} of temporaries alone, the chip has "
+                    f"{gib(self.chip.hbm_bytes)}"]
         comm = ", ".join(f"{op} {c['count']} ({c['bytes'] / 2**20:.1f} MiB)" for op, c in self.collectives.items()
                          if c["count"]) or "none"
         estimate = (f"{self.optimal_seconds * 1e3:.2f} ms" if self.estimate_valid else
@@ -216,22 +225,47 @@ def compile_programs(config: ml_collections.ConfigDict, topology: str, target_di
     reports = []
     for program in programs:
         start = time.perf_counter()
-        if program == "train":
-            shapes = jax.eval_shape(lambda: train_step.example_batch(config, target_dim, batch=batch))
-            compiled = train_step.compile_train_step(train_step.make_train_step(model, tx, config), abstract,
-                                                     state_sh, mesh, shapes)
-        elif program == "features":
-            compiled = _compile_features(model, config, abstract.params, state_sh.params, mesh, batch, target_dim)
-        else:
-            raise ValueError(f"unknown program {program!r}: train or features")
+        common = dict(program=program, topology=topology, chips=len(devices), mesh=dict(mesh.shape),
+                      chip=chip_of(devices[0]), images_per_step=batch, attention=config.model.attention)
+        try:
+            compiled = _compile(program, model, tx, config, abstract, state_sh, mesh, batch, target_dim)
+        except jax.errors.JaxRuntimeError as error:
+            needed = _hbm_shortfall(str(error))
+            if needed is None:
+                raise
+            reports.append(Report(**common, compile_seconds=time.perf_counter() - start, collectives={},
+                                  argument_bytes=0.0, temp_bytes=needed, output_bytes=0.0, alias_bytes=0.0,
+                                  code_bytes=0.0, flops=float("nan"), bytes_accessed=float("nan"),
+                                  optimal_seconds=-1.0, refused=True))
+            continue
         hlo = compiled.as_text()
-        reports.append(Report(program=program, topology=topology, chips=len(devices), mesh=dict(mesh.shape),
-                              chip=chip_of(devices[0]), compile_seconds=time.perf_counter() - start,
-                              collectives=collectives(hlo), images_per_step=batch, attention=config.model.attention,
+        reports.append(Report(**common, compile_seconds=time.perf_counter() - start, collectives=collectives(hlo),
                               kernel_calls=hlo.count('custom_call_target="tpu_custom_call"'),
-                              loops=re.search(r"\swhile\(", hlo) is not None,
-                              **_memory_and_cost(compiled)))
+                              loops=re.search(r"\swhile\(", hlo) is not None, **_memory_and_cost(compiled)))
     return reports
+
+
+def _compile(program: str, model, tx, config, abstract, state_sh, mesh, batch: int, target_dim: int):
+    from mvlp_jax import train_step
+
+    if program == "train":
+        shapes = jax.eval_shape(lambda: train_step.example_batch(config, target_dim, batch=batch))
+        return train_step.compile_train_step(train_step.make_train_step(model, tx, config), abstract, state_sh, mesh,
+                                             shapes)
+    if program == "features":
+        return _compile_features(model, config, abstract.params, state_sh.params, mesh, batch, target_dim)
+    raise ValueError(f"unknown program {program!r}: train or features")
+
+
+_OUT_OF_HBM = re.compile(r"RESOURCE_EXHAUSTED: Ran out of memory.*?required for HLO temporaries \(([\d.]+)([KMGT])\)")
+
+
+def _hbm_shortfall(message: str) -> float | None:
+    """Bytes of temporaries the compiler asked for when it refused a program for HBM, else None."""
+    match = _OUT_OF_HBM.search(message)
+    if not match:
+        return None
+    return float(match.group(1)) * 2 ** (10 * "KMGT".index(match.group(2)) + 10)
 
 
 def _compile_features(model, config, params, params_sh, mesh, batch: int, target_dim: int):

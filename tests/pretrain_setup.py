@@ -61,13 +61,9 @@ def micro_config(data_dir: str, embeddings_dir: str, **overrides):
     c.total_steps, c.optim.warmup_steps, c.log_every_steps = 6, 2, 1
     c.checkpoint.save_interval_steps = 2
     c.peak_flops_per_device = 1e11
-    for key, value in overrides.items():
-        node = c
-        *path, leaf = key.split(".")
-        for p in path:
-            node = node[p]
-        node[leaf] = value
-    return c
+    from mvlp_jax import configuration
+
+    return configuration.override(c, overrides)
 
 
 def write_config_file(path: str, data_dir: str, embeddings_dir: str, **overrides) -> str:

@@ -84,3 +84,14 @@ def test_readme_config_table_is_the_generated_one():
     from mvlp_jax import configuration
 
     assert configuration.describe().strip() in open(README).read(), "regenerate with configuration.describe()"
+
+
+def test_readme_scaling_table_is_the_recorded_compile_output():
+    """The "Scaling up" table is benchmarks/aot_scaling.py's rendering of its recorded TPU compiles."""
+    import json
+
+    from benchmarks import aot_scaling
+
+    with open(os.path.join(REPO, "benchmarks", "aot_scaling.json")) as f:
+        rows = json.load(f)
+    assert rows and aot_scaling.table(rows) in open(README).read(), "rerun python -m benchmarks.aot_scaling"

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from mvlp_jax import aot
+from mvlp_jax import aot, configuration
 from mvlp_jax.demo import load_config
 
 SLICE = "v4-8"  # 4 chips (v4:2x2x1, megacore)
@@ -20,13 +20,8 @@ def _config(name: str, **overrides):
     config.data.embeddings_dir = ""
     # 2 encoder blocks and 1 decoder block: compile time grows with depth, and every op of the config stays
     config.model.variant, config.model.decoder_depth = "mu/16", 1
-    for key, value in {**{f"mesh.{a}": n for a, n in MESH.items()}, **overrides}.items():
-        *path, leaf = key.split(".") if "." in key else ("mesh", key)
-        node = config
-        for part in path:
-            node = node[part]
-        node[leaf] = value
-    return config
+    overrides = {key if "." in key else f"mesh.{key}": value for key, value in overrides.items()}
+    return configuration.override(config, {**{f"mesh.{a}": n for a, n in MESH.items()}, **overrides})
 
 
 @pytest.mark.parametrize("name", ["configs/pretrain.py:demo", "configs/mflag.py:demo", "configs/multitask.py:demo",
@@ -97,3 +92,15 @@ def test_auto_attention_puts_the_flash_kernel_into_sharded_tpu_programs(name, si
     assert reports["xla"].kernel_calls == 0 and reports["auto"].kernel_calls >= 2  # one per encoder block
     assert reports["auto"].fits and reports["auto"].flops > 0
     assert f"attention auto ({reports['auto'].kernel_calls} Pallas kernel calls)" in reports["auto"].lines()[0]
+
+
+def test_a_program_the_compiler_refuses_for_hbm_is_reported_as_not_fitting():
+    message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+               "(38.05G) exceeds available HBM (30.75G).")
+    assert aot._hbm_shortfall(message) == 38.05 * 2**30 and aot._hbm_shortfall("INTERNAL: other") is None
+    report = aot.Report(program="train", topology="v4-32", chips=16, mesh=MESH, chip=aot.CHIPS["v4"],
+                        argument_bytes=0.0, temp_bytes=38.05 * 2**30, output_bytes=0.0, alias_bytes=0.0, code_bytes=0.0,
+                        flops=float("nan"), bytes_accessed=float("nan"), optimal_seconds=-1.0, collectives={},
+                        compile_seconds=60.0, images_per_step=256, refused=True)
+    assert not report.fits and "DOES NOT FIT: 38.05 GiB of temporaries alone" in report.lines()[1]
+    assert "flops" not in report.summary() and report.summary()["fits"] is False
