@@ -25,6 +25,8 @@ CASES = {
                     ("train",)),
     "b16_512_flash": (PRETRAIN, "", {"model.image_size": 512, "model.scan": True}, "v4-32", ("train",)),
     "l16_v4": (PRETRAIN, "", {"model.variant": "L/16", "model.scan": True}, "v4-32", ("train",)),
+    "l16_v4_dots": (PRETRAIN, "", {"model.variant": "L/16", "model.scan": True, "model.remat": "dots"}, "v4-32",
+                    ("train",)),
     # the largest per-chip batch: B/16 at 64 and 128 images per chip, without and with rematerialisation
     **{f"b16_v4_b{b}{'_dots' if remat == 'dots' else ''}": (
         PRETRAIN, "", {"data.batch_size": b, "model.remat": remat, "model.scan": True}, "v4-32", ("train",))

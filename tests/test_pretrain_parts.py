@@ -251,16 +251,16 @@ def test_embeddings_of_another_source_are_refused_unless_asked_for(pretrain_data
 
 def test_a_bfloat16_step_matches_float32_within_tolerance(pretrain_data, one_device_run):
     """Production dtypes: compute in bfloat16, parameters and optimizer state in float32. From the same float32
-    initialisation the first loss is within 1% of float32's and the next two within 3% (bfloat16 keeps 8
-    mantissa bits; the differences then grow through the updates)."""
+    initialisation the first loss is within 0.5% of float32's and the next two within 1% (bfloat16 keeps 8
+    mantissa bits; the differences then grow through the updates; measured: 0.04%, 0.04%, 0.11%)."""
     from mvlp_jax.kernels import backend
 
     batches, (losses32, _, _, _) = one_device_run
     bf16 = _micro(pretrain_data, **{"mesh.data": 1, "model.dtype": "bfloat16"})
     losses16, params16, _, state_sh = _train(bf16, jax.devices()[:1], batches)
     print("float32 losses", [l for l, _ in losses32], "bfloat16 losses", [l for l, _ in losses16])
-    assert abs(losses16[0][0] - losses32[0][0]) <= 0.01 * abs(losses32[0][0])
-    assert all(abs(a - b) <= 0.03 * abs(b) for (a, _), (b, _) in zip(losses16, losses32))
+    assert abs(losses16[0][0] - losses32[0][0]) <= 0.005 * abs(losses32[0][0])
+    assert all(abs(a - b) <= 0.01 * abs(b) for (a, _), (b, _) in zip(losses16, losses32))
     assert {p.dtype for p in jax.tree.leaves(params16)} == {np.dtype(np.float32)}
     with backend.use(backend.Backend("tpu", 4)):
         assert backend.compute_dtype("auto") == jnp.bfloat16
