@@ -132,21 +132,9 @@ def defaults() -> ml_collections.ConfigDict:
 
 
 def override(config: ml_collections.ConfigDict, values: dict[str, Any]) -> ml_collections.ConfigDict:
-    """Sets dotted keys ('model.image_size') of `config` in place, as --config.KEY=VALUE flags do; returns it."""
+    """Sets dotted keys ('model.image_size') of `config` in place, as --config.KEY=VALUE flags do, creating
+    missing groups (`validate` rejects unknown keys); returns it."""
     for key, value in values.items():
-        *parents, leaf = key.split(".")
-        node = config
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
-
-
-def with_defaults(stored: dict) -> ml_collections.ConfigDict:
-    """A stored config with the keys added to SPEC since it was written, at their defaults (keys that do not
-    change what a run computes, such as model.attention)."""
-    config = defaults()
-    for key, value in flatten(stored).items():
         *parents, leaf = key.split(".")
         node = config
         for p in parents:
@@ -155,6 +143,12 @@ def with_defaults(stored: dict) -> ml_collections.ConfigDict:
             node = node[p]
         node[leaf] = value
     return config
+
+
+def with_defaults(stored: dict) -> ml_collections.ConfigDict:
+    """A stored config with the keys added to SPEC since it was written, at their defaults (keys that do not
+    change what a run computes, such as model.attention)."""
+    return override(defaults(), flatten(stored))
 
 
 def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
