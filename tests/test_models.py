@@ -54,9 +54,7 @@ def test_scan_and_remat_equal_the_plain_loop():
     images = _images()
     loop = ViT(**TINY)
     params = nn.unbox(loop.init(jax.random.key(0), images)["params"])
-    blocks = [params["encoder"][f"block_{i:02d}"] for i in range(TINY["depth"])]
-    scanned_params = {**params, "encoder": {"norm": params["encoder"]["norm"],
-                                            "blocks": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}}
+    scanned_params = _stacked(params, TINY["depth"])
     expected = loop.apply({"params": params}, images)
     for model, p in [(ViT(**TINY, scan=True), scanned_params), (ViT(**TINY, remat_policy="full"), params),
                      (ViT(**TINY, scan=True, remat_policy="dots"), scanned_params)]:
@@ -67,10 +65,38 @@ def test_scan_and_remat_equal_the_plain_loop():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
+def _stacked(params: dict, depth: int) -> dict:
+    """Looped encoder params (block_00, block_01, ...) in the scanned layout (blocks stacked on axis 0)."""
+    blocks = [params["encoder"][f"block_{i:02d}"] for i in range(depth)]
+    return {**params, "encoder": {"norm": params["encoder"]["norm"],
+                                  "blocks": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}}
+
+
+@pytest.mark.parametrize("remat", ["none", "dots"])
+def test_vitdet_scanned_equals_its_loop_with_windows_and_global_blocks(remat):
+    images = _images((2, 28, 40, 1))  # a 7 x 10 grid: windows of 3 are padded
+    kwargs = dict(**TINY, window_size=3, global_blocks=(1, 3), drop_path=0.2, remat_policy=remat)
+    loop = ViTDet(**kwargs)
+    params = nn.unbox(loop.init(jax.random.key(0), images)["params"])
+    scanned = ViTDet(**kwargs, scan=True)
+    stacked = _stacked(params, TINY["depth"])
+    assert jax.tree.map(jnp.shape, nn.unbox(scanned.init(jax.random.key(0), images)["params"])) == \
+        jax.tree.map(jnp.shape, stacked)
+    out = lambda m, p, train=False: m.apply({"params": p}, images, train=train, rngs={"dropout": jax.random.key(3)})
+    np.testing.assert_allclose(np.asarray(out(scanned, stacked)), np.asarray(out(loop, params)), atol=1e-5)
+    loss = lambda m: lambda p: jnp.sum(out(m, p) ** 2)
+    g_loop, g_scan = jax.grad(loss(loop))(params), jax.grad(loss(scanned))(stacked)
+    g_loop = _stacked(g_loop, TINY["depth"])
+    for a, b in zip(jax.tree.leaves(g_loop), jax.tree.leaves(g_scan)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)
+    all_global = ViTDet(**{**kwargs, "global_blocks": tuple(range(TINY["depth"]))}, scan=True)
+    assert not np.allclose(np.asarray(out(all_global, stacked)), np.asarray(out(scanned, stacked)))
+
+
 @pytest.mark.parametrize("name", [f"{v}/16" for v in VARIANTS] + ["H/14"])
 def test_variant_shapes(name):
     cfg = variant(name)
-    size = 224 if cfg["patch_size"] == 16 else 224
+    size = 224
     out = jax.eval_shape(lambda: ViT(**cfg).init_with_output(jax.random.key(0), jnp.zeros((2, size, size, 1)))[0])
     assert out.shape == (2, 1 + (size // cfg["patch_size"]) ** 2, cfg["width"]) and out.dtype == jnp.float32
     with pytest.raises(ValueError, match="unknown ViT variant"):

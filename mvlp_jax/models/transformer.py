@@ -155,12 +155,38 @@ class MlpBlock(nn.Module):
 
 
 def layer_norm(name: str, eps: float, dtype: Dtype, param_dtype: Dtype) -> LayerNorm:
-    return LayerNorm(eps, dtype, param_dtype, name=name)
+    return LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+def window_partition(x: jax.Array, grid: tuple[int, int], window: int) -> tuple[jax.Array, jax.Array]:
+    """(B, gh*gw, D) -> windows (B*nW, window*window, D) and a key mask (B*nW, 1, 1, window*window): grids
+    that do not divide evenly are padded, and the padding is masked out of every window's attention."""
+    b, _, d = x.shape
+    gh, gw = grid
+    ph, pw = -gh % window, -gw % window
+    x = jnp.pad(x.reshape(b, gh, gw, d), ((0, 0), (0, ph), (0, pw), (0, 0)))
+    nh, nw = (gh + ph) // window, (gw + pw) // window
+    x = x.reshape(b, nh, window, nw, window, d).transpose(0, 1, 3, 2, 4, 5).reshape(b * nh * nw, window * window, d)
+    valid = jnp.pad(jnp.ones((gh, gw), bool), ((0, ph), (0, pw)))
+    valid = valid.reshape(nh, window, nw, window).transpose(0, 2, 1, 3).reshape(nh * nw, window * window)
+    mask = jnp.tile(valid, (b, 1))[:, None, None, :]
+    return x, mask
+
+
+def window_unpartition(x: jax.Array, batch: int, grid: tuple[int, int], window: int) -> jax.Array:
+    """Inverse of `window_partition`: (B*nW, window*window, D) -> (B, gh*gw, D)."""
+    gh, gw = grid
+    nh, nw = -(-gh // window), -(-gw // window)
+    d = x.shape[-1]
+    x = x.reshape(batch, nh, nw, window, window, d).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(batch, nh * window, nw * window, d)[:, :gh, :gw].reshape(batch, gh * gw, d)
 
 
 class Block(nn.Module):
     """Pre-LayerNorm transformer block with dropout and stochastic depth (per-sample drop path).
 
+    With `window_size`, attention runs within non-overlapping windows of the (gh, gw) patch `grid` (ViTDet):
+    always, or, in a scanned stack, where the per-layer flag `windowed` is set (global attention elsewhere).
     Returns (x, None) so the same module can be scanned over layers.
     """
     num_heads: int
@@ -173,6 +199,8 @@ class Block(nn.Module):
     train: bool = False
     sow_attention: bool = False
     attention: str = "auto"
+    window_size: int = 0
+    grid: tuple[int, int] = (0, 0)
 
     def _drop_path(self, y: jax.Array, rate: jax.Array) -> jax.Array:
         if not (self.train and self.use_drop_path):
@@ -180,24 +208,39 @@ class Block(nn.Module):
         keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rate, (y.shape[0],) + (1,) * (y.ndim - 1))
         return jnp.where(keep, y / (1.0 - rate), 0.0).astype(y.dtype)
 
+    def _attend(self, y: jax.Array, mask: jax.Array | None, windowed: jax.Array | None) -> jax.Array:
+        attention = lambda: Attention(num_heads=self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
+                                      sow_weights=self.sow_attention, attention=self.attention, name="attention")
+
+        def within_windows(y: jax.Array) -> jax.Array:
+            windows, window_mask = window_partition(y, self.grid, self.window_size)
+            return window_unpartition(attention()(windows, mask=window_mask), y.shape[0], self.grid, self.window_size)
+
+        if not self.window_size:
+            return attention()(y, mask=mask)
+        if windowed is None:
+            return within_windows(y)
+        return nn.cond(windowed, lambda module, y: within_windows(y), lambda module, y: attention()(y, mask=mask),
+                       self, y)
+
     @nn.compact
-    def __call__(self, x: jax.Array, drop_rate: jax.Array | float = 0.0,
-                 mask: jax.Array | None = None) -> tuple[jax.Array, None]:
+    def __call__(self, x: jax.Array, drop_rate: jax.Array | float = 0.0, mask: jax.Array | None = None,
+                 windowed: jax.Array | None = None) -> tuple[jax.Array, None]:
         x = constrain(x, "batch", "length", "embed")
         norm = lambda name: layer_norm(name, self.layer_norm_eps, self.dtype, self.param_dtype)
-        y = Attention(num_heads=self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
-                      sow_weights=self.sow_attention, attention=self.attention, name="attention")(norm("norm1")(x),
-                                                                                                 mask=mask)
+        y = self._attend(norm("norm1")(x), mask, windowed)
         y = nn.Dropout(self.dropout)(y, deterministic=not self.train)
         x = x + self._drop_path(y, drop_rate)
-        y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.param_dtype, name="mlp")(norm("norm2")(x), self.train)
+        y = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout, dtype=self.dtype, param_dtype=self.param_dtype,
+                     name="mlp")(norm("norm2")(x), self.train)
         y = nn.Dropout(self.dropout)(y, deterministic=not self.train)
         x = x + self._drop_path(y, drop_rate)
         return constrain(x, "batch", "length", "embed"), None
 
 
 class Encoder(nn.Module):
-    """`depth` blocks (looped or scanned, optionally rematerialised) then a final LayerNorm."""
+    """`depth` blocks (looped or scanned, optionally rematerialised) then a final LayerNorm. With
+    `window_size` (ViTDet) blocks attend within windows of the patch grid, except `global_blocks`."""
     depth: int
     num_heads: int
     mlp_dim: int
@@ -210,9 +253,11 @@ class Encoder(nn.Module):
     remat_policy: str = "none"
     sow_attention: bool = False
     attention: str = "auto"
+    window_size: int = 0
+    global_blocks: tuple[int, ...] = ()
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False, grid: tuple[int, int] = (0, 0)) -> jax.Array:
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy={self.remat_policy!r}; choose one of {sorted(REMAT_POLICIES)}")
         block_cls = Block
@@ -221,16 +266,20 @@ class Encoder(nn.Module):
         kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout=self.dropout,
                       use_drop_path=self.drop_path > 0, layer_norm_eps=self.layer_norm_eps, dtype=self.dtype,
                       param_dtype=self.param_dtype, train=train, sow_attention=self.sow_attention,
-                      attention=self.attention)
+                      attention=self.attention, grid=tuple(grid))
         rates = jnp.linspace(0.0, self.drop_path, self.depth)  # stochastic depth grows with depth
+        windowed = [bool(self.window_size) and i not in self.global_blocks for i in range(self.depth)]
         if self.scan:
             stack = nn.scan(block_cls, variable_axes={"params": 0, "intermediates": 0},
-                            split_rngs={"params": True, "dropout": True}, in_axes=0, length=self.depth,
-                            metadata_params={nn.PARTITION_NAME: "layers"})
-            x, _ = stack(**kwargs, name="blocks")(x, rates)
+                            split_rngs={"params": True, "dropout": True}, in_axes=(0, nn.broadcast, 0),
+                            length=self.depth, metadata_params={nn.PARTITION_NAME: "layers"})
+            flags = jnp.asarray(windowed) if any(windowed) and not all(windowed) else None
+            window = self.window_size if any(windowed) else 0
+            x, _ = stack(**kwargs, window_size=window, name="blocks")(x, rates, None, flags)
         else:
             for i in range(self.depth):
-                x, _ = block_cls(**kwargs, name=f"block_{i:02d}")(x, rates[i])
+                window = self.window_size if windowed[i] else 0
+                x, _ = block_cls(**kwargs, window_size=window, name=f"block_{i:02d}")(x, rates[i])
         return layer_norm("norm", self.layer_norm_eps, self.dtype, self.param_dtype)(x)
 
 

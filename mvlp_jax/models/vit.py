@@ -151,8 +151,9 @@ class ViT(nn.Module):
 
     @nn.compact
     def __call__(self, images: jax.Array, *, keep_ids: jax.Array | None = None, train: bool = False) -> jax.Array:
-        x, pos, cls_pos, _ = PatchEmbed(self.width, self.patch_size, self.posemb, self.image_size,
-                                        self.cls_token, self.dtype, self.param_dtype, name="embedding")(images)
+        x, pos, cls_pos, _ = PatchEmbed(width=self.width, patch_size=self.patch_size, posemb=self.posemb,
+                                        image_size=self.image_size, cls_token=self.cls_token, dtype=self.dtype,
+                                        param_dtype=self.param_dtype, name="embedding")(images)
         x = x + pos
         if keep_ids is not None:
             x = jnp.take_along_axis(x, keep_ids[..., None], axis=1)
