@@ -19,7 +19,6 @@ import numpy as np
 from data_prep import built
 from mvlp_jax import demo, features, sharding, train
 from mvlp_jax.data import transforms, views
-from mvlp_jax.models.pretrainer import Pretrainer
 from mvlp_jax.objectives.query_box import iou_and_giou
 
 
@@ -61,7 +60,7 @@ def main() -> None:
     mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(-1, 1, 1), sharding.AXES)
     encoder = features.load_encoder(args.workdir, -1, mesh)
     held = held_out_regions(config)
-    locate = jax.jit(lambda p, x, q: encoder.model.apply({"params": p}, x, q, train=False, method=Pretrainer.locate))
+    locate = jax.jit(lambda p, x, q: encoder.model.apply({"params": p}, x, q, train=False, method=locate))
     predicted = np.concatenate([np.asarray(locate(encoder.params, held["image"][i:i + 64], held["query"][i:i + 64]))
                                 for i in range(0, len(held["box"]), 64)])
     model_iou = float(iou_and_giou(jnp.asarray(predicted), jnp.asarray(held["box"]))[0].mean())

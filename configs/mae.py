@@ -4,11 +4,7 @@
 
 The side-by-side comparison the evaluation binary reports (MAE alone vs LLM contrastive + MAE).
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import pretrain  # noqa: E402  (configs are loaded by path, not as a package)
+from configs import pretrain
 
 
 def get_config(arg: str | None = None):

@@ -7,11 +7,7 @@ Same encoder, data and schedule as configs/pretrain.py. The image features are m
 batch norm; the stored LLM vector goes through its own MLP. Loss: 2 - 2 cos(z_img, z_txt) +
 ortho_weight * orthogonality(features), both over the global batch.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import pretrain  # noqa: E402  (configs are loaded by path, not as a package)
+from configs import pretrain
 
 
 def get_config(arg: str | None = None):

@@ -6,17 +6,11 @@ localization on the windowed ViTDet, one task per minibatch in a cycle (no repor
 Variants: `demo` (the shipped sample on a CPU), `sum` (every step optimises the weighted sum instead of
 cycling). Same data, schedule and evaluation as configs/pretrain.py.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import pretrain  # noqa: E402  (configs are loaded by path, not as a package)
+from configs import common, pretrain
 
 
 def get_config(arg: str | None = None):
-    chosen = {a for a in (arg or "").split(",") if a}
-    if chosen - {"demo", "sum"}:
-        raise ValueError(f"unknown config variant(s) {sorted(chosen - {'demo', 'sum'})}; choose from ('demo', 'sum')")
+    chosen = common.parse_arg(arg, ("demo", "sum"), "configs/multitask.py")
     c = pretrain.get_config("demo,vitdet" if "demo" in chosen else "vitdet")
     c.objectives = {"mae": 1.0, "dino": 1.0, "query_box": 1.0}
     c.task_schedule = "sum" if "sum" in chosen else "cyclic"

@@ -7,16 +7,15 @@ Variants by argument, comma-separated (as big_vision does):
   :vitdet  the windowed ViTDet encoder (SimMIM masking instead of MAE token dropping)
 Every key is documented in mvlp_jax/configuration.py (and the README's config table).
 """
+from configs import common
 from mvlp_jax import configuration
+from mvlp_jax.objectives import registry
 
 VARIANTS = ("demo", "vitdet")
 
 
 def parse_variants(arg: str | None) -> set[str]:
-    chosen = {a for a in (arg or "").split(",") if a}
-    if chosen - set(VARIANTS):
-        raise ValueError(f"unknown config variant(s) {sorted(chosen - set(VARIANTS))}; choose from {VARIANTS}")
-    return chosen
+    return common.parse_arg(arg, VARIANTS, "configs/pretrain.py")
 
 
 def apply_demo(c) -> None:
@@ -42,7 +41,7 @@ def apply_demo(c) -> None:
 def get_config(arg: str | None = None):
     variants = parse_variants(arg)
     c = configuration.defaults()
-    c.objectives = {"llm_contrastive": 1.0, "mae": 1.0}
+    c.objectives = dict(registry.DEFAULT)  # LLM contrastive + MAE
     c.data.data_dir = "~/tensorflow_datasets"
     c.data.dataset = "mimic_cxr"
     c.data.embeddings_dir = "~/mvlp/embeddings/mimic_cxr_llama2_7b"

@@ -6,6 +6,7 @@ unknown keys and invalid values at start-up with a message naming the key and wh
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any, Callable
@@ -13,24 +14,34 @@ from typing import Any, Callable
 import ml_collections
 
 from mvlp_jax.kernels.attention_ops import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+from mvlp_jax.objectives import registry
 
-Check = tuple | Callable[[Any], bool] | None  # a tuple of allowed values, a predicate, or any value of the type
 
-_positive = lambda v: v > 0
-_non_negative = lambda v: v >= 0
-_fraction = lambda v: 0 <= v < 1
-_mesh_axis = lambda v: v == -1 or v >= 1
-_crop_scale = lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1
-_momentum = lambda v: 0 <= v <= 1
-_objective_weights = lambda v: bool(v) and all(k in OBJECTIVES and w >= 0 for k, w in v.items())
-OBJECTIVES = ("llm_contrastive", "mae", "mflag", "dino", "query_box")
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """A predicate on a value and the rule it states, shown when a value breaks it."""
+    holds: Callable[[Any], bool]
+    text: str
+
+
+Check = tuple | Rule | None  # a tuple of allowed values, a rule, or any value of the type
+
+_positive = Rule(lambda v: v > 0, "must be > 0")
+_non_negative = Rule(lambda v: v >= 0, "must be >= 0")
+_fraction = Rule(lambda v: 0 <= v < 1, "must lie in [0, 1)")
+_mesh_axis = Rule(lambda v: v == -1 or v >= 1, "must be >= 1, or -1 for the remaining devices")
+_crop_scale = Rule(lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1, "must be (low, high) with 0 < low <= high <= 1")
+_momentum = Rule(lambda v: 0 <= v <= 1, "must lie in [0, 1]")
+_objective_weights = Rule(lambda v: bool(v) and all(k in registry.SPECS and w >= 0 for k, w in v.items()),
+                          "must map registered objective names to weights >= 0")
 
 # key -> (default, check, description)
 SPEC: dict[str, tuple[Any, Check, str]] = {
     "seed": (0, None, "Seed of parameter init, masking, dropout and the data order."),
     "total_steps": (100_000, _positive, "Optimizer steps to train."),
-    "objectives": ({"llm_contrastive": 1.0, "mae": 1.0}, _objective_weights,
-                   f"Objective name -> loss weight; names from {OBJECTIVES}."),
+    "objectives": (dict(registry.DEFAULT), _objective_weights,
+                   f"Objective name -> loss weight (>= 0); names from {tuple(registry.SPECS)} (mvlp_jax/objectives/)."),
     "task_schedule": ("sum", ("sum", "cyclic"),
                       "'sum': every step optimises the weighted sum; 'cyclic': step s trains objective s mod n only."),
     "model.encoder": ("vit", ("vit", "vitdet"), "Image encoder: plain ViT (MAE) or windowed ViTDet (SimMIM)."),
@@ -43,7 +54,7 @@ SPEC: dict[str, tuple[Any, Check, str]] = {
                         "Attention kernel; 'auto': Pallas flash on TPU, cuDNN on GPU, MKL on one CPU device, XLA's "
                         "formula where a kernel does not apply (mvlp_jax/kernels/attention_ops.py)."),
     "model.remat": ("none", ("none", "full", "dots", "dots_no_batch"), "Activation rematerialisation policy."),
-    "model.scan": (False, None, "Scan the encoder blocks (faster compile for deep models; ViT only)."),
+    "model.scan": (False, None, "Scan the encoder blocks (faster compile for deep models)."),
     "model.drop_path": (0.0, _fraction, "Stochastic depth rate of the last block."),
     "model.window_size": (14, _positive, "ViTDet window (in patches)."),
     "model.mask_ratio": (0.75, _fraction, "Fraction of patches masked for MAE / SimMIM."),
@@ -65,7 +76,8 @@ SPEC: dict[str, tuple[Any, Check, str]] = {
     "mflag.embed_dim": (512, _positive, "M-FLAG: size of the aligned image/text embeddings."),
     "mflag.hidden_dim": (2048, _positive, "M-FLAG: hidden width of the projection MLPs (with batch norm)."),
     "mflag.ortho_weight": (1.0, _non_negative, "M-FLAG: weight of the orthogonality loss beside the alignment loss."),
-    "mflag.ortho_lambda": (0.0051, _non_negative, "M-FLAG: weight of the off-diagonal terms in the orthogonality loss."),
+    "mflag.ortho_lambda": (0.0051, _non_negative,
+                           "M-FLAG: weight of the off-diagonal terms in the orthogonality loss."),
     "dino.out_dim": (65536, _positive, "DINO: prototypes (output size of the DINO head)."),
     "dino.hidden_dim": (2048, _positive, "DINO: hidden width of the head's MLP."),
     "dino.bottleneck_dim": (256, _positive, "DINO: L2-normalised bottleneck before the weight-normalised last layer."),
@@ -106,7 +118,8 @@ SPEC: dict[str, tuple[Any, Check, str]] = {
     "optim.b1": (0.9, _fraction, "Adam beta1."),
     "optim.b2": (0.95, _fraction, "Adam beta2."),
     "optim.clip_norm": (1.0, _non_negative, "Global gradient-norm clipping (0: off)."),
-    "optim.accum_steps": (1, _positive, "Gradient accumulation micro-steps per update (batch-wide losses per micro-batch)."),
+    "optim.accum_steps": (1, _positive,
+                          "Gradient accumulation micro-steps per update (batch-wide losses per micro-batch)."),
     "max_nonfinite_steps": (10, _positive, "Stop after this many skipped non-finite updates in a row."),
     "mesh.data": (-1, _mesh_axis, "Data-parallel axis size (-1: the remaining devices)."),
     "mesh.fsdp": (1, _mesh_axis, "Fully-sharded data-parallel axis (params sharded, batch split)."),
@@ -118,11 +131,59 @@ SPEC: dict[str, tuple[Any, Check, str]] = {
     "peak_flops_per_device": (0.0, _non_negative, "For the MFU estimate; 0: known accelerators, or measured on CPU."),
 }
 
+_label_fractions = Rule(lambda v: len(v) > 0 and all(0 < f <= 1 for f in v), "must be fractions in (0, 1]")
 
-def defaults() -> ml_collections.ConfigDict:
-    """The ConfigDict holding every key of SPEC at its default."""
+# The evaluation binary's keys (configs/linear_probe.py starts from these): key -> (default, check, description)
+EVAL_SPEC: dict[str, tuple[Any, Check, str]] = {
+    "workdirs": ("", None, "Comma-separated pretraining workdirs; 'random_init' adds the untrained floor."),
+    "random_init_like": ("", None, "Architecture of random_init when no real workdir is listed (a workdir)."),
+    "step": (-1, None, "Checkpoint step of every workdir (-1: the newest)."),
+    "mode": ("linear", ("linear", "finetune"),
+             "'linear': frozen encoder + logistic regression; 'finetune': the whole network."),
+    "features_from": ("image", ("image", "text_embeddings"),
+                      "'image': the workdirs' encoders; 'text_embeddings': the stored LLM vectors."),
+    "embeddings": ("", None, "text_embeddings: comma-separated precompute output dirs (study ids must match)."),
+    "text_pooling": ("mean", ("mean", "last"), "text_embeddings: which stored vector."),
+    "pooling": ("mean", ("mean", "cls", "map"), "Image features: mean of patch tokens, CLS, or the trained MAP."),
+    "data_dir": ("~/tensorflow_datasets", None, "TFDS data dir of the labelled dataset."),
+    "dataset": ("mimic_cxr", None, "Labelled dataset (optionally name:version)."),
+    "train_split": ("train", None, "Split the probes are fitted on."),
+    "val_split": ("validate", None, "Model-selection split; '' carves 10% of the training patients out."),
+    "test_split": ("test", None, "Split the reported numbers come from."),
+    "label_fractions": ((1.0, 0.1, 0.01), _label_fractions,
+                        "Fractions of training patients labelled (fixed seed), as in label-efficiency studies."),
+    "uncertain": ("ignore", ("ignore", "ones", "zeros"), "-1 labels: masked out of loss and metrics, or 1, or 0."),
+    "unmentioned": ("negative", ("negative", "ignore"), "-2 labels: negative, or masked out."),
+    "batch_size": (64, _positive, "Feature extraction batch, all devices."),
+    "bootstrap": (1000, _non_negative, "Patient-level resamples for the 95% intervals."),
+    "seed": (0, None, "Seed of label fractions, probes and bootstrap."),
+    "finetune.epochs": (10, _positive, "Fine-tuning: passes over the labelled training cases."),
+    "finetune.batch_size": (64, _positive, "Fine-tuning batch."),
+    "finetune.lr": (5e-4, _positive, "Fine-tuning: peak lr, scaled by batch_size / 256 (MAE fine-tuning's base)."),
+    "finetune.layer_decay": (0.75, Rule(lambda v: 0 < v <= 1, "must lie in (0, 1]"),
+                             "Fine-tuning: block i of L learns at layer_decay ** (L - i) of the head's rate."),
+    "finetune.weight_decay": (0.05, _non_negative, "Fine-tuning: AdamW decay."),
+    "finetune.warmup_epochs": (1, _non_negative, "Fine-tuning: linear warmup epochs."),
+    "finetune.drop_path": (0.1, _fraction, "Fine-tuning: stochastic depth rate."),
+    "finetune.patience": (3, _positive, "Fine-tuning: epochs without a better validation mAUC before stopping."),
+}
+
+# Rules between evaluation keys: (holds, the message when it does not)
+EVAL_RULES: tuple[tuple[Callable[[Any], bool], str], ...] = (
+    (lambda c: c.features_from != "image" or bool(c.workdirs),
+     "config.workdirs is empty: list pretraining workdirs (and/or random_init)"),
+    (lambda c: c.features_from != "text_embeddings" or bool(c.embeddings),
+     "features_from='text_embeddings' needs config.embeddings: comma-separated output dirs of "
+     "data_prep.precompute_text_embeddings"),
+    (lambda c: c.features_from != "text_embeddings" or c.mode == "linear",
+     "features_from='text_embeddings' probes stored vectors: it needs mode='linear'"),
+)
+
+
+def defaults(spec: dict[str, tuple] = SPEC) -> ml_collections.ConfigDict:
+    """The ConfigDict holding every key of `spec` (SPEC or EVAL_SPEC) at its default."""
     tree: dict[str, Any] = {}
-    for key, (default, _, _) in SPEC.items():
+    for key, (default, _, _) in spec.items():
         *parents, leaf = key.split(".")
         node = tree
         for p in parents:
@@ -151,12 +212,13 @@ def with_defaults(stored: dict) -> ml_collections.ConfigDict:
     return override(defaults(), flatten(stored))
 
 
-def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(config: Any, prefix: str = "", spec: dict[str, tuple] = SPEC) -> dict[str, Any]:
+    """{'model.image_size': 224, ...}; a dict that is a key's value (config.objectives) stays whole."""
     out = {}
     for key, value in config.items():
         name = f"{prefix}{key}"
-        if isinstance(value, (ml_collections.ConfigDict, dict)) and name not in SPEC:
-            out.update(flatten(value, name + "."))
+        if isinstance(value, (ml_collections.ConfigDict, dict)) and name not in spec:
+            out.update(flatten(value, name + ".", spec))
         else:
             out[name] = value
     return out
@@ -169,14 +231,15 @@ def _same_kind(default: Any, value: Any) -> bool:
     return isinstance(value, kinds.get(type(default), type(default)))
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError naming the first unknown key or invalid value."""
-    flat = flatten(config)
+def validate(config: ml_collections.ConfigDict, spec: dict[str, tuple] = SPEC) -> None:
+    """Raises ValueError naming the first unknown key or invalid value, with the rule it breaks; then the rules
+    between keys (the objectives' own checks for SPEC, EVAL_RULES for EVAL_SPEC)."""
+    flat = flatten(config, spec=spec)
     for key in flat:
-        if key not in SPEC:
-            close = [k for k in SPEC if k.split(".")[-1] == key.split(".")[-1]]
+        if key not in spec:
+            close = [k for k in spec if k.split(".")[-1] == key.split(".")[-1]]
             raise ValueError(f"unknown config key {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
-    for key, (default, check, _) in SPEC.items():
+    for key, (default, check, _) in spec.items():
         if key not in flat:
             raise ValueError(f"config key {key!r} is missing (default {default!r})")
         value = flat[key]
@@ -184,8 +247,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config key {key!r} = {value!r} must be of type {type(default).__name__}")
         if isinstance(check, tuple) and value not in check:
             raise ValueError(f"config key {key!r} = {value!r}; allowed values: {', '.join(map(repr, check))}")
-        if callable(check) and not check(value):
-            raise ValueError(f"config key {key!r} = {value!r} is invalid: {SPEC[key][2]}")
+        if isinstance(check, Rule) and not check.holds(value):
+            shown = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+            raise ValueError(f"config key {key!r} = {shown!r} {check.text}" + (
+                f" (registered: {', '.join(registry.SPECS)})" if key == "objectives" else "") + f": {spec[key][2]}")
+    if spec is SPEC:
+        registry.check(config)
+    for holds, message in EVAL_RULES if spec is EVAL_SPEC else ():
+        if not holds(config):
+            raise ValueError(message)
 
 
 def save(config: ml_collections.ConfigDict, workdir: str, target_dim: int) -> str:
@@ -210,16 +280,39 @@ def load(workdir: str) -> tuple[ml_collections.ConfigDict, int]:
     if os.path.exists(model_json):
         with open(model_json) as f:
             return config, int(json.load(f)["target_dim"])
-    if "llm_contrastive" not in config.objectives:
+    if not registry.needs_targets(config):
         return config, 0
     with open(os.path.join(config.data.embeddings_dir, "manifest.json")) as f:
         return config, int(json.load(f)["hidden_size"])
 
 
-def describe() -> str:
-    """Markdown table of every key (README)."""
+def describe(spec: dict[str, tuple] = SPEC) -> str:
+    """Markdown table of every key of `spec` (docs/config.md)."""
     rows = ["| key | default | meaning |", "| --- | --- | --- |"]
-    for key, (default, check, doc) in SPEC.items():
-        allowed = f" One of {', '.join(map(repr, check))}." if isinstance(check, tuple) else ""
+    for key, (default, check, doc) in spec.items():
+        allowed = (f" One of {', '.join(map(repr, check))}." if isinstance(check, tuple) else
+                   f" Value {check.text}." if isinstance(check, Rule) else "")
         rows.append(f"| `{key}` | `{default!r}` | {doc}{allowed} |")
     return "\n".join(rows)
+
+
+DOC = os.path.join("docs", "config.md")
+
+
+def config_doc() -> str:
+    """The text of docs/config.md: `python -m mvlp_jax.configuration` writes it (a test keeps it current)."""
+    return ("# Config keys\n\n"
+            "Generated from `mvlp_jax/configuration.py` by `python -m mvlp_jax.configuration`. Configs "
+            "(`configs/*.py`) start from these defaults; an unknown key or a value that breaks its rule stops the run "
+            "at start-up, naming the key and the rule. Override any key on the command line "
+            "(`--config.optim.lr=3e-4`).\n\n"
+            "## Pretraining (`python -m mvlp_jax.main`, `python -m mvlp_jax.aot`)\n\n" + describe() + "\n\n"
+            "## Evaluation (`python -m mvlp_jax.evaluate`)\n\n" + describe(EVAL_SPEC) + "\n\n"
+            "Rules between evaluation keys:\n\n" + "".join(f"- {message}\n" for _, message in EVAL_RULES))
+
+
+if __name__ == "__main__":
+    os.makedirs(os.path.dirname(DOC), exist_ok=True)
+    with open(DOC, "w") as f:
+        f.write(config_doc())
+    print(f"wrote {DOC}")

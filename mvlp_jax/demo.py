@@ -56,17 +56,16 @@ def embed_reports() -> None:
                     "--dataset=covid_notes", "--model=smollm2", f"--output_dir={EMBEDDINGS}"], check=True)
 
 
-def load_config(name: str, arg: str):
-    """configs/{name}.py:{arg}, loaded by path as the binaries do."""
-    import importlib.util
+def load_config(name: str, arg: str | None):
+    """configs/{name}.py:{arg} (the `configs` package's module `name`)."""
+    import importlib
 
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return importlib.import_module(f"configs.{name}").get_config(arg)
 
 
-RECIPES = ("mae", "pretrain", "mflag", "multitask")  # the first is the baseline the others are compared with
+# the demo's pretraining recipes, by config file; the first is the baseline the others are compared with
+RECIPES = tuple(os.path.splitext(os.path.basename(path))[0]
+                for path in ("configs/mae.py", "configs/pretrain.py", "configs/mflag.py", "configs/multitask.py"))
 
 
 def pretrain(config_name: str) -> None:

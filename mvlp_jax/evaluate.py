@@ -18,7 +18,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 
 import numpy as np
 from absl import flags
@@ -32,26 +31,6 @@ def define_flags() -> None:
     config_flags.DEFINE_config_file("config", None, "configs/linear_probe.py[:nih_sample]", lock_config=True)
     flags.DEFINE_string("output_dir", None, "results.json, results.md, plots and the feature cache go here.")
     flags.mark_flags_as_required(["config", "output_dir"])
-
-CHOICES = {"mode": ("linear", "finetune"), "features_from": ("image", "text_embeddings"),
-           "pooling": ("mean", "cls", "map"), "text_pooling": ("mean", "last"),
-           "uncertain": ("ignore", "ones", "zeros"), "unmentioned": ("negative", "ignore")}
-
-
-def validate(config) -> None:
-    for key, allowed in CHOICES.items():
-        if config[key] not in allowed:
-            raise ValueError(f"config key {key!r} = {config[key]!r}; allowed values: {', '.join(allowed)}")
-    if config.features_from == "image" and not config.workdirs:
-        raise ValueError("config.workdirs is empty: list pretraining workdirs (and/or random_init)")
-    if config.features_from == "text_embeddings":
-        if not config.embeddings:
-            raise ValueError("features_from='text_embeddings' needs config.embeddings: comma-separated output "
-                             "dirs of data_prep.precompute_text_embeddings")
-        if config.mode != "linear":
-            raise ValueError("features_from='text_embeddings' probes stored vectors: it needs mode='linear'")
-    if not all(0 < f <= 1 for f in config.label_fractions):
-        raise ValueError(f"config.label_fractions={config.label_fractions} must lie in (0, 1]")
 
 
 def targets_and_mask(labels: np.ndarray, uncertain: str, unmentioned: str) -> tuple[np.ndarray, np.ndarray]:
@@ -96,12 +75,11 @@ def _subjects(config) -> list[str]:
 
 
 def evaluate(config, output_dir: str) -> dict:
-    from mvlp_jax import features, finetune, metrics, probe, report, sharding
+    from mvlp_jax import cli, configuration, features, finetune, metrics, probe, report, sharding
 
-    from mvlp_jax import cli
-
-    validate(config)
+    configuration.validate(config, configuration.EVAL_SPEC)
     cli.output_dir(output_dir)
+    config = config.copy_and_resolve_references()  # the caller's config stays as given
     config.unlock()
     config.mesh = {"data": -1, "fsdp": 1, "model": 1}
     mesh = sharding.make_mesh(config)

@@ -19,7 +19,8 @@ import optax
 from tqdm import tqdm
 
 from mvlp_jax import metrics, optim, sharding
-from mvlp_jax.data.pipeline import Preprocess, TrainRecords
+from mvlp_jax.data import transforms
+from mvlp_jax.data import views
 from mvlp_jax.features import Encoder, apply_to_split
 from mvlp_jax.models.pretrainer import Pretrainer
 
@@ -75,12 +76,13 @@ class FineTuned:
 class _Labelled(grain.transforms.RandomMap):
     """Augmented image + (targets, mask) of a training case, by stream position."""
 
-    def __init__(self, preprocess: Preprocess, y: np.ndarray, m: np.ndarray):
-        self.preprocess, self.y, self.m = preprocess, y, m
+    def __init__(self, source, indices: np.ndarray, config, y: np.ndarray, m: np.ndarray):
+        self.source, self.indices, self.config, self.y, self.m = source, indices, config, y, m
 
     def random_map(self, position: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        example = self.preprocess.random_map(position, rng)
-        return {"image": example["image"], "y": self.y[position], "m": self.m[position]}
+        decoded = transforms.decode_png(self.source[int(self.indices[position])]["image"])
+        image = views.training_image(views.ViewInputs(decoded, self.config, rng))
+        return {"image": image, "y": self.y[position], "m": self.m[position]}
 
 
 def _predictor(model: Pretrainer, pooling: str):
@@ -139,9 +141,8 @@ def fit(encoder: Encoder, source, indices: np.ndarray, y: np.ndarray, m: np.ndar
         updates, opt_state = tx.update(grads, opt_state, p)
         return optax.apply_updates(p, updates), opt_state, loss
 
-    records = TrainRecords(source, np.asarray(indices), None, None, "fine-tuning")
     stream = (grain.MapDataset.range(len(indices)).shuffle(seed=seed).repeat(None)
-              .random_map(_Labelled(Preprocess(records, encoder.config), y.astype(np.float32),
+              .random_map(_Labelled(source, np.asarray(indices), encoder.config, y.astype(np.float32),
                                     m.astype(np.float32)), seed=seed)
               .batch(batch, drop_remainder=True))
     iterator = iter(stream[:total].to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=4)))

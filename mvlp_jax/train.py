@@ -91,7 +91,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Outcome:
          f"{configuration_summary(config)}; compiling the train step...")
     compiled = train_step.compile_train_step(train_step.make_train_step(model, tx, config), state, state_sh, mesh,
                                              shapes)
-    reporter = observe.Reporter(workdir, config.total_steps, config.data.batch_size, observe.step_flops(compiled),
+    flops = observe.step_flops(compiled) * train_step.cyclic_flops_share(model, tx, config, state, state_sh, mesh,
+                                                                         shapes)
+    reporter = observe.Reporter(workdir, config.total_steps, config.data.batch_size, flops,
                                 observe.peak_flops_per_device(config.peak_flops_per_device), start)
     if start == 0:
         reporter.write_hparams(configuration.flatten(config))
@@ -180,8 +182,9 @@ def _wait_quietly(store: checkpointing.Store) -> None:
 
 def configuration_summary(config: ml_collections.ConfigDict) -> str:
     weights = ", ".join(f"{k} x{v}" for k, v in sorted(config.objectives.items()))
-    return (f"{config.model.encoder} {config.model.variant} @ {config.model.image_size}, {weights} "
-            f"({config.task_schedule}), batch {config.data.batch_size}, {config.total_steps} steps")
+    schedule = f" ({config.task_schedule})" if len(config.objectives) > 1 else ""  # one objective: no schedule
+    return (f"{config.model.encoder} {config.model.variant} @ {config.model.image_size}, {weights}{schedule}, "
+            f"batch {config.data.batch_size}, {config.total_steps} steps")
 
 
 def _log(message: str) -> None:

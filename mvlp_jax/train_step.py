@@ -1,7 +1,7 @@
 """Train state and the jit-sharded train step (pure: state, batch -> state, metrics)."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import flax.linen as nn
 import flax.struct
@@ -13,7 +13,7 @@ from jax.sharding import Mesh
 
 from mvlp_jax import optim, sharding
 from mvlp_jax.models.pretrainer import Pretrainer
-from mvlp_jax.objectives import combine, dino
+from mvlp_jax.objectives import combine, registry
 
 
 @flax.struct.dataclass
@@ -28,18 +28,8 @@ class TrainState:
 
 
 def example_batch(config: ml_collections.ConfigDict, target_dim: int, batch: int = 2) -> dict[str, jax.Array]:
-    s = config.model.image_size
-    out = {"image": jnp.zeros((batch, s, s, 1), jnp.float32)}
-    if target_dim:
-        out["target"] = jnp.zeros((batch, target_dim), jnp.float32)
-    if "dino" in config.objectives:
-        local = config.dino.local_size
-        out["global_views"] = jnp.zeros((batch, 2, s, s, 1), jnp.float32)
-        out["local_views"] = jnp.zeros((batch, config.dino.num_local_crops, local, local, 1), jnp.float32)
-    if "query_box" in config.objectives:
-        q = config.query_box.size
-        out["query"], out["box"] = jnp.zeros((batch, q, q, 1), jnp.float32), jnp.full((batch, 4), 0.5, jnp.float32)
-    return out
+    """Zeros shaped like a batch of the configured objectives' entries (the input pipeline's, at `batch`)."""
+    return {k: jnp.zeros((batch, *shape), dtype) for k, (shape, dtype) in registry.entries(config, target_dim).items()}
 
 
 def state_layout(model: Pretrainer, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
@@ -47,13 +37,19 @@ def state_layout(model: Pretrainer, tx: optax.GradientTransformation, config: ml
     """(init function of a PRNG key, abstract state, state shardings): the state's shape without computing it."""
     ex = example_batch(config, model.target_dim)
 
+    s = config.model.image_size
+    images = ex.get("image", jnp.zeros((2, s, s, 1), jnp.float32))
+
     def init_params(k):
-        return model.init({"params": k, "masking": k, "dropout": k}, ex["image"], ex.get("target"),
+        return model.init({"params": k, "masking": k, "dropout": k}, images, ex.get("target"),
                           method=Pretrainer.init_all)["params"]
 
     def init(k):
         params = nn.unbox(init_params(k))
-        extra = dino.init_extra(params, config) if "dino" in config.objectives else {}
+        extra = {}
+        for spec in registry.configured(config):
+            if spec.init_extra is not None:
+                extra.update(spec.init_extra(params, config))
         return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.fold_in(k, 1),
                           jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), extra)
 
@@ -92,9 +88,11 @@ def _match_param_shardings(opt_state: Any, params: Any, param_sh: Any, default: 
     return jax.tree_util.tree_map_with_path(pick, opt_state, default)
 
 
-def make_train_step(model: Pretrainer, tx: optax.GradientTransformation, config: ml_collections.ConfigDict
-                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    loss_fn = combine.make(model, config)
+def make_train_step(model: Pretrainer, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
+                    only: Iterable[str] | None = None) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """`only`: train only these objectives (every step), to measure one objective's cost in a cyclic run."""
+    loss_fn = combine.make(model, config, only)
+    updaters = [s.update_extra for s in registry.configured(config, only) if s.update_extra is not None]
     accum = config.optim.accum_steps
 
     def grads_of(params, batch, rng, step, extra):
@@ -125,9 +123,8 @@ def make_train_step(model: Pretrainer, tx: optax.GradientTransformation, config:
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         extra = state.extra
-        if "dino" in config.objectives:  # after the student's update, as DINO does
-            extra = dino.update_extra(extra, params, metrics.pop("dino/teacher_center"), metrics["dino/active"],
-                                      state.step, config)
+        for update in updaters:  # after the student's update (DINO's teacher follows the updated student)
+            extra, metrics = update(extra, params, metrics, state.step, config)
         state = TrainState(step=state.step + 1, params=keep(params, state.params),
                            opt_state=keep(opt_state, state.opt_state), rng=state.rng,
                            nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1),
@@ -141,12 +138,39 @@ def make_train_step(model: Pretrainer, tx: optax.GradientTransformation, config:
     return train_step
 
 
-def compile_train_step(train_step: Callable, state: TrainState, state_sh: Any, mesh: Mesh,
-                       batch_shapes: dict[str, jax.ShapeDtypeStruct]) -> Any:
-    """jit with explicit shardings (state donated and kept in place, batch over (data, fsdp)), compiled
-    ahead of time so its FLOPs are known; call it as compiled(state, global_batch)."""
+def _lower(train_step: Callable, state: TrainState, state_sh: Any, mesh: Mesh,
+           batch_shapes: dict[str, jax.ShapeDtypeStruct]) -> Any:
     batch_sh = {k: sharding.batch_sharding(mesh, len(v.shape)) for k, v in batch_shapes.items()}
     jitted = jax.jit(train_step, in_shardings=(state_sh, batch_sh),
                      out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
     with sharding.active(mesh):
-        return jitted.lower(state, batch_shapes).compile()
+        return jitted.lower(state, batch_shapes)
+
+
+def compile_train_step(train_step: Callable, state: TrainState, state_sh: Any, mesh: Mesh,
+                       batch_shapes: dict[str, jax.ShapeDtypeStruct]) -> Any:
+    """jit with explicit shardings (state donated and kept in place, batch over (data, fsdp)), compiled
+    ahead of time so its FLOPs are known; call it as compiled(state, global_batch)."""
+    lowered = _lower(train_step, state, state_sh, mesh, batch_shapes)
+    with sharding.active(mesh):
+        return lowered.compile()
+
+
+def cyclic_flops_share(model: Pretrainer, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
+                       state: TrainState, state_sh: Any, mesh: Mesh,
+                       batch_shapes: dict[str, jax.ShapeDtypeStruct]) -> float:
+    """The fraction of a cyclic step's counted FLOPs that one step really runs (1 for other schedules).
+
+    XLA's cost analysis of the cyclic program counts every `lax.switch` branch; a step runs one. Each
+    objective's step is lowered alone (not compiled) and the mean of their counts is divided by the count of
+    the cyclic program lowered the same way: multiply the compiled program's FLOPs by it."""
+    if not combine.cyclic(config):
+        return 1.0
+
+    def count(only):
+        cost = _lower(make_train_step(model, tx, config, only), state, state_sh, mesh, batch_shapes).cost_analysis()
+        return float((cost[0] if isinstance(cost, list) else cost or {}).get("flops", 0.0))
+
+    whole = count(None)
+    alone = [count([name]) for name in sorted(config.objectives)]
+    return sum(alone) / len(alone) / whole if whole > 0 and all(alone) else 1.0

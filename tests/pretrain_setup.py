@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import numpy as np
 
@@ -50,8 +49,7 @@ def write_targets(data_dir: str, out: str, drop: tuple[str, ...] = (), hidden: i
 
 def micro_config(data_dir: str, embeddings_dir: str, **overrides):
     """configs/pretrain.py:demo shrunk to a 2-layer width-64 ViT at 32 px, batch 16."""
-    sys.path.insert(0, os.path.join(REPO, "configs"))
-    import pretrain
+    from configs import pretrain
 
     c = pretrain.get_config("demo")
     c.data.data_dir, c.data.embeddings_dir = data_dir, embeddings_dir

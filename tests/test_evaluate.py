@@ -79,11 +79,8 @@ def nih_and_workdir(pretrain_data, tmp_path_factory):
 
 
 def _probe_config(data_dir, workdirs):
-    import sys
 
-    from tests.conftest import REPO
-    sys.path.insert(0, os.path.join(REPO, "configs"))
-    import linear_probe
+    from configs import linear_probe
 
     c = linear_probe.get_config("nih_sample")
     c.data_dir, c.workdirs, c.bootstrap, c.batch_size = data_dir, workdirs, 100, 32
@@ -137,7 +134,7 @@ def test_bad_inputs_are_named(nih_and_workdir, pretrain_data, tmp_path):
         evaluate.evaluate(no_labels, str(tmp_path / "o2"))
     bad_mode = _probe_config(data_dir, workdir)
     bad_mode.mode = "full"
-    with pytest.raises(ValueError, match="'mode' = 'full'; allowed values: linear, finetune"):
+    with pytest.raises(ValueError, match="'mode' = 'full'; allowed values: 'linear', 'finetune'"):
         evaluate.evaluate(bad_mode, str(tmp_path / "o3"))
     text = _probe_config(data_dir, "")
     text.features_from, text.mode, text.embeddings = "text_embeddings", "finetune", "x"
@@ -222,7 +219,8 @@ def test_finetune_mode_trains_the_encoder_and_reports_a_row(nih_and_workdir, tmp
     config.mode, config.finetune.epochs, config.finetune.batch_size, config.finetune.lr = "finetune", 2, 64, 2e-3
     seen = {}
     fit = finetune.fit
-    monkeypatch.setattr(finetune, "fit", lambda encoder, *a, **k: seen.setdefault("out", (encoder, fit(encoder, *a, **k)))[1])
+    monkeypatch.setattr(finetune, "fit",
+                        lambda encoder, *a, **k: seen.setdefault("out", (encoder, fit(encoder, *a, **k)))[1])
     row = evaluate.evaluate(config, str(tmp_path))["checkpoints"][0]
     assert row["mode"] == "finetune" and row["probe"]["epoch"] in (1, 2) and 0 <= row["mauc"] <= 1
     encoder, tuned = seen["out"]

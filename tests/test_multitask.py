@@ -1,7 +1,6 @@
 """The toolkit's objectives: DINO (loss, schedules, EMA teacher without gradients, center) and query-box
 localization (targets from known crops, GIoU by hand), and the cyclic multitask config on a mesh."""
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,10 +12,8 @@ from mvlp_jax import train_step as ts
 from mvlp_jax.data import transforms, views
 from mvlp_jax.models.pretrainer import Pretrainer
 from mvlp_jax.objectives import combine, dino, query_box
-from tests.conftest import REPO
 
-sys.path.insert(0, os.path.join(REPO, "configs"))
-import multitask as multitask_config  # noqa: E402
+from configs import multitask as multitask_config
 
 
 def _micro(**overrides):
@@ -82,7 +79,7 @@ def test_teacher_is_an_ema_of_the_student_with_no_gradient_and_the_center_moves(
     for k in range(3):
         views = _batch(config, k)["global_views"]
         teacher_out = model.apply({"params": {**state.params, **state.extra["teacher"]}},
-                                  views.reshape(-1, *views.shape[2:]), train=False, method=Pretrainer.dino_embed)
+                                  views.reshape(-1, *views.shape[2:]), train=False, method=dino.embed)
         # the first step's batch mean becomes the center, later ones move it with momentum 0.8
         mean = np.asarray(teacher_out).mean(0)
         center = mean if center is None else 0.8 * center + 0.2 * mean
@@ -97,7 +94,8 @@ def test_teacher_is_an_ema_of_the_student_with_no_gradient_and_the_center_moves(
         student = jax.device_get({n: state.params[n] for n in dino.TEACHER})
         expected = jax.tree.map(lambda t, s: m * t + (1 - m) * s, expected, student)
     assert int(state.extra["center_steps"]) == 3
-    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(state.extra["teacher"]), jax.tree.leaves(expected)):
+    teacher = jax.tree_util.tree_leaves_with_path(state.extra["teacher"])
+    for (path, got), want in zip(teacher, jax.tree.leaves(expected)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
     moved = jax.tree.map(lambda t, s: float(np.abs(np.asarray(t) - np.asarray(s)).max()), state.extra["teacher"],
                          {n: state.params[n] for n in dino.TEACHER})

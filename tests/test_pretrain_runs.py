@@ -1,5 +1,6 @@
 """The pretraining binary end to end, as a user runs it: exact resume after kill -9, SIGTERM saves and
-exits 0, resume onto another mesh, two SLURM tasks (killed, resumed) = one process, bad config and runaway loss stop cleanly."""
+exits 0, resume onto another mesh, two SLURM tasks (killed, resumed) = one process, bad config and runaway
+loss stop cleanly."""
 import os
 import random
 import signal
@@ -89,7 +90,8 @@ def test_resume_after_sigkill_mid_cycle_is_bitwise_exact(config_file, tmp_path):
     proc = _main(config_file, interrupted, cyclic, env=ONE_DEVICE)
     deadline = time.time() + 300
     while not os.path.isdir(os.path.join(interrupted, "checkpoints", str(odd_checkpoint))):
-        assert proc.poll() is None and time.time() < deadline, f"no checkpoint {odd_checkpoint}: {_output(proc)[-2000:]}"
+        assert proc.poll() is None and time.time() < deadline, \
+            f"no checkpoint {odd_checkpoint}: {_output(proc)[-2000:]}"
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)  # as soon as the odd checkpoint is complete, before the next one
     proc.wait()
@@ -185,8 +187,7 @@ def test_bad_config_fails_at_start_up_naming_the_key(tmp_path):
 
 
 def test_mae_only_config_trains(pretrain_data, tmp_path):
-    sys.path.insert(0, os.path.join(REPO, "configs"))
-    import mae
+    from configs import mae
 
     data_dir, _, _ = pretrain_data
     config = micro_config(data_dir, "", total_steps=4, **{"optim.accum_steps": 2})  # 2 micro-batches of 8

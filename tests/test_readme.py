@@ -83,7 +83,8 @@ def test_readme_command_exists_and_parses(command):
 def test_readme_config_table_is_the_generated_one():
     from mvlp_jax import configuration
 
-    assert configuration.describe().strip() in open(README).read(), "regenerate with configuration.describe()"
+    with open(os.path.join(REPO, configuration.DOC)) as f:
+        assert f.read() == configuration.config_doc(), "regenerate with python -m mvlp_jax.configuration"
 
 
 def test_readme_scaling_table_is_the_recorded_compile_output():

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from data_prep import built
 from mvlp_jax.data import targets as targets_lib
 from mvlp_jax.data import transforms, views
+from mvlp_jax.objectives import combine, registry
 
 
 @dataclass
@@ -30,10 +31,6 @@ class TrainRecords:
     where: str
 
 
-def needs_targets(config: ml_collections.ConfigDict) -> bool:
-    return bool({"llm_contrastive", "mflag"} & set(config.objectives))
-
-
 def open_records(config: ml_collections.ConfigDict) -> TrainRecords:
     """Opens the split and, when an objective needs LLM targets, joins every image to its study's vector."""
     builder, name, version = built.open_builder(config.data.data_dir, config.data.dataset)
@@ -42,16 +39,18 @@ def open_records(config: ml_collections.ConfigDict) -> TrainRecords:
     if len(source) == 0:
         raise ValueError(f"{where} has no records")
     indices = np.arange(len(source))
-    if not needs_targets(config):
+    if not registry.needs_targets(config):
         return TrainRecords(source, indices, None, None, where)
     if not config.data.embeddings_dir:
-        raise ValueError("objectives llm_contrastive and mflag need config.data.embeddings_dir "
+        needing = [spec.name for spec in registry.configured(config) if spec.needs_targets]
+        raise ValueError(f"objectives {', '.join(needing)} need config.data.embeddings_dir "
                          "(the output of data_prep.precompute_text_embeddings)")
     table = targets_lib.load_targets(config.data.embeddings_dir, config.contrastive.target)
     targets_lib.check_source(table.manifest, name, version, config.data.embeddings_dir,
                              config.data.get("embeddings_any_source", False))
     study_ids = [source[i]["study_id"].decode() for i in
-                 tqdm(range(len(source)), desc="joining images to LLM targets", unit="img", disable=len(source) < 10_000)]
+                 tqdm(range(len(source)), desc="joining images to LLM targets", unit="img",
+                      disable=len(source) < 10_000)]
     rows = targets_lib.join(study_ids, table, config.data.allow_missing_embeddings, where)
     keep = rows >= 0
     if not keep.any():
@@ -60,41 +59,36 @@ def open_records(config: ml_collections.ConfigDict) -> TrainRecords:
 
 
 class Preprocess(grain.transforms.RandomMap):
-    """Stream position -> training example: image (S, S, 1) float32 [, target (D,) float32], and the views the
-    configured objectives need: DINO's global_views (2, S, S, 1) + local_views (N, L, L, 1), the query box's
-    query (Q, Q, 1) + box (4,)."""
+    """(stream position, record) -> training example: the entries the objectives of its step read (`registry.entries`:
+    the augmented image (S, S, 1) float32, the LLM target (D,), and each objective's own views). On a cyclic
+    schedule only the step's objective's views are built; the others' entries are zeros of their shape, so
+    every batch has one structure and the step one program."""
 
-    def __init__(self, records: TrainRecords, config: ml_collections.ConfigDict):
-        self.records = records
-        self.objectives = set(config.objectives)
-        self.dino, self.query_box = config.get("dino"), config.get("query_box")  # absent in older workdirs
-        self.size = config.model.image_size
-        self.scale = tuple(config.data.crop_scale)
-        self.brightness, self.contrast = config.data.brightness, config.data.contrast
-        self.mean, self.std = config.data.mean, config.data.std
+    def __init__(self, records: TrainRecords, config: ml_collections.ConfigDict, examples_per_step: int):
+        self.records, self.config = records, config
+        self.examples_per_step = examples_per_step  # stream positions per global step
+        self.zeros = {k: np.zeros(shape, dtype) for k, (shape, dtype) in registry.entries(config).items()}
 
-    def random_map(self, position: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        index = int(self.records.indices[position])
-        decoded = transforms.decode_png(self.records.source[index]["image"])
-        box = transforms.random_resized_crop_box(*decoded.shape, self.scale, rng)
-        crop = transforms.crop_resize(decoded, box, self.size)
-        pixels = transforms.intensity_jitter(crop, self.brightness, self.contrast, rng)
-        example = {"image": transforms.normalise(pixels, self.mean, self.std)}
-        if "dino" in self.objectives:
-            d = self.dino
-            global_views, local_views = views.multi_crop(decoded, self.size, d.local_size, d.num_local_crops,
-                                                         tuple(d.global_scale), tuple(d.local_scale), self.brightness,
-                                                         self.contrast, rng)
-            example["global_views"] = transforms.normalise(global_views, self.mean, self.std)
-            example["local_views"] = transforms.normalise(local_views, self.mean, self.std)
-        if "query_box" in self.objectives:
-            query, example["box"] = views.query_region(crop, self.query_box.size, tuple(self.query_box.scale), rng)
-            query = transforms.intensity_jitter(query, self.brightness, self.contrast, rng)
-            example["query"] = transforms.normalise(query, self.mean, self.std)
+    def random_map(self, element: tuple[int, int], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """element: (position in the example stream, kept record number), as `local_batches` pairs them."""
+        position, kept = element
+        index = int(self.records.indices[kept])
+        inputs = views.ViewInputs(transforms.decode_png(self.records.source[index]["image"]), self.config, rng)
+        specs = registry.configured(self.config, combine.active(self.config, position // self.examples_per_step))
+        example = dict(self.zeros)
+        if any(spec.uses_image for spec in specs):
+            example["image"] = views.training_image(inputs)
+        for spec in specs:
+            if spec.views is not None:
+                example.update(spec.views(inputs))
         if self.records.table is not None:
-            row = self.records.target_rows[position]
+            row = self.records.target_rows[kept]
             example["target"] = self.records.table.vectors[row].astype(np.float32)
         return example
+
+
+def _with_position(position: int, kept: int) -> tuple[int, int]:
+    return position, kept
 
 
 def local_batches(records: TrainRecords, config: ml_collections.ConfigDict, process_index: int,
@@ -104,7 +98,8 @@ def local_batches(records: TrainRecords, config: ml_collections.ConfigDict, proc
         raise ValueError(f"data.batch_size={config.data.batch_size} is not divisible by {process_count} processes")
     local = config.data.batch_size // process_count
     stream = (grain.MapDataset.range(len(records.indices)).shuffle(seed=config.seed).repeat(None)
-              .random_map(Preprocess(records, config), seed=config.seed))
+              .map_with_index(_with_position)
+              .random_map(Preprocess(records, config, config.data.batch_size), seed=config.seed))
     return stream.batch(local, drop_remainder=True)[process_index::process_count]
 
 

@@ -1,10 +1,44 @@
-"""Extra views some objectives train on, built from one decoded image: DINO's multi-crop and the query-box
-region with its target box. Pixels stay uint8 until augmented; every draw comes from the caller's rng."""
+"""The views objectives train on, built from one decoded image: the augmented training image, DINO's
+multi-crop, the query-box region with its target box. Pixels stay uint8 until augmented; every draw comes
+from the caller's rng."""
 from __future__ import annotations
 
+import dataclasses
+
+import ml_collections
 import numpy as np
 
 from mvlp_jax.data import transforms
+
+
+@dataclasses.dataclass
+class ViewInputs:
+    """What an objective's views are built from, per example: the decoded image (H, W) uint8, and the training
+    crop (the random resized crop before intensity jitter, (S, S) uint8) made on first use."""
+    decoded: np.ndarray
+    config: ml_collections.ConfigDict
+    rng: np.random.Generator
+    _crop: np.ndarray | None = None
+
+    @property
+    def crop(self) -> np.ndarray:
+        if self._crop is None:
+            box = transforms.random_resized_crop_box(*self.decoded.shape, tuple(self.config.data.crop_scale),
+                                                     self.rng)
+            self._crop = transforms.crop_resize(self.decoded, box, self.config.model.image_size)
+        return self._crop
+
+    def normalise(self, pixels: np.ndarray) -> np.ndarray:
+        """(..., H, W) pixels in [0, 255] -> (..., H, W, 1) float32, the data config's normalisation."""
+        return transforms.normalise(pixels, self.config.data.mean, self.config.data.std)
+
+    def jitter(self, pixels: np.ndarray) -> np.ndarray:
+        return transforms.intensity_jitter(pixels, self.config.data.brightness, self.config.data.contrast, self.rng)
+
+
+def training_image(inputs: ViewInputs) -> np.ndarray:
+    """The augmented training image (S, S, 1) most objectives read: crop, intensity jitter, normalisation."""
+    return inputs.normalise(inputs.jitter(inputs.crop))
 
 
 def multi_crop(pixels: np.ndarray, global_size: int, local_size: int, num_local: int,

@@ -5,6 +5,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mvlp_jax.models.norm import l2_normalise
 from mvlp_jax.models.transformer import Attention, Dtype, MlpBlock, layer_norm, logical
 
 POOLINGS = ("map", "mean", "cls")
@@ -25,9 +26,10 @@ class MAPHead(nn.Module):
         probe = self.param("probe", logical(nn.initializers.xavier_uniform(), None, None, "embed"), (1, 1, d),
                            self.param_dtype)
         x = Attention(num_heads=self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
-                      sow_weights=self.sow_attention, attention=self.attention, name="attention")(jnp.broadcast_to(probe.astype(tokens.dtype), (b, 1, d)), tokens)
+                      sow_weights=self.sow_attention, attention=self.attention,
+                      name="attention")(jnp.broadcast_to(probe.astype(tokens.dtype), (b, 1, d)), tokens)
         y = layer_norm("norm", 1e-6, self.dtype, self.param_dtype)(x)
-        x = x + MlpBlock(self.mlp_dim or 4 * d, dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(y)
+        x = x + MlpBlock(mlp_dim=self.mlp_dim or 4 * d, dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(y)
         return x[:, 0]
 
 
@@ -115,7 +117,7 @@ class DINOHead(nn.Module):
             x = nn.gelu(nn.Dense(self.hidden_dim, name=f"hidden_{i}",
                                  kernel_init=nn.initializers.truncated_normal(0.02))(x))
         x = nn.Dense(self.bottleneck_dim, name="bottleneck", kernel_init=nn.initializers.truncated_normal(0.02))(x)
-        x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+        x = l2_normalise(x, eps=1e-12)
         v = self.param("last_v", nn.initializers.truncated_normal(0.02), (self.bottleneck_dim, self.out_dim))
         w = v / jnp.linalg.norm(v, axis=0, keepdims=True)
         if not self.norm_last_layer:

@@ -6,9 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-
-def l2_normalise(x: jax.Array, eps: float = 1e-6) -> jax.Array:
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+from mvlp_jax.models.norm import l2_normalise
 
 
 def infonce(images: jax.Array, texts: jax.Array, log_temperature: jax.Array) -> jax.Array:

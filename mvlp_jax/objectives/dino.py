@@ -8,15 +8,46 @@ other student crop) pair. The teacher (encoder + DINO head) and the center live 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
-from mvlp_jax.models.pretrainer import Pretrainer
+from mvlp_jax.data import views as views_lib
+from mvlp_jax.models.heads import DINOHead
+from mvlp_jax.objectives.spec import LossFn, Spec, ViewInputs, check_patch_multiple
 
 TEACHER = ("encoder", "dino_head")  # the params the teacher keeps its own (EMA) copy of
+
+
+def heads(model: nn.Module, config: ml_collections.ConfigDict, dtype: Any) -> dict[str, Any]:
+    del model, dtype
+    d = config.dino
+    return {"dino_head": DINOHead(out_dim=d.out_dim, hidden_dim=d.hidden_dim, bottleneck_dim=d.bottleneck_dim)}
+
+
+def embed(model: nn.Module, images: jax.Array, train: bool = True) -> jax.Array:
+    """Image (any size the encoder takes) -> DINO head logits, float32 (B, dino.out_dim); a `method` of
+    `Pretrainer.apply`."""
+    return model.dino_head(model.features(images, model.global_pooling, train)).astype(jnp.float32)
+
+
+def entries(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, ...], Any]]:
+    s, d = config.model.image_size, config.dino
+    return {"global_views": ((2, s, s, 1), np.float32),
+            "local_views": ((d.num_local_crops, d.local_size, d.local_size, 1), np.float32)}
+
+
+def views(inputs: ViewInputs) -> dict[str, np.ndarray]:
+    """2 global crops at the training size and N local crops, each with its own crop and intensity jitter."""
+    c, d = inputs.config, inputs.config.dino
+    global_views, local_views = views_lib.multi_crop(inputs.decoded, c.model.image_size, d.local_size,
+                                                     d.num_local_crops, tuple(d.global_scale), tuple(d.local_scale),
+                                                     c.data.brightness, c.data.contrast, inputs.rng)
+    return {"global_views": inputs.normalise(global_views), "local_views": inputs.normalise(local_views)}
 
 
 def teacher_temperature(config: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
@@ -66,7 +97,15 @@ def update_extra(extra: dict, params: Any, batch_center: jax.Array, active: jax.
     return {"teacher": teacher, "center": center, "center_steps": extra["center_steps"] + (active > 0)}
 
 
-def make(model: Pretrainer, config: ml_collections.ConfigDict) -> Callable:
+def update_after_step(extra: dict, params: Any, metrics: dict, step: jax.Array, config: ml_collections.ConfigDict
+                      ) -> tuple[dict, dict]:
+    """After the student's update, as DINO does; the teacher's batch mean leaves the logged metrics."""
+    metrics = dict(metrics)
+    batch_center = metrics.pop("dino/teacher_center")
+    return update_extra(extra, params, batch_center, metrics["dino/active"], step, config), metrics
+
+
+def make(model: nn.Module, config: ml_collections.ConfigDict) -> LossFn:
     d = config.dino
 
     def objective(params: Any, batch: dict, rng: jax.Array, context: dict) -> tuple[jax.Array, dict]:
@@ -76,14 +115,14 @@ def make(model: Pretrainer, config: ml_collections.ConfigDict) -> Callable:
         flat = lambda x: x.reshape(-1, *x.shape[2:])  # (B, V, ...) -> (B * V, ...), crop-major below
         by_crop = lambda logits, v: logits.reshape(b, v, -1).swapaxes(0, 1)
         apply = lambda p, x, r: model.apply({"params": p}, x, train=True, rngs={"dropout": r},
-                                            method=Pretrainer.dino_embed)
+                                            method=embed)
         student = [by_crop(apply(params, flat(global_views), jax.random.fold_in(rng, 0)), 2)]
         if local_views.shape[1]:
             student.append(by_crop(apply(params, flat(local_views), jax.random.fold_in(rng, 1)),
                                    local_views.shape[1]))
         teacher_params = {**params, **jax.lax.stop_gradient(extra["teacher"])}
         teacher = by_crop(model.apply({"params": teacher_params}, flat(global_views), train=False,
-                                      method=Pretrainer.dino_embed), 2)
+                                      method=embed), 2)
         teacher = jax.lax.stop_gradient(teacher)
         temperature = teacher_temperature(config, step)
         batch_center = teacher.mean(axis=(0, 1))
@@ -102,3 +141,9 @@ def make(model: Pretrainer, config: ml_collections.ConfigDict) -> Callable:
                        "batch_target_entropy": entropy_of(targets.mean(axis=(0, 1))), "teacher_center": batch_center}
 
     return objective
+
+
+SPEC = Spec(name="dino", make_loss=make, uses_image=False, entries=entries, views=views, heads=heads,
+            init=lambda model, images, targets: embed(model, images, train=False), init_extra=init_extra,
+            update_extra=update_after_step,
+            check=lambda config: check_patch_multiple(config, "dino.local_size"))

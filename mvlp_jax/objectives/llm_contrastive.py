@@ -1,26 +1,57 @@
 """LLM-target contrastive objective: pooled, projected image embedding vs the frozen LLM's report vector."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mvlp_jax.models.pretrainer import Pretrainer
+from mvlp_jax.models.heads import ProjectionHead
 from mvlp_jax.objectives import contrastive_losses as losses
+from mvlp_jax.objectives.spec import LossFn, Spec
 
 
-def make(model: Pretrainer, config: ml_collections.ConfigDict
-         ) -> Callable[[Any, dict, jax.Array, dict], tuple[jax.Array, dict]]:
+def heads(model: nn.Module, config: ml_collections.ConfigDict, dtype: Any) -> dict[str, Any]:
+    c = config.contrastive
+    embed_dim = c.embed_dim or model.target_dim
+    if c.text_proj == "none" and embed_dim != model.target_dim:
+        raise ValueError(f"contrastive.embed_dim={c.embed_dim} differs from the LLM hidden size "
+                         f"{model.target_dim}: set contrastive.text_proj to 'linear' or 'mlp'")
+    return {"image_proj": ProjectionHead(out_dim=embed_dim, kind=c.image_proj, dtype=dtype),
+            "text_proj": (None if c.text_proj == "none"
+                          else ProjectionHead(out_dim=embed_dim, kind=c.text_proj, dtype=dtype)),
+            "log_temperature": model.param("log_temperature", nn.initializers.constant(jnp.log(c.temperature)), ()),
+            "logit_bias": model.param("logit_bias", nn.initializers.constant(c.sigmoid_bias), ())}
+
+
+def embed_images(model: nn.Module, images: jax.Array, train: bool = True) -> jax.Array:
+    """Full (unmasked) image -> encoder -> pooling -> projection, float32 (B, embed_dim); a `method` of
+    `Pretrainer.apply`."""
+    return model.image_proj(model.pool(model.encoder(images, train=train))).astype(jnp.float32)
+
+
+def embed_targets(model: nn.Module, targets: jax.Array) -> jax.Array:
+    """Frozen LLM vectors through the optional trainable text projection, float32."""
+    x = targets.astype(jnp.float32)
+    return x if model.text_proj is None else model.text_proj(x).astype(jnp.float32)
+
+
+def init(model: nn.Module, images: jax.Array, targets: jax.Array) -> None:
+    embed_images(model, images, train=False)
+    embed_targets(model, targets)
+
+
+def make(model: nn.Module, config: ml_collections.ConfigDict) -> LossFn:
     kind, eps = config.contrastive.loss, config.contrastive.margin
 
     def objective(params: Any, batch: dict, rng: jax.Array, context: dict) -> tuple[jax.Array, dict]:
         del context  # train-state extras and step: unused here
         variables = {"params": params}
         rngs = {"dropout": jax.random.fold_in(rng, 0)}
-        z_img = model.apply(variables, batch["image"], train=True, rngs=rngs, method=Pretrainer.embed_images)
-        z_txt = model.apply(variables, batch["target"], method=Pretrainer.embed_targets)
+        z_img = model.apply(variables, batch["image"], train=True, rngs=rngs, method=embed_images)
+        z_txt = model.apply(variables, batch["target"], method=embed_targets)
         log_t = params["log_temperature"]
         if kind == "infonce":
             loss = losses.infonce(z_img, z_txt, log_t)
@@ -33,3 +64,6 @@ def make(model: Pretrainer, config: ml_collections.ConfigDict
         return loss, metrics
 
     return objective
+
+
+SPEC = Spec(name="llm_contrastive", make_loss=make, needs_targets=True, heads=heads, init=init)

@@ -3,19 +3,38 @@ features before projection decorrelated (orthogonality loss), so they do not col
 text space."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mvlp_jax.models.pretrainer import Pretrainer
+from mvlp_jax.models.heads import ProjectionHead
+from mvlp_jax.models.norm import l2_normalise
+from mvlp_jax.objectives.spec import LossFn, Spec
+
+
+def heads(model: nn.Module, config: ml_collections.ConfigDict, dtype: Any) -> dict[str, Any]:
+    del model, dtype  # the heads run in float32 with batch statistics
+    f = config.mflag
+    return {"mflag_image_proj": ProjectionHead(out_dim=f.embed_dim, kind="mlp", hidden_dim=f.hidden_dim, norm="batch",
+                                                     out_norm=True),
+            "mflag_text_proj": ProjectionHead(out_dim=f.embed_dim, kind="mlp", hidden_dim=f.hidden_dim,
+                                                    norm="batch")}
+
+
+def embed(model: nn.Module, images: jax.Array, targets: jax.Array, train: bool = True
+          ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(pooled image features before projection, projected image, projected text), float32; a `method` of
+    `Pretrainer.apply`."""
+    features = model.pool(model.encoder(images, train=train)).astype(jnp.float32)
+    return features, model.mflag_image_proj(features), model.mflag_text_proj(targets.astype(jnp.float32))
 
 
 def alignment(z_img: jax.Array, z_txt: jax.Array) -> jax.Array:
     """Mean over the batch of 2 - 2 cos(z_img, z_txt) (symmetric in its arguments)."""
-    unit = lambda z: z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-6)
-    return jnp.mean(2.0 - 2.0 * jnp.sum(unit(z_img) * unit(z_txt), axis=-1))
+    return jnp.mean(2.0 - 2.0 * jnp.sum(l2_normalise(z_img) * l2_normalise(z_txt), axis=-1))
 
 
 def orthogonality(features: jax.Array, off_diagonal_weight: float) -> jax.Array:
@@ -28,18 +47,21 @@ def orthogonality(features: jax.Array, off_diagonal_weight: float) -> jax.Array:
     return 0.5 * (on + off_diagonal_weight * off)
 
 
-def make(model: Pretrainer, config: ml_collections.ConfigDict
-         ) -> Callable[[Any, dict, jax.Array, dict], tuple[jax.Array, dict]]:
+def make(model: nn.Module, config: ml_collections.ConfigDict) -> LossFn:
     f = config.mflag
 
     def objective(params: Any, batch: dict, rng: jax.Array, context: dict) -> tuple[jax.Array, dict]:
         del context  # train-state extras and step: unused here
         features, z_img, z_txt = model.apply({"params": params}, batch["image"], batch["target"], train=True,
                                              rngs={"dropout": jax.random.fold_in(rng, 0)},
-                                             method=Pretrainer.mflag_embed)
+                                             method=embed)
         align = alignment(z_img, z_txt)
         ortho = orthogonality(features, f.ortho_lambda)
         loss = align + f.ortho_weight * ortho
         return loss, {"loss": loss, "alignment": align, "orthogonality": ortho}
 
     return objective
+
+
+SPEC = Spec(name="mflag", make_loss=make, needs_targets=True, heads=heads,
+            init=lambda model, images, targets: embed(model, images, targets, train=False))

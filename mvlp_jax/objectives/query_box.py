@@ -2,13 +2,37 @@
 predict the region's box (cx, cy, w, h, fractions of the image). Loss: L1 + generalised IoU."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
-from mvlp_jax.models.pretrainer import Pretrainer
+from mvlp_jax.data import views as views_lib
+from mvlp_jax.models.heads import BoxHead
+from mvlp_jax.objectives.spec import LossFn, Spec, ViewInputs, check_patch_multiple
+
+
+def locate(model: nn.Module, images: jax.Array, queries: jax.Array, train: bool = True) -> jax.Array:
+    """(image, augmented region of it) -> predicted normalised box (cx, cy, w, h) of the region; a `method`
+    of `Pretrainer.apply`."""
+    pooled = jnp.concatenate([model.features(images, model.global_pooling, train),
+                              model.features(queries, model.global_pooling, train)], axis=-1)
+    return model.box_head(pooled).astype(jnp.float32)
+
+
+def entries(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, ...], Any]]:
+    q = config.query_box.size
+    return {"query": ((q, q, 1), np.float32), "box": ((4,), np.float32)}
+
+
+def views(inputs: ViewInputs) -> dict[str, np.ndarray]:
+    """A random region of the training crop, resized and jittered, and its box as fractions of the crop."""
+    q = inputs.config.query_box
+    query, box = views_lib.query_region(inputs.crop, q.size, tuple(q.scale), inputs.rng)
+    return {"query": inputs.normalise(inputs.jitter(query)), "box": box}
 
 
 def corners(box: jax.Array) -> jax.Array:
@@ -29,16 +53,22 @@ def iou_and_giou(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
     return iou, iou - (hull - union) / jnp.maximum(hull, 1e-9)
 
 
-def make(model: Pretrainer, config: ml_collections.ConfigDict) -> Callable:
+def make(model: nn.Module, config: ml_collections.ConfigDict) -> LossFn:
     q = config.query_box
 
     def objective(params: Any, batch: dict, rng: jax.Array, context: dict) -> tuple[jax.Array, dict]:
         del context
         predicted = model.apply({"params": params}, batch["image"], batch["query"], train=True,
-                                rngs={"dropout": rng}, method=Pretrainer.locate)
+                                rngs={"dropout": rng}, method=locate)
         l1 = jnp.mean(jnp.sum(jnp.abs(predicted - batch["box"]), axis=-1))
         iou, giou = iou_and_giou(predicted, batch["box"])
         value = q.l1_weight * l1 + q.giou_weight * jnp.mean(1 - giou)
         return value, {"loss": value, "l1": l1, "mean_iou": jnp.mean(iou)}
 
     return objective
+
+
+SPEC = Spec(name="query_box", make_loss=make, entries=entries, views=views,
+            heads=lambda model, config, dtype: {"box_head": BoxHead()},
+            init=lambda model, images, targets: locate(model, images, images, train=False),
+            check=lambda config: check_patch_multiple(config, "query_box.size"))

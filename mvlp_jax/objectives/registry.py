@@ -1,0 +1,57 @@
+"""The objectives a config may name, by name; what the configured ones need, asked of their specs."""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import ml_collections
+
+from mvlp_jax.objectives import dino, llm_contrastive, mae, mflag, query_box
+from mvlp_jax.objectives.spec import Spec, image_shape
+
+SPECS: dict[str, Spec] = {}
+DEFAULT = {"llm_contrastive": 1.0, "mae": 1.0}  # config.objectives of the production recipe
+
+
+def register(spec: Spec) -> Spec:
+    """Adds an objective (a name `config.objectives` may then use); returns it."""
+    if spec.name in SPECS and SPECS[spec.name] is not spec:
+        raise ValueError(f"an objective named {spec.name!r} is already registered")
+    SPECS[spec.name] = spec
+    return spec
+
+
+for _module in (llm_contrastive, mae, mflag, dino, query_box):
+    register(_module.SPEC)
+
+
+def get(name: str) -> Spec:
+    if name not in SPECS:
+        raise ValueError(f"unknown objective {name!r}; registered: {', '.join(SPECS)}")
+    return SPECS[name]
+
+
+def configured(config: ml_collections.ConfigDict, names: Iterable[str] | None = None) -> list[Spec]:
+    """Specs of the config's objectives (or of `names`), in name order (the order losses and views run in)."""
+    return [get(n) for n in sorted(config.objectives if names is None else names)]
+
+
+def needs_targets(config: ml_collections.ConfigDict) -> bool:
+    return any(s.needs_targets for s in configured(config))
+
+
+def entries(config: ml_collections.ConfigDict, target_dim: int = 0) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """Every batch entry the configured objectives read: {key: (per-example shape, dtype)}."""
+    specs = configured(config)
+    out = {"image": image_shape(config)} if any(s.uses_image for s in specs) else {}
+    if target_dim and any(s.needs_targets for s in specs):
+        import numpy as np
+        out["target"] = ((target_dim,), np.float32)
+    for s in specs:
+        out.update(s.entries(config))
+    return out
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+    for s in configured(config):
+        if s.check is not None:
+            s.check(config)

@@ -1,0 +1,67 @@
+"""What an objective declares about itself, so the model, the train step, the input pipeline and the config
+checks can ask instead of naming it.
+
+An objective is one module exporting `SPEC = Spec(...)` and one line in `registry.py` (or a call to
+`registry.register` from anywhere, tests included).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+
+from mvlp_jax.data.views import ViewInputs
+
+# (params, batch, rng, context) -> (loss, metrics); context = {"step": step, "extra": the train state's extra}
+LossFn = Callable[[Any, dict, jax.Array, dict], tuple[jax.Array, dict]]
+
+
+def image_shape(config: ml_collections.ConfigDict) -> tuple[tuple[int, ...], Any]:
+    s = config.model.image_size
+    return (s, s, 1), np.float32
+
+
+def check_patch_multiple(config: ml_collections.ConfigDict, key: str) -> None:
+    """Raises unless the crop size at dotted `key` is a multiple of the encoder's patch size."""
+    from mvlp_jax.models.vit import variant
+    group, leaf = key.split(".")
+    size, patch = config[group][leaf], variant(config.model.variant)["patch_size"]
+    if size % patch:
+        raise ValueError(f"config key {key!r} = {size} must be a multiple of the patch size {patch} "
+                         f"(model.variant={config.model.variant!r})")
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """An objective: its loss and everything around it the rest of the stack needs to know.
+
+    name: its key in `config.objectives`.
+    make_loss: (model, config) -> LossFn.
+    needs_targets: it reads the frozen LLM's report vector (`batch["target"]`); the pipeline joins them and the
+      model's target-dependent heads exist only with a target width.
+    uses_image: it reads the augmented training image (`batch["image"]`, built once per example for all).
+    entries: config -> {batch key: (per-example shape, dtype)}: the batch entries it reads besides "image" and
+      "target" (the pipeline fills them with zeros on steps where a cyclic schedule does not run it).
+    views: (ViewInputs) -> {batch key: array}: how the pipeline builds those entries.
+    heads: (model, config, dtype) -> {attribute: submodule or param}: set on the Pretrainer in `setup` (the
+      attribute names are parameter names in checkpoints: keep them).
+    init: (bound model, images, targets) -> None: runs its heads once so `init` creates their parameters.
+    init_extra / update_extra: state outside the optimizer (DINO's teacher and center): init (params, config)
+      -> dict merged into the train state's `extra`; update (extra, params, metrics, step, config) ->
+      (extra, metrics), after the optimizer's update.
+    check: config -> None, raising ValueError for settings it cannot train with.
+    """
+    name: str
+    make_loss: Callable[[Any, ml_collections.ConfigDict], LossFn]
+    needs_targets: bool = False
+    uses_image: bool = True
+    entries: Callable[[ml_collections.ConfigDict], dict[str, tuple[tuple[int, ...], Any]]] = lambda config: {}
+    views: Callable[[ViewInputs], dict[str, np.ndarray]] | None = None
+    heads: Callable[[Any, ml_collections.ConfigDict, Any], dict[str, Any]] | None = None
+    init: Callable[..., None] | None = None
+    init_extra: Callable[[Any, ml_collections.ConfigDict], dict] | None = None
+    update_extra: Callable[..., tuple[dict, dict]] | None = None
+    check: Callable[[ml_collections.ConfigDict], None] | None = None
