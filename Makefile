@@ -11,7 +11,7 @@ CPU_MALLOC ?= glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:glibc.malloc.mmap_
 # Test files run in this many pytest-xdist workers (whole files per worker: module fixtures are built once).
 TEST_WORKERS ?= 2
 
-.PHONY: install test demo clean
+.PHONY: install test lint demo clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ install: $(STAMP)
 
 test: $(STAMP)
 	GLIBC_TUNABLES=$(CPU_MALLOC) ALLOW_MULTIPLE_LIBTPU_LOAD=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 demo: $(STAMP)
 	GLIBC_TUNABLES=$(CPU_MALLOC) $(PY) -m mvlp_jax.demo

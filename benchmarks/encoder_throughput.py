@@ -60,12 +60,14 @@ def jax_step_times(name: str, batch: int, steps: int) -> dict:
     chosen = backend.select(jax.devices())
     model = MAE(ViT(**variant(name)))
     images = jnp.asarray(np.random.default_rng(0).normal(size=(batch, 224, 224, 1)), jnp.float32)
-    params = jax.jit(lambda: model.init({"params": jax.random.key(0), "masking": jax.random.key(1)}, images)["params"])()
+    keys = {"params": jax.random.key(0), "masking": jax.random.key(1)}
+    params = jax.jit(lambda: model.init(keys, images)["params"])()
     tx = optax.adamw(1.5e-4, weight_decay=0.05)
     opt_state = tx.init(params)
 
     def step(params, opt_state, rng):
-        loss, grads = jax.value_and_grad(lambda p: model.apply({"params": p}, images, rngs={"masking": rng})["loss"])(params)
+        loss_of = lambda p: model.apply({"params": p}, images, rngs={"masking": rng})["loss"]
+        loss, grads = jax.value_and_grad(loss_of)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 

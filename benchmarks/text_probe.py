@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
@@ -52,7 +51,8 @@ def main() -> None:
         aucs[name] = roc_auc_score(target[te], clf.predict_proba(x[te])[:, 1])
         print(f"{name:28s} AUC {aucs[name]:.3f}  (test positives {target[te].sum()})")
     print(f"{len(ids)} reports ({test.sum()} test), {len(aucs)} labels probed")
-    print(f"text_probe: mean AUC of a linear probe on stored {args.pooling} vectors: {np.mean(list(aucs.values())):.3f}")
+    mean_auc = np.mean(list(aucs.values()))
+    print(f"text_probe: mean AUC of a linear probe on stored {args.pooling} vectors: {mean_auc:.3f}")
 
 
 if __name__ == "__main__":

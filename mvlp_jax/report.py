@@ -36,7 +36,8 @@ def markdown(results: dict) -> str:
     for c in results["comparisons"]:
         lo, hi = c["interval"]
         lines.append(f"\n{c['candidate']} vs {c['baseline']} ({percent(c['label_fraction'])} labels): mAUC difference "
-                     f"{c['mauc_difference']:+.4f} [95% CI {lo:+.4f}, {hi:+.4f}], P(not better) = {c['p_not_better']:.3f}")
+                     f"{c['mauc_difference']:+.4f} [95% CI {lo:+.4f}, {hi:+.4f}], "
+                     f"P(not better) = {c['p_not_better']:.3f}")
     skipped = {percent(row["label_fraction"]): row.get("labels_skipped", {}) for row in results["checkpoints"]}
     for fraction, labels in skipped.items():
         if labels:

@@ -89,7 +89,8 @@ def write_tree(root: str) -> str:
         with open(path, "wb") as f:
             f.write(data[: len(data) // 3] if kind == "corrupt" else data)
     _gz_csv(os.path.join(root, "mimic-cxr-2.0.0-metadata.csv.gz"),
-            ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition", "Rows", "Columns"],
+            ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition", "Rows",
+             "Columns"],
             [[d, s, st, "CHEST", v, str(sz[1]), str(sz[0])] for s, st, d, v, _, sz, _ in IMAGES])
     _gz_csv(os.path.join(root, "mimic-cxr-2.0.0-split.csv.gz"), ["dicom_id", "study_id", "subject_id", "split"],
             [[d, st, s, sp] for s, st, d, _, sp, _, _ in IMAGES])

@@ -26,7 +26,8 @@ def test_tpu_pod_dry_run_creates_ships_installs_runs_on_all_workers_and_deletes(
         "gcloud compute tpus tpu-vm create mvlp --zone=us-central2-b --accelerator-type=v4-32 "
         "--version=tpu-ubuntu2204-base --spot",
         f"git -C {REPO} archive --format=tar.gz -o /tmp/mvlp_jax-mvlp.tar.gz HEAD",
-        "gcloud compute tpus tpu-vm scp /tmp/mvlp_jax-mvlp.tar.gz mvlp:mvlp_jax.tar.gz --zone=us-central2-b --worker=all",
+        "gcloud compute tpus tpu-vm scp /tmp/mvlp_jax-mvlp.tar.gz mvlp:mvlp_jax.tar.gz --zone=us-central2-b "
+        "--worker=all",
         f"gcloud compute tpus tpu-vm ssh {where} '--command=rm -rf ~/mvlp_jax && mkdir -p ~/mvlp_jax && "
         "tar -xzf ~/mvlp_jax.tar.gz -C ~/mvlp_jax'",
         f"gcloud compute tpus tpu-vm ssh {where} '--command=cd ~/mvlp_jax && (command -v python3.11 || "

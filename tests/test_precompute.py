@@ -1,6 +1,5 @@
 """The LLM embedding job against a direct transformers forward, worker split + verify, kill -9 + resume."""
 import csv
-import json
 import os
 import signal
 import subprocess
@@ -101,7 +100,8 @@ def test_stored_vectors_equal_a_direct_unpadded_forward(tiny_llama, tmp_path):
 def test_three_workers_cover_every_study_once_and_match_one_worker(tiny_llama, tmp_path):
     model_dir, csv_path, _ = tiny_llama
     # the scale-out launcher, for real: 3 local worker processes in parallel, then its --verify pass
-    launched = subprocess.run(["bash", "launch/precompute.sh", "--num_workers=3", "--local", f"--python={sys.executable}",
+    launched = subprocess.run(["bash", "launch/precompute.sh", "--num_workers=3", "--local",
+                               f"--python={sys.executable}",
                                "--", *_job_flags(model_dir, csv_path, tmp_path / "multi")],
                               cwd=REPO, capture_output=True, text=True, timeout=600)
     assert launched.returncode == 0, launched.stderr[-3000:]
@@ -120,7 +120,8 @@ def test_three_workers_cover_every_study_once_and_match_one_worker(tiny_llama, t
 def test_killed_run_resumes_to_the_same_records(tiny_llama, tmp_path):
     model_dir, csv_path, _ = tiny_llama
     out = tmp_path / "killed"
-    args = [sys.executable, "-m", "data_prep.precompute_text_embeddings", f"--reports_csv={csv_path}", "--id_column=uid",
+    args = [sys.executable, "-m", "data_prep.precompute_text_embeddings", f"--reports_csv={csv_path}",
+            "--id_column=uid",
             "--text_column=text", f"--model={model_dir}", f"--output_dir={out}", "--store_dtype=float32",
             "--max_tokens=48", "--token_budget=60", "--records_per_shard=2"]
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -1,5 +1,4 @@
 """Parity of the Flax ViT / MAE with transformers' PyTorch ViTMAE (an independent reference)."""
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,7 +57,8 @@ def test_mae_encoder_output_and_loss_match_transformers(norm_pix):
     params = mae_params_from_hf(ref.state_dict(), 4, 2, 4, 2)
     ours = model.apply({"params": params}, jnp.asarray(images), noise=jnp.asarray(noise))
     # Gradients too (the attention backward and GELU are written by hand): torch's, mapped like the weights.
-    grads = jax.grad(lambda p: model.apply({"params": p}, jnp.asarray(images), noise=jnp.asarray(noise))["loss"])(params)
+    loss_of = lambda p: model.apply({"params": p}, jnp.asarray(images), noise=jnp.asarray(noise))["loss"]
+    grads = jax.grad(loss_of)(params)
     want = mae_params_from_hf({n: p.grad for n, p in ref.named_parameters() if p.grad is not None}, 4, 2, 4, 2)
     assert jax.tree.structure(grads) == jax.tree.structure(want)
     for (path, got), expected in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(want)):

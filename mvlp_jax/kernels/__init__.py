@@ -14,5 +14,5 @@ from mvlp_jax.kernels.attention_ops import attention, attention_weights
 from mvlp_jax.kernels.backend import compute_dtype
 from mvlp_jax.kernels.linear import dense_dot_general, matmul, patch_conv, patchify
 
-__all__ = ["ATTENTION_IMPLEMENTATIONS", "attention", "attention_weights", "compute_dtype", "dense_dot_general", "matmul",
-           "patch_conv", "patchify"]
+__all__ = ["ATTENTION_IMPLEMENTATIONS", "attention", "attention_weights", "compute_dtype", "dense_dot_general",
+           "matmul", "patch_conv", "patchify"]
