@@ -138,6 +138,8 @@ EVAL_SPEC: dict[str, tuple[Any, Check, str]] = {
     "workdirs": ("", None, "Comma-separated pretraining workdirs; 'random_init' adds the untrained floor."),
     "random_init_like": ("", None, "Architecture of random_init when no real workdir is listed (a workdir)."),
     "step": (-1, None, "Checkpoint step of every workdir (-1: the newest)."),
+    "teacher": (False, None, "Probe a DINO run's EMA teacher encoder (the network DINO evaluates) instead of the "
+                "student; refused for a run without one."),
     "mode": ("linear", ("linear", "finetune"),
              "'linear': frozen encoder + logistic regression; 'finetune': the whole network."),
     "features_from": ("image", ("image", "text_embeddings"),

@@ -116,7 +116,8 @@ def evaluate(config, output_dir: str) -> dict:
             table = features.load_text_table(subject, config.text_pooling)
             feats = {role: features.text_features(table, src, where) for role, (src, _, where) in splits.items()}
         else:
-            encoder = features.load_encoder(subject, config.step, mesh, like)
+            encoder = features.load_encoder(subject, config.step, mesh, like,
+                                            teacher=config.teacher and subject != features.RANDOM_INIT)
             name, step = encoder.name, encoder.step
             feats = None if config.mode == "finetune" else {
                 role: features.extract(encoder, src, config.pooling, config.batch_size, mesh,

@@ -128,6 +128,10 @@ def test_bad_inputs_are_named(nih_and_workdir, pretrain_data, tmp_path):
     with pytest.raises(ValueError, match="has no DINO teacher"):
         one_device = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.AXES)
         features.load_encoder(workdir, -1, one_device, teacher=True)
+    no_teacher = _probe_config(data_dir, workdir)
+    no_teacher.teacher = True
+    with pytest.raises(ValueError, match="has no DINO teacher"):
+        evaluate.evaluate(no_teacher, str(tmp_path / "o0"))
     no_labels = _probe_config(pretrain_data[0], workdir)
     no_labels.dataset, no_labels.test_split = "covid_notes", "test"
     with pytest.raises(ValueError, match="covid_notes:1.0.0 has no labels"):

@@ -1,12 +1,14 @@
-"""Loads transformers' PyTorch ViTMAE weights into this package's Flax ViT / MAE parameter trees.
+"""transformers' PyTorch ViT / ViTMAE weights <-> this package's Flax ViT / MAE parameter trees.
 
-Used by the parity tests, and by users who start from a public MAE checkpoint
-(`ViTMAEForPreTraining.from_pretrained(local_dir).state_dict()`). Loop (non-scanned) layout only.
+From transformers: the parity tests, and users who start from a public MAE checkpoint
+(`ViTMAEForPreTraining.from_pretrained(local_dir).state_dict()`; loop layout). To transformers: `mvlp_jax.export`
+(loop or scanned layout; ViTModel and ViTMAEModel share their state-dict names).
 """
 from __future__ import annotations
 
 from typing import Mapping
 
+import jax
 import numpy as np
 
 
@@ -63,3 +65,42 @@ def mae_params_from_hf(state_dict: Mapping, num_heads: int, depth: int, decoder_
         "decoder": _stack(sd, "decoder.decoder_layers", decoder_depth, decoder_heads, "decoder.decoder_norm"),
         "decoder_pred": dense("decoder_pred"),
     }
+
+
+def unstack_blocks(encoder: dict) -> dict:
+    """A scanned stack ({'blocks': stacked, 'norm'}) in the loop layout ({'block_00', ..., 'norm'})."""
+    if "blocks" not in encoder:
+        return encoder
+    depth = jax.tree.leaves(encoder["blocks"])[0].shape[0]
+    blocks = {f"block_{i:02d}": jax.tree.map(lambda x, i=i: x[i], encoder["blocks"]) for i in range(depth)}
+    return {**blocks, "norm": encoder["norm"]}
+
+
+def vit_params_to_hf(params: Mapping, position_embeddings: np.ndarray) -> dict[str, np.ndarray]:
+    """The inverse of `vit_params_from_hf(prefix="")`: a ViTModel / ViTMAEModel state dict (float32 numpy) from
+    `ViT(cls_token=True)` params; `position_embeddings` (1, 1 + N, width) is the table the ViT adds (its
+    sin-cos table after a zero CLS row, or the learned one)."""
+    p = jax.tree.map(lambda x: np.asarray(x, np.float32), dict(params))
+    encoder = unstack_blocks(p["encoder"])
+    sd = {"embeddings.cls_token": p["cls"], "embeddings.position_embeddings": np.asarray(position_embeddings,
+                                                                                          np.float32),
+          "embeddings.patch_embeddings.projection.weight": p["embedding"]["conv"]["kernel"].transpose(3, 2, 0, 1),
+          "embeddings.patch_embeddings.projection.bias": p["embedding"]["conv"]["bias"],
+          "layernorm.weight": encoder["norm"]["scale"], "layernorm.bias": encoder["norm"]["bias"]}
+    depth = sum(k.startswith("block_") for k in encoder)
+    for i in range(depth):
+        block, prefix = encoder[f"block_{i:02d}"], f"layers.{i}"
+        attention = block["attention"]
+        width = attention["out"]["bias"].shape[0]
+        for ours, theirs in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
+            sd[f"{prefix}.attention.{theirs}.weight"] = attention[ours]["kernel"].reshape(width, width).T
+            sd[f"{prefix}.attention.{theirs}.bias"] = attention[ours]["bias"].reshape(width)
+        sd[f"{prefix}.attention.o_proj.weight"] = attention["out"]["kernel"].reshape(width, width).T
+        sd[f"{prefix}.attention.o_proj.bias"] = attention["out"]["bias"]
+        for ours, theirs in (("norm1", "layernorm_before"), ("norm2", "layernorm_after")):
+            sd[f"{prefix}.{theirs}.weight"], sd[f"{prefix}.{theirs}.bias"] = block[ours]["scale"], block[ours]["bias"]
+        for fc in ("fc1", "fc2"):
+            sd[f"{prefix}.mlp.{fc}.weight"] = block["mlp"][fc]["kernel"].T
+            sd[f"{prefix}.mlp.{fc}.bias"] = block["mlp"][fc]["bias"]
+    return {k: np.ascontiguousarray(v) for k, v in sd.items()}
+

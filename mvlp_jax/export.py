@@ -1,0 +1,193 @@
+"""Export a pretraining run's encoder for use outside mvlp_jax: a transformers checkpoint and a model card.
+
+  python -m mvlp_jax.export --workdir=runs/demo/pretrain [--step=N] --output_dir=exports/pretrain
+
+ViT encoders become a transformers `ViTMAEModel` (runs that trained the masked autoencoder) or `ViTModel`
+(`model.safetensors` + `config.json`, one input channel as trained) with a `preprocessor_config.json` of the
+run's resize and normalisation. The other trained heads (attention pooling, projections, DINO / box heads)
+go to `heads.safetensors` under their Flax parameter paths. ViTDet has no transformers class: its weights go to
+`encoder.safetensors` under their Flax paths, and the card says so. `README.md` is the model card.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+
+from mvlp_jax.features import Encoder
+
+KNOWN_LICENCES = {
+    "mimic_cxr": "MIMIC-CXR: PhysioNet Credentialed Health Data License 1.5.0; weights trained on it are shared "
+                 "only under its terms (credentialed users, no re-identification).",
+    "covid_notes": "The COVID-19 image data collection: a licence per image (CC BY, CC BY-NC-SA, ...), listed in "
+                   "data_prep/sample/covid_notes/manifest.csv and data_prep/sample/ATTRIBUTION.md.",
+}
+
+
+def flat(tree, prefix: str = "") -> dict[str, np.ndarray]:
+    """{'pool/map/probe': array, ...}: Flax parameter paths joined by '/', float32 numpy."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}/"))
+        else:
+            out[f"{prefix}{key}"] = np.ascontiguousarray(np.asarray(value, np.float32))
+    return out
+
+
+def position_table(vit_params: dict, config) -> np.ndarray:
+    """(1, 1 + N, width): what the ViT adds to [CLS, patches] at the trained size."""
+    from mvlp_jax.models.transformer import sincos_2d
+    from mvlp_jax.models.vit import variant
+
+    size = variant(config.model.variant)
+    grid = config.model.image_size // size["patch_size"]
+    learned = vit_params["embedding"].get("pos_embedding")
+    if learned is not None:
+        return np.asarray(learned, np.float32)
+    table = sincos_2d(grid, grid, size["width"])
+    return np.concatenate([np.zeros((1, size["width"]), np.float32), table])[None]
+
+
+def hf_model(encoder: Encoder):
+    """The transformers model holding the run's ViT encoder (strict state-dict load: every weight mapped)."""
+    import torch
+    from transformers import ViTConfig, ViTMAEConfig, ViTMAEModel, ViTModel
+
+    from mvlp_jax.models.convert_hf import vit_params_to_hf
+    from mvlp_jax.models.vit import variant
+
+    c = encoder.config
+    size = variant(c.model.variant)
+    common = dict(hidden_size=size["width"], num_hidden_layers=size["depth"], num_attention_heads=size["num_heads"],
+                  intermediate_size=size["mlp_dim"], image_size=c.model.image_size, patch_size=size["patch_size"],
+                  num_channels=1, qkv_bias=True, layer_norm_eps=1e-6, hidden_act="gelu", hidden_dropout_prob=0.0,
+                  attention_probs_dropout_prob=0.0)
+    if "masked_model" in encoder.params:  # mask_ratio 0: an encoder of whole images (see the card)
+        model = ViTMAEModel(ViTMAEConfig(**common, mask_ratio=0.0))
+    else:
+        model = ViTModel(ViTConfig(**common), add_pooling_layer=False)
+    vit = jax.device_get(encoder.params["encoder"])
+    state = vit_params_to_hf(vit, position_table(vit, c))
+    model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in state.items()}, strict=True)
+    return model.eval()
+
+
+def export(encoder: Encoder, output_dir: str, results: str = "") -> str:
+    """Writes the export of `encoder` (features.load_encoder) into `output_dir`; returns the card's path."""
+    from safetensors.numpy import save_file
+
+    os.makedirs(output_dir, exist_ok=True)
+    params = jax.device_get(encoder.params)
+    c = encoder.config
+    with open(os.path.join(output_dir, "training_config.json"), "w") as f:
+        json.dump(c.to_dict(), f, indent=2, sort_keys=True, default=list)
+    heads = {k: v for k, v in params.items() if k not in ("encoder", "masked_model")}
+    if heads:
+        save_file(flat(heads), os.path.join(output_dir, "heads.safetensors"))
+    if c.model.encoder == "vit":
+        from transformers import ViTImageProcessor
+
+        model = hf_model(encoder)
+        model.save_pretrained(output_dir)
+        ViTImageProcessor(do_resize=True, size={"height": c.model.image_size, "width": c.model.image_size},
+                          do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=[c.data.mean],
+                          image_std=[c.data.std]).save_pretrained(output_dir)
+        kind = type(model).__name__
+    else:
+        save_file(flat(params["encoder"]), os.path.join(output_dir, "encoder.safetensors"))
+        with open(os.path.join(output_dir, "config.json"), "w") as f:
+            json.dump(c.to_dict(), f, indent=2, sort_keys=True, default=list)
+        kind = "ViTDet (no transformers class)"
+    path = os.path.join(output_dir, "README.md")
+    with open(path, "w") as f:
+        f.write(model_card(encoder, kind, sorted(heads), results))
+    return path
+
+
+def model_card(encoder: Encoder, kind: str, heads: list[str], results: str) -> str:
+    c = encoder.config
+    objectives = ", ".join(f"{k} (weight {v})" for k, v in sorted(c.objectives.items()))
+    lines = [f"# {encoder.name}: {c.model.encoder} {c.model.variant} chest X-ray encoder (mvlp_jax)", "",
+             f"Exported from `{encoder.source}` (step {encoder.step}).", "",
+             "## Training", "",
+             f"- Data: `{c.data.dataset}` split `{c.data.train_split}`, {c.model.image_size} px grayscale crops, "
+             f"normalised as (pixel / 255 - {c.data.mean}) / {c.data.std}.",
+             f"- Objectives: {objectives}; schedule `{c.task_schedule}`; {c.total_steps} steps of "
+             f"{c.data.batch_size} images.",
+             "- The full config: `training_config.json`.", "",
+             "## Files", ""]
+    if c.model.encoder == "vit":
+        lines += [f"- `model.safetensors`, `config.json`: a transformers `{kind}` (1 input channel), equal to the "
+                  "JAX encoder's tokens (tested to 1e-4). Load with `from_pretrained(this_dir)`.",
+                  "- `preprocessor_config.json`: resize to the trained size and the run's normalisation. mvlp_jax "
+                  "evaluates on the centred square of an image, resized: crop first for the same features.",
+                  *(["- ViTMAEModel shuffles its tokens by the `noise` it is given (mask ratio 0 keeps them all): "
+                     "pass `noise=torch.arange(num_patches).expand(batch, -1)` for tokens in image order; the CLS "
+                     "token and the mean are the same either way."] if kind == "ViTMAEModel" else [])]
+    else:
+        lines += ["- `encoder.safetensors`: the windowed ViTDet's weights under their Flax parameter paths, and "
+                  "`config.json` the run's config. There is no transformers class for it and no PyTorch module "
+                  "is exported: load it with mvlp_jax (`models/vitdet.py`)."]
+    if heads:
+        lines += [f"- `heads.safetensors`: the trained heads ({', '.join(heads)}) under their Flax parameter "
+                  "paths joined by `/` (dense kernels are (in, out); `pool/map/...` is the attention pooling "
+                  "that the LLM-target objectives read)."]
+    lines += ["", "## Evaluation", ""]
+    lines += _evaluation_rows(encoder, results) or ["No evaluation results were given (`--results`)."]
+    licence = KNOWN_LICENCES.get(c.data.dataset.split(":")[0],
+                                 f"The licence of `{c.data.dataset}` governs the use of these weights.")
+    lines += ["", "## Licences", "", f"- Training data: {licence}",
+              "- Code: mvlp_jax, Apache-2.0.", ""]
+    return "\n".join(lines)
+
+
+def _evaluation_rows(encoder: Encoder, results: str) -> list[str]:
+    """The rows of an evaluation binary's results.json that belong to this checkpoint."""
+    if not results:
+        return []
+    with open(results) as f:
+        rows = [r for r in json.load(f).get("checkpoints", [])
+                if f"{os.path.realpath(r['workdir'])}/checkpoints/{r['step']}" == encoder.source]
+    lines = []
+    for r in rows:
+        ci = r.get("ci95", {}).get("mauc")
+        lines.append(f"- {r['mode']} probe, {r['label_fraction']:.0%} of the labels ({r['train_cases']} training "
+                     f"cases, {r['test_cases']} test cases): mAUC {r['mauc']:.4f}"
+                     + (f" [95% CI {ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
+                     + f", exact-match accuracy {r['accuracy']:.4f}")
+    return lines
+
+def define_flags() -> None:
+    from absl import flags
+
+    flags.DEFINE_string("workdir", None, "Pretraining workdir.")
+    flags.DEFINE_integer("step", -1, "Checkpoint step (-1: the newest).")
+    flags.DEFINE_string("output_dir", None, "Where the export goes.")
+    flags.DEFINE_string("results", "", "An evaluation results.json whose rows for this checkpoint go on the card.")
+    flags.DEFINE_bool("teacher", False, "Export a DINO run's EMA teacher encoder instead of the student.")
+    flags.mark_flags_as_required(["workdir", "output_dir"])
+
+
+def main(argv: list[str]) -> int:
+    from absl import flags
+
+    from mvlp_jax import cli, features, sharding
+
+    del argv
+    f = flags.FLAGS
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.AXES)
+    encoder = features.load_encoder(f.workdir, f.step, mesh, teacher=f.teacher)
+    cli.output_dir(f.output_dir)
+    path = export(encoder, f.output_dir, f.results)
+    print(f"exported {encoder.source} to {f.output_dir} (model card {path})")
+    return 0
+
+
+if __name__ == "__main__":
+    from mvlp_jax import cli
+
+    define_flags()
+    cli.run("mvlp_jax.export", main)

@@ -1,0 +1,78 @@
+"""Export to transformers: JAX -> HF -> JAX is exact, and the exported model loaded by transformers in PyTorch
+gives the JAX encoder's tokens on real X-rays."""
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mvlp_jax import export, features, sharding, train
+from mvlp_jax.data import transforms
+from mvlp_jax.models.convert_hf import unstack_blocks, vit_params_from_hf, vit_params_to_hf
+from mvlp_jax.models.vit import ViT
+from tests.pretrain_setup import micro_config
+
+TINY = dict(width=32, depth=3, num_heads=4, mlp_dim=64, patch_size=8)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_jax_to_hf_to_jax_is_exact(scan):
+    params = nn.unbox(ViT(**TINY, scan=scan).init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))["params"])
+    params = jax.tree.map(lambda x: x + 0.01 * jax.random.normal(jax.random.key(1), x.shape), params)  # no zeros
+    table = np.random.default_rng(0).normal(size=(1, 17, 32)).astype(np.float32)
+    state = vit_params_to_hf(params, table)
+    np.testing.assert_array_equal(state["embeddings.position_embeddings"], table)
+    back = vit_params_from_hf(state, num_heads=4, depth=3, prefix="")
+    want = {**params, "encoder": unstack_blocks(params["encoder"])}
+    assert jax.tree.structure(back) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _real_images(data_dir: str, size: int, n: int = 6) -> np.ndarray:
+    from data_prep import built
+
+    builder, _, _ = built.open_builder(data_dir, "covid_notes")
+    source = built.open_split(builder, "test")
+    return np.stack([transforms.normalise(transforms.center_crop_resize(transforms.decode_png(source[i]["image"]),
+                                                                        size), 0.5, 0.25) for i in range(n)])
+
+
+@pytest.mark.parametrize("objectives,kind", [({"llm_contrastive": 1.0, "mae": 1.0}, "ViTMAEModel"),
+                                             ({"llm_contrastive": 1.0}, "ViTModel")])
+def test_an_exported_run_loads_in_transformers_and_gives_the_jax_tokens(objectives, kind, pretrain_data, tmp_path):
+    import torch
+    import transformers
+
+    data_dir, emb, _ = pretrain_data
+    config = micro_config(data_dir, emb, objectives=objectives, total_steps=2)
+    train.train(config, str(tmp_path / "run"))
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.AXES)
+    encoder = features.load_encoder(str(tmp_path / "run"), -1, mesh)
+    card = export.export(encoder, str(tmp_path / "hf"))
+
+    model = getattr(transformers, kind).from_pretrained(str(tmp_path / "hf")).eval()
+    assert model.config.num_channels == 1 and model.config.image_size == 32
+    images = _real_images(data_dir, 32)
+    ours = np.asarray(encoder.model.apply({"params": encoder.params}, jnp.asarray(images),
+                                          method=lambda m, x: m.encoder(x)))
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        in_order = torch.arange(16, dtype=torch.float32).expand(len(images), -1)  # ViTMAE shuffles tokens by noise
+        extra = {"noise": in_order} if kind == "ViTMAEModel" else {}
+        theirs = model(pixel_values=pixels, **extra).last_hidden_state.numpy()
+    assert theirs.shape == ours.shape == (len(images), 17, 64)
+    np.testing.assert_allclose(theirs, ours, atol=1e-4)
+
+    from safetensors.numpy import load_file
+
+    heads = load_file(str(tmp_path / "hf" / "heads.safetensors"))
+    np.testing.assert_array_equal(heads["pool/map/probe"], np.asarray(encoder.params["pool"]["map"]["probe"]))
+    processor = json.load(open(tmp_path / "hf" / "preprocessor_config.json"))
+    assert processor["image_mean"] == [0.5] and processor["image_std"] == [0.25]
+    text = open(card).read()
+    assert f"transformers `{kind}`" in text and "covid_notes" in text and os.path.exists(tmp_path / "hf" /
+                                                                                        "training_config.json")
