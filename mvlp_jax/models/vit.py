@@ -108,7 +108,8 @@ class PatchEmbed(nn.Module):
         """Returns (patch tokens, their position embeddings, cls position embedding or None, grid)."""
         if self.posemb not in POSEMB:
             raise ValueError(f"posemb={self.posemb!r}; choose one of {POSEMB}")
-        x = PatchConv(self.width, self.patch_size, self.dtype, self.param_dtype, name="conv")(images)
+        x = PatchConv(features=self.width, patch_size=self.patch_size, dtype=self.dtype, param_dtype=self.param_dtype,
+                      name="conv")(images)
         b, gh, gw, d = x.shape
         x = x.reshape(b, gh * gw, d)
         cls_pos = None
