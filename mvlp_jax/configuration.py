@@ -140,11 +140,14 @@ EVAL_SPEC: dict[str, tuple[Any, Check, str]] = {
     "step": (-1, None, "Checkpoint step of every workdir (-1: the newest)."),
     "teacher": (False, None, "Probe a DINO run's EMA teacher encoder (the network DINO evaluates) instead of the "
                 "student; refused for a run without one."),
-    "mode": ("linear", ("linear", "finetune"),
-             "'linear': frozen encoder + logistic regression; 'finetune': the whole network."),
+    "mode": ("linear", ("linear", "finetune", "retrieval"),
+             "'linear': frozen encoder + logistic regression; 'finetune': the whole network; 'retrieval': image <-> "
+             "report Recall@k on test_split, in the run's image-text space (reports from `embeddings`, default the "
+             "run's own)."),
     "features_from": ("image", ("image", "text_embeddings"),
                       "'image': the workdirs' encoders; 'text_embeddings': the stored LLM vectors."),
-    "embeddings": ("", None, "text_embeddings: comma-separated precompute output dirs (study ids must match)."),
+    "embeddings": ("", None, "text_embeddings: comma-separated precompute output dirs (study ids must match); "
+                   "retrieval: the precompute output holding the test split's reports."),
     "text_pooling": ("mean", ("mean", "last"), "text_embeddings: which stored vector."),
     "pooling": ("mean", ("mean", "cls", "map"), "Image features: mean of patch tokens, CLS, or the trained MAP."),
     "data_dir": ("~/tensorflow_datasets", None, "TFDS data dir of the labelled dataset."),
@@ -179,6 +182,8 @@ EVAL_RULES: tuple[tuple[Callable[[Any], bool], str], ...] = (
      "data_prep.precompute_text_embeddings"),
     (lambda c: c.features_from != "text_embeddings" or c.mode == "linear",
      "features_from='text_embeddings' probes stored vectors: it needs mode='linear'"),
+    (lambda c: c.mode != "retrieval" or c.features_from == "image",
+     "mode='retrieval' compares the workdirs' image embeddings with reports: it needs features_from='image'"),
 )
 
 

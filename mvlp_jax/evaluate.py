@@ -83,6 +83,10 @@ def evaluate(config, output_dir: str) -> dict:
     config.unlock()
     config.mesh = {"data": -1, "fsdp": 1, "model": 1}
     mesh = sharding.make_mesh(config)
+    if config.mode == "retrieval":
+        from mvlp_jax import retrieval
+
+        return retrieval.run(config, output_dir, mesh, _subjects(config))
     splits = {}
     for role in ("train", "val", "test"):
         name = config[f"{role}_split"]

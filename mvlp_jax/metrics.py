@@ -74,7 +74,7 @@ def bootstrap_indices(groups: np.ndarray, num: int, seed: int) -> list[np.ndarra
     return [np.concatenate([members[g] for g in rng.integers(0, len(unique), len(unique))]) for _ in range(num)]
 
 
-def _interval(values: list[float], level: float) -> list[float]:
+def percentile_interval(values: list[float], level: float) -> list[float]:
     values = np.asarray(values)
     values = values[np.isfinite(values)]
     alpha = (1 - level) / 2
@@ -88,7 +88,7 @@ def bootstrap_ci(labels, probs, mask, groups, num: int = 1000, seed: int = 0, le
         warnings.simplefilter("ignore", RuntimeWarning)
         maucs = [mean_auc(labels[i], probs[i], mask[i]) for i in draws]
     accs = [exact_match_accuracy(labels[i], probs[i], mask[i]) for i in draws]
-    return {"mauc": _interval(maucs, level), "accuracy": _interval(accs, level)}
+    return {"mauc": percentile_interval(maucs, level), "accuracy": percentile_interval(accs, level)}
 
 
 def paired_bootstrap(labels, probs_a, probs_b, mask, groups, num: int = 1000, seed: int = 0,
@@ -100,4 +100,5 @@ def paired_bootstrap(labels, probs_a, probs_b, mask, groups, num: int = 1000, se
         diffs = [mean_auc(labels[i], probs_b[i], mask[i]) - mean_auc(labels[i], probs_a[i], mask[i]) for i in draws]
     diffs = np.asarray(diffs)
     return {"mauc_difference": float(mean_auc(labels, probs_b, mask) - mean_auc(labels, probs_a, mask)),
-            "interval": _interval(list(diffs), level), "p_not_better": float(np.mean(diffs[np.isfinite(diffs)] <= 0))}
+            "interval": percentile_interval(list(diffs), level),
+            "p_not_better": float(np.mean(diffs[np.isfinite(diffs)] <= 0))}

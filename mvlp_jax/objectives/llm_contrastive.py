@@ -66,4 +66,5 @@ def make(model: nn.Module, config: ml_collections.ConfigDict) -> LossFn:
     return objective
 
 
-SPEC = Spec(name="llm_contrastive", make_loss=make, needs_targets=True, heads=heads, init=init)
+SPEC = Spec(name="llm_contrastive", make_loss=make, needs_targets=True, heads=heads, init=init,
+            shared_space=(embed_images, embed_targets))

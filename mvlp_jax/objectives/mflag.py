@@ -63,5 +63,7 @@ def make(model: nn.Module, config: ml_collections.ConfigDict) -> LossFn:
     return objective
 
 
+# No shared_space for retrieval: both projections normalise by the statistics of the batch they see, so an
+# image's or a report's embedding depends on what else is in its batch.
 SPEC = Spec(name="mflag", make_loss=make, needs_targets=True, heads=heads,
             init=lambda model, images, targets: embed(model, images, targets, train=False))

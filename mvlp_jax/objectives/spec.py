@@ -53,6 +53,8 @@ class Spec:
       -> dict merged into the train state's `extra`; update (extra, params, metrics, step, config) ->
       (extra, metrics), after the optimizer's update.
     check: config -> None, raising ValueError for settings it cannot train with.
+    shared_space: (image embedding, report embedding), `Pretrainer.apply` methods mapping images (with
+      `train=False`) and stored LLM vectors into one space, compared by cosine: what retrieval evaluates.
     """
     name: str
     make_loss: Callable[[Any, ml_collections.ConfigDict], LossFn]
@@ -65,3 +67,4 @@ class Spec:
     init_extra: Callable[[Any, ml_collections.ConfigDict], dict] | None = None
     update_extra: Callable[..., tuple[dict, dict]] | None = None
     check: Callable[[ml_collections.ConfigDict], None] | None = None
+    shared_space: tuple[Callable[..., jax.Array], Callable[..., jax.Array]] | None = None

@@ -1,0 +1,128 @@
+"""Image <-> report retrieval in a run's shared image-text space (`--config.mode=retrieval` of the evaluation binary).
+
+Every image of a held-out split is embedded by the run's encoder, pooling and image projection; every study's
+stored report vector (the frozen LLM's, as trained against) by its text projection. Image -> report: the rank of
+the image's own study among all the split's reports. Report -> image: the best rank of any of the study's
+images among all the split's images (big_vision's convention: a hit if any match is in the top k). Recall@1/5/10
+and median rank, with 95% intervals resampling patients.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mvlp_jax import features, metrics
+from mvlp_jax.models.norm import l2_normalise
+from mvlp_jax.objectives import registry
+
+KS = (1, 5, 10)
+
+
+def ranks(similarity: np.ndarray, image_study: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """similarity (images, studies); image_study[i] = column of image i's study. Returns 1-based ranks, 1 + the
+    number of strictly better candidates: (per image, of its own report among all reports; per study, of its
+    best image among all images)."""
+    own = similarity[np.arange(len(similarity)), image_study]
+    image_to_report = 1 + (similarity > own[:, None]).sum(axis=1)
+    descending = np.sort(-similarity, axis=0)  # per study, the images' scores from the best
+    rank_in_study = 1 + np.stack([np.searchsorted(descending[:, s], -similarity[:, s], side="left")
+                                  for s in range(similarity.shape[1])], axis=1)  # (image, study)
+    report_to_image = np.array([rank_in_study[image_study == s, s].min() for s in range(similarity.shape[1])])
+    return image_to_report, report_to_image
+
+
+def summary(rank: np.ndarray, groups: np.ndarray, num: int, seed: int) -> dict:
+    """Recall@k and median rank, each with a 95% interval over resamples of whole patients."""
+    draws = metrics.bootstrap_indices(groups, num, seed) if num else []
+    out = {}
+    for k in KS:
+        out[f"R@{k}"] = float(np.mean(rank <= k))
+        out[f"R@{k}_ci95"] = metrics.percentile_interval([float(np.mean(rank[d] <= k)) for d in draws], 0.95)
+    out["median_rank"] = float(np.median(rank))
+    out["median_rank_ci95"] = metrics.percentile_interval([float(np.median(rank[d])) for d in draws], 0.95)
+    return out
+
+
+def shared_space(encoder: features.Encoder):
+    """The spec whose image and report embeddings share one space, or a ValueError naming what the run has."""
+    specs = [s for s in registry.configured(encoder.config) if s.shared_space is not None]
+    if not specs or not encoder.model.target_dim:
+        raise ValueError(f"{encoder.name} was trained with {', '.join(sorted(encoder.config.objectives))}: none of "
+                         f"its objectives declares an image-report space to retrieve in (those that do: "
+                         f"{', '.join(n for n, s in registry.SPECS.items() if s.shared_space is not None)})")
+    return specs[0]
+
+
+def evaluate_run(encoder: features.Encoder, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> dict:
+    from data_prep import built
+    from mvlp_jax.data import targets as targets_lib
+
+    image_fn, text_fn = shared_space(encoder).shared_space
+    builder, name, version = built.open_builder(config.data_dir, config.dataset)
+    source = built.open_split(builder, config.test_split)
+    where = f"{name}:{version}/{config.test_split}"
+    if len(source) == 0:
+        raise ValueError(f"split {where} is empty")
+    embeddings = config.embeddings or encoder.config.data.embeddings_dir
+    table = targets_lib.load_targets(embeddings, encoder.config.contrastive.target)
+    if table.dim != encoder.model.target_dim:
+        raise ValueError(f"{embeddings} holds {table.dim}-wide vectors; {encoder.name} was trained on "
+                         f"{encoder.model.target_dim}-wide ones")
+    records = [source[i] for i in range(len(source))]
+    image_studies = [r["study_id"].decode() for r in records]
+    studies = sorted(set(image_studies))
+    rows = targets_lib.join(studies, table, False, where)
+    column = {s: i for i, s in enumerate(studies)}
+    image_study = np.array([column[s] for s in image_studies])
+    patients = np.array([r["subject_id"].decode() for r in records])
+
+    forward = lambda p, x: encoder.model.apply({"params": p}, x, train=False, method=image_fn)
+    images = features.apply_to_split(forward, encoder.params, source, encoder.config, config.batch_size, mesh,
+                                     f"retrieval {encoder.name} {where}")
+    texts = jax.jit(lambda p, t: encoder.model.apply({"params": p}, t, method=text_fn))(
+        encoder.params, jnp.asarray(table.vectors[rows], jnp.float32))
+    similarity = np.asarray(l2_normalise(jnp.asarray(images)) @ l2_normalise(texts).T)
+    image_to_report, report_to_image = ranks(similarity, image_study)
+    study_patient = np.array([patients[image_study == s][0] for s in range(len(studies))])
+    return {"name": encoder.name, "workdir": encoder.source, "step": encoder.step, "split": where,
+            "images": len(records), "studies": len(studies), "embeddings": embeddings,
+            "image_to_report": summary(image_to_report, patients, config.bootstrap, config.seed),
+            "report_to_image": summary(report_to_image, study_patient, config.bootstrap, config.seed)}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| checkpoint | step | direction | images / studies | R@1 [95% CI] | R@5 [95% CI] | R@10 [95% CI] | "
+             "median rank [95% CI] |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    cell = lambda d, key, fmt: f"{d[key]:{fmt}} [{d[key + '_ci95'][0]:{fmt}}, {d[key + '_ci95'][1]:{fmt}}]"
+    for r in rows:
+        for direction in ("image_to_report", "report_to_image"):
+            d = r[direction]
+            lines.append(f"| {r['name']} | {r['step']} | {direction.replace('_', ' ')} | {r['images']} / "
+                         f"{r['studies']} | " + " | ".join(cell(d, f"R@{k}", ".3f") for k in KS)
+                         + f" | {cell(d, 'median_rank', '.1f')} |")
+    return "\n".join(lines)
+
+
+def run(config: ml_collections.ConfigDict, output_dir: str, mesh: jax.sharding.Mesh, subjects: list[str]) -> dict:
+    if features.RANDOM_INIT in subjects:
+        raise ValueError("random_init has no text space: retrieval compares trained image and report embeddings")
+    rows = []
+    for subject in subjects:
+        encoder = features.load_encoder(subject, config.step, mesh, teacher=config.teacher)
+        rows.append(evaluate_run(encoder, config, mesh))
+        r = rows[-1]
+        print(f"{r['name']} (step {r['step']}), {r['split']}: image -> report R@1 {r['image_to_report']['R@1']:.3f}, "
+              f"report -> image R@1 {r['report_to_image']['R@1']:.3f} ({r['images']} images, {r['studies']} "
+              f"studies; chance R@1 {1 / r['studies']:.3f})", flush=True)
+    results = {"config": config.to_dict(), "retrieval": rows}
+    with open(os.path.join(output_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1, default=list)
+    with open(os.path.join(output_dir, "results.md"), "w") as f:
+        f.write(table(rows) + "\n")
+    print(table(rows))
+    return results

@@ -1,0 +1,83 @@
+"""Image <-> report retrieval: ranks against brute force, and the evaluation binary's numbers on a run trained on
+the shipped sample against a direct computation from the run's own embeddings."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import linear_probe
+from mvlp_jax import evaluate, features, sharding, train
+from mvlp_jax.data import transforms
+from mvlp_jax.objectives import llm_contrastive
+from mvlp_jax.retrieval import ranks
+from tests.pretrain_setup import micro_config
+
+
+def test_ranks_match_brute_force():
+    rng = np.random.default_rng(0)
+    image_study = np.array([0, 0, 1, 2, 2, 2, 3, 4, 4])
+    similarity = rng.normal(size=(len(image_study), 5))
+    image_to_report, report_to_image = ranks(similarity, image_study)
+    for i, s in enumerate(image_study):
+        assert image_to_report[i] == 1 + sum(similarity[i, t] > similarity[i, s] for t in range(5))
+    for s in range(5):
+        best = min(1 + sum(similarity[j, s] > similarity[i, s] for j in range(len(image_study)))
+                   for i in np.flatnonzero(image_study == s))
+        assert report_to_image[s] == best
+
+
+def _probe_config(data_dir: str, workdirs: str):
+    c = linear_probe.get_config()
+    c.mode, c.workdirs, c.data_dir, c.dataset, c.test_split = "retrieval", workdirs, data_dir, "covid_notes", "test"
+    c.bootstrap, c.batch_size = 50, 16
+    return c
+
+
+def test_retrieval_of_a_trained_run_equals_a_direct_computation(pretrain_data, tmp_path):
+    from data_prep import built
+
+    data_dir, emb, _ = pretrain_data
+    train.train(micro_config(data_dir, emb, objectives={"llm_contrastive": 1.0}, total_steps=2), str(tmp_path / "run"))
+    results = evaluate.evaluate(_probe_config(data_dir, str(tmp_path / "run")), str(tmp_path / "out"))
+    row, = results["retrieval"]
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.AXES)
+    encoder = features.load_encoder(str(tmp_path / "run"), -1, mesh)
+    builder, _, _ = built.open_builder(data_dir, "covid_notes")
+    source = built.open_split(builder, "test")
+    records = [source[i] for i in range(len(source))]
+    images = np.stack([transforms.normalise(transforms.center_crop_resize(transforms.decode_png(r["image"]), 32),
+                                            0.5, 0.25) for r in records])
+    from mvlp_jax.data import targets
+
+    table = targets.load_targets(emb, "mean")
+    studies = sorted({r["study_id"].decode() for r in records})
+    vectors = np.stack([table.vectors[table.rows()[s]] for s in studies]).astype(np.float32)
+    z_img = np.asarray(encoder.model.apply({"params": encoder.params}, jnp.asarray(images), train=False,
+                                           method=llm_contrastive.embed_images))
+    z_txt = np.asarray(encoder.model.apply({"params": encoder.params}, jnp.asarray(vectors),
+                                           method=llm_contrastive.embed_targets))
+    unit = lambda z: z / np.linalg.norm(z, axis=1, keepdims=True)
+    similarity = unit(z_img) @ unit(z_txt).T
+    own = np.array([studies.index(r["study_id"].decode()) for r in records])
+    rank = np.array([1 + np.sum(similarity[i] > similarity[i, own[i]]) for i in range(len(records))])
+    assert row["images"] == len(records) and row["studies"] == len(studies)
+    for k in (1, 5, 10):
+        np.testing.assert_allclose(row["image_to_report"][f"R@{k}"], np.mean(rank <= k))
+        lo, hi = row["image_to_report"][f"R@{k}_ci95"]
+        assert lo <= row["image_to_report"][f"R@{k}"] <= hi
+    assert row["image_to_report"]["median_rank"] == np.median(rank)
+    saved = json.load(open(tmp_path / "out" / "results.json"))["retrieval"][0]
+    assert saved["report_to_image"] == row["report_to_image"]
+    assert "image to report" in open(tmp_path / "out" / "results.md").read()
+
+
+def test_runs_without_a_text_space_are_refused_by_name(pretrain_data, tmp_path):
+    data_dir, emb, _ = pretrain_data
+    train.train(micro_config(data_dir, emb, objectives={"mae": 1.0}, total_steps=1), str(tmp_path / "mae"))
+    with pytest.raises(ValueError, match="trained with mae: none of its objectives declares an image-report space"):
+        evaluate.evaluate(_probe_config(data_dir, str(tmp_path / "mae")), str(tmp_path / "o1"))
+    with pytest.raises(ValueError, match="random_init has no text space"):
+        evaluate.evaluate(_probe_config(data_dir, "random_init," + str(tmp_path / "mae")), str(tmp_path / "o2"))
