@@ -26,3 +26,16 @@ def pretrain_data(tmp_path_factory):
     data_dir = build_sample(root)
     studies = write_targets(data_dir, os.path.join(root, "emb"))
     return data_dir, os.path.join(root, "emb"), studies
+
+
+@pytest.fixture(scope="session")
+def contrastive_run(pretrain_data, tmp_path_factory):
+    """A workdir of the micro ViT trained 2 steps with llm_contrastive alone on the shipped sample (export and
+    retrieval tests read it)."""
+    from mvlp_jax import train
+    from tests.pretrain_setup import micro_config
+
+    data_dir, emb, _ = pretrain_data
+    workdir = str(tmp_path_factory.mktemp("contrastive_run"))
+    train.train(micro_config(data_dir, emb, objectives={"llm_contrastive": 1.0}, total_steps=2), workdir)
+    return workdir

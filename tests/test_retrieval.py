@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import linear_probe
-from mvlp_jax import evaluate, features, sharding, train
+from mvlp_jax import evaluate, features, sharding
 from mvlp_jax.data import transforms
 from mvlp_jax.objectives import llm_contrastive
 from mvlp_jax.retrieval import ranks
@@ -35,16 +35,15 @@ def _probe_config(data_dir: str, workdirs: str):
     return c
 
 
-def test_retrieval_of_a_trained_run_equals_a_direct_computation(pretrain_data, tmp_path):
+def test_retrieval_of_a_trained_run_equals_a_direct_computation(pretrain_data, contrastive_run, tmp_path):
     from data_prep import built
 
     data_dir, emb, _ = pretrain_data
-    train.train(micro_config(data_dir, emb, objectives={"llm_contrastive": 1.0}, total_steps=2), str(tmp_path / "run"))
-    results = evaluate.evaluate(_probe_config(data_dir, str(tmp_path / "run")), str(tmp_path / "out"))
+    results = evaluate.evaluate(_probe_config(data_dir, contrastive_run), str(tmp_path / "out"))
     row, = results["retrieval"]
 
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.AXES)
-    encoder = features.load_encoder(str(tmp_path / "run"), -1, mesh)
+    encoder = features.load_encoder(contrastive_run, -1, mesh)
     builder, _, _ = built.open_builder(data_dir, "covid_notes")
     source = built.open_split(builder, "test")
     records = [source[i] for i in range(len(source))]
@@ -74,10 +73,16 @@ def test_retrieval_of_a_trained_run_equals_a_direct_computation(pretrain_data, t
     assert "image to report" in open(tmp_path / "out" / "results.md").read()
 
 
-def test_runs_without_a_text_space_are_refused_by_name(pretrain_data, tmp_path):
+def test_runs_without_a_text_space_are_refused_by_name(pretrain_data, contrastive_run, tmp_path):
+    from mvlp_jax.models.pretrainer import Pretrainer
+    from mvlp_jax.retrieval import shared_space
+
     data_dir, emb, _ = pretrain_data
-    train.train(micro_config(data_dir, emb, objectives={"mae": 1.0}, total_steps=1), str(tmp_path / "mae"))
-    with pytest.raises(ValueError, match="trained with mae: none of its objectives declares an image-report space"):
-        evaluate.evaluate(_probe_config(data_dir, str(tmp_path / "mae")), str(tmp_path / "o1"))
+    for objectives in ({"mae": 1.0}, {"mflag": 1.0}):
+        config = micro_config(data_dir, emb, objectives=objectives)
+        encoder = features.Encoder("run", config, Pretrainer(config, 24), {}, 1)
+        with pytest.raises(ValueError, match=f"run was trained with {next(iter(objectives))}: none of its objectives "
+                                             "declares an image-report space"):
+            shared_space(encoder)
     with pytest.raises(ValueError, match="random_init has no text space"):
-        evaluate.evaluate(_probe_config(data_dir, "random_init," + str(tmp_path / "mae")), str(tmp_path / "o2"))
+        evaluate.evaluate(_probe_config(data_dir, "random_init," + contrastive_run), str(tmp_path / "o2"))
