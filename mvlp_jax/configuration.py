@@ -140,10 +140,16 @@ EVAL_SPEC: dict[str, tuple[Any, Check, str]] = {
     "step": (-1, None, "Checkpoint step of every workdir (-1: the newest)."),
     "teacher": (False, None, "Probe a DINO run's EMA teacher encoder (the network DINO evaluates) instead of the "
                 "student; refused for a run without one."),
-    "mode": ("linear", ("linear", "finetune", "retrieval"),
+    "mode": ("linear", ("linear", "finetune", "retrieval", "zero_shot"),
              "'linear': frozen encoder + logistic regression; 'finetune': the whole network; 'retrieval': image <-> "
              "report Recall@k on test_split, in the run's image-text space (reports from `embeddings`, default the "
-             "run's own)."),
+             "run's own); 'zero_shot': per-label AUC on test_split from text prompts, no training."),
+    "prompts": ("pair", ("pair", "ensemble"),
+                "zero_shot: CheXzero's '{label}' vs 'no {label}', or BioViL-style ensembles of phrasings "
+                "(configs/zero_shot_prompts.py)."),
+    "llm": ("", None, "zero_shot: the frozen LLM that reads the prompts (checkpoint dir, .gguf, or 'smollm2'); '' "
+            "takes the one named in the run's embedding manifest where it can be found (the embedded SmolLM2). A "
+            "model whose weights differ from those the run's targets came from is refused."),
     "features_from": ("image", ("image", "text_embeddings"),
                       "'image': the workdirs' encoders; 'text_embeddings': the stored LLM vectors."),
     "embeddings": ("", None, "text_embeddings: comma-separated precompute output dirs (study ids must match); "
@@ -182,8 +188,9 @@ EVAL_RULES: tuple[tuple[Callable[[Any], bool], str], ...] = (
      "data_prep.precompute_text_embeddings"),
     (lambda c: c.features_from != "text_embeddings" or c.mode == "linear",
      "features_from='text_embeddings' probes stored vectors: it needs mode='linear'"),
-    (lambda c: c.mode != "retrieval" or c.features_from == "image",
-     "mode='retrieval' compares the workdirs' image embeddings with reports: it needs features_from='image'"),
+    (lambda c: c.mode not in ("retrieval", "zero_shot") or c.features_from == "image",
+     "mode='retrieval' and 'zero_shot' compare the workdirs' image embeddings with text: they need "
+     "features_from='image'"),
 )
 
 

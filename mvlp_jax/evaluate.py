@@ -83,10 +83,14 @@ def evaluate(config, output_dir: str) -> dict:
     config.unlock()
     config.mesh = {"data": -1, "fsdp": 1, "model": 1}
     mesh = sharding.make_mesh(config)
-    if config.mode == "retrieval":
+    if config.mode == "retrieval":  # image-text modes: no probe, no training split
         from mvlp_jax import retrieval
 
         return retrieval.run(config, output_dir, mesh, _subjects(config))
+    if config.mode == "zero_shot":
+        from mvlp_jax import zero_shot
+
+        return zero_shot.run(config, output_dir, mesh, _subjects(config))
     splits = {}
     for role in ("train", "val", "test"):
         name = config[f"{role}_split"]

@@ -39,3 +39,20 @@ def contrastive_run(pretrain_data, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("contrastive_run"))
     train.train(micro_config(data_dir, emb, objectives={"llm_contrastive": 1.0}, total_steps=2), workdir)
     return workdir
+
+
+@pytest.fixture(scope="session")
+def nih_and_workdir(pretrain_data, tmp_path_factory):
+    """The shipped real NIH sample at 64 px, and a micro pretraining workdir (LLM contrastive + MAE)."""
+    from data_prep.build_dataset import build
+    from mvlp_jax import train
+    from mvlp_jax.demo import DATASETS
+    from tests.pretrain_setup import micro_config
+
+    root = tmp_path_factory.mktemp("eval")
+    options = dict(DATASETS["nih_sample"], image_size=64)
+    build("csv", options.pop("input_dir"), str(root / "tfds"), name="nih_sample", **options)
+    data_dir, emb_dir, _ = pretrain_data
+    workdir = str(root / "pretrain")
+    train.train(micro_config(data_dir, emb_dir, total_steps=4), workdir)
+    return str(root / "tfds"), workdir

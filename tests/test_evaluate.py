@@ -63,21 +63,6 @@ def test_probe_recovers_a_planted_signal_and_not_noise():
     assert abs(metrics.mean_auc(noise[500:], fitted.predict(x[500:]), m[500:]) - 0.5) < 0.1
 
 
-@pytest.fixture(scope="module")
-def nih_and_workdir(pretrain_data, tmp_path_factory):
-    """The shipped real NIH sample at 64 px, and a micro pretraining workdir (LLM contrastive + MAE)."""
-    from data_prep.build_dataset import build
-    from mvlp_jax.demo import DATASETS
-
-    root = tmp_path_factory.mktemp("eval")
-    options = dict(DATASETS["nih_sample"], image_size=64)
-    build("csv", options.pop("input_dir"), str(root / "tfds"), name="nih_sample", **options)
-    data_dir, emb_dir, _ = pretrain_data
-    workdir = str(root / "pretrain")
-    train.train(micro_config(data_dir, emb_dir, total_steps=4), workdir)
-    return str(root / "tfds"), workdir
-
-
 def _probe_config(data_dir, workdirs):
 
     from configs import linear_probe

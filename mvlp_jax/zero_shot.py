@@ -1,0 +1,123 @@
+"""Zero-shot classification from text prompts (`--config.mode=zero_shot` of the evaluation binary).
+
+Each label's prompts (configs/zero_shot_prompts.py: CheXzero's pair, or BioViL-style ensembles) are read by the
+same frozen LLM, layer and pooling the run's report targets came from (the run's embedding manifest; a
+different LLM is refused), then through the run's text projection; a prompt set's embedding is the
+renormalised mean of its prompts'. An image's score for a label is the softmax of its cosine similarities to
+the positive and the negative set, at the run's learned temperature where it has one.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mvlp_jax import features, metrics
+from mvlp_jax.models.norm import l2_normalise
+from mvlp_jax.retrieval import shared_space
+
+Embedder = Callable[[list[str]], np.ndarray]  # prompts -> (P, LLM hidden) stored-style vectors
+
+
+def llm_embedder(manifest: dict, pooling: str, llm: str) -> Embedder:
+    """Prompts -> vectors by the LLM of `manifest` (the run's targets'), refusing any other weights."""
+    from data_prep.text_embeddings.model import FrozenLM
+
+    model = llm or ("smollm2" if manifest["model"].startswith("HuggingFaceTB/SmolLM2-135M") else "")
+    if not model:
+        raise ValueError(f"the run's report targets came from {manifest['model']}: pass that model as "
+                         f"--config.llm=DIR (its checkpoint directory or .gguf file)")
+    lm = FrozenLM(model, layer=manifest["layer"], dtype=manifest.get("compute_dtype", "float32"))
+    if lm.hash != manifest["weights_sha256"]:
+        raise ValueError(f"--config.llm={model} is not the LLM the run's targets came from: weights sha256 "
+                         f"{lm.hash[:12]}..., the targets' {manifest['weights_sha256'][:12]}... ({manifest['model']})")
+
+    def embed(texts: list[str]) -> np.ndarray:
+        out = lm.embed(texts, manifest.get("max_tokens", 512), False)
+        return np.stack([mean if pooling == "mean" else last for mean, last, _ in out]).astype(np.float32)
+    return embed
+
+
+def label_scores(image_embeddings: np.ndarray, positive: np.ndarray, negative: np.ndarray,
+                 temperature: float) -> np.ndarray:
+    """(N, L) probabilities: softmax over (positive, negative) of the cosine similarities / temperature."""
+    images = np.asarray(l2_normalise(jnp.asarray(image_embeddings)))
+    margin = images @ positive.T - images @ negative.T
+    return 1.0 / (1.0 + np.exp(-margin / temperature))
+
+
+def prompt_set_embeddings(encoder: features.Encoder, text_fn, vectors: np.ndarray, sets: list[list[int]]
+                          ) -> np.ndarray:
+    """(len(sets), E): per set, the renormalised mean of its prompts' unit embeddings."""
+    z = l2_normalise(encoder.model.apply({"params": encoder.params}, jnp.asarray(vectors), method=text_fn))
+    return np.stack([np.asarray(l2_normalise(z[jnp.asarray(idx)].mean(axis=0))) for idx in sets])
+
+
+def evaluate_run(encoder: features.Encoder, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                 embed: Embedder | None = None) -> dict:
+    from configs import zero_shot_prompts
+    from data_prep.text_embeddings import schema
+    from mvlp_jax import evaluate
+
+    image_fn, text_fn = shared_space(encoder).shared_space
+    source, names, where = features.labelled_split(config.data_dir, config.dataset, config.test_split)
+    labels, patients = features.read_labels(source)
+    y, mask = evaluate.targets_and_mask(labels, config.uncertain, config.unmentioned)
+    if embed is None:
+        manifest = schema.read_manifest(encoder.config.data.embeddings_dir)
+        embed = llm_embedder(manifest, encoder.config.contrastive.target, config.llm)
+    prompts = {n: zero_shot_prompts.prompts(n, config.prompts) for n in names}
+    texts = sorted({t for pos, neg in prompts.values() for t in pos + neg})
+    vectors = embed(texts)
+    index = {t: i for i, t in enumerate(texts)}
+    positive = prompt_set_embeddings(encoder, text_fn, vectors, [[index[t] for t in prompts[n][0]] for n in names])
+    negative = prompt_set_embeddings(encoder, text_fn, vectors, [[index[t] for t in prompts[n][1]] for n in names])
+    forward = lambda p, x: encoder.model.apply({"params": p}, x, train=False, method=image_fn)
+    images = features.apply_to_split(forward, encoder.params, source, encoder.config, config.batch_size, mesh,
+                                     f"zero-shot {encoder.name} {where}")
+    log_t = encoder.params.get("log_temperature")
+    temperature = float(np.exp(np.asarray(log_t))) if log_t is not None else 1.0
+    probs = label_scores(images, positive, negative, temperature)
+    return {"name": encoder.name, "workdir": encoder.source, "step": encoder.step, "split": where,
+            "mode": "zero_shot", "prompts": config.prompts, "temperature": temperature, "test_cases": len(probs),
+            "prompt_sets": {n: {"positive": list(p), "negative": list(q)} for n, (p, q) in prompts.items()},
+            **metrics.summary(y, probs, mask, names),
+            "ci95": metrics.bootstrap_ci(y, probs, mask, patients, config.bootstrap, config.seed)}
+
+
+def table(rows: list[dict]) -> str:
+    names = list(rows[0]["auc"]) if rows else []
+    lines = ["| checkpoint | step | prompts | mAUC [95% CI] | exact-match acc. [95% CI] | " + " | ".join(names) + " |",
+             "| --- " * (5 + len(names)) + "|"]
+    for r in rows:
+        ci = r["ci95"]
+        aucs = " | ".join("n/a" if not np.isfinite(a) else f"{a:.3f}" for a in r["auc"].values())
+        lines.append(f"| {r['name']} | {r['step']} | zero-shot, {r['prompts']} | {r['mauc']:.4f} [{ci['mauc'][0]:.4f}, "
+                     f"{ci['mauc'][1]:.4f}] | {r['accuracy']:.4f} [{ci['accuracy'][0]:.4f}, {ci['accuracy'][1]:.4f}] | "
+                     f"{aucs} |")
+    return "\n".join(lines)
+
+
+def run(config: ml_collections.ConfigDict, output_dir: str, mesh: jax.sharding.Mesh, subjects: list[str],
+        embed: Embedder | None = None) -> dict:
+    if features.RANDOM_INIT in subjects:
+        raise ValueError("random_init has no text space: zero-shot scores images against embedded prompts")
+    rows = []
+    for subject in subjects:
+        encoder = features.load_encoder(subject, config.step, mesh, teacher=config.teacher)
+        rows.append(evaluate_run(encoder, config, mesh, embed))
+        r = rows[-1]
+        print(f"{r['name']} (step {r['step']}), {r['split']}, zero-shot ({r['prompts']} prompts): mAUC "
+              f"{r['mauc']:.4f} [{r['ci95']['mauc'][0]:.4f}, {r['ci95']['mauc'][1]:.4f}]", flush=True)
+    results = {"config": config.to_dict(), "zero_shot": rows}
+    with open(os.path.join(output_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1, default=list)
+    with open(os.path.join(output_dir, "results.md"), "w") as f:
+        f.write(table(rows) + "\n")
+    print(table(rows))
+    return results
