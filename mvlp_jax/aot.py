@@ -7,7 +7,7 @@ For each topology, the real TPU compiler (libtpu: `pip install -e '.[tpu]'`) com
 forward pass for the slice's devices, and prints per chip: argument / temporary / output bytes against the
 chip's HBM, FLOPs and bytes accessed per step, arithmetic intensity against the chip's roofline, the collectives
 of the optimised HLO, images/s per chip at 40% MFU, and the compiler's own time estimate where it is valid.
-A cyclic schedule's FLOPs and bytes are those of one step (the mean over its objectives), not every branch's.
+A cyclic schedule's FLOPs and bytes are those of a mean step over its objectives, not of its costliest one.
 Exits 1, naming the knobs, when a program does not fit in HBM.
 """
 from __future__ import annotations
@@ -242,7 +242,7 @@ def compile_programs(config: ml_collections.ConfigDict, topology: str, target_di
         hlo = compiled.as_text()
         measured = _memory_and_cost(compiled)
         if program == "train" and combine.cyclic(config):
-            # XLA's cost analysis counts every objective's branch; a step runs one. The compiler's own time
+            # XLA's cost analysis counts the costliest objective's branch on every step. The compiler's own time
             # estimate has the same fault, so it is dropped.
             shapes = jax.eval_shape(lambda: train_step.example_batch(config, target_dim, batch=batch))
             share = train_step.cyclic_flops_share(model, tx, config, abstract, state_sh, mesh, shapes)

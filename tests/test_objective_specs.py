@@ -134,7 +134,7 @@ def test_a_cyclic_step_builds_only_its_objectives_views(monkeypatch):
 
 
 def test_a_cyclic_steps_flops_are_one_objectives_not_every_branchs():
-    config = _micro(task_schedule="cyclic")
+    config = _micro(task_schedule="cyclic", objectives={"mae": 1.0, "query_box": 1.0})  # two, to compile fewer
     mesh = sharding.make_mesh(config, jax.devices()[:1])
     model, tx = Pretrainer(config, 0), optim.make(config)
     state, state_sh = ts.create_state(model, tx, config, mesh)
@@ -145,10 +145,12 @@ def test_a_cyclic_steps_flops_are_one_objectives_not_every_branchs():
         return float(step.cost_analysis()["flops"])
 
     counted = compiled_flops()
-    alone = [compiled_flops([name]) for name in sorted(config.objectives)]
+    alone = {name: compiled_flops([name]) for name in sorted(config.objectives)}
     share = ts.cyclic_flops_share(model, tx, config, state, state_sh, mesh, shapes)
-    assert counted > 1.5 * np.mean(alone)  # every branch counted: the overstatement being corrected
-    np.testing.assert_allclose(counted * share, np.mean(alone), rtol=0.05)
+    # XLA counts the costliest branch for every step: the overstatement being corrected
+    np.testing.assert_allclose(counted, max(alone.values()), rtol=0.05)
+    assert alone["query_box"] > 1.2 * alone["mae"]
+    np.testing.assert_allclose(counted * share, np.mean(list(alone.values())), rtol=0.05)
     assert ts.cyclic_flops_share(model, tx, _micro(task_schedule="sum"), state, state_sh, mesh, shapes) == 1.0
 
 
