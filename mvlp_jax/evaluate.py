@@ -15,7 +15,6 @@ of `config.embeddings` instead: the ceiling the image encoder is chasing.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 
@@ -171,13 +170,8 @@ def evaluate(config, output_dir: str) -> dict:
                                                                       scored_by[fraction], test_groups,
                                                                       config.bootstrap,
                                                                       config.seed)})
-    with open(os.path.join(output_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2, default=float)
-    table = report.markdown(results)
-    with open(os.path.join(output_dir, "results.md"), "w") as f:
-        f.write(table)
+    report.save(output_dir, results, report.markdown(results))
     report.plots(results, probs_by, test_y, test_m, output_dir)
-    print(table)
     return results
 
 

@@ -1,9 +1,19 @@
 """Evaluation outputs a user pastes or looks at: the markdown table, ROC curves, per-label AUC bars."""
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
+
+
+def save(output_dir: str, results: dict, table: str) -> None:
+    """Writes results.json (everything) and results.md (`table`), and prints the table."""
+    with open(os.path.join(output_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2, default=float)
+    with open(os.path.join(output_dir, "results.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
 
 
 def _ci(row: dict, key: str) -> str:

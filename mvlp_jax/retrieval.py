@@ -8,15 +8,13 @@ and median rank, with 95% intervals resampling patients.
 """
 from __future__ import annotations
 
-import json
-import os
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mvlp_jax import features, metrics
+from mvlp_jax import features, metrics, report
 from mvlp_jax.models.norm import l2_normalise
 from mvlp_jax.objectives import registry
 
@@ -120,9 +118,5 @@ def run(config: ml_collections.ConfigDict, output_dir: str, mesh: jax.sharding.M
               f"report -> image R@1 {r['report_to_image']['R@1']:.3f} ({r['images']} images, {r['studies']} "
               f"studies; chance R@1 {1 / r['studies']:.3f})", flush=True)
     results = {"config": config.to_dict(), "retrieval": rows}
-    with open(os.path.join(output_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1, default=list)
-    with open(os.path.join(output_dir, "results.md"), "w") as f:
-        f.write(table(rows) + "\n")
-    print(table(rows))
+    report.save(output_dir, results, table(rows))
     return results

@@ -3,13 +3,11 @@
 Each label's prompts (configs/zero_shot_prompts.py: CheXzero's pair, or BioViL-style ensembles) are read by the
 same frozen LLM, layer and pooling the run's report targets came from (the run's embedding manifest; a
 different LLM is refused), then through the run's text projection; a prompt set's embedding is the
-renormalised mean of its prompts'. An image's score for a label is the softmax of its cosine similarities to
-the positive and the negative set, at the run's learned temperature where it has one.
+renormalised mean of its prompts'. An image's score for a label compares its cosine similarities to the positive
+and the negative set (`label_scores`: ranked and thresholded as CheXzero's softmax over the pair).
 """
 from __future__ import annotations
 
-import json
-import os
 from typing import Callable
 
 import jax
@@ -17,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mvlp_jax import features, metrics
+from mvlp_jax import features, metrics, report
 from mvlp_jax.models.norm import l2_normalise
 from mvlp_jax.retrieval import shared_space
 
@@ -43,12 +41,15 @@ def llm_embedder(manifest: dict, pooling: str, llm: str) -> Embedder:
     return embed
 
 
-def label_scores(image_embeddings: np.ndarray, positive: np.ndarray, negative: np.ndarray,
-                 temperature: float) -> np.ndarray:
-    """(N, L) probabilities: softmax over (positive, negative) of the cosine similarities / temperature."""
-    images = np.asarray(l2_normalise(jnp.asarray(image_embeddings)))
-    margin = images @ positive.T - images @ negative.T
-    return 1.0 / (1.0 + np.exp(-margin / temperature))
+def label_scores(image_embeddings: np.ndarray, positive: np.ndarray, negative: np.ndarray) -> np.ndarray:
+    """(N, L) scores in [0, 1]: 0.5 + (cos(image, positive) - cos(image, negative)) / 4, in float64.
+
+    The softmax over the two similarities is a monotone function of their difference with its 0.5 threshold
+    where the difference is 0, so AUC and exact-match accuracy are the same as the softmax's at any
+    temperature; unlike a float softmax it never saturates into ties."""
+    images = np.asarray(l2_normalise(jnp.asarray(image_embeddings)), np.float64)
+    margin = images @ positive.astype(np.float64).T - images @ negative.astype(np.float64).T
+    return 0.5 + margin / 4.0
 
 
 def prompt_set_embeddings(encoder: features.Encoder, text_fn, vectors: np.ndarray, sets: list[list[int]]
@@ -80,11 +81,9 @@ def evaluate_run(encoder: features.Encoder, config: ml_collections.ConfigDict, m
     forward = lambda p, x: encoder.model.apply({"params": p}, x, train=False, method=image_fn)
     images = features.apply_to_split(forward, encoder.params, source, encoder.config, config.batch_size, mesh,
                                      f"zero-shot {encoder.name} {where}")
-    log_t = encoder.params.get("log_temperature")
-    temperature = float(np.exp(np.asarray(log_t))) if log_t is not None else 1.0
-    probs = label_scores(images, positive, negative, temperature)
+    probs = label_scores(images, positive, negative)
     return {"name": encoder.name, "workdir": encoder.source, "step": encoder.step, "split": where,
-            "mode": "zero_shot", "prompts": config.prompts, "temperature": temperature, "test_cases": len(probs),
+            "mode": "zero_shot", "prompts": config.prompts, "test_cases": len(probs),
             "prompt_sets": {n: {"positive": list(p), "negative": list(q)} for n, (p, q) in prompts.items()},
             **metrics.summary(y, probs, mask, names),
             "ci95": metrics.bootstrap_ci(y, probs, mask, patients, config.bootstrap, config.seed)}
@@ -115,9 +114,5 @@ def run(config: ml_collections.ConfigDict, output_dir: str, mesh: jax.sharding.M
         print(f"{r['name']} (step {r['step']}), {r['split']}, zero-shot ({r['prompts']} prompts): mAUC "
               f"{r['mauc']:.4f} [{r['ci95']['mauc'][0]:.4f}, {r['ci95']['mauc'][1]:.4f}]", flush=True)
     results = {"config": config.to_dict(), "zero_shot": rows}
-    with open(os.path.join(output_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1, default=list)
-    with open(os.path.join(output_dir, "results.md"), "w") as f:
-        f.write(table(rows) + "\n")
-    print(table(rows))
+    report.save(output_dir, results, table(rows))
     return results
