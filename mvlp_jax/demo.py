@@ -4,7 +4,9 @@ Stages: build the COVID image+notes set and the NIH 14-label set from data_prep/
 COVID notes with the embedded SmolLM2; pretrain the four recipes on them with the same encoder size,
 steps and seed (configs/{pretrain,mae,mflag,multitask}.py:demo: LLM contrastive + MAE, MAE alone,
 M-FLAG, and MAE + DINO + query box in a cycle on ViTDet); linear-probe all four and an untrained encoder
-on the NIH sample's 14 labels (runs/demo/eval/results.md). Each stage is skipped (and says so) when
+on the NIH sample's 14 labels (runs/demo/eval/results.md); for the recipes with an image-text space,
+image <-> report retrieval on the COVID test split and zero-shot classification of the NIH sample from
+prompts (runs/demo/eval_retrieval, eval_zero_shot_{pair,ensemble}). Each stage is skipped (and says so) when
 its output is already complete; an interrupted training stage resumes from its last checkpoint.
 """
 from __future__ import annotations
@@ -98,6 +100,29 @@ def evaluate_probes() -> None:
     evaluate.evaluate(config, out)
 
 
+def evaluate_text_space() -> None:
+    """Retrieval and zero-shot rows for every recipe whose objectives declare an image-text space."""
+    from mvlp_jax import evaluate
+    from mvlp_jax.objectives import registry
+
+    spaced = [name for name in RECIPES
+              if any(s.shared_space is not None for s in registry.configured(load_config(name, "demo")))]
+    modes = {"eval_retrieval": ("retrieval", "covid_notes", "test", "pair"),
+             "eval_zero_shot_pair": ("zero_shot", "nih_sample", "valid", "pair"),
+             "eval_zero_shot_ensemble": ("zero_shot", "nih_sample", "valid", "ensemble")}
+    for folder, (mode, dataset, split, prompts) in modes.items():
+        out = os.path.join(RUNS, folder)
+        if os.path.exists(os.path.join(out, "results.md")):
+            with open(os.path.join(out, "results.md")) as f:
+                print(f"[demo] {mode}: already done, reusing {out}/results.md\n{f.read()}")
+            continue
+        config = load_config("linear_probe", "nih_sample")
+        config.mode, config.dataset, config.test_split, config.prompts = mode, dataset, split, prompts
+        config.data_dir, config.workdirs = DATA_DIR, ",".join(os.path.join(RUNS, name) for name in spaced)
+        print(f"[demo] {mode.replace('_', '-')} ({dataset}/{split}) of {', '.join(spaced)} -> {out}")
+        evaluate.evaluate(config, out)
+
+
 def main() -> None:
     start = time.perf_counter()
     os.makedirs(RUNS, exist_ok=True)
@@ -106,6 +131,7 @@ def main() -> None:
     for name in RECIPES:
         pretrain(name)
     evaluate_probes()
+    evaluate_text_space()
     print(f"[demo] done in {time.perf_counter() - start:.0f}s; outputs under {RUNS}")
 
 

@@ -4,19 +4,18 @@ Every image of a held-out split is embedded by the run's encoder, pooling and im
 stored report vector (the frozen LLM's, as trained against) by its text projection. Image -> report: the rank of
 the image's own study among all the split's reports. Report -> image: the best rank of any of the study's
 images among all the split's images (big_vision's convention: a hit if any match is in the top k). Recall@1/5/10
-and median rank, with 95% intervals resampling patients.
+and median rank, with 95% intervals resampling patients. Heads with batch statistics (M-FLAG's) normalise over
+all the split's images and all its reports (mvlp_jax/shared_space.py).
 """
 from __future__ import annotations
-
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mvlp_jax import features, metrics, report
+from mvlp_jax import features, metrics, report, shared_space
 from mvlp_jax.models.norm import l2_normalise
-from mvlp_jax.objectives import registry
 
 KS = (1, 5, 10)
 
@@ -46,21 +45,11 @@ def summary(rank: np.ndarray, groups: np.ndarray, num: int, seed: int) -> dict:
     return out
 
 
-def shared_space(encoder: features.Encoder):
-    """The spec whose image and report embeddings share one space, or a ValueError naming what the run has."""
-    specs = [s for s in registry.configured(encoder.config) if s.shared_space is not None]
-    if not specs or not encoder.model.target_dim:
-        raise ValueError(f"{encoder.name} was trained with {', '.join(sorted(encoder.config.objectives))}: none of "
-                         f"its objectives declares an image-report space to retrieve in (those that do: "
-                         f"{', '.join(n for n, s in registry.SPECS.items() if s.shared_space is not None)})")
-    return specs[0]
-
-
 def evaluate_run(encoder: features.Encoder, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> dict:
     from data_prep import built
     from mvlp_jax.data import targets as targets_lib
 
-    image_fn, text_fn = shared_space(encoder).shared_space
+    space = shared_space.resolve(encoder)
     builder, name, version = built.open_builder(config.data_dir, config.dataset)
     source = built.open_split(builder, config.test_split)
     where = f"{name}:{version}/{config.test_split}"
@@ -79,12 +68,9 @@ def evaluate_run(encoder: features.Encoder, config: ml_collections.ConfigDict, m
     image_study = np.array([column[s] for s in image_studies])
     patients = np.array([r["subject_id"].decode() for r in records])
 
-    forward = lambda p, x: encoder.model.apply({"params": p}, x, train=False, method=image_fn)
-    images = features.apply_to_split(forward, encoder.params, source, encoder.config, config.batch_size, mesh,
-                                     f"retrieval {encoder.name} {where}")
-    texts = jax.jit(lambda p, t: encoder.model.apply({"params": p}, t, method=text_fn))(
-        encoder.params, jnp.asarray(table.vectors[rows], jnp.float32))
-    similarity = np.asarray(l2_normalise(jnp.asarray(images)) @ l2_normalise(texts).T)
+    images = shared_space.embed_images(encoder, space, source, config, mesh, f"retrieval {encoder.name} {where}")
+    texts = shared_space.embed_texts(encoder, space, table.vectors[rows])
+    similarity = np.asarray(l2_normalise(jnp.asarray(images)) @ l2_normalise(jnp.asarray(texts)).T)
     image_to_report, report_to_image = ranks(similarity, image_study)
     study_patient = np.array([patients[image_study == s][0] for s in range(len(studies))])
     return {"name": encoder.name, "workdir": encoder.source, "step": encoder.step, "split": where,

@@ -2,9 +2,11 @@
 
 Each label's prompts (configs/zero_shot_prompts.py: CheXzero's pair, or BioViL-style ensembles) are read by the
 same frozen LLM, layer and pooling the run's report targets came from (the run's embedding manifest; a
-different LLM is refused), then through the run's text projection; a prompt set's embedding is the
-renormalised mean of its prompts'. An image's score for a label compares its cosine similarities to the positive
-and the negative set (`label_scores`: ranked and thresholded as CheXzero's softmax over the pair).
+different LLM is refused), then through the run's text projection (a head with batch statistics normalises
+prompts with those of the run's training reports, images with those of the whole evaluated split); a prompt
+set's embedding is the renormalised mean of its prompts'. An image's score for a label compares its cosine
+similarities to the positive and the negative set (`label_scores`: ranked and thresholded as CheXzero's softmax
+over the pair).
 """
 from __future__ import annotations
 
@@ -15,9 +17,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mvlp_jax import features, metrics, report
+from mvlp_jax import features, metrics, report, shared_space
 from mvlp_jax.models.norm import l2_normalise
-from mvlp_jax.retrieval import shared_space
 
 Embedder = Callable[[list[str]], np.ndarray]  # prompts -> (P, LLM hidden) stored-style vectors
 
@@ -52,11 +53,19 @@ def label_scores(image_embeddings: np.ndarray, positive: np.ndarray, negative: n
     return 0.5 + margin / 4.0
 
 
-def prompt_set_embeddings(encoder: features.Encoder, text_fn, vectors: np.ndarray, sets: list[list[int]]
-                          ) -> np.ndarray:
-    """(len(sets), E): per set, the renormalised mean of its prompts' unit embeddings."""
-    z = l2_normalise(encoder.model.apply({"params": encoder.params}, jnp.asarray(vectors), method=text_fn))
+def prompt_set_embeddings(z: np.ndarray, sets: list[list[int]]) -> np.ndarray:
+    """(len(sets), E): per set, the renormalised mean of its prompts' unit embeddings `z`."""
+    z = l2_normalise(jnp.asarray(z))
     return np.stack([np.asarray(l2_normalise(z[jnp.asarray(idx)].mean(axis=0))) for idx in sets])
+
+
+def training_reports(encoder: features.Encoder, limit: int = 4096) -> np.ndarray:
+    """Up to `limit` of the run's stored report vectors, evenly spaced: the reference set whose statistics a
+    text head with batch statistics normalises prompts with."""
+    from mvlp_jax.data import targets as targets_lib
+
+    vectors = targets_lib.load_targets(encoder.config.data.embeddings_dir, encoder.config.contrastive.target).vectors
+    return vectors[np.linspace(0, len(vectors) - 1, min(limit, len(vectors))).astype(int)]
 
 
 def evaluate_run(encoder: features.Encoder, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
@@ -65,7 +74,7 @@ def evaluate_run(encoder: features.Encoder, config: ml_collections.ConfigDict, m
     from data_prep.text_embeddings import schema
     from mvlp_jax import evaluate
 
-    image_fn, text_fn = shared_space(encoder).shared_space
+    space = shared_space.resolve(encoder)
     source, names, where = features.labelled_split(config.data_dir, config.dataset, config.test_split)
     labels, patients = features.read_labels(source)
     y, mask = evaluate.targets_and_mask(labels, config.uncertain, config.unmentioned)
@@ -76,11 +85,10 @@ def evaluate_run(encoder: features.Encoder, config: ml_collections.ConfigDict, m
     texts = sorted({t for pos, neg in prompts.values() for t in pos + neg})
     vectors = embed(texts)
     index = {t: i for i, t in enumerate(texts)}
-    positive = prompt_set_embeddings(encoder, text_fn, vectors, [[index[t] for t in prompts[n][0]] for n in names])
-    negative = prompt_set_embeddings(encoder, text_fn, vectors, [[index[t] for t in prompts[n][1]] for n in names])
-    forward = lambda p, x: encoder.model.apply({"params": p}, x, train=False, method=image_fn)
-    images = features.apply_to_split(forward, encoder.params, source, encoder.config, config.batch_size, mesh,
-                                     f"zero-shot {encoder.name} {where}")
+    z = shared_space.embed_texts(encoder, space, vectors, reference=lambda: training_reports(encoder))
+    positive = prompt_set_embeddings(z, [[index[t] for t in prompts[n][0]] for n in names])
+    negative = prompt_set_embeddings(z, [[index[t] for t in prompts[n][1]] for n in names])
+    images = shared_space.embed_images(encoder, space, source, config, mesh, f"zero-shot {encoder.name} {where}")
     probs = label_scores(images, positive, negative)
     return {"name": encoder.name, "workdir": encoder.source, "step": encoder.step, "split": where,
             "mode": "zero_shot", "prompts": config.prompts, "test_cases": len(probs),

@@ -75,14 +75,14 @@ def test_retrieval_of_a_trained_run_equals_a_direct_computation(pretrain_data, c
 
 def test_runs_without_a_text_space_are_refused_by_name(pretrain_data, contrastive_run, tmp_path):
     from mvlp_jax.models.pretrainer import Pretrainer
-    from mvlp_jax.retrieval import shared_space
+    from mvlp_jax.shared_space import resolve
 
     data_dir, emb, _ = pretrain_data
-    for objectives in ({"mae": 1.0}, {"mflag": 1.0}):
+    for objectives in ({"mae": 1.0}, {"mae": 0.5, "dino": 0.5}):
         config = micro_config(data_dir, emb, objectives=objectives)
         encoder = features.Encoder("run", config, Pretrainer(config, 24), {}, 1)
-        with pytest.raises(ValueError, match=f"run was trained with {next(iter(objectives))}: none of its objectives "
-                                             "declares an image-report space"):
-            shared_space(encoder)
+        with pytest.raises(ValueError, match=f"run was trained with {', '.join(sorted(objectives))}: none of its "
+                                             "objectives declares an image-report space"):
+            resolve(encoder)
     with pytest.raises(ValueError, match="random_init has no text space"):
         evaluate.evaluate(_probe_config(data_dir, "random_init," + contrastive_run), str(tmp_path / "o2"))

@@ -59,16 +59,27 @@ class Pool(nn.Module):
 
 
 class BatchStatNorm(nn.Module):
-    """Batch normalisation with the statistics of the batch it sees, always (no running averages): for heads
-    used only in training. Under a sharded jit the batch mean is over the global batch, as the losses need."""
+    """Batch normalisation with the statistics of the batch it sees (no running averages): for heads used in
+    training. Under a sharded jit the batch mean is over the global batch, as the losses need.
+
+    Evaluation of a trained head fixes the statistics instead, so an item's output does not depend on what else
+    is in its batch: applied with a mutable `set_stats` collection it records the statistics of the set it sees;
+    applied with that collection given, it normalises with them (mvlp_jax/shared_space.py)."""
     use_affine: bool = True
     epsilon: float = 1e-5
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(jnp.float32)
-        mean = x.mean(axis=0)
-        var = ((x - mean) ** 2).mean(axis=0)
+        recording = self.is_mutable_collection("set_stats") and not self.is_initializing()
+        if self.has_variable("set_stats", "mean") and not recording:
+            mean, var = self.get_variable("set_stats", "mean"), self.get_variable("set_stats", "var")
+        else:
+            mean = x.mean(axis=0)
+            var = ((x - mean) ** 2).mean(axis=0)
+            if recording:
+                self.put_variable("set_stats", "mean", mean)
+                self.put_variable("set_stats", "var", var)
         y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
         if self.use_affine:
             y = y * self.param("scale", nn.initializers.ones, (x.shape[-1],)) + \

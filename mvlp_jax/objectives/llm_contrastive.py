@@ -10,7 +10,7 @@ import ml_collections
 
 from mvlp_jax.models.heads import ProjectionHead
 from mvlp_jax.objectives import contrastive_losses as losses
-from mvlp_jax.objectives.spec import LossFn, Spec
+from mvlp_jax.objectives.spec import LossFn, SharedSpace, Spec
 
 
 def heads(model: nn.Module, config: ml_collections.ConfigDict, dtype: Any) -> dict[str, Any]:
@@ -67,4 +67,4 @@ def make(model: nn.Module, config: ml_collections.ConfigDict) -> LossFn:
 
 
 SPEC = Spec(name="llm_contrastive", make_loss=make, needs_targets=True, heads=heads, init=init,
-            shared_space=(embed_images, embed_targets))
+            shared_space=SharedSpace(images=embed_images, text=embed_targets))

@@ -12,7 +12,7 @@ import ml_collections
 
 from mvlp_jax.models.heads import ProjectionHead
 from mvlp_jax.models.norm import l2_normalise
-from mvlp_jax.objectives.spec import LossFn, Spec
+from mvlp_jax.objectives.spec import LossFn, SharedSpace, Spec
 
 
 def heads(model: nn.Module, config: ml_collections.ConfigDict, dtype: Any) -> dict[str, Any]:
@@ -24,12 +24,25 @@ def heads(model: nn.Module, config: ml_collections.ConfigDict, dtype: Any) -> di
                                                     norm="batch")}
 
 
+def pooled(model: nn.Module, images: jax.Array, train: bool = True) -> jax.Array:
+    """Pooled image features before projection, float32; the features the orthogonality loss decorrelates."""
+    return model.pool(model.encoder(images, train=train)).astype(jnp.float32)
+
+
+def project_images(model: nn.Module, features: jax.Array) -> jax.Array:
+    return model.mflag_image_proj(features)
+
+
+def project_targets(model: nn.Module, targets: jax.Array) -> jax.Array:
+    return model.mflag_text_proj(targets.astype(jnp.float32))
+
+
 def embed(model: nn.Module, images: jax.Array, targets: jax.Array, train: bool = True
           ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(pooled image features before projection, projected image, projected text), float32; a `method` of
     `Pretrainer.apply`."""
-    features = model.pool(model.encoder(images, train=train)).astype(jnp.float32)
-    return features, model.mflag_image_proj(features), model.mflag_text_proj(targets.astype(jnp.float32))
+    features = pooled(model, images, train)
+    return features, project_images(model, features), project_targets(model, targets)
 
 
 def alignment(z_img: jax.Array, z_txt: jax.Array) -> jax.Array:
@@ -63,7 +76,8 @@ def make(model: nn.Module, config: ml_collections.ConfigDict) -> LossFn:
     return objective
 
 
-# No shared_space for retrieval: both projections normalise by the statistics of the batch they see, so an
-# image's or a report's embedding depends on what else is in its batch.
+# Both projections normalise by batch statistics: evaluation applies the image head to the whole evaluated set
+# at once, and the text head with the statistics of a set of reports (mvlp_jax/shared_space.py).
 SPEC = Spec(name="mflag", make_loss=make, needs_targets=True, heads=heads,
-            init=lambda model, images, targets: embed(model, images, targets, train=False))
+            init=lambda model, images, targets: embed(model, images, targets, train=False),
+            shared_space=SharedSpace(images=pooled, text=project_targets, image_head=project_images))

@@ -35,6 +35,20 @@ def check_patch_multiple(config: ml_collections.ConfigDict, key: str) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
+class SharedSpace:
+    """An objective's image-text space, as `Pretrainer.apply` methods.
+
+    images: (model, images, train) -> per-image features, each independent of the rest of its batch.
+    text: (model, stored LLM vectors) -> report embeddings.
+    image_head: (model, features) -> image embeddings, or None when `images` already gives them; applied to a
+      whole evaluated set at once, so heads that normalise by set statistics (BatchStatNorm) see all of it.
+    """
+    images: Callable[..., jax.Array]
+    text: Callable[..., jax.Array]
+    image_head: Callable[..., jax.Array] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class Spec:
     """An objective: its loss and everything around it the rest of the stack needs to know.
 
@@ -53,8 +67,8 @@ class Spec:
       -> dict merged into the train state's `extra`; update (extra, params, metrics, step, config) ->
       (extra, metrics), after the optimizer's update.
     check: config -> None, raising ValueError for settings it cannot train with.
-    shared_space: (image embedding, report embedding), `Pretrainer.apply` methods mapping images (with
-      `train=False`) and stored LLM vectors into one space, compared by cosine: what retrieval evaluates.
+    shared_space: how images and stored LLM vectors map into one space compared by cosine (SharedSpace):
+      what retrieval and zero-shot classification evaluate.
     """
     name: str
     make_loss: Callable[[Any, ml_collections.ConfigDict], LossFn]
@@ -67,4 +81,4 @@ class Spec:
     init_extra: Callable[[Any, ml_collections.ConfigDict], dict] | None = None
     update_extra: Callable[..., tuple[dict, dict]] | None = None
     check: Callable[[ml_collections.ConfigDict], None] | None = None
-    shared_space: tuple[Callable[..., jax.Array], Callable[..., jax.Array]] | None = None
+    shared_space: SharedSpace | None = None
