@@ -46,6 +46,9 @@ flags.DEFINE_string("id_column", "", "csv: unique image id column; default the i
 flags.DEFINE_string("group_column", "", "csv: patient column for patient-level splits.")
 flags.DEFINE_string("study_column", "", "csv: study column (text embeddings join on it); default the image id.")
 flags.DEFINE_string("view_column", "", "csv: view position column (filtered by --views).")
+flags.DEFINE_string("mask_column", "", "csv: column with a segmentation mask path (0 / 255, the image's size).")
+flags.DEFINE_string("mask_dir", "", "csv: folder (relative to the manifest's) the mask paths are relative to.")
+flags.DEFINE_string("boxes_csv", "", "csv: boxes table (relative to --input_dir): image, label, x, y, w, h.")
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -92,7 +95,13 @@ def build(source: str, input_dir: str, output_dir: str, *, name: str = "", image
         builder = builder_class(name)(scan=scan, image_size=image_size, num_workers=num_workers,
                                       decode_skips=decode_skips, data_dir=staging,
                                       file_format="array_record")
-        builder.download_and_prepare()
+        try:
+            builder.download_and_prepare()
+        except AssertionError as error:  # TFDS refuses a split that yielded nothing
+            if "No examples were yielded" not in str(error):
+                raise
+            raise R.InputError(f"{error}: every record of that split was skipped while decoding "
+                               f"({decode_skips.as_dict()})") from None
         written = {split: info.num_examples for split, info in builder.info.splits.items()}
         if sum(written.values()) == 0:
             raise R.InputError(f"every record of {input_dir} was skipped: {decode_skips.as_dict()}")
@@ -103,7 +112,8 @@ def build(source: str, input_dir: str, output_dir: str, *, name: str = "", image
         report = {
             "source": source, "name": name, "version": VERSION, "source_version": scan.source_version,
             "input_dir": os.path.abspath(input_dir), "image_size": image_size, "views": views,
-            "label_names": list(scan.label_names), "records_read": scan.records_read,
+            "label_names": list(scan.label_names), "annotations": list(scan.annotations),
+            "records_read": scan.records_read,
             "records_written": written, "records_written_total": sum(written.values()),
             "skipped": skips.as_dict(), "skipped_total": skips.total, "notes": scan.notes,
             "elapsed_s": round(elapsed, 2),
@@ -164,7 +174,8 @@ def main(argv: list[str]) -> None:
                    text_column=FLAGS.text_column, label_columns=FLAGS.label_columns,
                    split_column=FLAGS.split_column, id_column=FLAGS.id_column,
                    group_column=FLAGS.group_column, study_column=FLAGS.study_column,
-                   view_column=FLAGS.view_column)
+                   view_column=FLAGS.view_column, mask_column=FLAGS.mask_column, mask_dir=FLAGS.mask_dir,
+                   boxes_csv=FLAGS.boxes_csv)
     report = build(FLAGS.source, FLAGS.input_dir, FLAGS.output_dir, name=FLAGS.name, image_size=FLAGS.image_size,
                    views=FLAGS.views, strict=FLAGS.strict, num_workers=FLAGS.num_workers, overwrite=FLAGS.overwrite,
                    **options)

@@ -23,11 +23,12 @@ def open_builder(data_dir: str, dataset: str) -> tuple[Any, str, str]:
 
 
 def open_split(builder: Any, split: str, decode_images: bool = False) -> Any:
-    """Random-access source of one split; images stay PNG bytes unless `decode_images`."""
+    """Random-access source of one split; images (and masks) stay PNG bytes unless `decode_images`."""
     import tensorflow_datasets as tfds
 
     available = list(builder.info.splits)
     if split not in available:
         raise ValueError(f"dataset {builder.info.name} has no split {split!r}; it has {available}")
-    decoders = None if decode_images else {"image": tfds.decode.SkipDecoding()}
+    decoders = None if decode_images else {key: tfds.decode.SkipDecoding() for key in ("image", "mask")
+                                           if key in builder.info.features}
     return builder.as_data_source(split, decoders=decoders)

@@ -4,7 +4,9 @@
 
 covid_notes: the frontal (PA/AP) X-rays with clinical notes, grayscale, longest side 256 px, one row
 per distinct image, with each image's licence, DOI and URL kept. nih14: the 600 + 200 NIH images as
-grayscale 64 px PNGs with their 14 labels and the train/valid split of the source folders.
+grayscale 64 px PNGs with their 14 labels and the train/valid split of the source folders. covid_lungs: the 210
+X-rays with human-reviewed lung masks, longest side 256 px (masks resized nearest-neighbour to the same size),
+with each image's licence, DOI and URL kept.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(__file__), "sample")
 FLAGS = flags.FLAGS
 
 COVID_COLUMNS = ("image", "patient_id", "view", "finding", "license", "doi", "url", "notes")
+LUNG_COLUMNS = ("image", "mask", "patient_id", "view", "finding", "license", "doi", "url")
 NIH_COLUMNS = ("image", "patient_id", "split", "view", "age", "sex") + NIH14_LABELS
 
 
@@ -32,7 +35,8 @@ def _copy_attribution(shared: str, out_dir: str) -> None:
     with open(os.path.join(out_dir, "ATTRIBUTION.md"), "w") as f:
         f.write("# Attribution and licences of the shipped sample\n\n"
                 "A downscaled grayscale derivative of public data, made by `python -m data_prep.make_sample`.\n"
-                "Per-image licence, DOI and URL of the COVID images are in `covid_notes/manifest.csv`.\n"
+                "Per-image licence, DOI and URL of the COVID images are in `covid_notes/manifest.csv` and\n"
+                "`covid_lungs/manifest.csv`.\n"
                 "CC BY-NC-SA images: non-commercial use, share-alike.\n\n" + licences.strip() + "\n")
 
 
@@ -55,6 +59,29 @@ def make_covid(shared: str, out_dir: str) -> int:
                          "finding": row["finding"], "license": row["license"], "doi": row["doi"],
                          "url": row["url"], "notes": row["clinical_notes"]})
     _write_csv(os.path.join(target, "manifest.csv"), COVID_COLUMNS, rows)
+    return len(rows)
+
+
+def make_lungs(shared: str, out_dir: str) -> int:
+    source = os.path.join(shared, "covid_lung_masks")
+    target = os.path.join(out_dir, "covid_lungs")
+    for folder in ("images", "masks"):
+        os.makedirs(os.path.join(target, folder), exist_ok=True)
+    rows = []
+    with open(os.path.join(source, "metadata.csv"), newline="") as f:
+        for row in csv.DictReader(f):
+            stem = os.path.splitext(row["filename"])[0]
+            with Image.open(os.path.join(source, "images", row["filename"])) as image:
+                image = image.convert("L")
+                image.thumbnail((256, 256), Image.Resampling.LANCZOS)
+                image.save(os.path.join(target, "images", f"{stem}.jpg"), quality=90)
+            with Image.open(os.path.join(source, "masks", row["mask"])) as mask:
+                mask.convert("L").resize(image.size, Image.Resampling.NEAREST).save(
+                    os.path.join(target, "masks", f"{stem}.png"), optimize=True)
+            rows.append({"image": f"images/{stem}.jpg", "mask": f"masks/{stem}.png", "patient_id": row["patientid"],
+                         "view": row["view"], "finding": row["finding"], "license": row["license"],
+                         "doi": row["doi"], "url": row["url"]})
+    _write_csv(os.path.join(target, "manifest.csv"), LUNG_COLUMNS, rows)
     return len(rows)
 
 
@@ -88,8 +115,10 @@ def main(argv: list[str]) -> None:
     os.makedirs(FLAGS.out_dir)
     covid = make_covid(FLAGS.shared_data, FLAGS.out_dir)
     nih = make_nih(FLAGS.shared_data, FLAGS.out_dir)
+    lungs = make_lungs(FLAGS.shared_data, FLAGS.out_dir)
     _copy_attribution(FLAGS.shared_data, FLAGS.out_dir)
-    print(f"sample written to {FLAGS.out_dir}: {covid} covid images with notes, {nih} NIH images")
+    print(f"sample written to {FLAGS.out_dir}: {covid} covid images with notes, {nih} NIH images, {lungs} X-rays "
+          f"with lung masks")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,9 @@ BAD_LABEL_VALUE = "bad_label_value"
 VIEW_NOT_SELECTED = "view_not_selected"
 NO_SPLIT = "no_split"
 DUPLICATE_IMAGE = "duplicate_image_id"
+MASK_MISSING = "mask_missing"
+MASK_UNREADABLE = "mask_unreadable"
+BAD_BOX = "bad_box"
 
 SPLIT_NAMES = ("train", "validate", "test")
 
@@ -57,6 +60,9 @@ class RawRecord:
     findings: str = ""
     impression: str = ""
     labels: tuple[int, ...] = ()
+    mask_path: str = ""  # a segmentation mask of the image's size (0 background, >127 foreground)
+    boxes: tuple[tuple[float, float, float, float], ...] = ()  # (x0, y0, x1, y1) in the source image's pixels
+    box_labels: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass
@@ -70,6 +76,7 @@ class SourceScan:
     skips: "SkipLog"
     description: str = ""
     notes: list[str] = dataclasses.field(default_factory=list)
+    annotations: tuple[str, ...] = ()  # dense annotations every record carries: "mask", "boxes"
 
     def drop_duplicate_ids(self) -> None:
         """Keeps the first record of each image id; later ones are skipped and counted.

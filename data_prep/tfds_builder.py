@@ -22,8 +22,16 @@ SCHEMA_NOTE = ("labels: int8[num_labels], 1 positive, 0 negative, -1 uncertain, 
                "label names in metadata['label_names']")
 
 
-def features(num_labels: int) -> tfds.features.FeaturesDict:
-    return tfds.features.FeaturesDict({
+def features(num_labels: int, annotations: tuple[str, ...] = ()) -> tfds.features.FeaturesDict:
+    """The record schema; datasets built with masks or boxes add `mask` (uint8 0/1, the image's size) or `boxes`
+    (float32 [N, 4] x0, y0, x1, y1 in the stored image's pixels) with `box_labels` (N names)."""
+    dense = {}
+    if "mask" in annotations:
+        dense["mask"] = tfds.features.Image(shape=(None, None, 1), dtype=np.uint8, encoding_format="png")
+    if "boxes" in annotations:
+        dense["boxes"] = tfds.features.Tensor(shape=(None, 4), dtype=np.float32)
+        dense["box_labels"] = tfds.features.Sequence(tfds.features.Text())
+    return tfds.features.FeaturesDict({**dense,
         "image": tfds.features.Image(shape=(None, None, 1), dtype=np.uint8, encoding_format="png"),
         "image_id": tfds.features.Text(),
         "study_id": tfds.features.Text(),
@@ -52,10 +60,11 @@ class ChestXrayBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
             description=f"{self._scan.description} {SCHEMA_NOTE}",
-            features=features(len(self._scan.label_names)),
+            features=features(len(self._scan.label_names), self._scan.annotations),
             metadata=tfds.core.MetadataDict(
                 label_names=list(self._scan.label_names), source=self._scan.source,
-                source_version=self._scan.source_version, image_size=self._image_size),
+                source_version=self._scan.source_version, image_size=self._image_size,
+                annotations=list(self._scan.annotations)),
         )
 
     def _split_generators(self, dl_manager):
@@ -63,21 +72,27 @@ class ChestXrayBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 for split, recs in sorted(self._scan.splits().items())}
 
     def _generate_examples(self, split: str, recs: list[R.RawRecord]) -> Iterator[tuple[str, dict]]:
-        tasks = [(i, rec.image_path, self._image_size) for i, rec in enumerate(recs)]
+        tasks = [(i, rec.image_path, self._image_size, rec.mask_path, rec.boxes) for i, rec in enumerate(recs)]
+        annotations = self._scan.annotations
         bar = tqdm(total=len(tasks), desc=f"{self.name}/{split}", unit="img", dynamic_ncols=True)
         start = time.perf_counter()
         with _decoder_map(self._num_workers) as imap:
-            for index, png, error in imap(decode_task, tasks):
+            for index, decoded, reason, error in imap(decode_task, tasks):
                 bar.update(1)
                 rec = recs[index]
-                if png is None:
-                    self._decode_skips.skip(R.IMAGE_UNREADABLE, rec.image_path, error)
+                if decoded is None:
+                    self._decode_skips.skip(reason, rec.image_path, error)
                     continue
+                dense = {}
+                if "mask" in annotations:
+                    dense["mask"] = decoded["mask"]
+                if "boxes" in annotations:
+                    dense["boxes"], dense["box_labels"] = decoded["boxes"], list(rec.box_labels)
                 yield rec.image_id, {
-                    "image": png, "image_id": rec.image_id, "study_id": rec.study_id,
+                    "image": decoded["image"], "image_id": rec.image_id, "study_id": rec.study_id,
                     "subject_id": rec.subject_id, "view": rec.view, "report": rec.report,
                     "findings": rec.findings, "impression": rec.impression,
-                    "labels": np.asarray(rec.labels, np.int8).reshape(len(self._scan.label_names)),
+                    "labels": np.asarray(rec.labels, np.int8).reshape(len(self._scan.label_names)), **dense,
                 }
         bar.set_postfix_str(f"{len(tasks) / max(time.perf_counter() - start, 1e-9):.1f} img/s")
         bar.close()

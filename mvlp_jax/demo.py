@@ -6,7 +6,8 @@ steps and seed (configs/{pretrain,mae,mflag,multitask}.py:demo: LLM contrastive 
 M-FLAG, and MAE + DINO + query box in a cycle on ViTDet); linear-probe all four and an untrained encoder
 on the NIH sample's 14 labels (runs/demo/eval/results.md); for the recipes with an image-text space,
 image <-> report retrieval on the COVID test split and zero-shot classification of the NIH sample from
-prompts (runs/demo/eval_retrieval, eval_zero_shot_{pair,ensemble}). Each stage is skipped (and says so) when
+prompts (runs/demo/eval_retrieval, eval_zero_shot_{pair,ensemble}); lung segmentation on every frozen
+encoder at 100% and 10% of the masks (runs/demo/eval_segmentation). Each stage is skipped (and says so) when
 its output is already complete; an interrupted training stage resumes from its last checkpoint.
 """
 from __future__ import annotations
@@ -29,6 +30,8 @@ DATASETS = {
     "nih_sample": dict(input_dir=os.path.join(SAMPLE, "nih14"), split_column="split",
                        label_columns=",".join(NIH14_LABELS), group_column="patient_id",
                        view_column="view", views="all", image_size=0),
+    "covid_lungs": dict(input_dir=os.path.join(SAMPLE, "covid_lungs"), mask_column="mask", group_column="patient_id",
+                        view_column="view", views="all", image_size=0),
 }
 
 
@@ -100,6 +103,22 @@ def evaluate_probes() -> None:
     evaluate.evaluate(config, out)
 
 
+def evaluate_segmentation() -> None:
+    """Lung segmentation on every recipe's frozen encoder and an untrained one, at 100% and 10% of the masks."""
+    from mvlp_jax import evaluate
+
+    out = os.path.join(RUNS, "eval_segmentation")
+    if os.path.exists(os.path.join(out, "results.md")):
+        with open(os.path.join(out, "results.md")) as f:
+            print(f"[demo] segmentation: already done, reusing {out}/results.md\n{f.read()}")
+        return
+    config = load_config("segmentation", "demo")
+    config.data_dir = DATA_DIR
+    config.workdirs = ",".join([os.path.join(RUNS, name) for name in RECIPES] + ["random_init"])
+    print(f"[demo] lung segmentation on the frozen encoders -> {out}")
+    evaluate.evaluate(config, out)
+
+
 def evaluate_text_space() -> None:
     """Retrieval and zero-shot rows for every recipe whose objectives declare an image-text space."""
     from mvlp_jax import evaluate
@@ -131,6 +150,7 @@ def main() -> None:
     for name in RECIPES:
         pretrain(name)
     evaluate_probes()
+    evaluate_segmentation()
     evaluate_text_space()
     print(f"[demo] done in {time.perf_counter() - start:.0f}s; outputs under {RUNS}")
 

@@ -82,6 +82,10 @@ def evaluate(config, output_dir: str) -> dict:
     config.unlock()
     config.mesh = {"data": -1, "fsdp": 1, "model": 1}
     mesh = sharding.make_mesh(config)
+    if config.task == "segmentation":
+        from mvlp_jax import segmentation
+
+        return segmentation.evaluate_subjects(config, output_dir, mesh, _subjects(config))
     if config.mode == "retrieval":  # image-text modes: no probe, no training split
         from mvlp_jax import retrieval
 

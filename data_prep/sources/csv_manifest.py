@@ -5,6 +5,10 @@ A relative manifest path resolves against --input_dir; image paths against the m
 folder joined with --image_dir.
 Labels use the project coding: 1 / 0 / -1 (uncertain) / blank (not mentioned).
 Without --split_column (and a single manifest), a seeded split by --group_column (patient) is used.
+Dense annotations: --mask_column names a mask file per row (relative to the manifest's folder joined with
+--mask_dir; same size as the image; 0 background, 255 foreground); --boxes_csv (relative to --input_dir) holds
+one row per box: `image` (the manifest's image-column value), `label`, and `x, y, w, h` in the image file's
+pixels. Every record of a dataset built with --boxes_csv carries boxes (none for an image without rows).
 """
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ import os
 
 from data_prep import records as R
 from data_prep.sources.tables import read_csv
+
+BOX_COLUMNS = ("image", "label", "x", "y", "w", "h")
 
 DESCRIPTION = "Chest X-rays from a CSV manifest."
 
@@ -26,15 +32,31 @@ def _parse_manifests(spec: str, input_dir: str) -> list[tuple[str | None, str]]:
     return parts
 
 
+def read_boxes(path: str) -> dict[str, list[tuple[str, tuple[float, float, float, float]]]]:
+    """{image-column value: [(label, (x0, y0, x1, y1)), ...]} from a boxes CSV; InputError names a bad row."""
+    out: dict[str, list] = {}
+    for row_number, row in enumerate(read_csv(path, BOX_COLUMNS), start=2):
+        try:
+            x, y, w, h = (float(row[c]) for c in "xywh")
+        except ValueError:
+            raise R.InputError(f"{path}:{row_number}: x, y, w, h must be numbers, got "
+                               f"{[row[c] for c in 'xywh']}") from None
+        out.setdefault(row["image"], []).append((row["label"], (x, y, x + w, y + h)))
+    return out
+
+
 def scan(input_dir: str, *, manifest: str = "", image_column: str = "image", image_dir: str = "",
          text_column: str = "", label_columns: str = "", split_column: str = "", id_column: str = "",
-         group_column: str = "", study_column: str = "", view_column: str = "", views: str = "frontal",
-         seed: int = 0, strict: bool = False, **_) -> R.SourceScan:
+         group_column: str = "", study_column: str = "", view_column: str = "", mask_column: str = "",
+         mask_dir: str = "", boxes_csv: str = "", views: str = "frontal", seed: int = 0, strict: bool = False,
+         **_) -> R.SourceScan:
     skips = R.SkipLog(strict)
     labels = tuple(c.strip() for c in label_columns.split(",") if c.strip())
     manifests = _parse_manifests(manifest, input_dir)
     required = tuple(c for c in (image_column, text_column, split_column, id_column, group_column,
-                                 study_column, view_column) if c) + labels
+                                 study_column, view_column, mask_column) if c) + labels
+    boxes = read_boxes(os.path.join(input_dir, boxes_csv)) if boxes_csv else {}
+    unmatched_boxes = set(boxes)
     out: list[R.RawRecord] = []
     read = 0
     for fixed_split, path in manifests:
@@ -59,6 +81,12 @@ def scan(input_dir: str, *, manifest: str = "", image_column: str = "image", ima
             if not split:
                 skips.skip(R.NO_SPLIT, where, f"empty {split_column!r}")
                 continue
+            mask_path = os.path.join(os.path.dirname(path), mask_dir, row[mask_column]) if mask_column else ""
+            if mask_column and not (row[mask_column] and os.path.exists(mask_path)):
+                skips.skip(R.MASK_MISSING, where, f"{mask_column}={row[mask_column]!r} -> {mask_path}")
+                continue
+            image_boxes = boxes.get(row[image_column], [])
+            unmatched_boxes.discard(row[image_column])
             text = " ".join(row[text_column].split()) if text_column else ""
             if text_column and not text:
                 skips.skip(R.REPORT_MISSING, where, f"empty {text_column!r}")
@@ -66,5 +94,12 @@ def scan(input_dir: str, *, manifest: str = "", image_column: str = "image", ima
             out.append(R.RawRecord(
                 split=split, image_path=image_path, image_id=image_id,
                 study_id=row[study_column] if study_column else image_id, subject_id=group,
-                view=row[view_column] if view_column else "", report=text, labels=coded))
-    return R.SourceScan("csv", os.path.basename(manifests[0][1]), labels, out, read, skips, DESCRIPTION)
+                view=row[view_column] if view_column else "", report=text, labels=coded, mask_path=mask_path,
+                boxes=tuple(b for _, b in image_boxes), box_labels=tuple(label for label, _ in image_boxes)))
+    notes = []
+    if unmatched_boxes:
+        notes.append(f"{len(unmatched_boxes)} image(s) of {boxes_csv} match no manifest row, e.g. "
+                     f"{', '.join(sorted(unmatched_boxes)[:5])}")
+    annotations = (("mask",) if mask_column else ()) + (("boxes",) if boxes_csv else ())
+    return R.SourceScan("csv", os.path.basename(manifests[0][1]), labels, out, read, skips, DESCRIPTION,
+                        notes=notes, annotations=annotations)

@@ -42,17 +42,18 @@ def random_resized_crop_box(height: int, width: int, scale: tuple[float, float],
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def crop_resize(image: np.ndarray, box: tuple[int, int, int, int], size: int) -> np.ndarray:
+def crop_resize(image: np.ndarray, box: tuple[int, int, int, int], size: int,
+                resample: Image.Resampling = Image.BILINEAR) -> np.ndarray:
     top, left, h, w = box
     crop = Image.fromarray(image[top:top + h, left:left + w])
-    return np.asarray(crop.resize((size, size), Image.BILINEAR, reducing_gap=None))
+    return np.asarray(crop.resize((size, size), resample, reducing_gap=None))
 
 
-def center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
-    """Evaluation view: the centred square, resized."""
+def center_crop_resize(image: np.ndarray, size: int, resample: Image.Resampling = Image.BILINEAR) -> np.ndarray:
+    """Evaluation view: the centred square, resized (masks: `resample=Image.NEAREST`, so labels stay labels)."""
     h, w = image.shape
     side = min(h, w)
-    return crop_resize(image, ((h - side) // 2, (w - side) // 2, side, side), size)
+    return crop_resize(image, ((h - side) // 2, (w - side) // 2, side, side), size, resample)
 
 
 def intensity_jitter(pixels: np.ndarray, brightness: float, contrast: float, rng: np.random.Generator

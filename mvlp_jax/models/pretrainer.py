@@ -62,6 +62,14 @@ class Pretrainer(nn.Module):
         pool = self.pool if pooling == "map" else self.plain_pools[pooling]
         return pool(self.encoder(images, train=train)).astype(jnp.float32)
 
+    def patch_grid(self, images: jax.Array, train: bool = False) -> jax.Array:
+        """The last layer's patch tokens as a grid (B, H / patch, W / patch, D), float32: what dense heads
+        (segmentation, detection) read."""
+        tokens = self.encoder(images, train=train)
+        tokens = tokens[:, 1:] if self.encoder.cls_token else tokens
+        p = self.encoder.patch_size
+        return tokens.reshape(images.shape[0], images.shape[1] // p, images.shape[2] // p, -1).astype(jnp.float32)
+
     def init_all(self, images: jax.Array, targets: jax.Array | None = None) -> None:
         """Touches every submodule the configured objectives use, so `init` creates their parameters."""
         for spec in registry.configured(self.config):

@@ -1,0 +1,25 @@
+"""Segmentation on frozen pretrained encoders (the evaluation binary with task=segmentation).
+
+  python -m mvlp_jax.evaluate --config=configs/segmentation.py --config.workdirs=runs/demo/mae,random_init \
+      --config.data_dir=runs/demo/tfds --config.dataset=covid_lungs --output_dir=runs/demo/eval_segmentation
+
+The dataset must carry masks (data_prep.build_dataset --source=csv --mask_column=...). Variant `:demo` is the
+demo's lung masks at 100% and 10% of the training patients, with a decoder narrowed for a CPU.
+"""
+from configs import common
+from mvlp_jax import configuration
+
+
+def get_config(arg: str | None = None):
+    variants = common.parse_arg(arg, ("demo",), "configs/segmentation.py")
+    c = configuration.defaults(configuration.EVAL_SPEC)  # every key documented in docs/config.md
+    c.task = "segmentation"
+    c.data_dir, c.dataset = "~/tensorflow_datasets", "covid_lungs"
+    c.train_split, c.val_split, c.test_split = "train", "validate", "test"
+    c.label_fractions = (1.0, 0.1, 0.01)  # M-FLAG's and MGCA's 100% / 10% / 1%
+    if "demo" in variants:
+        c.data_dir = "runs/demo/tfds"
+        c.label_fractions = (1.0, 0.1)
+        c.segmentation.channels = (64, 32, 16, 16)
+        c.segmentation.epochs = 40
+    return c
