@@ -168,10 +168,11 @@ EVAL_SPEC: dict[str, tuple[Any, Check, str]] = {
     "batch_size": (64, _positive, "Feature extraction batch, all devices."),
     "bootstrap": (1000, _non_negative, "Patient-level resamples for the 95% intervals."),
     "seed": (0, None, "Seed of label fractions, probes and bootstrap."),
-    "task": ("classification", ("classification", "segmentation"),
+    "task": ("classification", ("classification", "segmentation", "detection"),
              "'classification': the labels (probes, fine-tuning, zero-shot, retrieval); 'segmentation': a SETR "
              "progressive-upsampling head on the frozen encoder's patch tokens learns the dataset's masks (built with "
-             "--mask_column); test Dice per image."),
+             "--mask_column), test Dice per image; 'detection': a CenterNet head learns its boxes (--boxes_csv), "
+             "test mAP over IoU 0.40:0.75."),
     "segmentation.epochs": (50, _positive, "Segmentation: passes over the training images (early stopping)."),
     "segmentation.batch_size": (16, _positive, "Segmentation: head training batch."),
     "segmentation.lr": (5e-4, _positive, "Segmentation: AdamW learning rate (MGCA's)."),
@@ -181,6 +182,19 @@ EVAL_SPEC: dict[str, tuple[Any, Check, str]] = {
                                                        "must be positive widths"),
                               "Segmentation: widths of the decoder's upsampling stages (SETR-PUP / MGCA's)."),
     "segmentation.plot_images": (6, _non_negative, "Segmentation: test images drawn in segmentation.png."),
+    "detection.epochs": (80, _positive, "Detection: passes over the training images (early stopping)."),
+    "detection.batch_size": (16, _positive, "Detection: head training batch."),
+    "detection.lr": (5e-4, _positive, "Detection: AdamW learning rate."),
+    "detection.weight_decay": (0.05, _non_negative, "Detection: AdamW decay."),
+    "detection.patience": (15, _positive, "Detection: epochs without a lower validation loss before stopping."),
+    "detection.channels": ((256, 128), Rule(lambda v: len(v) > 0 and all(int(c) > 0 for c in v),
+                                            "must be positive widths"),
+                           "Detection: widths of the two upsampling stages before the CenterNet branches."),
+    "detection.images": ("boxed", ("boxed", "all"),
+                         "Detection: images with at least one box (an image without one may be unannotated, as most "
+                         "of NIH's), or every image (a box-free image then counts as normal: false alarms on it "
+                         "count)."),
+    "detection.plot_images": (6, _non_negative, "Detection: test images drawn in detection.png."),
     "finetune.epochs": (10, _positive, "Fine-tuning: passes over the labelled training cases."),
     "finetune.batch_size": (64, _positive, "Fine-tuning batch."),
     "finetune.lr": (5e-4, _positive, "Fine-tuning: peak lr, scaled by batch_size / 256 (MAE fine-tuning's base)."),
@@ -201,9 +215,9 @@ EVAL_RULES: tuple[tuple[Callable[[Any], bool], str], ...] = (
      "data_prep.precompute_text_embeddings"),
     (lambda c: c.features_from != "text_embeddings" or c.mode == "linear",
      "features_from='text_embeddings' probes stored vectors: it needs mode='linear'"),
-    (lambda c: c.task != "segmentation" or (c.mode == "linear" and c.features_from == "image"),
-     "task='segmentation' trains a head on the frozen encoders' patch tokens: it needs mode='linear' and "
-     "features_from='image' (fine-tuning the encoder for segmentation is not implemented)"),
+    (lambda c: c.task == "classification" or (c.mode == "linear" and c.features_from == "image"),
+     "task='segmentation' and 'detection' train a head on the frozen encoders' patch tokens: they need "
+     "mode='linear' and features_from='image' (fine-tuning the encoder for them is not implemented)"),
     (lambda c: c.mode not in ("retrieval", "zero_shot") or c.features_from == "image",
      "mode='retrieval' and 'zero_shot' compare the workdirs' image embeddings with text: they need "
      "features_from='image'"),

@@ -1,6 +1,9 @@
-"""Dense-task metrics: per-image Dice of binary masks, with patient-level bootstrap intervals and paired
-differences (the same resamples for both encoders). NumPy only."""
+"""Dense-task metrics: per-image Dice of binary masks, COCO-style mean average precision of boxes, and
+patient-level bootstrap intervals and paired differences of any per-image-set statistic (the same resamples for
+both encoders). NumPy only."""
 from __future__ import annotations
+
+from typing import Callable
 
 import numpy as np
 
@@ -15,17 +18,85 @@ def dice_per_image(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return np.where(total == 0, 1.0, 2.0 * overlap / np.maximum(total, 1))
 
 
-def mean_with_interval(values: np.ndarray, groups: np.ndarray, num: int, seed: int) -> dict:
-    """Mean of per-image values with a 95% interval over resamples of whole patients."""
+Statistic = Callable[[np.ndarray], float]  # image indices (a resample, repeats allowed) -> value
+
+
+def with_interval(statistic: Statistic, groups: np.ndarray, num: int, seed: int) -> dict:
+    """The statistic on every image, and its 95% interval over resamples of whole patients (`groups`)."""
     draws = metrics.bootstrap_indices(groups, num, seed) if num else []
-    return {"mean": float(np.mean(values)),
-            "ci95": metrics.percentile_interval([float(np.mean(values[d])) for d in draws], 0.95)}
+    return {"mean": float(statistic(np.arange(len(groups)))),
+            "ci95": metrics.percentile_interval([float(statistic(d)) for d in draws], 0.95)}
 
 
-def paired_difference(baseline: np.ndarray, candidate: np.ndarray, groups: np.ndarray, num: int, seed: int) -> dict:
-    """mean(candidate) - mean(baseline) per image, its interval over the same patient resamples, and the
+def paired_difference(baseline: Statistic, candidate: Statistic, groups: np.ndarray, num: int, seed: int) -> dict:
+    """candidate - baseline on every image, its interval over the same patient resamples for both, and the
     fraction of resamples where the candidate is not better."""
-    diffs = np.asarray([float(np.mean(candidate[d] - baseline[d]))
-                        for d in metrics.bootstrap_indices(groups, num, seed)])
-    return {"difference": float(np.mean(candidate - baseline)), "interval": metrics.percentile_interval(diffs, 0.95),
+    everything = np.arange(len(groups))
+    diffs = np.asarray([candidate(d) - baseline(d) for d in metrics.bootstrap_indices(groups, num, seed)])
+    return {"difference": float(candidate(everything) - baseline(everything)),
+            "interval": metrics.percentile_interval(list(diffs), 0.95),
             "p_not_better": float(np.mean(diffs <= 0)) if len(diffs) else float("nan")}
+
+
+IOU_THRESHOLDS = tuple(round(0.4 + 0.05 * i, 2) for i in range(8))  # 0.40, 0.45, ..., 0.75 (M-FLAG's RSNA mAP)
+RECALL_POINTS = np.linspace(0.0, 1.0, 101)
+MAX_DETECTIONS = 100
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(len(a), len(b)) IoU of x0, y0, x1, y1 boxes."""
+    lo, hi = np.maximum(a[:, None, :2], b[None, :, :2]), np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(hi - lo, 0, None), axis=-1)
+    area = lambda x: np.prod(x[:, 2:] - x[:, :2], axis=-1)
+    return inter / np.maximum(area(a)[:, None] + area(b)[None, :] - inter, 1e-12)
+
+
+def match_image(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, true_boxes: np.ndarray,
+                true_labels: np.ndarray, num_classes: int,
+                thresholds: tuple[float, ...] = IOU_THRESHOLDS) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    """Per class: (scores of its best MAX_DETECTIONS detections, high first; true-positive flags (thresholds,
+    detections); number of true boxes). COCO's greedy matching: each detection, in score order, takes the
+    unmatched true box of highest IoU at or above the threshold."""
+    out = []
+    for c in range(num_classes):
+        order = np.argsort(-scores[labels == c], kind="mergesort")[:MAX_DETECTIONS]
+        det, det_scores = boxes[labels == c][order], scores[labels == c][order]
+        truth = true_boxes[true_labels == c]
+        ious = box_iou(det, truth) if len(det) and len(truth) else np.zeros((len(det), len(truth)))
+        tp = np.zeros((len(thresholds), len(det)), bool)
+        for t, threshold in enumerate(thresholds):
+            taken = np.zeros(len(truth), bool)
+            for d in range(len(det)):
+                best, match = min(threshold, 1 - 1e-10), -1
+                for g in range(len(truth)):
+                    if not taken[g] and ious[d, g] >= best:
+                        best, match = ious[d, g], g
+                if match >= 0:
+                    taken[match], tp[t, d] = True, True
+        out.append((det_scores, tp, len(truth)))
+    return out
+
+
+def mean_average_precision(matches: list[list[tuple[np.ndarray, np.ndarray, int]]], images: np.ndarray) -> float:
+    """COCO-style AP (101-point interpolated precision) averaged over classes and IoU thresholds, over the images
+    `images` (indices into `matches`, repeats allowed); a class without true boxes there is left out."""
+    values = []
+    for c in range(len(matches[0]) if matches else 0):
+        parts = [matches[i][c] for i in images]
+        positives = sum(p[2] for p in parts)
+        if positives == 0:
+            continue
+        scores = np.concatenate([p[0] for p in parts])
+        if len(scores) == 0:  # nothing detected: AP 0 at every threshold
+            values.extend([0.0] * parts[0][1].shape[0])
+            continue
+        order = np.argsort(-scores, kind="mergesort")
+        tp_all = np.concatenate([p[1] for p in parts], axis=1)[:, order]
+        for tp in tp_all:
+            tps, fps = np.cumsum(tp), np.cumsum(~tp)
+            recall = tps / positives
+            precision = tps / np.maximum(tps + fps, np.spacing(1))
+            precision = np.maximum.accumulate(precision[::-1])[::-1]  # the best precision at any higher recall
+            at = np.searchsorted(recall, RECALL_POINTS, side="left")
+            values.append(np.mean(np.where(at < len(precision), precision[np.minimum(at, len(precision) - 1)], 0.0)))
+    return float(np.mean(values)) if values else float("nan")

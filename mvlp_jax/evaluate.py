@@ -10,7 +10,9 @@ first is compared with the first by a paired bootstrap.
 
 `mode=linear` (default) fits a logistic-regression probe on frozen features; `mode=finetune` trains the
 whole encoder with layer-wise lr decay. `features_from=text_embeddings` probes the stored LLM vectors
-of `config.embeddings` instead: the ceiling the image encoder is chasing.
+of `config.embeddings` instead: the ceiling the image encoder is chasing. `mode=retrieval` and `mode=zero_shot`
+use a run's image-text space (retrieval.py, zero_shot.py); `task=segmentation` and `task=detection` train dense
+heads on the frozen patch tokens (dense_tasks.py).
 """
 from __future__ import annotations
 
@@ -82,10 +84,11 @@ def evaluate(config, output_dir: str) -> dict:
     config.unlock()
     config.mesh = {"data": -1, "fsdp": 1, "model": 1}
     mesh = sharding.make_mesh(config)
-    if config.task == "segmentation":
-        from mvlp_jax import segmentation
+    if config.task != "classification":
+        from mvlp_jax import dense_tasks
 
-        return segmentation.evaluate_subjects(config, output_dir, mesh, _subjects(config))
+        return dense_tasks.evaluate_subjects(dense_tasks.get(config.task), config, output_dir, mesh,
+                                             _subjects(config))
     if config.mode == "retrieval":  # image-text modes: no probe, no training split
         from mvlp_jax import retrieval
 

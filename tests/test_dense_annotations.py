@@ -105,7 +105,7 @@ def test_paired_difference_uses_the_same_patient_resamples():
 
     rng = np.random.default_rng(0)
     a, b, groups = rng.uniform(size=30), rng.uniform(size=30), np.repeat(np.arange(10), 3)
-    out = paired_difference(a, b + 0.1, groups, 200, 3)
+    out = paired_difference(lambda i: np.mean(a[i]), lambda i: np.mean(b[i] + 0.1), groups, 200, 3)
     diffs = [np.mean(b[d] + 0.1 - a[d]) for d in metrics.bootstrap_indices(groups, 200, 3)]
     np.testing.assert_allclose(out["difference"], np.mean(b + 0.1 - a))
     np.testing.assert_allclose(out["interval"], np.quantile(diffs, [0.025, 0.975]))
@@ -152,3 +152,134 @@ def test_a_head_on_a_frozen_encoder_learns_real_lung_masks(nih_and_workdir, tmp_
     assert saved["segmentation"][0]["dice"] == results["segmentation"][0]["dice"]
     assert "SETR-PUP, frozen encoder" in open(tmp_path / "out" / "results.md").read()
     assert os.path.getsize(tmp_path / "out" / "segmentation.png") > 10_000
+
+
+def _coco_map(detections, truths, num_classes):
+    """pycocotools' mAP over IoU 0.40:0.75 on the same boxes (the independent reference)."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from mvlp_jax.dense_metrics import IOU_THRESHOLDS
+
+    xywh = lambda b: [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]
+    gt = COCO()
+    gt.dataset = {"images": [{"id": i} for i in range(len(truths))],
+                  "categories": [{"id": c} for c in range(num_classes)],
+                  "annotations": [{"id": len(truths) * 100 + i * 50 + k, "image_id": i, "category_id": int(label),
+                                   "bbox": xywh(box), "area": float(np.prod(box[2:] - box[:2])), "iscrowd": 0}
+                                  for i, (boxes, labels) in enumerate(truths)
+                                  for k, (box, label) in enumerate(zip(boxes, labels))]}
+    gt.createIndex()
+    dt = gt.loadRes([{"image_id": i, "category_id": int(label), "bbox": xywh(box), "score": float(score)}
+                     for i, (boxes, scores, labels) in enumerate(detections)
+                     for box, score, label in zip(boxes, scores, labels)])
+    evaluation = COCOeval(gt, dt, "bbox")
+    evaluation.params.iouThrs = np.array(IOU_THRESHOLDS)
+    evaluation.evaluate()
+    evaluation.accumulate()
+    precision = evaluation.eval["precision"][:, :, :, 0, -1]  # all areas, 100 detections
+    return float(np.mean(precision[precision > -1]))
+
+
+def _random_boxes(rng, n, size=100.0):
+    xy = rng.uniform(0, size * 0.7, size=(n, 2))
+    wh = rng.uniform(5, size * 0.3, size=(n, 2))
+    return np.concatenate([xy, xy + wh], axis=1)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mean_average_precision_matches_pycocotools_on_random_boxes(seed):
+    from mvlp_jax.dense_metrics import match_image, mean_average_precision
+
+    rng = np.random.default_rng(seed)
+    truths, detections = [], []
+    for _ in range(25):
+        true_boxes = _random_boxes(rng, rng.integers(0, 4))
+        true_labels = rng.integers(0, 3, len(true_boxes))
+        # detections: jittered copies of some true boxes (hits at various IoUs) and random false alarms
+        found = rng.random(len(true_boxes)) < 0.7
+        hits = true_boxes[found] + rng.normal(0, 4, size=(int(found.sum()), 4))
+        boxes = np.concatenate([hits, _random_boxes(rng, rng.integers(0, 4))])
+        boxes[:, 2:] = np.maximum(boxes[:, 2:], boxes[:, :2] + 1)
+        labels = np.concatenate([true_labels[found], rng.integers(0, 3, len(boxes) - len(hits))])
+        truths.append((true_boxes, true_labels))
+        detections.append((boxes, rng.uniform(size=len(boxes)), labels))
+    matches = [match_image(b, s, lab, tb, tl, 3) for (b, s, lab), (tb, tl) in zip(detections, truths)]
+    ours = mean_average_precision(matches, np.arange(len(matches)))
+    assert 0.05 < ours < 0.95
+    np.testing.assert_allclose(ours, _coco_map(detections, truths, 3), atol=1e-9)
+
+
+def test_perfect_detections_score_one_and_none_score_zero():
+    from mvlp_jax.dense_metrics import match_image, mean_average_precision
+
+    boxes = np.array([[0, 0, 10, 10], [20, 20, 40, 30]], float)
+    labels = np.array([0, 1])
+    perfect = match_image(boxes, np.array([0.9, 0.8]), labels, boxes, labels, 2)
+    nothing = match_image(np.zeros((0, 4)), np.zeros(0), np.zeros(0, int), boxes, labels, 2)
+    assert mean_average_precision([perfect], np.array([0])) == 1.0
+    assert mean_average_precision([nothing], np.array([0])) == 0.0
+    assert mean_average_precision([perfect, nothing], np.array([0, 1])) == pytest.approx(0.5, abs=0.01)
+
+
+def test_centernet_targets_decode_back_to_their_boxes():
+    """Outputs equal to the training targets (heatmap peaks as logits, sizes and offsets at the centres) decode
+    to the true boxes: mAP 1 against them. Checks the target encoding, decoding and scoring together."""
+    from mvlp_jax import detection
+    from mvlp_jax.dense_metrics import match_image, mean_average_precision
+
+    boxes = [np.array([[4.0, 6.0, 30.0, 50.0], [36.0, 8.0, 60.0, 52.0]]), np.array([[10.0, 10.0, 20.0, 18.0]])]
+    labels = [np.array([0, 0]), np.array([1])]
+    t = detection.targets(boxes, labels, size=64, stride=4, classes=2)
+    assert t["heatmap"].shape == (2, 16, 16, 2) and t["heatmap"].max() == 1.0 and t["box_mask"].sum() == 3
+    logit = np.log(np.clip(t["heatmap"], 1e-6, 1 - 1e-6) / (1 - np.clip(t["heatmap"], 1e-6, 1 - 1e-6)))
+    cells = lambda key: np.stack([np.bincount(t["index"][n], t[key][n][:, d] * t["box_mask"][n], 256).reshape(16, 16)
+                                  for n in range(2) for d in range(2)]).reshape(2, 2, 16, 16).transpose(0, 2, 3, 1)
+    decoded = detection.decode((logit, cells("size"), cells("offset")), stride=4)
+    for (got, scores, got_labels), want, want_labels in zip(decoded, boxes, labels):
+        best = np.argsort(-scores)[:len(want)]
+        order = np.lexsort(got[best].T[::-1])
+        np.testing.assert_allclose(got[best][order], want[np.lexsort(want.T[::-1])], atol=1e-5)
+    matches = [match_image(*d, b, lab, 2) for d, b, lab in zip(decoded, boxes, labels)]
+    assert mean_average_precision(matches, np.arange(2)) == pytest.approx(1.0)
+
+
+def test_boxes_cropped_to_the_evaluation_view():
+    from mvlp_jax.detection import crop_boxes
+
+    # a 100 x 200 image (height x width): the centred 100 x 100 square starts at x = 50, then scales by 0.5
+    boxes, kept = crop_boxes(np.array([[60, 10, 100, 50], [0, 0, 40, 40], [140, 90, 180, 100]], float), 100, 200, 50)
+    np.testing.assert_allclose(boxes, [[5, 5, 25, 25], [45, 45, 50, 50]])
+    assert kept.tolist() == [True, False, True]
+
+
+def test_boxes_from_masks_find_each_part():
+    from data_prep.boxes_from_masks import part_boxes
+
+    mask = np.zeros((40, 60), np.uint8)
+    mask[5:30, 4:20] = 255
+    mask[8:35, 30:50] = 255
+    mask[0, 59] = 255  # a speck under min_fraction
+    assert part_boxes(mask, 0.005) == [(4.0, 5.0, 16.0, 25.0), (30.0, 8.0, 20.0, 27.0)]
+
+
+def test_a_detection_head_on_a_frozen_encoder_finds_real_lungs(nih_and_workdir, tmp_path):
+    from configs import detection
+    from data_prep.boxes_from_masks import write_boxes
+    from mvlp_jax import evaluate
+    from mvlp_jax.demo import DATASETS
+
+    _, workdir = nih_and_workdir
+    options = dict(DATASETS["covid_lungs"], image_size=64)
+    input_dir = options.pop("input_dir")
+    options.pop("mask_column")
+    assert write_boxes(input_dir, "manifest.csv", "image", "mask", "", "lung", 0.005, str(tmp_path / "b.csv")) > 300
+    build("csv", input_dir, str(tmp_path / "tfds"), name="covid_lung_boxes", boxes_csv=str(tmp_path / "b.csv"),
+          **options)
+    c = detection.get_config("demo")
+    c.data_dir, c.workdirs, c.bootstrap = str(tmp_path / "tfds"), workdir, 100
+    c.label_fractions, c.detection.epochs, c.detection.channels = (1.0,), 12, (16, 8)
+    row, = evaluate.evaluate(c, str(tmp_path / "out"))["detection"]
+    assert row["test_images"] >= 10 and row["map"]["ci95"][0] <= row["map"]["mean"] <= row["map"]["ci95"][1]
+    assert row["map"]["mean"] > 0.1, row  # no detection scores 0
+    assert os.path.getsize(tmp_path / "out" / "detection.png") > 10_000

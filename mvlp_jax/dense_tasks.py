@@ -1,0 +1,187 @@
+"""Dense downstream tasks on frozen encoders (`--config.task=segmentation|detection` of the evaluation binary):
+one loop for every task, which declares what it reads, trains and scores (`DenseTask`).
+
+Per checkpoint, every image of the task's splits becomes the encoder's last-layer patch-token grid (centre crop
+at the run's size and normalisation); per label fraction (training patients sampled by a fixed seed), a fresh
+head learns from the tokens with early stopping on the validation loss (`dense_training.fit`), and the epoch of
+the best validation loss is scored on the test split: the task's metric with a patient-bootstrap 95% interval,
+and each checkpoint's paired difference against the first on the same resamples. Writes results.json,
+results.md and `{task}.png` (truth red, prediction blue, on test images).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Protocol
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+
+from mvlp_jax import dense_metrics, dense_training, features, report
+from mvlp_jax.data import transforms
+from mvlp_jax.models.pretrainer import Pretrainer
+from mvlp_jax.models.vit import variant
+
+Truth = dict[str, Any]  # "records": source indices, "patients", "targets": training arrays, + the task's own
+
+
+class DenseTask(Protocol):
+    name: str  # its key in the config and in results.json
+    feature: str  # the record feature it needs
+    build_hint: str  # how to build a dataset with it
+    metric: str  # its key in a result row
+    metric_label: str
+    head_label: str
+
+    def context(self, sources: dict, c: ml_collections.ConfigDict) -> dict: ...  # what read / head need
+
+    def read(self, source, size: int, patch: int, context: dict) -> Truth: ...
+
+    def head(self, patch: int, c: ml_collections.ConfigDict, context: dict) -> nn.Module: ...
+
+    def loss(self, outputs: Any, targets: dict) -> jax.Array: ...
+
+    def score(self, outputs: Any, truth: Truth, patch: int, context: dict
+              ) -> tuple[Callable[[np.ndarray], float], Any]: ...  # (statistic of image indices, predictions)
+
+    def draw(self, ax: Any, image: np.ndarray, truth: Truth, predictions: Any, i: int) -> str: ...
+
+
+TASKS = ("segmentation", "detection")  # modules of mvlp_jax exporting TASK
+
+
+def get(name: str) -> DenseTask:
+    import importlib
+
+    if name not in TASKS:
+        raise ValueError(f"unknown dense task {name!r}; choose one of {', '.join(TASKS)}")
+    return importlib.import_module(f"mvlp_jax.{name}").TASK
+
+
+def open_split(data_dir: str, dataset: str, split: str, task: DenseTask):
+    """(random-access source, 'name:version/split') of a split whose records carry the task's feature."""
+    from data_prep import built
+
+    builder, name, version = built.open_builder(data_dir, dataset)
+    if task.feature not in builder.info.features:
+        raise ValueError(f"dataset {name}:{version} has no {task.feature!r} feature, which {task.name} needs: "
+                         f"{task.build_hint}")
+    source = built.open_split(builder, split)
+    if len(source) == 0:
+        raise ValueError(f"split {split!r} of {name}:{version} is empty")
+    return source, f"{name}:{version}/{split}"
+
+
+def select(truth: Truth, keep: np.ndarray) -> Truth:
+    """The truth of the images `keep` (a boolean mask or indices)."""
+    pick = lambda v: v[keep] if isinstance(v, np.ndarray) else [v[i] for i in np.flatnonzero(keep)]
+    return {k: ({t: a[keep] for t, a in v.items()} if k == "targets" else pick(v)) for k, v in truth.items()}
+
+
+def evaluate_subjects(task: DenseTask, config: ml_collections.ConfigDict, output_dir: str,
+                      mesh: jax.sharding.Mesh, subjects: list[str]) -> dict:
+    from mvlp_jax.evaluate import patient_fraction
+
+    roles = ("train", "val", "test") if config.val_split else ("train", "test")
+    sources = {role: open_split(config.data_dir, config.dataset, config[f"{role}_split"], task) for role in roles}
+    settings = config[task.name]
+    context = task.context({role: src for role, (src, _) in sources.items()}, settings)
+    like = next((w for w in subjects if w != features.RANDOM_INIT), config.random_init_like)
+    results: dict[str, Any] = {"config": config.to_dict(), "context": context, task.name: [], "comparisons": []}
+    statistic_by: dict[tuple[str, float], Callable] = {}
+    shown: dict[str, Any] = {}
+    truth_by_view: dict[tuple[int, int], dict[str, Truth]] = {}
+    for subject in subjects:
+        encoder = features.load_encoder(subject, config.step, mesh, like,
+                                        teacher=config.teacher and subject != features.RANDOM_INIT)
+        size, patch = encoder.config.model.image_size, variant(encoder.config.model.variant)["patch_size"]
+        if (size, patch) not in truth_by_view:
+            truth_by_view[(size, patch)] = {role: task.read(src, size, patch, context)
+                                            for role, (src, _) in sources.items()}
+        truth = dict(truth_by_view[(size, patch)])
+        forward = lambda p, x: encoder.model.apply({"params": p}, x, method=Pretrainer.patch_grid)
+        tokens = {role: features.apply_to_split(forward, encoder.params, features.Subset(src, truth[role]["records"]),
+                                                encoder.config, config.batch_size, mesh,
+                                                f"tokens {encoder.name} {where}")
+                  for role, (src, where) in sources.items()}
+        if "val" not in sources:  # carve 10% of the training patients out for early stopping
+            carved = patient_fraction(truth["train"]["patients"], 0.1, config.seed, salt="validation")
+            truth["val"], tokens["val"] = select(truth["train"], carved), tokens["train"][carved]
+            truth["train"], tokens["train"] = select(truth["train"], ~carved), tokens["train"][~carved]
+        patients = truth["train"]["patients"]
+        for fraction in config.label_fractions:
+            keep = patient_fraction(patients, fraction, config.seed)
+            head = dense_training.fit(task.head(patch, settings, context), task.loss, tokens["train"][keep],
+                                      select(truth["train"], keep)["targets"], tokens["val"], truth["val"]["targets"],
+                                      settings, config.seed, f"{encoder.name} {report.percent(fraction)}")
+            statistic, predictions = task.score(head.outputs(tokens["test"]), truth["test"], patch, context)
+            statistic_by[(encoder.name, fraction)] = statistic
+            if fraction == max(config.label_fractions):
+                shown[encoder.name] = predictions
+            row = {"name": encoder.name, "workdir": subject, "step": encoder.step, "label_fraction": fraction,
+                   "train_images": int(keep.sum()), "train_patients": len(set(patients[keep])),
+                   "test_images": len(truth["test"]["patients"]), "split": sources["test"][1], "task": task.name,
+                   "head": {"kind": task.head_label, "epoch": head.epoch, "val_loss": head.val_loss},
+                   task.metric: dense_metrics.with_interval(statistic, truth["test"]["patients"], config.bootstrap,
+                                                            config.seed)}
+            results[task.name].append(row)
+            value, (lo, hi) = row[task.metric]["mean"], row[task.metric]["ci95"]
+            print(f"{encoder.name} (step {encoder.step}), {report.percent(fraction)} of the training images = "
+                  f"{row['train_images']} of {row['train_patients']} patients: test {task.metric_label} "
+                  f"{value:.4f} [{lo:.4f}, {hi:.4f}] ({row['test_images']} images; best epoch {head.epoch})",
+                  flush=True)
+    test = truth_by_view[(size, patch)]["test"]
+    first = results[task.name][0]["name"]
+    for (name, fraction), statistic in statistic_by.items():
+        if name != first:
+            results["comparisons"].append({"baseline": first, "candidate": name, "label_fraction": fraction,
+                                           **dense_metrics.paired_difference(statistic_by[(first, fraction)],
+                                                                             statistic, test["patients"],
+                                                                             config.bootstrap, config.seed)})
+    report.save(output_dir, results, table(task, results))
+    plot(task, sources["test"][0], test, shown, size, settings.plot_images,
+         os.path.join(output_dir, f"{task.name}.png"))
+    return results
+
+
+def table(task: DenseTask, results: dict) -> str:
+    lines = [f"| checkpoint | step | training images | head | {task.metric_label} [95% CI] | test images |",
+             "| --- " * 6 + "|"]
+    for r in results[task.name]:
+        lo, hi = r[task.metric]["ci95"]
+        lines.append(f"| {r['name']} | {r['step']} | {report.percent(r['label_fraction'])} ({r['train_images']}) | "
+                     f"{task.head_label}, frozen encoder | {r[task.metric]['mean']:.4f} [{lo:.4f}, {hi:.4f}] | "
+                     f"{r['test_images']} |")
+    for c in results["comparisons"]:
+        lo, hi = c["interval"]
+        lines.append(f"\n{c['candidate']} vs {c['baseline']} ({report.percent(c['label_fraction'])} of the training "
+                     f"images): {task.metric_label} difference {c['difference']:+.4f} [95% CI {lo:+.4f}, {hi:+.4f}], "
+                     f"P(not better) = {c['p_not_better']:.3f}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(task: DenseTask, source, truth: Truth, shown: dict[str, Any], size: int, count: int, path: str) -> None:
+    """A grid: one row per checkpoint, `count` test images, drawn by the task (truth red, prediction blue)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    count = min(count, len(truth["patients"]))
+    if not shown or count == 0:
+        return
+    fig, axes = plt.subplots(len(shown), count, figsize=(1.8 * count, 1.9 * len(shown)), squeeze=False)
+    for i in range(count):
+        record = source[int(truth["records"][i])]
+        gray = transforms.center_crop_resize(transforms.decode_png(record["image"]), size) / 255.0
+        for row, (name, predictions) in enumerate(shown.items()):
+            ax = axes[row, i]
+            ax.set_title(task.draw(ax, gray, truth, predictions, i), fontsize=7)
+            ax.set_xticks([]), ax.set_yticks([])
+            if i == 0:
+                ax.set_ylabel(name, fontsize=8)
+    fig.suptitle(f"{task.name} on test images: truth (red) and prediction (blue)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
