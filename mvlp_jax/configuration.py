@@ -131,6 +131,7 @@ SPEC: dict[str, tuple[Any, Check, str]] = {
     "peak_flops_per_device": (0.0, _non_negative, "For the MFU estimate; 0: known accelerators, or measured on CPU."),
 }
 
+_widths = Rule(lambda v: len(v) > 0 and all(int(c) > 0 for c in v), "must be positive widths")
 _label_fractions = Rule(lambda v: len(v) > 0 and all(0 < f <= 1 for f in v), "must be fractions in (0, 1]")
 
 # The evaluation binary's keys (configs/linear_probe.py starts from these): key -> (default, check, description)
@@ -178,8 +179,7 @@ EVAL_SPEC: dict[str, tuple[Any, Check, str]] = {
     "segmentation.lr": (5e-4, _positive, "Segmentation: AdamW learning rate (MGCA's)."),
     "segmentation.weight_decay": (0.05, _non_negative, "Segmentation: AdamW decay."),
     "segmentation.patience": (10, _positive, "Segmentation: epochs without a lower validation loss before stopping."),
-    "segmentation.channels": ((512, 256, 128, 64), Rule(lambda v: len(v) > 0 and all(int(c) > 0 for c in v),
-                                                       "must be positive widths"),
+    "segmentation.channels": ((512, 256, 128, 64), _widths,
                               "Segmentation: widths of the decoder's upsampling stages (SETR-PUP / MGCA's)."),
     "segmentation.plot_images": (6, _non_negative, "Segmentation: test images drawn in segmentation.png."),
     "detection.epochs": (80, _positive, "Detection: passes over the training images (early stopping)."),
@@ -187,8 +187,7 @@ EVAL_SPEC: dict[str, tuple[Any, Check, str]] = {
     "detection.lr": (5e-4, _positive, "Detection: AdamW learning rate."),
     "detection.weight_decay": (0.05, _non_negative, "Detection: AdamW decay."),
     "detection.patience": (15, _positive, "Detection: epochs without a lower validation loss before stopping."),
-    "detection.channels": ((256, 128), Rule(lambda v: len(v) > 0 and all(int(c) > 0 for c in v),
-                                            "must be positive widths"),
+    "detection.channels": ((256, 128), _widths,
                            "Detection: widths of the two upsampling stages before the CenterNet branches."),
     "detection.images": ("boxed", ("boxed", "all"),
                          "Detection: images with at least one box (an image without one may be unannotated, as most "

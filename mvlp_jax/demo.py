@@ -87,41 +87,38 @@ def pretrain(config_name: str) -> None:
     train.train(config, workdir)
 
 
-def evaluate_probes() -> None:
+def _evaluate_once(folder: str, what: str, config) -> None:
+    """Runs the evaluation binary's `config` into runs/demo/{folder}, or shows the results already there."""
     from mvlp_jax import evaluate
 
-    out = os.path.join(RUNS, "eval")
+    out = os.path.join(RUNS, folder)
     if os.path.exists(os.path.join(out, "results.md")):
-        print(f"[demo] evaluation: already done, reusing {out}/results.md\n")
         with open(os.path.join(out, "results.md")) as f:
-            print(f.read())
+            print(f"[demo] {what}: already done, reusing {out}/results.md\n{f.read()}")
         return
-    config = load_config("linear_probe", "nih_sample")
+    print(f"[demo] {what} -> {out}")
+    evaluate.evaluate(config, out)
+
+
+def _every_recipe_and_random_init(config):
     config.data_dir = DATA_DIR
     config.workdirs = ",".join([os.path.join(RUNS, name) for name in RECIPES] + ["random_init"])
-    print(f"[demo] linear probes on the NIH sample -> {out}")
-    evaluate.evaluate(config, out)
+    return config
+
+
+def evaluate_probes() -> None:
+    _evaluate_once("eval", "linear probes on the NIH sample",
+                   _every_recipe_and_random_init(load_config("linear_probe", "nih_sample")))
 
 
 def evaluate_segmentation() -> None:
     """Lung segmentation on every recipe's frozen encoder and an untrained one, at 100% and 10% of the masks."""
-    from mvlp_jax import evaluate
-
-    out = os.path.join(RUNS, "eval_segmentation")
-    if os.path.exists(os.path.join(out, "results.md")):
-        with open(os.path.join(out, "results.md")) as f:
-            print(f"[demo] segmentation: already done, reusing {out}/results.md\n{f.read()}")
-        return
-    config = load_config("segmentation", "demo")
-    config.data_dir = DATA_DIR
-    config.workdirs = ",".join([os.path.join(RUNS, name) for name in RECIPES] + ["random_init"])
-    print(f"[demo] lung segmentation on the frozen encoders -> {out}")
-    evaluate.evaluate(config, out)
+    _evaluate_once("eval_segmentation", "lung segmentation on the frozen encoders",
+                   _every_recipe_and_random_init(load_config("segmentation", "demo")))
 
 
 def evaluate_text_space() -> None:
     """Retrieval and zero-shot rows for every recipe whose objectives declare an image-text space."""
-    from mvlp_jax import evaluate
     from mvlp_jax.objectives import registry
 
     spaced = [name for name in RECIPES
@@ -130,16 +127,10 @@ def evaluate_text_space() -> None:
              "eval_zero_shot_pair": ("zero_shot", "nih_sample", "valid", "pair"),
              "eval_zero_shot_ensemble": ("zero_shot", "nih_sample", "valid", "ensemble")}
     for folder, (mode, dataset, split, prompts) in modes.items():
-        out = os.path.join(RUNS, folder)
-        if os.path.exists(os.path.join(out, "results.md")):
-            with open(os.path.join(out, "results.md")) as f:
-                print(f"[demo] {mode}: already done, reusing {out}/results.md\n{f.read()}")
-            continue
         config = load_config("linear_probe", "nih_sample")
         config.mode, config.dataset, config.test_split, config.prompts = mode, dataset, split, prompts
         config.data_dir, config.workdirs = DATA_DIR, ",".join(os.path.join(RUNS, name) for name in spaced)
-        print(f"[demo] {mode.replace('_', '-')} ({dataset}/{split}) of {', '.join(spaced)} -> {out}")
-        evaluate.evaluate(config, out)
+        _evaluate_once(folder, f"{mode.replace('_', '-')} ({dataset}/{split}) of {', '.join(spaced)}", config)
 
 
 def main() -> None:
