@@ -122,7 +122,7 @@ class Detection:
             r = source[i]
             if not len(r["boxes"]) and context["images"] == "boxed":
                 continue
-            height, width = transforms.decode_png(r["image"]).shape
+            height, width = transforms.png_shape(r["image"])
             visible, kept = crop_boxes(np.asarray(r["boxes"], np.float64), height, width, size)
             records.append(i)
             boxes.append(visible)

@@ -18,6 +18,12 @@ def decode_png(data: bytes) -> np.ndarray:
         return np.asarray(image.convert("L"))
 
 
+def png_shape(data: bytes) -> tuple[int, int]:
+    """(H, W) of PNG bytes from the header, without decoding the pixels."""
+    with Image.open(io.BytesIO(data)) as image:
+        return image.height, image.width
+
+
 def random_resized_crop_box(height: int, width: int, scale: tuple[float, float], rng: np.random.Generator,
                             ratio: tuple[float, float] = (3 / 4, 4 / 3), attempts: int = 10
                             ) -> tuple[int, int, int, int]:
