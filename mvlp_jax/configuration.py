@@ -14,6 +14,7 @@ from typing import Any, Callable
 import ml_collections
 
 from mvlp_jax.kernels.attention_ops import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+from mvlp_jax.models.dense_heads import DECODERS
 from mvlp_jax.objectives import registry
 
 
@@ -171,9 +172,10 @@ EVAL_SPEC: dict[str, tuple[Any, Check, str]] = {
     "seed": (0, None, "Seed of label fractions, probes and bootstrap."),
     "task": ("classification", ("classification", "segmentation", "detection"),
              "'classification': the labels (probes, fine-tuning, zero-shot, retrieval); 'segmentation': a SETR "
-             "progressive-upsampling head on the frozen encoder's patch tokens learns the dataset's masks (built with "
+             "progressive-upsampling head on the encoder's patch tokens learns the dataset's masks (built with "
              "--mask_column), test Dice per image; 'detection': a CenterNet head learns its boxes (--boxes_csv), "
-             "test mAP over IoU 0.40:0.75."),
+             "test mAP over IoU 0.40:0.75. mode='linear' trains the head on the frozen encoder, 'finetune' the "
+             "encoder with it (layer decay, drop path and warmup from finetune.*, the rest from the task's keys)."),
     "segmentation.epochs": (50, _positive, "Segmentation: passes over the training images (early stopping)."),
     "segmentation.batch_size": (16, _positive, "Segmentation: head training batch."),
     "segmentation.lr": (5e-4, _positive, "Segmentation: AdamW learning rate (MGCA's)."),
@@ -181,6 +183,10 @@ EVAL_SPEC: dict[str, tuple[Any, Check, str]] = {
     "segmentation.patience": (10, _positive, "Segmentation: epochs without a lower validation loss before stopping."),
     "segmentation.channels": ((512, 256, 128, 64), _widths,
                               "Segmentation: widths of the decoder's upsampling stages (SETR-PUP / MGCA's)."),
+    "segmentation.decoder": ("auto", ("auto",) + DECODERS,
+                             "Segmentation: from the stride-patch token grid to a quarter of the patch by SETR's "
+                             "'upsampling' stages or ViTDet's simple feature 'pyramid'; 'auto': upsampling for a ViT, "
+                             "the pyramid for a ViTDet. The pyramid's levels take the first width of channels."),
     "segmentation.plot_images": (6, _non_negative, "Segmentation: test images drawn in segmentation.png."),
     "detection.epochs": (80, _positive, "Detection: passes over the training images (early stopping)."),
     "detection.batch_size": (16, _positive, "Detection: head training batch."),
@@ -188,7 +194,10 @@ EVAL_SPEC: dict[str, tuple[Any, Check, str]] = {
     "detection.weight_decay": (0.05, _non_negative, "Detection: AdamW decay."),
     "detection.patience": (15, _positive, "Detection: epochs without a lower validation loss before stopping."),
     "detection.channels": ((256, 128), _widths,
-                           "Detection: widths of the two upsampling stages before the CenterNet branches."),
+                           "Detection: widths of the two upsampling stages before the CenterNet branches (the "
+                           "pyramid's levels take the first)."),
+    "detection.decoder": ("auto", ("auto",) + DECODERS,
+                          "Detection: as segmentation.decoder, before the CenterNet branches."),
     "detection.images": ("boxed", ("boxed", "all"),
                          "Detection: images with at least one box (an image without one may be unannotated, as most "
                          "of NIH's), or every image (a box-free image then counts as normal: false alarms on it "
@@ -214,9 +223,9 @@ EVAL_RULES: tuple[tuple[Callable[[Any], bool], str], ...] = (
      "data_prep.precompute_text_embeddings"),
     (lambda c: c.features_from != "text_embeddings" or c.mode == "linear",
      "features_from='text_embeddings' probes stored vectors: it needs mode='linear'"),
-    (lambda c: c.task == "classification" or (c.mode == "linear" and c.features_from == "image"),
-     "task='segmentation' and 'detection' train a head on the frozen encoders' patch tokens: they need "
-     "mode='linear' and features_from='image' (fine-tuning the encoder for them is not implemented)"),
+    (lambda c: c.task == "classification" or (c.mode in ("linear", "finetune") and c.features_from == "image"),
+     "task='segmentation' and 'detection' train a head on the encoders' patch tokens: they need "
+     "mode='linear' (frozen encoder) or 'finetune', and features_from='image'"),
     (lambda c: c.mode not in ("retrieval", "zero_shot") or c.features_from == "image",
      "mode='retrieval' and 'zero_shot' compare the workdirs' image embeddings with text: they need "
      "features_from='image'"),

@@ -1,12 +1,15 @@
-"""Dense downstream tasks on frozen encoders (`--config.task=segmentation|detection` of the evaluation binary):
-one loop for every task, which declares what it reads, trains and scores (`DenseTask`).
+"""Dense downstream tasks (`--config.task=segmentation|detection` of the evaluation binary): one loop for every
+task, which declares what it reads, trains and scores (`DenseTask`).
 
-Per checkpoint, every image of the task's splits becomes the encoder's last-layer patch-token grid (centre crop
-at the run's size and normalisation); per label fraction (training patients sampled by a fixed seed), a fresh
-head learns from the tokens with early stopping on the validation loss (`dense_training.fit`), and the epoch of
-the best validation loss is scored on the test split: the task's metric with a patient-bootstrap 95% interval,
-and each checkpoint's paired difference against the first on the same resamples. Writes results.json,
-results.md and `{task}.png` (truth red, prediction blue, on test images).
+Per checkpoint, every image of the task's splits is taken as evaluation sees it (centre crop at the run's size
+and normalisation). With `mode=linear` (frozen encoder) the images become the encoder's last-layer patch-token
+grids once, and per label fraction (training patients sampled by a fixed seed) a fresh head learns from them;
+with `mode=finetune` the encoder learns with the head from the images (dense_finetune.py). Either trains with
+early stopping on the validation loss (`dense_training.fit`), and the epoch of the best validation loss is scored
+on the test split: the task's metric with a patient-bootstrap 95% interval, and each checkpoint's paired
+difference against the first on the same resamples. The head's decoder is the task's `decoder`: 'auto' takes
+SETR's upsampling for a ViT and the simple feature pyramid for a ViTDet. Writes results.json, results.md and
+`{task}.png` (truth red, prediction blue, on test images).
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from mvlp_jax import dense_metrics, dense_training, features, report
+from mvlp_jax import dense_finetune, dense_metrics, dense_training, features, report
 from mvlp_jax.data import transforms
 from mvlp_jax.models.pretrainer import Pretrainer
 from mvlp_jax.models.vit import variant
@@ -32,13 +35,13 @@ class DenseTask(Protocol):
     build_hint: str  # how to build a dataset with it
     metric: str  # its key in a result row
     metric_label: str
-    head_label: str
+    head_labels: dict[str, str]  # per decoder (models/dense_heads.DECODERS), how results name the head
 
     def context(self, sources: dict, c: ml_collections.ConfigDict) -> dict: ...  # what read / head need
 
     def read(self, source, size: int, patch: int, context: dict) -> Truth: ...
 
-    def head(self, patch: int, c: ml_collections.ConfigDict, context: dict) -> nn.Module: ...
+    def head(self, patch: int, c: ml_collections.ConfigDict, context: dict, decoder: str) -> nn.Module: ...
 
     def loss(self, outputs: Any, targets: dict) -> jax.Array: ...
 
@@ -73,6 +76,13 @@ def open_split(data_dir: str, dataset: str, split: str, task: DenseTask):
     return source, f"{name}:{version}/{split}"
 
 
+def decoder_for(setting: str, encoder_kind: str) -> str:
+    """The decoder a task's `decoder` setting means for an encoder ('vit' or 'vitdet')."""
+    if setting != "auto":
+        return setting
+    return "pyramid" if encoder_kind == "vitdet" else "upsampling"
+
+
 def select(truth: Truth, keep: np.ndarray) -> Truth:
     """The truth of the images `keep` (a boolean mask or indices)."""
     pick = lambda v: v[keep] if isinstance(v, np.ndarray) else [v[i] for i in np.flatnonzero(keep)]
@@ -100,37 +110,53 @@ def evaluate_subjects(task: DenseTask, config: ml_collections.ConfigDict, output
             truth_by_view[(size, patch)] = {role: task.read(src, size, patch, context)
                                             for role, (src, _) in sources.items()}
         truth = dict(truth_by_view[(size, patch)])
-        forward = lambda p, x: encoder.model.apply({"params": p}, x, method=Pretrainer.patch_grid)
-        tokens = {role: features.apply_to_split(forward, encoder.params, features.Subset(src, truth[role]["records"]),
-                                                encoder.config, config.batch_size, mesh,
-                                                f"tokens {encoder.name} {where}")
+        tuned = config.mode == "finetune"
+        if tuned:  # the encoder learns: its inputs are the images
+            forward, desc = (lambda p, x: x), "images"
+        else:
+            forward = lambda p, x: encoder.model.apply({"params": p}, x, method=Pretrainer.patch_grid)
+            desc = f"tokens {encoder.name}"
+        inputs = {role: features.apply_to_split(forward, encoder.params, features.Subset(src, truth[role]["records"]),
+                                                encoder.config, config.batch_size, mesh, f"{desc} {where}")
                   for role, (src, where) in sources.items()}
         if "val" not in sources:  # carve 10% of the training patients out for early stopping
             carved = patient_fraction(truth["train"]["patients"], 0.1, config.seed, salt="validation")
-            truth["val"], tokens["val"] = select(truth["train"], carved), tokens["train"][carved]
-            truth["train"], tokens["train"] = select(truth["train"], ~carved), tokens["train"][~carved]
+            truth["val"], inputs["val"] = select(truth["train"], carved), inputs["train"][carved]
+            truth["train"], inputs["train"] = select(truth["train"], ~carved), inputs["train"][~carved]
         patients = truth["train"]["patients"]
+        decoder = decoder_for(settings.decoder, encoder.config.model.encoder)
         for fraction in config.label_fractions:
             keep = patient_fraction(patients, fraction, config.seed)
-            head = dense_training.fit(task.head(patch, settings, context), task.loss, tokens["train"][keep],
-                                      select(truth["train"], keep)["targets"], tokens["val"], truth["val"]["targets"],
-                                      settings, config.seed, f"{encoder.name} {report.percent(fraction)}")
-            statistic, predictions = task.score(head.outputs(tokens["test"]), truth["test"], patch, context)
+            head_module = task.head(patch, settings, context, decoder)
+            trained = dict(module=dense_finetune.model(encoder, head_module, config.finetune),
+                           pretrained=dense_finetune.pretrained(encoder),
+                           optimizer=dense_finetune.optimizer(settings, config.finetune,
+                                                              dense_training.steps_per_epoch(int(keep.sum()),
+                                                                                             settings, mesh))
+                           ) if tuned else dict(module=head_module)
+            head = dense_training.fit(loss_fn=task.loss, inputs=inputs["train"][keep],
+                                      targets=select(truth["train"], keep)["targets"], val_inputs=inputs["val"],
+                                      val_targets=truth["val"]["targets"], c=settings, seed=config.seed,
+                                      desc=f"{encoder.name} {report.percent(fraction)}", mesh=mesh, **trained)
+            statistic, predictions = task.score(head.outputs(inputs["test"]), truth["test"], patch, context)
             statistic_by[(encoder.name, fraction)] = statistic
             if fraction == max(config.label_fractions):
                 shown[encoder.name] = predictions
             row = {"name": encoder.name, "workdir": subject, "step": encoder.step, "label_fraction": fraction,
                    "train_images": int(keep.sum()), "train_patients": len(set(patients[keep])),
                    "test_images": len(truth["test"]["patients"]), "split": sources["test"][1], "task": task.name,
-                   "head": {"kind": task.head_label, "epoch": head.epoch, "val_loss": head.val_loss},
+                   "mode": config.mode,
+                   "head": {"kind": task.head_labels[decoder], "decoder": decoder,
+                            "encoder": "fine-tuned" if tuned else "frozen", "epoch": head.epoch,
+                            "val_loss": head.val_loss},
                    task.metric: dense_metrics.with_interval(statistic, truth["test"]["patients"], config.bootstrap,
                                                             config.seed)}
             results[task.name].append(row)
             value, (lo, hi) = row[task.metric]["mean"], row[task.metric]["ci95"]
             print(f"{encoder.name} (step {encoder.step}), {report.percent(fraction)} of the training images = "
-                  f"{row['train_images']} of {row['train_patients']} patients: test {task.metric_label} "
-                  f"{value:.4f} [{lo:.4f}, {hi:.4f}] ({row['test_images']} images; best epoch {head.epoch})",
-                  flush=True)
+                  f"{row['train_images']} of {row['train_patients']} patients, {row['head']['encoder']} encoder: "
+                  f"test {task.metric_label} {value:.4f} [{lo:.4f}, {hi:.4f}] ({row['test_images']} images; best "
+                  f"epoch {head.epoch})", flush=True)
     test = truth_by_view[(size, patch)]["test"]
     first = results[task.name][0]["name"]
     for (name, fraction), statistic in statistic_by.items():
@@ -151,7 +177,8 @@ def table(task: DenseTask, results: dict) -> str:
     for r in results[task.name]:
         lo, hi = r[task.metric]["ci95"]
         lines.append(f"| {r['name']} | {r['step']} | {report.percent(r['label_fraction'])} ({r['train_images']}) | "
-                     f"{task.head_label}, frozen encoder | {r[task.metric]['mean']:.4f} [{lo:.4f}, {hi:.4f}] | "
+                     f"{r['head']['kind']}, {r['head']['encoder']} encoder | "
+                     f"{r[task.metric]['mean']:.4f} [{lo:.4f}, {hi:.4f}] | "
                      f"{r['test_images']} |")
     for c in results["comparisons"]:
         lo, hi = c["interval"]

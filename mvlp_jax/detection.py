@@ -1,8 +1,9 @@
-"""Detection (`--config.task=detection`): a CenterNet head (models/dense_heads.py) on the frozen patch tokens
-upsampled 4x learns per-class centre heatmaps (penalty-reduced focal loss around Gaussian peaks), box sizes and
-centre offsets (L1 at the centres, weights 0.1 and 1); its 100 highest 3x3 peaks per test image are scored by
-mean average precision over IoU 0.40 to 0.75 in steps of 0.05 (the RSNA mAP M-FLAG reports; COCO's 101-point
-AP, dense_metrics.py). The loop around it is dense_tasks.py."""
+"""Detection (`--config.task=detection`): a CenterNet head (models/dense_heads.py) on the patch tokens brought
+to a quarter of the patch (SETR upsampling or the simple feature pyramid) learns per-class centre heatmaps
+(penalty-reduced focal loss around Gaussian peaks), box sizes and centre offsets (L1 at the centres, weights 0.1
+and 1); its 100 highest 3x3 peaks per test image are scored by mean average precision over IoU 0.40 to 0.75 in
+steps of 0.05 (the RSNA mAP M-FLAG reports; COCO's 101-point AP, dense_metrics.py). The loop around it is
+dense_tasks.py."""
 from __future__ import annotations
 
 import math
@@ -102,7 +103,8 @@ def decode(outputs: tuple[np.ndarray, np.ndarray, np.ndarray], stride: int, top:
 
 
 class Detection:
-    name, feature, metric, metric_label, head_label = "detection", "boxes", "map", "mAP@[.40:.75]", "CenterNet"
+    name, feature, metric, metric_label = "detection", "boxes", "map", "mAP@[.40:.75]"
+    head_labels = {"upsampling": "CenterNet", "pyramid": "simple feature pyramid + CenterNet"}
     build_hint = "build it with data_prep.build_dataset --boxes_csv=... (csv source)"
 
     def context(self, sources: dict, c: ml_collections.ConfigDict) -> dict:
@@ -134,8 +136,9 @@ class Detection:
         return {"records": np.asarray(records), "boxes": boxes, "labels": labels, "patients": np.asarray(patients),
                 "targets": targets(boxes, labels, size, stride, len(index))}
 
-    def head(self, patch: int, c: ml_collections.ConfigDict, context: dict) -> CenterNet:
-        return CenterNet(patch_size=patch, classes=len(context["classes"]), channels=tuple(c.channels))
+    def head(self, patch: int, c: ml_collections.ConfigDict, context: dict, decoder: str) -> CenterNet:
+        return CenterNet(patch_size=patch, classes=len(context["classes"]), channels=tuple(c.channels),
+                         decoder=decoder)
 
     def loss(self, outputs: Any, targets: dict) -> jax.Array:
         return loss_fn(outputs, targets)

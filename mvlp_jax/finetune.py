@@ -123,9 +123,9 @@ def fit(encoder: Encoder, source, indices: np.ndarray, y: np.ndarray, m: np.ndar
                        "b": jax.device_put(jnp.zeros((y.shape[1],)), rep)}}
     tx = optax.chain(optax.clip_by_global_norm(1.0),
                      optax.adamw(schedule, weight_decay=f.weight_decay, mask=optim.decay_mask),
-                     scale_by_tree({"model": layer_scales(encoder.params, _depth(encoder.params), f.layer_decay),
+                     scale_by_tree({"model": layer_scales(encoder.params, depth(encoder.params), f.layer_decay),
                                     "head": jax.tree.map(lambda _: jnp.ones(()), params["head"])}))
-    model = Pretrainer(_with_drop_path(encoder.config, f.drop_path), encoder.model.target_dim)
+    model = Pretrainer(with_drop_path(encoder.config, f.drop_path), encoder.model.target_dim)
     logits = _predictor(model, pooling)
 
     def loss_fn(p, images, targets, mask, rng):
@@ -171,14 +171,14 @@ def fit(encoder: Encoder, source, indices: np.ndarray, y: np.ndarray, m: np.ndar
     return best
 
 
-def _depth(params: Any) -> int:
+def depth(params: Any) -> int:
     inner = params["encoder"]["encoder"]
     if "blocks" in inner:
         return int(jax.tree.leaves(inner["blocks"])[0].shape[0])
     return sum(k.startswith("block_") for k in inner)
 
 
-def _with_drop_path(config: ml_collections.ConfigDict, drop_path: float) -> ml_collections.ConfigDict:
+def with_drop_path(config: ml_collections.ConfigDict, drop_path: float) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict(config.to_dict())
     config.model.drop_path = drop_path
     return config

@@ -40,7 +40,8 @@ def _outline(mask: np.ndarray) -> np.ndarray:
 
 
 class Segmentation:
-    name, feature, metric, metric_label, head_label = "segmentation", "mask", "dice", "Dice", "SETR-PUP"
+    name, feature, metric, metric_label = "segmentation", "mask", "dice", "Dice"
+    head_labels = {"upsampling": "SETR-PUP", "pyramid": "simple feature pyramid + upsampling"}
     build_hint = "build it with data_prep.build_dataset --mask_column=... (csv source)"
 
     def context(self, sources: dict, c: ml_collections.ConfigDict) -> dict:
@@ -54,8 +55,8 @@ class Segmentation:
         return {"records": np.arange(len(records)), "targets": {"mask": masks},
                 "patients": np.array([r["subject_id"].decode() for r in records])}
 
-    def head(self, patch: int, c: ml_collections.ConfigDict, context: dict) -> ProgressiveUpsampling:
-        return ProgressiveUpsampling(patch_size=patch, channels=tuple(c.channels))
+    def head(self, patch: int, c: ml_collections.ConfigDict, context: dict, decoder: str) -> ProgressiveUpsampling:
+        return ProgressiveUpsampling(patch_size=patch, channels=tuple(c.channels), decoder=decoder)
 
     def loss(self, outputs: jax.Array, targets: dict) -> jax.Array:
         return loss_fn(outputs, targets)

@@ -127,6 +127,50 @@ def test_progressive_upsampling_returns_logits_at_the_input_resolution(patch):
         ProgressiveUpsampling(patch_size=14).init(jax.random.PRNGKey(0), tokens)
 
 
+@pytest.mark.parametrize("patch", [8, 16])
+def test_the_simple_feature_pyramid_feeds_both_heads_at_a_quarter_of_the_patch(patch):
+    import jax
+    import jax.numpy as jnp
+
+    from mvlp_jax.models.dense_heads import CenterNet, ProgressiveUpsampling, SimpleFeaturePyramid
+
+    tokens = jnp.ones((2, 3, 5, 12))
+    pyramid = SimpleFeaturePyramid(width=8)
+    variables = pyramid.init(jax.random.PRNGKey(0), tokens)
+    assert pyramid.apply(variables, tokens).shape == (2, 12, 20, 8)
+    lateral = {k: v["kernel"].shape for k, v in variables["params"].items() if k[:-1] == "lateral_"}
+    # strides p/4 (two transposed convs: D/4 channels), p/2 (one: D/2), p and 2p (the tokens, max pooled)
+    assert lateral == {"lateral_0": (1, 1, 3, 8), "lateral_1": (1, 1, 6, 8), "lateral_2": (1, 1, 12, 8),
+                       "lateral_3": (1, 1, 12, 8)}
+    masks = ProgressiveUpsampling(patch_size=patch, channels=(8, 4), decoder="pyramid")
+    assert "pyramid" in masks.init(jax.random.PRNGKey(0), tokens)["params"]
+    assert masks.apply(masks.init(jax.random.PRNGKey(0), tokens), tokens).shape == (2, 3 * patch, 5 * patch, 1)
+    boxes = CenterNet(patch_size=patch, classes=2, channels=(8, 4), head_width=4, decoder="pyramid")
+    heat, size, offset = boxes.apply(boxes.init(jax.random.PRNGKey(0), tokens), tokens)
+    cells = (3 * patch // boxes.stride(), 5 * patch // boxes.stride())
+    assert heat.shape == (2, *cells, 2) and size.shape == offset.shape == (2, *cells, 2) and cells == (12, 20)
+    with pytest.raises(ValueError, match="patch size 2 is below 4"):
+        CenterNet(patch_size=2, decoder="pyramid").init(jax.random.PRNGKey(0), tokens)
+
+
+def test_auto_decoder_follows_the_encoder_and_grafting_checks_shapes():
+    from mvlp_jax.dense_tasks import decoder_for
+    from mvlp_jax.dense_training import graft
+
+    assert (decoder_for("auto", "vit"), decoder_for("auto", "vitdet")) == ("upsampling", "pyramid")
+    assert decoder_for("pyramid", "vit") == "pyramid"
+    params = {"model": {"encoder": {"w": np.zeros((2, 3)), "b": np.zeros(3)}}, "head": {"w": np.zeros(4)}}
+    grafted = graft(params, {"model": {"encoder": {"w": np.ones((2, 3)), "b": np.ones(3), "mask_token": 1}}})
+    assert grafted["model"]["encoder"]["w"].sum() == 6 and grafted["head"] is params["head"]
+    assert set(grafted["model"]["encoder"]) == {"w", "b"}  # pretraining-only weights are left out
+    with pytest.raises(ValueError, match=r"params/model/encoder/w: pretrained shape \(3, 3\)"):
+        graft(params, {"model": {"encoder": {"w": np.ones((3, 3)), "b": np.ones(3)}}})
+    with pytest.raises(ValueError, match="params/model/encoder/b is missing from the pretrained weights"):
+        graft(params, {"model": {"encoder": {"w": np.ones((2, 3))}}})
+    with pytest.raises(ValueError, match="params/pool is not a parameter"):
+        graft(params, {"pool": {}})
+
+
 def test_a_head_on_a_frozen_encoder_learns_real_lung_masks(nih_and_workdir, tmp_path):
     """The evaluation binary on the shipped lung masks: the head's Dice beats the empty-mask predictor's
     (0 on every image with lungs) by far, the paired comparison and the picture are written."""
@@ -283,3 +327,44 @@ def test_a_detection_head_on_a_frozen_encoder_finds_real_lungs(nih_and_workdir, 
     assert row["test_images"] >= 10 and row["map"]["ci95"][0] <= row["map"]["mean"] <= row["map"]["ci95"][1]
     assert row["map"]["mean"] > 0.1, row  # no detection scores 0
     assert os.path.getsize(tmp_path / "out" / "detection.png") > 10_000
+
+
+def test_fine_tuning_a_vitdet_for_segmentation_moves_its_encoder_through_the_pyramid(pretrain_data, tmp_path,
+                                                                                      monkeypatch):
+    """mode=finetune on a ViTDet checkpoint: 'auto' picks the simple feature pyramid, the encoder's weights move
+    (the patch embedding least, by layer decay), the pretraining-only weights are left out, and the lungs are
+    found (the empty mask scores 0)."""
+    import jax
+
+    from configs import segmentation
+    from mvlp_jax import dense_finetune, dense_training, evaluate, train
+    from mvlp_jax.demo import DATASETS
+    from tests.pretrain_setup import micro_config
+
+    data_dir, emb, _ = pretrain_data
+    workdir = str(tmp_path / "vitdet")
+    train.train(micro_config(data_dir, emb, total_steps=2, **{"model.encoder": "vitdet", "model.window_size": 2}),
+                workdir)
+    options = dict(DATASETS["covid_lungs"], image_size=64)
+    build("csv", options.pop("input_dir"), str(tmp_path / "tfds"), name="covid_lungs", **options)
+    c = segmentation.get_config("demo")
+    c.data_dir, c.workdirs, c.bootstrap, c.mode = str(tmp_path / "tfds"), workdir, 100, "finetune"
+    c.label_fractions, c.segmentation.epochs, c.segmentation.channels = (1.0,), 6, (16, 8)
+    trained, loaded = [], []
+    fit, pretrained = dense_training.fit, dense_finetune.pretrained
+    monkeypatch.setattr(dense_training, "fit", lambda **kw: trained.append(fit(**kw)) or trained[-1])
+    monkeypatch.setattr(dense_finetune, "pretrained", lambda e: loaded.append(pretrained(e)) or loaded[-1])
+    row, = evaluate.evaluate(c, str(tmp_path / "out"))["segmentation"]
+    assert row["head"]["kind"] == "simple feature pyramid + upsampling" and row["head"]["encoder"] == "fine-tuned"
+    assert row["dice"]["mean"] > 0.5, row
+    assert "simple feature pyramid + upsampling, fine-tuned encoder" in open(tmp_path / "out" / "results.md").read()
+    after = trained[0].variables["params"]["model"]["encoder"]
+    before = loaded[0]["model"]["encoder"]
+    assert set(before) - set(after) == {"mask_token"}  # SimMIM's, which evaluation never reads
+    before = {k: before[k] for k in after}
+    assert set(trained[0].variables["params"]["model"]) == {"encoder"}
+    change = lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).mean())
+    moved = jax.tree.map(change, after, before)
+    assert all(v > 0 for v in jax.tree.leaves(moved))
+    top = np.mean(jax.tree.leaves(moved["encoder"][max(k for k in moved["encoder"] if k.startswith("block_"))]))
+    assert np.mean(jax.tree.leaves(moved["embedding"])) < top
