@@ -36,6 +36,7 @@ def apply_demo(c) -> None:
     c.optim.warmup_steps = 15
     c.checkpoint.save_interval_steps = 50
     c.log_every_steps = 10
+    c.log_images_every_steps = 75  # pictures of what was learned, half-way and at the end (WORKDIR/plots)
 
 
 def get_config(arg: str | None = None):

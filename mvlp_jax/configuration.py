@@ -129,6 +129,10 @@ SPEC: dict[str, tuple[Any, Check, str]] = {
     "checkpoint.max_to_keep": (3, _positive, "Checkpoints kept."),
     "checkpoint.async_save": (True, None, "Save in the background while training goes on."),
     "log_every_steps": (50, _positive, "Metrics to TensorBoard and console every this many steps."),
+    "log_images_every_steps": (0, _non_negative, "Pictures of what the run learned (mvlp_jax/visualize.py: "
+                               "reconstructions, attention maps, query boxes, nearest reports by study id) to "
+                               "WORKDIR/plots/ and TensorBoard every this many steps and at the end; 0: off. "
+                               "Single-process runs; for others, python -m mvlp_jax.visualize on a checkpoint."),
     "peak_flops_per_device": (0.0, _non_negative, "For the MFU estimate; 0: known accelerators, or measured on CPU."),
 }
 

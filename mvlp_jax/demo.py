@@ -3,7 +3,8 @@
 Stages: build the COVID image+notes set and the NIH 14-label set from data_prep/sample; embed the
 COVID notes with the embedded SmolLM2; pretrain the four recipes on them with the same encoder size,
 steps and seed (configs/{pretrain,mae,mflag,multitask}.py:demo: LLM contrastive + MAE, MAE alone,
-M-FLAG, and MAE + DINO + query box in a cycle on ViTDet); linear-probe all four and an untrained encoder
+M-FLAG, and MAE + DINO + query box in a cycle on ViTDet), each drawing pictures of what it learned half-way
+and at the end (runs/demo/{recipe}/plots); linear-probe all four and an untrained encoder
 on the NIH sample's 14 labels (runs/demo/eval/results.md); for the recipes with an image-text space,
 image <-> report retrieval on the COVID test split and zero-shot classification of the NIH sample from
 prompts (runs/demo/eval_retrieval, eval_zero_shot_{pair,ensemble}); lung segmentation on every frozen

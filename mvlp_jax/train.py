@@ -97,6 +97,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Outcome:
                                 observe.peak_flops_per_device(config.peak_flops_per_device), start)
     if start == 0:
         reporter.write_hparams(configuration.flatten(config))
+    draw = _image_logger(config, target_dim, records, workdir, reporter, mesh)
     preemption = Preemption()
     step, pending, stopped = start, None, False
     interval = observe.IntervalMeans()
@@ -110,6 +111,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Outcome:
             interval.add(metrics)
             if step % config.log_every_steps == 0 or step == config.total_steps:
                 reporter.report(step, interval.means())
+            if draw and (step % config.log_images_every_steps == 0 or step == config.total_steps):
+                draw(step, state.params)
             if preemption.agreed() or store.mngr.reached_preemption(step):
                 store.save(step, state, data.get_state(), force=True)
                 stopped = step < config.total_steps
@@ -143,6 +146,27 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Outcome:
              + (f"; loss curve {plot}" if plot else ""))
     store.close()
     return Outcome(state, stopped, step)
+
+
+def _image_logger(config: ml_collections.ConfigDict, target_dim: int, records: pipeline.TrainRecords, workdir: str,
+                  reporter: observe.Reporter, mesh: jax.sharding.Mesh):
+    """(step, params) -> draws visualize.py's pictures; None when log_images_every_steps is 0 or several
+    processes train (the pictures are drawn by one process from whole arrays: use the visualize command)."""
+    if not config.log_images_every_steps:
+        return None
+    if jax.process_count() > 1:
+        _log("log_images_every_steps: pictures are drawn in single-process runs only; run python -m "
+             "mvlp_jax.visualize --workdir=... on a checkpoint instead")
+        return None
+    from mvlp_jax import visualize
+
+    painter = visualize.Painter(config, target_dim)
+    shown = visualize.shown_images(config, 8, "", records.table)
+
+    def draw(step: int, params) -> None:
+        with sharding.active(mesh):
+            visualize.save(painter.draw(params, shown), workdir, step, reporter.writer)
+    return draw
 
 
 def _check_finite(pending: tuple, config: ml_collections.ConfigDict) -> None:

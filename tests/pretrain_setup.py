@@ -58,6 +58,7 @@ def micro_config(data_dir: str, embeddings_dir: str, **overrides):
     c.data.batch_size, c.data.num_threads = 16, 2
     c.total_steps, c.optim.warmup_steps, c.log_every_steps = 6, 2, 1
     c.checkpoint.save_interval_steps = 2
+    c.log_images_every_steps = 0  # the demo's pictures cost seconds per run: tests/test_visualize.py draws them
     c.peak_flops_per_device = 1e11
     from mvlp_jax import configuration
 

@@ -20,6 +20,7 @@ from mvlp_jax.objectives import registry
 class Pretrainer(nn.Module):
     config: ml_collections.ConfigDict
     target_dim: int = 0  # hidden size of the stored LLM vectors (0: no contrastive path)
+    sow_attention: bool = False  # record attention weights in 'intermediates' (visualize.py's maps)
 
     def setup(self) -> None:
         m = self.config.model
@@ -27,17 +28,19 @@ class Pretrainer(nn.Module):
         size = variant(m.variant)
         if m.encoder == "vit":
             self.encoder = ViT(**size, image_size=m.image_size, drop_path=m.drop_path, dtype=dtype,
-                               scan=m.scan, remat_policy=m.remat, attention=m.attention)
+                               scan=m.scan, remat_policy=m.remat, attention=m.attention,
+                               sow_attention=self.sow_attention)
             self.masked_model = MAE(encoder=self.encoder, decoder_width=m.decoder_width, decoder_depth=m.decoder_depth,
                                     decoder_heads=m.decoder_heads, decoder_mlp_dim=4 * m.decoder_width,
                                     mask_ratio=m.mask_ratio, norm_pix_loss=m.norm_pix_loss)
         else:
             self.encoder = ViTDet(**size, window_size=m.window_size, drop_path=m.drop_path, dtype=dtype,
-                                  scan=m.scan, remat_policy=m.remat, attention=m.attention)
+                                  scan=m.scan, remat_policy=m.remat, attention=m.attention,
+                                  sow_attention=self.sow_attention)
             self.masked_model = SimMIM(encoder=self.encoder, mask_ratio=m.mask_ratio, norm_pix_loss=m.norm_pix_loss)
         if self.target_dim:
             self.pool = Pool(kind=m.pool, has_cls=self.encoder.cls_token, num_heads=m.pool_heads, dtype=dtype,
-                             attention=m.attention)
+                             attention=m.attention, sow_attention=self.sow_attention)
         self.plain_pools = {kind: Pool(kind=kind, has_cls=self.encoder.cls_token) for kind in ("cls", "mean")}
         for spec in registry.configured(self.config):
             if spec.heads is not None and (self.target_dim or not spec.needs_targets):
