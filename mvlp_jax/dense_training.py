@@ -92,8 +92,8 @@ def fit(module: nn.Module, loss_fn: LossFn, inputs: np.ndarray, targets: Targets
         variables = {**variables, "params": graft(variables["params"], pretrained)}
     tx = optimizer(variables["params"]) if optimizer else optax.adamw(c.lr, weight_decay=c.weight_decay)
     batch = batch_size(len(inputs), c, mesh)
-    put = ((lambda a: jax.device_put(a, sharding.batch_sharding(mesh, a.ndim))) if batch_size(1, c, mesh) > 1
-           else jnp.asarray)
+    put = ((lambda a: jax.device_put(a, sharding.batch_sharding(mesh, a.ndim)))
+           if mesh is not None and mesh.devices.size > 1 else jnp.asarray)
 
     @jax.jit
     def step(variables: dict, opt_state: Any, x: jax.Array, y: dict, rng: jax.Array):

@@ -4,8 +4,8 @@
 
 and during training every `log_images_every_steps` (0: off). Each picture goes to WORKDIR/plots/{name}_{step}.png
 and to TensorBoard (`images/{name}`):
-- reconstruction: masked input | the masked-image model's prediction (visible patches pasted from the input) |
-  original (MAE on a ViT, SimMIM on a ViTDet; every run has one, trained or not);
+- reconstruction (runs with the mae objective): masked input | the masked-image model's prediction (visible
+  patches pasted from the input) | original (MAE on a ViT, SimMIM on a ViTDet);
 - attention: where the image embedding looks (the MAP pooling where LLM targets trained one, else the CLS token
   on a ViT or the mean token on a ViTDet, which DINO and the query-box head read): the MAP's and the CLS token's
   last-block attention, averaged over heads, and each patch token's cosine similarity to the embedding, overlaid;
@@ -36,7 +36,7 @@ from mvlp_jax.models.vit import patchify, unpatchify
 from mvlp_jax.objectives import query_box
 from mvlp_jax.objectives import registry
 
-PICTURES = ("reconstruction", "attention", "query_box", "nearest_reports")
+POOLING_LABELS = {"map": "MAP", "cls": "CLS", "mean": "mean-token"}
 
 
 @dataclass
@@ -97,7 +97,9 @@ class Painter:
 
     def draw(self, params: Any, shown: Shown) -> dict[str, np.ndarray]:
         """{picture name: RGB uint8 array} of the pictures this run has."""
-        pictures = {"reconstruction": self.reconstruction(params, shown), "attention": self.attention(params, shown)}
+        pictures = {"attention": self.attention(params, shown)}
+        if "masked_model" in params:  # trained by mae (or not initialised: M-FLAG alone has no decoder)
+            pictures["reconstruction"] = self.reconstruction(params, shown)
         if "query_box" in self.objectives:
             pictures["query_box"] = self.query_box(params, shown)
         if shown.targets is not None and self.model.target_dim and _has_space(self.config):
@@ -141,8 +143,9 @@ class Painter:
                 maps["CLS, last block"] = weights[:, :, 0, 1:].mean(1)
         rows = [[_overlay(shown.pixels[i], m[i].reshape(grid, grid)) for m in maps.values()] + [_gray(shown.pixels[i])]
                 for i in range(len(shown.pixels))]
-        return _grid_figure(rows, list(maps) + ["image"], f"where the {pooling_name(self.config, self.model)} "
-                            "embedding looks: attention (mean over heads) and each patch token's similarity to it")
+        pooled = POOLING_LABELS[pooling_name(self.config, self.model)]
+        return _grid_figure(rows, list(maps) + ["image"], f"where the {pooled} embedding looks: attention (mean over "
+                            "heads) and each patch token's similarity to it")
 
     def query_box(self, params: Any, shown: Shown) -> np.ndarray:
         q = self.config.query_box

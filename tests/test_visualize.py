@@ -95,3 +95,27 @@ def test_a_vitdet_multitask_run_gets_query_boxes_and_token_similarity_but_no_rep
     pictures = Painter(config, 0).draw(params, Shown(images, pixels, ["a", "b", "c"]))
     assert set(pictures) == {"reconstruction", "attention", "query_box"}
     assert all(p.dtype == np.uint8 and p.ndim == 3 and p.shape[-1] == 3 for p in pictures.values())
+
+
+def test_an_mflag_run_without_a_masked_image_model_gets_attention_and_nearest_reports(pretrain_data):
+    import flax.linen as nn
+    import jax
+
+    from mvlp_jax import configuration, train_step
+    from mvlp_jax.models.pretrainer import Pretrainer
+    from mvlp_jax.visualize import Painter, Shown
+    from tests.pretrain_setup import micro_config
+
+    config = micro_config(pretrain_data[0], pretrain_data[1], objectives={"mflag": 1.0})
+    config.mflag.embed_dim, config.mflag.hidden_dim = 16, 32
+    configuration.validate(config)
+    batch = train_step.example_batch(config, 24, batch=4)
+    key = jax.random.PRNGKey(0)
+    params = nn.unbox(Pretrainer(config, 24).init({"params": key, "masking": key, "dropout": key}, batch["image"],
+                                                  batch["target"], method=Pretrainer.init_all)["params"])
+    assert "masked_model" not in params
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (4, 32, 32)).astype(np.uint8)
+    images = ((pixels / 255.0 - config.data.mean) / config.data.std)[..., None].astype(np.float32)
+    shown = Shown(images, pixels, ["s1", "s2", "s2", "s3"], rng.normal(size=(4, 24)).astype(np.float32))
+    assert set(Painter(config, 24).draw(params, shown)) == {"attention", "nearest_reports"}
