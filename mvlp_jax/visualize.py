@@ -160,7 +160,7 @@ class Painter:
                             f"query-box localisation: the region (below) located in its image, true box red, "
                             f"predicted blue; mean IoU {float(np.mean(iou)):.2f}")
 
-    def nearest_reports(self, params: Any, shown: Shown) -> np.ndarray:
+    def nearest_reports(self, params: Any, shown: Shown) -> np.ndarray | None:
         from mvlp_jax import shared_space
 
         keep = ~np.isnan(shown.targets).any(axis=1)
