@@ -35,10 +35,15 @@ def embed_images(encoder: features.Encoder, space: SharedSpace, source, config: 
     """(N, E) float32 embeddings of every record of `source`; the image head, if any, over all N at once."""
     forward = lambda p, x: encoder.model.apply({"params": p}, x, train=False, method=space.images)
     out = features.apply_to_split(forward, encoder.params, source, encoder.config, config.batch_size, mesh, desc)
+    return image_head_over_set(encoder, space, out)
+
+
+def image_head_over_set(encoder: features.Encoder, space: SharedSpace, pooled: np.ndarray) -> np.ndarray:
+    """The space's image head (if any) over a whole set of `space.images` outputs at once, float32."""
     if space.image_head is None:
-        return out
+        return np.asarray(pooled, np.float32)
     head = jax.jit(lambda p, x: encoder.model.apply({"params": p}, x, method=space.image_head))
-    return np.asarray(head(encoder.params, jnp.asarray(out)), np.float32)
+    return np.asarray(head(encoder.params, jnp.asarray(pooled)), np.float32)
 
 
 def embed_texts(encoder: features.Encoder, space: SharedSpace, vectors: np.ndarray,

@@ -171,9 +171,8 @@ class Painter:
         space = shared_space.resolve(encoder)
         vectors = np.stack([shown.targets[shown.study_ids.index(s)] for s in studies])
         images = jnp.asarray(shown.images[keep])
-        embedded = self.model.apply({"params": params}, images, train=False, method=space.images)
-        if space.image_head is not None:
-            embedded = self.model.apply({"params": params}, embedded, method=space.image_head)
+        pooled = self.model.apply({"params": params}, images, train=False, method=space.images)
+        embedded = shared_space.image_head_over_set(encoder, space, np.asarray(pooled))
         texts = shared_space.embed_texts(encoder, space, vectors)
         similarity = np.asarray(l2_normalise(jnp.asarray(embedded))) @ np.asarray(l2_normalise(jnp.asarray(texts))).T
         own = np.array([studies.index(s) for s, k in zip(shown.study_ids, keep) if k])
