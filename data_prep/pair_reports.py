@@ -35,9 +35,10 @@ NIH_TO_CHEXPERT = {"Atelectasis": ("Atelectasis",), "Cardiomegaly": ("Cardiomega
 
 
 def report_findings(iu: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
-    """One row per IU study (its report), (reports, normal (R,), states (R, NIH labels): the report is positive
-    for a CheXpert label that states the NIH finding)."""
-    reports = iu.drop_duplicates("subject_id").reset_index(drop=True)
+    """One row per IU study with a report text, (reports, normal (R,), states (R, NIH labels): the report is
+    positive for a CheXpert label that states the NIH finding). A study whose report is empty is no candidate."""
+    reports = iu.drop_duplicates("subject_id")
+    reports = reports[reports["report"].fillna("").str.strip() != ""].reset_index(drop=True)
     positive = lambda columns: (reports[list(columns)] == 1).any(axis=1).to_numpy()
     states = np.stack([positive(NIH_TO_CHEXPERT[n]) if n in NIH_TO_CHEXPERT else np.zeros(len(reports), bool)
                        for n in NIH_LABELS], axis=1)

@@ -63,6 +63,7 @@ def test_the_real_nih_images_all_find_an_agreeing_report():
     paired, heldout, stats = pair(nih, iu, pretrain_fraction=0.7, seed=0, shuffle=False)
     assert stats["unpaired_images"] == 0 and stats["agreeing_fraction"] == 1.0
     assert stats["distinct_reports_used"] > 0.8 * len(paired)
+    assert (paired["report"].str.strip() != "").all()  # 25 IU studies have an empty report: never chosen
     normal = paired[list(NIH_LABELS)].sum(axis=1) == 0
     reports = iu.drop_duplicates("subject_id").set_index(iu.drop_duplicates("subject_id")["subject_id"].astype(str))
     assert (reports.loc[paired.loc[normal, "report_id"], "No Finding"] == 1).all()
