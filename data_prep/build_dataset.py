@@ -19,6 +19,7 @@ import time
 from absl import app, flags
 
 from data_prep import records as R
+from data_prep.images import parse_window
 from data_prep.sources import SOURCE_NAMES, get_scanner
 
 FLAGS = flags.FLAGS
@@ -27,6 +28,9 @@ flags.DEFINE_string("input_dir", None, "Folder holding the raw data set.")
 flags.DEFINE_string("output_dir", None, "TFDS data dir: the dataset goes to {output_dir}/{name}/1.0.0.")
 flags.DEFINE_string("name", "", "Dataset name (folder); default: the source name ('csv' -> 'cxr_csv').")
 flags.DEFINE_integer("image_size", 512, "Shorter image side after resize (aspect kept, never upsampled; 0 keeps).")
+flags.DEFINE_integer("channels", 1, "1 stores grayscale; 3 keeps colour (fundus photographs, dermoscopy, slides).")
+flags.DEFINE_string("window", "", "16-bit files: '' stretches each image's range; 'L,W' a level/width window in "
+                    "the file's pixel units ('2048,4096'); 'pLO,HI' each image's percentiles ('p0.5,99.5').")
 flags.DEFINE_enum("views", "frontal", ["frontal", "all"], "frontal keeps PA/AP acquisitions only.")
 flags.DEFINE_boolean("strict", False, "Fail on the first bad record instead of skipping and counting it.")
 flags.DEFINE_integer("num_workers", 1, "Processes decoding and resizing images in parallel.")
@@ -55,8 +59,9 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 def build(source: str, input_dir: str, output_dir: str, *, name: str = "", image_size: int = 512,
           views: str = "frontal", strict: bool = False, num_workers: int = 1, overwrite: bool = False,
-          **source_options) -> dict:
-    """Scans, decodes and writes one dataset; returns the build report (also written as JSON)."""
+          channels: int = 1, window: str = "", **source_options) -> dict:
+    """Scans, decodes and writes one dataset; returns the build report (also written as JSON). Images are stored
+    as 8-bit grayscale, or colour with `channels=3`; 16-bit files go through `window` (images.parse_window)."""
     import tensorflow_datasets as tfds  # heavy: imported here so decode workers never load it
 
     from data_prep.tfds_builder import VERSION, builder_class
@@ -68,6 +73,12 @@ def build(source: str, input_dir: str, output_dir: str, *, name: str = "", image
         raise R.InputError(f"--input_dir={input_dir} is not a folder")
     if image_size < 0:
         raise R.InputError(f"--image_size={image_size}: give the shorter side in pixels (> 0), or 0 to keep the size")
+    if channels not in (1, 3):
+        raise R.InputError(f"--channels={channels}: 1 (grayscale) or 3 (colour)")
+    try:
+        parse_window(window)
+    except ValueError as error:
+        raise R.InputError(str(error)) from None
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise R.InputError(f"--output_dir={output_dir} is a file, not a folder: choose another --output_dir")
     final_dir = os.path.join(output_dir, name, VERSION)
@@ -93,7 +104,7 @@ def build(source: str, input_dir: str, output_dir: str, *, name: str = "", image
     try:
         tfds.disable_progress_bar()
         builder = builder_class(name)(scan=scan, image_size=image_size, num_workers=num_workers,
-                                      decode_skips=decode_skips, data_dir=staging,
+                                      decode_skips=decode_skips, channels=channels, window=window, data_dir=staging,
                                       file_format="array_record")
         try:
             builder.download_and_prepare()
@@ -112,6 +123,8 @@ def build(source: str, input_dir: str, output_dir: str, *, name: str = "", image
         report = {
             "source": source, "name": name, "version": VERSION, "source_version": scan.source_version,
             "input_dir": os.path.abspath(input_dir), "image_size": image_size, "views": views,
+            "channels": channels, "window": window,
+            "source_bit_depths": {str(bits): n for bits, n in sorted(builder.bit_depths.items())},
             "label_names": list(scan.label_names), "annotations": list(scan.annotations),
             "records_read": scan.records_read,
             "records_written": written, "records_written_total": sum(written.values()),
@@ -178,7 +191,7 @@ def main(argv: list[str]) -> None:
                    boxes_csv=FLAGS.boxes_csv)
     report = build(FLAGS.source, FLAGS.input_dir, FLAGS.output_dir, name=FLAGS.name, image_size=FLAGS.image_size,
                    views=FLAGS.views, strict=FLAGS.strict, num_workers=FLAGS.num_workers, overwrite=FLAGS.overwrite,
-                   **options)
+                   channels=FLAGS.channels, window=FLAGS.window, **options)
     print(summary_line(report))
 
 

@@ -22,6 +22,11 @@ def open_builder(data_dir: str, dataset: str) -> tuple[Any, str, str]:
     return tfds.builder_from_directory(os.path.join(root, version)), name, version
 
 
+def channels(builder: Any) -> int:
+    """Channels of the dataset's stored images (1 grayscale, 3 colour)."""
+    return int(builder.info.features["image"].shape[-1])
+
+
 def open_split(builder: Any, split: str, decode_images: bool = False) -> Any:
     """Random-access source of one split; images (and masks) stay PNG bytes unless `decode_images`."""
     import tensorflow_datasets as tfds

@@ -1,4 +1,5 @@
-"""Decode, grayscale and resize one chest X-ray into PNG bytes (runs in worker processes).
+"""Decode one image (grayscale, or colour when asked; 16-bit through a window) and resize it into PNG bytes
+(runs in worker processes).
 
 Kept free of TensorFlow/JAX imports so spawned decode workers start fast.
 """
@@ -12,18 +13,55 @@ from PIL import Image
 from data_prep.records import BAD_BOX, IMAGE_UNREADABLE, MASK_UNREADABLE
 
 
-def _to_uint8_gray(image: Image.Image) -> Image.Image:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # High-bit-depth scans: rescale the used range to 8 bits (their bit depth varies by vendor).
-        pixels = np.asarray(image, dtype=np.float64)
+HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
+
+
+def parse_window(window: str) -> tuple[str, float, float] | None:
+    """--window: '' (stretch each image's used range), 'L,W' (level and width in the file's units) or 'pLO,HI'
+    (each image's LO and HI percentiles) -> (kind, a, b) or None; ValueError naming the bad text."""
+    if not window:
+        return None
+    kind, text = ("percentile", window[1:]) if window.startswith("p") else ("level_width", window)
+    try:
+        a, b = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--window={window!r}: give L,W (level, width) or pLO,HI (percentiles)") from None
+    if kind == "level_width" and b <= 0:
+        raise ValueError(f"--window={window!r}: the width must be > 0")
+    if kind == "percentile" and not 0 <= a < b <= 100:
+        raise ValueError(f"--window={window!r}: percentiles need 0 <= LO < HI <= 100")
+    return kind, a, b
+
+
+def bit_depth(image: Image.Image) -> int:
+    """Bits per sample of a decoded file: 16 for 16-bit grayscale, 32 for int/float images, else 8."""
+    return {"I;16": 16, "I;16B": 16, "I;16L": 16, "I": 32, "F": 32}.get(image.mode, 8)
+
+
+def _window_to_uint8(image: Image.Image, window: tuple[str, float, float] | None) -> Image.Image:
+    """A high-bit-depth scan -> 8 bits: the window (level/width or percentiles) mapped to 0..255 and clipped;
+    without one, the image's used range (bit depths vary by vendor, so no fixed range fits all)."""
+    pixels = np.asarray(image, dtype=np.float64)
+    if window is None:
         low, high = float(pixels.min()), float(pixels.max())
-        if high > low:
-            scaled = (pixels - low) * (255.0 / (high - low))
-        else:  # a constant image has no range to stretch: scale by its type's (16 bits, or [0, 1] floats)
-            full = 1.0 if image.mode == "F" and high <= 1.0 else 65535.0
-            scaled = np.clip(pixels * (255.0 / full), 0, 255)
-        return Image.fromarray(np.round(scaled).astype(np.uint8), mode="L")
-    return image.convert("L")
+    elif window[0] == "level_width":
+        low, high = window[1] - window[2] / 2, window[1] + window[2] / 2
+    else:
+        low, high = (float(v) for v in np.percentile(pixels, window[1:]))
+    if high > low:
+        scaled = (pixels - low) * (255.0 / (high - low))
+    else:  # a constant image has no range to stretch: scale by its type's (16 bits, or [0, 1] floats)
+        full = 1.0 if image.mode == "F" and high <= 1.0 else 65535.0
+        scaled = pixels * (255.0 / full)
+    return Image.fromarray(np.round(np.clip(scaled, 0, 255)).astype(np.uint8), mode="L")
+
+
+def to_uint8(image: Image.Image, channels: int = 1, window: tuple[str, float, float] | None = None) -> Image.Image:
+    """Any decoded file -> uint8 grayscale ('L', channels=1) or colour ('RGB', channels=3); high-bit-depth
+    files go through the window first (a 16-bit scan kept in colour is its grey replicated)."""
+    if image.mode in HIGH_BIT_MODES:
+        image = _window_to_uint8(image, window)
+    return image.convert("L" if channels == 1 else "RGB")
 
 
 def resized_size(width: int, height: int, shorter_side: int) -> tuple[int, int]:
@@ -35,20 +73,22 @@ def resized_size(width: int, height: int, shorter_side: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def _load_gray(path: str, shorter_side: int) -> tuple[Image.Image, tuple[int, int]]:
-    """(uint8 grayscale image resized to the shorter side, the file's own (width, height))."""
+def _load(path: str, shorter_side: int, channels: int = 1, window: tuple[str, float, float] | None = None
+          ) -> tuple[Image.Image, tuple[int, int], int]:
+    """(uint8 image of `channels` resized to the shorter side, the file's own (width, height), its bit depth)."""
     with Image.open(path) as image:
         source_size = image.size
         target = resized_size(image.width, image.height, shorter_side)
         if image.format == "JPEG" and target != image.size:
             # Let libjpeg decode at a reduced DCT scale (1/2, 1/4, 1/8) no smaller than the target:
             # several times faster on full-size MIMIC JPEGs, and deterministic.
-            image.draft("L", target)
+            image.draft("L" if channels == 1 else "RGB", target)
         image.load()  # forces a full decode, so truncated files fail here, not later
-        gray = _to_uint8_gray(image)
-    if gray.size != target:
-        gray = gray.resize(target, Image.Resampling.LANCZOS)
-    return gray, source_size
+        bits = bit_depth(image)
+        out = to_uint8(image, channels, window)
+    if out.size != target:
+        out = out.resize(target, Image.Resampling.LANCZOS)
+    return out, source_size, bits
 
 
 def _png(image: Image.Image) -> bytes:
@@ -57,13 +97,13 @@ def _png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def load_gray_png(path: str, shorter_side: int) -> tuple[bytes, tuple[int, int]]:
-    """Reads an image file, returns (PNG bytes of the uint8 grayscale resized image, (height, width)).
+def load_png(path: str, shorter_side: int, channels: int = 1, window: str = "") -> tuple[bytes, tuple[int, int]]:
+    """Reads an image file, returns (PNG bytes of the uint8 resized image of `channels`, (height, width)).
 
     Raises OSError/ValueError on unreadable or truncated files (the caller counts them).
     """
-    gray, _ = _load_gray(path, shorter_side)
-    return _png(gray), (gray.height, gray.width)
+    image, _, _ = _load(path, shorter_side, channels, parse_window(window))
+    return _png(image), (image.height, image.width)
 
 
 def load_mask_png(path: str, source_size: tuple[int, int], target: tuple[int, int]) -> bytes:
@@ -92,21 +132,21 @@ def scale_boxes(boxes, source_size: tuple[int, int], target: tuple[int, int]) ->
 
 
 def decode_task(args: tuple) -> tuple[int, dict | None, str, str]:
-    """Pool-friendly: (index, path, size, mask path or '', boxes) -> (index, {"image": png[, "mask": png],
-    "boxes": float32 (N, 4)} or None, skip reason, error message)."""
-    index, path, shorter_side, mask_path, boxes = args
+    """Pool-friendly: (index, path, size, mask path or '', boxes, channels, window) -> (index, {"image": png[,
+    "mask": png], "boxes": float32 (N, 4), "bit_depth": the file's} or None, skip reason, error message)."""
+    index, path, shorter_side, mask_path, boxes, channels, window = args
     try:
-        gray, source_size = _load_gray(path, shorter_side)
-        out = {"image": _png(gray)}
+        image, source_size, bits = _load(path, shorter_side, channels, parse_window(window))
+        out = {"image": _png(image), "bit_depth": bits}
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         return index, None, IMAGE_UNREADABLE, f"{type(e).__name__}: {e}"
     if mask_path:
         try:
-            out["mask"] = load_mask_png(mask_path, source_size, gray.size)
+            out["mask"] = load_mask_png(mask_path, source_size, image.size)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             return index, None, MASK_UNREADABLE, f"{mask_path}: {type(e).__name__}: {e}"
     try:
-        out["boxes"] = scale_boxes(boxes, source_size, gray.size)
+        out["boxes"] = scale_boxes(boxes, source_size, image.size)
     except ValueError as e:
         return index, None, BAD_BOX, str(e)
     return index, out, "", ""

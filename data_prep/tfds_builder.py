@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import multiprocessing
 import time
+from collections import Counter
 import types
 from typing import Iterator
 
@@ -22,9 +23,11 @@ SCHEMA_NOTE = ("labels: int8[num_labels], 1 positive, 0 negative, -1 uncertain, 
                "label names in metadata['label_names']")
 
 
-def features(num_labels: int, annotations: tuple[str, ...] = ()) -> tfds.features.FeaturesDict:
-    """The record schema; datasets built with masks or boxes add `mask` (uint8 0/1, the image's size) or `boxes`
-    (float32 [N, 4] x0, y0, x1, y1 in the stored image's pixels) with `box_labels` (N names)."""
+def features(num_labels: int, annotations: tuple[str, ...] = (), channels: int = 1
+             ) -> tfds.features.FeaturesDict:
+    """The record schema (images of 1 channel, or 3 for colour); datasets built with masks or boxes add `mask`
+    (uint8 0/1, the image's size) or `boxes` (float32 [N, 4] x0, y0, x1, y1 in the stored image's pixels) with
+    `box_labels` (N names)."""
     dense = {}
     if "mask" in annotations:
         dense["mask"] = tfds.features.Image(shape=(None, None, 1), dtype=np.uint8, encoding_format="png")
@@ -32,7 +35,7 @@ def features(num_labels: int, annotations: tuple[str, ...] = ()) -> tfds.feature
         dense["boxes"] = tfds.features.Tensor(shape=(None, 4), dtype=np.float32)
         dense["box_labels"] = tfds.features.Sequence(tfds.features.Text())
     return tfds.features.FeaturesDict({**dense,
-        "image": tfds.features.Image(shape=(None, None, 1), dtype=np.uint8, encoding_format="png"),
+        "image": tfds.features.Image(shape=(None, None, channels), dtype=np.uint8, encoding_format="png"),
         "image_id": tfds.features.Text(),
         "study_id": tfds.features.Text(),
         "subject_id": tfds.features.Text(),
@@ -50,9 +53,11 @@ class ChestXrayBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     VERSION = tfds.core.Version(VERSION)
 
     def __init__(self, *, scan: R.SourceScan, image_size: int, num_workers: int,
-                 decode_skips: R.SkipLog, **kwargs):
+                 decode_skips: R.SkipLog, channels: int = 1, window: str = "", **kwargs):
         self._scan = scan
         self._image_size = image_size
+        self._channels, self._window = channels, window
+        self.bit_depths: Counter = Counter()  # the source files' bits per sample -> images
         self._num_workers = num_workers
         self._decode_skips = decode_skips
         super().__init__(**kwargs)
@@ -60,11 +65,12 @@ class ChestXrayBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
             description=f"{self._scan.description} {SCHEMA_NOTE}",
-            features=features(len(self._scan.label_names), self._scan.annotations),
+            features=features(len(self._scan.label_names), self._scan.annotations, self._channels),
             metadata=tfds.core.MetadataDict(
                 label_names=list(self._scan.label_names), source=self._scan.source,
                 source_version=self._scan.source_version, image_size=self._image_size,
-                annotations=list(self._scan.annotations)),
+                annotations=list(self._scan.annotations), channels=self._channels, bit_depth=8,
+                window=self._window),
         )
 
     def _split_generators(self, dl_manager):
@@ -72,7 +78,8 @@ class ChestXrayBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 for split, recs in sorted(self._scan.splits().items())}
 
     def _generate_examples(self, split: str, recs: list[R.RawRecord]) -> Iterator[tuple[str, dict]]:
-        tasks = [(i, rec.image_path, self._image_size, rec.mask_path, rec.boxes) for i, rec in enumerate(recs)]
+        tasks = [(i, rec.image_path, self._image_size, rec.mask_path, rec.boxes, self._channels, self._window)
+                 for i, rec in enumerate(recs)]
         annotations = self._scan.annotations
         bar = tqdm(total=len(tasks), desc=f"{self.name}/{split}", unit="img", dynamic_ncols=True)
         start = time.perf_counter()
@@ -83,6 +90,7 @@ class ChestXrayBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 if decoded is None:
                     self._decode_skips.skip(reason, rec.image_path, error)
                     continue
+                self.bit_depths[decoded["bit_depth"]] += 1
                 dense = {}
                 if "mask" in annotations:
                     dense["mask"] = decoded["mask"]

@@ -281,10 +281,10 @@ def _compile_features(model, config, params, params_sh, mesh, batch: int, target
     """The evaluation binary's forward: images -> pooled features, batch-sharded, parameters as trained."""
     from mvlp_jax import sharding
     from mvlp_jax.models.pretrainer import Pretrainer
+    from mvlp_jax.objectives.spec import image_shape
 
     pooling = "map" if target_dim else "mean"
-    size = config.model.image_size
-    images = jax.ShapeDtypeStruct((batch, size, size, 1), jax.numpy.float32)
+    images = jax.ShapeDtypeStruct((batch, *image_shape(config)[0]), jax.numpy.float32)
     forward = lambda p, x: model.apply({"params": p}, x, pooling, method=Pretrainer.features)
     jitted = jax.jit(forward, in_shardings=(params_sh, sharding.batch_sharding(mesh, 4)),
                      out_shardings=sharding.replicated(mesh))

@@ -107,6 +107,9 @@ SPEC: dict[str, tuple[Any, Check, str]] = {
     "data.crop_scale": ((0.5, 1.0), _crop_scale, "RandomResizedCrop area range."),
     "data.brightness": (0.1, _non_negative, "Intensity augmentation: random brightness shift (fraction of 255)."),
     "data.contrast": (0.1, _non_negative, "Intensity augmentation: random contrast factor range 1 +- this."),
+    "data.channels": (0, (0, 1, 3), "Image channels the encoder reads: 0 takes the training dataset's (1 grayscale, 3 "
+                      "colour; built with --channels), and a run records what it took. Programs compiled without "
+                      "a dataset (aot) read 0 as 1."),
     "data.mean": (0.5, None, "Normalisation: (pixel / 255 - mean) / std."),
     "data.std": (0.25, _positive, "Normalisation std."),
     "data.num_threads": (8, _positive, "Decode/augment threads per process."),

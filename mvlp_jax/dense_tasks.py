@@ -48,7 +48,7 @@ class DenseTask(Protocol):
     def score(self, outputs: Any, truth: Truth, patch: int, context: dict
               ) -> tuple[Callable[[np.ndarray], float], Any]: ...  # (statistic of image indices, predictions)
 
-    def draw(self, ax: Any, image: np.ndarray, truth: Truth, predictions: Any, i: int) -> str: ...
+    def draw(self, ax: Any, image: np.ndarray, truth: Truth, predictions: Any, i: int) -> str: ...  # image (S, S, 3)
 
 
 TASKS = ("segmentation", "detection")  # modules of mvlp_jax exporting TASK
@@ -201,10 +201,10 @@ def plot(task: DenseTask, source, truth: Truth, shown: dict[str, Any], size: int
     fig, axes = plt.subplots(len(shown), count, figsize=(1.8 * count, 1.9 * len(shown)), squeeze=False)
     for i in range(count):
         record = source[int(truth["records"][i])]
-        gray = transforms.center_crop_resize(transforms.decode_png(record["image"]), size) / 255.0
+        image = transforms.center_crop_resize(transforms.decode_png(record["image"], 3), size) / 255.0
         for row, (name, predictions) in enumerate(shown.items()):
             ax = axes[row, i]
-            ax.set_title(task.draw(ax, gray, truth, predictions, i), fontsize=7)
+            ax.set_title(task.draw(ax, image, truth, predictions, i), fontsize=7)
             ax.set_xticks([]), ax.set_yticks([])
             if i == 0:
                 ax.set_ylabel(name, fontsize=8)

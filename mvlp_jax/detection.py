@@ -153,7 +153,7 @@ class Detection:
     def draw(self, ax: Any, image: np.ndarray, truth: Truth, detections: Any, i: int) -> str:
         from matplotlib.patches import Rectangle
 
-        ax.imshow(image, cmap="gray", vmin=0, vmax=1)
+        ax.imshow(image)
         boxes, scores, _ = detections[i]
         shown = boxes[:max(1, len(truth["boxes"][i]))]  # as many of the best detections as true boxes
         for colour, drawn in (((1.0, 0.1, 0.1), truth["boxes"][i]), ((0.2, 0.4, 1.0), shown)):

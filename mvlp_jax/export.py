@@ -16,6 +16,7 @@ import os
 import jax
 import numpy as np
 
+from mvlp_jax.data import views
 from mvlp_jax.features import Encoder
 
 KNOWN_LICENCES = {
@@ -63,8 +64,8 @@ def hf_model(encoder: Encoder):
     size = variant(c.model.variant)
     common = dict(hidden_size=size["width"], num_hidden_layers=size["depth"], num_attention_heads=size["num_heads"],
                   intermediate_size=size["mlp_dim"], image_size=c.model.image_size, patch_size=size["patch_size"],
-                  num_channels=1, qkv_bias=True, layer_norm_eps=1e-6, hidden_act="gelu", hidden_dropout_prob=0.0,
-                  attention_probs_dropout_prob=0.0)
+                  num_channels=views.channels(c), qkv_bias=True, layer_norm_eps=1e-6, hidden_act="gelu",
+                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     if "masked_model" in encoder.params:  # mask_ratio 0: an encoder of whole images (see the card)
         model = ViTMAEModel(ViTMAEConfig(**common, mask_ratio=0.0))
     else:

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from data_prep import built
 from mvlp_jax import checkpointing, configuration, optim, sharding, train_step
-from mvlp_jax.data import transforms
+from mvlp_jax.data import views
 from mvlp_jax.models.pretrainer import Pretrainer
 
 RANDOM_INIT = "random_init"
@@ -143,11 +143,9 @@ def apply_to_split(forward: Callable, params: Any, source, config: ml_collection
                    mesh: jax.sharding.Mesh, desc: str) -> np.ndarray:
     """`forward(params, images)` over every record of `source` (centre crop at the model's size, the training
     normalisation), batch-sharded over all devices of `mesh`; float32 (N, ...) in record order."""
-    size, mean, std = config.model.image_size, config.data.mean, config.data.std
     per_device = -(-batch_size // mesh.devices.size)
     batch = per_device * mesh.devices.size
-    prep = lambda r: transforms.normalise(transforms.center_crop_resize(transforms.decode_png(r["image"]), size),
-                                          mean, std)
+    prep = lambda r: views.eval_image(r["image"], config)
     n = len(source)
     padded = grain.MapDataset.range(-(-n // batch) * batch).map(lambda i: prep(source[min(i, n - 1)])).batch(batch)
     images_sh = sharding.batch_sharding(mesh, 4)

@@ -19,10 +19,10 @@ import optax
 from tqdm import tqdm
 
 from mvlp_jax import metrics, optim, sharding
-from mvlp_jax.data import transforms
 from mvlp_jax.data import views
 from mvlp_jax.features import Encoder, apply_to_split
 from mvlp_jax.models.pretrainer import Pretrainer
+from mvlp_jax.objectives.spec import image_shape
 
 TRAINED = ("encoder", "pool")  # the Pretrainer subtrees fine-tuning updates (besides the new head)
 
@@ -80,8 +80,8 @@ class _Labelled(grain.transforms.RandomMap):
         self.source, self.indices, self.config, self.y, self.m = source, indices, config, y, m
 
     def random_map(self, position: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        decoded = transforms.decode_png(self.source[int(self.indices[position])]["image"])
-        image = views.training_image(views.ViewInputs(decoded, self.config, rng))
+        image = views.training_image(views.ViewInputs.of(self.source[int(self.indices[position])]["image"],
+                                                         self.config, rng))
         return {"image": image, "y": self.y[position], "m": self.m[position]}
 
 
@@ -115,8 +115,7 @@ def fit(encoder: Encoder, source, indices: np.ndarray, y: np.ndarray, m: np.ndar
                                                   max(total, 2))
     feature_dim = jax.eval_shape(lambda p, x: encoder.model.apply({"params": p}, x, pooling,
                                                                   method=Pretrainer.features),
-                                 encoder.params, jnp.zeros((1, encoder.config.model.image_size,
-                                                            encoder.config.model.image_size, 1))).shape[-1]
+                                 encoder.params, jnp.zeros((1, *image_shape(encoder.config)[0]))).shape[-1]
     rep = sharding.replicated(mesh)
     params = {"model": encoder.params,
               "head": {"w": jax.device_put(jnp.zeros((feature_dim, y.shape[1])), rep),

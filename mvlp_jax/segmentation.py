@@ -67,7 +67,7 @@ class Segmentation:
         return (lambda images: float(np.mean(dice[images]))), predicted
 
     def draw(self, ax: Any, image: np.ndarray, truth: Truth, predicted: np.ndarray, i: int) -> str:
-        rgb = np.repeat(image[..., None], 3, axis=-1)
+        rgb = image.copy()
         true_mask = truth["targets"]["mask"][i]
         rgb[_outline(true_mask)] = (1.0, 0.1, 0.1)
         rgb[_outline(predicted[i])] = (0.2, 0.4, 1.0)

@@ -14,6 +14,7 @@ from jax.sharding import Mesh
 from mvlp_jax import optim, sharding
 from mvlp_jax.models.pretrainer import Pretrainer
 from mvlp_jax.objectives import combine, registry
+from mvlp_jax.objectives.spec import image_shape
 
 
 @flax.struct.dataclass
@@ -37,8 +38,7 @@ def state_layout(model: Pretrainer, tx: optax.GradientTransformation, config: ml
     """(init function of a PRNG key, abstract state, state shardings): the state's shape without computing it."""
     ex = example_batch(config, model.target_dim)
 
-    s = config.model.image_size
-    images = ex.get("image", jnp.zeros((2, s, s, 1), jnp.float32))
+    images = ex.get("image", jnp.zeros((2, *image_shape(config)[0]), jnp.float32))
 
     def init_params(k):
         return model.init({"params": k, "masking": k, "dropout": k}, images, ex.get("target"),

@@ -69,14 +69,15 @@ def shown_images(config: ml_collections.ConfigDict, count: int, split: str = "",
     records = [source[i] for i in range(min(count, len(source)))]
     if not records:
         raise ValueError(f"{name}:{version}/{split} has no images to draw")
-    size = config.model.image_size
-    pixels = np.stack([transforms.center_crop_resize(transforms.decode_png(r["image"]), size) for r in records])
+    size, channels = config.model.image_size, views_lib.channels(config)
+    pixels = np.stack([transforms.center_crop_resize(transforms.decode_png(r["image"], channels), size)
+                       for r in records])
     study_ids = [r["study_id"].decode() for r in records]
     vectors = None
     if table is not None:
         rows = targets_lib.join(study_ids, table, True, f"{name}:{version}/{split}")
         vectors = np.where(rows[:, None] >= 0, table.vectors[np.maximum(rows, 0)], np.nan).astype(np.float32)
-    return Shown(transforms.normalise(pixels, config.data.mean, config.data.std), pixels, study_ids, vectors)
+    return Shown(transforms.normalise(pixels, config.data.mean, config.data.std, channels), pixels, study_ids, vectors)
 
 
 class Painter:
@@ -113,12 +114,12 @@ class Painter:
         noise = jax.random.uniform(jax.random.PRNGKey(self.seed), (n, grid[0] * grid[1]))
         out = self._masked(params, jnp.asarray(shown.images), noise)
         mask = np.asarray(out["mask"]) > 0
-        predicted = paste(shown.images[..., 0], np.asarray(out["pred"], np.float32), mask, p,
+        predicted = paste(shown.images, np.asarray(out["pred"], np.float32), mask, p,
                           self.config.model.norm_pix_loss)
         hidden = np.kron(mask.reshape(n, *grid), np.ones((1, p, p))).astype(bool)
         display = lambda x: np.clip((x * self.config.data.std + self.config.data.mean) * 255.0, 0, 255
                                     ).astype(np.uint8)
-        rows = [[_gray(shown.pixels[i], hidden[i]), _gray(display(predicted[i])), _gray(shown.pixels[i])]
+        rows = [[_rgb(shown.pixels[i], hidden[i]), _rgb(display(predicted[i])), _rgb(shown.pixels[i])]
                 for i in range(n)]
         m = self.config.model
         return _grid_figure(rows, ["masked input", "prediction", "original"],
@@ -141,7 +142,7 @@ class Painter:
             elif weights.shape[-1] == grid * grid + 1:  # global block with CLS; the last one wins
                 weights = weights[-1] if weights.ndim == 5 else weights
                 maps["CLS, last block"] = weights[:, :, 0, 1:].mean(1)
-        rows = [[_overlay(shown.pixels[i], m[i].reshape(grid, grid)) for m in maps.values()] + [_gray(shown.pixels[i])]
+        rows = [[_overlay(shown.pixels[i], m[i].reshape(grid, grid)) for m in maps.values()] + [_rgb(shown.pixels[i])]
                 for i in range(len(shown.pixels))]
         pooled = POOLING_LABELS[pooling_name(self.config, self.model)]
         return _grid_figure(rows, list(maps) + ["image"], f"where the {pooled} embedding looks: attention (mean over "
@@ -151,12 +152,13 @@ class Painter:
         q = self.config.query_box
         rng = np.random.default_rng(self.seed)
         regions, boxes = zip(*[views_lib.query_region(img, q.size, tuple(q.scale), rng) for img in shown.pixels])
-        queries = transforms.normalise(np.stack(regions), self.config.data.mean, self.config.data.std)
+        queries = transforms.normalise(np.stack(regions), self.config.data.mean, self.config.data.std,
+                                       views_lib.channels(self.config))
         predicted = np.asarray(self._locate(params, jnp.asarray(shown.images), jnp.asarray(queries)))
         iou, _ = query_box.iou_and_giou(jnp.asarray(predicted), jnp.asarray(np.stack(boxes)))
-        located = [{"image": _gray(pixels), "boxes": [(true, "red"), (guess, "blue")], "title": f"IoU {float(v):.2f}"}
+        located = [{"image": _rgb(pixels), "boxes": [(true, "red"), (guess, "blue")], "title": f"IoU {float(v):.2f}"}
                    for pixels, true, guess, v in zip(shown.pixels, boxes, predicted, np.asarray(iou))]
-        return _grid_figure([located, [_gray(r) for r in regions]], [],
+        return _grid_figure([located, [_rgb(r) for r in regions]], [],
                             f"query-box localisation: the region (below) located in its image, true box red, "
                             f"predicted blue; mean IoU {float(np.mean(iou)):.2f}")
 
@@ -179,23 +181,23 @@ class Painter:
         rows = []
         for pixels, row, mine, (best, rank) in zip(shown.pixels[keep], similarity, own, nearest(similarity, own)):
             lines = [f"{'*' if j == mine else ' '} {studies[j]}  {row[j]:+.2f}" for j in best]
-            rows.append([_gray(pixels), _text(lines + [f"own report: rank {rank} of {len(studies)}"])])
+            rows.append([_rgb(pixels), _text(lines + [f"own report: rank {rank} of {len(studies)}"])])
         return _grid_figure(rows, ["image", "nearest reports (study id, cosine; * its own)"],
                             "nearest reports among the shown studies")
 
 
 def paste(images: np.ndarray, pred: np.ndarray, mask: np.ndarray, patch: int, norm_pix: bool) -> np.ndarray:
     """The masked-image model's picture as MAE's paper draws it: masked patches from the prediction (N, patches,
-    patch * patch), visible ones from `images` (N, S, S). Predictions of per-patch normalised targets
+    patch * patch * C), visible ones from `images` (N, S, S, C). Predictions of per-patch normalised targets
     (norm_pix) are put back in each original patch's mean and standard deviation."""
     n, size = images.shape[:2]
     grid = (size // patch, size // patch)
-    original = np.asarray(patchify(jnp.asarray(images[..., None]), patch))
+    original = np.asarray(patchify(jnp.asarray(images), patch))
     if norm_pix:
         mean, var = original.mean(-1, keepdims=True), original.var(-1, keepdims=True, ddof=1)
         pred = pred * np.sqrt(var + 1e-6) + mean
     mixed = np.where(mask[..., None], pred, original)
-    return np.asarray(unpatchify(jnp.asarray(mixed), grid, patch, 1))[..., 0]
+    return np.asarray(unpatchify(jnp.asarray(mixed), grid, patch, images.shape[-1]))
 
 
 def nearest(similarity: np.ndarray, own: np.ndarray, k: int = 3) -> list[tuple[np.ndarray, int]]:
@@ -222,8 +224,10 @@ def _patch(config: ml_collections.ConfigDict) -> int:
     return variant(config.model.variant)["patch_size"]
 
 
-def _gray(pixels: np.ndarray, hidden: np.ndarray | None = None) -> np.ndarray:
-    rgb = np.repeat(pixels[..., None], 3, axis=-1).astype(np.float32) / 255.0
+def _rgb(pixels: np.ndarray, hidden: np.ndarray | None = None) -> np.ndarray:
+    """uint8 (S, S), (S, S, 1) or (S, S, 3) -> float RGB in [0, 1] for display; `hidden` pixels drawn grey-blue."""
+    pixels = pixels[..., 0] if pixels.ndim == 3 and pixels.shape[-1] == 1 else pixels
+    rgb = (np.repeat(pixels[..., None], 3, axis=-1) if pixels.ndim == 2 else pixels).astype(np.float32) / 255.0
     if hidden is not None:
         rgb[hidden] = (0.35, 0.35, 0.45)
     return rgb
@@ -234,7 +238,7 @@ def _overlay(pixels: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
     up = np.kron(weights, np.ones((pixels.shape[0] // weights.shape[0],) * 2))
     up = (up - up.min()) / max(float(up.max() - up.min()), 1e-12)
-    return 0.55 * _gray(pixels) + 0.45 * colormaps["inferno"](up)[..., :3]
+    return 0.55 * _rgb(pixels) + 0.45 * colormaps["inferno"](up)[..., :3]
 
 
 def _text(lines: list[str]) -> dict:

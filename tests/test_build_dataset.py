@@ -281,16 +281,16 @@ def test_empty_reports_are_skipped_and_counted_when_reports_are_asked_for(tmp_pa
 def test_a_constant_16_bit_image_keeps_its_level_instead_of_turning_black(tmp_path):
     import io
 
-    from data_prep.images import load_gray_png
+    from data_prep.images import load_png
 
     for value, want in ((0, 0), (32768, 128), (65535, 255)):
         path = str(tmp_path / f"flat{value}.png")
         Image.fromarray(np.full((8, 8), value, np.uint16)).save(path)
-        png, _ = load_gray_png(path, 0)
+        png, _ = load_png(path, 0)
         assert np.asarray(Image.open(io.BytesIO(png))).tolist() == np.full((8, 8), want).tolist()
     ramp = str(tmp_path / "ramp.png")
     Image.fromarray(np.arange(1000, 1064, dtype=np.uint16).reshape(8, 8)).save(ramp)
-    png, _ = load_gray_png(ramp, 0)
+    png, _ = load_png(ramp, 0)
     got = np.asarray(Image.open(io.BytesIO(png)))
     assert got.min() == 0 and got.max() == 255  # a scan with a range is still stretched to 8 bits
 

@@ -15,11 +15,12 @@ def test_the_prediction_shows_visible_patches_of_the_input_and_masked_ones_of_th
     from mvlp_jax.visualize import paste
 
     rng = np.random.default_rng(0)
-    images = rng.normal(size=(2, 8, 8)).astype(np.float32)
-    patches = np.asarray(patchify(jnp.asarray(images[..., None]), 4))  # (2, 4, 16)
+    images = rng.normal(size=(2, 8, 8, 1)).astype(np.float32)
+    patches = np.asarray(patchify(jnp.asarray(images), 4))  # (2, 4, 16)
     mask = np.array([[1, 0, 0, 1], [0, 0, 0, 0]], bool)
     model = rng.normal(size=patches.shape).astype(np.float32)
-    shown = paste(images, model, mask, 4, norm_pix=False)
+    shown = paste(images, model, mask, 4, norm_pix=False)[..., 0]
+    images = images[..., 0]
     np.testing.assert_array_equal(shown[1], images[1])  # nothing masked: the input itself
     np.testing.assert_array_equal(shown[0, :4, 4:], images[0, :4, 4:])  # patch 1 visible
     np.testing.assert_array_equal(shown[0, :4, :4].reshape(-1), model[0, 0])  # patch 0 from the model
@@ -27,7 +28,8 @@ def test_the_prediction_shows_visible_patches_of_the_input_and_masked_ones_of_th
     # a model that predicts the per-patch normalised target exactly draws the input back
     mean, var = patches.mean(-1, keepdims=True), patches.var(-1, keepdims=True, ddof=1)
     perfect = (patches - mean) / np.sqrt(var + 1e-6)
-    np.testing.assert_allclose(paste(images, perfect, np.ones((2, 4), bool), 4, norm_pix=True), images, atol=1e-5)
+    np.testing.assert_allclose(paste(images[..., None], perfect, np.ones((2, 4), bool), 4, norm_pix=True)[..., 0],
+                               images, atol=1e-5)
 
 
 def test_nearest_reports_rank_by_similarity_with_ties_counted_against_the_own_report():

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from data_prep import built
 from mvlp_jax.data import targets as targets_lib
-from mvlp_jax.data import transforms, views
+from mvlp_jax.data import views
 from mvlp_jax.objectives import combine, registry
 
 
@@ -36,6 +36,11 @@ def open_records(config: ml_collections.ConfigDict) -> TrainRecords:
     builder, name, version = built.open_builder(config.data.data_dir, config.data.dataset)
     source = built.open_split(builder, config.data.train_split)
     where = f"{name}:{version}/{config.data.train_split}"
+    stored = built.channels(builder)
+    if config.data.channels not in (0, stored):
+        raise ValueError(f"config.data.channels={config.data.channels}, but {where} stores {stored}-channel images: "
+                         f"set 0 (take the dataset's) or rebuild the dataset with --channels={config.data.channels}")
+    config.data.channels = stored  # the encoder reads what the dataset stores; config.json records it
     if len(source) == 0:
         raise ValueError(f"{where} has no records")
     indices = np.arange(len(source))
@@ -60,7 +65,7 @@ def open_records(config: ml_collections.ConfigDict) -> TrainRecords:
 
 class Preprocess(grain.transforms.RandomMap):
     """(stream position, record) -> training example: the entries the objectives of its step read (`registry.entries`:
-    the augmented image (S, S, 1) float32, the LLM target (D,), and each objective's own views). On a cyclic
+    the augmented image (S, S, channels) float32, the LLM target (D,), and each objective's own views). On a cyclic
     schedule only the step's objective's views are built; the others' entries are zeros of their shape, so
     every batch has one structure and the step one program."""
 
@@ -73,7 +78,7 @@ class Preprocess(grain.transforms.RandomMap):
         """element: (position in the example stream, kept record number), as `local_batches` pairs them."""
         position, kept = element
         index = int(self.records.indices[kept])
-        inputs = views.ViewInputs(transforms.decode_png(self.records.source[index]["image"]), self.config, rng)
+        inputs = views.ViewInputs.of(self.records.source[index]["image"], self.config, rng)
         specs = registry.configured(self.config, combine.active(self.config, position // self.examples_per_step))
         example = dict(self.zeros)
         if any(spec.uses_image for spec in specs):

@@ -12,10 +12,11 @@ import numpy as np
 from PIL import Image
 
 
-def decode_png(data: bytes) -> np.ndarray:
-    """PNG bytes -> (H, W) uint8 grayscale."""
+def decode_png(data: bytes, channels: int = 1) -> np.ndarray:
+    """PNG bytes -> uint8 (H, W) grayscale, or (H, W, 3) colour for `channels=3` (a grayscale image replicated,
+    a colour one kept; a colour image read with `channels=1` becomes its luminance)."""
     with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("L"))
+        return np.asarray(image.convert("L" if channels == 1 else "RGB"))
 
 
 def png_shape(data: bytes) -> tuple[int, int]:
@@ -57,7 +58,7 @@ def crop_resize(image: np.ndarray, box: tuple[int, int, int, int], size: int,
 
 def center_crop_resize(image: np.ndarray, size: int, resample: Image.Resampling = Image.BILINEAR) -> np.ndarray:
     """Evaluation view: the centred square, resized (masks: `resample=Image.NEAREST`, so labels stay labels)."""
-    h, w = image.shape
+    h, w = image.shape[:2]
     side = min(h, w)
     return crop_resize(image, ((h - side) // 2, (w - side) // 2, side, side), size, resample)
 
@@ -74,6 +75,8 @@ def intensity_jitter(pixels: np.ndarray, brightness: float, contrast: float, rng
     return np.clip(x, 0.0, 255.0)
 
 
-def normalise(pixels: np.ndarray, mean: float, std: float) -> np.ndarray:
-    """(H, W) pixels in [0, 255] -> (H, W, 1) float32."""
-    return ((pixels.astype(np.float32) / 255.0 - mean) / std)[..., None]
+def normalise(pixels: np.ndarray, mean: float, std: float, channels: int = 1) -> np.ndarray:
+    """Pixels in [0, 255], (..., H, W) grayscale or (..., H, W, 3) colour as `channels` says -> (..., H, W,
+    channels) float32."""
+    x = (pixels.astype(np.float32) / 255.0 - mean) / std
+    return x[..., None] if channels == 1 else x

@@ -11,45 +11,63 @@ import numpy as np
 from mvlp_jax.data import transforms
 
 
+def channels(config: ml_collections.ConfigDict) -> int:
+    """Channels of the encoder's images: data.channels as the run resolved it (0, never resolved: 1)."""
+    return int(config.data.get("channels", 0)) or 1
+
+
+def eval_image(png: bytes, config: ml_collections.ConfigDict) -> np.ndarray:
+    """The evaluation view of a stored image: centre crop at the model's size, normalised, (S, S, channels)."""
+    c = channels(config)
+    pixels = transforms.center_crop_resize(transforms.decode_png(png, c), config.model.image_size)
+    return transforms.normalise(pixels, config.data.mean, config.data.std, c)
+
+
 @dataclasses.dataclass
 class ViewInputs:
-    """What an objective's views are built from, per example: the decoded image (H, W) uint8, and the training
-    crop (the random resized crop before intensity jitter, (S, S) uint8) made on first use."""
+    """What an objective's views are built from, per example: the decoded image (H, W) or (H, W, 3) uint8, and
+    the training crop (the random resized crop before intensity jitter, (S, S[, 3]) uint8) made on first use."""
     decoded: np.ndarray
     config: ml_collections.ConfigDict
     rng: np.random.Generator
     _crop: np.ndarray | None = None
 
+    @classmethod
+    def of(cls, png: bytes, config: ml_collections.ConfigDict, rng: np.random.Generator) -> ViewInputs:
+        """From a stored image, decoded to the channels the encoder reads."""
+        return cls(transforms.decode_png(png, channels(config)), config, rng)
+
     @property
     def crop(self) -> np.ndarray:
         if self._crop is None:
-            box = transforms.random_resized_crop_box(*self.decoded.shape, tuple(self.config.data.crop_scale),
+            box = transforms.random_resized_crop_box(*self.decoded.shape[:2], tuple(self.config.data.crop_scale),
                                                      self.rng)
             self._crop = transforms.crop_resize(self.decoded, box, self.config.model.image_size)
         return self._crop
 
     def normalise(self, pixels: np.ndarray) -> np.ndarray:
-        """(..., H, W) pixels in [0, 255] -> (..., H, W, 1) float32, the data config's normalisation."""
-        return transforms.normalise(pixels, self.config.data.mean, self.config.data.std)
+        """Pixels in [0, 255] -> (..., H, W, channels) float32, the data config's normalisation."""
+        return transforms.normalise(pixels, self.config.data.mean, self.config.data.std, channels(self.config))
 
     def jitter(self, pixels: np.ndarray) -> np.ndarray:
         return transforms.intensity_jitter(pixels, self.config.data.brightness, self.config.data.contrast, self.rng)
 
 
 def training_image(inputs: ViewInputs) -> np.ndarray:
-    """The augmented training image (S, S, 1) most objectives read: crop, intensity jitter, normalisation."""
+    """The augmented training image (S, S, channels) most objectives read: crop, intensity jitter, normalisation."""
     return inputs.normalise(inputs.jitter(inputs.crop))
 
 
 def multi_crop(pixels: np.ndarray, global_size: int, local_size: int, num_local: int,
                global_scale: tuple[float, float], local_scale: tuple[float, float], brightness: float,
                contrast: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(2, G, G) global and (num_local, L, L) local crops of `pixels` (H, W) uint8, each with its own random
-    resized crop and intensity jitter; float32 in [0, 255]."""
+    """(2, G, G[, 3]) global and (num_local, L, L[, 3]) local crops of `pixels` (H, W[, 3]) uint8, each with its
+    own random resized crop and intensity jitter; float32 in [0, 255]."""
     def views(n: int, size: int, scale: tuple[float, float]) -> np.ndarray:
-        out = np.zeros((n, size, size), np.float32)
+        out = np.zeros((n, size, size, *pixels.shape[2:]), np.float32)
         for i in range(n):
-            crop = transforms.crop_resize(pixels, transforms.random_resized_crop_box(*pixels.shape, scale, rng), size)
+            box = transforms.random_resized_crop_box(*pixels.shape[:2], scale, rng)
+            crop = transforms.crop_resize(pixels, box, size)
             out[i] = transforms.intensity_jitter(crop, brightness, contrast, rng)
         return out
     return views(2, global_size, global_scale), views(num_local, local_size, local_scale)
@@ -57,9 +75,9 @@ def multi_crop(pixels: np.ndarray, global_size: int, local_size: int, num_local:
 
 def query_region(image: np.ndarray, size: int, scale: tuple[float, float], rng: np.random.Generator
                  ) -> tuple[np.ndarray, np.ndarray]:
-    """A random region of `image` (S, S) uint8 resized to (size, size), and its box (cx, cy, w, h) as
+    """A random region of `image` (S, S[, 3]) uint8 resized to (size, size), and its box (cx, cy, w, h) as
     fractions of the image: the target the model predicts from (image, region)."""
-    top, left, h, w = transforms.random_resized_crop_box(*image.shape, scale, rng)
-    height, width = image.shape
+    height, width = image.shape[:2]
+    top, left, h, w = transforms.random_resized_crop_box(height, width, scale, rng)
     box = np.array([(left + w / 2) / width, (top + h / 2) / height, w / width, h / height], np.float32)
     return transforms.crop_resize(image, (top, left, h, w), size), box

@@ -36,9 +36,9 @@ def embed(model: nn.Module, images: jax.Array, train: bool = True) -> jax.Array:
 
 
 def entries(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, ...], Any]]:
-    s, d = config.model.image_size, config.dino
-    return {"global_views": ((2, s, s, 1), np.float32),
-            "local_views": ((d.num_local_crops, d.local_size, d.local_size, 1), np.float32)}
+    s, d, c = config.model.image_size, config.dino, views_lib.channels(config)
+    return {"global_views": ((2, s, s, c), np.float32),
+            "local_views": ((d.num_local_crops, d.local_size, d.local_size, c), np.float32)}
 
 
 def views(inputs: ViewInputs) -> dict[str, np.ndarray]:

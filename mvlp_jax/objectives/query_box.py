@@ -25,7 +25,7 @@ def locate(model: nn.Module, images: jax.Array, queries: jax.Array, train: bool 
 
 def entries(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, ...], Any]]:
     q = config.query_box.size
-    return {"query": ((q, q, 1), np.float32), "box": ((4,), np.float32)}
+    return {"query": ((q, q, views_lib.channels(config)), np.float32), "box": ((4,), np.float32)}
 
 
 def views(inputs: ViewInputs) -> dict[str, np.ndarray]:

@@ -13,7 +13,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from mvlp_jax.data.views import ViewInputs
+from mvlp_jax.data.views import ViewInputs, channels
 
 # (params, batch, rng, context) -> (loss, metrics); context = {"step": step, "extra": the train state's extra}
 LossFn = Callable[[Any, dict, jax.Array, dict], tuple[jax.Array, dict]]
@@ -21,7 +21,7 @@ LossFn = Callable[[Any, dict, jax.Array, dict], tuple[jax.Array, dict]]
 
 def image_shape(config: ml_collections.ConfigDict) -> tuple[tuple[int, ...], Any]:
     s = config.model.image_size
-    return (s, s, 1), np.float32
+    return (s, s, channels(config)), np.float32
 
 
 def check_patch_multiple(config: ml_collections.ConfigDict, key: str) -> None:
