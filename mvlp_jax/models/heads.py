@@ -21,13 +21,15 @@ class MAPHead(nn.Module):
     attention: str = "auto"
 
     @nn.compact
-    def __call__(self, tokens: jax.Array) -> jax.Array:
+    def __call__(self, tokens: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """`mask` (B, L): the tokens to pool (a study's padded views are False)."""
         b, _, d = tokens.shape
         probe = self.param("probe", logical(nn.initializers.xavier_uniform(), None, None, "embed"), (1, 1, d),
                            self.param_dtype)
         x = Attention(num_heads=self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
                       sow_weights=self.sow_attention, attention=self.attention,
-                      name="attention")(jnp.broadcast_to(probe.astype(tokens.dtype), (b, 1, d)), tokens)
+                      name="attention")(jnp.broadcast_to(probe.astype(tokens.dtype), (b, 1, d)), tokens,
+                                        mask=None if mask is None else mask[:, None, None, :])
         y = layer_norm("norm", 1e-6, self.dtype, self.param_dtype)(x)
         x = x + MlpBlock(mlp_dim=self.mlp_dim or 4 * d, dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(y)
         return x[:, 0]
@@ -44,7 +46,8 @@ class Pool(nn.Module):
     attention: str = "auto"
 
     @nn.compact
-    def __call__(self, tokens: jax.Array) -> jax.Array:
+    def __call__(self, tokens: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """`mask` (B, L) over `tokens` (CLS included): the tokens present (a study's padded views are not)."""
         if self.kind not in POOLINGS:
             raise ValueError(f"pooling {self.kind!r}; choose one of {POOLINGS}")
         if self.kind == "cls":
@@ -52,10 +55,14 @@ class Pool(nn.Module):
                 raise ValueError("pooling 'cls' needs an encoder with a CLS token")
             return tokens[:, 0]
         patches = tokens[:, 1:] if self.has_cls else tokens
+        present = None if mask is None else (mask[:, 1:] if self.has_cls else mask)
         if self.kind == "mean":
-            return patches.mean(axis=1)
+            if present is None:
+                return patches.mean(axis=1)
+            weights = present[..., None].astype(patches.dtype)
+            return (patches * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1)
         return MAPHead(num_heads=self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
-                       sow_attention=self.sow_attention, attention=self.attention, name="map")(patches)
+                       sow_attention=self.sow_attention, attention=self.attention, name="map")(patches, present)
 
 
 class BatchStatNorm(nn.Module):

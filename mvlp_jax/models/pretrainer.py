@@ -12,7 +12,7 @@ import ml_collections
 
 from mvlp_jax import kernels
 from mvlp_jax.models.heads import POOLINGS, Pool
-from mvlp_jax.models.vit import MAE, ViT, variant
+from mvlp_jax.models.vit import MAE, VIEW_TYPES, ViT, study_token_mask, variant
 from mvlp_jax.models.vitdet import SimMIM, ViTDet
 from mvlp_jax.objectives import registry
 
@@ -29,7 +29,8 @@ class Pretrainer(nn.Module):
         if m.encoder == "vit":
             self.encoder = ViT(**size, image_size=m.image_size, drop_path=m.drop_path, dtype=dtype,
                                scan=m.scan, remat_policy=m.remat, attention=m.attention,
-                               sow_attention=self.sow_attention)
+                               sow_attention=self.sow_attention,
+                               view_types=len(VIEW_TYPES) if self.config.data.get("max_views", 1) > 1 else 0)
             self.masked_model = MAE(encoder=self.encoder, decoder_width=m.decoder_width, decoder_depth=m.decoder_depth,
                                     decoder_heads=m.decoder_heads, decoder_mlp_dim=4 * m.decoder_width,
                                     mask_ratio=m.mask_ratio, norm_pix_loss=m.norm_pix_loss)
@@ -55,6 +56,9 @@ class Pretrainer(nn.Module):
     def features(self, images: jax.Array, pooling: str, train: bool = False) -> jax.Array:
         """Features for probes and fine-tuning: 'cls', 'mean' (patch tokens) or 'map' (the trained attention
         pooling); `train` turns on the encoder's dropout and stochastic depth (fine-tuning)."""
+        return self._pool(pooling)(self.encoder(images, train=train)).astype(jnp.float32)
+
+    def _pool(self, pooling: str) -> Pool:
         if pooling not in POOLINGS:
             raise ValueError(f"pooling {pooling!r}; choose one of {POOLINGS}")
         if pooling == "map" and not self.target_dim:
@@ -62,8 +66,19 @@ class Pretrainer(nn.Module):
                              "head)")
         if pooling == "cls" and not self.encoder.cls_token:
             raise ValueError("pooling 'cls' needs an encoder with a CLS token (ViTDet has none)")
-        pool = self.pool if pooling == "map" else self.plain_pools[pooling]
-        return pool(self.encoder(images, train=train)).astype(jnp.float32)
+        return self.pool if pooling == "map" else self.plain_pools[pooling]
+
+    def study_features(self, images: jax.Array, view_type: jax.Array, view_mask: jax.Array, pooling: str,
+                       train: bool = False) -> jax.Array:
+        """One feature per study: its views (B, V, H, W, C) read as one sequence (vit.ViT), `view_type` (B, V)
+        indices of vit.VIEW_TYPES, `view_mask` (B, V) False for padding; pooled over the present views only."""
+        if images.ndim != 5:
+            raise ValueError(f"study_features takes (batch, views, height, width, channels), got {images.shape}")
+        if not self.encoder.view_types:
+            raise ValueError("this model has no view-type embedding: studies need config.data.max_views > 1")
+        pool = self._pool(pooling)
+        tokens = self.encoder(images, train=train, view_type=view_type, view_mask=view_mask)
+        return pool(tokens, study_token_mask(view_mask, tokens.shape[1], self.encoder.cls_token)).astype(jnp.float32)
 
     def patch_grid(self, images: jax.Array, train: bool = False) -> jax.Array:
         """The last layer's patch tokens as a grid (B, H / patch, W / patch, D), float32: what dense heads

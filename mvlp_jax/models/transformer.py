@@ -257,7 +257,9 @@ class Encoder(nn.Module):
     global_blocks: tuple[int, ...] = ()
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False, grid: tuple[int, int] = (0, 0)) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False, grid: tuple[int, int] = (0, 0),
+                 mask: jax.Array | None = None) -> jax.Array:
+        """`mask` (B, 1, 1, L): the keys every token may attend to (a study's padded views are False)."""
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy={self.remat_policy!r}; choose one of {sorted(REMAT_POLICIES)}")
         block_cls = Block
@@ -275,11 +277,11 @@ class Encoder(nn.Module):
                             length=self.depth, metadata_params={nn.PARTITION_NAME: "layers"})
             flags = jnp.asarray(windowed) if any(windowed) and not all(windowed) else None
             window = self.window_size if any(windowed) else 0
-            x, _ = stack(**kwargs, window_size=window, name="blocks")(x, rates, None, flags)
+            x, _ = stack(**kwargs, window_size=window, name="blocks")(x, rates, mask, flags)
         else:
             for i in range(self.depth):
                 window = self.window_size if windowed[i] else 0
-                x, _ = block_cls(**kwargs, window_size=window, name=f"block_{i:02d}")(x, rates[i])
+                x, _ = block_cls(**kwargs, window_size=window, name=f"block_{i:02d}")(x, rates[i], mask)
         return layer_norm("norm", self.layer_norm_eps, self.dtype, self.param_dtype)(x)
 
 

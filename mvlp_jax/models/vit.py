@@ -130,8 +130,16 @@ class PatchEmbed(nn.Module):
         return x, pos.astype(x.dtype), cls_pos, (gh, gw)
 
 
+VIEW_TYPES = ("frontal", "lateral", "other")  # a study's views, in the order its images are given
+
+
 class ViT(nn.Module):
-    """ViT encoder. `keep_ids` (B, K) selects the visible patches (MAE); returns (B, [1+]N, width)."""
+    """ViT encoder. `keep_ids` (B, K) selects the visible patches (MAE); returns (B, [1+]N, width).
+
+    A study of several views, images (B, V, H, W, C), is one sequence: each view's patch tokens get its
+    position embedding and a learned view-type embedding (`view_types` > 0 creates it), and every token attends
+    to the tokens of all the study's views, padded views (`view_mask` False) excepted; returns (B, [1+]V*N,
+    width). A single image is a study of one frontal view."""
     width: int = 768
     depth: int = 12
     num_heads: int = 12
@@ -149,25 +157,47 @@ class ViT(nn.Module):
     remat_policy: str = "none"
     sow_attention: bool = False
     attention: str = "auto"  # kernels.ATTENTION_IMPLEMENTATIONS
+    view_types: int = 0  # > 0: a learned embedding per view type (multi-view studies)
 
     @nn.compact
-    def __call__(self, images: jax.Array, *, keep_ids: jax.Array | None = None, train: bool = False) -> jax.Array:
+    def __call__(self, images: jax.Array, *, keep_ids: jax.Array | None = None, train: bool = False,
+                 view_type: jax.Array | None = None, view_mask: jax.Array | None = None) -> jax.Array:
+        study = images.ndim == 5
+        if study and keep_ids is not None:
+            raise ValueError("keep_ids selects patches of single images: mask a study's views one by one")
+        b, views = images.shape[0], images.shape[1] if study else 1
         x, pos, cls_pos, _ = PatchEmbed(width=self.width, patch_size=self.patch_size, posemb=self.posemb,
                                         image_size=self.image_size, cls_token=self.cls_token, dtype=self.dtype,
-                                        param_dtype=self.param_dtype, name="embedding")(images)
+                                        param_dtype=self.param_dtype, name="embedding")(
+            images.reshape(b * views, *images.shape[-3:]))
         x = x + pos
+        if self.view_types:
+            table = self.param("view_embedding", logical(nn.initializers.normal(0.02), None, "embed"),
+                               (self.view_types, self.width), self.param_dtype)
+            types = view_type.reshape(-1) if study else jnp.zeros((b,), jnp.int32)  # one image: a frontal view
+            x = x + table[types][:, None, :].astype(x.dtype)
         if keep_ids is not None:
             x = jnp.take_along_axis(x, keep_ids[..., None], axis=1)
+        x = x.reshape(b, -1, self.width)
         if self.cls_token:
             cls = self.param("cls", logical(nn.initializers.normal(0.02), None, None, "embed"),
                              (1, 1, self.width), self.param_dtype)
             cls = jnp.broadcast_to((cls + cls_pos).astype(x.dtype), (x.shape[0], 1, self.width))
             x = jnp.concatenate([cls, x], axis=1)
+        mask = None if view_mask is None else study_token_mask(view_mask, x.shape[1], self.cls_token)[:, None, None]
         x = nn.Dropout(self.dropout)(constrain(x, "batch", "length", "embed"), deterministic=not train)
         return Encoder(depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout=self.dropout,
                        drop_path=self.drop_path, layer_norm_eps=self.layer_norm_eps, dtype=self.dtype,
                        param_dtype=self.param_dtype, scan=self.scan, remat_policy=self.remat_policy,
-                       sow_attention=self.sow_attention, attention=self.attention, name="encoder")(x, train)
+                       sow_attention=self.sow_attention, attention=self.attention, name="encoder")(x, train,
+                                                                                                   mask=mask)
+
+
+def study_token_mask(view_mask: jax.Array, length: int, cls_token: bool) -> jax.Array:
+    """(B, V) views present -> (B, length) tokens present: each view's patch tokens, and the CLS token."""
+    b, views = view_mask.shape
+    tokens = jnp.repeat(view_mask.astype(bool), (length - int(cls_token)) // views, axis=1)
+    return jnp.concatenate([jnp.ones((b, 1), bool), tokens], axis=1) if cls_token else tokens
 
 
 class MAE(nn.Module):
