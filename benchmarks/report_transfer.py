@@ -12,7 +12,8 @@
 4. Each budget's checkpoints and an untrained encoder get linear probes on the held-out images at 100% and 10%
    of the training labels (the five findings that reports state and that at least 50 of the 993 images carry),
    with bootstrap CIs over patients and paired differences against (b); the image-text heads get image->report
-   retrieval on the paired test split (the agreeing pairs, chance = 1 / images).
+   retrieval on the paired test split (the agreeing pairs, chance = 1 / images) and, as the pairing is by labels,
+   the fraction of its images whose nearest report (among the split's) states their findings (normal for normal).
 
 Stages whose output exists are reused. Prints the table and, last, (b) minus (a) and (b) minus (d) at the
 largest budget with 100% of the labels.
@@ -128,6 +129,47 @@ def retrieval(out: str, data_dir: str, workdirs: list[str], steps: int) -> dict:
     return _evaluate(os.path.join(out, f"steps_{steps}", "eval_retrieval"), config)
 
 
+def report_agreement(out: str, data_dir: str, workdir: str) -> tuple[float, float, float, float]:
+    """(fraction of the paired test images whose nearest test report agrees with their labels, its 95% bootstrap
+    interval over images, that fraction for a report drawn at random): does the image-text space order reports by
+    what they state?"""
+    import jax
+    import numpy as np
+
+    from data_prep import built
+    from mvlp_jax import features, sharding, shared_space
+    from mvlp_jax.data import targets
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(-1, 1, 1), sharding.AXES)
+    encoder = features.load_encoder(workdir, -1, mesh)
+    space = shared_space.resolve(encoder)
+    builder, _, _ = built.open_builder(data_dir, "paired")
+    source = built.open_split(builder, "test")
+    records = [source[i] for i in range(len(source))]
+    pairing = pd.read_csv(os.path.join(out, "pairing", "paired", "pretrain.csv"))
+    pairing = pairing.set_index(pairing["image"].str.rsplit(".", n=1).str[0])  # the builder's image ids
+    images = [r["image_id"].decode() for r in records]
+    reports, first = np.unique(pairing.loc[images, "report_id"].astype(str).to_numpy(), return_index=True)
+    table = targets.load_targets(os.path.join(out, "emb", "paired"), encoder.config.contrastive.target)
+    rows = targets.join([records[i]["study_id"].decode() for i in first], table, False, "paired/test")
+    embedded = shared_space.embed_images(encoder, space, source, demo.load_config("linear_probe", None), mesh,
+                                         f"agreement {encoder.name}")
+    texts = shared_space.embed_texts(encoder, space, table.vectors[rows])  # one vector per distinct report
+    unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    nearest = np.argmax(unit(embedded) @ unit(texts).T, axis=1)
+    iu = pd.read_csv(IU_LABELS)
+    _, normal, states = pair_reports.report_findings(iu[iu["subject_id"].astype(str).isin(reports)]
+                                                     .assign(key=lambda d: d["subject_id"].astype(str))
+                                                     .set_index("key").loc[reports].reset_index(drop=True))
+    findings = pairing.loc[images, list(pair_reports.NIH_LABELS)].to_numpy() == 1
+    agree = np.stack([pair_reports.agrees(findings, normal, states, np.full(len(images), j))
+                      for j in range(len(reports))], axis=1)  # (images, distinct reports)
+    hits = agree[np.arange(len(images)), nearest]
+    draws = np.random.default_rng(SEED).integers(0, len(hits), (1000, len(hits)))
+    lo, hi = np.percentile(hits[draws].mean(1), (2.5, 97.5))
+    return float(hits.mean()), float(lo), float(hi), float(agree.mean())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", default="200,800", help="comma-separated pretraining budgets (steps of 32)")
@@ -146,24 +188,28 @@ def main() -> None:
             workdirs.append(pretrain(args.workdir, data_dir, recipe, steps))
             seconds[(recipe, steps)] = time.perf_counter() - began
         spaced = [w for w in workdirs if not w.endswith(os.sep + "mae")]
-        tables[steps] = probe(args.workdir, data_dir, workdirs, steps), retrieval(args.workdir, data_dir, spaced, steps)
+        agreement = {os.path.basename(w): report_agreement(args.workdir, data_dir, w) for w in spaced}
+        tables[steps] = (probe(args.workdir, data_dir, workdirs, steps),
+                         retrieval(args.workdir, data_dir, spaced, steps), agreement)
     print(summary(tables, seconds, time.perf_counter() - start))
 
 
 def summary(tables: dict, seconds: dict, elapsed: float) -> str:
-    lines = ["| steps | checkpoint | labels | mAUC [95% CI] | Pneumonia AUC | image->report R@1 / R@5 |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for steps, (probes, retrieved) in tables.items():
+    lines = ["| steps | checkpoint | labels | mAUC [95% CI] | Pneumonia AUC | image->report R@1 / R@5 | nearest report "
+             "agrees (random report) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for steps, (probes, retrieved, agreement) in tables.items():
         recall = {r["name"]: r["image_to_report"] for r in retrieved["retrieval"]}
         for row in probes["checkpoints"]:
             name, (lo, hi) = row["name"], row["ci95"]["mauc"]
             r = recall.get(name)
             chance = 1 / retrieved["retrieval"][0]["images"]
             cell = f"{r['R@1']:.3f} / {r['R@5']:.3f} (chance R@1 {chance:.3f})" if r else "-"
+            a = agreement.get(name)
+            agrees = f"{a[0]:.3f} [{a[1]:.3f}, {a[2]:.3f}] ({a[3]:.3f})" if a else "-"
             lines.append(f"| {steps} | {name} | {row['label_fraction']:.0%} | {row['mauc']:.4f} [{lo:.4f}, {hi:.4f}] "
-                         f"| {row['auc']['Pneumonia']:.4f} | {cell} |")
+                         f"| {row['auc']['Pneumonia']:.4f} | {cell} | {agrees} |")
     lines.append("")
-    for steps, (probes, _) in tables.items():
+    for steps, (probes, _, _) in tables.items():
         for c in probes["comparisons"]:
             lo, hi = c["interval"]
             lines.append(f"{steps} steps, {c['label_fraction']:.0%} labels: {c['candidate']} minus "

@@ -111,8 +111,9 @@ SPEC: dict[str, tuple[Any, Check, str]] = {
                       "colour; built with --channels), and a run records what it took. Programs compiled without "
                       "a dataset (aot) read 0 as 1."),
     "data.max_views": (1, _positive, "Views per study the encoder reads as one sequence (ViT only; 1: one image "
-                       "at a time). Above 1 the ViT gains a learned view-type embedding (frontal / lateral / "
-                       "other). Training on studies is not built yet: train refuses values above 1."),
+                       "at a time). Above 1 an example is a study (images grouped by study_id, frontal first, "
+                       "then laterals, then others; the rest left out, missing ones padded) and the ViT gains a "
+                       "learned view-type embedding; objectives: mae, llm_contrastive, mflag."),
     "data.mean": (0.5, None, "Normalisation: (pixel / 255 - mean) / std."),
     "data.std": (0.25, _positive, "Normalisation std."),
     "data.num_threads": (8, _positive, "Decode/augment threads per process."),
@@ -168,6 +169,9 @@ EVAL_SPEC: dict[str, tuple[Any, Check, str]] = {
                    "retrieval: the precompute output holding the test split's reports."),
     "text_pooling": ("mean", ("mean", "last"), "text_embeddings: which stored vector."),
     "pooling": ("mean", ("mean", "cls", "map"), "Image features: mean of patch tokens, CLS, or the trained MAP."),
+    "study_views": (0, _non_negative, "0: one feature per image. N: one per study (images grouped by study_id, "
+                    "frontal first, up to N), labelled by its first view: a study encoder (data.max_views > 1) "
+                    "reads the views as one sequence, a single-image encoder averages their features."),
     "data_dir": ("~/tensorflow_datasets", None, "TFDS data dir of the labelled dataset."),
     "dataset": ("mimic_cxr", None, "Labelled dataset (optionally name:version)."),
     "train_split": ("train", None, "Split the probes are fitted on."),
@@ -236,6 +240,9 @@ EVAL_RULES: tuple[tuple[Callable[[Any], bool], str], ...] = (
     (lambda c: c.task == "classification" or (c.mode in ("linear", "finetune") and c.features_from == "image"),
      "task='segmentation' and 'detection' train a head on the encoders' patch tokens: they need "
      "mode='linear' (frozen encoder) or 'finetune', and features_from='image'"),
+    (lambda c: not c.study_views or (c.mode == "linear" and c.task == "classification"
+                                     and c.features_from == "image"),
+     "config.study_views (study-level features) is built for linear probes of image encoders on classification"),
     (lambda c: c.mode not in ("retrieval", "zero_shot") or c.features_from == "image",
      "mode='retrieval' and 'zero_shot' compare the workdirs' image embeddings with text: they need "
      "features_from='image'"),

@@ -102,6 +102,10 @@ def evaluate(config, output_dir: str) -> dict:
         name = config[f"{role}_split"]
         if name:
             splits[role] = features.labelled_split(config.data_dir, config.dataset, name)
+            if config.study_views:  # one example per study
+                source, names, where = splits[role]
+                splits[role] = (features.Studies(source, config.study_views), names,
+                                f"{where} (studies, up to {config.study_views} views)")
     names = splits["train"][1]
     for role, (_, other, where) in splits.items():
         if other != names:

@@ -39,7 +39,8 @@ def flat(tree, prefix: str = "") -> dict[str, np.ndarray]:
 
 
 def position_table(vit_params: dict, config) -> np.ndarray:
-    """(1, 1 + N, width): what the ViT adds to [CLS, patches] at the trained size."""
+    """(1, 1 + N, width): what the ViT adds to [CLS, patches] at the trained size; a study encoder's patches also
+    get the frontal view-type embedding (an exported model reads one image, a study of one frontal view)."""
     from mvlp_jax.models.transformer import sincos_2d
     from mvlp_jax.models.vit import variant
 
@@ -47,9 +48,12 @@ def position_table(vit_params: dict, config) -> np.ndarray:
     grid = config.model.image_size // size["patch_size"]
     learned = vit_params["embedding"].get("pos_embedding")
     if learned is not None:
-        return np.asarray(learned, np.float32)
-    table = sincos_2d(grid, grid, size["width"])
-    return np.concatenate([np.zeros((1, size["width"]), np.float32), table])[None]
+        table = np.array(learned, np.float32)
+    else:
+        table = np.concatenate([np.zeros((1, size["width"]), np.float32), sincos_2d(grid, grid, size["width"])])[None]
+    if "view_embedding" in vit_params:
+        table[:, 1:] += np.asarray(vit_params["view_embedding"][0], np.float32)
+    return table
 
 
 def hf_model(encoder: Encoder):

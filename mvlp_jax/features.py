@@ -127,7 +127,11 @@ def extract(encoder: Encoder, source, pooling: str, batch_size: int, mesh: jax.s
     path = os.path.join(cache_dir, f"{safe_name}-{encoder.step}-{pooling}-{key}.npy")
     if encoder.fingerprint and os.path.exists(path):
         return np.load(path)
-    forward = lambda p, x: encoder.model.apply({"params": p}, x, pooling, method=Pretrainer.features)
+    if isinstance(source, Studies):
+        forward = lambda p, x: encoder.model.apply({"params": p}, x["image"], x["view_type"], x["view_mask"],
+                                                   pooling, method=Pretrainer.study_features)
+    else:
+        forward = lambda p, x: encoder.model.apply({"params": p}, x, pooling, method=Pretrainer.features)
     features = apply_to_split(forward, encoder.params, source, c, batch_size, mesh,
                               f"features {encoder.name} {where}")
     os.makedirs(cache_dir, exist_ok=True)
@@ -142,20 +146,42 @@ def extract(encoder: Encoder, source, pooling: str, batch_size: int, mesh: jax.s
 def apply_to_split(forward: Callable, params: Any, source, config: ml_collections.ConfigDict, batch_size: int,
                    mesh: jax.sharding.Mesh, desc: str) -> np.ndarray:
     """`forward(params, images)` over every record of `source` (centre crop at the model's size, the training
-    normalisation), batch-sharded over all devices of `mesh`; float32 (N, ...) in record order."""
+    normalisation), batch-sharded over all devices of `mesh`; float32 (N, ...) in record order. Over `Studies`,
+    `forward(params, {"image", "view_type", "view_mask"})` (views.eval_study)."""
     per_device = -(-batch_size // mesh.devices.size)
     batch = per_device * mesh.devices.size
-    prep = lambda r: views.eval_image(r["image"], config)
+    prep = lambda r: (views.eval_study(r["views"], r["view_types"], config) if "views" in r
+                      else views.eval_image(r["image"], config))
     n = len(source)
     padded = grain.MapDataset.range(-(-n // batch) * batch).map(lambda i: prep(source[min(i, n - 1)])).batch(batch)
-    images_sh = sharding.batch_sharding(mesh, 4)
-    jitted = jax.jit(forward, in_shardings=(None, images_sh), out_shardings=sharding.replicated(mesh))
+    jitted = jax.jit(forward, out_shardings=sharding.replicated(mesh))
+    put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh, x.ndim))
     out = []
     iterator = padded.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=4))
     with sharding.active(mesh):
         for images in tqdm(iterator, total=len(padded), desc=desc, unit="batch"):
-            out.append(np.asarray(jitted(params, jax.device_put(images, images_sh)), np.float32))
+            out.append(np.asarray(jitted(params, jax.tree.map(put, images)), np.float32))
     return np.concatenate(out)[:n]
+
+
+class Studies:
+    """A split's studies as a source: item i is its first view's record (labels, subject and study ids) with
+    "views" (the study's records, frontal first, at most `max_views`) and "view_types" (max_views,)."""
+
+    def __init__(self, source, max_views: int):
+        from mvlp_jax.data import studies
+
+        records = [source[i] for i in range(len(source))]
+        self.source, self.max_views = source, max_views
+        self.indices, self.types, self.ids = studies.group([r["study_id"].decode() for r in records],
+                                                           [r["view"].decode() for r in records], max_views)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        views = [self.source[int(j)] for j in self.indices[i] if j >= 0]
+        return {**views[0], "views": views, "view_types": self.types[i]}
 
 
 class Subset:

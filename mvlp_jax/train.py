@@ -55,10 +55,6 @@ class Outcome:
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> Outcome:
     configuration.validate(config)
-    if config.data.max_views > 1:
-        raise ValueError(f"config.data.max_views={config.data.max_views}: the encoder reads studies "
-                         "(Pretrainer.study_features), but the input pipeline and objectives do not feed them yet; "
-                         "train with 1")
     workdir = os.path.abspath(workdir)
     cli.check_writable_dir(workdir, "--workdir")
     mesh = sharding.make_mesh(config)

@@ -26,12 +26,12 @@ def build_sample(root: str, image_size: int = 64) -> str:
 
 
 def write_targets(data_dir: str, out: str, drop: tuple[str, ...] = (), hidden: int = HIDDEN,
-                  source: dict | None = None) -> list[str]:
+                  source: dict | None = None, dataset: str = "covid_notes") -> list[str]:
     """One random `mean`/`last` record per study of every split (minus `drop`), in the stored schema; the
     manifest names the dataset as its source (or `source`)."""
     from data_prep import built
 
-    builder, _, _ = built.open_builder(data_dir, "covid_notes")
+    builder, _, _ = built.open_builder(data_dir, dataset)
     studies = sorted({built.open_split(builder, s)[i]["study_id"].decode()
                       for s in builder.info.splits for i in range(len(built.open_split(builder, s)))})
     kept = [s for s in studies if s not in drop]
@@ -42,7 +42,7 @@ def write_targets(data_dir: str, out: str, drop: tuple[str, ...] = (), hidden: i
     with open(os.path.join(out, "manifest.json"), "w") as f:
         json.dump({"schema_version": schema.SCHEMA_VERSION, "hidden_size": hidden, "poolings": ["mean", "last"],
                    "num_records": len(kept), "model": "random-test-targets",
-                   "source": source or {"kind": "dataset", "name": "covid_notes", "version": "1.0.0",
+                   "source": source or {"kind": "dataset", "name": dataset, "version": "1.0.0",
                                         "splits": list(builder.info.splits)}}, f)
     return studies
 

@@ -1,5 +1,7 @@
 """A study of several views read as one sequence: set-like over views of one type, deaf to padding, and a
 one-view study is the single-image path."""
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -14,11 +16,11 @@ from mvlp_jax.models.vit import VIEW_TYPES
 TARGET_DIM = 24
 
 
-def _model(scan: bool = False) -> tuple[Pretrainer, dict]:
+def _model(scan: bool = False, max_views: int = 3) -> tuple[Pretrainer, dict]:
     c = pretrain.get_config("demo")
     c.model.variant, c.model.image_size, c.model.pool_heads, c.model.scan = "mu/8", 32, 2, scan
     c.model.decoder_width, c.model.decoder_depth, c.model.decoder_heads = 32, 1, 2
-    c.data.max_views = 3
+    c.data.max_views = max_views
     configuration.validate(c)
     model = Pretrainer(c, TARGET_DIM)
     key = jax.random.PRNGKey(0)
@@ -69,13 +71,125 @@ def test_a_one_view_study_is_the_single_image_path_and_scan_reads_studies_too():
     np.testing.assert_allclose(out, first, rtol=1e-4, atol=1e-5)
 
 
-def test_training_on_studies_is_refused_until_the_pipeline_feeds_them(tmp_path):
-    from mvlp_jax import train
+def test_an_encoder_of_single_images_gives_a_study_the_mean_of_its_present_views():
+    model, params = _model(max_views=1)
+    assert "view_embedding" not in params["encoder"]
+    images = np.random.default_rng(4).normal(size=(2, 3, 32, 32, 1)).astype(np.float32)
+    each = [np.asarray(model.apply({"params": params}, jnp.asarray(images[:, v]), "mean", method=Pretrainer.features))
+            for v in range(3)]
+    present = np.array([[True, True, False], [True, False, False]])
+    study = _study(model, params, images, np.zeros((2, 3), np.int32), present, "mean")
+    np.testing.assert_allclose(study, np.stack([(each[0][0] + each[1][0]) / 2, each[0][1]]), rtol=1e-4, atol=1e-5)
 
-    c = pretrain.get_config("demo")
-    c.data.max_views = 2
-    with pytest.raises(ValueError, match="max_views=2: the encoder reads studies"):
-        train.train(c, str(tmp_path / "run"))
-    c.model.encoder = "vitdet"
-    with pytest.raises(ValueError, match="needs model.encoder='vit'"):
-        configuration.validate(c)
+
+def test_studies_group_frontal_first_then_laterals_and_pad_the_rest():
+    from mvlp_jax.data.studies import group
+
+    records, types, order = group(["a", "b", "a", "a", "c", "a"], ["LATERAL", "PA", "AP supine", "OBLIQUE", "LL", "PA"],
+                                  max_views=3)
+    assert order == ["a", "b", "c"]
+    assert records.tolist() == [[2, 5, 0], [1, -1, -1], [4, -1, -1]]  # a's oblique view (3) is left out
+    assert types.tolist() == [[0, 0, 1], [0, 0, 0], [1, 0, 0]]
+
+
+def _study_set(root) -> str:
+    """12 studies of 40 px grey images (8 train, 4 test): the even ones a PA and a lateral view and label 1, the
+    odd ones a PA alone and label 0."""
+    from PIL import Image
+
+    from data_prep.build_dataset import build
+
+    rng = np.random.default_rng(0)
+    os.makedirs(os.path.join(root, "images"))
+    rows = ["image,study,view,split,two_views"]
+    for i in range(12):
+        for view in ("PA", "LATERAL") if i % 2 == 0 else ("PA",):
+            name = f"images/{i}_{view}.png"
+            Image.fromarray(rng.integers(0, 256, (40, 40)).astype(np.uint8)).save(os.path.join(root, name))
+            rows.append(f"{name},s{i},{view},{'train' if i < 8 else 'test'},{int(i % 2 == 0)}")
+    with open(os.path.join(root, "manifest.csv"), "w") as f:
+        f.write("\n".join(rows) + "\n")
+    build("csv", root, os.path.join(root, "tfds"), name="studies", study_column="study", group_column="study",
+          view_column="view", views="all", image_size=0, split_column="split", label_columns="two_views")
+    return os.path.join(root, "tfds")
+
+
+def test_a_study_batch_holds_its_views_and_training_reads_studies(tmp_path):
+    from data_prep import built
+    from mvlp_jax import features, train
+    from mvlp_jax.data import pipeline
+    from mvlp_jax.objectives.mae import masked
+    from tests.pretrain_setup import micro_config, write_targets
+
+    data_dir = _study_set(str(tmp_path))
+    write_targets(data_dir, str(tmp_path / "emb"), dataset="studies")
+    config = micro_config(data_dir, str(tmp_path / "emb"), total_steps=2)
+    config.data.dataset, config.data.max_views, config.data.batch_size = "studies", 2, 8
+    records = pipeline.open_records(config)
+    source = records.source
+    assert records.indices.shape[1] == 2 and len(records.indices) == len({source[i]["study_id"] for i in
+                                                                          range(len(source))})
+    batch = next(iter(pipeline.TrainIterator(pipeline.local_batches(records, config, 0, 1), config)))
+    assert batch["image"].shape == (8, 2, 32, 32, 1) and batch["target"].shape == (8, 24)
+    lateral = batch["view_mask"][:, 1]
+    assert lateral.any() and not lateral.all() and (batch["view_type"][lateral, 1] == 1).all()
+    assert np.abs(batch["image"][~lateral, 1]).max() == 0  # padding slots hold no pixels
+
+    model, params = _model()
+    key = jax.random.PRNGKey(3)
+    loss = lambda images: float(model.apply({"params": params}, jnp.asarray(images), False, None,
+                                            jnp.asarray(batch["view_mask"]), rngs={"masking": key},
+                                            method=masked)["loss"])
+    noisy = batch["image"].copy()
+    noisy[~lateral, 1] = 50.0
+    assert loss(noisy) == pytest.approx(loss(batch["image"]), rel=1e-6)  # padded views are not reconstructed
+
+    workdir = str(tmp_path / "run")
+    assert train.train(config, workdir).last_step == 2
+    encoder = features.load_encoder(workdir, -1, _mesh())
+    assert encoder.params["encoder"]["view_embedding"].shape[0] == len(VIEW_TYPES)
+    builder, _, _ = built.open_builder(data_dir, "studies")
+    single = features.extract(encoder, built.open_split(builder, "train"), "mean", 8, _mesh(), str(tmp_path / "f"),
+                              "studies/train", "x")
+    assert single.shape[0] == len(built.open_split(builder, "train")) and np.isfinite(single).all()
+
+    # the Hugging Face export reads one image as a study of one frontal view, as our single-image path does
+    import torch
+    import transformers
+
+    from mvlp_jax import export
+
+    one_device = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "model"))
+    encoder = features.load_encoder(workdir, -1, one_device)
+    export.export(encoder, str(tmp_path / "hf"))
+    hf = transformers.ViTMAEModel.from_pretrained(str(tmp_path / "hf")).eval()
+    images = np.asarray(batch["image"][:, 0])
+    ours = np.asarray(encoder.model.apply({"params": encoder.params}, jnp.asarray(images),
+                                          method=lambda m, x: m.encoder(x)))
+    with torch.no_grad():
+        theirs = hf(pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2),
+                    noise=torch.arange(16, dtype=torch.float32).expand(len(images), -1)).last_hidden_state.numpy()
+    np.testing.assert_allclose(theirs, ours, atol=1e-4)
+
+    # probes: one row per test image, or per test study (4 studies, 6 images)
+    from configs import linear_probe
+    from mvlp_jax import evaluate
+
+    probe = linear_probe.get_config(None)
+    probe.data_dir, probe.dataset, probe.val_split, probe.workdirs = data_dir, "studies", "", f"{workdir},random_init"
+    probe.label_fractions, probe.bootstrap = (1.0,), 20
+    images = evaluate.evaluate(probe, str(tmp_path / "images"))
+    assert [row["test_cases"] for row in images["checkpoints"]] == [6, 6]
+    probe.study_views = 2
+    studied = evaluate.evaluate(probe, str(tmp_path / "studies"))
+    assert [row["test_cases"] for row in studied["checkpoints"]] == [4, 4]
+    assert all(np.isfinite(row["mauc"]) for row in studied["checkpoints"])
+    probe.mode = "finetune"
+    with pytest.raises(ValueError, match="study_views"):
+        evaluate.evaluate(probe, str(tmp_path / "refused"))
+
+
+def _mesh():
+    from mvlp_jax import sharding
+
+    return jax.sharding.Mesh(np.array(jax.devices()).reshape(-1, 1, 1), sharding.AXES)

@@ -17,18 +17,20 @@ from tqdm import tqdm
 
 from data_prep import built
 from mvlp_jax.data import targets as targets_lib
-from mvlp_jax.data import views
+from mvlp_jax.data import studies, views
 from mvlp_jax.objectives import combine, registry
 
 
 @dataclass
 class TrainRecords:
-    """What the pipeline reads: the split, the records kept, and their LLM target rows."""
+    """What the pipeline reads: the split, the examples kept (images, or studies of several), their LLM target
+    rows."""
     source: Any
-    indices: np.ndarray               # kept record indices into `source`
-    target_rows: np.ndarray | None    # row in `table.vectors` per kept record
+    indices: np.ndarray               # kept record index into `source` per example; (E, max_views), -1 padded,
+    target_rows: np.ndarray | None    # for studies; row in `table.vectors` per example
     table: targets_lib.TargetTable | None
     where: str
+    view_types: np.ndarray | None = None  # studies: (E, max_views) vit.VIEW_TYPES index per slot
 
 
 def open_records(config: ml_collections.ConfigDict) -> TrainRecords:
@@ -43,9 +45,18 @@ def open_records(config: ml_collections.ConfigDict) -> TrainRecords:
     config.data.channels = stored  # the encoder reads what the dataset stores; config.json records it
     if len(source) == 0:
         raise ValueError(f"{where} has no records")
-    indices = np.arange(len(source))
+    grouped = config.data.max_views > 1
+    if grouped or registry.needs_targets(config):
+        study_ids = [source[i]["study_id"].decode() for i in
+                     tqdm(range(len(source)), desc="reading study ids", unit="img", disable=len(source) < 10_000)]
+    if grouped:
+        indices, view_types, study_ids = studies.group(study_ids, [source[i]["view"].decode()
+                                                                   for i in range(len(source))],
+                                                       config.data.max_views)
+    else:
+        indices, view_types = np.arange(len(source)), None
     if not registry.needs_targets(config):
-        return TrainRecords(source, indices, None, None, where)
+        return TrainRecords(source, indices, None, None, where, view_types)
     if not config.data.embeddings_dir:
         needing = [spec.name for spec in registry.configured(config) if spec.needs_targets]
         raise ValueError(f"objectives {', '.join(needing)} need config.data.embeddings_dir "
@@ -53,14 +64,12 @@ def open_records(config: ml_collections.ConfigDict) -> TrainRecords:
     table = targets_lib.load_targets(config.data.embeddings_dir, config.contrastive.target)
     targets_lib.check_source(table.manifest, name, version, config.data.embeddings_dir,
                              config.data.get("embeddings_any_source", False))
-    study_ids = [source[i]["study_id"].decode() for i in
-                 tqdm(range(len(source)), desc="joining images to LLM targets", unit="img",
-                      disable=len(source) < 10_000)]
     rows = targets_lib.join(study_ids, table, config.data.allow_missing_embeddings, where)
     keep = rows >= 0
     if not keep.any():
         raise ValueError(f"no image of {where} has an LLM embedding in {config.data.embeddings_dir}")
-    return TrainRecords(source, indices[keep], rows[keep], table, where)
+    return TrainRecords(source, indices[keep], rows[keep], table, where,
+                        None if view_types is None else view_types[keep])
 
 
 class Preprocess(grain.transforms.RandomMap):
@@ -77,19 +86,35 @@ class Preprocess(grain.transforms.RandomMap):
     def random_map(self, element: tuple[int, int], rng: np.random.Generator) -> dict[str, np.ndarray]:
         """element: (position in the example stream, kept record number), as `local_batches` pairs them."""
         position, kept = element
-        index = int(self.records.indices[kept])
-        inputs = views.ViewInputs.of(self.records.source[index]["image"], self.config, rng)
         specs = registry.configured(self.config, combine.active(self.config, position // self.examples_per_step))
         example = dict(self.zeros)
+        if self.records.view_types is not None:
+            example.update(self._study(kept, rng))
+        else:
+            example.update(self._image(int(self.records.indices[kept]), specs, rng))
+        if self.records.table is not None:
+            row = self.records.target_rows[kept]
+            example["target"] = self.records.table.vectors[row].astype(np.float32)
+        return example
+
+    def _image(self, index: int, specs: list, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        inputs = views.ViewInputs.of(self.records.source[index]["image"], self.config, rng)
+        example = {}
         if any(spec.uses_image for spec in specs):
             example["image"] = views.training_image(inputs)
         for spec in specs:
             if spec.views is not None:
                 example.update(spec.views(inputs))
-        if self.records.table is not None:
-            row = self.records.target_rows[kept]
-            example["target"] = self.records.table.vectors[row].astype(np.float32)
         return example
+
+    def _study(self, kept: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """A study's augmented views (V, S, S, C), each with its own crop and jitter; padding slots are zeros."""
+        records = self.records.indices[kept]
+        image = np.zeros(self.zeros["image"].shape, np.float32)
+        for slot in np.flatnonzero(records >= 0):
+            inputs = views.ViewInputs.of(self.records.source[int(records[slot])]["image"], self.config, rng)
+            image[slot] = views.training_image(inputs)
+        return {"image": image, "view_type": self.records.view_types[kept], "view_mask": records >= 0}
 
 
 def _with_position(position: int, kept: int) -> tuple[int, int]:

@@ -23,6 +23,17 @@ def eval_image(png: bytes, config: ml_collections.ConfigDict) -> np.ndarray:
     return transforms.normalise(pixels, config.data.mean, config.data.std, c)
 
 
+def eval_study(records: list[dict], types: np.ndarray, config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+    """A study's evaluation views: {"image": (V, S, S, C) (padding zeros), "view_type": (V,), "view_mask": (V,)}
+    for its `records` (at most V = len(types), frontal first)."""
+    first = eval_image(records[0]["image"], config)
+    image = np.zeros((len(types), *first.shape), np.float32)
+    for slot, record in enumerate(records):
+        image[slot] = first if slot == 0 else eval_image(record["image"], config)
+    mask = np.arange(len(types)) < len(records)
+    return {"image": image, "view_type": np.asarray(types, np.int32), "view_mask": mask}
+
+
 @dataclasses.dataclass
 class ViewInputs:
     """What an objective's views are built from, per example: the decoded image (H, W) or (H, W, 3) uint8, and

@@ -68,15 +68,28 @@ class Pretrainer(nn.Module):
             raise ValueError("pooling 'cls' needs an encoder with a CLS token (ViTDet has none)")
         return self.pool if pooling == "map" else self.plain_pools[pooling]
 
+    def pooled(self, images: jax.Array, train: bool = False, view_type: jax.Array | None = None,
+               view_mask: jax.Array | None = None) -> jax.Array:
+        """The LLM-target objectives' pooling (`model.pool`) of an image, or of a study's present views."""
+        if images.ndim == 4:
+            return self.pool(self.encoder(images, train=train)).astype(jnp.float32)
+        tokens = self.encoder(images, train=train, view_type=view_type, view_mask=view_mask)
+        mask = None if view_mask is None else study_token_mask(view_mask, tokens.shape[1], self.encoder.cls_token)
+        return self.pool(tokens, mask).astype(jnp.float32)
+
     def study_features(self, images: jax.Array, view_type: jax.Array, view_mask: jax.Array, pooling: str,
                        train: bool = False) -> jax.Array:
         """One feature per study: its views (B, V, H, W, C) read as one sequence (vit.ViT), `view_type` (B, V)
-        indices of vit.VIEW_TYPES, `view_mask` (B, V) False for padding; pooled over the present views only."""
+        indices of vit.VIEW_TYPES, `view_mask` (B, V) False for padding; pooled over the present views only. An
+        encoder trained on single images (no view-type embedding) gives the mean of its present views' features."""
         if images.ndim != 5:
             raise ValueError(f"study_features takes (batch, views, height, width, channels), got {images.shape}")
-        if not self.encoder.view_types:
-            raise ValueError("this model has no view-type embedding: studies need config.data.max_views > 1")
         pool = self._pool(pooling)
+        if not getattr(self.encoder, "view_types", 0):
+            b, v = images.shape[:2]
+            each = pool(self.encoder(images.reshape(b * v, *images.shape[2:]), train=train)).reshape(b, v, -1)
+            weights = view_mask[..., None].astype(each.dtype)
+            return ((each * weights).sum(1) / jnp.maximum(weights.sum(1), 1)).astype(jnp.float32)
         tokens = self.encoder(images, train=train, view_type=view_type, view_mask=view_mask)
         return pool(tokens, study_token_mask(view_mask, tokens.shape[1], self.encoder.cls_token)).astype(jnp.float32)
 

@@ -174,7 +174,8 @@ class ViT(nn.Module):
         if self.view_types:
             table = self.param("view_embedding", logical(nn.initializers.normal(0.02), None, "embed"),
                                (self.view_types, self.width), self.param_dtype)
-            types = view_type.reshape(-1) if study else jnp.zeros((b,), jnp.int32)  # one image: a frontal view
+            types = (view_type.reshape(-1) if study and view_type is not None  # one image: a frontal view
+                     else jnp.zeros((b * views,), jnp.int32))
             x = x + table[types][:, None, :].astype(x.dtype)
         if keep_ids is not None:
             x = jnp.take_along_axis(x, keep_ids[..., None], axis=1)
@@ -211,11 +212,12 @@ class MAE(nn.Module):
     norm_pix_loss: bool = False
 
     @nn.compact
-    def __call__(self, images: jax.Array, *, noise: jax.Array | None = None, train: bool = False
-                 ) -> dict[str, Any]:
+    def __call__(self, images: jax.Array, *, noise: jax.Array | None = None, train: bool = False,
+                 present: jax.Array | None = None) -> dict[str, Any]:
         """images (B,H,W,C) -> dict(loss, pred (B,N,p*p*C), mask (B,N), latent, ids_restore).
 
-        `noise` (B, N) fixes the masking (for parity tests); otherwise drawn from the 'masking' rng.
+        `noise` (B, N) fixes the masking (for parity tests); otherwise drawn from the 'masking' rng. `present`
+        (B,) leaves the images where it is False (a study's padded views) out of the loss.
         """
         enc, p = self.encoder, self.encoder.patch_size
         b, h, w, c = images.shape
@@ -244,5 +246,6 @@ class MAE(nn.Module):
                     remat_policy=enc.remat_policy, attention=enc.attention, name="decoder")(x, train)
         pred = dense(p * p * c, "decoder_pred", ("decoder_embed", None))(x)
         pred = pred[:, 1:] if cls is not None else pred
-        loss = reconstruction_loss(pred, patchify(images, p), mask, self.norm_pix_loss)
+        scored = mask if present is None else mask * present[:, None].astype(mask.dtype)
+        loss = reconstruction_loss(pred, patchify(images, p), scored, self.norm_pix_loss)
         return dict(loss=loss, pred=pred, mask=mask, latent=latent, ids_restore=ids_restore, grid=grid)

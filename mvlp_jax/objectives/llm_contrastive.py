@@ -10,7 +10,7 @@ import ml_collections
 
 from mvlp_jax.models.heads import ProjectionHead
 from mvlp_jax.objectives import contrastive_losses as losses
-from mvlp_jax.objectives.spec import LossFn, SharedSpace, Spec
+from mvlp_jax.objectives.spec import LossFn, SharedSpace, Spec, study_inputs
 
 
 def heads(model: nn.Module, config: ml_collections.ConfigDict, dtype: Any) -> dict[str, Any]:
@@ -26,10 +26,11 @@ def heads(model: nn.Module, config: ml_collections.ConfigDict, dtype: Any) -> di
             "logit_bias": model.param("logit_bias", nn.initializers.constant(c.sigmoid_bias), ())}
 
 
-def embed_images(model: nn.Module, images: jax.Array, train: bool = True) -> jax.Array:
-    """Full (unmasked) image -> encoder -> pooling -> projection, float32 (B, embed_dim); a `method` of
-    `Pretrainer.apply`."""
-    return model.image_proj(model.pool(model.encoder(images, train=train))).astype(jnp.float32)
+def embed_images(model: nn.Module, images: jax.Array, train: bool = True, view_type: jax.Array | None = None,
+                 view_mask: jax.Array | None = None) -> jax.Array:
+    """Full (unmasked) image, or a study's views -> encoder -> pooling -> projection, float32 (B, embed_dim); a
+    `method` of `Pretrainer.apply`."""
+    return model.image_proj(model.pooled(images, train, view_type, view_mask)).astype(jnp.float32)
 
 
 def embed_targets(model: nn.Module, targets: jax.Array) -> jax.Array:
@@ -50,7 +51,8 @@ def make(model: nn.Module, config: ml_collections.ConfigDict) -> LossFn:
         del context  # train-state extras and step: unused here
         variables = {"params": params}
         rngs = {"dropout": jax.random.fold_in(rng, 0)}
-        z_img = model.apply(variables, batch["image"], train=True, rngs=rngs, method=embed_images)
+        z_img = model.apply(variables, batch["image"], train=True, rngs=rngs, method=embed_images,
+                            **study_inputs(batch))
         z_txt = model.apply(variables, batch["target"], method=embed_targets)
         log_t = params["log_temperature"]
         if kind == "infonce":

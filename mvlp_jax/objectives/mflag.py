@@ -12,7 +12,7 @@ import ml_collections
 
 from mvlp_jax.models.heads import ProjectionHead
 from mvlp_jax.models.norm import l2_normalise
-from mvlp_jax.objectives.spec import LossFn, SharedSpace, Spec
+from mvlp_jax.objectives.spec import LossFn, SharedSpace, Spec, study_inputs
 
 
 def heads(model: nn.Module, config: ml_collections.ConfigDict, dtype: Any) -> dict[str, Any]:
@@ -24,9 +24,10 @@ def heads(model: nn.Module, config: ml_collections.ConfigDict, dtype: Any) -> di
                                                     norm="batch")}
 
 
-def pooled(model: nn.Module, images: jax.Array, train: bool = True) -> jax.Array:
-    """Pooled image features before projection, float32; the features the orthogonality loss decorrelates."""
-    return model.pool(model.encoder(images, train=train)).astype(jnp.float32)
+def pooled(model: nn.Module, images: jax.Array, train: bool = True, view_type: jax.Array | None = None,
+           view_mask: jax.Array | None = None) -> jax.Array:
+    """Pooled image (or study) features before projection, float32; what the orthogonality loss decorrelates."""
+    return model.pooled(images, train, view_type, view_mask)
 
 
 def project_images(model: nn.Module, features: jax.Array) -> jax.Array:
@@ -37,11 +38,12 @@ def project_targets(model: nn.Module, targets: jax.Array) -> jax.Array:
     return model.mflag_text_proj(targets.astype(jnp.float32))
 
 
-def embed(model: nn.Module, images: jax.Array, targets: jax.Array, train: bool = True
+def embed(model: nn.Module, images: jax.Array, targets: jax.Array, train: bool = True,
+          view_type: jax.Array | None = None, view_mask: jax.Array | None = None
           ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(pooled image features before projection, projected image, projected text), float32; a `method` of
     `Pretrainer.apply`."""
-    features = pooled(model, images, train)
+    features = pooled(model, images, train, view_type, view_mask)
     return features, project_images(model, features), project_targets(model, targets)
 
 
@@ -67,7 +69,7 @@ def make(model: nn.Module, config: ml_collections.ConfigDict) -> LossFn:
         del context  # train-state extras and step: unused here
         features, z_img, z_txt = model.apply({"params": params}, batch["image"], batch["target"], train=True,
                                              rngs={"dropout": jax.random.fold_in(rng, 0)},
-                                             method=embed)
+                                             method=embed, **study_inputs(batch))
         align = alignment(z_img, z_txt)
         ortho = orthogonality(features, f.ortho_lambda)
         loss = align + f.ortho_weight * ortho

@@ -43,6 +43,11 @@ def entries(config: ml_collections.ConfigDict, target_dim: int = 0) -> dict[str,
     """Every batch entry the configured objectives read: {key: (per-example shape, dtype)}."""
     specs = configured(config)
     out = {"image": image_shape(config)} if any(s.uses_image for s in specs) else {}
+    views = config.data.get("max_views", 1)
+    if views > 1 and out:  # a study: its views, their types and which slots are padding
+        import numpy as np
+        shape, dtype = out["image"]
+        out.update(image=((views, *shape), dtype), view_type=((views,), np.int32), view_mask=((views,), np.bool_))
     if target_dim and any(s.needs_targets for s in specs):
         import numpy as np
         out["target"] = ((target_dim,), np.float32)
@@ -55,3 +60,7 @@ def check(config: ml_collections.ConfigDict) -> None:
     for s in configured(config):
         if s.check is not None:
             s.check(config)
+    own_views = [s.name for s in configured(config) if s.views is not None]
+    if config.data.get("max_views", 1) > 1 and own_views:
+        raise ValueError(f"objectives {', '.join(own_views)} build their own views of one image; with "
+                         f"data.max_views={config.data.max_views} (studies) use mae, llm_contrastive or mflag")

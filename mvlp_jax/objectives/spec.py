@@ -24,6 +24,11 @@ def image_shape(config: ml_collections.ConfigDict) -> tuple[tuple[int, ...], Any
     return (s, s, channels(config)), np.float32
 
 
+def study_inputs(batch: dict) -> dict[str, jax.Array]:
+    """The batch's view types and padding mask when it holds studies (data.max_views > 1), else nothing."""
+    return {k: batch[k] for k in ("view_type", "view_mask") if k in batch}
+
+
 def check_patch_multiple(config: ml_collections.ConfigDict, key: str) -> None:
     """Raises unless the crop size at dotted `key` is a multiple of the encoder's patch size."""
     from mvlp_jax.models.vit import variant
