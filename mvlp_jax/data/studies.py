@@ -6,7 +6,7 @@ import numpy as np
 
 from data_prep.records import view_selected
 
-LATERAL = ("LATERAL", "LL", "RL", "LAT")
+LATERAL = ("LATERAL", "LAT", "LL", "RL", "L")
 
 
 def view_type(view: str) -> int:
