@@ -92,6 +92,15 @@ def test_mimic_skips_counted_by_reason(mimic):
 def test_mimic_views_all_keeps_lateral(mimic, tmp_path):
     report = build("mimic_cxr", mimic[0], str(tmp_path), image_size=64, views="all")
     assert R.VIEW_NOT_SELECTED not in report["skipped"] and report["records_written"]["train"] == 3
+    # the study with a PA and a lateral image is one study of two views, frontal first
+    from data_prep import built
+    from mvlp_jax.features import Studies
+
+    studies = Studies(built.open_split(built.open_builder(str(tmp_path), "mimic_cxr")[0], "train"), max_views=2)
+    by_id = {sid: (studies[i], studies.types[i].tolist()) for i, sid in enumerate(studies.ids)}
+    first, types = by_id["50414267"]
+    assert [v["view"].decode() for v in first["views"]] == ["PA", "LATERAL"] and types == [0, 1]
+    assert len(studies) == 2  # 53189527 (AP) is a study of one view
 
 
 def test_build_is_deterministic_across_worker_counts(mimic, tmp_path):
