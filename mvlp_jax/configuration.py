@@ -110,10 +110,11 @@ SPEC: dict[str, tuple[Any, Check, str]] = {
     "data.channels": (0, (0, 1, 3), "Image channels the encoder reads: 0 takes the training dataset's (1 grayscale, 3 "
                       "colour; built with --channels), and a run records what it took. Programs compiled without "
                       "a dataset (aot) read 0 as 1."),
-    "data.max_views": (1, _positive, "Views per study the encoder reads as one sequence (ViT only; 1: one image "
-                       "at a time). Above 1 an example is a study (images grouped by study_id, frontal first, "
-                       "then laterals, then others; the rest left out, missing ones padded) and the ViT gains a "
-                       "learned view-type embedding; objectives: mae, llm_contrastive, mflag."),
+    "data.max_views": (1, _positive, "Views per study the encoder reads as one sequence (1: one image at a "
+                       "time). Above 1 an example is a study (images grouped by study_id, frontal first, then "
+                       "laterals, then others; the rest left out, missing ones padded), the encoder gains a learned "
+                       "view-type embedding (a ViTDet windows each view, its global blocks span the study); "
+                       "objectives: mae, llm_contrastive, mflag."),
     "data.mean": (0.5, None, "Normalisation: (pixel / 255 - mean) / std."),
     "data.std": (0.25, _positive, "Normalisation std."),
     "data.num_threads": (8, _positive, "Decode/augment threads per process."),
@@ -322,9 +323,6 @@ def validate(config: ml_collections.ConfigDict, spec: dict[str, tuple] = SPEC) -
                 f" (registered: {', '.join(registry.SPECS)})" if key == "objectives" else "") + f": {spec[key][2]}")
     if spec is SPEC:
         registry.check(config)
-        if config.data.max_views > 1 and config.model.encoder != "vit":
-            raise ValueError(f"config.data.max_views={config.data.max_views} needs model.encoder='vit' (a ViTDet "
-                             "does not read studies yet)")
     for holds, message in EVAL_RULES if spec is EVAL_SPEC else ():
         if not holds(config):
             raise ValueError(message)

@@ -82,6 +82,35 @@ def test_an_encoder_of_single_images_gives_a_study_the_mean_of_its_present_views
     np.testing.assert_allclose(study, np.stack([(each[0][0] + each[1][0]) / 2, each[0][1]]), rtol=1e-4, atol=1e-5)
 
 
+def test_a_vitdet_windows_each_view_and_its_global_blocks_span_the_study():
+    from mvlp_jax.models.vitdet import ViTDet
+
+    tiny = dict(width=32, depth=2, num_heads=4, mlp_dim=64, patch_size=8, window_size=2, view_types=3)
+    images = np.random.default_rng(5).normal(size=(2, 2, 32, 32, 1)).astype(np.float32)
+    changed = images.copy()
+    changed[:, 1] += 3.0  # the second view only
+    types, present = np.zeros((2, 2), np.int32), np.ones((2, 2), bool)
+
+    def tokens(model, x, mask=present):
+        params = model.init(jax.random.PRNGKey(0), jnp.asarray(images), view_type=jnp.asarray(types),
+                            view_mask=jnp.asarray(present))
+        return np.asarray(model.apply(params, jnp.asarray(x), view_type=jnp.asarray(types),
+                                      view_mask=jnp.asarray(mask)))
+
+    windowed = ViTDet(**tiny, global_blocks=())  # every block windowed: the first view never sees the second
+    np.testing.assert_allclose(tokens(windowed, changed)[:, :16], tokens(windowed, images)[:, :16], atol=1e-6)
+    mixed = ViTDet(**tiny, global_blocks=(1,))  # a global block: it does
+    assert not np.allclose(tokens(mixed, changed)[:, :16], tokens(mixed, images)[:, :16], atol=1e-4)
+    padded = np.array([[True, False]] * 2)  # unless the second view is padding
+    np.testing.assert_allclose(tokens(mixed, changed, padded)[:, :16], tokens(mixed, images, padded)[:, :16],
+                               atol=1e-6)
+    single = ViTDet(**tiny, global_blocks=(1,))
+    params = single.init(jax.random.PRNGKey(0), jnp.asarray(images), view_type=jnp.asarray(types),
+                         view_mask=jnp.asarray(present))
+    np.testing.assert_allclose(np.asarray(single.apply(params, jnp.asarray(images[:, 0]))),
+                               np.asarray(single.apply(params, jnp.asarray(images[:, :1]))), atol=1e-6)
+
+
 def test_studies_group_frontal_first_then_laterals_and_pad_the_rest():
     from mvlp_jax.data.studies import group
 

@@ -26,18 +26,18 @@ class Pretrainer(nn.Module):
         m = self.config.model
         dtype = kernels.compute_dtype(m.dtype)
         size = variant(m.variant)
+        view_types = len(VIEW_TYPES) if self.config.data.get("max_views", 1) > 1 else 0
         if m.encoder == "vit":
             self.encoder = ViT(**size, image_size=m.image_size, drop_path=m.drop_path, dtype=dtype,
                                scan=m.scan, remat_policy=m.remat, attention=m.attention,
-                               sow_attention=self.sow_attention,
-                               view_types=len(VIEW_TYPES) if self.config.data.get("max_views", 1) > 1 else 0)
+                               sow_attention=self.sow_attention, view_types=view_types)
             self.masked_model = MAE(encoder=self.encoder, decoder_width=m.decoder_width, decoder_depth=m.decoder_depth,
                                     decoder_heads=m.decoder_heads, decoder_mlp_dim=4 * m.decoder_width,
                                     mask_ratio=m.mask_ratio, norm_pix_loss=m.norm_pix_loss)
         else:
             self.encoder = ViTDet(**size, window_size=m.window_size, drop_path=m.drop_path, dtype=dtype,
                                   scan=m.scan, remat_policy=m.remat, attention=m.attention,
-                                  sow_attention=self.sow_attention)
+                                  sow_attention=self.sow_attention, view_types=view_types)
             self.masked_model = SimMIM(encoder=self.encoder, mask_ratio=m.mask_ratio, norm_pix_loss=m.norm_pix_loss)
         if self.target_dim:
             self.pool = Pool(kind=m.pool, has_cls=self.encoder.cls_token, num_heads=m.pool_heads, dtype=dtype,

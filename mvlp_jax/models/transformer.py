@@ -186,7 +186,8 @@ class Block(nn.Module):
     """Pre-LayerNorm transformer block with dropout and stochastic depth (per-sample drop path).
 
     With `window_size`, attention runs within non-overlapping windows of the (gh, gw) patch `grid` (ViTDet):
-    always, or, in a scanned stack, where the per-layer flag `windowed` is set (global attention elsewhere).
+    always, or, in a scanned stack, where the per-layer flag `windowed` is set (global attention elsewhere). A
+    sequence of `views` grids (a study) is windowed view by view: no window spans two views.
     Returns (x, None) so the same module can be scanned over layers.
     """
     num_heads: int
@@ -201,6 +202,7 @@ class Block(nn.Module):
     attention: str = "auto"
     window_size: int = 0
     grid: tuple[int, int] = (0, 0)
+    views: int = 1
 
     def _drop_path(self, y: jax.Array, rate: jax.Array) -> jax.Array:
         if not (self.train and self.use_drop_path):
@@ -213,8 +215,12 @@ class Block(nn.Module):
                                       sow_weights=self.sow_attention, attention=self.attention, name="attention")
 
         def within_windows(y: jax.Array) -> jax.Array:
-            windows, window_mask = window_partition(y, self.grid, self.window_size)
-            return window_unpartition(attention()(windows, mask=window_mask), y.shape[0], self.grid, self.window_size)
+            b, length, d = y.shape
+            per_view = y.reshape(b * self.views, length // self.views, d)
+            windows, window_mask = window_partition(per_view, self.grid, self.window_size)
+            out = window_unpartition(attention()(windows, mask=window_mask), b * self.views, self.grid,
+                                     self.window_size)
+            return out.reshape(b, length, d)
 
         if not self.window_size:
             return attention()(y, mask=mask)
@@ -258,8 +264,9 @@ class Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, grid: tuple[int, int] = (0, 0),
-                 mask: jax.Array | None = None) -> jax.Array:
-        """`mask` (B, 1, 1, L): the keys every token may attend to (a study's padded views are False)."""
+                 mask: jax.Array | None = None, views: int = 1) -> jax.Array:
+        """`mask` (B, 1, 1, L): the keys every token may attend to (a study's padded views are False); `views`:
+        x holds that many grids of one study, one after the other (windows stay within each)."""
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy={self.remat_policy!r}; choose one of {sorted(REMAT_POLICIES)}")
         block_cls = Block
@@ -268,7 +275,7 @@ class Encoder(nn.Module):
         kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout=self.dropout,
                       use_drop_path=self.drop_path > 0, layer_norm_eps=self.layer_norm_eps, dtype=self.dtype,
                       param_dtype=self.param_dtype, train=train, sow_attention=self.sow_attention,
-                      attention=self.attention, grid=tuple(grid))
+                      attention=self.attention, grid=tuple(grid), views=views)
         rates = jnp.linspace(0.0, self.drop_path, self.depth)  # stochastic depth grows with depth
         windowed = [bool(self.window_size) and i not in self.global_blocks for i in range(self.depth)]
         if self.scan:

@@ -172,11 +172,7 @@ class ViT(nn.Module):
             images.reshape(b * views, *images.shape[-3:]))
         x = x + pos
         if self.view_types:
-            table = self.param("view_embedding", logical(nn.initializers.normal(0.02), None, "embed"),
-                               (self.view_types, self.width), self.param_dtype)
-            types = (view_type.reshape(-1) if study and view_type is not None  # one image: a frontal view
-                     else jnp.zeros((b * views,), jnp.int32))
-            x = x + table[types][:, None, :].astype(x.dtype)
+            x = x + view_embedding(self, b * views, view_type)
         if keep_ids is not None:
             x = jnp.take_along_axis(x, keep_ids[..., None], axis=1)
         x = x.reshape(b, -1, self.width)
@@ -192,6 +188,15 @@ class ViT(nn.Module):
                        param_dtype=self.param_dtype, scan=self.scan, remat_policy=self.remat_policy,
                        sow_attention=self.sow_attention, attention=self.attention, name="encoder")(x, train,
                                                                                                    mask=mask)
+
+
+def view_embedding(module: nn.Module, images: int, view_type: jax.Array | None) -> jax.Array:
+    """(images, 1, width): each image's learned view-type embedding, a parameter of `module` (its `view_types`
+    rows); without `view_type` every image is a frontal view (a single image is a study of one)."""
+    table = module.param("view_embedding", logical(nn.initializers.normal(0.02), None, "embed"),
+                         (module.view_types, module.width), module.param_dtype)
+    types = jnp.zeros((images,), jnp.int32) if view_type is None else view_type.reshape(-1)
+    return table[types][:, None, :].astype(module.dtype)
 
 
 def study_token_mask(view_mask: jax.Array, length: int, cls_token: bool) -> jax.Array:

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 
 from mvlp_jax.models.transformer import Dtype, Encoder, constrain, logical
 from mvlp_jax.models.transformer import window_partition, window_unpartition  # noqa: F401 - part of this API
-from mvlp_jax.models.vit import PatchEmbed, patchify, random_masking, reconstruction_loss
+from mvlp_jax.models.vit import (PatchEmbed, patchify, random_masking, reconstruction_loss, study_token_mask,
+                                  view_embedding)
 
 
 def default_global_blocks(depth: int, every: int = 3) -> tuple[int, ...]:
@@ -26,7 +27,11 @@ def default_global_blocks(depth: int, every: int = 3) -> tuple[int, ...]:
 
 
 class ViTDet(nn.Module):
-    """Windowed ViT backbone (no CLS token): (B,H,W,C) -> (B, N, width); `token_mask` (B,N) for SimMIM."""
+    """Windowed ViT backbone (no CLS token): (B,H,W,C) -> (B, N, width); `token_mask` (B,N) for SimMIM.
+
+    A study (B, V, H, W, C) is one sequence (B, V*N, width), as vit.ViT reads it (position and view-type
+    embeddings per view, padded views masked): windowed blocks attend within each view's windows, global blocks
+    across all the study's views."""
     width: int = 768
     depth: int = 12
     num_heads: int = 12
@@ -43,25 +48,36 @@ class ViTDet(nn.Module):
     scan: bool = False
     sow_attention: bool = False
     attention: str = "auto"  # kernels.ATTENTION_IMPLEMENTATIONS
+    view_types: int = 0  # > 0: a learned embedding per view type (multi-view studies)
     cls_token = False  # read by heads and objectives
 
     @nn.compact
-    def __call__(self, images: jax.Array, *, token_mask: jax.Array | None = None, train: bool = False) -> jax.Array:
+    def __call__(self, images: jax.Array, *, token_mask: jax.Array | None = None, train: bool = False,
+                 view_type: jax.Array | None = None, view_mask: jax.Array | None = None) -> jax.Array:
+        study = images.ndim == 5
+        if study and token_mask is not None:
+            raise ValueError("token_mask masks patches of single images: mask a study's views one by one")
+        b, views = images.shape[0], images.shape[1] if study else 1
         x, pos, _, grid = PatchEmbed(width=self.width, patch_size=self.patch_size, posemb="sincos2d",
                                      cls_token=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                                     name="embedding")(images)
+                                     name="embedding")(images.reshape(b * views, *images.shape[-3:]))
         if token_mask is not None:
             mask_token = self.param("mask_token", logical(nn.initializers.normal(0.02), None, None, "embed"),
                                     (1, 1, self.width), self.param_dtype)
             x = jnp.where(token_mask[..., None].astype(bool), mask_token.astype(x.dtype), x)
-        x = nn.Dropout(self.dropout)(constrain(x + pos, "batch", "length", "embed"), deterministic=not train)
+        x = x + pos
+        if self.view_types:
+            x = x + view_embedding(self, b * views, view_type)
+        x = x.reshape(b, -1, self.width)
+        mask = None if view_mask is None else study_token_mask(view_mask, x.shape[1], False)[:, None, None]
+        x = nn.Dropout(self.dropout)(constrain(x, "batch", "length", "embed"), deterministic=not train)
         global_blocks = (default_global_blocks(self.depth) if self.global_blocks is None
                          else tuple(self.global_blocks))
         return Encoder(depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout=self.dropout,
                        drop_path=self.drop_path, layer_norm_eps=self.layer_norm_eps, dtype=self.dtype,
                        param_dtype=self.param_dtype, scan=self.scan, remat_policy=self.remat_policy,
                        sow_attention=self.sow_attention, attention=self.attention, window_size=self.window_size,
-                       global_blocks=global_blocks, name="encoder")(x, train, grid)
+                       global_blocks=global_blocks, name="encoder")(x, train, grid, mask=mask, views=views)
 
 
 class SimMIM(nn.Module):
@@ -71,7 +87,10 @@ class SimMIM(nn.Module):
     norm_pix_loss: bool = False
 
     @nn.compact
-    def __call__(self, images: jax.Array, *, noise: jax.Array | None = None, train: bool = False) -> dict[str, Any]:
+    def __call__(self, images: jax.Array, *, noise: jax.Array | None = None, train: bool = False,
+                 present: jax.Array | None = None) -> dict[str, Any]:
+        """images (B,H,W,C) -> dict(loss, pred, mask, latent, grid); `present` (B,) leaves the images where it is
+        False (a study's padded views) out of the loss."""
         p = self.encoder.patch_size
         b, h, w, c = images.shape
         n = (h // p) * (w // p)
@@ -82,5 +101,6 @@ class SimMIM(nn.Module):
         pred = nn.Dense(p * p * c, dtype=self.encoder.dtype, param_dtype=self.encoder.param_dtype, name="pred",
                         kernel_init=logical(nn.initializers.xavier_uniform(), "embed", None),
                         bias_init=logical(nn.initializers.zeros, None))(latent)
-        loss = reconstruction_loss(pred, patchify(images, p), mask, self.norm_pix_loss)
+        scored = mask if present is None else mask * present[:, None].astype(mask.dtype)
+        loss = reconstruction_loss(pred, patchify(images, p), scored, self.norm_pix_loss)
         return dict(loss=loss, pred=pred, mask=mask, latent=latent, grid=(h // p, w // p))
