@@ -162,14 +162,10 @@ class ViT(nn.Module):
     @nn.compact
     def __call__(self, images: jax.Array, *, keep_ids: jax.Array | None = None, train: bool = False,
                  view_type: jax.Array | None = None, view_mask: jax.Array | None = None) -> jax.Array:
-        study = images.ndim == 5
-        if study and keep_ids is not None:
-            raise ValueError("keep_ids selects patches of single images: mask a study's views one by one")
-        b, views = images.shape[0], images.shape[1] if study else 1
+        flat, b, views = flatten_study(images, keep_ids, "keep_ids")
         x, pos, cls_pos, _ = PatchEmbed(width=self.width, patch_size=self.patch_size, posemb=self.posemb,
                                         image_size=self.image_size, cls_token=self.cls_token, dtype=self.dtype,
-                                        param_dtype=self.param_dtype, name="embedding")(
-            images.reshape(b * views, *images.shape[-3:]))
+                                        param_dtype=self.param_dtype, name="embedding")(flat)
         x = x + pos
         if self.view_types:
             x = x + view_embedding(self, b * views, view_type)
@@ -188,6 +184,16 @@ class ViT(nn.Module):
                        param_dtype=self.param_dtype, scan=self.scan, remat_policy=self.remat_policy,
                        sow_attention=self.sow_attention, attention=self.attention, name="encoder")(x, train,
                                                                                                    mask=mask)
+
+
+def flatten_study(images: jax.Array, patch_selection: jax.Array | None, name: str) -> tuple[jax.Array, int, int]:
+    """A study (B, V, H, W, C) or images (B, H, W, C) -> (images (B*V, H, W, C), B, V (1 for images)). Masked
+    modelling selects patches of single images (`patch_selection`, the argument `name`): refused for a study."""
+    if images.ndim != 5:
+        return images, images.shape[0], 1
+    if patch_selection is not None:
+        raise ValueError(f"{name} selects patches of single images: mask a study's views one by one")
+    return images.reshape(-1, *images.shape[2:]), images.shape[0], images.shape[1]
 
 
 def view_embedding(module: nn.Module, images: int, view_type: jax.Array | None) -> jax.Array:

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 
 from mvlp_jax.models.transformer import Dtype, Encoder, constrain, logical
 from mvlp_jax.models.transformer import window_partition, window_unpartition  # noqa: F401 - part of this API
-from mvlp_jax.models.vit import (PatchEmbed, patchify, random_masking, reconstruction_loss, study_token_mask,
-                                  view_embedding)
+from mvlp_jax.models.vit import (PatchEmbed, flatten_study, patchify, random_masking, reconstruction_loss,
+                                  study_token_mask, view_embedding)
 
 
 def default_global_blocks(depth: int, every: int = 3) -> tuple[int, ...]:
@@ -54,13 +54,10 @@ class ViTDet(nn.Module):
     @nn.compact
     def __call__(self, images: jax.Array, *, token_mask: jax.Array | None = None, train: bool = False,
                  view_type: jax.Array | None = None, view_mask: jax.Array | None = None) -> jax.Array:
-        study = images.ndim == 5
-        if study and token_mask is not None:
-            raise ValueError("token_mask masks patches of single images: mask a study's views one by one")
-        b, views = images.shape[0], images.shape[1] if study else 1
+        flat, b, views = flatten_study(images, token_mask, "token_mask")
         x, pos, _, grid = PatchEmbed(width=self.width, patch_size=self.patch_size, posemb="sincos2d",
                                      cls_token=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                                     name="embedding")(images.reshape(b * views, *images.shape[-3:]))
+                                     name="embedding")(flat)
         if token_mask is not None:
             mask_token = self.param("mask_token", logical(nn.initializers.normal(0.02), None, None, "embed"),
                                     (1, 1, self.width), self.param_dtype)
