@@ -26,8 +26,9 @@ class TrainRecords:
     """What the pipeline reads: the split, the examples kept (images, or studies of several), their LLM target
     rows."""
     source: Any
-    indices: np.ndarray               # kept record index into `source` per example; (E, max_views), -1 padded,
-    target_rows: np.ndarray | None    # for studies; row in `table.vectors` per example
+    indices: np.ndarray               # kept record index into `source` per example ((E, max_views), -1 padded,
+                                      # for studies)
+    target_rows: np.ndarray | None    # row in `table.vectors` per example
     table: targets_lib.TargetTable | None
     where: str
     view_types: np.ndarray | None = None  # studies: (E, max_views) vit.VIEW_TYPES index per slot
@@ -47,12 +48,12 @@ def open_records(config: ml_collections.ConfigDict) -> TrainRecords:
         raise ValueError(f"{where} has no records")
     grouped = config.data.max_views > 1
     if grouped or registry.needs_targets(config):
-        study_ids = [source[i]["study_id"].decode() for i in
-                     tqdm(range(len(source)), desc="reading study ids", unit="img", disable=len(source) < 10_000)]
+        keys = [(r["study_id"].decode(), r["view"].decode()) for r in
+                (source[i] for i in tqdm(range(len(source)), desc="reading study ids", unit="img",
+                                         disable=len(source) < 10_000))]
+        study_ids = [study for study, _ in keys]
     if grouped:
-        indices, view_types, study_ids = studies.group(study_ids, [source[i]["view"].decode()
-                                                                   for i in range(len(source))],
-                                                       config.data.max_views)
+        indices, view_types, study_ids = studies.group(study_ids, [view for _, view in keys], config.data.max_views)
     else:
         indices, view_types = np.arange(len(source)), None
     if not registry.needs_targets(config):
