@@ -26,11 +26,10 @@ def eval_image(png: bytes, config: ml_collections.ConfigDict) -> np.ndarray:
 def eval_study(records: list[dict], types: np.ndarray, config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
     """A study's evaluation views: {"image": (V, S, S, C) (padding zeros), "view_type": (V,), "view_mask": (V,)}
     for its `records` (at most V = len(types), frontal first)."""
-    first = eval_image(records[0]["image"], config)
-    image = np.zeros((len(types), *first.shape), np.float32)
-    for slot, record in enumerate(records):
-        image[slot] = first if slot == 0 else eval_image(record["image"], config)
-    mask = np.arange(len(types)) < len(records)
+    views = [eval_image(record["image"], config) for record in records]
+    image = np.zeros((len(types), *views[0].shape), np.float32)
+    image[:len(views)] = views
+    mask = np.arange(len(types)) < len(views)
     return {"image": image, "view_type": np.asarray(types, np.int32), "view_mask": mask}
 
 
