@@ -35,8 +35,9 @@ def paired_crops(config, seed: int = 1) -> np.ndarray:
         source = built.open_split(builder, split)
         for i in range(len(source)):
             image = transforms.decode_png(source[i]["image"])
-            pair, _ = views.multi_crop(image, config.model.image_size, d.local_size, 0, tuple(d.global_scale),
-                                       tuple(d.local_scale), data.brightness, data.contrast, rng)
+            pair, _ = views.multi_crop([image], (0, 0), [], config.model.image_size, d.local_size,
+                                       tuple(d.global_scale), tuple(d.local_scale), data.brightness, data.contrast,
+                                       rng)
             crops.append(transforms.normalise(pair, data.mean, data.std))
     return np.stack(crops, axis=1)
 

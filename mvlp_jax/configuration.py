@@ -114,7 +114,7 @@ SPEC: dict[str, tuple[Any, Check, str]] = {
                        "time). Above 1 an example is a study (images grouped by study_id, frontal first, then "
                        "laterals, then others; the rest left out, missing ones padded), the encoder gains a learned "
                        "view-type embedding (a ViTDet windows each view, its global blocks span the study); "
-                       "objectives: mae, llm_contrastive, mflag."),
+                       "objectives: mae, llm_contrastive, mflag, dino (its global crops from two different views)."),
     "data.mean": (0.5, None, "Normalisation: (pixel / 255 - mean) / std."),
     "data.std": (0.25, _positive, "Normalisation std."),
     "data.num_threads": (8, _positive, "Decode/augment threads per process."),

@@ -1,5 +1,6 @@
 """A study of several views read as one sequence: set-like over views of one type, deaf to padding, and a
 one-view study is the single-image path."""
+import json
 import os
 
 import flax.linen as nn
@@ -121,9 +122,13 @@ def test_studies_group_frontal_first_then_laterals_and_pad_the_rest():
     assert types.tolist() == [[0, 0, 1], [0, 0, 0], [1, 0, 0]]
 
 
-def _study_set(root) -> str:
-    """12 studies of 40 px grey images (8 train, 4 test): the even ones a PA and a lateral view and label 1, the
-    odd ones a PA alone and label 0."""
+def _noise(rng: np.random.Generator, view: str) -> np.ndarray:
+    return rng.integers(0, 256, (40, 40)).astype(np.uint8)
+
+
+def _study_set(root, pixels=_noise) -> str:
+    """12 studies of 40 px grey images, `pixels(rng, view)` (8 train, 4 test): the even ones a PA and a lateral
+    view and label 1, the odd ones a PA alone and label 0."""
     from PIL import Image
 
     from data_prep.build_dataset import build
@@ -134,7 +139,7 @@ def _study_set(root) -> str:
     for i in range(12):
         for view in ("PA", "LATERAL") if i % 2 == 0 else ("PA",):
             name = f"images/{i}_{view}.png"
-            Image.fromarray(rng.integers(0, 256, (40, 40)).astype(np.uint8)).save(os.path.join(root, name))
+            Image.fromarray(pixels(rng, view)).save(os.path.join(root, name))
             rows.append(f"{name},s{i},{view},{'train' if i < 8 else 'test'},{int(i % 2 == 0)}")
     with open(os.path.join(root, "manifest.csv"), "w") as f:
         f.write("\n".join(rows) + "\n")
@@ -216,6 +221,53 @@ def test_a_study_batch_holds_its_views_and_training_reads_studies(tmp_path):
     probe.mode = "finetune"
     with pytest.raises(ValueError, match="study_views"):
         evaluate.evaluate(probe, str(tmp_path / "refused"))
+
+
+def test_dino_on_studies_pairs_crops_of_different_views_and_trains(tmp_path):
+    """Each PA is dark and each lateral bright, so a crop's brightness says which view it was cut from."""
+    from mvlp_jax import train
+    from mvlp_jax.data import pipeline
+    from mvlp_jax.objectives import dino, registry
+    from tests.pretrain_setup import micro_config
+
+    data_dir = _study_set(str(tmp_path), lambda rng, view: np.full((40, 40), 40 if view == "PA" else 200, np.uint8))
+    config = micro_config(data_dir, "", total_steps=2, objectives={"dino": 1.0, "mae": 1.0},
+                          **{"dino.local_size": 16, "dino.num_local_crops": 3, "dino.out_dim": 64,
+                             "dino.hidden_dim": 32, "dino.bottleneck_dim": 16})
+    config.data.dataset, config.data.max_views, config.data.batch_size = "studies", 2, 8
+    records = pipeline.open_records(config)
+    batch = next(iter(pipeline.TrainIterator(pipeline.local_batches(records, config, 0, 1), config)))
+    assert batch["global_views"].shape == (8, 2, 32, 32, 1) and batch["local_views"].shape == (8, 3, 16, 16, 1)
+    two_views = batch["view_mask"][:, 1]
+    assert two_views.any() and not two_views.all()
+    lateral = VIEW_TYPES.index("lateral")
+    for crops, types in ((batch["global_views"], batch["global_view_types"]),
+                         (batch["local_views"], batch["local_view_types"])):
+        bright = crops.mean(axis=(2, 3, 4)) > 0  # normalised: 40 -> about -1.4, 200 -> about +1.1
+        np.testing.assert_array_equal(bright, types == lateral)  # each crop carries its own view's type
+        assert not bright[~two_views].any()  # a study of one view gives crops of that view only
+    # the two global crops of a study of two views are one of each: the teacher's targets span the views
+    assert (batch["global_view_types"][two_views].sum(axis=1) == lateral).all()
+
+    # the student reads a crop's view type: the same crop as a lateral view gives other logits
+    crops = jnp.asarray(batch["global_views"][:, 0])
+    head = Pretrainer(config, 0)
+    head_params = nn.unbox(head.init({"params": jax.random.PRNGKey(0), "masking": jax.random.PRNGKey(0)},
+                                     crops, method=Pretrainer.init_all)["params"])
+    embed = lambda types: np.asarray(head.apply({"params": head_params}, crops, False, jnp.asarray(types),
+                                                method=dino.embed))
+    assert head_params["encoder"]["view_embedding"].shape[0] == len(VIEW_TYPES)
+    assert not np.allclose(embed(np.zeros(8, np.int32)), embed(np.full(8, lateral, np.int32)), atol=1e-6)
+
+    outcome = train.train(config, str(tmp_path / "run"))  # MAE on each view, DINO across them
+    assert outcome.last_step == 2 and int(outcome.state.nonfinite_total) == 0
+    assert outcome.state.extra["teacher"]["encoder"]["view_embedding"].shape[0] == len(VIEW_TYPES)
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        logged = [json.loads(line) for line in f]
+    assert all("studies_per_s" in row and "images_per_s" not in row for row in logged)  # its batch counts studies
+    config.objectives = {"query_box": 1.0, "mae": 1.0}
+    with pytest.raises(ValueError, match="query_box build their own views of one image.*use dino, "):
+        registry.check(config)
 
 
 def _mesh():

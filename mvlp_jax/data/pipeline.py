@@ -90,7 +90,7 @@ class Preprocess(grain.transforms.RandomMap):
         specs = registry.configured(self.config, combine.active(self.config, position // self.examples_per_step))
         example = dict(self.zeros)
         if self.records.view_types is not None:
-            example.update(self._study(kept, rng))
+            example.update(self._study(kept, specs, rng))
         else:
             example.update(self._image(int(self.records.indices[kept]), specs, rng))
         if self.records.table is not None:
@@ -108,14 +108,23 @@ class Preprocess(grain.transforms.RandomMap):
                 example.update(spec.views(inputs))
         return example
 
-    def _study(self, kept: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """A study's augmented views (V, S, S, C), each with its own crop and jitter; padding slots are zeros."""
-        records = self.records.indices[kept]
-        image = np.zeros(self.zeros["image"].shape, np.float32)
-        for slot in np.flatnonzero(records >= 0):
-            inputs = views.ViewInputs.of(self.records.source[int(records[slot])]["image"], self.config, rng)
-            image[slot] = views.training_image(inputs)
-        return {"image": image, "view_type": self.records.view_types[kept], "view_mask": records >= 0}
+    def _study(self, kept: int, specs: list, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """A study's augmented views (V, S, S, C), each with its own crop and jitter (padding slots are zeros),
+        and the objectives' own views of the study."""
+        records, types = self.records.indices[kept], self.records.view_types[kept]
+        present = np.flatnonzero(records >= 0)
+        inputs = [views.ViewInputs.of(self.records.source[int(records[slot])]["image"], self.config, rng)
+                  for slot in present]
+        example = {}
+        if any(spec.uses_image for spec in specs):
+            image = np.zeros(self.zeros["image"].shape, np.float32)
+            for slot, view in zip(present, inputs):
+                image[slot] = views.training_image(view)
+            example.update(image=image, view_type=types, view_mask=records >= 0)
+        for spec in specs:
+            if spec.study_views is not None:
+                example.update(spec.study_views(inputs, types[present]))
+        return example
 
 
 def _with_position(position: int, kept: int) -> tuple[int, int]:

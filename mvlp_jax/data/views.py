@@ -68,19 +68,20 @@ def training_image(inputs: ViewInputs) -> np.ndarray:
     return inputs.normalise(inputs.jitter(inputs.crop))
 
 
-def multi_crop(pixels: np.ndarray, global_size: int, local_size: int, num_local: int,
-               global_scale: tuple[float, float], local_scale: tuple[float, float], brightness: float,
-               contrast: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(2, G, G[, 3]) global and (num_local, L, L[, 3]) local crops of `pixels` (H, W[, 3]) uint8, each with its
-    own random resized crop and intensity jitter; float32 in [0, 255]."""
-    def views(n: int, size: int, scale: tuple[float, float]) -> np.ndarray:
-        out = np.zeros((n, size, size, *pixels.shape[2:]), np.float32)
-        for i in range(n):
+def multi_crop(sources: list[np.ndarray], global_from: tuple[int, int], local_from: list[int], global_size: int,
+               local_size: int, global_scale: tuple[float, float], local_scale: tuple[float, float],
+               brightness: float, contrast: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(2, G, G[, C]) global and (len(local_from), L, L[, C]) local crops, crop i of `sources[global_from[i]]`
+    (resp. `local_from`), each source (H, W[, C]) uint8 (one image, or a study's views), each crop with its own
+    random resized crop and intensity jitter; float32 in [0, 255]."""
+    def views(picks: list[int], size: int, scale: tuple[float, float]) -> np.ndarray:
+        out = np.zeros((len(picks), size, size, *sources[0].shape[2:]), np.float32)
+        for i, source in enumerate(picks):
+            pixels = sources[source]
             box = transforms.random_resized_crop_box(*pixels.shape[:2], scale, rng)
-            crop = transforms.crop_resize(pixels, box, size)
-            out[i] = transforms.intensity_jitter(crop, brightness, contrast, rng)
+            out[i] = transforms.intensity_jitter(transforms.crop_resize(pixels, box, size), brightness, contrast, rng)
         return out
-    return views(2, global_size, global_scale), views(num_local, local_size, local_scale)
+    return views(list(global_from), global_size, global_scale), views(list(local_from), local_size, local_scale)
 
 
 def query_region(image: np.ndarray, size: int, scale: tuple[float, float], rng: np.random.Generator

@@ -53,10 +53,12 @@ class Pretrainer(nn.Module):
         """How DINO and the box head summarise an image: the CLS token, or the mean token without one."""
         return "cls" if self.encoder.cls_token else "mean"
 
-    def features(self, images: jax.Array, pooling: str, train: bool = False) -> jax.Array:
+    def features(self, images: jax.Array, pooling: str, train: bool = False, view_type: jax.Array | None = None
+                 ) -> jax.Array:
         """Features for probes and fine-tuning: 'cls', 'mean' (patch tokens) or 'map' (the trained attention
-        pooling); `train` turns on the encoder's dropout and stochastic depth (fine-tuning)."""
-        return self._pool(pooling)(self.encoder(images, train=train)).astype(jnp.float32)
+        pooling); `train` turns on the encoder's dropout and stochastic depth (fine-tuning); `view_type` (B,)
+        gives a study encoder each image's vit.VIEW_TYPES (default: frontal)."""
+        return self._pool(pooling)(self.encoder(images, train=train, view_type=view_type)).astype(jnp.float32)
 
     def _pool(self, pooling: str) -> Pool:
         if pooling not in POOLINGS:

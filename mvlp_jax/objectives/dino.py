@@ -1,9 +1,14 @@
-"""DINO-style contrastive embedding: a student matches an EMA teacher across crops of the same image.
+"""DINO-style contrastive embedding: a student matches an EMA teacher across crops of the same image, or of
+the same study.
 
 The student sees 2 global + N local crops, the teacher the 2 global ones; the loss is the cross-entropy
 between the teacher's centred, sharpened softmax and the student's softmax over every (teacher crop,
-other student crop) pair. The teacher (encoder + DINO head) and the center live in the train state's
-`extra`, outside the optimizer: `update_extra` moves them after each step, and they are checkpointed.
+other student crop) pair. On studies (data.max_views > 1) the two global crops come from two different views
+when the study has several (a patient's frontal and lateral should map to the same prototypes), each local crop
+from a view drawn at random, and every crop is encoded as one image with its view's type embedding.
+
+The teacher (encoder + DINO head) and the center live in the train state's `extra`, outside the optimizer:
+`update_extra` moves them after each step, and they are checkpointed.
 """
 from __future__ import annotations
 
@@ -29,25 +34,45 @@ def heads(model: nn.Module, config: ml_collections.ConfigDict, dtype: Any) -> di
     return {"dino_head": DINOHead(out_dim=d.out_dim, hidden_dim=d.hidden_dim, bottleneck_dim=d.bottleneck_dim)}
 
 
-def embed(model: nn.Module, images: jax.Array, train: bool = True) -> jax.Array:
-    """Image (any size the encoder takes) -> DINO head logits, float32 (B, dino.out_dim); a `method` of
-    `Pretrainer.apply`."""
-    return model.dino_head(model.features(images, model.global_pooling, train)).astype(jnp.float32)
+def embed(model: nn.Module, images: jax.Array, train: bool = True, view_type: jax.Array | None = None
+          ) -> jax.Array:
+    """Images (any size the encoder takes; `view_type` (B,) their vit.VIEW_TYPES on a study encoder) -> DINO
+    head logits, float32 (B, dino.out_dim); a `method` of `Pretrainer.apply`."""
+    return model.dino_head(model.features(images, model.global_pooling, train, view_type)).astype(jnp.float32)
 
 
 def entries(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, ...], Any]]:
     s, d, c = config.model.image_size, config.dino, views_lib.channels(config)
-    return {"global_views": ((2, s, s, c), np.float32),
-            "local_views": ((d.num_local_crops, d.local_size, d.local_size, c), np.float32)}
+    out = {"global_views": ((2, s, s, c), np.float32),
+           "local_views": ((d.num_local_crops, d.local_size, d.local_size, c), np.float32)}
+    if config.data.get("max_views", 1) > 1:  # the view type of the study's image each crop was cut from
+        out.update(global_view_types=((2,), np.int32), local_view_types=((d.num_local_crops,), np.int32))
+    return out
+
+
+def _crops(inputs: list[ViewInputs], global_from: tuple[int, int], local_from: list[int]) -> dict[str, np.ndarray]:
+    c, d = inputs[0].config, inputs[0].config.dino
+    global_views, local_views = views_lib.multi_crop([i.decoded for i in inputs], global_from, local_from,
+                                                     c.model.image_size, d.local_size, tuple(d.global_scale),
+                                                     tuple(d.local_scale), c.data.brightness, c.data.contrast,
+                                                     inputs[0].rng)
+    return {"global_views": inputs[0].normalise(global_views), "local_views": inputs[0].normalise(local_views)}
 
 
 def views(inputs: ViewInputs) -> dict[str, np.ndarray]:
     """2 global crops at the training size and N local crops, each with its own crop and intensity jitter."""
-    c, d = inputs.config, inputs.config.dino
-    global_views, local_views = views_lib.multi_crop(inputs.decoded, c.model.image_size, d.local_size,
-                                                     d.num_local_crops, tuple(d.global_scale), tuple(d.local_scale),
-                                                     c.data.brightness, c.data.contrast, inputs.rng)
-    return {"global_views": inputs.normalise(global_views), "local_views": inputs.normalise(local_views)}
+    return _crops([inputs], (0, 0), [0] * inputs.config.dino.num_local_crops)
+
+
+def study_views(inputs: list[ViewInputs], types: np.ndarray) -> dict[str, np.ndarray]:
+    """A study's crops: the 2 global ones from two different views (the same one when it has one), each local
+    one from a view drawn at random; with each crop's view type."""
+    rng, n = inputs[0].rng, len(inputs)
+    global_from = tuple(int(i) for i in rng.choice(n, size=2, replace=n < 2))
+    local_from = [int(i) for i in rng.integers(n, size=inputs[0].config.dino.num_local_crops)]
+    types = np.asarray(types, np.int32)
+    return {**_crops(inputs, global_from, local_from), "global_view_types": types[list(global_from)],
+            "local_view_types": types[local_from]}
 
 
 def teacher_temperature(config: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
@@ -114,15 +139,18 @@ def make(model: nn.Module, config: ml_collections.ConfigDict) -> LossFn:
         b = global_views.shape[0]
         flat = lambda x: x.reshape(-1, *x.shape[2:])  # (B, V, ...) -> (B * V, ...), crop-major below
         by_crop = lambda logits, v: logits.reshape(b, v, -1).swapaxes(0, 1)
-        apply = lambda p, x, r: model.apply({"params": p}, x, train=True, rngs={"dropout": r},
-                                            method=embed)
-        student = [by_crop(apply(params, flat(global_views), jax.random.fold_in(rng, 0)), 2)]
+        # on studies, each crop's view type (B, crops); None on single images
+        global_types, local_types = (batch.get(k) for k in ("global_view_types", "local_view_types"))
+        flat_types = lambda t: None if t is None else t.reshape(-1)
+        apply = lambda p, x, t, r: model.apply({"params": p}, x, train=True, view_type=flat_types(t),
+                                               rngs={"dropout": r}, method=embed)
+        student = [by_crop(apply(params, flat(global_views), global_types, jax.random.fold_in(rng, 0)), 2)]
         if local_views.shape[1]:
-            student.append(by_crop(apply(params, flat(local_views), jax.random.fold_in(rng, 1)),
+            student.append(by_crop(apply(params, flat(local_views), local_types, jax.random.fold_in(rng, 1)),
                                    local_views.shape[1]))
         teacher_params = {**params, **jax.lax.stop_gradient(extra["teacher"])}
         teacher = by_crop(model.apply({"params": teacher_params}, flat(global_views), train=False,
-                                      method=embed), 2)
+                                      view_type=flat_types(global_types), method=embed), 2)
         teacher = jax.lax.stop_gradient(teacher)
         temperature = teacher_temperature(config, step)
         batch_center = teacher.mean(axis=(0, 1))
@@ -143,7 +171,8 @@ def make(model: nn.Module, config: ml_collections.ConfigDict) -> LossFn:
     return objective
 
 
-SPEC = Spec(name="dino", make_loss=make, uses_image=False, entries=entries, views=views, heads=heads,
+SPEC = Spec(name="dino", make_loss=make, uses_image=False, entries=entries, views=views, study_views=study_views,
+            heads=heads,
             init=lambda model, images, targets: embed(model, images, train=False), init_extra=init_extra,
             update_extra=update_after_step,
             check=lambda config: check_patch_multiple(config, "dino.local_size"))

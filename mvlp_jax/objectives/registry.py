@@ -60,7 +60,8 @@ def check(config: ml_collections.ConfigDict) -> None:
     for s in configured(config):
         if s.check is not None:
             s.check(config)
-    own_views = [s.name for s in configured(config) if s.views is not None]
-    if config.data.get("max_views", 1) > 1 and own_views:
-        raise ValueError(f"objectives {', '.join(own_views)} build their own views of one image; with "
-                         f"data.max_views={config.data.max_views} (studies) use mae, llm_contrastive or mflag")
+    single = [s.name for s in configured(config) if s.views is not None and s.study_views is None]
+    if config.data.get("max_views", 1) > 1 and single:
+        study_ready = [s.name for s in SPECS.values() if s.views is None or s.study_views is not None]
+        raise ValueError(f"objectives {', '.join(single)} build their own views of one image; with "
+                         f"data.max_views={config.data.max_views} (studies) use {', '.join(sorted(study_ready))}")

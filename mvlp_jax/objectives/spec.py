@@ -65,6 +65,9 @@ class Spec:
     entries: config -> {batch key: (per-example shape, dtype)}: the batch entries it reads besides "image" and
       "target" (the pipeline fills them with zeros on steps where a cyclic schedule does not run it).
     views: (ViewInputs) -> {batch key: array}: how the pipeline builds those entries.
+    study_views: (ViewInputs of a study's present views, frontal first; their vit.VIEW_TYPES indices) -> {batch
+      key: array}: the same on studies (data.max_views > 1); an objective with `views` but without it is refused
+      there.
     heads: (model, config, dtype) -> {attribute: submodule or param}: set on the Pretrainer in `setup` (the
       attribute names are parameter names in checkpoints: keep them).
     init: (bound model, images, targets) -> None: runs its heads once so `init` creates their parameters.
@@ -81,6 +84,7 @@ class Spec:
     uses_image: bool = True
     entries: Callable[[ml_collections.ConfigDict], dict[str, tuple[tuple[int, ...], Any]]] = lambda config: {}
     views: Callable[[ViewInputs], dict[str, np.ndarray]] | None = None
+    study_views: Callable[[list[ViewInputs], np.ndarray], dict[str, np.ndarray]] | None = None
     heads: Callable[[Any, ml_collections.ConfigDict, Any], dict[str, Any]] | None = None
     init: Callable[..., None] | None = None
     init_extra: Callable[[Any, ml_collections.ConfigDict], dict] | None = None
