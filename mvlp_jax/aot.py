@@ -223,11 +223,12 @@ def compile_programs(config: ml_collections.ConfigDict, topology: str, target_di
     model, tx = Pretrainer(config, target_dim), optim.make(config)
     _, abstract, state_sh = train_step.state_layout(model, tx, config, mesh)
     batch = config.data.batch_size
+    images = batch * config.data.max_views  # a study's view slots, padding included: what the program computes
     reports = []
     for program in programs:
         start = time.perf_counter()
         common = dict(program=program, topology=topology, chips=len(devices), mesh=dict(mesh.shape),
-                      chip=chip_of(devices[0]), images_per_step=batch, attention=config.model.attention)
+                      chip=chip_of(devices[0]), images_per_step=images, attention=config.model.attention)
         try:
             compiled = _compile(program, model, tx, config, abstract, state_sh, mesh, batch, target_dim)
         except jax.errors.JaxRuntimeError as error:

@@ -84,16 +84,17 @@ class IntervalMeans:
 
 
 class Reporter:
-    """Accumulates step timings; every `log_every` steps writes scalars and prints one progress line."""
+    """Accumulates step timings; every `log_every` steps writes scalars and prints one progress line. The rate
+    counts what a batch holds: `examples` "images", or "studies" (data.max_views > 1)."""
 
     def __init__(self, workdir: str, total_steps: int, global_batch: int, flops_per_step: float, peak: float,
-                 start_step: int):
+                 start_step: int, examples: str = "images"):
         from clu import metric_writers
 
         self.is_main = jax.process_index() == 0
         self.writer = metric_writers.create_default_writer(workdir, just_logging=not self.is_main)
         self.history = os.path.join(workdir, "metrics.jsonl")
-        self.total, self.batch = total_steps, global_batch
+        self.total, self.batch, self.examples = total_steps, global_batch, examples
         self.flops, self.peak = flops_per_step, peak
         self.start_step, self.start_time = start_step, time.perf_counter()
         self.last_step, self.last_time = start_step, self.start_time
@@ -108,7 +109,8 @@ class Reporter:
         steps = max(step - self.last_step, 1)
         step_time = (now - self.last_time) / steps
         scalars = dict(metrics)
-        scalars.update({"images_per_s": self.batch / step_time, "step_time_s": step_time})
+        throughput = f"{self.examples}_per_s"
+        scalars.update({throughput: self.batch / step_time, "step_time_s": step_time})
         if self.flops and self.peak:
             scalars["mfu"] = self.flops / step_time / self.peak
         self.writer.write_scalars(step, scalars)
@@ -118,7 +120,8 @@ class Reporter:
             rate = (step - self.start_step) / max(now - self.start_time, 1e-9)
             eta = (self.total - step) / max(rate, 1e-9)
             losses = " ".join(f"{k}={v:.4f}" for k, v in scalars.items() if k.endswith("loss"))
-            print(f"step {step}/{self.total} | {losses} | {scalars['images_per_s']:.1f} img/s | "
+            unit = "img" if self.examples == "images" else self.examples
+            print(f"step {step}/{self.total} | {losses} | {scalars[throughput]:.1f} {unit}/s | "
                   f"{step_time * 1e3:.0f} ms/step" + (f" | MFU {scalars['mfu']:.1%}" if "mfu" in scalars else "")
                   + f" | ETA {_duration(eta)}", flush=True)
         self.last_step, self.last_time = step, now

@@ -87,14 +87,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Outcome:
     hint = host_memory.huge_page_malloc_hint() if jax.default_backend() == "cpu" else None
     if hint:
         _log(hint)
-    _log(f"{records.where}: {len(records.indices)} training images; mesh {dict(mesh.shape)}; "
+    examples = "studies" if config.data.max_views > 1 else "images"
+    _log(f"{records.where}: {len(records.indices)} training {examples}; mesh {dict(mesh.shape)}; "
          f"{configuration_summary(config)}; compiling the train step...")
     compiled = train_step.compile_train_step(train_step.make_train_step(model, tx, config), state, state_sh, mesh,
                                              shapes)
     flops = observe.step_flops(compiled) * train_step.cyclic_flops_share(model, tx, config, state, state_sh, mesh,
                                                                          shapes)
     reporter = observe.Reporter(workdir, config.total_steps, config.data.batch_size, flops,
-                                observe.peak_flops_per_device(config.peak_flops_per_device), start)
+                                observe.peak_flops_per_device(config.peak_flops_per_device), start, examples)
     if start == 0:
         reporter.write_hparams(configuration.flatten(config))
     draw = _image_logger(config, target_dim, records, workdir, reporter, mesh)
