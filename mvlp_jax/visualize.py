@@ -29,6 +29,7 @@ import numpy as np
 
 from mvlp_jax import features
 from mvlp_jax.data import transforms
+from mvlp_jax.data.studies import view_type
 from mvlp_jax.data import views as views_lib
 from mvlp_jax.models.norm import l2_normalise
 from mvlp_jax.models.pretrainer import Pretrainer
@@ -41,12 +42,14 @@ POOLING_LABELS = {"map": "MAP", "cls": "CLS", "mean": "mean-token"}
 
 @dataclass
 class Shown:
-    """The images pictures are drawn on: normalised (N, S, S, 1), as uint8 for display, their study ids and,
-    where the run has LLM targets, their studies' stored vectors (N, D)."""
+    """The images pictures are drawn on: normalised (N, S, S, C), as uint8 for display, their study ids,
+    where the run has LLM targets their studies' stored vectors (N, D), and their vit.VIEW_TYPES (N,) (a study
+    encoder reads a lateral view with its view type; None: all frontal)."""
     images: np.ndarray
     pixels: np.ndarray
     study_ids: list[str]
     targets: np.ndarray | None = None
+    view_types: np.ndarray | None = None
 
 
 def pick_split(builder: Any, requested: str, train_split: str) -> str:
@@ -77,7 +80,9 @@ def shown_images(config: ml_collections.ConfigDict, count: int, split: str = "",
     if table is not None:
         rows = targets_lib.join(study_ids, table, True, f"{name}:{version}/{split}")
         vectors = np.where(rows[:, None] >= 0, table.vectors[np.maximum(rows, 0)], np.nan).astype(np.float32)
-    return Shown(transforms.normalise(pixels, config.data.mean, config.data.std, channels), pixels, study_ids, vectors)
+    view_types = np.array([view_type(r["view"].decode()) for r in records], np.int32)
+    return Shown(transforms.normalise(pixels, config.data.mean, config.data.std, channels), pixels, study_ids, vectors,
+                 view_types)
 
 
 class Painter:
@@ -91,9 +96,9 @@ class Painter:
         self._masked = jax.jit(lambda p, x, noise: model.apply(
             {"params": p}, x, method=lambda m, x: m.masked_model(x, noise=noise, train=False)))
         pooling = pooling_name(config, self.model)
-        self._attention = jax.jit(lambda p, x: model.apply({"params": p}, x, pooling, method=Pretrainer.features,
-                                                           mutable=["intermediates"]))
-        self._tokens = jax.jit(lambda p, x: model.apply({"params": p}, x, method=Pretrainer.patch_grid))
+        self._attention = jax.jit(lambda p, x, t: model.apply({"params": p}, x, pooling, False, t,
+                                                              method=Pretrainer.features, mutable=["intermediates"]))
+        self._tokens = jax.jit(lambda p, x, t: model.apply({"params": p}, x, False, t, method=Pretrainer.patch_grid))
         self._locate = jax.jit(lambda p, x, q: model.apply({"params": p}, x, q, train=False, method=query_box.locate))
 
     def draw(self, params: Any, shown: Shown) -> dict[str, np.ndarray]:
@@ -126,8 +131,10 @@ class Painter:
                             f"{m.encoder} masked-image model, mask ratio {m.mask_ratio}")
 
     def attention(self, params: Any, shown: Shown) -> np.ndarray:
-        embedding, state = self._attention(params, jnp.asarray(shown.images))
-        tokens = np.asarray(self._tokens(params, jnp.asarray(shown.images)))
+        images = jnp.asarray(shown.images)
+        types = None if shown.view_types is None else jnp.asarray(shown.view_types)
+        embedding, state = self._attention(params, images, types)
+        tokens = np.asarray(self._tokens(params, images, types))
         grid = tokens.shape[1]
         unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
         maps = {"tokens vs embedding (cosine)": np.einsum("bhwd,bd->bhw", unit(tokens), unit(np.asarray(embedding))

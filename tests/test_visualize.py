@@ -99,6 +99,30 @@ def test_a_vitdet_multitask_run_gets_query_boxes_and_token_similarity_but_no_rep
     assert all(p.dtype == np.uint8 and p.ndim == 3 and p.shape[-1] == 3 for p in pictures.values())
 
 
+def test_a_study_encoder_draws_each_image_with_its_view_type():
+    import flax.linen as nn
+    import jax
+
+    from mvlp_jax.models.pretrainer import Pretrainer
+    from mvlp_jax.models.vit import VIEW_TYPES
+    from mvlp_jax.visualize import Painter, Shown
+    from tests.test_multitask import _micro
+
+    config = _micro(objectives={"mae": 1.0, "dino": 1.0}, **{"data.max_views": 2})
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 32, 32)).astype(np.uint8)
+    images = ((pixels / 255.0 - config.data.mean) / config.data.std)[..., None].astype(np.float32)
+    key = jax.random.PRNGKey(0)
+    params = nn.unbox(Pretrainer(config, 0).init({"params": key, "masking": key, "dropout": key}, images, None,
+                                                 method=Pretrainer.init_all)["params"])
+    # the view-type embedding is not drawn at its init scale (0.02), where it would barely move the tokens
+    params["encoder"]["view_embedding"] = np.eye(len(VIEW_TYPES), params["encoder"]["view_embedding"].shape[1])
+    painter = Painter(config, 0)
+    shown = lambda types: Shown(images, pixels, ["a", "b"], view_types=np.array(types, np.int32))
+    frontal = painter.attention(params, shown([0, 0]))
+    np.testing.assert_array_equal(painter.attention(params, shown([0, 0])), frontal)
+    assert not np.array_equal(painter.attention(params, shown([VIEW_TYPES.index("lateral")] * 2)), frontal)
+
+
 def test_an_mflag_run_without_a_masked_image_model_gets_attention_and_nearest_reports(pretrain_data):
     import flax.linen as nn
     import jax

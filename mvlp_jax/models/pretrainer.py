@@ -95,10 +95,10 @@ class Pretrainer(nn.Module):
         tokens = self.encoder(images, train=train, view_type=view_type, view_mask=view_mask)
         return pool(tokens, study_token_mask(view_mask, tokens.shape[1], self.encoder.cls_token)).astype(jnp.float32)
 
-    def patch_grid(self, images: jax.Array, train: bool = False) -> jax.Array:
+    def patch_grid(self, images: jax.Array, train: bool = False, view_type: jax.Array | None = None) -> jax.Array:
         """The last layer's patch tokens as a grid (B, H / patch, W / patch, D), float32: what dense heads
-        (segmentation, detection) read."""
-        tokens = self.encoder(images, train=train)
+        (segmentation, detection) read; `view_type` as in `features`."""
+        tokens = self.encoder(images, train=train, view_type=view_type)
         tokens = tokens[:, 1:] if self.encoder.cls_token else tokens
         p = self.encoder.patch_size
         return tokens.reshape(images.shape[0], images.shape[1] // p, images.shape[2] // p, -1).astype(jnp.float32)
