@@ -76,8 +76,8 @@ def multi_crop(sources: list[np.ndarray], global_from: tuple[int, int], local_fr
     random resized crop and intensity jitter; float32 in [0, 255]."""
     def views(picks: list[int], size: int, scale: tuple[float, float]) -> np.ndarray:
         out = np.zeros((len(picks), size, size, *sources[0].shape[2:]), np.float32)
-        for i, source in enumerate(picks):
-            pixels = sources[source]
+        for i, pick in enumerate(picks):
+            pixels = sources[pick]
             box = transforms.random_resized_crop_box(*pixels.shape[:2], scale, rng)
             out[i] = transforms.intensity_jitter(transforms.crop_resize(pixels, box, size), brightness, contrast, rng)
         return out

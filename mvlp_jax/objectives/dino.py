@@ -51,6 +51,7 @@ def entries(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, ...
 
 
 def _crops(inputs: list[ViewInputs], global_from: tuple[int, int], local_from: list[int]) -> dict[str, np.ndarray]:
+    """The normalised crops, each of the view `global_from` / `local_from` names (an index into `inputs`)."""
     c, d = inputs[0].config, inputs[0].config.dino
     global_views, local_views = views_lib.multi_crop([i.decoded for i in inputs], global_from, local_from,
                                                      c.model.image_size, d.local_size, tuple(d.global_scale),
@@ -172,7 +173,6 @@ def make(model: nn.Module, config: ml_collections.ConfigDict) -> LossFn:
 
 
 SPEC = Spec(name="dino", make_loss=make, uses_image=False, entries=entries, views=views, study_views=study_views,
-            heads=heads,
-            init=lambda model, images, targets: embed(model, images, train=False), init_extra=init_extra,
+            heads=heads, init=lambda model, images, targets: embed(model, images, train=False), init_extra=init_extra,
             update_extra=update_after_step,
             check=lambda config: check_patch_multiple(config, "dino.local_size"))
