@@ -104,7 +104,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="llm", help="what both runs pretrain")
     parser.add_argument("--steps", type=int, default=150, help="steps of the one-view run (16 images each)")
-    parser.add_argument("--workdir", default=os.path.join(demo.REPO, "runs", "bench", "multi_view"))
+    parser.add_argument("--workdir", default=os.path.join(demo.REPO, "runs", "bench", "multi_view"),
+                        type=os.path.abspath)  # manifests are passed to the builder by absolute path
     args = parser.parse_args()
     data_dir = build_and_embed(args.workdir)
     per_study = mean_views(data_dir, 2)

@@ -186,7 +186,8 @@ def report_agreement(out: str, data_dir: str, workdir: str) -> tuple[float, floa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", default="200,800", help="comma-separated pretraining budgets (steps of 32)")
-    parser.add_argument("--workdir", default=os.path.join(demo.REPO, "runs", "bench", "report_transfer"))
+    parser.add_argument("--workdir", default=os.path.join(demo.REPO, "runs", "bench", "report_transfer"),
+                        type=os.path.abspath)  # manifests are passed to the builder by absolute path
     args = parser.parse_args()
     budgets = sorted(int(s) for s in args.steps.split(","))
     start = time.perf_counter()
