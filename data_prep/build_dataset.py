@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 
 from absl import app, flags
@@ -21,6 +22,7 @@ from absl import app, flags
 from data_prep import records as R
 from data_prep.images import parse_window
 from data_prep.sources import SOURCE_NAMES, get_scanner
+from mvlp_jax import storage
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("source", None, list(SOURCE_NAMES), "Layout of --input_dir.")
@@ -79,10 +81,13 @@ def build(source: str, input_dir: str, output_dir: str, *, name: str = "", image
         parse_window(window)
     except ValueError as error:
         raise R.InputError(str(error)) from None
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+    remote = storage.is_remote(output_dir)
+    if not remote and os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise R.InputError(f"--output_dir={output_dir} is a file, not a folder: choose another --output_dir")
-    final_dir = os.path.join(output_dir, name, VERSION)
-    if os.path.exists(final_dir) and not overwrite:
+    if remote:
+        storage.check_writable_dir(output_dir, "--output_dir")
+    final_dir = storage.join(output_dir, name, VERSION)
+    if storage.path(final_dir).exists() and not overwrite:
         raise R.InputError(f"{final_dir} already exists; pass --overwrite to rebuild it")
 
     start = time.perf_counter()
@@ -94,11 +99,13 @@ def build(source: str, input_dir: str, output_dir: str, *, name: str = "", image
     print(f"{source}: {scan.records_read} records read, {len(scan.records)} to decode "
           f"({scan.skips.total} skipped while scanning)", flush=True)
 
-    os.makedirs(output_dir, exist_ok=True)
-    if not os.access(output_dir, os.W_OK | os.X_OK):
+    # staged beside the output (renamed into place) or, for a gs:// output, in a local folder uploaded at the end
+    local_root = tempfile.mkdtemp(prefix="mvlp-build-") if remote else output_dir
+    os.makedirs(local_root, exist_ok=True)
+    if not os.access(local_root, os.W_OK | os.X_OK):
         raise R.InputError(f"--output_dir={output_dir} is not writable: choose a folder you can write")
-    remove_abandoned_staging(output_dir, name)
-    staging = os.path.join(output_dir, f".staging-{name}-{os.getpid()}")
+    remove_abandoned_staging(local_root, name)
+    staging = os.path.join(local_root, f".staging-{name}-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     decode_skips = R.SkipLog(strict)
     try:
@@ -136,12 +143,17 @@ def build(source: str, input_dir: str, output_dir: str, *, name: str = "", image
         staged_dir = os.path.join(staging, name, VERSION)
         with open(os.path.join(staged_dir, "build_report.json"), "w") as f:
             json.dump(report, f, indent=2)
-        if os.path.exists(final_dir):
-            shutil.rmtree(final_dir)
-        os.makedirs(os.path.dirname(final_dir), exist_ok=True)
-        os.replace(staged_dir, final_dir)
+        if storage.path(final_dir).exists():
+            storage.path(final_dir).rmtree()
+        if remote:  # dataset_info.json last: a version without it is not complete to readers
+            storage.upload_tree(staged_dir, final_dir, last=("dataset_info.json",))
+        else:
+            os.makedirs(os.path.dirname(final_dir), exist_ok=True)
+            os.replace(staged_dir, final_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if remote:
+            shutil.rmtree(local_root, ignore_errors=True)
     report["dataset_dir"] = final_dir
     return report
 

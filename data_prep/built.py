@@ -4,22 +4,23 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from mvlp_jax import storage
+
 
 def open_builder(data_dir: str, dataset: str) -> tuple[Any, str, str]:
     """'name' or 'name:version' -> (tfds builder, name, version); the newest version when none is given."""
     import tensorflow_datasets as tfds
 
     name, _, version = dataset.partition(":")
-    root = os.path.join(os.path.expanduser(data_dir), name)
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"dataset {name!r} not found under data dir {data_dir!r} "
-                                f"(build it with python -m data_prep.build_dataset)")
-    versions = sorted(v for v in os.listdir(root) if os.path.isfile(os.path.join(root, v, "dataset_info.json")))
+    root = storage.check_exists(storage.join(data_dir, name), "dataset",
+                                f"dataset {name!r} not found under data dir {data_dir!r} (build it with python -m "
+                                f"data_prep.build_dataset)")
+    versions = sorted(v.name for v in root.iterdir() if (v / "dataset_info.json").exists())
     if not versions or (version and version not in versions):
         raise FileNotFoundError(f"dataset {name!r} has no complete version {version or ''} under {root} "
                                 f"(found {versions})")
     version = version or versions[-1]
-    return tfds.builder_from_directory(os.path.join(root, version)), name, version
+    return tfds.builder_from_directory(os.fspath(root / version)), name, version
 
 
 def channels(builder: Any) -> int:

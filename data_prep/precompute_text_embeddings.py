@@ -13,7 +13,6 @@ has exactly one record and every shard matches its record and the source, naming
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -21,6 +20,7 @@ import time
 from absl import app, flags
 
 from data_prep.text_embeddings import plan, schema, sources
+from mvlp_jax import cli, storage
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data_dir", "", "TFDS data dir of a dataset built by data_prep.build_dataset.")
@@ -62,8 +62,7 @@ def load_texts() -> tuple[dict[str, str], dict]:
 
 
 def check_existing(output_dir: str, manifest: dict) -> None:
-    path = os.path.join(output_dir, "manifest.json")
-    if not os.path.exists(path):
+    if not storage.path(output_dir).joinpath("manifest.json").exists():
         return
     old = schema.read_manifest(output_dir)
     mismatched = [k for k in SETTINGS_KEYS if old.get(k) != manifest.get(k)]
@@ -71,19 +70,15 @@ def check_existing(output_dir: str, manifest: dict) -> None:
         return
     if not FLAGS.overwrite:
         details = "; ".join(f"{k}: stored {old.get(k)!r} vs now {manifest.get(k)!r}" for k in mismatched)
-        raise SystemExit(f"precompute: {output_dir} holds embeddings made with other settings ({details}); "
-                         "pass --overwrite to replace them or choose another --output_dir")
+        raise cli.UserError(f"{output_dir} holds embeddings made with other settings ({details}); pass "
+                            "--overwrite to replace them or choose another --output_dir")
     for p in schema.shard_paths(output_dir):
-        os.remove(p)
-        if os.path.exists(f"{p}.json"):
-            os.remove(f"{p}.json")
+        remove_shard(p)
 
 
-def write_json(path: str, data: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+def remove_shard(path: str) -> None:
+    storage.path(path).unlink(missing_ok=True)
+    storage.path(f"{path}.json").unlink(missing_ok=True)
 
 
 def verify(output_dir: str, texts: dict[str, str]) -> int:
@@ -125,16 +120,14 @@ def verify(output_dir: str, texts: dict[str, str]) -> int:
 
 def main(argv: list[str]) -> None:
     del argv
-    from mvlp_jax import cli
-
     if not FLAGS.output_dir:
         raise app.UsageError("--output_dir is required")
     texts, source_info = load_texts()
     if FLAGS.verify:
-        if not os.path.exists(os.path.join(FLAGS.output_dir, "manifest.json")):
+        if not storage.path(FLAGS.output_dir).joinpath("manifest.json").exists():
             raise FileNotFoundError(f"--output_dir={FLAGS.output_dir} holds no embeddings (no manifest.json) to verify")
         sys.exit(verify(FLAGS.output_dir, texts))
-    cli.output_dir(FLAGS.output_dir)
+    storage.check_writable_dir(FLAGS.output_dir, "--output_dir")
     conflicts = {k: source_info.pop(k) for k in ("conflicting_duplicate_ids", "conflicting_examples", "notes")
                  if k in source_info}  # counts, not identity: they stay out of the settings compared on reruns
     for note in conflicts.get("notes", []):
@@ -146,7 +139,7 @@ def main(argv: list[str]) -> None:
     empty = sorted(s for s, t in texts.items() if not t)
     texts = {s: t for s, t in texts.items() if t}
     if not texts:
-        raise SystemExit("precompute: no non-empty reports to embed")
+        raise cli.UserError("no non-empty reports to embed")
     lm = FrozenLM(FLAGS.model, FLAGS.layer, FLAGS.dtype, FLAGS.device, FLAGS.trust_remote_code)
     ids = sorted(texts)
     full_lengths = dict(zip(ids, lm.token_lengths([texts[s] for s in ids])))
@@ -166,21 +159,19 @@ def main(argv: list[str]) -> None:
         "empty_study_ids": empty[:100],
         "command": " ".join(a for a in sys.argv if not a.startswith(("--worker_index", "--num_workers"))),
     }
-    os.makedirs(FLAGS.output_dir, exist_ok=True)
+    storage.path(FLAGS.output_dir).mkdir(parents=True, exist_ok=True)
     check_existing(FLAGS.output_dir, manifest)
-    write_json(os.path.join(FLAGS.output_dir, "manifest.json"), manifest)
+    storage.write_json(storage.join(FLAGS.output_dir, "manifest.json"), manifest, indent=2)
 
-    current = {os.path.join(FLAGS.output_dir, schema.SHARD_PATTERN.format(index=s, count=len(shard_ids)))
+    current = {storage.join(FLAGS.output_dir, schema.SHARD_PATTERN.format(index=s, count=len(shard_ids)))
                for s in range(len(shard_ids))}
     for stale in set(schema.shard_paths(FLAGS.output_dir)) - current:  # a plan of another shard count
-        os.remove(stale)
-        if os.path.exists(f"{stale}.json"):
-            os.remove(f"{stale}.json")
+        remove_shard(stale)
     settings = schema.settings_sha256(manifest, SETTINGS_KEYS)
     mine = plan.worker_shards(len(shard_ids), FLAGS.num_workers, FLAGS.worker_index)
     todo = []
     for s in mine:
-        path = os.path.join(FLAGS.output_dir, schema.SHARD_PATTERN.format(index=s, count=len(shard_ids)))
+        path = storage.join(FLAGS.output_dir, schema.SHARD_PATTERN.format(index=s, count=len(shard_ids)))
         inputs = schema.inputs_sha256(shard_ids[s], texts)
         problem = schema.shard_problem(path, inputs, settings)
         if problem is None:
@@ -215,6 +206,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from mvlp_jax import cli
-
     cli.run("precompute_text_embeddings", main)

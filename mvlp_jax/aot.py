@@ -23,6 +23,8 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
+from mvlp_jax import storage
+
 FLAGS = flags.FLAGS
 MFU_FOR_ESTIMATE = 0.4
 
@@ -316,12 +318,9 @@ def define_flags() -> None:
 
 
 def _target_dim(config: ml_collections.ConfigDict) -> int:
-    path = os.path.join(config.data.embeddings_dir, "manifest.json") if config.data.embeddings_dir else ""
-    if path and os.path.exists(path):
-        import json
-
-        with open(path) as f:
-            return int(json.load(f)["hidden_size"])
+    path = storage.join(config.data.embeddings_dir, "manifest.json") if config.data.embeddings_dir else ""
+    if path and storage.path(path).exists():
+        return int(storage.read_json(path)["hidden_size"])
     return FLAGS.target_dim
 
 

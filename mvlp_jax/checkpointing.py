@@ -1,17 +1,16 @@
 """The one place that writes and reads checkpoints: orbax, holding the train state and data position.
 
-A checkpoint is complete or absent (orbax finalises by rename), so a run killed mid-save resumes from
-the previous one. Once a save has finished, the sha256 of each of its files is sealed in
-`WORKDIR/checksums/STEP.json`; a restore verifies them first, so a checkpoint changed or cut short on
-disk is never read as good. Restoring takes the shardings of the *current* mesh, so a run can resume
-on a different mesh shape or device count.
+A checkpoint is complete or absent (orbax finalises a local save by rename, a gs:// one by a commit marker), so
+a run killed mid-save resumes from the previous one. Once a save has finished, the digests of its files are
+sealed in `WORKDIR/checksums/STEP.json` (sha256 of a local file; the store's own MD5 of an object, read from a
+listing); a restore verifies them first, so a checkpoint changed or cut short is never read as good. Restoring
+takes the shardings of the *current* mesh, so a run can resume on a different mesh shape or device count. The
+workdir may be local or `gs://` (mvlp_jax/storage.py).
 """
 from __future__ import annotations
 
+import asyncio
 import errno
-import glob
-import hashlib
-import json
 import os
 import shutil
 import sys
@@ -20,58 +19,59 @@ from typing import Any
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
+from orbax.checkpoint._src.path import temporary_paths  # the pinned orbax's finder of unfinished saves
+
+from mvlp_jax import storage
 
 CHECKSUMS = "checksums"
 
 
-def checkpoints_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
+def checkpoints_dir(workdir: Any) -> epath.Path:
+    return storage.path(workdir) / "checkpoints"
 
 
-def finished_steps(workdir: str) -> list[int]:
-    """Steps of the finalised checkpoints on disk (orbax renames a finished save to its step number)."""
-    directory = checkpoints_dir(workdir)
-    return sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if os.path.isdir(directory) else []
+def finished_steps(workdir: Any) -> list[int]:
+    """Steps of the finalised checkpoints (orbax's own test: renamed into place, or committed on gs://)."""
+    return sorted(ocp.path.step.checkpoint_steps(checkpoints_dir(workdir)))
 
 
-def _file_digests(step_dir: str) -> dict[str, list]:
-    out = {}
-    for path in sorted(glob.glob(os.path.join(step_dir, "**", "*"), recursive=True)):
-        if os.path.isfile(path):
-            digest = hashlib.sha256()
-            with open(path, "rb") as f:
-                while chunk := f.read(1 << 22):
-                    digest.update(chunk)
-            out[os.path.relpath(path, step_dir)] = [os.path.getsize(path), digest.hexdigest()]
-    return out
+def sealed_steps(workdir: Any) -> list[int]:
+    """Steps whose checksums were sealed after their save finished."""
+    folder = storage.path(workdir) / CHECKSUMS
+    names = [p.name[:-5] for p in folder.iterdir()] if folder.exists() else []
+    return sorted(int(n) for n in names if n.isdigit())
 
 
-def verify(workdir: str, step: int) -> str | None:
+def verify(workdir: Any, step: int) -> str | None:
     """None when checkpoint `step` matches its sealed checksums (or was never sealed); else what differs."""
-    sealed = os.path.join(os.path.abspath(workdir), CHECKSUMS, f"{step}.json")
-    if not os.path.exists(sealed):
+    sealed = storage.path(workdir) / CHECKSUMS / f"{step}.json"
+    if not sealed.exists():
         return None
-    with open(sealed) as f:
-        want = json.load(f)
-    have = _file_digests(os.path.join(checkpoints_dir(workdir), str(step)))
+    want = storage.read_json(sealed)
+    have = storage.file_digests(checkpoints_dir(workdir) / str(step))
     for name, (size, digest) in want.items():
         if name not in have:
             return f"file {name} is missing"
         if have[name][0] != size:
             return f"file {name} has {have[name][0]} bytes, {size} when saved"
         if have[name][1] != digest:
-            return f"file {name} has changed since it was saved (sha256 differs)"
+            kind = digest.split(":")[0] if ":" in digest else "sha256"
+            return f"file {name} has changed since it was saved ({kind} differs)"
     return None
 
 
 class Store:
-    """A workdir's checkpoints: orbax's manager, checksums sealed after each save, verified restores."""
+    """A workdir's checkpoints: orbax's manager, checksums sealed after each save, verified restores.
+    `writer`: the training run that owns the workdir (it removes saves left unfinished by a killed run);
+    readers (evaluation, export, pictures) change nothing."""
 
-    def __init__(self, workdir: str, config: ml_collections.ConfigDict):
+    def __init__(self, workdir: Any, config: ml_collections.ConfigDict, writer: bool = True):
         c = config.checkpoint
-        self.workdir = os.path.abspath(workdir)
+        self.workdir = storage.path(workdir)
         options = ocp.CheckpointManagerOptions(save_interval_steps=c.save_interval_steps, max_to_keep=c.max_to_keep,
-                                               enable_async_checkpointing=c.async_save, create=True)
+                                               enable_async_checkpointing=c.async_save, create=writer,
+                                               cleanup_tmp_directories=writer, read_only=not writer)
         self.mngr = ocp.CheckpointManager(checkpoints_dir(workdir), options=options, item_names=("state", "data"))
         self._unsealed: list[int] = []
 
@@ -80,15 +80,16 @@ class Store:
 
     def save(self, step: int, state: Any, data_state: dict, force: bool = False) -> bool:
         """Saves if `step` is on the interval (or `force`); returns whether a save started. Refuses (OSError
-        ENOSPC) before writing when the disk cannot hold the checkpoint, rather than failing half-way."""
+        ENOSPC) before writing when a local disk cannot hold the checkpoint, rather than failing half-way."""
         if not (force or self.mngr.should_save(step)):
             return False
         self.seal()
-        needed = sum(x.nbytes for x in jax.tree.leaves(state)) // jax.process_count() + (1 << 20)
-        free = shutil.disk_usage(checkpoints_dir(self.workdir)).free
-        if free < needed:
-            raise OSError(errno.ENOSPC, f"checkpoint {step} needs ~{needed / 2**20:.1f} MiB, the disk has "
-                          f"{free / 2**20:.1f} MiB free", checkpoints_dir(self.workdir))
+        if not storage.is_remote(self.workdir):
+            needed = sum(x.nbytes for x in jax.tree.leaves(state)) // jax.process_count() + (1 << 20)
+            free = shutil.disk_usage(checkpoints_dir(self.workdir)).free
+            if free < needed:
+                raise OSError(errno.ENOSPC, f"checkpoint {step} needs ~{needed / 2**20:.1f} MiB, the disk has "
+                              f"{free / 2**20:.1f} MiB free", os.fspath(checkpoints_dir(self.workdir)))
         started = self.mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                                data=ocp.args.JsonSave(data_state)), force=force)
         if started:
@@ -102,20 +103,18 @@ class Store:
         except ValueError as error:  # tensorstore reports a full disk from the background save this way
             if "os_error_code='28'" in str(error) or "No space left" in str(error):
                 raise OSError(errno.ENOSPC, "the background save ran out of space",
-                              checkpoints_dir(self.workdir)) from error
+                              os.fspath(checkpoints_dir(self.workdir))) from error
             raise
         if jax.process_index() == 0:
-            directory = os.path.join(self.workdir, CHECKSUMS)
-            os.makedirs(directory, exist_ok=True)
-            on_disk = set(finished_steps(self.workdir))
+            folder = self.workdir / CHECKSUMS
+            finished = set(finished_steps(self.workdir))
             for step in self._unsealed:
-                if step in on_disk:
-                    _write_json(os.path.join(directory, f"{step}.json"),
-                                _file_digests(os.path.join(checkpoints_dir(self.workdir), str(step))))
-            for stale in glob.glob(os.path.join(directory, "*.json")):  # checkpoints orbax has since deleted
-                name = os.path.basename(stale)[:-5]
-                if name.isdigit() and int(name) not in on_disk:
-                    os.remove(stale)
+                if step in finished:
+                    storage.write_json(folder / f"{step}.json",
+                                       storage.file_digests(checkpoints_dir(self.workdir) / str(step)))
+            for stale in sealed_steps(self.workdir):  # checkpoints orbax has since deleted
+                if stale not in finished:
+                    (folder / f"{stale}.json").unlink(missing_ok=True)
         self._unsealed = []
 
     def set_aside(self, steps: list[int], folder: str) -> list[str]:
@@ -124,27 +123,26 @@ class Store:
         moved = []
         if jax.process_index() == 0:
             for step in steps:
-                source = os.path.join(checkpoints_dir(self.workdir), str(step))
-                if os.path.isdir(source):
-                    target = os.path.join(self.workdir, folder, str(step))
-                    os.makedirs(os.path.dirname(target), exist_ok=True)
-                    shutil.rmtree(target, ignore_errors=True)
-                    os.replace(source, target)
-                    moved.append(target)
-                sealed = os.path.join(self.workdir, CHECKSUMS, f"{step}.json")
-                if os.path.exists(sealed):
-                    os.remove(sealed)
+                source = checkpoints_dir(self.workdir) / str(step)
+                if source.is_dir():
+                    target = self.workdir / folder / str(step)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    if target.exists():
+                        target.rmtree()
+                    source.rename(target)
+                    moved.append(os.fspath(target))
+                (self.workdir / CHECKSUMS / f"{step}.json").unlink(missing_ok=True)
         self._unsealed = [s for s in self._unsealed if s not in steps]
         self.mngr.reload()
         return moved
 
     def remove_partial_saves(self) -> list[str]:
-        """Deletes unfinished (never finalised) save folders, e.g. after the disk filled up mid-save."""
-        partial = [p for p in glob.glob(os.path.join(checkpoints_dir(self.workdir), "*"))
-                   if os.path.isdir(p) and not os.path.basename(p).isdigit()]
-        for p in partial:
-            shutil.rmtree(p, ignore_errors=True)
-        return partial
+        """Deletes unfinished (never finalised) saves, e.g. after the disk filled up mid-save (orbax's own test
+        of what is unfinished: a tmp-suffixed folder, or a gs:// step without its commit marker)."""
+        partial = asyncio.run(temporary_paths.all_temporary_paths(checkpoints_dir(self.workdir)))
+        for tmp in partial:
+            tmp.get().rmtree()
+        return [os.fspath(tmp.get()) for tmp in partial]
 
     def restore(self, state: Any, state_shardings: Any, step: int | None = None,
                 fall_back: bool = False) -> tuple[Any, dict] | None:
@@ -172,7 +170,7 @@ class Store:
                     problem = f"it cannot be read ({type(error).__name__}: {str(error)[:200]})"
                 except Exception as error:  # noqa: BLE001 - tensorstore reports a cut-short file as anything
                     problem = f"it cannot be read ({type(error).__name__}: {str(error)[:200]})"
-            where = os.path.join(self.mngr.directory, str(candidate))
+            where = checkpoints_dir(self.workdir) / str(candidate)
             good = next((s for s in steps[::-1] if s < candidate and verify(self.workdir, s) is None), None)
             if not fall_back:
                 offer = (f"checkpoint {good} verifies: pass its step (e.g. --config.step={good}) to use it"
@@ -187,14 +185,7 @@ class Store:
         self.mngr.close()
 
 
-def _write_json(path: str, data: Any) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
-
-
-def describe_latest(workdir: str) -> str:
+def describe_latest(workdir: Any) -> str:
     """Human pointer to the newest finalised checkpoint (for error messages)."""
     steps = finished_steps(workdir)
     return f"{checkpoints_dir(workdir)}/{steps[-1]}" if steps else f"none yet in {checkpoints_dir(workdir)}"

@@ -7,12 +7,12 @@ unknown keys and invalid values at start-up with a message naming the key and wh
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Callable
 
 import ml_collections
 
+from mvlp_jax import storage
 from mvlp_jax.kernels.attention_ops import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from mvlp_jax.models.dense_heads import DECODERS
 from mvlp_jax.objectives import registry
@@ -34,8 +34,14 @@ _fraction = Rule(lambda v: 0 <= v < 1, "must lie in [0, 1)")
 _mesh_axis = Rule(lambda v: v == -1 or v >= 1, "must be >= 1, or -1 for the remaining devices")
 _crop_scale = Rule(lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1, "must be (low, high) with 0 < low <= high <= 1")
 _momentum = Rule(lambda v: 0 <= v <= 1, "must lie in [0, 1]")
+_profile_steps = Rule(lambda v: v == "" or _profile_window(v), "must be 'START,END' with 1 <= START <= END, or ''")
 _objective_weights = Rule(lambda v: bool(v) and all(k in registry.SPECS and w >= 0 for k, w in v.items()),
                           "must map registered objective names to weights >= 0")
+
+def _profile_window(text: str) -> bool:
+    parts = text.split(",")
+    return len(parts) == 2 and all(p.strip().isdigit() for p in parts) and 1 <= int(parts[0]) <= int(parts[1])
+
 
 # key -> (default, check, description)
 SPEC: dict[str, tuple[Any, Check, str]] = {
@@ -142,6 +148,12 @@ SPEC: dict[str, tuple[Any, Check, str]] = {
                                "WORKDIR/plots/ and TensorBoard every this many steps and at the end; 0: off. "
                                "Single-process runs; for others, python -m mvlp_jax.visualize on a checkpoint."),
     "peak_flops_per_device": (0.0, _non_negative, "For the MFU estimate; 0: known accelerators, or measured on CPU."),
+    "compilation_cache_dir": ("", None, "JAX's persistent compilation cache, so a restarted run does not compile "
+                              "again: '' puts it beside a gs:// workdir (WORKDIR/compilation_cache) or in "
+                              "~/.cache/mvlp_jax/xla for a local one; 'none' turns it off; else a folder (local or "
+                              "gs://)."),
+    "profile_steps": ("", _profile_steps, "'START,END': a jax.profiler trace of those steps into "
+                      "WORKDIR/plugins/profile/ (TensorBoard's profile tab); '': none."),
 }
 
 _widths = Rule(lambda v: len(v) > 0 and all(int(c) > 0 for c in v), "must be positive widths")
@@ -328,32 +340,26 @@ def validate(config: ml_collections.ConfigDict, spec: dict[str, tuple] = SPEC) -
             raise ValueError(message)
 
 
-def save(config: ml_collections.ConfigDict, workdir: str, target_dim: int) -> str:
+def save(config: ml_collections.ConfigDict, workdir: Any, target_dim: int) -> str:
     """Writes the resolved config to workdir/config.json (what this run really used) and the model's
     LLM target width to workdir/model.json (the evaluation binary rebuilds the model from both)."""
-    path = os.path.join(workdir, "config.json")
-    with open(path, "w") as f:
-        json.dump(config.to_dict(), f, indent=2, sort_keys=True, default=list)
-    with open(os.path.join(workdir, "model.json"), "w") as f:
-        json.dump({"target_dim": target_dim}, f)
+    path = storage.join(workdir, "config.json")
+    storage.write_json(path, config.to_dict(), indent=2, sort_keys=True, default=list)
+    storage.write_json(storage.join(workdir, "model.json"), {"target_dim": target_dim})
     return path
 
 
-def load(workdir: str) -> tuple[ml_collections.ConfigDict, int]:
-    """(config, target_dim) of a pretraining workdir."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+def load(workdir: Any) -> tuple[ml_collections.ConfigDict, int]:
+    """(config, target_dim) of a pretraining workdir (local or gs://)."""
+    folder = storage.path(workdir)
+    if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{workdir} is not a pretraining workdir (no config.json)")
-    with open(path) as f:
-        config = with_defaults(json.load(f))
-    model_json = os.path.join(workdir, "model.json")
-    if os.path.exists(model_json):
-        with open(model_json) as f:
-            return config, int(json.load(f)["target_dim"])
+    config = with_defaults(storage.read_json(folder / "config.json"))
+    if (folder / "model.json").exists():
+        return config, int(storage.read_json(folder / "model.json")["target_dim"])
     if not registry.needs_targets(config):
         return config, 0
-    with open(os.path.join(config.data.embeddings_dir, "manifest.json")) as f:
-        return config, int(json.load(f)["hidden_size"])
+    return config, int(storage.read_json(storage.join(config.data.embeddings_dir, "manifest.json"))["hidden_size"])
 
 
 def describe(spec: dict[str, tuple] = SPEC) -> str:

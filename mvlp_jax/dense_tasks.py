@@ -13,7 +13,6 @@ SETR's upsampling for a ViT and the simple feature pyramid for a ViTDet. Writes 
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, Protocol
 
 import flax.linen as nn
@@ -21,7 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from mvlp_jax import dense_finetune, dense_metrics, dense_training, features, report
+from mvlp_jax import dense_finetune, dense_metrics, dense_training, features, report, storage
 from mvlp_jax.data import transforms
 from mvlp_jax.models.pretrainer import Pretrainer
 from mvlp_jax.models.vit import variant
@@ -167,7 +166,7 @@ def evaluate_subjects(task: DenseTask, config: ml_collections.ConfigDict, output
                                                                              config.bootstrap, config.seed)})
     report.save(output_dir, results, table(task, results))
     plot(task, sources["test"][0], test, shown, size, settings.plot_images,
-         os.path.join(output_dir, f"{task.name}.png"))
+         storage.join(output_dir, f"{task.name}.png"))
     return results
 
 
@@ -210,5 +209,5 @@ def plot(task: DenseTask, source, truth: Truth, shown: dict[str, Any], size: int
                 ax.set_ylabel(name, fontsize=8)
     fig.suptitle(f"{task.name} on test images: truth (red) and prediction (blue)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    storage.save_figure(fig, path, dpi=110)
     plt.close(fig)

@@ -53,3 +53,14 @@ def initialize(num_processes: int = 1, process_id: int = 0, coordinator_address:
     else:
         jax.distributed.initialize()
     return method
+
+
+def barrier(name: str, timeout_s: int = 1800) -> None:
+    """Waits until every process reaches `name`: the coordination service's barrier, not a collective, so hosts
+    that arrive minutes apart (after reading data from a bucket at different speeds, or process 0 writing the
+    run's files) start their first collective together. One process: nothing to wait for."""
+    import jax
+    from jax._src import distributed as jax_distributed  # the client jax.distributed.initialize made
+
+    if jax.process_count() > 1:
+        jax_distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 
 import numpy as np
 from absl import flags
@@ -76,10 +75,10 @@ def _subjects(config) -> list[str]:
 
 
 def evaluate(config, output_dir: str) -> dict:
-    from mvlp_jax import cli, configuration, features, finetune, metrics, probe, report, sharding
+    from mvlp_jax import configuration, features, finetune, metrics, probe, report, sharding, storage
 
     configuration.validate(config, configuration.EVAL_SPEC)
-    cli.output_dir(output_dir)
+    storage.check_writable_dir(output_dir, "--output_dir")
     config = config.copy_and_resolve_references()  # the caller's config stays as given
     config.unlock()
     config.mesh = {"data": -1, "fsdp": 1, "model": 1}
@@ -139,7 +138,7 @@ def evaluate(config, output_dir: str) -> dict:
             name, step = encoder.name, encoder.step
             feats = None if config.mode == "finetune" else {
                 role: features.extract(encoder, src, config.pooling, config.batch_size, mesh,
-                                       os.path.join(output_dir, "features"), where, fingerprints[role])
+                                       storage.join(output_dir, "features"), where, fingerprints[role])
                 for role, (src, _, where) in splits.items()}
         train_labels, train_patients = labels["train"][0][train_idx], labels["train"][1][train_idx]
         for fraction in config.label_fractions:

@@ -16,6 +16,7 @@ import os
 import jax
 import numpy as np
 
+from mvlp_jax import storage
 from mvlp_jax.data import views
 from mvlp_jax.features import Encoder
 
@@ -81,35 +82,39 @@ def hf_model(encoder: Encoder):
 
 
 def export(encoder: Encoder, output_dir: str, results: str = "") -> str:
-    """Writes the export of `encoder` (features.load_encoder) into `output_dir`; returns the card's path."""
+    """Writes the export of `encoder` (features.load_encoder) into `output_dir` (local or gs://: made in a local
+    folder, then uploaded); returns the card's path."""
+    with storage.staged(output_dir) as folder:
+        _write_export(encoder, folder, results)
+    return storage.join(output_dir, "README.md")
+
+
+def _write_export(encoder: Encoder, folder: str, results: str) -> None:
     from safetensors.numpy import save_file
 
-    os.makedirs(output_dir, exist_ok=True)
     params = jax.device_get(encoder.params)
     c = encoder.config
-    with open(os.path.join(output_dir, "training_config.json"), "w") as f:
+    with open(os.path.join(folder, "training_config.json"), "w") as f:
         json.dump(c.to_dict(), f, indent=2, sort_keys=True, default=list)
     heads = {k: v for k, v in params.items() if k not in ("encoder", "masked_model")}
     if heads:
-        save_file(flat(heads), os.path.join(output_dir, "heads.safetensors"))
+        save_file(flat(heads), os.path.join(folder, "heads.safetensors"))
     if c.model.encoder == "vit":
         from transformers import ViTImageProcessor
 
         model = hf_model(encoder)
-        model.save_pretrained(output_dir)
+        model.save_pretrained(folder)
         ViTImageProcessor(do_resize=True, size={"height": c.model.image_size, "width": c.model.image_size},
                           do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=[c.data.mean],
-                          image_std=[c.data.std]).save_pretrained(output_dir)
+                          image_std=[c.data.std]).save_pretrained(folder)
         kind = type(model).__name__
     else:
-        save_file(flat(params["encoder"]), os.path.join(output_dir, "encoder.safetensors"))
-        with open(os.path.join(output_dir, "config.json"), "w") as f:
+        save_file(flat(params["encoder"]), os.path.join(folder, "encoder.safetensors"))
+        with open(os.path.join(folder, "config.json"), "w") as f:
             json.dump(c.to_dict(), f, indent=2, sort_keys=True, default=list)
         kind = "ViTDet (no transformers class)"
-    path = os.path.join(output_dir, "README.md")
-    with open(path, "w") as f:
+    with open(os.path.join(folder, "README.md"), "w") as f:
         f.write(model_card(encoder, kind, sorted(heads), results))
-    return path
 
 
 def model_card(encoder: Encoder, kind: str, heads: list[str], results: str) -> str:
@@ -153,9 +158,8 @@ def _evaluation_rows(encoder: Encoder, results: str) -> list[str]:
     """The rows of an evaluation binary's results.json that belong to this checkpoint."""
     if not results:
         return []
-    with open(results) as f:
-        rows = [r for r in json.load(f).get("checkpoints", [])
-                if f"{os.path.realpath(r['workdir'])}/checkpoints/{r['step']}" == encoder.source]
+    rows = [r for r in storage.read_json(results).get("checkpoints", [])
+            if f"{storage.canonical(r['workdir'])}/checkpoints/{r['step']}" == encoder.source]
     lines = []
     for r in rows:
         ci = r.get("ci95", {}).get("mauc")
@@ -179,13 +183,13 @@ def define_flags() -> None:
 def main(argv: list[str]) -> int:
     from absl import flags
 
-    from mvlp_jax import cli, features, sharding
+    from mvlp_jax import features, sharding
 
     del argv
     f = flags.FLAGS
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.AXES)
+    storage.check_writable_dir(f.output_dir, "--output_dir")
     encoder = features.load_encoder(f.workdir, f.step, mesh, teacher=f.teacher)
-    cli.output_dir(f.output_dir)
     path = export(encoder, f.output_dir, f.results)
     print(f"exported {encoder.source} to {f.output_dir} (model card {path})")
     return 0

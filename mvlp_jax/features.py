@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep import built
-from mvlp_jax import checkpointing, configuration, optim, sharding, train_step
+from mvlp_jax import checkpointing, configuration, optim, sharding, storage, train_step
 from mvlp_jax.data import views
 from mvlp_jax.models.pretrainer import Pretrainer
 
@@ -46,14 +47,12 @@ def split_fingerprint(data_dir: str, dataset: str, split: str) -> str:
     """Identity of a built split: its folder, dataset_info.json and each of its files' size and mtime
     (a rebuilt dataset changes it without hashing gigabytes of images)."""
     builder, name, version = built.open_builder(data_dir, dataset)
-    root = os.path.realpath(os.path.join(os.path.expanduser(data_dir), name, version))
+    root = storage.canonical(storage.join(data_dir, name, version))
     digest = hashlib.sha256(root.encode())
-    with open(os.path.join(root, "dataset_info.json"), "rb") as f:
-        digest.update(f.read())
-    for file in sorted(os.listdir(root)):
+    digest.update(storage.path(root).joinpath("dataset_info.json").read_bytes())
+    for file, (size, version_of_file) in storage.file_versions(root).items():
         if f"-{split}." in file:
-            stat = os.stat(os.path.join(root, file))
-            digest.update(f"{file}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+            digest.update(f"{file}:{size}:{version_of_file};".encode())
     return digest.hexdigest()
 
 
@@ -75,9 +74,9 @@ def load_encoder(workdir: str, step: int, mesh: jax.sharding.Mesh, like: str = "
     if workdir == RANDOM_INIT:
         with sharding.active(mesh):
             params = jax.jit(lambda k: init(k).params, out_shardings=state_sh.params)(jax.random.PRNGKey(config.seed))
-        return Encoder(RANDOM_INIT, config, model, params, 0, f"{RANDOM_INIT}@{os.path.realpath(source)}",
+        return Encoder(RANDOM_INIT, config, model, params, 0, f"{RANDOM_INIT}@{storage.canonical(source)}",
                        params_fingerprint(params))
-    store = checkpointing.Store(workdir, config)
+    store = checkpointing.Store(workdir, config, writer=False)
     if store.latest_step() is None:
         store.close()
         raise FileNotFoundError(f"{workdir} has no checkpoints (looked in {workdir}/checkpoints)")
@@ -91,7 +90,7 @@ def load_encoder(workdir: str, step: int, mesh: jax.sharding.Mesh, like: str = "
         if "teacher" not in state.extra:
             raise ValueError(f"{workdir} has no DINO teacher (its objectives: {dict(config.objectives)})")
         params, name = {**params, "encoder": state.extra["teacher"]["encoder"]}, f"{name}/teacher"
-    where = f"{os.path.realpath(workdir)}/checkpoints/{int(state.step)}" + ("/teacher" if teacher else "")
+    where = f"{storage.canonical(workdir)}/checkpoints/{int(state.step)}" + ("/teacher" if teacher else "")
     return Encoder(name, config, model, params, int(state.step), where, params_fingerprint(params))
 
 
@@ -124,9 +123,9 @@ def extract(encoder: Encoder, source, pooling: str, batch_size: int, mesh: jax.s
                 "image_size": c.model.image_size, "mean": c.data.mean, "std": c.data.std, "records": len(source)}
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
     safe_name = encoder.name.replace("/", "_")
-    path = os.path.join(cache_dir, f"{safe_name}-{encoder.step}-{pooling}-{key}.npy")
-    if encoder.fingerprint and os.path.exists(path):
-        return np.load(path)
+    path = storage.path(cache_dir) / f"{safe_name}-{encoder.step}-{pooling}-{key}.npy"
+    if encoder.fingerprint and path.exists():
+        return np.load(io.BytesIO(path.read_bytes()))
     if isinstance(source, Studies):
         forward = lambda p, x: encoder.model.apply({"params": p}, x["image"], x["view_type"], x["view_mask"],
                                                    pooling, method=Pretrainer.study_features)
@@ -134,12 +133,10 @@ def extract(encoder: Encoder, source, pooling: str, batch_size: int, mesh: jax.s
         forward = lambda p, x: encoder.model.apply({"params": p}, x, pooling, method=Pretrainer.features)
     features = apply_to_split(forward, encoder.params, source, c, batch_size, mesh,
                               f"features {encoder.name} {where}")
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}.npy"
-    np.save(tmp, features)
-    os.replace(tmp, path)
-    with open(path[:-4] + ".json", "w") as f:
-        json.dump({**identity, "checkpoint": encoder.source}, f, indent=2)
+    buffer = io.BytesIO()
+    np.save(buffer, features)
+    storage.write_bytes(path, buffer.getvalue())
+    storage.write_json(path.with_suffix(".json"), {**identity, "checkpoint": encoder.source}, indent=2)
     return features
 
 

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import time
+from typing import Any
 
 import jax
 import numpy as np
+
+from mvlp_jax import storage
 
 # Dense bf16 peak FLOP/s per chip of accelerators we know (for the MFU estimate).
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,
@@ -44,6 +49,7 @@ def step_flops(compiled) -> float:
         return 0.0
 
 
+HISTORY = "metrics.jsonl"
 LAST_VALUE = ("skipped_nonfinite", "nonfinite_run", "learning_rate")  # counters and schedules: not averaged
 
 
@@ -92,8 +98,12 @@ class Reporter:
         from clu import metric_writers
 
         self.is_main = jax.process_index() == 0
-        self.writer = metric_writers.create_default_writer(workdir, just_logging=not self.is_main)
-        self.history = os.path.join(workdir, "metrics.jsonl")
+        # TensorBoard events and metrics.jsonl grow by appends: process 0 spools them (uploaded at each report
+        # when the workdir is remote); the other processes only log
+        self.spool = storage.Spool(workdir, carried=(HISTORY,)) if self.is_main else None
+        self.writer = metric_writers.create_default_writer(self.spool.local if self.spool else os.fspath(workdir),
+                                                           just_logging=not self.is_main)
+        self.history = os.path.join(self.spool.local, HISTORY) if self.spool else None
         self.total, self.batch, self.examples = total_steps, global_batch, examples
         self.flops, self.peak = flops_per_step, peak
         self.start_step, self.start_time = start_step, time.perf_counter()
@@ -124,11 +134,20 @@ class Reporter:
             print(f"step {step}/{self.total} | {losses} | {scalars[throughput]:.1f} {unit}/s | "
                   f"{step_time * 1e3:.0f} ms/step" + (f" | MFU {scalars['mfu']:.1%}" if "mfu" in scalars else "")
                   + f" | ETA {_duration(eta)}", flush=True)
+            self.flush()
         self.last_step, self.last_time = step, now
+
+    def flush(self) -> None:
+        """Writes out the TensorBoard events (and uploads the spool of a remote workdir)."""
+        self.writer.flush()
+        if self.spool:
+            self.spool.sync()
 
     def close(self) -> None:
         self.writer.flush()
         self.writer.close()
+        if self.spool:
+            self.spool.close()
 
 
 def _duration(seconds: float) -> str:
@@ -140,13 +159,12 @@ def _duration(seconds: float) -> str:
 
 def read_history(workdir: str) -> dict[int, dict]:
     """step -> scalars; a step logged twice (a resumed run redoing steps) keeps its last record."""
-    path = os.path.join(workdir, "metrics.jsonl")
+    path = storage.path(workdir) / HISTORY
     history: dict[int, dict] = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                record = json.loads(line)
-                history[record["step"]] = record
+    if path.exists():
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            history[record["step"]] = record
     return dict(sorted(history.items()))
 
 
@@ -168,7 +186,80 @@ def plot_losses(workdir: str) -> str | None:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = os.path.join(workdir, "loss_curve.png")
-    fig.savefig(path, dpi=100)
+    path = storage.save_figure(fig, storage.join(workdir, "loss_curve.png"), dpi=100)
     plt.close(fig)
     return path
+
+
+def use_compilation_cache(setting: str, workdir: str) -> str | None:
+    """Turns on JAX's persistent compilation cache (before the first compile of the process); returns its folder.
+    '' (auto): beside a remote workdir (a preempted spot VM comes back with an empty home) or in
+    ~/.cache/mvlp_jax/xla for a local one; 'none': off; else the folder named (local or gs://)."""
+    if setting == "none":
+        return None
+    if setting:
+        folder = os.fspath(storage.path(setting))
+    elif storage.is_remote(workdir):
+        folder = storage.join(workdir, "compilation_cache")
+    else:
+        folder = os.path.join(os.path.expanduser("~"), ".cache", "mvlp_jax", "xla")
+    jax.config.update("jax_compilation_cache_dir", folder)
+    return folder
+
+
+class CompileTimer:
+    """Times a block that compiles and counts JAX's persistent-cache hits inside it."""
+
+    def __enter__(self) -> "CompileTimer":
+        self.hits, self.seconds = 0, 0.0
+        self._start = time.perf_counter()
+        jax.monitoring.register_event_listener(self._event)
+        return self
+
+    def _event(self, event: str, **kwargs) -> None:
+        if event == "/jax/compilation_cache/cache_hits":
+            self.hits += 1
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self._start
+        jax.monitoring.unregister_event_listener(self._event)
+
+    def describe(self, cache: str | None) -> str:
+        if cache is None:
+            return "compilation cache off"
+        return f"compilation cache {'hit' if self.hits else 'miss'}, {cache}"
+
+
+class ProfileWindow:
+    """A jax.profiler trace of steps START..END (`profile_steps='START,END'`, inclusive) into
+    WORKDIR/plugins/profile/, where TensorBoard's profile tab finds it. Every process traces its own devices;
+    a remote workdir gets the trace uploaded when the window closes. '' : no trace."""
+
+    def __init__(self, spec: str, workdir: str):
+        self.first, self.last = (int(x) for x in spec.split(",")) if spec else (0, -1)  # validated in configuration
+        self.workdir, self.local, self.running = workdir, None, False
+
+    def before(self, step: int) -> None:
+        if step == self.first:
+            self.local = (tempfile.mkdtemp(prefix="mvlp-profile-") if storage.is_remote(self.workdir)
+                          else self.workdir)
+            jax.profiler.start_trace(self.local)
+            self.running = True
+
+    def after(self, step: int, outputs: Any) -> None:
+        if self.running and step >= self.last:
+            jax.block_until_ready(outputs)
+            self.close()
+
+    def close(self) -> None:
+        if not self.running:
+            return
+        jax.profiler.stop_trace()
+        self.running = False
+        if self.local != self.workdir:
+            storage.upload_tree(self.local, self.workdir)
+            shutil.rmtree(self.local, ignore_errors=True)
+        if jax.process_index() == 0:
+            print(f"profile of steps {self.first}-{self.last} written to {self.workdir}/plugins/profile "
+                  f"(TensorBoard's profile tab)", flush=True)
+

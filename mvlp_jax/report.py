@@ -1,18 +1,15 @@
 """Evaluation outputs a user pastes or looks at: the markdown table, ROC curves, per-label AUC bars."""
 from __future__ import annotations
 
-import json
-import os
-
 import numpy as np
+
+from mvlp_jax import storage
 
 
 def save(output_dir: str, results: dict, table: str) -> None:
     """Writes results.json (everything) and results.md (`table`), and prints the table."""
-    with open(os.path.join(output_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2, default=float)
-    with open(os.path.join(output_dir, "results.md"), "w") as f:
-        f.write(table + "\n")
+    storage.write_json(storage.join(output_dir, "results.json"), results, indent=2, default=float)
+    storage.write_text(storage.join(output_dir, "results.md"), table + "\n")
     print(table)
 
 
@@ -86,7 +83,7 @@ def plots(results: dict, probs_by: dict, labels: np.ndarray, mask: np.ndarray, o
         ax.set(title=name, xlabel="false positive rate", ylabel="true positive rate")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(os.path.join(output_dir, f"roc_{name.lower().replace(' ', '_')}.png"), dpi=90)
+        storage.save_figure(fig, storage.join(output_dir, f"roc_{name.lower().replace(' ', '_')}.png"), dpi=90)
         plt.close(fig)
     rows = results["checkpoints"]
     fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.7), 3.5))
@@ -99,5 +96,5 @@ def plots(results: dict, probs_by: dict, labels: np.ndarray, mask: np.ndarray, o
     ax.axhline(0.5, color="k", lw=0.8, ls=":")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(output_dir, "auc_per_label.png"), dpi=90)
+    storage.save_figure(fig, storage.join(output_dir, "auc_per_label.png"), dpi=90)
     plt.close(fig)

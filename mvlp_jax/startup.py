@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 from typing import Any
 
 import jax
 import ml_collections
 
-from mvlp_jax import checkpointing, configuration
+from mvlp_jax import checkpointing, configuration, storage
 
 # Keys a resumed run may change: they alter neither the parameter tree nor which records are read in
 # which order. Everything else (model, objectives, seed, batch, dataset) refuses.
 RESUMABLE_KEYS = ("total_steps", "log_every_steps", "max_nonfinite_steps", "peak_flops_per_device", "checkpoint.",
+                  "compilation_cache_dir", "profile_steps",
                   "mesh.", "optim.", "model.remat", "model.dtype", "model.attention", "data.num_threads",
                   "data.num_workers", "data.prefetch", "data.data_dir", "data.embeddings_dir")
 CHANGES_FILE = "config_changes.json"
@@ -52,11 +52,11 @@ def resumable(key: str) -> bool:
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_KEYS)
 
 
-def check_resume(config: ml_collections.ConfigDict, workdir: str, target_dim: int) -> dict[str, tuple]:
+def check_resume(config: ml_collections.ConfigDict, workdir: Any, target_dim: int) -> dict[str, tuple]:
     """{key: (stored, new)} of the harmless changes against the workdir's stored config; raises ValueError
     listing the others when the workdir holds checkpoints of a run they would not fit."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path) or checkpointing.finished_steps(workdir) == []:
+    path = storage.join(workdir, "config.json")
+    if not storage.path(path).exists() or checkpointing.finished_steps(workdir) == []:
         return {}
     stored_config, stored_dim = configuration.load(workdir)
     old, new = _normalised(stored_config), _normalised(config)
@@ -73,15 +73,14 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str, target_dim: in
     return changed
 
 
-def record(config: ml_collections.ConfigDict, workdir: str, target_dim: int, changes: dict[str, tuple]) -> None:
+def record(config: ml_collections.ConfigDict, workdir: Any, target_dim: int, changes: dict[str, tuple]) -> None:
     """Writes config.json / model.json, and appends the resume's changes to config_changes.json."""
-    os.makedirs(workdir, exist_ok=True)
+    storage.path(workdir).mkdir(parents=True, exist_ok=True)
     if changes:
-        path = os.path.join(workdir, CHANGES_FILE)
-        history = json.load(open(path)) if os.path.exists(path) else []
+        path = storage.path(workdir) / CHANGES_FILE
+        history = storage.read_json(path) if path.exists() else []
         history.append({"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                         "resumed_at_step": max(checkpointing.finished_steps(workdir)),
                         "changes": {k: {"stored": a, "now": b} for k, (a, b) in changes.items()}})
-        with open(path, "w") as f:
-            json.dump(history, f, indent=2, default=list)
+        storage.write_json(path, history, indent=2, default=list)
     configuration.save(config, workdir, target_dim=target_dim)

@@ -11,7 +11,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from mvlp_jax import checkpointing, cli, configuration, host_memory, observe, optim, sharding, startup, train_step
+from mvlp_jax import checkpointing, configuration, distributed, host_memory, observe, optim, sharding, startup
+from mvlp_jax import storage, train_step
 from mvlp_jax.data import pipeline
 from mvlp_jax.models.pretrainer import Pretrainer
 
@@ -55,8 +56,8 @@ class Outcome:
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> Outcome:
     configuration.validate(config)
-    workdir = os.path.abspath(workdir)
-    cli.check_writable_dir(workdir, "--workdir")
+    workdir = os.fspath(storage.check_writable_dir(workdir, "--workdir"))
+    cache = observe.use_compilation_cache(config.compilation_cache_dir, workdir)
     mesh = sharding.make_mesh(config)
     startup.check_batch(config, mesh)
     records = pipeline.open_records(config)
@@ -68,6 +69,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Outcome:
         _log(f"resuming with {key} changed: {old!r} -> {new!r} (recorded in {workdir}/config_changes.json)")
     model = Pretrainer(config, target_dim)
     tx = optim.make(config)
+    distributed.barrier("mvlp_jax:start_up")  # before the first collective, whatever each host's start-up took
     state, state_sh = train_step.create_state(model, tx, config, mesh)
     store = checkpointing.Store(workdir, config)
     data_state = {"next_step": 0, "seed": config.seed}
@@ -90,8 +92,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Outcome:
     examples = "studies" if config.data.max_views > 1 else "images"
     _log(f"{records.where}: {len(records.indices)} training {examples}; mesh {dict(mesh.shape)}; "
          f"{configuration_summary(config)}; compiling the train step...")
-    compiled = train_step.compile_train_step(train_step.make_train_step(model, tx, config), state, state_sh, mesh,
-                                             shapes)
+    with observe.CompileTimer() as timer:
+        compiled = train_step.compile_train_step(train_step.make_train_step(model, tx, config), state, state_sh,
+                                                 mesh, shapes)
+    _log(f"train step ready in {timer.seconds:.1f} s ({timer.describe(cache)})")
     flops = observe.step_flops(compiled) * train_step.cyclic_flops_share(model, tx, config, state, state_sh, mesh,
                                                                          shapes)
     reporter = observe.Reporter(workdir, config.total_steps, config.data.batch_size, flops,
@@ -99,13 +103,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Outcome:
     if start == 0:
         reporter.write_hparams(configuration.flatten(config))
     draw = _image_logger(config, target_dim, records, workdir, reporter, mesh)
+    profile = observe.ProfileWindow(config.profile_steps, workdir)
     preemption = Preemption()
     step, pending, stopped = start, None, False
     interval = observe.IntervalMeans()
     try:
         while step < config.total_steps:
+            profile.before(step + 1)
             state, metrics = compiled(state, sharding.global_batch(next(data), mesh))
             step += 1
+            profile.after(step, metrics)
             if pending is not None:  # last step's counter: checked one step late to keep dispatch async
                 _check_finite(pending, config)
             pending = (step, metrics["nonfinite_run"])  # metrics are not donated; the state is
@@ -140,6 +147,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Outcome:
     finally:
         _wait_quietly(store)
         preemption.restore()
+        profile.close()
         reporter.close()
     if jax.process_index() == 0:
         plot = observe.plot_losses(workdir)
@@ -189,7 +197,7 @@ def _set_aside_diverged(store: checkpointing.Store, first_bad: int, what: str) -
     good = [s for s in store.mngr.all_steps() if s < first_bad]
     store.seal()
     aside = f"; checkpoints from step {first_bad} on hold the diverged weights and were moved to " \
-            f"{os.path.dirname(moved[0])}" if moved else ""
+            f"{moved[0].rsplit('/', 1)[0]}" if moved else ""
     if good:
         return (f"{what}{aside}. The last checkpoint written before the loss went bad is "
                 f"{checkpointing.checkpoints_dir(store.workdir)}/{good[-1]}: lower --config.optim.lr (or check the "

@@ -17,7 +17,7 @@ them, so pictures of successive steps show the same images.
 """
 from __future__ import annotations
 
-import os
+import io
 import textwrap
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mvlp_jax import features
+from mvlp_jax import features, storage
 from mvlp_jax.data import transforms
 from mvlp_jax.data.studies import view_type
 from mvlp_jax.data import views as views_lib
@@ -293,12 +293,12 @@ def save(pictures: dict[str, np.ndarray], workdir: str, step: int, writer: Any =
     """PNGs under WORKDIR/plots/ and, with a clu writer, TensorBoard images; returns the paths."""
     from PIL import Image
 
-    folder = os.path.join(workdir, "plots")
-    os.makedirs(folder, exist_ok=True)
     paths = []
     for name, picture in pictures.items():
-        path = os.path.join(folder, f"{name}_{step}.png")
-        Image.fromarray(picture).save(path)
+        path = storage.join(workdir, "plots", f"{name}_{step}.png")
+        buffer = io.BytesIO()
+        Image.fromarray(picture).save(buffer, format="png")
+        storage.write_bytes(path, buffer.getvalue())
         paths.append(path)
     if writer is not None and pictures:
         writer.write_images(step, {f"images/{k}": v[None] for k, v in pictures.items()})
@@ -319,14 +319,16 @@ def draw_checkpoint(workdir: str, step: int = -1, split: str = "", count: int = 
     config = ml_collections.ConfigDict(encoder.config.to_dict())
     config.data.data_dir, config.data.dataset = data_dir or config.data.data_dir, dataset or config.data.dataset
     table = None
-    if encoder.model.target_dim and config.data.embeddings_dir and os.path.isdir(config.data.embeddings_dir):
+    if encoder.model.target_dim and config.data.embeddings_dir and storage.path(config.data.embeddings_dir).is_dir():
         table = targets_lib.load_targets(config.data.embeddings_dir, config.contrastive.target)
     shown = shown_images(config, count, split, table)
     with sharding.active(mesh):
         pictures = Painter(config, encoder.model.target_dim).draw(encoder.params, shown)
-    writer = metric_writers.create_default_writer(workdir)
+    spool = storage.Spool(workdir)  # TensorBoard's event file, uploaded whole to a remote workdir
+    writer = metric_writers.create_default_writer(spool.local)
     paths = save(pictures, workdir, encoder.step, writer)
     writer.close()
+    spool.close()
     return paths
 
 

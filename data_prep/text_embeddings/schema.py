@@ -11,15 +11,18 @@ settings) and its own size and sha256: a shard without it, or whose bytes or inp
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
 import re
+import shutil
+import tempfile
 
 import msgpack
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+
+from mvlp_jax import storage
 
 SCHEMA_VERSION = 1
 SHARD_PATTERN = "embeddings-{index:05d}-of-{count:05d}.array_record"
@@ -50,25 +53,29 @@ def decode(data: bytes) -> dict:
 
 
 def write_shard(path: str, records: list[bytes], provenance: dict | None = None) -> None:
-    """Writes to a temporary name, then its provenance record (the shard's ids, inputs and settings hashes,
-    with its size and sha256 added), then renames the shard: a shard under its final name has its record."""
-    tmp = f"{path}.tmp-{os.getpid()}"
+    """Writes the shard to a local temporary file, then its provenance record (the shard's ids, inputs and
+    settings hashes, with its size and sha256 added), then puts the shard in place (renamed, or uploaded whole
+    to a gs:// folder): a shard under its final name has its record."""
+    remote = storage.is_remote(path)
+    tmp = os.path.join(tempfile.mkdtemp(prefix="mvlp-shard-"), "shard") if remote else f"{path}.tmp-{os.getpid()}"
     writer = ArrayRecordWriter(tmp, "group_size:1")
     for record in records:
         writer.write(record)
     writer.close()
     if provenance is not None:
         record = {**provenance, "records": len(records), "bytes": os.path.getsize(tmp), "sha256": file_sha256(tmp)}
-        tmp_record = f"{path}.json.tmp-{os.getpid()}"
-        with open(tmp_record, "w") as f:
-            json.dump(record, f)
-        os.replace(tmp_record, f"{path}.json")
-    os.replace(tmp, path)
+        storage.write_json(f"{path}.json", record)
+    if remote:
+        with open(tmp, "rb") as f:
+            storage.write_bytes(path, f.read())
+        shutil.rmtree(os.path.dirname(tmp), ignore_errors=True)
+    else:
+        os.replace(tmp, path)
 
 
 def file_sha256(path: str) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with storage.path(path).open("rb") as f:
         while chunk := f.read(1 << 22):
             digest.update(chunk)
     return digest.hexdigest()
@@ -85,8 +92,7 @@ def settings_sha256(manifest: dict, keys: tuple[str, ...]) -> str:
 
 def read_provenance(path: str) -> dict | None:
     try:
-        with open(f"{path}.json") as f:
-            return json.load(f)
+        return storage.read_json(f"{path}.json")
     except (OSError, ValueError):
         return None
 
@@ -94,12 +100,12 @@ def read_provenance(path: str) -> dict | None:
 def shard_problem(path: str, inputs: str | None = None, settings: str | None = None) -> str | None:
     """None when the shard at `path` is complete and (where given) made from these inputs and settings;
     otherwise why not, in words."""
-    if not os.path.exists(path):
+    if not storage.path(path).exists():
         return "missing"
     record = read_provenance(path)
     if record is None:
         return "no provenance record beside it (written by an interrupted or older run)"
-    size = os.path.getsize(path)
+    size = storage.size(path)
     if size != record["bytes"]:
         return f"{size} bytes on disk, {record['bytes']} when written (cut short or overwritten)"
     if file_sha256(path) != record["sha256"]:
@@ -112,7 +118,9 @@ def shard_problem(path: str, inputs: str | None = None, settings: str | None = N
 
 
 def shard_paths(output_dir: str) -> list[str]:
-    return sorted(p for p in glob.glob(os.path.join(output_dir, "embeddings-*.array_record")) if _SHARD_RE.search(p))
+    folder = storage.path(output_dir)
+    found = folder.glob("embeddings-*.array_record") if folder.exists() else []
+    return sorted(os.fspath(p) for p in found if _SHARD_RE.search(os.fspath(p)))
 
 
 def shard_position(path: str) -> tuple[int, int]:
@@ -135,8 +143,7 @@ def read_shard(path: str) -> list[dict]:
 
 
 def read_manifest(output_dir: str) -> dict:
-    with open(os.path.join(output_dir, "manifest.json")) as f:
-        return json.load(f)
+    return storage.read_json(storage.join(output_dir, "manifest.json"))
 
 
 class EmbeddingIndex:

@@ -1,13 +1,13 @@
 """LLM targets: the stored report vectors, loaded once and joined to training images by study id."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
 from tqdm import tqdm
 
 from data_prep.text_embeddings import schema
+from mvlp_jax import storage
 
 
 @dataclass(frozen=True)
@@ -39,11 +39,14 @@ def check_manifest(manifest: dict, pooling: str, hidden_size: int = 0) -> None:
 
 def load_targets(embeddings_dir: str, pooling: str) -> TargetTable:
     """Reads every shard once: (num_studies, hidden) in the stored dtype (~1.9 GB for MIMIC at 4096, fp16)."""
-    if not os.path.exists(os.path.join(embeddings_dir, "manifest.json")):
+    folder = storage.path(embeddings_dir)
+    try:
+        storage.check_exists(folder / "manifest.json", "embeddings dir")
+    except FileNotFoundError:
         raise FileNotFoundError(f"embeddings dir {embeddings_dir} holds no manifest.json"
-                                + ("" if os.path.isdir(embeddings_dir) else " (it does not exist)")
+                                + ("" if folder.exists() else " (it does not exist)")
                                 + ": make it with python -m data_prep.precompute_text_embeddings "
-                                  "--output_dir=... or fix config data.embeddings_dir")
+                                  "--output_dir=... or fix config data.embeddings_dir") from None
     manifest = schema.read_manifest(embeddings_dir)
     check_manifest(manifest, pooling)
     paths = schema.shard_paths(embeddings_dir)
