@@ -71,6 +71,9 @@ def build(source: str, input_dir: str, output_dir: str, *, name: str = "", image
     name = name or ("cxr_csv" if source == "csv" else source)
     if not _NAME.match(name):
         raise R.InputError(f"--name={name!r}: use lower case letters, digits and underscores")
+    if storage.is_remote(input_dir):
+        raise R.InputError(f"--input_dir={input_dir}: the raw data must be a local folder (the sources scan it with "
+                           f"the operating system): copy it down first (gcloud storage cp -r {input_dir} /data/...)")
     if not os.path.isdir(input_dir):
         raise R.InputError(f"--input_dir={input_dir} is not a folder")
     if image_size < 0:

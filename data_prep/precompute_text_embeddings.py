@@ -122,6 +122,10 @@ def main(argv: list[str]) -> None:
     del argv
     if not FLAGS.output_dir:
         raise app.UsageError("--output_dir is required")
+    for flag in ("reports_csv", "model"):
+        if storage.is_remote(FLAGS[flag].value):
+            raise cli.UserError(f"--{flag}={FLAGS[flag].value}: must be local (read by the operating system or "
+                                f"transformers): copy it down first (gcloud storage cp -r ...)")
     texts, source_info = load_texts()
     if FLAGS.verify:
         if not storage.path(FLAGS.output_dir).joinpath("manifest.json").exists():

@@ -89,6 +89,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Outcome:
     hint = host_memory.huge_page_malloc_hint() if jax.default_backend() == "cpu" else None
     if hint:
         _log(hint)
+    if storage.is_remote(config.data.data_dir) and config.data.num_threads < 32:
+        _log(f"hint: data.data_dir is on {config.data.data_dir.split('/')[0]}//, read one request per record: "
+             f"--config.data.num_threads=64 (now {config.data.num_threads}) keeps more requests in flight")
     examples = "studies" if config.data.max_views > 1 else "images"
     _log(f"{records.where}: {len(records.indices)} training {examples}; mesh {dict(mesh.shape)}; "
          f"{configuration_summary(config)}; compiling the train step...")

@@ -60,9 +60,21 @@ def _env(gcs, **extra) -> dict:
 
 @pytest.fixture(scope="module")
 def remote_data(pretrain_data, gcs):
-    """The micro pretraining data (dataset and embeddings) uploaded to the bucket."""
+    """The micro pretraining data in the bucket: the dataset built straight into it (the same records as the
+    local build), the embeddings uploaded."""
+    from data_prep import built
+    from data_prep.build_dataset import build
+    from mvlp_jax.demo import DATASETS
+
     data_dir, emb_dir, _ = pretrain_data
-    storage.upload_tree(data_dir, gcs.url("tfds"))
+    options = dict(DATASETS["covid_notes"], image_size=64)
+    report = build("csv", options.pop("input_dir"), gcs.url("tfds"), name="covid_notes", **options)
+    assert report["dataset_dir"] == gcs.url("tfds", "covid_notes", "1.0.0")
+    local, remote = (built.open_split(built.open_builder(d, "covid_notes")[0], "train") for d in (data_dir,
+                                                                                                 gcs.url("tfds")))
+    assert len(remote) == len(local) == 178
+    for i in (0, 77, 177):
+        assert remote[i]["image"] == local[i]["image"] and remote[i]["study_id"] == local[i]["study_id"]
     storage.upload_tree(emb_dir, gcs.url("emb"))
     return gcs.url("tfds"), gcs.url("emb")
 
