@@ -149,7 +149,7 @@ def build(source: str, input_dir: str, output_dir: str, *, name: str = "", image
         if storage.path(final_dir).exists():
             storage.path(final_dir).rmtree()
         if remote:  # dataset_info.json last: a version without it is not complete to readers
-            storage.upload_tree(staged_dir, final_dir, last=("dataset_info.json",))
+            storage.copy_tree(staged_dir, final_dir, last=("dataset_info.json",))
         else:
             os.makedirs(os.path.dirname(final_dir), exist_ok=True)
             os.replace(staged_dir, final_dir)

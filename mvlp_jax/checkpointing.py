@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint._src.path import temporary_paths  # the pinned orbax's finder of unfinished saves
 
-from mvlp_jax import storage
+from mvlp_jax import lease, storage
 
 CHECKSUMS = "checksums"
 
@@ -68,7 +68,7 @@ class Store:
 
     def __init__(self, workdir: Any, config: ml_collections.ConfigDict, writer: bool = True):
         c = config.checkpoint
-        self.workdir = storage.path(workdir)
+        self.workdir, self.writer = storage.path(workdir), writer
         options = ocp.CheckpointManagerOptions(save_interval_steps=c.save_interval_steps, max_to_keep=c.max_to_keep,
                                                enable_async_checkpointing=c.async_save, create=writer,
                                                cleanup_tmp_directories=writer, read_only=not writer)
@@ -144,19 +144,27 @@ class Store:
             tmp.get().rmtree()
         return [os.fspath(tmp.get()) for tmp in partial]
 
-    def restore(self, state: Any, state_shardings: Any, step: int | None = None,
-                fall_back: bool = False) -> tuple[Any, dict] | None:
+    def restore(self, state: Any, state_shardings: Any, step: int | None = None, fall_back: bool = False,
+                step_flag: str = "--config.step") -> tuple[Any, dict] | None:
         """(state, data state) of checkpoint `step` (default: the newest) laid out with `state_shardings`; None
         when there is none. A checkpoint that fails its checksums (or cannot be read) raises ValueError naming
-        the newest one that verifies; with `fall_back` (resuming training) it is set aside under
-        WORKDIR/corrupt_checkpoints/ with a loud warning and the next newest is restored instead."""
+        the newest one that verifies (and `step_flag`, the caller's flag that picks it); with `fall_back`
+        (resuming training) it is set aside under WORKDIR/corrupt_checkpoints/ with a loud warning and the next
+        newest is restored instead. A reader of a workdir a run is writing (its lease is live) takes sealed
+        checkpoints only, and passes over one the run deletes while it reads."""
         steps = sorted(self.mngr.all_steps())
+        writing = not self.writer and lease.holder(self.workdir) is not None
+        if writing:
+            sealed = set(sealed_steps(self.workdir))
+            steps = [s for s in steps if s in sealed]
         if step is not None and step not in steps:
-            raise FileNotFoundError(f"no checkpoint {step} in {self.mngr.directory}; there are {steps}")
+            raise FileNotFoundError(f"no {'sealed ' if writing else ''}checkpoint {step} in "
+                                    f"{checkpoints_dir(self.workdir)}; there are {steps}")
         candidates = [step] if step is not None else steps[::-1]
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
                                 state_shardings)
         for candidate in candidates:
+            where = checkpoints_dir(self.workdir) / str(candidate)
             problem = verify(self.workdir, candidate)
             if problem is None:
                 try:
@@ -165,16 +173,19 @@ class Store:
                     return restored["state"], dict(restored["data"])
                 except (ValueError, KeyError) as error:
                     if "shape" in str(error).lower() or isinstance(error, KeyError):
-                        raise ValueError(f"checkpoint {candidate} in {self.mngr.directory} does not fit the model "
-                                         f"of the config: {str(error)[:300]}") from error
+                        raise ValueError(f"checkpoint {where} does not fit the model of the config: "
+                                         f"{str(error)[:300]}") from error
                     problem = f"it cannot be read ({type(error).__name__}: {str(error)[:200]})"
                 except Exception as error:  # noqa: BLE001 - tensorstore reports a cut-short file as anything
                     problem = f"it cannot be read ({type(error).__name__}: {str(error)[:200]})"
-            where = checkpoints_dir(self.workdir) / str(candidate)
+            if writing and step is None and not where.exists():
+                print(f"checkpoint {where} was removed by the run while it was read (max_to_keep); taking the "
+                      f"previous one", file=sys.stderr, flush=True)
+                continue
             good = next((s for s in steps[::-1] if s < candidate and verify(self.workdir, s) is None), None)
             if not fall_back:
-                offer = (f"checkpoint {good} verifies: pass its step (e.g. --config.step={good}) to use it"
-                         if good is not None else "no earlier checkpoint verifies")
+                offer = (f"checkpoint {good} verifies: pass {step_flag}={good} to use it" if good is not None
+                         else "no earlier checkpoint verifies")
                 raise ValueError(f"checkpoint {where} is damaged: {problem}; {offer}")
             moved = self.set_aside([candidate], "corrupt_checkpoints")
             print(f"WARNING: checkpoint {where} is damaged ({problem}); moved it to {moved[0] if moved else '?'} "

@@ -33,7 +33,7 @@ def message(error: BaseException) -> str:
                 errno.EACCES: "choose a folder you can write, or fix its permissions",
                 errno.EROFS: "choose a writable folder",
                 errno.ENOTDIR: "a path component is a file, not a folder: choose another path",
-                errno.EEXIST: "remove it or choose another path"}.get(error.errno, "check the path")
+                errno.EEXIST: "it exists already: choose another path"}.get(error.errno, "check the path")
         return f"{system}: {path}{hint}"
     if isinstance(error, UnicodeDecodeError):
         return (f"a file is not UTF-8 text ({error.reason} at byte {error.start}): save it as UTF-8 "

@@ -14,13 +14,31 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Mapping
+import sys
+from typing import Mapping, MutableMapping
 
 SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
 
 
 def on_tpu_vm(environ: Mapping[str, str] = os.environ) -> bool:
     return bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*") or environ.get("TPU_WORKER_HOSTNAMES"))
+
+
+def choose_platforms(environ: MutableMapping[str, str] = os.environ) -> str:
+    """Sets JAX_PLATFORMS (unless the user did) to the backends this machine has, so a CPU or GPU run never
+    loads libtpu: its failed initialisation on a machine without TPU chips prints errors (and, beside a second
+    process, advice to delete its lockfile) into every run. A TPU VM, or a machine with AMD GPUs, keeps JAX's own
+    choice. Returns the setting ('' when left to JAX). Call before JAX initialises a backend."""
+    import importlib.util
+
+    if environ.get("JAX_PLATFORMS") or on_tpu_vm(environ) or os.path.exists("/dev/kfd"):
+        return environ.get("JAX_PLATFORMS", "")
+    cuda = glob.glob("/dev/nvidia[0-9]*") and any(importlib.util.find_spec(f"jax_cuda{v}_plugin")
+                                                   for v in (12, 13))
+    environ["JAX_PLATFORMS"] = "cuda,cpu" if cuda else "cpu"
+    if "jax" in sys.modules:  # imported before us: its config read the environment already
+        sys.modules["jax"].config.update("jax_platforms", environ["JAX_PLATFORMS"])
+    return environ["JAX_PLATFORMS"]
 
 
 def detect(num_processes: int, force: bool, environ: Mapping[str, str] = os.environ,
@@ -64,3 +82,18 @@ def barrier(name: str, timeout_s: int = 1800) -> None:
 
     if jax.process_count() > 1:
         jax_distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)
+
+
+def from_process_0(key: str, value: str, timeout_s: int = 1800) -> str:
+    """Process 0's `value` on every process (through the coordination service's key-value store), e.g. whether
+    a start-up check it alone makes passed. One process: `value`."""
+    import jax
+    from jax._src import distributed as jax_distributed
+
+    if jax.process_count() == 1:
+        return value
+    client = jax_distributed.global_state.client
+    if jax.process_index() == 0:
+        client.key_value_set(key, "=" + value)  # never empty
+        return value
+    return client.blocking_key_value_get(key, timeout_s * 1000)[1:]

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 import jax
 import numpy as np
 
-from mvlp_jax import storage
+from mvlp_jax import cli, storage
 from mvlp_jax.data import views
 from mvlp_jax.features import Encoder
 
@@ -81,11 +82,41 @@ def hf_model(encoder: Encoder):
     return model.eval()
 
 
-def export(encoder: Encoder, output_dir: str, results: str = "") -> str:
-    """Writes the export of `encoder` (features.load_encoder) into `output_dir` (local or gs://: made in a local
-    folder, then uploaded); returns the card's path."""
-    with storage.staged(output_dir) as folder:
-        _write_export(encoder, folder, results)
+MARKER = "export.json"  # what an export wrote, and from which run
+
+
+def check_output_dir(output_dir: str, workdir: str, overwrite: bool) -> None:
+    """Refuses a folder holding files that are not an earlier export of this run (unless `overwrite`), so an
+    export never writes its README.md or config.json over someone else's beside their other files."""
+    folder = storage.path(output_dir)
+    present = sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+    if not present or overwrite:
+        return
+    marker = folder / MARKER
+    earlier = storage.read_json(marker) if marker.exists() else {}
+    if earlier.get("workdir") == storage.canonical(workdir):
+        return
+    whose = f"an export of another run ({earlier['workdir']})" if earlier else "not an export of this run"
+    raise cli.UserError(f"--output_dir={output_dir} holds {len(present)} files ({', '.join(present[:5])}"
+                        f"{', ...' if len(present) > 5 else ''}), {whose}: choose an empty folder, or pass "
+                        f"--overwrite to write this export over same-named files")
+
+
+def export(encoder: Encoder, output_dir: str, results: str = "", workdir: str = "") -> str:
+    """Writes the export of `encoder` (features.load_encoder of `workdir`) into `output_dir` (local or gs://: made
+    in a local folder, then uploaded) with `export.json` naming the run; returns the card's path. The files an
+    earlier export of the folder wrote and this one does not are removed."""
+    folder = storage.path(output_dir)
+    earlier = storage.read_json(folder / MARKER).get("files", []) if (folder / MARKER).exists() else []
+    with tempfile.TemporaryDirectory(prefix="mvlp-export-") as staging:
+        _write_export(encoder, staging, results)
+        written = sorted(os.listdir(staging)) + [MARKER]
+        with open(os.path.join(staging, MARKER), "w") as f:
+            json.dump({"workdir": storage.canonical(workdir) if workdir else "", "checkpoint": encoder.source,
+                       "step": encoder.step, "files": written}, f, indent=2)
+        storage.copy_tree(staging, output_dir)
+    for stale in set(earlier) - set(written):
+        (folder / stale).unlink(missing_ok=True)
     return storage.join(output_dir, "README.md")
 
 
@@ -177,6 +208,7 @@ def define_flags() -> None:
     flags.DEFINE_string("output_dir", None, "Where the export goes.")
     flags.DEFINE_string("results", "", "An evaluation results.json whose rows for this checkpoint go on the card.")
     flags.DEFINE_bool("teacher", False, "Export a DINO run's EMA teacher encoder instead of the student.")
+    flags.DEFINE_bool("overwrite", False, "Write into a folder holding other files (same-named ones are replaced).")
     flags.mark_flags_as_required(["workdir", "output_dir"])
 
 
@@ -189,14 +221,13 @@ def main(argv: list[str]) -> int:
     f = flags.FLAGS
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.AXES)
     storage.check_writable_dir(f.output_dir, "--output_dir")
-    encoder = features.load_encoder(f.workdir, f.step, mesh, teacher=f.teacher)
-    path = export(encoder, f.output_dir, f.results)
+    check_output_dir(f.output_dir, f.workdir, f.overwrite)
+    encoder = features.load_encoder(f.workdir, f.step, mesh, teacher=f.teacher, step_flag="--step")
+    path = export(encoder, f.output_dir, f.results, workdir=f.workdir)
     print(f"exported {encoder.source} to {f.output_dir} (model card {path})")
     return 0
 
 
 if __name__ == "__main__":
-    from mvlp_jax import cli
-
     define_flags()
     cli.run("mvlp_jax.export", main)

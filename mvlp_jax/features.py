@@ -60,10 +60,12 @@ def display_name(workdir: str) -> str:
     return RANDOM_INIT if workdir == RANDOM_INIT else os.path.basename(os.path.normpath(workdir))
 
 
-def load_encoder(workdir: str, step: int, mesh: jax.sharding.Mesh, like: str = "", teacher: bool = False) -> Encoder:
+def load_encoder(workdir: str, step: int, mesh: jax.sharding.Mesh, like: str = "", teacher: bool = False,
+                 step_flag: str = "--config.step") -> Encoder:
     """The params of `workdir`'s checkpoint `step` (-1: newest), without the optimizer state, on `mesh`.
     `random_init` gives the architecture of `like` (a workdir) at its initialisation: the floor. `teacher`
-    swaps in a DINO run's EMA teacher encoder (the network DINO evaluates) for the student's."""
+    swaps in a DINO run's EMA teacher encoder (the network DINO evaluates) for the student's. `step_flag`: the
+    caller's flag that picks a step, named when a checkpoint is damaged."""
     source = like if workdir == RANDOM_INIT else workdir
     if not source:
         raise ValueError("random_init needs an architecture: list a real workdir too, or set config.random_init_like")
@@ -81,7 +83,7 @@ def load_encoder(workdir: str, step: int, mesh: jax.sharding.Mesh, like: str = "
         store.close()
         raise FileNotFoundError(f"{workdir} has no checkpoints (looked in {workdir}/checkpoints)")
     try:
-        restored = store.restore(abstract, state_sh, None if step < 0 else step)
+        restored = store.restore(abstract, state_sh, None if step < 0 else step, step_flag=step_flag)
     finally:
         store.close()
     state = restored[0]

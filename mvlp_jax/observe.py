@@ -257,7 +257,7 @@ class ProfileWindow:
         jax.profiler.stop_trace()
         self.running = False
         if self.local != self.workdir:
-            storage.upload_tree(self.local, self.workdir)
+            storage.copy_tree(self.local, self.workdir)
             shutil.rmtree(self.local, ignore_errors=True)
         if jax.process_index() == 0:
             print(f"profile of steps {self.first}-{self.last} written to {self.workdir}/plugins/profile "

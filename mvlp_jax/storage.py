@@ -11,19 +11,18 @@ server on 127.0.0.1, or `gcp-storage-emulator` to try a pod recipe on a laptop).
 Object stores have no append and no folder rename. A file is written whole (`write_bytes`: an object appears
 complete or not at all; a local file is renamed into place); files that grow (metrics.jsonl, TensorBoard
 events) live in a local `Spool` uploaded whole at each flush; outputs that other tools write only to local
-folders (Hugging Face `save_pretrained`, profiler traces, TFDS builds) are made in a local folder and uploaded
-when complete (`staged`).
+folders (Hugging Face `save_pretrained`, profiler traces, TFDS builds) are made in a local folder and copied
+when complete (`copy_tree`).
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import shutil
 import socket
 import tempfile
-from typing import Any, Iterator
+from typing import Any
 
 ENDPOINT_ENV = "MVLP_GCS_ENDPOINT"
 REMOTE_SCHEMES = ("gs://",)
@@ -141,6 +140,31 @@ def write_bytes(location: Any, data: bytes) -> None:
     os.replace(tmp, target)
 
 
+def create_exclusive(location: Any, data: bytes) -> bool:
+    """Writes a new file at `location` only if none is there, atomically (a link into place locally, a create-only
+    upload on gs://); False when one exists."""
+    target = path(location)
+    if is_remote(target):
+        try:
+            _gcs().pipe_file(os.fspath(target), data, mode="create")
+            return True
+        except Exception:  # noqa: BLE001 - the store's precondition failure, or a real error raised below
+            if target.exists():
+                return False
+            raise
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{target}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    try:
+        os.link(tmp, target)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        os.remove(tmp)
+
+
 def write_text(location: Any, text: str) -> None:
     write_bytes(location, text.encode())
 
@@ -210,31 +234,14 @@ def canonical(location: Any) -> str:
     return os.fspath(where).rstrip("/") if is_remote(where) else os.path.realpath(where)
 
 
-def upload_tree(local: str, target: Any, last: tuple[str, ...] = ()) -> None:
-    """Copies the files under local folder `local` to `target` (a remote folder), keeping relative names; the
-    files named in `last` go after all others (a marker that makes the folder complete to readers)."""
+def copy_tree(local: str, target: Any, last: tuple[str, ...] = ()) -> None:
+    """Copies the files under local folder `local` into `target` (local or remote), keeping relative names, each
+    written whole; the files named in `last` go after all others (a marker that makes the folder complete)."""
     names = sorted(os.path.relpath(os.path.join(d, f), local) for d, _, files in os.walk(local) for f in files)
     root = path(target)
     for name in sorted(names, key=lambda n: n in last):
         with open(os.path.join(local, name), "rb") as f:
-            (root / name).write_bytes(f.read())
-
-
-@contextlib.contextmanager
-def staged(target: Any) -> Iterator[str]:
-    """A local folder to write `target`'s files into: `target` itself when local; for a remote target a
-    temporary folder uploaded when the block ends without an error (then removed)."""
-    where = path(target)
-    if not is_remote(where):
-        os.makedirs(where, exist_ok=True)
-        yield os.fspath(where)
-        return
-    local = tempfile.mkdtemp(prefix="mvlp-staged-")
-    try:
-        yield local
-        upload_tree(local, where)
-    finally:
-        shutil.rmtree(local, ignore_errors=True)
+            write_bytes(root / name, f.read())
 
 
 class Spool:

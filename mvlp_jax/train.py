@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 
 from mvlp_jax import checkpointing, configuration, distributed, host_memory, observe, optim, sharding, startup
-from mvlp_jax import storage, train_step
+from mvlp_jax import cli, lease, storage, train_step
 from mvlp_jax.data import pipeline
 from mvlp_jax.models.pretrainer import Pretrainer
 
@@ -55,14 +55,36 @@ class Outcome:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> Outcome:
+    """Trains `config` in `workdir` (local or gs://), resuming from its newest checkpoint; process 0 holds the
+    workdir's lease (one writer) from the first write to the end."""
     configuration.validate(config)
     workdir = os.fspath(storage.check_writable_dir(workdir, "--workdir"))
+    if jax.process_index() == 0 and (holder := lease.holder(workdir)) is not None:
+        raise cli.UserError(f"{workdir} is being trained by {holder.describe()}: wait for it to finish or stop it "
+                            f"(SIGTERM saves and exits), or choose another --workdir")
     cache = observe.use_compilation_cache(config.compilation_cache_dir, workdir)
     mesh = sharding.make_mesh(config)
     startup.check_batch(config, mesh)
     records = pipeline.open_records(config)
     target_dim = records.table.dim if records.table else 0
     changes = startup.check_resume(config, workdir, target_dim)  # before anything is written
+    held, refused = None, ""
+    if jax.process_index() == 0:
+        try:
+            held = lease.Lease(workdir).take()
+        except cli.UserError as error:
+            refused = str(error)
+    if refused := distributed.from_process_0("mvlp_jax:lease", refused):
+        raise cli.UserError(refused)
+    try:
+        return _train(config, workdir, mesh, records, target_dim, changes, cache)
+    finally:
+        if held is not None:
+            held.release()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh, records: pipeline.TrainRecords,
+           target_dim: int, changes: dict, cache: str | None) -> Outcome:
     if jax.process_index() == 0:
         startup.record(config, workdir, target_dim, changes)
     for key, (old, new) in changes.items():

@@ -315,7 +315,7 @@ def draw_checkpoint(workdir: str, step: int = -1, split: str = "", count: int = 
     from mvlp_jax.data import targets as targets_lib
 
     mesh = sharding.make_mesh(ml_collections.ConfigDict({"mesh": {"data": -1, "fsdp": 1, "model": 1}}))
-    encoder = features.load_encoder(workdir, step, mesh)
+    encoder = features.load_encoder(workdir, step, mesh, step_flag="--step")
     config = ml_collections.ConfigDict(encoder.config.to_dict())
     config.data.data_dir, config.data.dataset = data_dir or config.data.data_dir, dataset or config.data.dataset
     table = None

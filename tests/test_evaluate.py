@@ -260,3 +260,24 @@ def test_labels_without_positives_in_the_training_subset_are_skipped_and_named(n
     config.label_fractions = (0.001,)  # one patient: no label has both classes
     with pytest.raises(ValueError, match=r"label fraction 0.001 keeps \d+ training cases of 1 patients, and no label"):
         evaluate.evaluate(config, str(tmp_path / "tiny"))
+
+
+def test_a_cpu_evaluation_never_loads_libtpu(nih_and_workdir, tmp_path):
+    """With the TPU compiler installed (make installs it for mvlp_jax.aot), a CPU run says nothing of TPUs: libtpu's
+    failed start-up printed errors and advice to delete its lockfile into every run."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    data_dir, workdir = nih_and_workdir
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "ALLOW_MULTIPLE_LIBTPU_LOAD")}
+    probe = os.path.join(REPO, "configs", "linear_probe.py") + ":nih_sample"
+    run = subprocess.run([sys.executable, "-m", "mvlp_jax.evaluate", f"--config={probe}",
+                          f"--config.workdirs={workdir}", f"--config.data_dir={data_dir}", "--config.bootstrap=20",
+                          f"--output_dir={tmp_path}"], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    output = (run.stdout + run.stderr).lower()
+    assert "tpu" not in output, [line for line in output.splitlines() if "tpu" in line][:5]
+    assert "| pretrain | 4 |" in open(tmp_path / "results.md").read()

@@ -79,3 +79,37 @@ def test_an_exported_run_loads_in_transformers_and_gives_the_jax_tokens(kind, pr
     text = open(card).read()
     assert f"transformers `{kind}`" in text and "covid_notes" in text and os.path.exists(tmp_path / "hf" /
                                                                                         "training_config.json")
+
+
+def test_export_refuses_a_folder_of_other_files_but_redoes_its_own(contrastive_run, tmp_path):
+    """An export never writes its README.md and config.json beside someone else's files without --overwrite; an
+    earlier export of the same run is replaced, leaving none of its stale files."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "README.md").write_text("my notes")
+    (folder / "config.json").write_text("{}")
+    command = [sys.executable, "-m", "mvlp_jax.export", f"--workdir={contrastive_run}", f"--output_dir={folder}"]
+    refused = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and "holds 2 files (README.md, config.json), not an export of this run" in \
+        " ".join(refused.stderr.split()) and "--overwrite" in refused.stderr
+    assert (folder / "README.md").read_text() == "my notes"
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.AXES)
+    encoder = features.load_encoder(contrastive_run, -1, mesh)
+    mine = tmp_path / "mine"
+    export.export(encoder, str(mine), workdir=contrastive_run)
+    (mine / "stale.safetensors").write_text("")  # as if an earlier export had written it
+    marker = json.load(open(mine / export.MARKER))
+    json.dump({**marker, "files": marker["files"] + ["stale.safetensors"]}, open(mine / export.MARKER, "w"))
+    export.check_output_dir(str(mine), contrastive_run, overwrite=False)  # its own earlier export: fine
+    export.export(encoder, str(mine), workdir=contrastive_run)
+    assert not (mine / "stale.safetensors").exists() and (mine / "model.safetensors").exists()
+    with pytest.raises(Exception, match="an export of another run"):
+        export.check_output_dir(str(mine), str(tmp_path / "other_run"), overwrite=False)
+    overwritten = subprocess.run(command + ["--overwrite"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert overwritten.returncode == 0, overwritten.stderr[-2000:]
+    assert "mvlp_jax" in (folder / "README.md").read_text()

@@ -1,15 +1,17 @@
 """A run never trusts what it should not: a resume under another layout is refused before anything is
 written, checkpoints of diverged weights leave the run, a damaged checkpoint is caught by its checksums,
-and a full disk ends in a message with no half-written checkpoint left behind."""
+a full disk ends in a message with no half-written checkpoint left behind, and a workdir has one writer."""
 import json
 import os
 import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 
 from mvlp_jax import checkpointing, features, observe, sharding, train
+from tests.conftest import REPO
 from tests.pretrain_setup import micro_config
 
 
@@ -116,7 +118,7 @@ def test_a_damaged_checkpoint_is_caught_and_the_previous_good_one_is_offered(pre
     assert checkpointing.verify(workdir, 2) is None
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.AXES)
     with pytest.raises(ValueError, match=r"checkpoints/4 is damaged: file .* has changed since it was saved .*; "
-                                         r"checkpoint 2 verifies: pass its step"):
+                                         r"checkpoint 2 verifies: pass --config.step=2 to use it"):
         features.load_encoder(workdir, -1, mesh)
     assert features.load_encoder(workdir, 2, mesh).step == 2
     # resuming training falls back to checkpoint 2 with a warning and sets the damaged one aside
@@ -149,3 +151,71 @@ def test_a_full_disk_while_saving_ends_cleanly_without_partial_checkpoints(pretr
     assert "No space left on device" in str(caught.value) and "rerun to resume" in str(caught.value)
     leftovers = os.listdir(os.path.join(workdir, "checkpoints"))
     assert all(name.isdigit() for name in leftovers), leftovers
+
+
+def test_a_second_start_on_a_live_workdir_refuses_naming_the_holder_and_readers_take_sealed_checkpoints(
+        pretrain_data, trained, tmp_path):
+    import signal
+    import socket
+
+    from mvlp_jax import lease
+    from tests.pretrain_setup import write_config_file
+    from tests.test_pretrain_runs import ONE_DEVICE, _finish, _main, _wait_for_step
+
+    data_dir, emb_dir, _ = pretrain_data
+    config = write_config_file(str(tmp_path / "c.py"), data_dir, emb_dir, total_steps=100000,
+                               **{"checkpoint.save_interval_steps": 3})
+    workdir = str(tmp_path / "live")
+    first = _main(config, workdir, env=ONE_DEVICE)
+    _wait_for_step(workdir, 4, first)
+    held = lease.holder(workdir)
+    assert held is not None and held.pid == first.pid and held.host == socket.gethostname()
+    events = sorted(n for n in os.listdir(workdir) if n.startswith("events"))
+    second = subprocess.run([sys.executable, "-m", "mvlp_jax.main", f"--config={config}", f"--workdir={workdir}"],
+                            cwd=REPO, env=ONE_DEVICE, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert f"is being trained by process {first.pid} on {socket.gethostname()}" in " ".join(second.stderr.split())
+    assert "Traceback" not in second.stderr and "remove" not in second.stderr
+    assert sorted(n for n in os.listdir(workdir) if n.startswith("events")) == events  # it wrote nothing
+    first.send_signal(signal.SIGTERM)
+    _finish(first)
+    assert lease.holder(workdir) is None and not os.path.exists(os.path.join(workdir, lease.FILE))
+    # while a run holds the lease, a reader takes the newest sealed checkpoint, never one not sealed yet
+    steps = checkpointing.finished_steps(workdir)
+    os.remove(os.path.join(workdir, checkpointing.CHECKSUMS, f"{steps[-1]}.json"))
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.AXES)
+    assert features.load_encoder(workdir, -1, mesh).step == steps[-1]  # no run: every finished checkpoint
+    held = lease.Lease(workdir).take()  # this process as the live writer
+    try:
+        assert features.load_encoder(workdir, -1, mesh).step == steps[-2]
+    finally:
+        held.release()
+
+
+def test_a_lease_left_by_a_dead_run_is_taken_over_and_a_fresh_one_from_another_host_is_not(
+        pretrain_data, trained, tmp_path, capsys):
+    import socket
+    import time
+
+    from mvlp_jax import cli, lease
+
+    data_dir, emb_dir, _ = pretrain_data
+    workdir = _copy(trained, tmp_path)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    path = os.path.join(workdir, lease.FILE)
+    stale = {"host": socket.gethostname(), "pid": dead.pid, "started": "2026-01-01T00:00:00+00:00",
+             "heartbeat": time.time(), "token": "killed-run"}
+    with open(path, "w") as f:
+        json.dump(stale, f)
+    train.train(micro_config(data_dir, emb_dir, total_steps=6), workdir)
+    assert f"taking over the lease of {workdir} from process {dead.pid}" in capsys.readouterr().out
+    assert not os.path.exists(path)  # released at the end
+    elsewhere = dict(stale, host="another-host", pid=1)
+    with open(path, "w") as f:
+        json.dump(elsewhere, f)
+    with pytest.raises(cli.UserError, match="is being trained by process 1 on another-host"):
+        train.train(micro_config(data_dir, emb_dir, total_steps=8), workdir)
+    with open(path, "w") as f:
+        json.dump(dict(elsewhere, heartbeat=time.time() - lease.STALE_AFTER_S - 1), f)
+    assert train.train(micro_config(data_dir, emb_dir, total_steps=8), workdir).last_step == 8

@@ -75,7 +75,7 @@ def remote_data(pretrain_data, gcs):
     assert len(remote) == len(local) == 178
     for i in (0, 77, 177):
         assert remote[i]["image"] == local[i]["image"] and remote[i]["study_id"] == local[i]["study_id"]
-    storage.upload_tree(emb_dir, gcs.url("emb"))
+    storage.copy_tree(emb_dir, gcs.url("emb"))
     return gcs.url("tfds"), gcs.url("emb")
 
 
