@@ -20,7 +20,7 @@ import time
 from absl import app, flags
 
 from data_prep import records as R
-from data_prep.images import parse_window
+from data_prep.images import parse_mask_values, parse_window
 from data_prep.sources import SOURCE_NAMES, get_scanner
 from mvlp_jax import storage
 
@@ -33,6 +33,9 @@ flags.DEFINE_integer("image_size", 512, "Shorter image side after resize (aspect
 flags.DEFINE_integer("channels", 1, "1 stores grayscale; 3 keeps colour (fundus photographs, dermoscopy, slides).")
 flags.DEFINE_string("window", "", "16-bit files: '' stretches each image's range; 'L,W' a level/width window in "
                     "the file's pixel units ('2048,4096'); 'pLO,HI' each image's percentiles ('p0.5,99.5').")
+flags.DEFINE_string("mask_values", "auto", "Which stored mask values are foreground: 'auto' (a mask's one non-zero "
+                    "value: 0/1, 0/255 alike; several stop the build), 'nonzero', '>T' (e.g. '>127' for blurred or "
+                    "JPEG masks), or label values '1,2' (the classes of a label map).")
 flags.DEFINE_enum("views", "frontal", ["frontal", "all"], "frontal keeps PA/AP acquisitions only.")
 flags.DEFINE_boolean("strict", False, "Fail on the first bad record instead of skipping and counting it.")
 flags.DEFINE_integer("num_workers", 1, "Processes decoding and resizing images in parallel.")
@@ -61,7 +64,7 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 def build(source: str, input_dir: str, output_dir: str, *, name: str = "", image_size: int = 512,
           views: str = "frontal", strict: bool = False, num_workers: int = 1, overwrite: bool = False,
-          channels: int = 1, window: str = "", **source_options) -> dict:
+          channels: int = 1, window: str = "", mask_values: str = "auto", **source_options) -> dict:
     """Scans, decodes and writes one dataset; returns the build report (also written as JSON). Images are stored
     as 8-bit grayscale, or colour with `channels=3`; 16-bit files go through `window` (images.parse_window)."""
     import tensorflow_datasets as tfds  # heavy: imported here so decode workers never load it
@@ -82,6 +85,7 @@ def build(source: str, input_dir: str, output_dir: str, *, name: str = "", image
         raise R.InputError(f"--channels={channels}: 1 (grayscale) or 3 (colour)")
     try:
         parse_window(window)
+        parse_mask_values(mask_values)
     except ValueError as error:
         raise R.InputError(str(error)) from None
     remote = storage.is_remote(output_dir)
@@ -114,7 +118,8 @@ def build(source: str, input_dir: str, output_dir: str, *, name: str = "", image
     try:
         tfds.disable_progress_bar()
         builder = builder_class(name)(scan=scan, image_size=image_size, num_workers=num_workers,
-                                      decode_skips=decode_skips, channels=channels, window=window, data_dir=staging,
+                                      decode_skips=decode_skips, channels=channels, window=window,
+                                      mask_values=mask_values, data_dir=staging,
                                       file_format="array_record")
         try:
             builder.download_and_prepare()
@@ -124,6 +129,10 @@ def build(source: str, input_dir: str, output_dir: str, *, name: str = "", image
             raise R.InputError(f"{error}: every record of that split was skipped while decoding "
                                f"({decode_skips.as_dict()})") from None
         written = {split: info.num_examples for split, info in builder.info.splits.items()}
+        masks = mask_summary(builder, mask_values)
+        if builder.box_fixes:
+            print("boxes fixed while building (recorded in build_report.json): " + ", ".join(
+                f"{kind.replace('_', ' ')} {n}" for kind, n in sorted(builder.box_fixes.items())), flush=True)
         if sum(written.values()) == 0:
             raise R.InputError(f"every record of {input_dir} was skipped: {decode_skips.as_dict()}")
         skips = R.SkipLog()
@@ -133,7 +142,8 @@ def build(source: str, input_dir: str, output_dir: str, *, name: str = "", image
         report = {
             "source": source, "name": name, "version": VERSION, "source_version": scan.source_version,
             "input_dir": os.path.abspath(input_dir), "image_size": image_size, "views": views,
-            "channels": channels, "window": window,
+            "channels": channels, "window": window, **({"masks": masks} if masks else {}),
+            **({"boxes_fixed": dict(builder.box_fixes)} if "boxes" in scan.annotations else {}),
             "source_bit_depths": {str(bits): n for bits, n in sorted(builder.bit_depths.items())},
             "label_names": list(scan.label_names), "annotations": list(scan.annotations),
             "records_read": scan.records_read,
@@ -159,6 +169,26 @@ def build(source: str, input_dir: str, output_dir: str, *, name: str = "", image
             shutil.rmtree(local_root, ignore_errors=True)
     report["dataset_dir"] = final_dir
     return report
+
+
+def mask_summary(builder, mask_values: str) -> dict:
+    """What the masks held: per split how many and how many empty (warned about when most are), the non-zero
+    values found; with --mask_values=auto, masks whose one value differs from mask to mask (a label map of several
+    classes, or two encodings) stop the build, naming the values and the flag."""
+    if not builder.masks:
+        return {}
+    found = {f"{v:g}": n for v, n in sorted(builder.mask_values.items())}
+    if mask_values == "auto" and len(found) > 1:
+        counts = ", ".join(f"{v}: {n} masks" for v, n in found.items())
+        raise R.InputError(f"the masks hold different non-zero values ({counts}): a label map of several classes, "
+                           f"or two encodings? Say which values are foreground with --mask_values (e.g. "
+                           f"--mask_values={next(iter(found))}, or nonzero)")
+    per_split = {split: {"masks": c["masks"], "empty": c["empty"]} for split, c in sorted(builder.masks.items())}
+    for split, c in per_split.items():
+        if c["empty"] > c["masks"] / 2:
+            print(f"WARNING: {c['empty']} of the {c['masks']} masks of split {split} are empty (no foreground under "
+                  f"--mask_values={mask_values}): check the encoding; Dice over such masks says little", flush=True)
+    return {"mask_values": mask_values, "foreground_values_found": found, "per_split": per_split}
 
 
 def remove_abandoned_staging(output_dir: str, name: str) -> list[str]:
@@ -206,7 +236,7 @@ def main(argv: list[str]) -> None:
                    boxes_csv=FLAGS.boxes_csv)
     report = build(FLAGS.source, FLAGS.input_dir, FLAGS.output_dir, name=FLAGS.name, image_size=FLAGS.image_size,
                    views=FLAGS.views, strict=FLAGS.strict, num_workers=FLAGS.num_workers, overwrite=FLAGS.overwrite,
-                   channels=FLAGS.channels, window=FLAGS.window, **options)
+                   channels=FLAGS.channels, window=FLAGS.window, mask_values=FLAGS.mask_values, **options)
     print(summary_line(report))
 
 

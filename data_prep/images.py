@@ -10,7 +10,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from data_prep.records import BAD_BOX, IMAGE_UNREADABLE, MASK_UNREADABLE
+from data_prep.records import IMAGE_UNREADABLE, MASK_ENCODING, MASK_UNREADABLE
 
 
 HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
@@ -106,35 +106,97 @@ def load_png(path: str, shorter_side: int, channels: int = 1, window: str = "") 
     return _png(image), (image.height, image.width)
 
 
-def load_mask_png(path: str, source_size: tuple[int, int], target: tuple[int, int]) -> bytes:
-    """A mask file of the image's (width, height) `source_size` -> PNG bytes of 0/1 uint8 at `target` (width,
-    height), resized nearest-neighbour so every pixel stays a label. ValueError when the sizes differ."""
+class MaskEncodingError(ValueError):
+    """A mask whose values do not say which pixels are foreground under the chosen --mask_values."""
+
+
+def parse_mask_values(spec: str) -> tuple[str, tuple[float, ...]]:
+    """--mask_values: 'auto' (a mask's one non-zero value is foreground: 0/1, 0/255, 0/127 alike), 'nonzero',
+    '>T' (values above T, e.g. '>127' for anti-aliased or JPEG masks), or 'V,V,...' (those label values, e.g. the
+    classes of a label map) -> (kind, values); ValueError naming the bad text."""
+    if spec in ("auto", "nonzero"):
+        return spec, ()
+    try:
+        if spec.startswith(">"):
+            return "above", (float(spec[1:]),)
+        values = tuple(float(v) for v in spec.split(","))
+    except ValueError:
+        raise ValueError(f"--mask_values={spec!r}: give auto, nonzero, >T (e.g. >127) or label values (e.g. 1,2)"
+                         ) from None
+    if not values or 0 in values:
+        raise ValueError(f"--mask_values={spec!r}: list the foreground values (0 is the background)")
+    return "values", values
+
+
+def mask_foreground(values: np.ndarray, rule: tuple[str, tuple[float, ...]]) -> np.ndarray:
+    """The foreground (bool) of a mask's stored values under `rule` (parse_mask_values); MaskEncodingError when
+    'auto' meets several non-zero values."""
+    kind, given = rule
+    if kind == "nonzero":
+        return values != 0
+    if kind == "above":
+        return values > given[0]
+    if kind == "values":
+        return np.isin(values, given)
+    present = np.unique(values[values != 0])
+    if len(present) > 1:
+        shown = ", ".join(f"{v:g}" for v in present[:8]) + (", ..." if len(present) > 8 else "")
+        raise MaskEncodingError(f"mask values {shown} besides 0: a label map of several classes, or an anti-aliased "
+                                f"mask? Say which pixels are foreground with --mask_values (e.g. --mask_values=1 or "
+                                f"1,2 for label values, >127 for a blurred 0/255 mask, nonzero for any label)")
+    return values != 0
+
+
+def load_mask_png(path: str, source_size: tuple[int, int], target: tuple[int, int],
+                  rule: tuple[str, tuple[float, ...]] = ("auto", ())) -> tuple[bytes, tuple[float, ...], bool]:
+    """A mask file of the image's (width, height) `source_size` -> (PNG bytes of 0/1 uint8 at `target` (width,
+    height), resized nearest-neighbour so every pixel stays a label; the non-zero values the file holds; whether
+    its foreground is empty). Label
+    maps are read as stored (palette indices stay indices); colour masks as their luminance. ValueError when the
+    sizes differ, MaskEncodingError when `rule` cannot tell the foreground."""
     with Image.open(path) as mask:
         mask.load()
         if mask.size != source_size:
             raise ValueError(f"mask is {mask.size[0]}x{mask.size[1]} px, its image {source_size[0]}x{source_size[1]}")
-        binary = Image.fromarray((np.asarray(mask.convert("L")) > 127).astype(np.uint8))
+        stored = mask if mask.mode in ("L", "P", "1", "I", "I;16", "I;16B", "I;16L", "F") else mask.convert("L")
+        values = np.asarray(stored).astype(np.float64)
+    foreground = mask_foreground(values, rule)
+    binary = Image.fromarray(foreground.astype(np.uint8))
     if binary.size != target:
         binary = binary.resize(target, Image.Resampling.NEAREST)
-    return _png(binary)
+    return _png(binary), tuple(float(v) for v in np.unique(values[values != 0])[:16]), not foreground.any()
 
 
-def scale_boxes(boxes, source_size: tuple[int, int], target: tuple[int, int]) -> np.ndarray:
-    """(N, 4) x0, y0, x1, y1 in source pixels -> float32 in target pixels; ValueError for a box that is empty
-    or leaves the image (by more than half a pixel)."""
+def scale_boxes(boxes, source_size: tuple[int, int], target: tuple[int, int]
+                ) -> tuple[np.ndarray, dict[str, int], list[int]]:
+    """(N, 4) x0, y0, x1, y1 in source pixels -> (float32 boxes in target pixels, what was fixed, the indices of
+    the boxes kept): swapped corners
+    (a negative width or height) are put in order, a box crossing the image's edge is clipped to it, and a box
+    with no area left (zero-sized, or wholly outside the image) is dropped; each is counted by kind."""
     out = np.asarray(boxes, np.float64).reshape(-1, 4)
     (w, h), (tw, th) = source_size, target
-    for box in out:
-        x0, y0, x1, y1 = box
-        if not (-0.5 <= x0 < x1 <= w + 0.5 and -0.5 <= y0 < y1 <= h + 0.5):
-            raise ValueError(f"box {box.round(1).tolist()} is empty or outside the {w}x{h} px image")
-    return (out * np.array([tw / w, th / h, tw / w, th / h])).astype(np.float32)
+    fixes = {"corners_swapped": 0, "clipped": 0, "dropped": 0}
+    kept, indices = [], []
+    for index, box in enumerate(out):
+        ordered = np.array([min(box[0], box[2]), min(box[1], box[3]), max(box[0], box[2]), max(box[1], box[3])])
+        fixes["corners_swapped"] += bool((ordered != box).any())
+        clipped = np.clip(ordered, 0, [w, h, w, h])
+        if not (clipped[0] < clipped[2] and clipped[1] < clipped[3]):
+            fixes["dropped"] += 1
+            continue
+        fixes["clipped"] += bool(np.abs(clipped - ordered).max() > 0.5)  # half a pixel over is rounding
+        kept.append(clipped)
+        indices.append(index)
+    scaled = np.asarray(kept, np.float64).reshape(-1, 4) * np.array([tw / w, th / h, tw / w, th / h])
+    return scaled.astype(np.float32), {k: v for k, v in fixes.items() if v}, indices
 
 
 def decode_task(args: tuple) -> tuple[int, dict | None, str, str]:
-    """Pool-friendly: (index, path, size, mask path or '', boxes, channels, window) -> (index, {"image": png[,
-    "mask": png], "boxes": float32 (N, 4), "bit_depth": the file's} or None, skip reason, error message)."""
-    index, path, shorter_side, mask_path, boxes, channels, window = args
+    """Pool-friendly: (index, path, size, mask path or '', boxes, channels, window, mask values) -> (index,
+    {"image": png[, "mask": png, "mask_values": the file's non-zero values, "mask_empty"], "boxes": float32 (N, 4),
+    "box_fixes", "box_kept": scale_boxes's counts and kept boxes, "bit_depth": the file's} or None, skip reason,
+    error message)."""
+    index, path, shorter_side, mask_path, boxes, channels, window, mask_values = args
     try:
         image, source_size, bits = _load(path, shorter_side, channels, parse_window(window))
         out = {"image": _png(image), "bit_depth": bits}
@@ -142,11 +204,11 @@ def decode_task(args: tuple) -> tuple[int, dict | None, str, str]:
         return index, None, IMAGE_UNREADABLE, f"{type(e).__name__}: {e}"
     if mask_path:
         try:
-            out["mask"] = load_mask_png(mask_path, source_size, image.size)
+            out["mask"], out["mask_values"], out["mask_empty"] = load_mask_png(mask_path, source_size, image.size,
+                                                                               parse_mask_values(mask_values))
+        except MaskEncodingError as e:
+            return index, None, MASK_ENCODING, f"{mask_path}: {e}"
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             return index, None, MASK_UNREADABLE, f"{mask_path}: {type(e).__name__}: {e}"
-    try:
-        out["boxes"] = scale_boxes(boxes, source_size, image.size)
-    except ValueError as e:
-        return index, None, BAD_BOX, str(e)
+    out["boxes"], out["box_fixes"], out["box_kept"] = scale_boxes(boxes, source_size, image.size)
     return index, out, "", ""

@@ -34,7 +34,7 @@ NO_SPLIT = "no_split"
 DUPLICATE_IMAGE = "duplicate_image_id"
 MASK_MISSING = "mask_missing"
 MASK_UNREADABLE = "mask_unreadable"
-BAD_BOX = "bad_box"
+MASK_ENCODING = "mask_encoding"  # never skipped: the build stops and names --mask_values
 
 SPLIT_NAMES = ("train", "validate", "test")
 

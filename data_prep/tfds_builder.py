@@ -53,11 +53,14 @@ class ChestXrayBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     VERSION = tfds.core.Version(VERSION)
 
     def __init__(self, *, scan: R.SourceScan, image_size: int, num_workers: int,
-                 decode_skips: R.SkipLog, channels: int = 1, window: str = "", **kwargs):
+                 decode_skips: R.SkipLog, channels: int = 1, window: str = "", mask_values: str = "auto", **kwargs):
         self._scan = scan
         self._image_size = image_size
-        self._channels, self._window = channels, window
+        self._channels, self._window, self._mask_values = channels, window, mask_values
         self.bit_depths: Counter = Counter()  # the source files' bits per sample -> images
+        self.masks: dict[str, Counter] = {}  # split -> {"masks": n, "empty": n}
+        self.mask_values: Counter = Counter()  # a non-zero stored mask value -> masks holding it
+        self.box_fixes: Counter = Counter()  # boxes put in order, clipped or dropped (images.scale_boxes)
         self._num_workers = num_workers
         self._decode_skips = decode_skips
         super().__init__(**kwargs)
@@ -70,7 +73,7 @@ class ChestXrayBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 label_names=list(self._scan.label_names), source=self._scan.source,
                 source_version=self._scan.source_version, image_size=self._image_size,
                 annotations=list(self._scan.annotations), channels=self._channels, bit_depth=8,
-                window=self._window),
+                window=self._window, mask_values=self._mask_values),
         )
 
     def _split_generators(self, dl_manager):
@@ -78,8 +81,8 @@ class ChestXrayBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 for split, recs in sorted(self._scan.splits().items())}
 
     def _generate_examples(self, split: str, recs: list[R.RawRecord]) -> Iterator[tuple[str, dict]]:
-        tasks = [(i, rec.image_path, self._image_size, rec.mask_path, rec.boxes, self._channels, self._window)
-                 for i, rec in enumerate(recs)]
+        tasks = [(i, rec.image_path, self._image_size, rec.mask_path, rec.boxes, self._channels, self._window,
+                  self._mask_values) for i, rec in enumerate(recs)]
         annotations = self._scan.annotations
         bar = tqdm(total=len(tasks), desc=f"{self.name}/{split}", unit="img", dynamic_ncols=True)
         start = time.perf_counter()
@@ -87,6 +90,8 @@ class ChestXrayBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             for index, decoded, reason, error in imap(decode_task, tasks):
                 bar.update(1)
                 rec = recs[index]
+                if reason == R.MASK_ENCODING:
+                    raise R.InputError(error)
                 if decoded is None:
                     self._decode_skips.skip(reason, rec.image_path, error)
                     continue
@@ -94,8 +99,14 @@ class ChestXrayBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 dense = {}
                 if "mask" in annotations:
                     dense["mask"] = decoded["mask"]
+                    counts = self.masks.setdefault(split, Counter())
+                    counts["masks"] += 1
+                    counts["empty"] += decoded["mask_empty"]
+                    self.mask_values.update(decoded["mask_values"])
                 if "boxes" in annotations:
-                    dense["boxes"], dense["box_labels"] = decoded["boxes"], list(rec.box_labels)
+                    dense["boxes"] = decoded["boxes"]
+                    dense["box_labels"] = [rec.box_labels[i] for i in decoded["box_kept"]]
+                    self.box_fixes.update(decoded["box_fixes"])
                 yield rec.image_id, {
                     "image": decoded["image"], "image_id": rec.image_id, "study_id": rec.study_id,
                     "subject_id": rec.subject_id, "view": rec.view, "report": rec.report,

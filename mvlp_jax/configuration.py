@@ -197,6 +197,11 @@ EVAL_SPEC: dict[str, tuple[Any, Check, str]] = {
     "batch_size": (64, _positive, "Feature extraction batch, all devices."),
     "bootstrap": (1000, _non_negative, "Patient-level resamples for the 95% intervals."),
     "seed": (0, None, "Seed of label fractions, probes and bootstrap."),
+    "seeds": (0, _non_negative, "Heads trained per checkpoint and label fraction, seeds seed, seed+1, ... (each its "
+              "own label subset and initialisation); 0: auto, 3 where a head learns from few cases (a fraction under "
+              "100%, or fewer than 300 training cases) and its seed changes something (a linear probe on all the "
+              "labels is deterministic), else 1. Results give the mean over seeds, their spread, and intervals whose "
+              "draws resample test patients and pick a seed."),
     "task": ("classification", ("classification", "segmentation", "detection"),
              "'classification': the labels (probes, fine-tuning, zero-shot, retrieval); 'segmentation': a SETR "
              "progressive-upsampling head on the encoder's patch tokens learns the dataset's masks (built with "

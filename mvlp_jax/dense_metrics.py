@@ -1,13 +1,10 @@
-"""Dense-task metrics: per-image Dice of binary masks, COCO-style mean average precision of boxes, and
-patient-level bootstrap intervals and paired differences of any per-image-set statistic (the same resamples for
-both encoders). NumPy only."""
+"""Dense-task metrics: per-image Dice of binary masks and COCO-style mean average precision of boxes (their
+intervals: statistics.py). NumPy only."""
 from __future__ import annotations
 
-from typing import Callable
 
 import numpy as np
 
-from mvlp_jax import metrics
 
 
 def dice_per_image(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -16,26 +13,6 @@ def dice_per_image(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
     p, t = predicted.reshape(len(predicted), -1).astype(bool), truth.reshape(len(truth), -1).astype(bool)
     overlap, total = (p & t).sum(1), p.sum(1) + t.sum(1)
     return np.where(total == 0, 1.0, 2.0 * overlap / np.maximum(total, 1))
-
-
-Statistic = Callable[[np.ndarray], float]  # image indices (a resample, repeats allowed) -> value
-
-
-def with_interval(statistic: Statistic, groups: np.ndarray, num: int, seed: int) -> dict:
-    """The statistic on every image, and its 95% interval over resamples of whole patients (`groups`)."""
-    draws = metrics.bootstrap_indices(groups, num, seed) if num else []
-    return {"mean": float(statistic(np.arange(len(groups)))),
-            "ci95": metrics.percentile_interval([float(statistic(d)) for d in draws], 0.95)}
-
-
-def paired_difference(baseline: Statistic, candidate: Statistic, groups: np.ndarray, num: int, seed: int) -> dict:
-    """candidate - baseline on every image, its interval over the same patient resamples for both, and the
-    fraction of resamples where the candidate is not better."""
-    everything = np.arange(len(groups))
-    diffs = np.asarray([candidate(d) - baseline(d) for d in metrics.bootstrap_indices(groups, num, seed)])
-    return {"difference": float(candidate(everything) - baseline(everything)),
-            "interval": metrics.percentile_interval(list(diffs), 0.95),
-            "p_not_better": float(np.mean(diffs <= 0)) if len(diffs) else float("nan")}
 
 
 IOU_THRESHOLDS = tuple(round(0.4 + 0.05 * i, 2) for i in range(8))  # 0.40, 0.45, ..., 0.75 (M-FLAG's RSNA mAP)

@@ -20,7 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from mvlp_jax import dense_finetune, dense_metrics, dense_training, features, report, storage
+from mvlp_jax import dense_finetune, dense_training, features, report, statistics, storage
 from mvlp_jax.data import transforms
 from mvlp_jax.models.pretrainer import Pretrainer
 from mvlp_jax.models.vit import variant
@@ -32,8 +32,9 @@ class DenseTask(Protocol):
     name: str  # its key in the config and in results.json
     feature: str  # the record feature it needs
     build_hint: str  # how to build a dataset with it
-    metric: str  # its key in a result row
+    metric: str  # the main metric's key in a result row (comparisons use it)
     metric_label: str
+    metrics: dict[str, str]  # every metric it reports (the main one first) -> its label
     head_labels: dict[str, str]  # per decoder (models/dense_heads.DECODERS), how results name the head
 
     def context(self, sources: dict, c: ml_collections.ConfigDict) -> dict: ...  # what read / head need
@@ -45,7 +46,10 @@ class DenseTask(Protocol):
     def loss(self, outputs: Any, targets: dict) -> jax.Array: ...
 
     def score(self, outputs: Any, truth: Truth, patch: int, context: dict
-              ) -> tuple[Callable[[np.ndarray], float], Any]: ...  # (statistic of image indices, predictions)
+              ) -> tuple[dict[str, Callable[[np.ndarray], float]], Any]: ...  # ({metric: statistic of image
+    # indices}, predictions)
+
+    def check(self, truth: Truth, where: str) -> None: ...  # refuses a test split it cannot score meaningfully
 
     def draw(self, ax: Any, image: np.ndarray, truth: Truth, predictions: Any, i: int) -> str: ...  # image (S, S, 3)
 
@@ -98,16 +102,18 @@ def evaluate_subjects(task: DenseTask, config: ml_collections.ConfigDict, output
     context = task.context({role: src for role, (src, _) in sources.items()}, settings)
     like = next((w for w in subjects if w != features.RANDOM_INIT), config.random_init_like)
     results: dict[str, Any] = {"config": config.to_dict(), "context": context, task.name: [], "comparisons": []}
-    statistic_by: dict[tuple[str, float], Callable] = {}
+    statistic_by: dict[tuple[str, float], dict[str, list[Callable]]] = {}  # (workdir, fraction) -> per-seed stats
     shown: dict[str, Any] = {}
+    labels_of, name_of = features.display_names(subjects), {}
     truth_by_view: dict[tuple[int, int], dict[str, Truth]] = {}
     for subject in subjects:
-        encoder = features.load_encoder(subject, config.step, mesh, like,
+        encoder = features.load_encoder(subject, config.step, mesh, like, name=labels_of[subject],
                                         teacher=config.teacher and subject != features.RANDOM_INIT)
         size, patch = encoder.config.model.image_size, variant(encoder.config.model.variant)["patch_size"]
         if (size, patch) not in truth_by_view:
             truth_by_view[(size, patch)] = {role: task.read(src, size, patch, context)
                                             for role, (src, _) in sources.items()}
+            task.check(truth_by_view[(size, patch)]["test"], sources["test"][1])
         truth = dict(truth_by_view[(size, patch)])
         tuned = config.mode == "finetune"
         if tuned:  # the encoder learns: its inputs are the images
@@ -125,22 +131,31 @@ def evaluate_subjects(task: DenseTask, config: ml_collections.ConfigDict, output
         patients = truth["train"]["patients"]
         decoder = decoder_for(settings.decoder, encoder.config.model.encoder)
         for fraction in config.label_fractions:
-            keep = patient_fraction(patients, fraction, config.seed)
-            head_module = task.head(patch, settings, context, decoder)
-            trained = dict(module=dense_finetune.model(encoder, head_module, config.finetune),
-                           pretrained=dense_finetune.pretrained(encoder),
-                           optimizer=dense_finetune.optimizer(settings, config.finetune,
-                                                              dense_training.steps_per_epoch(int(keep.sum()),
-                                                                                             settings, mesh))
-                           ) if tuned else dict(module=head_module)
-            head = dense_training.fit(loss_fn=task.loss, inputs=inputs["train"][keep],
-                                      targets=select(truth["train"], keep)["targets"], val_inputs=inputs["val"],
-                                      val_targets=truth["val"]["targets"], c=settings, seed=config.seed,
-                                      desc=f"{encoder.name} {report.percent(fraction)}", mesh=mesh, **trained)
-            statistic, predictions = task.score(head.outputs(inputs["test"]), truth["test"], patch, context)
-            statistic_by[(encoder.name, fraction)] = statistic
+            seeds = statistics.seeds_for(config.seeds, fraction,
+                                         int(patient_fraction(patients, fraction, config.seed).sum()),
+                                         head_is_random=True)
+            runs = []
+            for seed in range(config.seed, config.seed + seeds):  # a subset of the training patients, a head
+                keep = patient_fraction(patients, fraction, seed)
+                head_module = task.head(patch, settings, context, decoder)
+                trained = dict(module=dense_finetune.model(encoder, head_module, config.finetune),
+                               pretrained=dense_finetune.pretrained(encoder),
+                               optimizer=dense_finetune.optimizer(settings, config.finetune,
+                                                                  dense_training.steps_per_epoch(int(keep.sum()),
+                                                                                                 settings, mesh))
+                               ) if tuned else dict(module=head_module)
+                head = dense_training.fit(loss_fn=task.loss, inputs=inputs["train"][keep],
+                                          targets=select(truth["train"], keep)["targets"], val_inputs=inputs["val"],
+                                          val_targets=truth["val"]["targets"], c=settings, seed=seed,
+                                          desc=f"{encoder.name} {report.percent(fraction)} seed {seed}", mesh=mesh,
+                                          **trained)
+                scores, predictions = task.score(head.outputs(inputs["test"]), truth["test"], patch, context)
+                runs.append({"keep": keep, "head": head, "scores": scores, "predictions": predictions})
+            statistic_by[(subject, fraction)] = {m: [r["scores"][m] for r in runs] for m in task.metrics}
+            name_of[subject] = encoder.name
             if fraction == max(config.label_fractions):
-                shown[encoder.name] = predictions
+                shown[encoder.name] = runs[0]["predictions"]
+            keep, head = runs[0]["keep"], runs[0]["head"]
             row = {"name": encoder.name, "workdir": subject, "step": encoder.step, "label_fraction": fraction,
                    "train_images": int(keep.sum()), "train_patients": len(set(patients[keep])),
                    "test_images": len(truth["test"]["patients"]), "split": sources["test"][1], "task": task.name,
@@ -148,22 +163,27 @@ def evaluate_subjects(task: DenseTask, config: ml_collections.ConfigDict, output
                    "head": {"kind": task.head_labels[decoder], "decoder": decoder,
                             "encoder": "fine-tuned" if tuned else "frozen", "epoch": head.epoch,
                             "val_loss": head.val_loss},
-                   task.metric: dense_metrics.with_interval(statistic, truth["test"]["patients"], config.bootstrap,
-                                                            config.seed)}
+                   "seeds": {"count": seeds, "first": config.seed, "train_images": [int(r["keep"].sum()) for r in runs],
+                             "epochs": [r["head"].epoch for r in runs]},
+                   **{m: statistics.estimate(stats, truth["test"]["patients"], config.bootstrap, config.seed)
+                      for m, stats in statistic_by[(subject, fraction)].items()}}
             results[task.name].append(row)
             value, (lo, hi) = row[task.metric]["mean"], row[task.metric]["ci95"]
             print(f"{encoder.name} (step {encoder.step}), {report.percent(fraction)} of the training images = "
                   f"{row['train_images']} of {row['train_patients']} patients, {row['head']['encoder']} encoder: "
-                  f"test {task.metric_label} {value:.4f} [{lo:.4f}, {hi:.4f}] ({row['test_images']} images; best "
+                  f"test {task.metric_label} {value:.4f} [{lo:.4f}, {hi:.4f}]"
+                  f"{report.seeds_note(row[task.metric].get('seeds', []))} ({row['test_images']} images; best "
                   f"epoch {head.epoch})", flush=True)
     test = truth_by_view[(size, patch)]["test"]
-    first = results[task.name][0]["name"]
-    for (name, fraction), statistic in statistic_by.items():
-        if name != first:
-            results["comparisons"].append({"baseline": first, "candidate": name, "label_fraction": fraction,
-                                           **dense_metrics.paired_difference(statistic_by[(first, fraction)],
-                                                                             statistic, test["patients"],
-                                                                             config.bootstrap, config.seed)})
+    first = subjects[0]
+    for (subject, fraction), statistic in statistic_by.items():
+        if subject != first and (first, fraction) in statistic_by:
+            results["comparisons"].append({"baseline": name_of[first], "candidate": name_of[subject],
+                                           "baseline_workdir": first, "candidate_workdir": subject,
+                                           "label_fraction": fraction,
+                                           **statistics.paired(statistic_by[(first, fraction)][task.metric],
+                                                               statistic[task.metric], test["patients"],
+                                                               config.bootstrap, config.seed)})
     report.save(output_dir, results, table(task, results))
     plot(task, sources["test"][0], test, shown, size, settings.plot_images,
          storage.join(output_dir, f"{task.name}.png"))
@@ -171,14 +191,15 @@ def evaluate_subjects(task: DenseTask, config: ml_collections.ConfigDict, output
 
 
 def table(task: DenseTask, results: dict) -> str:
-    lines = [f"| checkpoint | step | training images | head | {task.metric_label} [95% CI] | test images |",
-             "| --- " * 6 + "|"]
+    labels = [f"{label} [95% CI]" for label in task.metrics.values()]
+    lines = ["| checkpoint | step | training images | head | " + " | ".join(labels) + " | test images |",
+             "| --- " * (5 + len(labels)) + "|"]
     for r in results[task.name]:
-        lo, hi = r[task.metric]["ci95"]
+        cells = [f"{r[m]['mean']:.4f} [{r[m]['ci95'][0]:.4f}, {r[m]['ci95'][1]:.4f}]"
+                 f"{report.seeds_note(r[m].get('seeds', []))}" for m in task.metrics]
         lines.append(f"| {r['name']} | {r['step']} | {report.percent(r['label_fraction'])} ({r['train_images']}) | "
-                     f"{r['head']['kind']}, {r['head']['encoder']} encoder | "
-                     f"{r[task.metric]['mean']:.4f} [{lo:.4f}, {hi:.4f}] | "
-                     f"{r['test_images']} |")
+                     f"{r['head']['kind']}, {r['head']['encoder']} encoder | " + " | ".join(cells) +
+                     f" | {r['test_images']} |")
     for c in results["comparisons"]:
         lo, hi = c["interval"]
         lines.append(f"\n{c['candidate']} vs {c['baseline']} ({report.percent(c['label_fraction'])} of the training "

@@ -104,6 +104,7 @@ def decode(outputs: tuple[np.ndarray, np.ndarray, np.ndarray], stride: int, top:
 
 class Detection:
     name, feature, metric, metric_label = "detection", "boxes", "map", "mAP@[.40:.75]"
+    metrics = {"map": "mAP@[.40:.75]"}
     head_labels = {"upsampling": "CenterNet", "pyramid": "simple feature pyramid + CenterNet"}
     build_hint = "build it with data_prep.build_dataset --boxes_csv=... (csv source)"
 
@@ -148,7 +149,12 @@ class Detection:
         detections = decode(outputs, stride)
         matches = [dense_metrics.match_image(b, s, lab, tb, tl, len(context["classes"]))
                    for (b, s, lab), tb, tl in zip(detections, truth["boxes"], truth["labels"])]
-        return (lambda images: dense_metrics.mean_average_precision(matches, images)), detections
+        return {"map": lambda images: dense_metrics.mean_average_precision(matches, images)}, detections
+
+    def check(self, truth: Truth, where: str) -> None:
+        if not any(len(b) for b in truth["boxes"]):
+            raise ValueError(f"no test image of {where} has a box ({len(truth['boxes'])} images): there is nothing "
+                             f"to detect, and mAP is not defined")
 
     def draw(self, ax: Any, image: np.ndarray, truth: Truth, detections: Any, i: int) -> str:
         from matplotlib.patches import Rectangle

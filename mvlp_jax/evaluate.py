@@ -75,7 +75,7 @@ def _subjects(config) -> list[str]:
 
 
 def evaluate(config, output_dir: str) -> dict:
-    from mvlp_jax import configuration, features, finetune, metrics, probe, report, sharding, storage
+    from mvlp_jax import configuration, features, finetune, metrics, probe, report, sharding, statistics, storage
 
     configuration.validate(config, configuration.EVAL_SPEC)
     storage.check_writable_dir(output_dir, "--output_dir")
@@ -124,16 +124,17 @@ def evaluate(config, output_dir: str) -> dict:
     test_y, test_m = targets_and_mask(labels["test"][0], config.uncertain, config.unmentioned)
     test_groups = labels["test"][1]
     subjects = _subjects(config)
+    labels_of = features.display_names(subjects)
     like = next((w for w in subjects if w != features.RANDOM_INIT), config.random_init_like)
     results = {"config": config.to_dict(), "label_names": names, "checkpoints": [], "comparisons": []}
-    probs_by, scored_by = {}, {}
+    probs_by, name_of, statistics_by = {}, {}, {}
     for subject in subjects:
         if config.features_from == "text_embeddings":
-            name, step, encoder = features.text_name(subject, config.text_pooling), 0, None
+            name, step, encoder = features.text_name(subject, config.text_pooling, labels_of[subject]), 0, None
             table = features.load_text_table(subject, config.text_pooling)
             feats = {role: features.text_features(table, src, where) for role, (src, _, where) in splits.items()}
         else:
-            encoder = features.load_encoder(subject, config.step, mesh, like,
+            encoder = features.load_encoder(subject, config.step, mesh, like, name=labels_of[subject],
                                             teacher=config.teacher and subject != features.RANDOM_INIT)
             name, step = encoder.name, encoder.step
             feats = None if config.mode == "finetune" else {
@@ -142,47 +143,81 @@ def evaluate(config, output_dir: str) -> dict:
                 for role, (src, _, where) in splits.items()}
         train_labels, train_patients = labels["train"][0][train_idx], labels["train"][1][train_idx]
         for fraction in config.label_fractions:
-            keep = patient_fraction(train_patients, fraction, config.seed)
-            y, m = targets_and_mask(train_labels[keep], config.uncertain, config.unmentioned)
-            usable, skipped = trainable_labels(y, m, names, fraction, train_patients[keep])
-            m, scored = m & usable, test_m & usable
-            if feats is not None:
-                val_x = feats["val"] if "val" in splits else feats["train"][val_idx]
-                fitted = probe.fit(feats["train"][train_idx[keep]], y, m, val_x, vy, vm)
-                probs = fitted.predict(feats["test"])
-                trained = {"l2": fitted.l2, "lr": fitted.lr, "steps": fitted.steps, "val_mauc": fitted.val_mauc}
-            else:
-                tuned = finetune.fit(encoder, splits["train"][0], train_idx[keep], y, m,
-                                     features.Subset(val_src, val_idx), vy, vm, config.pooling, config.finetune,
-                                     mesh, config.seed)
-                probs = finetune.predict(encoder, tuned, splits["test"][0], config.pooling, config.batch_size, mesh,
-                                         f"test {name}")
-                trained = {"epoch": tuned.epoch, "lr": tuned.lr, "val_mauc": tuned.val_mauc}
-            probs_by[(name, fraction)], scored_by[fraction] = probs, scored
+            first_subset = patient_fraction(train_patients, fraction, config.seed)
+            seeds = statistics.seeds_for(config.seeds, fraction, int(first_subset.sum()),
+                                         head_is_random=feats is None)
+            runs = []
+            for seed in range(config.seed, config.seed + seeds):  # a label subset and a head per seed
+                keep = patient_fraction(train_patients, fraction, seed)
+                y, m = targets_and_mask(train_labels[keep], config.uncertain, config.unmentioned)
+                usable, skipped = trainable_labels(y, m, names, fraction, train_patients[keep])
+                m, scored = m & usable, test_m & usable
+                if feats is not None:
+                    val_x = feats["val"] if "val" in splits else feats["train"][val_idx]
+                    fitted = probe.fit(feats["train"][train_idx[keep]], y, m, val_x, vy, vm)
+                    probs = fitted.predict(feats["test"])
+                    trained = {"l2": fitted.l2, "lr": fitted.lr, "steps": fitted.steps, "val_mauc": fitted.val_mauc}
+                else:
+                    tuned = finetune.fit(encoder, splits["train"][0], train_idx[keep], y, m,
+                                         features.Subset(val_src, val_idx), vy, vm, config.pooling, config.finetune,
+                                         mesh, seed)
+                    probs = finetune.predict(encoder, tuned, splits["test"][0], config.pooling, config.batch_size,
+                                             mesh, f"test {name}")
+                    trained = {"epoch": tuned.epoch, "lr": tuned.lr, "val_mauc": tuned.val_mauc}
+                runs.append({"seed": seed, "keep": keep, "probs": probs, "scored": scored, "skipped": skipped,
+                             "trained": trained, **metrics.summary(test_y, probs, scored, names)})
+            probs_by[(subject, fraction)], name_of[subject] = runs[0]["probs"], name
+            statistics_by[(subject, fraction)] = [
+                lambda i, r=r: metrics.mean_auc(test_y[i], r["probs"][i], r["scored"][i]) for r in runs]
+            mauc = statistics.estimate(statistics_by[(subject, fraction)], test_groups, config.bootstrap,
+                                       config.seed)
+            accuracy = statistics.estimate([lambda i, r=r: metrics.exact_match_accuracy(test_y[i], r["probs"][i],
+                                                                                        r["scored"][i])
+                                            for r in runs], test_groups, config.bootstrap, config.seed)
+            keep = runs[0]["keep"]
             row = {"name": name, "workdir": subject, "step": step, "label_fraction": fraction,
                    "train_cases": int(keep.sum()), "train_patients": len(set(train_patients[keep])),
-                   "train_fraction": float(keep.mean()), "labels_skipped": skipped,
-                   "test_cases": len(probs), "mode": config.mode, "probe": trained,
-                   **metrics.summary(test_y, probs, scored, names),
-                   "ci95": metrics.bootstrap_ci(test_y, probs, scored, test_groups, config.bootstrap, config.seed)}
+                   "train_fraction": float(keep.mean()),
+                   "labels_skipped": {k: v for k, v in runs[0]["skipped"].items()  # in every seed: never scored
+                                      if all(k in r["skipped"] for r in runs)},
+                   "labels_skipped_by_seed": [sorted(r["skipped"]) for r in runs],
+                   "test_cases": len(runs[0]["probs"]), "mode": config.mode, "probe": runs[0]["trained"],
+                   **_mean_over_seeds(runs, names), "mauc": mauc["mean"], "accuracy": accuracy["mean"],
+                   "ci95": {"mauc": mauc["ci95"], "accuracy": accuracy["ci95"]},
+                   "seeds": {"count": seeds, "first": config.seed, "mauc": mauc.get("seeds", [mauc["mean"]]),
+                             "accuracy": accuracy.get("seeds", [accuracy["mean"]]),
+                             "train_cases": [int(r["keep"].sum()) for r in runs]}}
             results["checkpoints"].append(row)
+            spread = f" (seeds {config.seed}-{config.seed + seeds - 1}: {min(row['seeds']['mauc']):.4f} to " \
+                     f"{max(row['seeds']['mauc']):.4f})" if seeds > 1 else ""
             print(f"{name} (step {step}), {report.percent(fraction)} of the labels = {row['train_cases']} of "
                   f"{len(keep)} training cases ({report.percent(row['train_fraction'])}), "
-                  f"{row['train_patients']} patients, {config.mode}: mAUC {row['mauc']:.4f} over "
-                  f"{len(names) - len(skipped)} labels, exact-match accuracy {row['accuracy']:.4f}"
-                  + (f"; skipped (no positive or no negative training case): {', '.join(skipped)}" if skipped else ""),
-                  flush=True)
-    first = results["checkpoints"][0]["name"]
-    for (name, fraction), probs in probs_by.items():
-        if name != first and (first, fraction) in probs_by:
-            results["comparisons"].append({"baseline": first, "candidate": name, "label_fraction": fraction,
-                                           **metrics.paired_bootstrap(test_y, probs_by[(first, fraction)], probs,
-                                                                      scored_by[fraction], test_groups,
-                                                                      config.bootstrap,
-                                                                      config.seed)})
+                  f"{row['train_patients']} patients, {config.mode}: mAUC {row['mauc']:.4f}{spread} over "
+                  f"{len(names) - len(row['labels_skipped'])} labels, exact-match accuracy {row['accuracy']:.4f}"
+                  + (f"; skipped (no positive or no negative training case): {', '.join(row['labels_skipped'])}"
+                     if row["labels_skipped"] else ""), flush=True)
+    first = subjects[0]
+    for (subject, fraction), candidate in statistics_by.items():
+        if subject != first and (first, fraction) in statistics_by:
+            paired = statistics.paired(statistics_by[(first, fraction)], candidate, test_groups, config.bootstrap,
+                                       config.seed)
+            results["comparisons"].append({"baseline": name_of[first], "candidate": name_of[subject],
+                                           "baseline_workdir": first, "candidate_workdir": subject,
+                                           "label_fraction": fraction, "mauc_difference": paired.pop("difference"),
+                                           **paired})
     report.save(output_dir, results, report.markdown(results))
-    report.plots(results, probs_by, test_y, test_m, output_dir)
+    report.plots(results, {(name_of[s], f): p for (s, f), p in probs_by.items()}, test_y, test_m, output_dir)
     return results
+
+
+def _mean_over_seeds(runs: list[dict], names: list[str]) -> dict:
+    """Per-label AUC and AP averaged over the seeds' heads (a label a seed could not score stays out of its mean)."""
+    def mean(key: str) -> dict:
+        values = np.array([[r[key][n] for n in names] for r in runs], np.float64)
+        return {n: float(v[np.isfinite(v)].mean()) if np.isfinite(v).any() else float("nan")
+                for n, v in zip(names, values.T)}
+    missing = sorted({n for r in runs for n in r["labels_without_both_classes"]})
+    return {"auc": mean("auc"), "ap": mean("ap"), "labels_without_both_classes": missing}
 
 
 def main(argv: list[str]) -> int:

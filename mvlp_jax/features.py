@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -56,16 +55,28 @@ def split_fingerprint(data_dir: str, dataset: str, split: str) -> str:
     return digest.hexdigest()
 
 
-def display_name(workdir: str) -> str:
-    return RANDOM_INIT if workdir == RANDOM_INIT else os.path.basename(os.path.normpath(workdir))
+def display_names(locations: list[str]) -> dict[str, str]:
+    """A label per listed workdir (or embeddings dir) that no other shares: its folder name, or as many of its
+    trailing path components as tell it apart (`A/run`, `B/run`); results are keyed by the location itself."""
+    parts = {loc: storage.canonical(loc).rstrip("/").split("/") if loc != RANDOM_INIT else [RANDOM_INIT]
+             for loc in dict.fromkeys(locations)}
+    depth = {loc: 1 for loc in parts}
+    while True:
+        label = {loc: "/".join(p[-depth[loc]:]) for loc, p in parts.items()}
+        clashing = [loc for loc in parts if list(label.values()).count(label[loc]) > 1 and depth[loc] < len(parts[loc])]
+        if not clashing:
+            return label
+        for loc in clashing:
+            depth[loc] += 1
 
 
 def load_encoder(workdir: str, step: int, mesh: jax.sharding.Mesh, like: str = "", teacher: bool = False,
-                 step_flag: str = "--config.step") -> Encoder:
+                 step_flag: str = "--config.step", name: str = "") -> Encoder:
     """The params of `workdir`'s checkpoint `step` (-1: newest), without the optimizer state, on `mesh`.
     `random_init` gives the architecture of `like` (a workdir) at its initialisation: the floor. `teacher`
     swaps in a DINO run's EMA teacher encoder (the network DINO evaluates) for the student's. `step_flag`: the
-    caller's flag that picks a step, named when a checkpoint is damaged."""
+    caller's flag that picks a step, named when a checkpoint is damaged; `name`: the label results use (default:
+    the folder's name)."""
     source = like if workdir == RANDOM_INIT else workdir
     if not source:
         raise ValueError("random_init needs an architecture: list a real workdir too, or set config.random_init_like")
@@ -87,7 +98,7 @@ def load_encoder(workdir: str, step: int, mesh: jax.sharding.Mesh, like: str = "
     finally:
         store.close()
     state = restored[0]
-    params, name = state.params, display_name(workdir)
+    params, name = state.params, name or display_names([workdir])[workdir]
     if teacher:
         if "teacher" not in state.extra:
             raise ValueError(f"{workdir} has no DINO teacher (its objectives: {dict(config.objectives)})")
@@ -196,8 +207,8 @@ class Subset:
         return self.source[int(self.indices[i])]
 
 
-def text_name(embeddings_dir: str, pooling: str) -> str:
-    return f"llm:{display_name(embeddings_dir)}/{pooling}"
+def text_name(embeddings_dir: str, pooling: str, label: str = "") -> str:
+    return f"llm:{label or display_names([embeddings_dir])[embeddings_dir]}/{pooling}"
 
 
 def load_text_table(embeddings_dir: str, pooling: str):

@@ -1,6 +1,6 @@
-"""Multi-label evaluation metrics: ROC AUC (ties averaged, as sklearn), mean AUC, exact-match accuracy,
-average precision, and patient-level bootstrap intervals. NumPy only; a mask marks labels that count
-(uncertain labels under the `ignore` policy are masked out of every metric)."""
+"""Multi-label evaluation metrics: ROC AUC (ties averaged, as sklearn), mean AUC, exact-match accuracy and
+average precision (their intervals: statistics.py). NumPy only; a mask marks labels that count (uncertain labels
+under the `ignore` policy are masked out of every metric)."""
 from __future__ import annotations
 
 import warnings
@@ -64,41 +64,3 @@ def summary(labels: np.ndarray, probs: np.ndarray, mask: np.ndarray, names: list
             "auc": dict(zip(names, map(float, aucs))),
             "ap": dict(zip(names, map(float, per_label(labels, probs, mask, average_precision)))),
             "labels_without_both_classes": missing}
-
-
-def bootstrap_indices(groups: np.ndarray, num: int, seed: int) -> list[np.ndarray]:
-    """Case indices of `num` resamples that draw whole patients (groups) with replacement."""
-    rng = np.random.default_rng(seed)
-    unique, inverse = np.unique(groups, return_inverse=True)
-    members = [np.flatnonzero(inverse == g) for g in range(len(unique))]
-    return [np.concatenate([members[g] for g in rng.integers(0, len(unique), len(unique))]) for _ in range(num)]
-
-
-def percentile_interval(values: list[float], level: float) -> list[float]:
-    values = np.asarray(values)
-    values = values[np.isfinite(values)]
-    alpha = (1 - level) / 2
-    return [float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))] if len(values) else [np.nan] * 2
-
-
-def bootstrap_ci(labels, probs, mask, groups, num: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
-    """95% percentile intervals of mAUC and exact-match accuracy, resampling patients."""
-    draws = bootstrap_indices(groups, num, seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        maucs = [mean_auc(labels[i], probs[i], mask[i]) for i in draws]
-    accs = [exact_match_accuracy(labels[i], probs[i], mask[i]) for i in draws]
-    return {"mauc": percentile_interval(maucs, level), "accuracy": percentile_interval(accs, level)}
-
-
-def paired_bootstrap(labels, probs_a, probs_b, mask, groups, num: int = 1000, seed: int = 0,
-                     level: float = 0.95) -> dict:
-    """Interval of mAUC(b) - mAUC(a) over the same patient resamples, and how often b is not better."""
-    draws = bootstrap_indices(groups, num, seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        diffs = [mean_auc(labels[i], probs_b[i], mask[i]) - mean_auc(labels[i], probs_a[i], mask[i]) for i in draws]
-    diffs = np.asarray(diffs)
-    return {"mauc_difference": float(mean_auc(labels, probs_b, mask) - mean_auc(labels, probs_a, mask)),
-            "interval": percentile_interval(list(diffs), level),
-            "p_not_better": float(np.mean(diffs[np.isfinite(diffs)] <= 0))}

@@ -15,7 +15,12 @@ def save(output_dir: str, results: dict, table: str) -> None:
 
 def _ci(row: dict, key: str) -> str:
     lo, hi = row["ci95"][key]
-    return f"{row[key]:.4f} [{lo:.4f}, {hi:.4f}]"
+    return f"{row[key]:.4f} [{lo:.4f}, {hi:.4f}]" + seeds_note(row.get("seeds", {}).get(key, []))
+
+
+def seeds_note(values: list[float]) -> str:
+    """' (3 seeds: 0.5412-0.5803)' where several seeds trained heads, else ''."""
+    return f" ({len(values)} seeds: {min(values):.4f}-{max(values):.4f})" if len(values) > 1 else ""
 
 
 def percent(fraction: float) -> str:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mvlp_jax import features, metrics, report, shared_space
+from mvlp_jax import features, report, shared_space, statistics
 from mvlp_jax.models.norm import l2_normalise
 
 KS = (1, 5, 10)
@@ -35,13 +35,12 @@ def ranks(similarity: np.ndarray, image_study: np.ndarray) -> tuple[np.ndarray, 
 
 def summary(rank: np.ndarray, groups: np.ndarray, num: int, seed: int) -> dict:
     """Recall@k and median rank, each with a 95% interval over resamples of whole patients."""
-    draws = metrics.bootstrap_indices(groups, num, seed) if num else []
     out = {}
     for k in KS:
-        out[f"R@{k}"] = float(np.mean(rank <= k))
-        out[f"R@{k}_ci95"] = metrics.percentile_interval([float(np.mean(rank[d] <= k)) for d in draws], 0.95)
-    out["median_rank"] = float(np.median(rank))
-    out["median_rank_ci95"] = metrics.percentile_interval([float(np.median(rank[d])) for d in draws], 0.95)
+        estimate = statistics.estimate([lambda i, k=k: float(np.mean(rank[i] <= k))], groups, num, seed)
+        out[f"R@{k}"], out[f"R@{k}_ci95"] = estimate["mean"], estimate["ci95"]
+    estimate = statistics.estimate([lambda i: float(np.median(rank[i]))], groups, num, seed)
+    out["median_rank"], out["median_rank_ci95"] = estimate["mean"], estimate["ci95"]
     return out
 
 

@@ -1,7 +1,8 @@
 """Segmentation (`--config.task=segmentation`), MGCA's protocol for ViTs as M-FLAG reports it: a SETR
 progressive-upsampling head (models/dense_heads.py) learns the masks from the frozen patch tokens with
 10 x focal(gamma 2) - log(soft Dice), AdamW; scored by Dice per test image at threshold 0.5 (an empty mask
-predicted empty scores 1), averaged. The loop around it is dense_tasks.py."""
+predicted empty scores 1), averaged over all test images and, beside it, over those with a non-empty mask. A
+test split whose masks are all empty is refused. The loop around it is dense_tasks.py."""
 from __future__ import annotations
 
 from typing import Any
@@ -41,6 +42,7 @@ def _outline(mask: np.ndarray) -> np.ndarray:
 
 class Segmentation:
     name, feature, metric, metric_label = "segmentation", "mask", "dice", "Dice"
+    metrics = {"dice": "Dice", "dice_nonempty": "Dice, non-empty masks"}  # the SIIM convention beside it
     head_labels = {"upsampling": "SETR-PUP", "pyramid": "simple feature pyramid + upsampling"}
     build_hint = "build it with data_prep.build_dataset --mask_column=... (csv source)"
 
@@ -61,10 +63,26 @@ class Segmentation:
     def loss(self, outputs: jax.Array, targets: dict) -> jax.Array:
         return loss_fn(outputs, targets)
 
+    def check(self, truth: Truth, where: str) -> None:
+        empty = ~truth["targets"]["mask"].reshape(len(truth["patients"]), -1).any(1)
+        if empty.all():
+            raise ValueError(f"every mask of {where} is empty ({len(empty)} images): Dice would score an untrained "
+                             f"head's empty prediction 1. Check how the masks were read (data_prep.build_dataset "
+                             f"--mask_values; build_report.json counts empty masks per split)")
+
     def score(self, outputs: np.ndarray, truth: Truth, patch: int, context: dict):
+        """Dice per image averaged over all test images (an empty mask predicted empty scores 1), and over the
+        images with a non-empty mask, so an empty-predicts-empty score never stands alone."""
         predicted = outputs[..., 0] > 0.0
-        dice = dense_metrics.dice_per_image(predicted, truth["targets"]["mask"])
-        return (lambda images: float(np.mean(dice[images]))), predicted
+        masks = truth["targets"]["mask"]
+        dice = dense_metrics.dice_per_image(predicted, masks)
+        nonempty = masks.reshape(len(masks), -1).any(1)
+
+        def over_nonempty(images: np.ndarray) -> float:
+            kept = images[nonempty[images]]
+            return float(np.mean(dice[kept])) if len(kept) else float("nan")
+
+        return {"dice": lambda images: float(np.mean(dice[images])), "dice_nonempty": over_nonempty}, predicted
 
     def draw(self, ax: Any, image: np.ndarray, truth: Truth, predicted: np.ndarray, i: int) -> str:
         rgb = image.copy()

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mvlp_jax import features, metrics, report, shared_space
+from mvlp_jax import features, metrics, report, shared_space, statistics
 from mvlp_jax.models.norm import l2_normalise
 
 Embedder = Callable[[list[str]], np.ndarray]  # prompts -> (P, LLM hidden) stored-style vectors
@@ -94,7 +94,10 @@ def evaluate_run(encoder: features.Encoder, config: ml_collections.ConfigDict, m
             "mode": "zero_shot", "prompts": config.prompts, "test_cases": len(probs),
             "prompt_sets": {n: {"positive": list(p), "negative": list(q)} for n, (p, q) in prompts.items()},
             **metrics.summary(y, probs, mask, names),
-            "ci95": metrics.bootstrap_ci(y, probs, mask, patients, config.bootstrap, config.seed)}
+            "ci95": {"mauc": statistics.estimate([lambda i: metrics.mean_auc(y[i], probs[i], mask[i])], patients,
+                                                 config.bootstrap, config.seed)["ci95"],
+                     "accuracy": statistics.estimate([lambda i: metrics.exact_match_accuracy(y[i], probs[i], mask[i])],
+                                                     patients, config.bootstrap, config.seed)["ci95"]}}
 
 
 def table(rows: list[dict]) -> str:

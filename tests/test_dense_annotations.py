@@ -1,5 +1,6 @@
-"""Masks and boxes through the dataset builder: they stay aligned with the image through the resize, bad ones
-are skipped and counted, and real lung masks build."""
+"""Masks and boxes through the dataset builder: they stay aligned with the image through the resize, every mask
+encoding is read as meant (or refused naming --mask_values), bad boxes are fixed and counted, bad masks skipped and
+counted, and real lung masks build; then the dense heads on them."""
 import io
 import os
 
@@ -15,6 +16,11 @@ from tests.conftest import SHARED_DATA
 
 def _decode(png: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(png)))
+
+
+def _records(data_dir, name: str, split: str) -> list[dict]:
+    source = built.open_split(built.open_builder(str(data_dir), name)[0], split)
+    return [source[i] for i in range(len(source))]
 
 
 def test_a_square_and_its_box_survive_a_resize_exactly(tmp_path):
@@ -58,16 +64,94 @@ def test_masks_of_another_size_missing_masks_and_boxes_outside_the_image_are_ski
     (root / "boxes.csv").write_text("image,label,x,y,w,h\nd.png,x,40,0,20,10\nzz.png,x,0,0,1,1\n")
     report = build("csv", str(root), str(tmp_path / "out"), name="bad", image_size=0, mask_column="mask",
                    boxes_csv="boxes.csv", split_column="split")
-    assert report["records_written_total"] == 1
+    assert report["records_written_total"] == 2
     skipped = report["skipped"]
     assert skipped[R.MASK_UNREADABLE]["count"] == 1 and "mask is 48x30 px" in skipped[R.MASK_UNREADABLE]["examples"][0]
     assert skipped[R.MASK_MISSING]["count"] == 1 and "gone.png" in skipped[R.MASK_MISSING]["examples"][0]
-    assert skipped[R.BAD_BOX]["count"] == 1 and "outside the 48x32 px image" in skipped[R.BAD_BOX]["examples"][0]
+    assert report["boxes_fixed"] == {"clipped": 1}  # d.png's box crosses the right edge: clipped to it
+    d = next(r for r in _records(tmp_path / "out", "bad", "train") if r["image_id"] == b"d")
+    np.testing.assert_array_equal(d["boxes"], [[40, 0, 48, 10]])
     assert any("zz.png" in note for note in report["notes"])
     (root / "manifest.csv").write_text("image,mask,split\na.png,ok.png,train\nb.png,small.png,test\n")
     with pytest.raises(R.InputError, match="every record of that split was skipped"):
         build("csv", str(root), str(tmp_path / "out2"), name="bad", image_size=0, mask_column="mask",
               split_column="split")
+
+
+def _mask_set(root, masks: dict[str, np.ndarray]) -> None:
+    """Images 32x48 with the given masks (saved as PNG in their own mode: 'P' for a palette label map)."""
+    root.mkdir(parents=True)
+    for name, mask in masks.items():
+        Image.fromarray(np.full((32, 48), 90, np.uint8)).save(root / f"{name}.png")
+        if name.startswith("label"):  # a palette image whose indices are the classes, as label maps are stored
+            image = Image.frombytes("P", (48, 32), mask.tobytes())
+            image.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * 759)
+        else:
+            image = Image.fromarray(mask)
+        image.save(root / f"{name}_mask.png")
+    rows = "".join(f"{name}.png,{name}_mask.png,train\n" for name in masks)
+    (root / "manifest.csv").write_text("image,mask,split\n" + rows)
+
+
+def _square(value: int) -> np.ndarray:
+    mask = np.zeros((32, 48), np.uint8)
+    mask[8:16, 10:30] = value
+    return mask
+
+
+@pytest.mark.parametrize("value", [1, 127, 255])
+def test_a_mask_of_one_foreground_value_is_read_as_meant_whatever_the_value(value, tmp_path):
+    """0/1 label maps (most segmentation sets), 0/127 and 0/255 masks all give the same foreground; reading
+    them as > 127 made the first two empty, silently."""
+    _mask_set(tmp_path / "raw", {"a": _square(value), "b": _square(value), "c": np.zeros((32, 48), np.uint8)})
+    report = build("csv", str(tmp_path / "raw"), str(tmp_path / "out"), name="m", image_size=0, mask_column="mask",
+                   split_column="split")
+    assert report["masks"]["per_split"] == {"train": {"masks": 3, "empty": 1}}
+    assert report["masks"]["foreground_values_found"] == {f"{value}": 2}
+    for record in _records(tmp_path / "out", "m", "train"):
+        want = (_square(1) if record["image_id"] != b"c" else np.zeros((32, 48), np.uint8))
+        np.testing.assert_array_equal(_decode(record["mask"]).reshape(32, 48), want)
+
+
+def test_a_label_map_of_several_classes_is_refused_naming_the_values_then_read_by_class(tmp_path, capsys):
+    label_map = _square(1)
+    label_map[20:28, 10:30] = 2  # two organs
+    _mask_set(tmp_path / "raw", {"label_a": label_map, "label_b": _square(2)})
+    with pytest.raises(R.InputError, match=r"mask values 1, 2 besides 0: a label map of several classes.*"
+                                           r"--mask_values"):
+        build("csv", str(tmp_path / "raw"), str(tmp_path / "out"), name="m", image_size=0, mask_column="mask",
+              split_column="split")
+    report = build("csv", str(tmp_path / "raw"), str(tmp_path / "out"), name="m", image_size=0, mask_column="mask",
+                   split_column="split", mask_values="2")
+    assert report["masks"]["mask_values"] == "2"
+    for record in _records(tmp_path / "out", "m", "train"):
+        want = (label_map == 2) if record["image_id"] == b"label_a" else _square(1)
+        np.testing.assert_array_equal(_decode(record["mask"]).reshape(32, 48), want)
+    # one value per mask, but a different one from mask to mask: two encodings, or classes; refused too
+    _mask_set(tmp_path / "raw2", {"a": _square(1), "b": _square(255), "c": np.zeros((32, 48), np.uint8),
+                                  "d": np.zeros((32, 48), np.uint8), "e": np.zeros((32, 48), np.uint8)})
+    with pytest.raises(R.InputError, match=r"different non-zero values \(1: 1 masks, 255: 1 masks\)"):
+        build("csv", str(tmp_path / "raw2"), str(tmp_path / "out2"), name="m", image_size=0, mask_column="mask",
+              split_column="split")
+    report = build("csv", str(tmp_path / "raw2"), str(tmp_path / "out2"), name="m", image_size=0,
+                   mask_column="mask", split_column="split", mask_values="nonzero")
+    assert report["masks"]["per_split"]["train"] == {"masks": 5, "empty": 3}
+    assert "WARNING: 3 of the 5 masks of split train are empty" in capsys.readouterr().out
+
+
+def test_boxes_with_swapped_corners_outside_or_without_area_are_fixed_and_counted(tmp_path):
+    root = tmp_path / "raw"
+    root.mkdir()
+    Image.fromarray(np.zeros((32, 48), np.uint8)).save(root / "a.png")
+    (root / "manifest.csv").write_text("image,split\na.png,train\n")
+    (root / "boxes.csv").write_text("image,label,x,y,w,h\na.png,swapped,30,20,-10,-8\na.png,flat,5,5,10,0\n"
+                                    "a.png,outside,60,0,10,10\na.png,edge,-4,-2,10,10\na.png,kept,1,1,4,4\n")
+    report = build("csv", str(root), str(tmp_path / "out"), name="b", image_size=0, boxes_csv="boxes.csv",
+                   split_column="split")
+    assert report["boxes_fixed"] == {"corners_swapped": 1, "clipped": 1, "dropped": 2}
+    record, = _records(tmp_path / "out", "b", "train")
+    np.testing.assert_array_equal(record["boxes"], [[20, 12, 30, 20], [0, 0, 6, 8], [1, 1, 5, 5]])
+    assert [x.decode() for x in record["box_labels"]] == ["swapped", "edge", "kept"]
 
 
 @pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, "covid_lung_masks")), reason="shared data absent")
@@ -100,13 +184,12 @@ def test_dice_per_image_matches_a_hand_computation_including_empty_masks():
 
 
 def test_paired_difference_uses_the_same_patient_resamples():
-    from mvlp_jax import metrics
-    from mvlp_jax.dense_metrics import paired_difference
+    from mvlp_jax import statistics
 
     rng = np.random.default_rng(0)
     a, b, groups = rng.uniform(size=30), rng.uniform(size=30), np.repeat(np.arange(10), 3)
-    out = paired_difference(lambda i: np.mean(a[i]), lambda i: np.mean(b[i] + 0.1), groups, 200, 3)
-    diffs = [np.mean(b[d] + 0.1 - a[d]) for d in metrics.bootstrap_indices(groups, 200, 3)]
+    out = statistics.paired([lambda i: np.mean(a[i])], [lambda i: np.mean(b[i] + 0.1)], groups, 200, 3)
+    diffs = [np.mean(b[d] + 0.1 - a[d]) for d in statistics.bootstrap_indices(groups, 200, 3)]
     np.testing.assert_allclose(out["difference"], np.mean(b + 0.1 - a))
     np.testing.assert_allclose(out["interval"], np.quantile(diffs, [0.025, 0.975]))
     np.testing.assert_allclose(out["p_not_better"], np.mean(np.asarray(diffs) <= 0))
@@ -172,8 +255,8 @@ def test_auto_decoder_follows_the_encoder_and_grafting_checks_shapes():
 
 
 def test_a_head_on_a_frozen_encoder_learns_real_lung_masks(nih_and_workdir, tmp_path):
-    """The evaluation binary on the shipped lung masks: the head's Dice beats the empty-mask predictor's
-    (0 on every image with lungs) by far, the paired comparison and the picture are written."""
+    """The evaluation binary on the shipped lung masks: the head's Dice beats the empty-mask predictor's (0 on
+    every image with lungs) by far, the paired comparison and the picture are written."""
     import json
 
     from configs import segmentation
@@ -186,15 +269,18 @@ def test_a_head_on_a_frozen_encoder_learns_real_lung_masks(nih_and_workdir, tmp_
     c = segmentation.get_config("demo")
     c.data_dir, c.workdirs, c.bootstrap = str(tmp_path / "tfds"), f"{workdir},random_init", 100
     c.label_fractions, c.segmentation.epochs, c.segmentation.channels = (1.0,), 8, (16, 8)
+    c.seeds = 1  # one head each: this test is about learning (tests/test_evaluate.py covers seeds)
     results = evaluate.evaluate(c, str(tmp_path / "out"))
     for row in results["segmentation"]:
-        assert row["dice"]["mean"] > 0.5, row  # the empty mask scores 0 on every test image (all show lungs)
+        assert row["dice"]["mean"] > 0.5, row  # the empty mask scores 0 on every test image showing lungs
+        assert row["dice_nonempty"]["mean"] > 0.5  # 12 of the 210 shipped masks are empty: Dice over the rest
         assert row["head"]["epoch"] >= 1 and np.isfinite(row["head"]["val_loss"])
     comparison, = results["comparisons"]
     assert comparison["candidate"] == "random_init" and comparison["label_fraction"] == 1.0
     saved = json.load(open(tmp_path / "out" / "results.json"))
     assert saved["segmentation"][0]["dice"] == results["segmentation"][0]["dice"]
     assert "SETR-PUP, frozen encoder" in open(tmp_path / "out" / "results.md").read()
+    assert "Dice, non-empty masks [95% CI]" in open(tmp_path / "out" / "results.md").read()
     assert os.path.getsize(tmp_path / "out" / "segmentation.png") > 10_000
 
 
@@ -323,6 +409,7 @@ def test_a_detection_head_on_a_frozen_encoder_finds_real_lungs(nih_and_workdir, 
     c = detection.get_config("demo")
     c.data_dir, c.workdirs, c.bootstrap = str(tmp_path / "tfds"), workdir, 100
     c.label_fractions, c.detection.epochs, c.detection.channels = (1.0,), 12, (16, 8)
+    c.seeds = 1
     row, = evaluate.evaluate(c, str(tmp_path / "out"))["detection"]
     assert row["test_images"] >= 10 and row["map"]["ci95"][0] <= row["map"]["mean"] <= row["map"]["ci95"][1]
     assert row["map"]["mean"] > 0.1, row  # no detection scores 0
@@ -350,6 +437,7 @@ def test_fine_tuning_a_vitdet_for_segmentation_moves_its_encoder_through_the_pyr
     c = segmentation.get_config("demo")
     c.data_dir, c.workdirs, c.bootstrap, c.mode = str(tmp_path / "tfds"), workdir, 100, "finetune"
     c.label_fractions, c.segmentation.epochs, c.segmentation.channels = (1.0,), 6, (16, 8)
+    c.seeds = 1
     trained, loaded = [], []
     fit, pretrained = dense_training.fit, dense_finetune.pretrained
     monkeypatch.setattr(dense_training, "fit", lambda **kw: trained.append(fit(**kw)) or trained[-1])
@@ -368,3 +456,21 @@ def test_fine_tuning_a_vitdet_for_segmentation_moves_its_encoder_through_the_pyr
     assert all(v > 0 for v in jax.tree.leaves(moved))
     top = np.mean(jax.tree.leaves(moved["encoder"][max(k for k in moved["encoder"] if k.startswith("block_"))]))
     assert np.mean(jax.tree.leaves(moved["embedding"])) < top
+
+
+def test_segmentation_refuses_a_test_split_of_empty_masks_and_scores_non_empty_masks_apart():
+    """An empty mask predicted empty scores Dice 1: a split of empty masks is refused, and Dice over the images
+    with a non-empty mask stands beside Dice over all images."""
+    from mvlp_jax.segmentation import TASK
+
+    empty = {"patients": np.array(["a", "b"]), "targets": {"mask": np.zeros((2, 4, 4), bool)}}
+    with pytest.raises(ValueError, match="every mask of lungs:1.0.0/test is empty"):
+        TASK.check(empty, "lungs:1.0.0/test")
+    masks = np.zeros((3, 4, 4), bool)
+    masks[0, :2, :2] = True
+    truth = {"patients": np.array(["a", "b", "c"]), "targets": {"mask": masks}}
+    TASK.check(truth, "lungs:1.0.0/test")
+    scores, predicted = TASK.score(np.full((3, 4, 4, 1), -1.0), truth, 4, {})  # an untrained head: all empty
+    assert not predicted.any()
+    assert scores["dice"](np.arange(3)) == pytest.approx(2 / 3)  # the two empty images score 1 each
+    assert scores["dice_nonempty"](np.arange(3)) == 0.0 and np.isnan(scores["dice_nonempty"](np.array([1, 2])))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from mvlp_jax import evaluate, features, metrics, probe, sharding, train
+from mvlp_jax import evaluate, features, metrics, probe, sharding, statistics, train
 from tests.pretrain_setup import micro_config
 
 
@@ -44,8 +44,8 @@ def test_patient_bootstrap_interval_covers_the_true_auc_at_about_95_percent():
     for t in range(trials):
         y = rng.integers(0, 2, 200)
         score = rng.normal(size=200) + d * y
-        ci = metrics.bootstrap_ci(y[:, None], score[:, None], np.ones((200, 1), bool), np.arange(200), 300, seed=t)
-        covered += ci["mauc"][0] <= true_auc <= ci["mauc"][1]
+        ci = statistics.estimate([lambda i: metrics.roc_auc(y[i], score[i])], np.arange(200), 300, seed=t)["ci95"]
+        covered += ci[0] <= true_auc <= ci[1]
     assert 0.88 <= covered / trials <= 0.99, covered / trials
 
 
@@ -246,6 +246,7 @@ def test_labels_without_positives_in_the_training_subset_are_skipped_and_named(n
     data_dir, workdir = nih_and_workdir
     config = _probe_config(data_dir, "random_init")
     config.random_init_like, config.label_fractions = workdir, (0.03,)
+    config.seeds = 1  # one head: its mAUC is the mean of the labels it scored
     row = evaluate.evaluate(config, str(tmp_path))["checkpoints"][0]
     skipped = row["labels_skipped"]
     assert skipped and row["train_cases"] < 40, row["train_cases"]
@@ -281,3 +282,36 @@ def test_a_cpu_evaluation_never_loads_libtpu(nih_and_workdir, tmp_path):
     output = (run.stdout + run.stderr).lower()
     assert "tpu" not in output, [line for line in output.splitlines() if "tpu" in line][:5]
     assert "| pretrain | 4 |" in open(tmp_path / "results.md").read()
+
+
+def test_the_interval_of_several_seeds_holds_the_spread_between_them():
+    """Two heads of one encoder that disagree (seed A scores 0.2 on every resample, seed B 0.8): the interval
+    spans both, the mean is between them; one seed alone gives its own narrow interval."""
+    groups = np.repeat(np.arange(50), 2)
+    a, b = (lambda i: 0.2), (lambda i: 0.8)
+    both = statistics.estimate([a, b], groups, 400, 0)
+    assert both["mean"] == pytest.approx(0.5) and both["seeds"] == [0.2, 0.8] and both["spread"] == [0.2, 0.8]
+    assert both["ci95"] == [0.2, 0.8]
+    assert statistics.estimate([a], groups, 400, 0) == {"mean": 0.2, "ci95": [0.2, 0.2]}
+    assert statistics.seeds_for(0, 0.1, 5000, head_is_random=False) == statistics.SEEDS_WHEN_SMALL
+    assert statistics.seeds_for(0, 1.0, 100, head_is_random=False) == 1  # a probe on all labels: deterministic
+    assert statistics.seeds_for(0, 1.0, 100, head_is_random=True) == statistics.SEEDS_WHEN_SMALL
+    assert statistics.seeds_for(0, 1.0, 5000, head_is_random=True) == 1
+    assert statistics.seeds_for(5, 1.0, 5000, head_is_random=True) == 5
+
+
+def test_probes_on_a_tenth_of_the_labels_train_three_seeds_and_the_interval_covers_each(nih_and_workdir, tmp_path):
+    data_dir, workdir = nih_and_workdir
+    config = _probe_config(data_dir, workdir)
+    config.label_fractions, config.bootstrap = (0.1,), 200
+    row, = evaluate.evaluate(config, str(tmp_path / "auto"))["checkpoints"]
+    seeds = row["seeds"]
+    assert seeds["count"] == 3 and seeds["first"] == 0 and len(set(seeds["mauc"])) == 3  # other subsets, other heads
+    assert len(set(seeds["train_cases"])) > 1 or len(set(seeds["mauc"])) == 3
+    assert row["mauc"] == pytest.approx(np.mean(seeds["mauc"]))
+    lo, hi = row["ci95"]["mauc"]
+    assert all(lo <= value <= hi for value in seeds["mauc"]), (lo, hi, seeds["mauc"])
+    assert "(3 seeds: " in open(tmp_path / "auto" / "results.md").read()
+    config.seeds = 1
+    single, = evaluate.evaluate(config, str(tmp_path / "one"))["checkpoints"]
+    assert single["seeds"]["count"] == 1 and single["mauc"] == pytest.approx(seeds["mauc"][0])
