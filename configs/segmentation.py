@@ -4,7 +4,8 @@
       --config.data_dir=runs/demo/tfds --config.dataset=covid_lungs --output_dir=runs/demo/eval_segmentation
 
 The dataset must carry masks (data_prep.build_dataset --source=csv --mask_column=...). Variant `:demo` is the
-demo's lung masks at 100% and 10% of the training patients, with a decoder narrowed for a CPU.
+demo's lung masks at 100% and 10% of the training patients, with a decoder narrowed and training shortened
+for a CPU.
 """
 from configs import common
 from mvlp_jax import configuration
@@ -21,5 +22,5 @@ def get_config(arg: str | None = None):
         c.data_dir = "runs/demo/tfds"
         c.label_fractions = (1.0, 0.1)
         c.segmentation.channels = (64, 32, 16, 16)
-        c.segmentation.epochs = 40
+        c.segmentation.epochs, c.segmentation.patience = 25, 6  # 3 seeds x 2 fractions x 5 encoders in the demo
     return c

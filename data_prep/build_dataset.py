@@ -20,7 +20,7 @@ import time
 from absl import app, flags
 
 from data_prep import records as R
-from data_prep.images import parse_mask_values, parse_window
+from data_prep.images import SATURATED, parse_mask_values, parse_window
 from data_prep.sources import SOURCE_NAMES, get_scanner
 from mvlp_jax import storage
 
@@ -130,6 +130,7 @@ def build(source: str, input_dir: str, output_dir: str, *, name: str = "", image
                                f"({decode_skips.as_dict()})") from None
         written = {split: info.num_examples for split, info in builder.info.splits.items()}
         masks = mask_summary(builder, mask_values)
+        check_window(builder, window, sum(written.values()))
         if builder.box_fixes:
             print("boxes fixed while building (recorded in build_report.json): " + ", ".join(
                 f"{kind.replace('_', ' ')} {n}" for kind, n in sorted(builder.box_fixes.items())), flush=True)
@@ -145,6 +146,7 @@ def build(source: str, input_dir: str, output_dir: str, *, name: str = "", image
             "channels": channels, "window": window, **({"masks": masks} if masks else {}),
             **({"boxes_fixed": dict(builder.box_fixes)} if "boxes" in scan.annotations else {}),
             "source_bit_depths": {str(bits): n for bits, n in sorted(builder.bit_depths.items())},
+            "window_saturated": builder.saturated,
             "label_names": list(scan.label_names), "annotations": list(scan.annotations),
             "records_read": scan.records_read,
             "records_written": written, "records_written_total": sum(written.values()),
@@ -169,6 +171,23 @@ def build(source: str, input_dir: str, output_dir: str, *, name: str = "", image
             shutil.rmtree(local_root, ignore_errors=True)
     report["dataset_dir"] = final_dir
     return report
+
+
+def check_window(builder, window: str, written: int) -> None:
+    """--window applies to files of more than 8 bits: refused when there are none (it would be recorded and do
+    nothing); images it turned (nearly) all black or all white are counted, and warned about when they are many."""
+    if not window:
+        return
+    deep = sum(n for bits, n in builder.bit_depths.items() if bits > 8)
+    if not deep:
+        raise R.InputError(f"--window={window} applies to 16-bit (or deeper) files, and every input of this build is "
+                           f"8-bit: drop --window")
+    if builder.saturated:
+        print(f"WARNING: --window={window} put more than {SATURATED:.0%} of the pixels at one end (all black or all "
+              f"white) in {builder.saturated} of {deep} images: is the window in the files' units? (a CT stored as "
+              f"Hounsfield units + 32768 needs its level shifted by 32768)", flush=True)
+    if deep < written:
+        print(f"note: {written - deep} of the {written} images are 8-bit: --window left them as they are", flush=True)
 
 
 def mask_summary(builder, mask_values: str) -> dict:

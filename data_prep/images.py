@@ -26,6 +26,8 @@ def parse_window(window: str) -> tuple[str, float, float] | None:
         a, b = (float(v) for v in text.split(","))
     except ValueError:
         raise ValueError(f"--window={window!r}: give L,W (level, width) or pLO,HI (percentiles)") from None
+    if not (np.isfinite(a) and np.isfinite(b)):
+        raise ValueError(f"--window={window!r}: both numbers must be finite")
     if kind == "level_width" and b <= 0:
         raise ValueError(f"--window={window!r}: the width must be > 0")
     if kind == "percentile" and not 0 <= a < b <= 100:
@@ -36,6 +38,16 @@ def parse_window(window: str) -> tuple[str, float, float] | None:
 def bit_depth(image: Image.Image) -> int:
     """Bits per sample of a decoded file: 16 for 16-bit grayscale, 32 for int/float images, else 8."""
     return {"I;16": 16, "I;16B": 16, "I;16L": 16, "I": 32, "F": 32}.get(image.mode, 8)
+
+
+SATURATED = 0.95  # an image with more of its pixels at one end of the window is counted (and warned about)
+
+
+def saturated(image: Image.Image) -> bool:
+    """Whether more than SATURATED of an 8-bit image's pixels sit at 0, or at 255: a window in the wrong units (a
+    CT's Hounsfield window on stored values offset by 32768 turns every pixel white)."""
+    pixels = np.asarray(image.convert("L"))
+    return bool(max(np.mean(pixels == 0), np.mean(pixels == 255)) > SATURATED)
 
 
 def _window_to_uint8(image: Image.Image, window: tuple[str, float, float] | None) -> Image.Image:
@@ -74,8 +86,9 @@ def resized_size(width: int, height: int, shorter_side: int) -> tuple[int, int]:
 
 
 def _load(path: str, shorter_side: int, channels: int = 1, window: tuple[str, float, float] | None = None
-          ) -> tuple[Image.Image, tuple[int, int], int]:
-    """(uint8 image of `channels` resized to the shorter side, the file's own (width, height), its bit depth)."""
+          ) -> tuple[Image.Image, tuple[int, int], int, bool]:
+    """(uint8 image of `channels` resized to the shorter side, the file's own (width, height), its bit depth,
+    whether the window put nearly all its pixels at one end: `saturated`)."""
     with Image.open(path) as image:
         source_size = image.size
         target = resized_size(image.width, image.height, shorter_side)
@@ -86,9 +99,10 @@ def _load(path: str, shorter_side: int, channels: int = 1, window: tuple[str, fl
         image.load()  # forces a full decode, so truncated files fail here, not later
         bits = bit_depth(image)
         out = to_uint8(image, channels, window)
+        washed_out = window is not None and bits > 8 and saturated(out)
     if out.size != target:
         out = out.resize(target, Image.Resampling.LANCZOS)
-    return out, source_size, bits
+    return out, source_size, bits, washed_out
 
 
 def _png(image: Image.Image) -> bytes:
@@ -102,7 +116,7 @@ def load_png(path: str, shorter_side: int, channels: int = 1, window: str = "") 
 
     Raises OSError/ValueError on unreadable or truncated files (the caller counts them).
     """
-    image, _, _ = _load(path, shorter_side, channels, parse_window(window))
+    image, _, _, _ = _load(path, shorter_side, channels, parse_window(window))
     return _png(image), (image.height, image.width)
 
 
@@ -194,12 +208,13 @@ def scale_boxes(boxes, source_size: tuple[int, int], target: tuple[int, int]
 def decode_task(args: tuple) -> tuple[int, dict | None, str, str]:
     """Pool-friendly: (index, path, size, mask path or '', boxes, channels, window, mask values) -> (index,
     {"image": png[, "mask": png, "mask_values": the file's non-zero values, "mask_empty"], "boxes": float32 (N, 4),
-    "box_fixes", "box_kept": scale_boxes's counts and kept boxes, "bit_depth": the file's} or None, skip reason,
+    "box_fixes", "box_kept": scale_boxes's counts and kept boxes, "bit_depth": the file's, "saturated": by the
+    window} or None, skip reason,
     error message)."""
     index, path, shorter_side, mask_path, boxes, channels, window, mask_values = args
     try:
-        image, source_size, bits = _load(path, shorter_side, channels, parse_window(window))
-        out = {"image": _png(image), "bit_depth": bits}
+        image, source_size, bits, washed_out = _load(path, shorter_side, channels, parse_window(window))
+        out = {"image": _png(image), "bit_depth": bits, "saturated": washed_out}
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         return index, None, IMAGE_UNREADABLE, f"{type(e).__name__}: {e}"
     if mask_path:

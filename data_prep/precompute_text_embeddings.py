@@ -132,8 +132,9 @@ def main(argv: list[str]) -> None:
             raise FileNotFoundError(f"--output_dir={FLAGS.output_dir} holds no embeddings (no manifest.json) to verify")
         sys.exit(verify(FLAGS.output_dir, texts))
     storage.check_writable_dir(FLAGS.output_dir, "--output_dir")
-    conflicts = {k: source_info.pop(k) for k in ("conflicting_duplicate_ids", "conflicting_examples", "notes")
-                 if k in source_info}  # counts, not identity: they stay out of the settings compared on reruns
+    conflicts = {k: source_info.pop(k) for k in ("conflicting_duplicate_ids", "conflicting_examples", "notes",
+                                                 "fingerprint")
+                 if k in source_info}  # counts and the build's state, not identity: out of the settings compared
     for note in conflicts.get("notes", []):
         print(f"note: {note}")
     from tqdm import tqdm
@@ -161,6 +162,7 @@ def main(argv: list[str]) -> None:
                    "conflicting_duplicate_ids": conflicts.get("conflicting_duplicate_ids", 0)},
         "conflicting_duplicate_ids": conflicts.get("conflicting_examples", []),
         "empty_study_ids": empty[:100],
+        "source_fingerprint": conflicts.get("fingerprint"),  # the dataset as embedded (built.fingerprint)
         "command": " ".join(a for a in sys.argv if not a.startswith(("--worker_index", "--num_workers"))),
     }
     storage.path(FLAGS.output_dir).mkdir(parents=True, exist_ok=True)

@@ -61,6 +61,7 @@ class ChestXrayBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self.masks: dict[str, Counter] = {}  # split -> {"masks": n, "empty": n}
         self.mask_values: Counter = Counter()  # a non-zero stored mask value -> masks holding it
         self.box_fixes: Counter = Counter()  # boxes put in order, clipped or dropped (images.scale_boxes)
+        self.saturated = 0  # images the window put (nearly) all at 0 or 255 (images.saturated)
         self._num_workers = num_workers
         self._decode_skips = decode_skips
         super().__init__(**kwargs)
@@ -96,6 +97,7 @@ class ChestXrayBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                     self._decode_skips.skip(reason, rec.image_path, error)
                     continue
                 self.bit_depths[decoded["bit_depth"]] += 1
+                self.saturated += decoded["saturated"]
                 dense = {}
                 if "mask" in annotations:
                     dense["mask"] = decoded["mask"]

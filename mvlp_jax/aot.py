@@ -68,7 +68,12 @@ def tpu_devices(topology: str) -> list:
     except ImportError as error:
         raise ValueError("compiling for TPU needs libtpu: pip install -e '.[tpu]'") from error
     megacore = {"chip_config_name": "megacore"} if name.startswith("v4") else {}
-    return list(topologies.get_topology_desc(topology_name=name, platform="tpu", **megacore).devices)
+    try:
+        return list(topologies.get_topology_desc(topology_name=name, platform="tpu", **megacore).devices)
+    except Exception as error:  # noqa: BLE001 - libtpu refuses a shape it does not make as a runtime error
+        raise ValueError(f"--topology={topology}: libtpu makes no such slice ({str(error).splitlines()[0][:200]}); "
+                         f"use an accelerator type ({', '.join(ALIASES)}) or a topology name of a real slice shape "
+                         f"(v4:2x2x4, v5e:4x4, v6e:8x8)") from None
 
 
 def chip_of(device) -> Chip:
@@ -340,7 +345,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from mvlp_jax import cli
+    from mvlp_jax import cli, configuration
 
     define_flags()
-    cli.run("mvlp_jax.aot", main)
+    cli.run("mvlp_jax.aot", main, config_keys=configuration.SPEC)

@@ -71,7 +71,7 @@ class Store:
         self.workdir, self.writer = storage.path(workdir), writer
         options = ocp.CheckpointManagerOptions(save_interval_steps=c.save_interval_steps, max_to_keep=c.max_to_keep,
                                                enable_async_checkpointing=c.async_save, create=writer,
-                                               cleanup_tmp_directories=writer, read_only=not writer)
+                                               cleanup_tmp_directories=writer)
         self.mngr = ocp.CheckpointManager(checkpoints_dir(workdir), options=options, item_names=("state", "data"))
         self._unsealed: list[int] = []
 

@@ -7,12 +7,13 @@ else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
+import difflib
 import errno
 import os
 import re
 import sys
 import textwrap
-from typing import Callable
+from typing import Callable, Iterable
 
 DEBUG_ENV = "MVLP_JAX_DEBUG"
 EXIT_BAD_INPUT = 2
@@ -89,20 +90,26 @@ def guarded(program: str, main: Callable[[list[str]], int | None]) -> Callable[[
     return wrapped
 
 
-def _name_the_override(detail: str, argv: list[str]) -> str:
-    """ml_collections says only "'varaint' Did you mean ...": name the --config.KEY=VALUE flag it came from."""
-    match = re.match(r"^'([^']+)'\s*(.*)$", detail)
+def _name_the_override(detail: str, argv: list[str], keys: Iterable[str]) -> str:
+    """ml_collections says only "'dataa'" or "'varaint' Did you mean ...": name the --config.KEY=VALUE flag it came
+    from, as an unknown key, and the nearest known key."""
+    match = re.match(r"^'([^']+)'\s*(.*)$", detail) or re.match(r"^([\w.]+)()$", detail)
     if not match:
         return detail
     key, rest = match.groups()
-    flag = next((a for a in argv if a.startswith("--") and re.search(rf"\.{re.escape(key)}(=|$)", a)), None)
+    flag = next((a for a in argv if a.startswith("--config.") and re.search(rf"\.{re.escape(key)}(\.|=|$)", a)),
+                None)
     if flag is None:
         return detail
-    return f"unknown config key {flag.split('=')[0][2:]!r} (in {flag})" + (f": {rest}" if rest else "")
+    full = flag.split("=")[0][len("--config."):]
+    close = difflib.get_close_matches(full, list(keys), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else (f": {rest}" if rest else "")
+    return f"unknown config key {full!r} (in {flag}){hint}"
 
 
-def run(program: str, main: Callable[[list[str]], int | None]) -> None:
-    """absl's app.run with flag-parsing errors (e.g. an unknown --config.key) and bad input reported cleanly."""
+def run(program: str, main: Callable[[list[str]], int | None], config_keys: Iterable[str] = ()) -> None:
+    """absl's app.run with flag-parsing errors (e.g. an unknown --config.key, with the nearest of `config_keys`)
+    and bad input reported cleanly."""
     from absl import app, flags
 
     def parse(argv: list[str]) -> list[str]:
@@ -114,6 +121,7 @@ def run(program: str, main: Callable[[list[str]], int | None]) -> None:
             cause = error.__cause__ or error.__context__ or error
             override = isinstance(cause, (KeyError, AttributeError)) and cause is not error
             detail = " ".join((message(cause) if override else str(error)).split())
-            sys.exit(report(program, ValueError(_name_the_override(detail, argv) if override else detail)))
+            sys.exit(report(program, ValueError(_name_the_override(detail, argv, config_keys) if override
+                                                else detail)))
 
     app.run(guarded(program, main), flags_parser=parse)

@@ -109,6 +109,10 @@ SPEC: dict[str, tuple[Any, Check, str]] = {
     "data.allow_missing_embeddings": (False, None, "Drop images whose study has no embedding instead of failing."),
     "data.embeddings_any_source": (False, None, "Accept embeddings made from another source (a reports CSV, another "
                                    "dataset) whose study ids are this dataset's; refused by default."),
+    "data.allow_changed_inputs": (False, None, "Resume (or train on embeddings made before the dataset was rebuilt) "
+                                  "although the training split or the LLM embeddings differ from those the run "
+                                  "recorded (WORKDIR/inputs.json); refused by default. The change is recorded in "
+                                  "config_changes.json and printed in every evaluation result of the run."),
     "data.batch_size": (256, _positive, "Global batch size (all processes together)."),
     "data.crop_scale": ((0.5, 1.0), _crop_scale, "RandomResizedCrop area range."),
     "data.brightness": (0.1, _non_negative, "Intensity augmentation: random brightness shift (fraction of 255)."),
@@ -195,6 +199,9 @@ EVAL_SPEC: dict[str, tuple[Any, Check, str]] = {
     "uncertain": ("ignore", ("ignore", "ones", "zeros"), "-1 labels: masked out of loss and metrics, or 1, or 0."),
     "unmentioned": ("negative", ("negative", "ignore"), "-2 labels: negative, or masked out."),
     "batch_size": (64, _positive, "Feature extraction batch, all devices."),
+    "allow_changed_inputs": (False, None, "Retrieval, zero-shot: use a run's embeddings although they changed since "
+                             "it trained on them (another layer, re-embedded reports); refused by default, and "
+                             "printed in every result when allowed."),
     "bootstrap": (1000, _non_negative, "Patient-level resamples for the 95% intervals."),
     "seed": (0, None, "Seed of label fractions, probes and bootstrap."),
     "seeds": (0, _non_negative, "Heads trained per checkpoint and label fraction, seeds seed, seed+1, ... (each its "

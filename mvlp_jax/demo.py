@@ -134,17 +134,24 @@ def evaluate_text_space() -> None:
         _evaluate_once(folder, f"{mode.replace('_', '-')} ({dataset}/{split}) of {', '.join(spaced)}", config)
 
 
-def main() -> None:
+def _timed(stage: str, run, *args) -> float:
+    """Runs one stage and says how long it took; returns the seconds."""
     start = time.perf_counter()
+    run(*args)
+    seconds = time.perf_counter() - start
+    print(f"[demo] {stage}: {seconds:.0f}s", flush=True)
+    return seconds
+
+
+def main() -> None:
     os.makedirs(RUNS, exist_ok=True)
-    build_datasets()
-    embed_reports()
-    for name in RECIPES:
-        pretrain(name)
-    evaluate_probes()
-    evaluate_segmentation()
-    evaluate_text_space()
-    print(f"[demo] done in {time.perf_counter() - start:.0f}s; outputs under {RUNS}")
+    stages = [("datasets", build_datasets), ("embeddings", embed_reports),
+              *((f"pretraining {name}", pretrain, name) for name in RECIPES),
+              ("linear probes", evaluate_probes), ("segmentation", evaluate_segmentation),
+              ("retrieval and zero-shot", evaluate_text_space)]
+    seconds = {stage[0]: _timed(*stage) for stage in stages}
+    print(f"[demo] done in {sum(seconds.values()):.0f}s ("
+          + ", ".join(f"{stage} {s:.0f}s" for stage, s in seconds.items()) + f"); outputs under {RUNS}")
 
 
 if __name__ == "__main__":

@@ -104,15 +104,17 @@ def evaluate_subjects(task: DenseTask, config: ml_collections.ConfigDict, output
     results: dict[str, Any] = {"config": config.to_dict(), "context": context, task.name: [], "comparisons": []}
     statistic_by: dict[tuple[str, float], dict[str, list[Callable]]] = {}  # (workdir, fraction) -> per-seed stats
     shown: dict[str, Any] = {}
-    labels_of, name_of = features.display_names(subjects), {}
+    labels_of, name_of, encoders = features.display_names(subjects), {}, []
     truth_by_view: dict[tuple[int, int], dict[str, Truth]] = {}
     for subject in subjects:
         encoder = features.load_encoder(subject, config.step, mesh, like, name=labels_of[subject],
                                         teacher=config.teacher and subject != features.RANDOM_INIT)
+        encoders.append(encoder)
         size, patch = encoder.config.model.image_size, variant(encoder.config.model.variant)["patch_size"]
         if (size, patch) not in truth_by_view:
             truth_by_view[(size, patch)] = {role: task.read(src, size, patch, context)
                                             for role, (src, _) in sources.items()}
+            statistics.require(truth_by_view[(size, patch)]["test"]["patients"], sources["test"][1])
             task.check(truth_by_view[(size, patch)]["test"], sources["test"][1])
         truth = dict(truth_by_view[(size, patch)])
         tuned = config.mode == "finetune"
@@ -184,6 +186,7 @@ def evaluate_subjects(task: DenseTask, config: ml_collections.ConfigDict, output
                                            **statistics.paired(statistic_by[(first, fraction)][task.metric],
                                                                statistic[task.metric], test["patients"],
                                                                config.bootstrap, config.seed)})
+    results["notes"] = report.notes_of(encoders)
     report.save(output_dir, results, table(task, results))
     plot(task, sources["test"][0], test, shown, size, settings.plot_images,
          storage.join(output_dir, f"{task.name}.png"))
@@ -195,8 +198,8 @@ def table(task: DenseTask, results: dict) -> str:
     lines = ["| checkpoint | step | training images | head | " + " | ".join(labels) + " | test images |",
              "| --- " * (5 + len(labels)) + "|"]
     for r in results[task.name]:
-        cells = [f"{r[m]['mean']:.4f} [{r[m]['ci95'][0]:.4f}, {r[m]['ci95'][1]:.4f}]"
-                 f"{report.seeds_note(r[m].get('seeds', []))}" for m in task.metrics]
+        cells = [report.interval(r[m]["mean"], r[m]["ci95"]) + report.seeds_note(r[m].get("seeds", []))
+                 for m in task.metrics]
         lines.append(f"| {r['name']} | {r['step']} | {report.percent(r['label_fraction'])} ({r['train_images']}) | "
                      f"{r['head']['kind']}, {r['head']['encoder']} encoder | " + " | ".join(cells) +
                      f" | {r['test_images']} |")

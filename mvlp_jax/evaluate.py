@@ -123,11 +123,15 @@ def evaluate(config, output_dir: str) -> dict:
     vy, vm = targets_and_mask(val_labels, config.uncertain, config.unmentioned)
     test_y, test_m = targets_and_mask(labels["test"][0], config.uncertain, config.unmentioned)
     test_groups = labels["test"][1]
+    statistics.require(test_groups, splits["test"][2])
+    if not any(len(set(test_y[test_m[:, j], j])) == 2 for j in range(len(names))):
+        raise ValueError(f"no label of {splits['test'][2]} has both a positive and a negative test case: AUC is not "
+                         f"defined for any")
     subjects = _subjects(config)
     labels_of = features.display_names(subjects)
     like = next((w for w in subjects if w != features.RANDOM_INIT), config.random_init_like)
     results = {"config": config.to_dict(), "label_names": names, "checkpoints": [], "comparisons": []}
-    probs_by, name_of, statistics_by = {}, {}, {}
+    probs_by, name_of, statistics_by, encoders = {}, {}, {}, []
     for subject in subjects:
         if config.features_from == "text_embeddings":
             name, step, encoder = features.text_name(subject, config.text_pooling, labels_of[subject]), 0, None
@@ -137,6 +141,7 @@ def evaluate(config, output_dir: str) -> dict:
             encoder = features.load_encoder(subject, config.step, mesh, like, name=labels_of[subject],
                                             teacher=config.teacher and subject != features.RANDOM_INIT)
             name, step = encoder.name, encoder.step
+            encoders.append(encoder)
             feats = None if config.mode == "finetune" else {
                 role: features.extract(encoder, src, config.pooling, config.batch_size, mesh,
                                        storage.join(output_dir, "features"), where, fingerprints[role])
@@ -205,6 +210,7 @@ def evaluate(config, output_dir: str) -> dict:
                                            "baseline_workdir": first, "candidate_workdir": subject,
                                            "label_fraction": fraction, "mauc_difference": paired.pop("difference"),
                                            **paired})
+    results["notes"] = report.notes_of(encoders)
     report.save(output_dir, results, report.markdown(results))
     report.plots(results, {(name_of[s], f): p for (s, f), p in probs_by.items()}, test_y, test_m, output_dir)
     return results
@@ -227,7 +233,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from mvlp_jax import cli
+    from mvlp_jax import cli, configuration
 
     define_flags()
-    cli.run("mvlp_jax.evaluate", main)
+    cli.run("mvlp_jax.evaluate", main, config_keys=configuration.EVAL_SPEC)

@@ -136,8 +136,9 @@ def _write_export(encoder: Encoder, folder: str, results: str) -> None:
         model = hf_model(encoder)
         model.save_pretrained(folder)
         ViTImageProcessor(do_resize=True, size={"height": c.model.image_size, "width": c.model.image_size},
-                          do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=[c.data.mean],
-                          image_std=[c.data.std]).save_pretrained(folder)
+                          do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+                          image_mean=[c.data.mean] * views.channels(c),
+                          image_std=[c.data.std] * views.channels(c)).save_pretrained(folder)
         kind = type(model).__name__
     else:
         save_file(flat(params["encoder"]), os.path.join(folder, "encoder.safetensors"))
@@ -150,18 +151,21 @@ def _write_export(encoder: Encoder, folder: str, results: str) -> None:
 
 def model_card(encoder: Encoder, kind: str, heads: list[str], results: str) -> str:
     c = encoder.config
+    channels = views.channels(c)
+    pixels = "grayscale" if channels == 1 else f"{channels}-channel colour"
     objectives = ", ".join(f"{k} (weight {v})" for k, v in sorted(c.objectives.items()))
-    lines = [f"# {encoder.name}: {c.model.encoder} {c.model.variant} chest X-ray encoder (mvlp_jax)", "",
+    lines = [f"# {encoder.name}: {c.model.encoder} {c.model.variant} image encoder (mvlp_jax)", "",
              f"Exported from `{encoder.source}` (step {encoder.step}).", "",
              "## Training", "",
-             f"- Data: `{c.data.dataset}` split `{c.data.train_split}`, {c.model.image_size} px grayscale crops, "
-             f"normalised as (pixel / 255 - {c.data.mean}) / {c.data.std}.",
+             f"- Data: `{c.data.dataset}` split `{c.data.train_split}`, {c.model.image_size} px {pixels} crops, "
+             f"normalised as (pixel / 255 - {c.data.mean}) / {c.data.std} in every channel.",
              f"- Objectives: {objectives}; schedule `{c.task_schedule}`; {c.total_steps} steps of "
              f"{c.data.batch_size} images.",
              "- The full config: `training_config.json`.", "",
              "## Files", ""]
     if c.model.encoder == "vit":
-        lines += [f"- `model.safetensors`, `config.json`: a transformers `{kind}` (1 input channel), equal to the "
+        lines += [f"- `model.safetensors`, `config.json`: a transformers `{kind}` ({channels} input channel"
+                  f"{'s' if channels > 1 else ''}), equal to the "
                   "JAX encoder's tokens (tested to 1e-4). Load with `from_pretrained(this_dir)`.",
                   "- `preprocessor_config.json`: resize to the trained size and the run's normalisation. mvlp_jax "
                   "evaluates on the centred square of an image, resized: crop first for the same features.",
@@ -186,19 +190,39 @@ def model_card(encoder: Encoder, kind: str, heads: list[str], results: str) -> s
 
 
 def _evaluation_rows(encoder: Encoder, results: str) -> list[str]:
-    """The rows of an evaluation binary's results.json that belong to this checkpoint."""
+    """The rows of an evaluation binary's results.json that belong to this checkpoint, whichever evaluator wrote
+    it (probes, fine-tuning, segmentation, detection, retrieval, zero-shot), and the notes it carries."""
     if not results:
         return []
-    rows = [r for r in storage.read_json(results).get("checkpoints", [])
-            if f"{storage.canonical(r['workdir'])}/checkpoints/{r['step']}" == encoder.source]
+    written = storage.read_json(results)
+    mine = lambda r: encoder.source in (r.get("workdir"), f"{storage.canonical(r['workdir'])}/checkpoints/{r['step']}")
     lines = []
-    for r in rows:
-        ci = r.get("ci95", {}).get("mauc")
-        lines.append(f"- {r['mode']} probe, {r['label_fraction']:.0%} of the labels ({r['train_cases']} training "
-                     f"cases, {r['test_cases']} test cases): mAUC {r['mauc']:.4f}"
-                     + (f" [95% CI {ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
-                     + f", exact-match accuracy {r['accuracy']:.4f}")
-    return lines
+    for kind, describe in ROW_LINES.items():
+        lines += [describe(r) for r in written.get(kind, []) if mine(r)]
+    return lines + [f"- Note: {note}" for note in written.get("notes", [])] if lines else []
+
+
+def _interval(value: float, ci: list | None) -> str:
+    return f"{value:.4f}" + (f" [95% CI {ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
+
+
+ROW_LINES = {  # results.json key -> the card's line for one of its rows
+    "checkpoints": lambda r: (f"- {r['mode']} probe, {r['label_fraction']:.0%} of the labels ({r['train_cases']} "
+                              f"training cases, {r['test_cases']} test cases): mAUC "
+                              f"{_interval(r['mauc'], r.get('ci95', {}).get('mauc'))}, exact-match accuracy "
+                              f"{r['accuracy']:.4f}"),
+    **{task: (lambda r: f"- {r['task']} ({r['head']['kind']}, {r['head']['encoder']} encoder), "
+                        f"{r['label_fraction']:.0%} of the training images ({r['train_images']}), {r['split']}: "
+                        + ", ".join(f"{metric} {_interval(r[metric]['mean'], r[metric]['ci95'])}"
+                                    for metric in ("dice", "dice_nonempty", "map") if metric in r))
+       for task in ("segmentation", "detection")},
+    "retrieval": lambda r: (f"- retrieval on {r['split']} ({r['images']} images, {r['studies']} studies): image -> "
+                            f"report R@1 {_interval(r['image_to_report']['R@1'], r['image_to_report']['R@1_ci95'])}, "
+                            f"report -> image R@1 "
+                            f"{_interval(r['report_to_image']['R@1'], r['report_to_image']['R@1_ci95'])}"),
+    "zero_shot": lambda r: (f"- zero-shot ({r['prompts']} prompts) on {r['split']} ({r['test_cases']} cases): mAUC "
+                            f"{_interval(r['mauc'], r['ci95']['mauc'])}"),
+}
 
 def define_flags() -> None:
     from absl import flags

@@ -14,7 +14,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep import built
-from mvlp_jax import checkpointing, configuration, optim, sharding, storage, train_step
+from mvlp_jax import checkpointing, configuration, optim, run_inputs, sharding, storage, train_step
 from mvlp_jax.data import views
 from mvlp_jax.models.pretrainer import Pretrainer
 
@@ -30,6 +30,8 @@ class Encoder:
     step: int
     source: str = ""       # the resolved checkpoint path (or random_init@architecture)
     fingerprint: str = ""  # sha256 of the restored parameters: what the feature cache is keyed on
+    workdir: str = ""      # the run's folder as listed ('' for random_init)
+    notes: tuple[str, ...] = ()  # what every result of this encoder must say (run_inputs.notes)
 
 
 def params_fingerprint(params: Any) -> str:
@@ -104,7 +106,8 @@ def load_encoder(workdir: str, step: int, mesh: jax.sharding.Mesh, like: str = "
             raise ValueError(f"{workdir} has no DINO teacher (its objectives: {dict(config.objectives)})")
         params, name = {**params, "encoder": state.extra["teacher"]["encoder"]}, f"{name}/teacher"
     where = f"{storage.canonical(workdir)}/checkpoints/{int(state.step)}" + ("/teacher" if teacher else "")
-    return Encoder(name, config, model, params, int(state.step), where, params_fingerprint(params))
+    return Encoder(name, config, model, params, int(state.step), where, params_fingerprint(params), workdir,
+                   tuple(run_inputs.notes(workdir)))
 
 
 def labelled_split(data_dir: str, dataset: str, split: str):

@@ -14,7 +14,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from mvlp_jax import cli, distributed
+from mvlp_jax import cli, configuration, distributed
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/pretrain.py:demo.", lock_config=True)
@@ -35,7 +35,7 @@ def main(argv: list[str]) -> int:
         if jax.process_index() == 0:
             print(f"distributed start-up: {method}, {jax.process_count()} processes, "
                   f"{jax.device_count()} devices", flush=True)
-    from mvlp_jax import configuration, train
+    from mvlp_jax import train
 
     configuration.validate(FLAGS.config)
     try:
@@ -47,4 +47,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    cli.run("mvlp_jax.main", main)
+    cli.run("mvlp_jax.main", main, config_keys=configuration.SPEC)

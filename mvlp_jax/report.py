@@ -7,15 +7,29 @@ from mvlp_jax import storage
 
 
 def save(output_dir: str, results: dict, table: str) -> None:
-    """Writes results.json (everything) and results.md (`table`), and prints the table."""
+    """Writes results.json (everything) and results.md (`table`, then the notes every result of a run must carry:
+    results["notes"]), and prints them."""
+    notes = results.get("notes") or []
+    text = table + "".join(f"\nNote: {note}\n" for note in notes)
     storage.write_json(storage.join(output_dir, "results.json"), results, indent=2, default=float)
-    storage.write_text(storage.join(output_dir, "results.md"), table + "\n")
-    print(table)
+    storage.write_text(storage.join(output_dir, "results.md"), text + "\n")
+    print(text)
+
+
+def notes_of(encoders: list) -> list[str]:
+    """The notes of the evaluated encoders (features.Encoder.notes), each once, in order."""
+    return list(dict.fromkeys(note for encoder in encoders for note in getattr(encoder, "notes", ())))
 
 
 def _ci(row: dict, key: str) -> str:
-    lo, hi = row["ci95"][key]
-    return f"{row[key]:.4f} [{lo:.4f}, {hi:.4f}]" + seeds_note(row.get("seeds", {}).get(key, []))
+    return interval(row[key], row["ci95"][key]) + seeds_note(row.get("seeds", {}).get(key, []))
+
+
+def interval(value: float, ci: list[float]) -> str:
+    """'0.5600 [0.5000, 0.6200]', or '0.5600 [not estimable]' when too few draws had a value."""
+    if not np.all(np.isfinite(ci)):
+        return f"{value:.4f} [not estimable]"
+    return f"{value:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]"
 
 
 def seeds_note(values: list[float]) -> str:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mvlp_jax import features, report, shared_space, statistics
+from mvlp_jax import features, report, run_inputs, shared_space, statistics
 from mvlp_jax.models.norm import l2_normalise
 
 KS = (1, 5, 10)
@@ -55,6 +55,8 @@ def evaluate_run(encoder: features.Encoder, config: ml_collections.ConfigDict, m
     if len(source) == 0:
         raise ValueError(f"split {where} is empty")
     embeddings = config.embeddings or encoder.config.data.embeddings_dir
+    notes = run_inputs.check_embeddings(encoder.workdir, embeddings, own=not config.embeddings,
+                                        allow=config.allow_changed_inputs, purpose="retrieval")
     table = targets_lib.load_targets(embeddings, encoder.config.contrastive.target)
     if table.dim != encoder.model.target_dim:
         raise ValueError(f"{embeddings} holds {table.dim}-wide vectors; {encoder.name} was trained on "
@@ -62,10 +64,14 @@ def evaluate_run(encoder: features.Encoder, config: ml_collections.ConfigDict, m
     records = [source[i] for i in range(len(source))]
     image_studies = [r["study_id"].decode() for r in records]
     studies = sorted(set(image_studies))
-    rows = targets_lib.join(studies, table, False, where)
+    rows = targets_lib.join(studies, table, False, where, role="test",
+                            fix=f"retrieval ranks each test image's own report among the split's, so every study "
+                                f"needs its report's vector: give --config.embeddings=... holding the reports of "
+                                f"{where} (a split built without reports has none)")
     column = {s: i for i, s in enumerate(studies)}
     image_study = np.array([column[s] for s in image_studies])
     patients = np.array([r["subject_id"].decode() for r in records])
+    statistics.require(patients, where)
 
     images = shared_space.embed_images(encoder, space, source, config, mesh, f"retrieval {encoder.name} {where}")
     texts = shared_space.embed_texts(encoder, space, table.vectors[rows])
@@ -74,6 +80,7 @@ def evaluate_run(encoder: features.Encoder, config: ml_collections.ConfigDict, m
     study_patient = np.array([patients[image_study == s][0] for s in range(len(studies))])
     return {"name": encoder.name, "workdir": encoder.source, "step": encoder.step, "split": where,
             "images": len(records), "studies": len(studies), "embeddings": embeddings,
+            "notes": [*encoder.notes, *notes],
             "image_to_report": summary(image_to_report, patients, config.bootstrap, config.seed),
             "report_to_image": summary(report_to_image, study_patient, config.bootstrap, config.seed)}
 
@@ -94,14 +101,15 @@ def table(rows: list[dict]) -> str:
 def run(config: ml_collections.ConfigDict, output_dir: str, mesh: jax.sharding.Mesh, subjects: list[str]) -> dict:
     if features.RANDOM_INIT in subjects:
         raise ValueError("random_init has no text space: retrieval compares trained image and report embeddings")
-    rows = []
+    rows, labels_of = [], features.display_names(subjects)
     for subject in subjects:
-        encoder = features.load_encoder(subject, config.step, mesh, teacher=config.teacher)
+        encoder = features.load_encoder(subject, config.step, mesh, teacher=config.teacher, name=labels_of[subject])
         rows.append(evaluate_run(encoder, config, mesh))
         r = rows[-1]
         print(f"{r['name']} (step {r['step']}), {r['split']}: image -> report R@1 {r['image_to_report']['R@1']:.3f}, "
               f"report -> image R@1 {r['report_to_image']['R@1']:.3f} ({r['images']} images, {r['studies']} "
               f"studies; chance R@1 {1 / r['studies']:.3f})", flush=True)
-    results = {"config": config.to_dict(), "retrieval": rows}
+    results = {"config": config.to_dict(), "retrieval": rows,
+               "notes": list(dict.fromkeys(n for r in rows for n in r["notes"]))}
     report.save(output_dir, results, table(rows))
     return results

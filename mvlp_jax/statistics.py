@@ -17,6 +17,15 @@ Statistic = Callable[[np.ndarray], float]  # case indices (a resample, repeats a
 
 SMALL_TRAINING_SET = 300  # labelled training cases under which a head's seed matters
 SEEDS_WHEN_SMALL = 3
+MIN_CASES, MIN_PATIENTS = 10, 5  # a test split smaller than this is refused: no metric or interval means much
+
+
+def require(groups: np.ndarray, where: str) -> None:
+    """Refuses (ValueError with the counts) a test split too small to estimate a metric and its interval."""
+    patients = len(set(groups.tolist()))
+    if len(groups) < MIN_CASES or patients < MIN_PATIENTS:
+        raise ValueError(f"{where} has {len(groups)} test cases of {patients} patients: too few to estimate a metric "
+                         f"and its interval (at least {MIN_CASES} cases of {MIN_PATIENTS} patients)")
 
 
 def seeds_for(setting: int, fraction: float, training_cases: int, head_is_random: bool) -> int:
@@ -38,10 +47,14 @@ def bootstrap_indices(groups: np.ndarray, num: int, seed: int) -> list[np.ndarra
 
 
 def percentile_interval(values: Sequence[float], level: float = 0.95) -> list[float]:
+    """The central `level` interval of the draws; [nan, nan] (not estimable) when fewer than half of them have a
+    value (e.g. most resamples hold no positive case of a label)."""
     values = np.asarray(values, np.float64)
-    values = values[np.isfinite(values)]
+    finite = values[np.isfinite(values)]
     alpha = (1 - level) / 2
-    return [float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))] if len(values) else [np.nan] * 2
+    if not len(finite) or len(finite) < len(values) / 2:
+        return [float("nan")] * 2
+    return [float(np.quantile(finite, alpha)), float(np.quantile(finite, 1 - alpha))]
 
 
 def _draws(groups: np.ndarray, num: int, seed: int, seeds: int) -> list[tuple[int, np.ndarray]]:

@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 
 from mvlp_jax import checkpointing, configuration, distributed, host_memory, observe, optim, sharding, startup
-from mvlp_jax import cli, lease, storage, train_step
+from mvlp_jax import cli, lease, run_inputs, storage, train_step
 from mvlp_jax.data import pipeline
 from mvlp_jax.models.pretrainer import Pretrainer
 
@@ -67,7 +67,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Outcome:
     startup.check_batch(config, mesh)
     records = pipeline.open_records(config)
     target_dim = records.table.dim if records.table else 0
+    if memory := startup.check_host_memory(config, target_dim, jax.process_count()):
+        _log(f"note: {memory}")
     changes = startup.check_resume(config, workdir, target_dim)  # before anything is written
+    changed_inputs = startup.check_inputs(config, workdir, records.inputs)
     held, refused = None, ""
     if jax.process_index() == 0:
         try:
@@ -77,16 +80,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Outcome:
     if refused := distributed.from_process_0("mvlp_jax:lease", refused):
         raise cli.UserError(refused)
     try:
-        return _train(config, workdir, mesh, records, target_dim, changes, cache)
+        return _train(config, workdir, mesh, records, target_dim, changes, changed_inputs, cache)
     finally:
         if held is not None:
             held.release()
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh, records: pipeline.TrainRecords,
-           target_dim: int, changes: dict, cache: str | None) -> Outcome:
+           target_dim: int, changes: dict, changed_inputs: list[str], cache: str | None) -> Outcome:
     if jax.process_index() == 0:
-        startup.record(config, workdir, target_dim, changes)
+        startup.record(config, workdir, target_dim, changes, records.inputs, changed_inputs)
+    for change in changed_inputs:
+        _log(f"resuming on changed inputs ({run_inputs.OVERRIDE}): {change}")
     for key, (old, new) in changes.items():
         _log(f"resuming with {key} changed: {old!r} -> {new!r} (recorded in {workdir}/config_changes.json)")
     model = Pretrainer(config, target_dim)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mvlp_jax import features, metrics, report, shared_space, statistics
+from mvlp_jax import features, metrics, report, run_inputs, shared_space, statistics
 from mvlp_jax.models.norm import l2_normalise
 
 Embedder = Callable[[list[str]], np.ndarray]  # prompts -> (P, LLM hidden) stored-style vectors
@@ -78,6 +78,9 @@ def evaluate_run(encoder: features.Encoder, config: ml_collections.ConfigDict, m
     source, names, where = features.labelled_split(config.data_dir, config.dataset, config.test_split)
     labels, patients = features.read_labels(source)
     y, mask = evaluate.targets_and_mask(labels, config.uncertain, config.unmentioned)
+    statistics.require(patients, where)
+    notes = run_inputs.check_embeddings(encoder.workdir, encoder.config.data.embeddings_dir, own=True,
+                                        allow=config.allow_changed_inputs, purpose="zero-shot")
     if embed is None:
         manifest = schema.read_manifest(encoder.config.data.embeddings_dir)
         embed = llm_embedder(manifest, encoder.config.contrastive.target, config.llm)
@@ -91,7 +94,7 @@ def evaluate_run(encoder: features.Encoder, config: ml_collections.ConfigDict, m
     images = shared_space.embed_images(encoder, space, source, config, mesh, f"zero-shot {encoder.name} {where}")
     probs = label_scores(images, positive, negative)
     return {"name": encoder.name, "workdir": encoder.source, "step": encoder.step, "split": where,
-            "mode": "zero_shot", "prompts": config.prompts, "test_cases": len(probs),
+            "mode": "zero_shot", "prompts": config.prompts, "test_cases": len(probs), "notes": [*encoder.notes, *notes],
             "prompt_sets": {n: {"positive": list(p), "negative": list(q)} for n, (p, q) in prompts.items()},
             **metrics.summary(y, probs, mask, names),
             "ci95": {"mauc": statistics.estimate([lambda i: metrics.mean_auc(y[i], probs[i], mask[i])], patients,
@@ -117,13 +120,14 @@ def run(config: ml_collections.ConfigDict, output_dir: str, mesh: jax.sharding.M
         embed: Embedder | None = None) -> dict:
     if features.RANDOM_INIT in subjects:
         raise ValueError("random_init has no text space: zero-shot scores images against embedded prompts")
-    rows = []
+    rows, labels_of = [], features.display_names(subjects)
     for subject in subjects:
-        encoder = features.load_encoder(subject, config.step, mesh, teacher=config.teacher)
+        encoder = features.load_encoder(subject, config.step, mesh, teacher=config.teacher, name=labels_of[subject])
         rows.append(evaluate_run(encoder, config, mesh, embed))
         r = rows[-1]
         print(f"{r['name']} (step {r['step']}), {r['split']}, zero-shot ({r['prompts']} prompts): mAUC "
               f"{r['mauc']:.4f} [{r['ci95']['mauc'][0]:.4f}, {r['ci95']['mauc'][1]:.4f}]", flush=True)
-    results = {"config": config.to_dict(), "zero_shot": rows}
+    results = {"config": config.to_dict(), "zero_shot": rows,
+               "notes": list(dict.fromkeys(n for r in rows for n in r["notes"]))}
     report.save(output_dir, results, table(rows))
     return results

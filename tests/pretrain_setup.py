@@ -26,16 +26,16 @@ def build_sample(root: str, image_size: int = 64) -> str:
 
 
 def write_targets(data_dir: str, out: str, drop: tuple[str, ...] = (), hidden: int = HIDDEN,
-                  source: dict | None = None, dataset: str = "covid_notes") -> list[str]:
-    """One random `mean`/`last` record per study of every split (minus `drop`), in the stored schema; the
-    manifest names the dataset as its source (or `source`)."""
+                  source: dict | None = None, dataset: str = "covid_notes", seed: int = 0) -> list[str]:
+    """One random `mean`/`last` record per study of every split (minus `drop`, vectors drawn with `seed`), in the
+    stored schema; the manifest names the dataset as its source (or `source`)."""
     from data_prep import built
 
     builder, _, _ = built.open_builder(data_dir, dataset)
     studies = sorted({built.open_split(builder, s)[i]["study_id"].decode()
                       for s in builder.info.splits for i in range(len(built.open_split(builder, s)))})
     kept = [s for s in studies if s not in drop]
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     os.makedirs(out, exist_ok=True)
     records = [schema.encode(s, rng.normal(size=hidden), rng.normal(size=hidden), "float32") for s in kept]
     schema.write_shard(os.path.join(out, schema.SHARD_PATTERN.format(index=0, count=1)), records)

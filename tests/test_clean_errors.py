@@ -23,6 +23,10 @@ def _files(root: str, data_dir: str, emb_dir: str) -> dict[str, str]:
     open(paths["a_file"], "w").close()
     with open(paths["reports.csv"], "w") as f:
         f.write("uid,text\n1,lungs clear\n")
+    with open(os.path.join(root, "images.csv"), "w") as f:
+        f.write("image\nx.png\n")
+    with open(os.path.join(root, "boxes.csv"), "w") as f:
+        f.write("image,label,x,y,w,h\nx.png,,1,1,4,4\n")
     os.makedirs(paths["no_tokenizer"], exist_ok=True)
     with open(os.path.join(paths["no_tokenizer"], "config.json"), "w") as f:
         json.dump({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}, f)
@@ -59,7 +63,16 @@ def _cases(p: dict[str, str]) -> list[tuple[str, list[str], str]]:
                                                "--text_column=text", f"--output_dir={p['root']}/e4"],
          "missing required column(s) ['study']"),
         ("unknown config key", [*train, f"--workdir={p['root']}/w1", "--config.model.varaint=S/16"],
-         "unknown config key 'config.model.varaint' (in --config.model.varaint=S/16): Did you mean \"variant\""),
+         "unknown config key 'model.varaint' (in --config.model.varaint=S/16); did you mean 'model.variant'?"),
+        ("misspelt config group", [*train, f"--workdir={p['root']}/w4", "--config.dataa.batch_size=2"],
+         "unknown config key 'dataa.batch_size' (in --config.dataa.batch_size=2); did you mean 'data.batch_size'?"),
+        ("a slice shape libtpu does not make", [sys.executable, "-m", "mvlp_jax.aot", f"--config={PRETRAIN}",
+                                                "--topology=v5e:3x5"],
+         "--topology=v5e:3x5: libtpu makes no such slice"),
+        ("a window that is not a number", [*build, "--manifest=latin1", "--window=nan,100",
+                                           f"--output_dir={p['root']}/o3"], "--window='nan,100': both numbers must be"),
+        ("a box without a label", [*build, "--manifest=images.csv", "--boxes_csv=boxes.csv",
+                                   f"--output_dir={p['root']}/o4"], "boxes.csv:2: the box has no label"),
         ("batch not divisible by the data-parallel devices", [*train, f"--workdir={p['root']}/w2",
                                                               "--config.data.batch_size=12"],
          "does not divide over the mesh's 8 data-parallel devices"),
@@ -81,7 +94,7 @@ def cases(pretrain_data, tmp_path_factory):
     return _cases(_files(str(tmp_path_factory.mktemp("bad")), data_dir, emb_dir))
 
 
-@pytest.mark.parametrize("index", range(12))
+@pytest.mark.parametrize("index", range(16))
 def test_bad_input_ends_in_a_clean_message(cases, index):
     what, command, expected = cases[index]
     result = run_case(command)

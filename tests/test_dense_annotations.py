@@ -474,3 +474,42 @@ def test_segmentation_refuses_a_test_split_of_empty_masks_and_scores_non_empty_m
     assert not predicted.any()
     assert scores["dice"](np.arange(3)) == pytest.approx(2 / 3)  # the two empty images score 1 each
     assert scores["dice_nonempty"](np.arange(3)) == 0.0 and np.isnan(scores["dice_nonempty"](np.array([1, 2])))
+
+
+def test_a_boxes_csv_naming_no_image_of_the_manifest_is_refused(tmp_path):
+    """Boxes keyed by file name while the manifest names 'images/a.png': nothing matched, the build said
+    'skipped: none', and detection failed later."""
+    root = tmp_path / "raw"
+    (root / "images").mkdir(parents=True)
+    Image.fromarray(np.zeros((32, 48), np.uint8)).save(root / "images" / "a.png")
+    (root / "manifest.csv").write_text("image,split\nimages/a.png,train\n")
+    (root / "boxes.csv").write_text("image,label,x,y,w,h\na.png,nodule,1,1,4,4\n")
+    with pytest.raises(R.InputError, match=r"none of the 1 images of boxes.csv is a value of the manifest's 'image' "
+                                           r"column \(e.g. 'a.png'; the manifest has values like 'images/a.png'\)"):
+        build("csv", str(root), str(tmp_path / "out"), name="b", image_size=0, boxes_csv="boxes.csv",
+              split_column="split")
+
+
+def test_the_pyramids_2x_upsampling_is_a_transposed_convolution():
+    """upsample_2x (a Dense layer and a depth-to-space reshape, fast on a CPU) computes what a 2x2 stride-2
+    transposed convolution does: with that convolution's kernel (flipped, as flax applies it), equal outputs."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from mvlp_jax.models.dense_heads import upsample_2x
+
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 4, 5))
+    convolution = nn.ConvTranspose(6, (2, 2), strides=(2, 2))
+    params = convolution.init(jax.random.PRNGKey(0), x)["params"]
+    kernel = np.asarray(params["kernel"])[::-1, ::-1].transpose(2, 0, 1, 3).reshape(5, 24)
+
+    class Up(nn.Module):
+        @nn.compact
+        def __call__(self, y):
+            return upsample_2x(y, 6, "up")
+
+    dense = {"params": {"up": {"kernel": jnp.asarray(kernel), "bias": jnp.tile(params["bias"], 4)}}}
+    np.testing.assert_allclose(Up().apply(dense, x), convolution.apply({"params": params}, x), atol=1e-5)
+    initial = Up().init(jax.random.PRNGKey(2), jnp.ones((1, 8, 8, 400)))["params"]["up"]["kernel"]
+    assert float(jnp.std(initial)) == pytest.approx(np.sqrt(1 / (4 * 400)), rel=0.05)  # the 2x2 kernel's fan-in

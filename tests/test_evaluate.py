@@ -315,3 +315,53 @@ def test_probes_on_a_tenth_of_the_labels_train_three_seeds_and_the_interval_cove
     config.seeds = 1
     single, = evaluate.evaluate(config, str(tmp_path / "one"))["checkpoints"]
     assert single["seeds"]["count"] == 1 and single["mauc"] == pytest.approx(seeds["mauc"][0])
+
+
+def test_comparisons_are_keyed_by_the_run_not_its_folder_name(nih_and_workdir, contrastive_run, tmp_path):
+    """X/A/run, X/mae, X/B/run: two runs share the folder name 'run'. Each row keeps its own label, and each
+    comparison is against the first run listed, computed from its own probes."""
+    import shutil
+
+    data_dir, workdir = nih_and_workdir
+    runs = [tmp_path / "X" / "A" / "run", tmp_path / "X" / "mae", tmp_path / "X" / "B" / "run"]
+    for target, source in zip(runs, (workdir, workdir, contrastive_run)):
+        shutil.copytree(source, target)
+    config = _probe_config(data_dir, ",".join(map(str, runs)))
+    config.label_fractions, config.bootstrap = (1.0,), 50
+    results = evaluate.evaluate(config, str(tmp_path / "out"))
+    rows = {r["name"]: r for r in results["checkpoints"]}
+    assert list(rows) == ["A/run", "mae", "B/run"] and rows["B/run"]["workdir"] == str(runs[2])
+    comparisons = {c["candidate"]: c for c in results["comparisons"]}
+    assert set(comparisons) == {"mae", "B/run"} and {c["baseline"] for c in comparisons.values()} == {"A/run"}
+    for name in ("mae", "B/run"):  # one seed: the difference is the rows' difference
+        assert comparisons[name]["mauc_difference"] == pytest.approx(rows[name]["mauc"] - rows["A/run"]["mauc"])
+    assert comparisons["mae"]["mauc_difference"] == pytest.approx(0.0)  # a copy of A/run
+    assert comparisons["B/run"]["mauc_difference"] != pytest.approx(0.0)
+    assert "B/run vs A/run (100% labels)" in open(tmp_path / "out" / "results.md").read()
+
+
+def test_a_test_split_too_small_to_estimate_anything_is_refused_with_its_counts(tmp_path):
+    """One test image: an interval of [1.000, 1.000] and an mAUC of nan once came out with exit 0."""
+    from data_prep.build_dataset import build
+    from mvlp_jax.demo import DATASETS
+    from tests.conftest import SAMPLE
+
+    import csv
+    rows = list(csv.DictReader(open(os.path.join(SAMPLE, "nih14", "manifest.csv"))))
+    kept = [r for r in rows if r["split"] == "train"][:120] + [r for r in rows if r["split"] == "valid"][:1]
+    for r in kept:  # absolute: the manifest is written elsewhere than the images
+        r["image"] = os.path.join(SAMPLE, "nih14", r["image"])
+    with open(tmp_path / "manifest.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(kept)
+    options = dict(DATASETS["nih_sample"], image_size=32)
+    options.pop("input_dir")
+    images = os.path.join(SAMPLE, "nih14")
+    build("csv", images, str(tmp_path / "tfds"), name="tiny", manifest=str(tmp_path / "manifest.csv"), **options)
+    config = _probe_config(str(tmp_path / "tfds"), "random_init")
+    config.dataset = "tiny"
+    with pytest.raises(ValueError, match=r"tiny:1.0.0/valid has 1 test cases of 1 patients: too few to estimate a "
+                                         r"metric and its interval \(at least 10 cases of 5 patients\)"):
+        evaluate.evaluate(config, str(tmp_path / "out"))
+    assert statistics.percentile_interval([1.0] + [float("nan")] * 3) != statistics.percentile_interval([1.0] * 4)

@@ -63,7 +63,7 @@ def test_windows_map_sixteen_bits_to_eight():
     assert np.asarray(to_uint8(scan, 1, parse_window("p0,50"))).tolist() == [
         [0, round((2000 - low) * 255 / (high - low)), 255, 255]]
     assert np.asarray(to_uint8(scan, 3, parse_window("2000,2000"))).shape == (1, 4, 3)  # grey kept as colour
-    for bad in ("2000", "2000,0", "p50,10", "level,width"):
+    for bad in ("2000", "2000,0", "p50,10", "level,width", "nan,100", "100,inf"):
         with pytest.raises(ValueError, match="--window"):
             parse_window(bad)
 
@@ -126,6 +126,25 @@ def test_an_encoder_trained_on_colour_reads_three_channels_and_its_probe_sees_th
     results = evaluate.evaluate(probe, str(tmp_path / "eval"))
     assert results["checkpoints"][0]["mauc"] > 0.9, results["checkpoints"][0]
 
+    # the Hugging Face export reads colour too: its processor and model take an RGB image (the card once said
+    # "grayscale, 1 input channel" and the processor had one mean, failing on RGB and grey alike)
+    import torch
+    import transformers
+
+    from mvlp_jax import export
+
+    one_device = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "model"))
+    card = export.export(features.load_encoder(workdir, -1, one_device), str(tmp_path / "hf"),
+                         results=str(tmp_path / "eval" / "results.json"), workdir=workdir)
+    text = open(card).read()
+    assert "3-channel colour crops" in text and "(3 input channels)" in text and "linear probe, 100% of the" in text
+    processor = transformers.AutoImageProcessor.from_pretrained(str(tmp_path / "hf"))
+    model = transformers.ViTMAEModel.from_pretrained(str(tmp_path / "hf")).eval()
+    pixels = processor(images=Image.new("RGB", (40, 40), RED), return_tensors="pt")["pixel_values"]
+    assert tuple(pixels.shape) == (1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.isfinite(model(pixel_values=pixels).last_hidden_state).all()
+
     config.data.channels = 1  # asking for grey on a colour dataset is refused, not silently converted
     with pytest.raises(ValueError, match="stores 3-channel images"):
         train.train(config, str(tmp_path / "grey_run"))
@@ -161,3 +180,35 @@ def _probe_config(data_dir: str, dataset: str, workdir: str):
     c.data_dir, c.dataset, c.workdirs, c.val_split = data_dir, dataset, workdir, ""
     c.label_fractions, c.bootstrap = (1.0,), 50
     return c
+
+
+def test_a_window_on_eight_bit_files_is_refused_and_one_that_washes_images_out_is_counted(tmp_path, capsys):
+    from data_prep.build_dataset import build
+    from data_prep.records import InputError
+
+    _colour_set(str(tmp_path / "colour"), {"train": 4})
+    with pytest.raises(InputError, match="--window=40,400 applies to 16-bit .* every input of this build is 8-bit"):
+        build("csv", str(tmp_path / "colour"), str(tmp_path / "tfds"), name="rgb", window="40,400",
+              split_column="split", image_size=0)
+    _sixteen_bit_set(str(tmp_path / "scans"), count=4)  # values 1000..3050: a window at 40 +- 200 is all white
+    report = build("csv", str(tmp_path / "scans"), str(tmp_path / "tfds"), name="white", window="40,400",
+                   split_column="", image_size=0)
+    assert report["window_saturated"] == 4
+    assert "WARNING: --window=40,400 put more than 95% of the pixels at one end" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                   "..", "shared", "data", "sts_ct")), reason="shared data absent")
+def test_a_hounsfield_window_on_ct_stored_with_an_offset_is_caught(tmp_path, capsys):
+    """The real CT slices store HU + 32768: a soft-tissue window given in HU (40, 400) turns every slice white,
+    which the build once reported as 'skipped: none'."""
+    from data_prep.build_dataset import build
+    from tests.conftest import SHARED_DATA
+
+    report = build("csv", os.path.join(SHARED_DATA, "sts_ct"), str(tmp_path / "tfds"), name="ct", window="40,400",
+                   group_column="patient_id", split_column="split", image_size=32)
+    assert report["window_saturated"] == report["records_written_total"] == 158
+    assert "is the window in the files' units?" in capsys.readouterr().out
+    shifted = build("csv", os.path.join(SHARED_DATA, "sts_ct"), str(tmp_path / "tfds"), name="ct_shifted",
+                    window="32808,400", group_column="patient_id", split_column="split", image_size=32)
+    assert shifted["window_saturated"] < 158 // 4

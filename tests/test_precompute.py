@@ -151,7 +151,7 @@ def test_bad_inputs_are_refused_clearly(tiny_llama, tmp_path):
     assert layer.returncode != 0 and "--layer=7 out of range" in layer.stderr
     _run(model_dir, csv_path, tmp_path / "o3")
     other = _run(model_dir, csv_path, tmp_path / "o3", "--max_tokens=16", check=False)
-    assert other.returncode != 0 and "max_tokens" in other.stderr and "--overwrite" in other.stderr
+    assert other.returncode == 2 and "max_tokens" in other.stderr and "--overwrite" in other.stderr
 
 
 def test_token_budget_batches_and_worker_plan():
@@ -220,3 +220,25 @@ def test_conflicting_duplicate_report_ids_are_counted_and_reported(tmp_path):
     assert texts == {"1": "lungs clear", "2": "effusion", "3": "edema"}  # the first row of an id wins
     assert info["conflicting_duplicate_ids"] == 1 and info["conflicting_examples"] == ["2"]  # 1 and 3 agree
     assert "1 ids of" in info["notes"][0]
+
+
+def test_images_of_one_study_with_different_reports_are_counted_from_a_dataset_too(tmp_path):
+    """Built datasets were read without the check the CSV source had: 40 of 124 COVID studies kept their first
+    image's note while the manifest counted 0 conflicts."""
+    from PIL import Image
+
+    from data_prep.build_dataset import build
+    from data_prep.text_embeddings import sources
+
+    root = tmp_path / "raw"
+    root.mkdir()
+    for name in "abc":
+        Image.fromarray(np.full((8, 8), 100, np.uint8)).save(root / f"{name}.png")
+    (root / "manifest.csv").write_text("image,study,notes,split\na.png,s1,effusion,train\nb.png,s1,no effusion,train\n"
+                                       "c.png,s2,clear,train\n")
+    build("csv", str(root), str(tmp_path / "tfds"), name="notes", image_size=0, study_column="study",
+          text_column="notes", split_column="split")
+    texts, info = sources.from_dataset(str(tmp_path / "tfds"), "notes", None, sources.DEFAULT_TEMPLATE)
+    assert len(texts) == 2 and info["conflicting_duplicate_ids"] == 1 and info["conflicting_examples"] == ["s1"]
+    assert "1 ids of notes:1.0.0 have rows with different report texts" in info["notes"][0]
+    assert info["fingerprint"]["splits"]["train"]["examples"] == 3

@@ -86,3 +86,15 @@ def test_runs_without_a_text_space_are_refused_by_name(pretrain_data, contrastiv
             resolve(encoder)
     with pytest.raises(ValueError, match="random_init has no text space"):
         evaluate.evaluate(_probe_config(data_dir, "random_init," + contrastive_run), str(tmp_path / "o2"))
+
+
+def test_retrieval_on_a_split_without_reports_names_the_test_images_and_the_embeddings_key(nih_and_workdir,
+                                                                                          contrastive_run, tmp_path):
+    """The NIH sample has no reports: the message once called its test images 'training images' and suggested a
+    pretraining key."""
+    data_dir, _ = nih_and_workdir
+    config = _probe_config(data_dir, contrastive_run)
+    config.dataset, config.test_split = "nih_sample", "valid"
+    with pytest.raises(ValueError, match=r"200 test images of nih_sample:1.0.0/valid \(200 studies\) have no LLM "
+                                         r"embedding.*give --config.embeddings=\.\.\. holding the reports of"):
+        evaluate.evaluate(config, str(tmp_path))

@@ -122,13 +122,41 @@ def test_studies_group_frontal_first_then_laterals_and_pad_the_rest():
     assert types.tolist() == [[0, 0, 1], [0, 0, 0], [1, 0, 0]]
 
 
+def test_an_image_without_a_study_id_is_a_study_of_its_own():
+    """Blank study ids once merged the images of every patient without one into a single 'study'."""
+    from mvlp_jax.data.studies import group, largest
+
+    records, _, order = group(["a", "", "a", "", " "], ["PA", "PA", "LATERAL", "PA", "PA"], max_views=2)
+    assert order == ["a", "", "", ""] and records.tolist() == [[0, 2], [1, -1], [3, -1], [4, -1]]
+    assert largest(["a", "", "a", "", ""]) == 2 and largest(["", ""]) == 1
+
+
+def test_max_views_beyond_the_largest_study_is_clamped_and_the_input_memory_estimated(tmp_path, capsys):
+    """data.max_views=64 on studies of at most 2 views padded 62 empty views per study (killed at 24 GB)."""
+    from mvlp_jax import startup, train
+    from tests.pretrain_setup import micro_config, write_targets
+
+    data_dir = _study_set(str(tmp_path))
+    write_targets(data_dir, str(tmp_path / "emb"), dataset="studies")
+    config = micro_config(data_dir, str(tmp_path / "emb"), total_steps=1)
+    config.data.dataset, config.data.max_views, config.data.batch_size = "studies", 64, 8
+    train.train(config, str(tmp_path / "run"))
+    assert "data.max_views=64, but its largest study has 2 images: clamped to 2" in capsys.readouterr().out
+    assert json.load(open(tmp_path / "run" / "config.json"))["data"]["max_views"] == 2
+    config.data.max_views, config.data.batch_size, config.model.image_size = 64, 1 << 16, 224
+    with pytest.raises(ValueError, match=r"the input pipeline holds ~.* GiB .* of the .* GiB this host has "
+                                         r"available: lower data.batch_size, data.prefetch or data.num_threads, or "
+                                         r"data.max_views"):
+        startup.check_host_memory(config, 24, processes=1)
+
+
 def _noise(rng: np.random.Generator, view: str) -> np.ndarray:
     return rng.integers(0, 256, (40, 40)).astype(np.uint8)
 
 
 def _study_set(root, pixels=_noise) -> str:
-    """12 studies of 40 px grey images, `pixels(rng, view)` (8 train, 4 test): the even ones a PA and a lateral
-    view and label 1, the odd ones a PA alone and label 0."""
+    """28 studies of 40 px grey images, `pixels(rng, view)` (16 train, 12 test: a test split large enough to
+    estimate a metric): the even ones a PA and a lateral view and label 1, the odd ones a PA alone and label 0."""
     from PIL import Image
 
     from data_prep.build_dataset import build
@@ -136,11 +164,11 @@ def _study_set(root, pixels=_noise) -> str:
     rng = np.random.default_rng(0)
     os.makedirs(os.path.join(root, "images"))
     rows = ["image,study,view,split,two_views"]
-    for i in range(12):
+    for i in range(28):
         for view in ("PA", "LATERAL") if i % 2 == 0 else ("PA",):
             name = f"images/{i}_{view}.png"
             Image.fromarray(pixels(rng, view)).save(os.path.join(root, name))
-            rows.append(f"{name},s{i},{view},{'train' if i < 8 else 'test'},{int(i % 2 == 0)}")
+            rows.append(f"{name},s{i},{view},{'train' if i < 16 else 'test'},{int(i % 2 == 0)}")
     with open(os.path.join(root, "manifest.csv"), "w") as f:
         f.write("\n".join(rows) + "\n")
     build("csv", root, os.path.join(root, "tfds"), name="studies", study_column="study", group_column="study",
@@ -205,7 +233,7 @@ def test_a_study_batch_holds_its_views_and_training_reads_studies(tmp_path):
                     noise=torch.arange(16, dtype=torch.float32).expand(len(images), -1)).last_hidden_state.numpy()
     np.testing.assert_allclose(theirs, ours, atol=1e-4)
 
-    # probes: one row per test image, or per test study (4 studies, 6 images)
+    # probes: one row per test image, or per test study (12 studies, 18 images)
     from configs import linear_probe
     from mvlp_jax import evaluate
 
@@ -213,10 +241,10 @@ def test_a_study_batch_holds_its_views_and_training_reads_studies(tmp_path):
     probe.data_dir, probe.dataset, probe.val_split, probe.workdirs = data_dir, "studies", "", f"{workdir},random_init"
     probe.label_fractions, probe.bootstrap = (1.0,), 20
     images = evaluate.evaluate(probe, str(tmp_path / "images"))
-    assert [row["test_cases"] for row in images["checkpoints"]] == [6, 6]
+    assert [row["test_cases"] for row in images["checkpoints"]] == [18, 18]
     probe.study_views = 2
     studied = evaluate.evaluate(probe, str(tmp_path / "studies"))
-    assert [row["test_cases"] for row in studied["checkpoints"]] == [4, 4]
+    assert [row["test_cases"] for row in studied["checkpoints"]] == [12, 12]
     assert all(np.isfinite(row["mauc"]) for row in studied["checkpoints"])
     probe.mode = "finetune"
     with pytest.raises(ValueError, match="study_views"):

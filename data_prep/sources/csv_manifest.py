@@ -41,7 +41,10 @@ def read_boxes(path: str) -> dict[str, list[tuple[str, tuple[float, float, float
         except ValueError:
             raise R.InputError(f"{path}:{row_number}: x, y, w, h must be numbers, got "
                                f"{[row[c] for c in 'xywh']}") from None
-        out.setdefault(row["image"], []).append((row["label"], (x, y, x + w, y + h)))
+        if not row["label"].strip():
+            raise R.InputError(f"{path}:{row_number}: the box has no label: name its class (a blank one would "
+                               f"become a class of its own)")
+        out.setdefault(row["image"], []).append((row["label"].strip(), (x, y, x + w, y + h)))
     return out
 
 
@@ -56,7 +59,7 @@ def scan(input_dir: str, *, manifest: str = "", image_column: str = "image", ima
     required = tuple(c for c in (image_column, text_column, split_column, id_column, group_column,
                                  study_column, view_column, mask_column) if c) + labels
     boxes = read_boxes(os.path.join(input_dir, boxes_csv)) if boxes_csv else {}
-    unmatched_boxes = set(boxes)
+    unmatched_boxes, manifest_values = set(boxes), []
     out: list[R.RawRecord] = []
     read = 0
     for fixed_split, path in manifests:
@@ -87,6 +90,7 @@ def scan(input_dir: str, *, manifest: str = "", image_column: str = "image", ima
                 continue
             image_boxes = boxes.get(row[image_column], [])
             unmatched_boxes.discard(row[image_column])
+            manifest_values.append(row[image_column])
             text = " ".join(row[text_column].split()) if text_column else ""
             if text_column and not text:
                 skips.skip(R.REPORT_MISSING, where, f"empty {text_column!r}")
@@ -97,6 +101,12 @@ def scan(input_dir: str, *, manifest: str = "", image_column: str = "image", ima
                 view=row[view_column] if view_column else "", report=text, labels=coded, mask_path=mask_path,
                 boxes=tuple(b for _, b in image_boxes), box_labels=tuple(label for label, _ in image_boxes)))
     notes = []
+    if boxes and len(unmatched_boxes) == len(boxes):
+        shown = sorted(boxes)[:3]
+        raise R.InputError(f"none of the {len(boxes)} images of {boxes_csv} is a value of the manifest's "
+                           f"{image_column!r} column (e.g. {', '.join(map(repr, shown))}; the manifest has values "
+                           f"like {', '.join(map(repr, manifest_values[:3]))}): name images in the boxes CSV exactly "
+                           f"as the manifest does")
     if unmatched_boxes:
         notes.append(f"{len(unmatched_boxes)} image(s) of {boxes_csv} match no manifest row, e.g. "
                      f"{', '.join(sorted(unmatched_boxes)[:5])}")

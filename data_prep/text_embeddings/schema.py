@@ -166,3 +166,19 @@ class EmbeddingIndex:
     def get(self, study_id: str) -> dict:
         shard, index = self._where[study_id]
         return decode(self._readers[shard].read([index])[0])
+
+
+FINGERPRINT_KEYS = ("model", "weights_sha256", "layer", "hidden_size", "poolings", "store_dtype", "max_tokens",
+                    "text_template")
+
+
+def fingerprint(output_dir: str) -> dict:
+    """What a set of embeddings is, cheaply: the manifest's model, layer and settings, and each shard's sha256 as
+    its provenance record holds it (its size where it has none). Rebuilt embeddings (another layer, reports
+    embedded again) change it; the same shards moved to another folder do not."""
+    manifest = read_manifest(output_dir)
+    shards = {os.path.basename(p): (read_provenance(p) or {}).get("sha256") or storage.size(p)
+              for p in shard_paths(output_dir)}
+    settings = {k: manifest.get(k) for k in FINGERPRINT_KEYS}
+    digest = hashlib.sha256(json.dumps({"settings": settings, "shards": shards}, sort_keys=True).encode())
+    return {**settings, "shards": len(shards), "sha256": digest.hexdigest()}

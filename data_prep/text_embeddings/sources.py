@@ -23,15 +23,27 @@ def from_dataset(data_dir: str, dataset: str, splits: list[str] | None, template
     builder, name, version = built.open_builder(data_dir, dataset)
     splits = splits or list(builder.info.splits)
     texts: dict[str, str] = {}
+    conflicting: set[str] = set()
     for split in splits:
         source = built.open_split(builder, split)
         for i in range(len(source)):
             record = source[i]
             study = record["study_id"].decode()
-            if study not in texts:  # several images of a study share its report
-                fields = {k: record[k].decode() for k in ("report", "findings", "impression")}
-                texts[study] = render(template, fields)
-    return texts, {"kind": "dataset", "name": name, "version": version, "splits": splits}
+            text = render(template, {k: record[k].decode() for k in ("report", "findings", "impression")})
+            if texts.setdefault(study, text) != text:  # the images of a study should share its report
+                conflicting.add(study)
+    info = {"kind": "dataset", "name": name, "version": version, "splits": splits,
+            "fingerprint": built.fingerprint(builder, splits), **_conflicts(conflicting, f"{name}:{version}", "report")}
+    return texts, info
+
+
+def _conflicts(conflicting: set[str], where: str, what: str) -> dict:
+    """The count and first examples of ids whose rows disagree on their text, and a note saying so."""
+    info = {"conflicting_duplicate_ids": len(conflicting), "conflicting_examples": sorted(conflicting)[:5]}
+    if conflicting:
+        info["notes"] = [f"{len(conflicting)} ids of {where} have rows with different {what} texts (e.g. "
+                         f"{', '.join(sorted(conflicting)[:5])}); the first row of each is embedded"]
+    return info
 
 
 def from_csv(path: str, id_column: str, text_column: str) -> tuple[dict[str, str], dict]:
@@ -45,8 +57,5 @@ def from_csv(path: str, id_column: str, text_column: str) -> tuple[dict[str, str
         if texts.setdefault(study, text) != text:
             conflicting.add(study)
     info = {"kind": "csv", "path": os.path.abspath(path), "id_column": id_column, "text_column": text_column,
-            "conflicting_duplicate_ids": len(conflicting), "conflicting_examples": sorted(conflicting)[:5]}
-    if conflicting:
-        info["notes"] = [f"{len(conflicting)} ids of {path} have rows with different {text_column!r} texts (e.g. "
-                         f"{', '.join(sorted(conflicting)[:5])}); the first row of each is embedded"]
+            **_conflicts(conflicting, path, repr(text_column))}
     return texts, info

@@ -16,6 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep import built
+from mvlp_jax import run_inputs
 from mvlp_jax.data import targets as targets_lib
 from mvlp_jax.data import studies, views
 from mvlp_jax.objectives import combine, registry
@@ -32,6 +33,7 @@ class TrainRecords:
     table: targets_lib.TargetTable | None
     where: str
     view_types: np.ndarray | None = None  # studies: (E, max_views) vit.VIEW_TYPES index per slot
+    inputs: dict | None = None  # run_inputs.current: fingerprints of the split and the embeddings
 
 
 def open_records(config: ml_collections.ConfigDict) -> TrainRecords:
@@ -53,24 +55,33 @@ def open_records(config: ml_collections.ConfigDict) -> TrainRecords:
                                          disable=len(source) < 10_000))]
         study_ids = [study for study, _ in keys]
     if grouped:
+        most, blank = studies.largest(study_ids), sum(not s.strip() for s in study_ids)
+        if blank:
+            print(f"{where}: {blank} images have no study id: each is a study of its own", flush=True)
+        if config.data.max_views > max(most, 2):  # padding slots cost memory and compute, and nothing fills them
+            print(f"{where}: data.max_views={config.data.max_views}, but its largest study has {most} images: "
+                  f"clamped to {max(most, 2)}", flush=True)
+            config.data.max_views = max(most, 2)
         indices, view_types, study_ids = studies.group(study_ids, [view for _, view in keys], config.data.max_views)
     else:
         indices, view_types = np.arange(len(source)), None
     if not registry.needs_targets(config):
-        return TrainRecords(source, indices, None, None, where, view_types)
+        return TrainRecords(source, indices, None, None, where, view_types,
+                            run_inputs.current(builder, config.data.train_split, ""))
     if not config.data.embeddings_dir:
         needing = [spec.name for spec in registry.configured(config) if spec.needs_targets]
         raise ValueError(f"objectives {', '.join(needing)} need config.data.embeddings_dir "
                          "(the output of data_prep.precompute_text_embeddings)")
     table = targets_lib.load_targets(config.data.embeddings_dir, config.contrastive.target)
-    targets_lib.check_source(table.manifest, name, version, config.data.embeddings_dir,
-                             config.data.get("embeddings_any_source", False))
+    targets_lib.check_source(table.manifest, builder, config.data.embeddings_dir,
+                             config.data.get("embeddings_any_source", False), config.data.allow_changed_inputs)
     rows = targets_lib.join(study_ids, table, config.data.allow_missing_embeddings, where)
     keep = rows >= 0
     if not keep.any():
         raise ValueError(f"no image of {where} has an LLM embedding in {config.data.embeddings_dir}")
     return TrainRecords(source, indices[keep], rows[keep], table, where,
-                        None if view_types is None else view_types[keep])
+                        None if view_types is None else view_types[keep],
+                        run_inputs.current(builder, config.data.train_split, config.data.embeddings_dir))
 
 
 class Preprocess(grain.transforms.RandomMap):

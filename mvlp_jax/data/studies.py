@@ -20,15 +20,26 @@ def view_type(view: str) -> int:
 def group(study_ids: list[str], views: list[str], max_views: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(record index per study and view slot (S, max_views), -1 for padding; view type per slot (S, max_views);
     the S study ids in order of first appearance). Within a study: by view type, then record order; views
-    beyond `max_views` are left out."""
-    members: dict[str, list[int]] = {}
+    beyond `max_views` are left out. An image without a study id is a study of its own (blank ids would merge
+    every such image, of any patient, into one); its id stays ''."""
+    members: dict[tuple[str, int], list[int]] = {}
     for index, study in enumerate(study_ids):
-        members.setdefault(study, []).append(index)
-    order = list(members)
+        members.setdefault((study, -1) if study.strip() else ("", index), []).append(index)
+    keys = list(members)
+    order = [study for study, _ in keys]
     records = np.full((len(order), max_views), -1, np.int64)
     types = np.zeros((len(order), max_views), np.int32)
-    for s, study in enumerate(order):
-        ranked = sorted(members[study], key=lambda i: (view_type(views[i]), i))[:max_views]
+    for s, key in enumerate(keys):
+        ranked = sorted(members[key], key=lambda i: (view_type(views[i]), i))[:max_views]
         records[s, :len(ranked)] = ranked
         types[s, :len(ranked)] = [view_type(views[i]) for i in ranked]
     return records, types, order
+
+
+def largest(study_ids: list[str]) -> int:
+    """Images in the largest study (an image without a study id is a study of one)."""
+    sizes: dict[str, int] = {}
+    for study in study_ids:
+        if study.strip():
+            sizes[study] = sizes.get(study, 0) + 1
+    return max(sizes.values(), default=1)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
+from data_prep import built
 from data_prep.text_embeddings import schema
 from mvlp_jax import storage
 
@@ -65,30 +66,40 @@ def load_targets(embeddings_dir: str, pooling: str) -> TargetTable:
     return TargetTable(tuple(ids), np.stack(vectors), manifest)
 
 
-def check_source(manifest: dict, dataset: str, version: str, embeddings_dir: str, allow_other: bool) -> None:
-    """The embeddings were made from the reports of this dataset: study ids alone (often plain numbers)
-    can match another source's and would silently pair images with the wrong reports."""
+def check_source(manifest: dict, builder, embeddings_dir: str, allow_other: bool, allow_changed: bool) -> None:
+    """The embeddings were made from the reports of this dataset, as it is now: study ids alone (often plain
+    numbers) can match another source's, and a dataset rebuilt since would pair images with old reports."""
+    dataset, version = builder.info.name, str(builder.info.version)
     source = manifest.get("source")
     if not source or allow_other:
         return
-    if source.get("kind") == "dataset" and source.get("name") == dataset and source.get("version") == version:
-        return
-    made_from = (f"dataset {source.get('name')}:{source.get('version')}" if source.get("kind") == "dataset"
-                 else f"{source.get('kind')} {source.get('path', '')}".strip())
-    raise ValueError(f"{embeddings_dir} was made from the reports of {made_from}, not of the training dataset "
-                     f"{dataset}:{version}; its study ids would pair images with another source's reports. Embed "
-                     f"this dataset (data_prep.precompute_text_embeddings --dataset={dataset}), or, if its study "
-                     f"ids really are this dataset's, set --config.data.embeddings_any_source=True")
+    if source.get("kind") != "dataset" or source.get("name") != dataset or source.get("version") != version:
+        made_from = (f"dataset {source.get('name')}:{source.get('version')}" if source.get("kind") == "dataset"
+                     else f"{source.get('kind')} {source.get('path', '')}".strip())
+        raise ValueError(f"{embeddings_dir} was made from the reports of {made_from}, not of the training dataset "
+                         f"{dataset}:{version}; its study ids would pair images with another source's reports. Embed "
+                         f"this dataset (data_prep.precompute_text_embeddings --dataset={dataset}), or, if its study "
+                         f"ids really are this dataset's, set --config.data.embeddings_any_source=True")
+    embedded = manifest.get("source_fingerprint")
+    if embedded and not allow_changed:
+        now = built.fingerprint(builder, list(embedded["splits"]))
+        if now["sha256"] != embedded["sha256"]:
+            raise ValueError(f"{dataset}:{version} was rebuilt since {embeddings_dir} embedded its reports "
+                             f"({built.describe_change(embedded, now)}): the vectors may be of other reports. Rerun "
+                             f"data_prep.precompute_text_embeddings with the same flags (it redoes the shards whose "
+                             f"reports changed), or set --config.data.allow_changed_inputs=True")
 
 
-def join(study_ids: list[str], table: TargetTable, allow_missing: bool, where: str) -> np.ndarray:
-    """Target row per image (-1 where missing and allowed); otherwise a clear error with the count."""
+def join(study_ids: list[str], table: TargetTable, allow_missing: bool, where: str, role: str = "training",
+         fix: str = "embed them with data_prep.precompute_text_embeddings or set "
+                    "--config.data.allow_missing_embeddings=True to drop them") -> np.ndarray:
+    """Target row per image (-1 where missing and allowed); otherwise a clear error with the count, saying what
+    the images are for (`role`) and what to do (`fix`)."""
     rows = table.rows()
     joined = np.array([rows.get(s, -1) for s in study_ids], np.int64)
     missing = [s for s, r in zip(study_ids, joined) if r < 0]
     if missing and not allow_missing:
         unique = list(dict.fromkeys(missing))
-        raise ValueError(f"{len(missing)} training images of {where} ({len(unique)} studies) have no LLM embedding, "
-                         f"e.g. study {', '.join(unique[:5])}; embed them with data_prep.precompute_text_embeddings "
-                         f"or set --config.data.allow_missing_embeddings=True to drop them")
+        raise ValueError(f"{len(missing)} {role} images of {where} ({len(unique)} studies) have no LLM embedding, "
+                         f"e.g. study {', '.join(repr(s) for s in unique[:5])}: {fix}")
     return joined

@@ -33,6 +33,16 @@ def _doublings(factor: int) -> int:
     return stages
 
 
+def upsample_2x(x: jax.Array, width: int, name: str) -> jax.Array:
+    """A 2x2 stride-2 transposed convolution (ViTDet's upsampling step) as what it is, a linear map of each cell
+    to its 2x2 block: a Dense layer and a depth-to-space reshape, several times faster than XLA's transposed
+    convolution on a CPU, with the same initial distribution (fan-in over the 2x2 kernel's cells)."""
+    y = nn.Dense(4 * width, kernel_init=nn.initializers.variance_scaling(0.25, "fan_in", "truncated_normal"),
+                 name=name)(x)
+    b, h, w, _ = y.shape
+    return y.reshape(b, h, w, 2, 2, width).transpose(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, width)
+
+
 class SimpleFeaturePyramid(nn.Module):
     """ViTDet's simple feature pyramid (Li et al., 2022) on the last token grid (stride p): levels at strides p/4
     (two 2x transposed convs), p/2 (one), p and 2p (2x2 max pooling), each projected to `width` by a 1x1 and a
@@ -44,7 +54,7 @@ class SimpleFeaturePyramid(nn.Module):
     def __call__(self, tokens: jax.Array, train: bool = False) -> jax.Array:
         x = tokens.astype(jnp.float32)
         dim = x.shape[-1]
-        up = lambda y, c, name: nn.ConvTranspose(c, (2, 2), strides=(2, 2), name=name)(y)
+        up = lambda y, c, name: upsample_2x(y, c, name)
         levels = [up(nn.gelu(nn.LayerNorm(name="up4_norm")(up(x, max(dim // 2, 1), "up4_0"))), max(dim // 4, 1),
                      "up4_1"),
                   up(x, max(dim // 2, 1), "up2"),
