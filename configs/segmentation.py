@@ -22,5 +22,5 @@ def get_config(arg: str | None = None):
         c.data_dir = "runs/demo/tfds"
         c.label_fractions = (1.0, 0.1)
         c.segmentation.channels = (64, 32, 16, 16)
-        c.segmentation.epochs, c.segmentation.patience = 25, 6  # 3 seeds x 2 fractions x 5 encoders in the demo
+        c.segmentation.epochs, c.segmentation.patience = 20, 5  # 3 seeds x 2 fractions x 5 encoders in the demo
     return c
