@@ -4,6 +4,7 @@ early stopping on the validation loss; the variables of the best epoch."""
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -31,7 +32,7 @@ class Head:
     def __init__(self, module: nn.Module, variables: dict, epoch: int, val_loss: float,
                  mesh: jax.sharding.Mesh | None = None):
         self.module, self.variables, self.epoch, self.val_loss, self.mesh = module, variables, epoch, val_loss, mesh
-        self._apply = jax.jit(lambda v, x: module.apply(v, x, train=False))
+        self._apply = _inference(module)
 
     def outputs(self, inputs: np.ndarray, batch: int = 32) -> Any:
         """The model's outputs (an array or a tuple of arrays) for every input, as numpy."""
@@ -78,6 +79,50 @@ def _rows(targets: Targets, idx, put: Callable) -> dict[str, jax.Array]:
     return {k: put(v[idx]) for k, v in targets.items()}
 
 
+def _compiled_once(factory: Callable) -> Callable:
+    """`factory`'s jitted function made once per model and loss (and optimiser settings), not once per head: an
+    evaluation trains one head per checkpoint, label fraction and seed, all of the same shapes. A module holding
+    an unhashable field (a ConfigDict) gets its own each time."""
+    cached = functools.lru_cache(maxsize=16)(factory)
+
+    def get(*args: Any) -> Any:
+        try:
+            hash(args)
+        except TypeError:
+            return factory(*args)
+        return cached(*args)
+    return get
+
+
+@_compiled_once
+def _inference(module: nn.Module) -> Callable:
+    return jax.jit(lambda v, x: module.apply(v, x, train=False))
+
+
+@_compiled_once
+def _validation_loss(module: nn.Module, loss_fn: LossFn) -> Callable:
+    return jax.jit(lambda v, x, y: loss_fn(module.apply(v, x, train=False), y))
+
+
+def _train_step(module: nn.Module, loss_fn: LossFn, tx: optax.GradientTransformation) -> Callable:
+    def step(variables: dict, opt_state: Any, x: jax.Array, y: dict, rng: jax.Array):
+        def loss(params):
+            out, updated = module.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"],
+                                        rngs={"dropout": rng})
+            return loss_fn(out, y), updated
+        (value, updated), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
+        updates, opt_state = tx.update(grads, opt_state, variables["params"])
+        return {**variables, "params": optax.apply_updates(variables["params"], updates), **updated}, opt_state, value
+    return jax.jit(step)
+
+
+@_compiled_once
+def _adamw(module: nn.Module, loss_fn: LossFn, lr: float, weight_decay: float
+           ) -> tuple[optax.GradientTransformation, Callable]:
+    tx = optax.adamw(lr, weight_decay=weight_decay)
+    return tx, _train_step(module, loss_fn, tx)
+
+
 def fit(module: nn.Module, loss_fn: LossFn, inputs: np.ndarray, targets: Targets, val_inputs: np.ndarray,
         val_targets: Targets, c: ml_collections.ConfigDict, seed: int, desc: str, *,
         mesh: jax.sharding.Mesh | None = None, pretrained: dict | None = None,
@@ -90,22 +135,15 @@ def fit(module: nn.Module, loss_fn: LossFn, inputs: np.ndarray, targets: Targets
     variables = nn.meta.unbox(module.init({"params": key, "dropout": key}, jnp.asarray(inputs[:1])))
     if pretrained:
         variables = {**variables, "params": graft(variables["params"], pretrained)}
-    tx = optimizer(variables["params"]) if optimizer else optax.adamw(c.lr, weight_decay=c.weight_decay)
+    if optimizer:
+        tx = optimizer(variables["params"])
+        step = _train_step(module, loss_fn, tx)
+    else:
+        tx, step = _adamw(module, loss_fn, c.lr, c.weight_decay)
     batch = batch_size(len(inputs), c, mesh)
     put = ((lambda a: jax.device_put(a, sharding.batch_sharding(mesh, a.ndim)))
            if mesh is not None and mesh.devices.size > 1 else jnp.asarray)
-
-    @jax.jit
-    def step(variables: dict, opt_state: Any, x: jax.Array, y: dict, rng: jax.Array):
-        def loss(params):
-            out, updated = module.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"],
-                                        rngs={"dropout": rng})
-            return loss_fn(out, y), updated
-        (value, updated), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
-        updates, opt_state = tx.update(grads, opt_state, variables["params"])
-        return {**variables, "params": optax.apply_updates(variables["params"], updates), **updated}, opt_state, value
-
-    evaluate = jax.jit(lambda v, x, y: loss_fn(module.apply(v, x, train=False), y))
+    evaluate = _validation_loss(module, loss_fn)
     chunks = [slice(i, i + batch) for i in range(0, len(val_inputs), batch)]
     val_loss = lambda v: float(np.average([evaluate(v, jnp.asarray(val_inputs[s]), _rows(val_targets, s, jnp.asarray))
                                            for s in chunks], weights=[len(val_inputs[s]) for s in chunks]))

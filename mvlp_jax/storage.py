@@ -202,12 +202,27 @@ def file_digests(folder: Any) -> dict[str, list]:
     for dirpath, _, files in os.walk(root):
         for name in files:
             full = os.path.join(dirpath, name)
-            digest = hashlib.sha256()
-            with open(full, "rb") as f:
-                while chunk := f.read(1 << 22):
-                    digest.update(chunk)
-            out[os.path.relpath(full, root)] = [os.path.getsize(full), digest.hexdigest()]
+            out[os.path.relpath(full, root)] = [os.path.getsize(full), file_digest(full)]
     return dict(sorted(out.items()))
+
+
+def file_digest(location: Any) -> str:
+    """What the bytes of one file are: the sha256 of a local file; an object's MD5 (else CRC32C) as the store
+    computed it when it was written (no download)."""
+    where = path(location)
+    if is_remote(where):
+        info = _gcs().info(os.fspath(where)[len("gs://"):])
+        return f"md5:{info['md5Hash']}" if info.get("md5Hash") else f"crc32c:{info.get('crc32c')}"
+    return sha256(where)
+
+
+def sha256(location: Any) -> str:
+    """The sha256 of the file at `location` (an object is read through)."""
+    digest = hashlib.sha256()
+    with path(location).open("rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def file_versions(folder: Any) -> dict[str, list]:

@@ -185,7 +185,7 @@ def test_every_image_must_find_its_llm_target(pretrain_data, tmp_path):
     missing = sorted(train_studies)[0]
     write_targets(data_dir, str(tmp_path / "emb"), drop=(missing,))
     config.data.embeddings_dir = str(tmp_path / "emb")
-    with pytest.raises(ValueError, match=f"1 training images .* study {missing}"):
+    with pytest.raises(ValueError, match=f"1 training images .* study '{missing}'"):
         pipeline.open_records(config)
     config.data.allow_missing_embeddings = True
     assert len(pipeline.open_records(config).indices) == len(pipeline.open_records(_micro(pretrain_data)).indices) - 1

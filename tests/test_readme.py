@@ -76,6 +76,11 @@ def test_readme_command_exists_and_parses(command):
                 re.search(rf"DEFINE_config_file\(\s*\"{name}\"", source), f"{command}: {words[2]} has no flag --{name}"
         if any(a.startswith("--config=") for a in words):
             _check_config_flags(words)
+    elif words[0] == "export":
+        name = words[1].split("=")[0]
+        readers = [os.path.join(root, f) for root, _, files in os.walk(os.path.join(REPO, "mvlp_jax"))
+                   for f in files if f.endswith(".py")]
+        assert any(name in open(f).read() for f in readers), f"{command}: no module reads {name}"
     else:
         pytest.fail(f"README command of an unknown kind: {command}")
 

@@ -63,7 +63,7 @@ def write_shard(path: str, records: list[bytes], provenance: dict | None = None)
         writer.write(record)
     writer.close()
     if provenance is not None:
-        record = {**provenance, "records": len(records), "bytes": os.path.getsize(tmp), "sha256": file_sha256(tmp)}
+        record = {**provenance, "records": len(records), "bytes": os.path.getsize(tmp), "sha256": storage.sha256(tmp)}
         storage.write_json(f"{path}.json", record)
     if remote:
         with open(tmp, "rb") as f:
@@ -71,14 +71,6 @@ def write_shard(path: str, records: list[bytes], provenance: dict | None = None)
         shutil.rmtree(os.path.dirname(tmp), ignore_errors=True)
     else:
         os.replace(tmp, path)
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with storage.path(path).open("rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def inputs_sha256(study_ids: list[str], texts: dict[str, str]) -> str:
@@ -108,7 +100,7 @@ def shard_problem(path: str, inputs: str | None = None, settings: str | None = N
     size = storage.size(path)
     if size != record["bytes"]:
         return f"{size} bytes on disk, {record['bytes']} when written (cut short or overwritten)"
-    if file_sha256(path) != record["sha256"]:
+    if storage.sha256(path) != record["sha256"]:
         return "its bytes changed since it was written (sha256 differs)"
     if inputs is not None and record.get("inputs_sha256") != inputs:
         return "the reports it was made from have changed (other study ids or texts)"
@@ -173,11 +165,12 @@ FINGERPRINT_KEYS = ("model", "weights_sha256", "layer", "hidden_size", "poolings
 
 
 def fingerprint(output_dir: str) -> dict:
-    """What a set of embeddings is, cheaply: the manifest's model, layer and settings, and each shard's sha256 as
-    its provenance record holds it (its size where it has none). Rebuilt embeddings (another layer, reports
-    embedded again) change it; the same shards moved to another folder do not."""
+    """What a set of embeddings is: the manifest's model, layer and settings, and each shard's sha256 as its
+    provenance record holds it (written with the shard by the precompute job), else the shard's own digest
+    (storage.file_digest). Rebuilt embeddings (another layer, reports embedded again, shards rewritten by other
+    tools) change it; the same shards moved to another folder do not."""
     manifest = read_manifest(output_dir)
-    shards = {os.path.basename(p): (read_provenance(p) or {}).get("sha256") or storage.size(p)
+    shards = {os.path.basename(p): (read_provenance(p) or {}).get("sha256") or storage.file_digest(p)
               for p in shard_paths(output_dir)}
     settings = {k: manifest.get(k) for k in FINGERPRINT_KEYS}
     digest = hashlib.sha256(json.dumps({"settings": settings, "shards": shards}, sort_keys=True).encode())
