@@ -58,7 +58,7 @@ SPEC: dict[str, tuple[Any, Check, str]] = {
                     "Compute dtype; 'auto': bfloat16 on TPU and GPU, float32 on CPU (where bfloat16 is slower). "
                     "Parameters, optimizer state, softmax and losses stay float32."),
     "model.attention": ("auto", ATTENTION_IMPLEMENTATIONS,
-                        "Attention kernel; 'auto': Pallas flash on TPU, cuDNN on GPU, MKL on one CPU device, XLA's "
+                        "Attention kernel; 'auto': Pallas splash on TPU, cuDNN on GPU, MKL on one CPU device, XLA's "
                         "formula where a kernel does not apply (mvlp_jax/kernels/attention_ops.py)."),
     "model.remat": ("none", ("none", "full", "dots", "dots_no_batch"), "Activation rematerialisation policy."),
     "model.scan": (False, None, "Scan the encoder blocks (faster compile for deep models)."),

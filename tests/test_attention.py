@@ -86,28 +86,31 @@ def test_mkl_attention_equals_the_plain_formula_and_masks_fall_back_to_xla():
     assert "mvlp_attention_fwd" in hlo
 
 
+@pytest.mark.parametrize("kernel", ["tpu_flash", "tpu_splash"])
 @pytest.mark.parametrize("mask_kind", ["none", "keys", "general"])
-def test_tpu_flash_attention_equals_the_plain_formula(mask_kind):
-    """The Pallas TPU kernel, interpreted: lengths that are not whole 128-token blocks (padded),
-    a key mask (segment ids), and a mask it cannot express (the XLA formula runs instead)."""
+def test_tpu_kernels_equal_the_plain_formula(mask_kind, kernel):
+    """Each Pallas TPU kernel, interpreted: lengths that are not whole 128-token blocks (padded), a key mask
+    (segment ids), and a mask it cannot express (the XLA formula runs instead); `auto` takes splash."""
     q, k, v = _inputs(130, 200, heads=2, dim=16, batch=1)
     mask = {"none": None, "keys": _key_mask(1, 200, 150),
             "general": jnp.tril(jnp.ones((130, 200), bool))[None, None]}[mask_kind]
     with backend.use(backend.Backend("tpu", 4)):
-        assert attention_lib.choose("auto", q, k, mask) == ("xla" if mask_kind == "general" else "tpu_flash")
+        assert attention_lib.choose("auto", q, k, mask) == ("xla" if mask_kind == "general" else "tpu_splash")
+        assert attention_lib.choose(kernel, q, k, mask) == ("xla" if mask_kind == "general" else kernel)
         assert attention_lib.choose("auto", q[:, :3], k, mask) == "xla"  # too short for a block
     with pallas_interpreted():
-        _assert_matches_plain("tpu_flash", q, k, v, mask, tol=2e-5)
+        _assert_matches_plain(kernel, q, k, v, mask, tol=2e-5)
 
 
-def test_vitdet_windows_on_the_tpu_kernel_equal_xla():
+@pytest.mark.parametrize("kernel", ["tpu_flash", "tpu_splash"])
+def test_vitdet_windows_on_the_tpu_kernels_equal_xla(kernel):
     """A ViTDet block on padded 14 x 14 windows (196 tokens, padded to 256 with a key mask): same outputs and
-    gradients with the flash kernel as with XLA's formula."""
+    gradients with each TPU kernel as with XLA's formula."""
     grid, window, width = (16, 15), 14, 32
     tokens = jax.random.normal(jax.random.key(1), (1, grid[0] * grid[1], width))
     windows, mask = window_partition(tokens, grid, window)
     results = {}
-    for implementation in ("xla", "tpu_flash"):
+    for implementation in ("xla", kernel):
         block = Block(num_heads=2, mlp_dim=64, attention=implementation)
         params = Block(num_heads=2, mlp_dim=64).init(jax.random.key(0), windows)
 
@@ -118,7 +121,7 @@ def test_vitdet_windows_on_the_tpu_kernel_equal_xla():
         with pallas_interpreted():
             results[implementation] = jax.value_and_grad(loss, has_aux=True)(params, windows)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5),
-                 results["tpu_flash"], results["xla"])
+                 results[kernel], results["xla"])
 
 
 def test_auto_follows_the_backend_and_a_kernel_for_another_platform_is_refused():
@@ -137,6 +140,41 @@ def test_auto_follows_the_backend_and_a_kernel_for_another_platform_is_refused()
     assert attention_lib.choose("auto", q, k, None) == "xla"  # outside a backend: the portable formula
     with pytest.raises(ValueError, match="choose one of"):
         attention_lib.choose("flash", q, k, None)
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "keys", "general"])
+def test_the_cudnn_call_pads_odd_lengths_and_keeps_the_padding_out(mask_kind, monkeypatch):
+    """What mvlp_jax hands cuDNN (odd lengths padded by one token, kept out by sequence lengths or the mask; a key
+    mask broadcast over the queries) gives the plain formula's values and gradients, with cuDNN's kernel stood in
+    by jax's XLA implementation of the same call (no GPU here: tests/test_gpu_compile.py compiles the real one)."""
+    original = jax.nn.dot_product_attention
+    calls = []
+
+    def stand_in(*args, implementation, **kwargs):
+        assert implementation == "cudnn" and args[0].shape[1] % 2 == 0 and args[1].shape[1] % 2 == 0
+        calls.append(kwargs)
+        return original(*args, implementation="xla", **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", stand_in)
+    q, k, v = (x.astype(jnp.bfloat16) for x in _inputs(7, 9, dim=16))
+    mask = {"none": None, "keys": _key_mask(2, 9, 6),
+            "general": jax.random.bernoulli(jax.random.key(3), 0.7, (2, 2, 7, 9)).at[..., 0].set(True)}[mask_kind]
+    with backend.use(backend.Backend("gpu", 1)):
+        assert attention_lib.choose("auto", q, k, mask) == "cudnn"
+        got, got_grads = _value_and_grads(lambda q, k, v: kernels.attention(q, k, v, mask, "auto"), q, k, v)
+    want, want_grads = _value_and_grads(lambda q, k, v: plain(q, k, v, mask), q, k, v)
+    assert calls and ("query_seq_lengths" in calls[0]) == (mask is None)
+    for a, b in zip((got, *got_grads), (want, *want_grads)):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=2e-2, atol=2e-2)
+
+
+def test_a_call_cudnn_cannot_take_runs_xla_and_the_log_says_so_once(caplog):
+    q, k, _ = _inputs(8, 8, dim=12)  # heads of 12: not a multiple of 8
+    q16, k16 = q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
+    with caplog.at_level("WARNING"), backend.use(backend.Backend("gpu", 1)):
+        assert [attention_lib.choose("auto", q16, k16, None) for _ in range(3)] == ["xla"] * 3
+    said = [r.getMessage() for r in caplog.records if "attention: cudnn" in r.getMessage()]
+    assert len(said) == 1 and "heads of 12" in said[0], said
 
 
 def test_sown_weights_are_the_softmax():

@@ -11,18 +11,25 @@ Implementations (`IMPLEMENTATIONS`; `config.model.attention`):
 - `tpu_flash`: the Pallas TPU flash-attention kernel (`jax.experimental.pallas.ops.tpu.flash_attention`):
   blockwise, O(L) memory. Lengths are padded to its 128-token blocks; a key mask (one that broadcasts over
   heads and queries: ViTDet's padded windows) becomes its segment ids.
-- `cudnn`: cuDNN's fused attention through `jax.nn.dot_product_attention` (GPU; bfloat16 or float16).
+- `tpu_splash`: the Pallas TPU splash-attention kernel (`...pallas.ops.tpu.splash_attention`, MaxText's),
+  the same padding and segment ids, tiles of up to 512 tokens and a full mask per head.
+- `cudnn`: cuDNN's fused attention through `jax.nn.dot_product_attention` (GPU; bfloat16 or float16; heads of a
+  multiple of 8 up to 128). Odd lengths (a CLS token) are padded by one token that cuDNN's sequence lengths keep
+  out; a mask reaches cuDNN as an additive bias of the logits' shape (a key mask, ViTDet's padded windows, is
+  broadcast over the queries).
 - `mkl`: MKL's float32 kernel on a single CPU device (`cpu_blas.mkl_attention`), without a mask.
-- `auto` (the default): `tpu_flash` on TPU, `cudnn` on GPU, `mkl` on CPU where each applies, else `xla`.
+- `auto` (the default): `tpu_splash` on TPU, `cudnn` on GPU, `mkl` on CPU where each applies, else `xla`.
 
 Where a kernel cannot take a call (a mask it cannot express, a dtype it does not run, queries too short to fill
-a block), that call runs `xla`: the same values. A kernel named for another platform than the program's is an
-error.
+a block), that call runs `xla`: the same values (for an accelerator's kernel, said once per kind of call in the
+log). A kernel named for another platform than the program's is an error.
 """
 from __future__ import annotations
 
 import functools
+import logging
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -30,10 +37,12 @@ from jax.sharding import PartitionSpec as P
 
 from mvlp_jax.kernels import backend, cpu_blas
 
-IMPLEMENTATIONS = ("auto", "xla", "tpu_flash", "cudnn", "mkl")
-PLATFORM_OF = {"tpu_flash": "tpu", "cudnn": "gpu", "mkl": "cpu"}
-AUTO = {"tpu": "tpu_flash", "gpu": "cudnn", "cpu": "mkl"}
+IMPLEMENTATIONS = ("auto", "xla", "tpu_splash", "tpu_flash", "cudnn", "mkl")
+PLATFORM_OF = {"tpu_splash": "tpu", "tpu_flash": "tpu", "cudnn": "gpu", "mkl": "cpu"}
+AUTO = {"tpu": "tpu_splash", "gpu": "cudnn", "cpu": "mkl"}
 FLASH_BLOCK = 128  # tokens per block of the TPU kernel (its default block sizes)
+SPLASH_BLOCK = 512  # the splash kernel's largest tile (its default); smaller where a padded length needs it
+CUDNN_MAX_HEAD_DIM = 128  # 256 from Hopper on; a traced call does not know its GPU's generation
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,
@@ -41,9 +50,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None =
     """softmax(q k^T / sqrt(D)) v, length-major (see the module docstring), by `implementation`."""
     chosen = choose(implementation, q, k, mask)
     if chosen == "tpu_flash":
-        return _tpu_flash(q, k, v, mask)
+        return _tpu_kernel(q, k, v, mask, _tpu_flash_local)
+    if chosen == "tpu_splash":
+        return _tpu_kernel(q, k, v, mask, _tpu_splash_local)
     if chosen == "cudnn":
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+        return _cudnn(q, k, v, mask)
     if chosen == "mkl":
         return cpu_blas.mkl_attention(q, k, v)
     heads_major = lambda x: x.transpose(0, 2, 1, 3)
@@ -60,19 +71,39 @@ def choose(implementation: str, q: jax.Array, k: jax.Array, mask: jax.Array | No
     elif implementation in PLATFORM_OF and platform not in (PLATFORM_OF[implementation], "any"):
         raise ValueError(f"attention={implementation!r} runs on {PLATFORM_OF[implementation]} devices; this "
                          f"program is for {platform} devices: use 'auto' or 'xla'")
-    if implementation == "xla" or not _applies(implementation, q, k, mask):
+    if implementation == "xla":
+        return "xla"
+    reason = _why_not(implementation, q, k, mask)
+    if reason:
+        if implementation != "mkl":  # MKL is a CPU convenience; an accelerator kernel not taken costs memory
+            _say_fallback(implementation, reason)
         return "xla"
     return implementation
 
 
-def _applies(implementation: str, q: jax.Array, k: jax.Array, mask: jax.Array | None) -> bool:
-    if implementation == "tpu_flash":
-        return min(q.shape[1], k.shape[1]) >= FLASH_BLOCK and (mask is None or _key_mask(mask, k) is not None)
-    if implementation == "cudnn":
-        return q.dtype in (jnp.bfloat16, jnp.float16)
+@functools.cache
+def _say_fallback(kernel: str, reason: str) -> None:
+    logging.warning("attention: %s does not take calls with %s; those run XLA's formula (the same values)", kernel,
+                    reason)
+
+
+def _why_not(implementation: str, q: jax.Array, k: jax.Array, mask: jax.Array | None) -> str:
+    """Why `implementation` cannot take this call, in words ('' when it can)."""
+    mask_form = "" if mask is None else f"a mask of shape {tuple(mask.shape)}"
+    if implementation in ("tpu_flash", "tpu_splash"):
+        if min(q.shape[1], k.shape[1]) < FLASH_BLOCK:
+            return f"fewer than {FLASH_BLOCK} queries or keys"
+        return mask_form if mask is not None and _key_mask(mask, k) is None else ""
+    if implementation == "cudnn":  # the shapes cuDNN's fused kernel takes (jax's check_is_flash_attention)
+        if q.dtype not in (jnp.bfloat16, jnp.float16):
+            return f"{q.dtype.name} inputs (cuDNN runs bfloat16 and float16: model.dtype)"
+        if q.shape[-1] % 8 or q.shape[-1] > CUDNN_MAX_HEAD_DIM:
+            return f"heads of {q.shape[-1]} (a multiple of 8 up to {CUDNN_MAX_HEAD_DIM})"
+        return mask_form if mask is not None and (mask.ndim != 4 or mask.shape[1] not in (1, q.shape[2])) else ""
     if implementation == "mkl":
-        return mask is None and backend.current().mkl and all(x.dtype == jnp.float32 for x in (q, k))
-    return False
+        usable = mask is None and backend.current().mkl and all(x.dtype == jnp.float32 for x in (q, k))
+        return "" if usable else "a mask, another dtype than float32, or no MKL"
+    return f"{implementation} (unknown)"
 
 
 def _key_mask(mask: jax.Array, k: jax.Array) -> jax.Array | None:
@@ -86,13 +117,32 @@ def _pad_to_block(x: jax.Array, length: int) -> jax.Array:
     return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)))
 
 
-def _tpu_flash(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
-    """Pallas TPU flash attention. A Mosaic kernel has no sharding rule, so on a mesh it runs per shard
-    (shard_map over the batch and heads axes, as the activations are laid out); attention never mixes those."""
+def _cudnn(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """cuDNN's fused kernel. Its training path takes even lengths only: an odd one gets one padding token, kept
+    out by cuDNN's sequence lengths (or by the mask, when there is one; padded queries' outputs are cut off). A
+    mask reaches cuDNN as an additive bias of the logits' shape, so a key mask is broadcast over the queries."""
+    (b, q_len), k_len = q.shape[:2], k.shape[1]
+    q_pad, k_pad = q_len + q_len % 2, k_len + k_len % 2
+    q, k, v = _pad_to_block(q, q_pad), _pad_to_block(k, k_pad), _pad_to_block(v, k_pad)
+    lengths = {}
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, (b, mask.shape[1], q_len, k_len))
+        mask = jnp.pad(mask, ((0, 0), (0, 0), (0, q_pad - q_len), (0, k_pad - k_len)))
+    elif (q_pad, k_pad) != (q_len, k_len):
+        lengths = dict(query_seq_lengths=jnp.full((b,), q_len, jnp.int32),
+                       key_value_seq_lengths=jnp.full((b,), k_len, jnp.int32))
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn", **lengths)
+    return out[:, :q_len]
+
+
+def _tpu_kernel(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, local: Callable) -> jax.Array:
+    """A Pallas TPU kernel (`local(q, k, v, keys, masked)` on one shard). A Mosaic kernel has no sharding rule,
+    so on a mesh it runs per shard (shard_map over the batch and heads axes, as the activations are laid out);
+    attention never mixes those."""
     from mvlp_jax import sharding
 
     keys = jnp.ones(k.shape[:2], bool) if mask is None else _key_mask(mask, k)
-    local = functools.partial(_tpu_flash_local, masked=mask is not None)
+    local = functools.partial(local, masked=mask is not None)
     mesh = sharding.active_mesh()
     if mesh is None or mesh.size == 1:
         return local(q, k, v, keys)
@@ -101,21 +151,44 @@ def _tpu_flash(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None)
                          check_vma=False)(q, k, v, keys)
 
 
-def _tpu_flash_local(q: jax.Array, k: jax.Array, v: jax.Array, keys: jax.Array, masked: bool) -> jax.Array:
-    """The kernel on one shard: lengths padded to whole blocks, padding and masked keys in segment 0 and every
-    query in segment 1, so no query attends them (padded queries' outputs are cut off)."""
-    from jax.experimental.pallas.ops.tpu import flash_attention as flash
-
-    (b, q_len, _, d), k_len = q.shape, k.shape[1]
+def _blocked(q: jax.Array, k: jax.Array, v: jax.Array, keys: jax.Array, masked: bool, segment_ids: type):
+    """Heads-major q, k, v padded to whole FLASH_BLOCKs, and the segment ids (of class `segment_ids`) that keep
+    padding and masked keys out: those in segment 0, every query in segment 1 (None when nothing is kept out)."""
+    (b, q_len), k_len = q.shape[:2], k.shape[1]
     q_pad, k_pad = (-(-n // FLASH_BLOCK) * FLASH_BLOCK for n in (q_len, k_len))
     segments = None
     if masked or k_pad != k_len:
-        segments = flash.SegmentIds(q=jnp.ones((b, q_pad), jnp.int32),
-                                    kv=jnp.pad(keys, ((0, 0), (0, k_pad - k_len))).astype(jnp.int32))
+        segments = segment_ids(q=jnp.ones((b, q_pad), jnp.int32),
+                               kv=jnp.pad(keys, ((0, 0), (0, k_pad - k_len))).astype(jnp.int32))
     heads_major = lambda x, n: _pad_to_block(x, n).transpose(0, 2, 1, 3)
-    out = flash.flash_attention(heads_major(q, q_pad), heads_major(k, k_pad), heads_major(v, k_pad),
-                                segment_ids=segments, sm_scale=1.0 / math.sqrt(d))
-    return out.transpose(0, 2, 1, 3)[:, :q_len]
+    return heads_major(q, q_pad), heads_major(k, k_pad), heads_major(v, k_pad), segments
+
+
+def _tpu_flash_local(q: jax.Array, k: jax.Array, v: jax.Array, keys: jax.Array, masked: bool) -> jax.Array:
+    """The flash kernel on one shard (padded queries' outputs are cut off)."""
+    from jax.experimental.pallas.ops.tpu import flash_attention as flash
+
+    qh, kh, vh, segments = _blocked(q, k, v, keys, masked, flash.SegmentIds)
+    out = flash.flash_attention(qh, kh, vh, segment_ids=segments, sm_scale=1.0 / math.sqrt(q.shape[-1]))
+    return out.transpose(0, 2, 1, 3)[:, :q.shape[1]]
+
+
+def _tpu_splash_local(q: jax.Array, k: jax.Array, v: jax.Array, keys: jax.Array, masked: bool) -> jax.Array:
+    """The splash kernel on one shard: a full mask (ViTDet's windows are already batch rows; their padding is
+    kept out by segment ids), blocks of up to SPLASH_BLOCK tokens, per example (vmap over the batch)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    qh, kh, vh, segments = _blocked(q * (1.0 / math.sqrt(q.shape[-1])), k, v, keys, masked, splash.SegmentIds)
+    (heads, q_pad), k_pad = qh.shape[1:3], kh.shape[2]
+    block_q, block_kv = (math.gcd(n, SPLASH_BLOCK) for n in (q_pad, k_pad))
+    sizes = splash.BlockSizes(block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv, block_q_dkv=block_q,
+                              block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv, block_q_dq=block_q,
+                              block_kv_dq=block_kv)
+    kernel = splash.make_splash_mha(mask=masks.MultiHeadMask([masks.FullMask((q_pad, k_pad))] * heads),
+                                    block_sizes=sizes, head_shards=1, q_seq_shards=1)
+    out = jax.vmap(lambda a, b, c, s: kernel(a, b, c, segment_ids=s))(qh, kh, vh, segments)
+    return out.transpose(0, 2, 1, 3)[:, :q.shape[1]]
 
 
 def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array | None = None) -> jax.Array:
