@@ -11,7 +11,7 @@ CPU_MALLOC ?= glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:glibc.malloc.mmap_
 # Test files run in this many pytest-xdist workers (whole files per worker: module fixtures are built once).
 TEST_WORKERS ?= 2
 
-.PHONY: install test lint demo clean
+.PHONY: install test test-gpu lint demo clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,21 @@ install: $(STAMP)
 test: $(STAMP)
 	GLIBC_TUNABLES=$(CPU_MALLOC) ALLOW_MULTIPLE_LIBTPU_LOAD=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 
+# XLA's GPU compiler (the CUDA plugin, ~4.5 GB of NVIDIA wheels) in an environment of its own: the GPU compile
+# tests (tests/test_gpu_compile.py; skipped by `make test`) and `python -m mvlp_jax.aot --topology=h100-8`.
+VENV_GPU := .venv-gpu
+GPU_STAMP := $(VENV_GPU)/.installed
+
+$(GPU_STAMP): pyproject.toml Makefile
+	test -x $(VENV_GPU)/bin/python || $(PYTHON) -m venv $(VENV_GPU)
+	$(VENV_GPU)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV_GPU)/bin/python -m pip install --quiet torch==2.13.0
+	$(VENV_GPU)/bin/python -m pip install --quiet -e '.[dev,gpu]'
+	touch $(GPU_STAMP)
+
+test-gpu: $(GPU_STAMP)
+	$(VENV_GPU)/bin/python -m pytest -q --durations=10 tests/test_gpu_compile.py tests/test_attention.py
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
@@ -36,4 +51,4 @@ demo: $(STAMP)
 	GLIBC_TUNABLES=$(CPU_MALLOC) $(PY) -m mvlp_jax.demo
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(VENV_GPU) runs .pytest_cache

@@ -138,8 +138,9 @@ def make_train_step(model: Pretrainer, tx: optax.GradientTransformation, config:
     return train_step
 
 
-def _lower(train_step: Callable, state: TrainState, state_sh: Any, mesh: Mesh,
-           batch_shapes: dict[str, jax.ShapeDtypeStruct]) -> Any:
+def lower_train_step(train_step: Callable, state: TrainState, state_sh: Any, mesh: Mesh,
+                     batch_shapes: dict[str, jax.ShapeDtypeStruct]) -> Any:
+    """The jitted step lowered with explicit shardings (state donated, batch over (data, fsdp)), not compiled."""
     batch_sh = {k: sharding.batch_sharding(mesh, len(v.shape)) for k, v in batch_shapes.items()}
     jitted = jax.jit(train_step, in_shardings=(state_sh, batch_sh),
                      out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
@@ -151,7 +152,7 @@ def compile_train_step(train_step: Callable, state: TrainState, state_sh: Any, m
                        batch_shapes: dict[str, jax.ShapeDtypeStruct]) -> Any:
     """jit with explicit shardings (state donated and kept in place, batch over (data, fsdp)), compiled
     ahead of time so its FLOPs are known; call it as compiled(state, global_batch)."""
-    lowered = _lower(train_step, state, state_sh, mesh, batch_shapes)
+    lowered = lower_train_step(train_step, state, state_sh, mesh, batch_shapes)
     with sharding.active(mesh):
         return lowered.compile()
 
@@ -168,7 +169,8 @@ def cyclic_flops_share(model: Pretrainer, tx: optax.GradientTransformation, conf
         return 1.0
 
     def count(only):
-        cost = _lower(make_train_step(model, tx, config, only), state, state_sh, mesh, batch_shapes).cost_analysis()
+        step = make_train_step(model, tx, config, only)
+        cost = lower_train_step(step, state, state_sh, mesh, batch_shapes).cost_analysis()
         return float((cost[0] if isinstance(cost, list) else cost or {}).get("flops", 0.0))
 
     whole = count(None)

@@ -66,7 +66,7 @@ def test_readme_command_exists_and_parses(command):
                              [*words[:words.index("--")], "--dry_run", *words[words.index("--"):]],
                              cwd=REPO, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
-    elif words[0] == "python" and words[1] == "-m":
+    elif (words[0] == "python" or words[0].endswith("/bin/python")) and words[1] == "-m":
         source = _module_source(words[2])
         for arg in words[3:]:
             if not arg.startswith("--") or arg.startswith("--config."):
