@@ -86,13 +86,15 @@ def test_aot_refuses_an_unknown_topology_clearly():
 def test_auto_attention_puts_the_splash_kernel_into_sharded_tpu_programs(name, size, program):
     """On TPU, 'auto' runs attention in the Pallas splash kernel, as 'tpu_flash' does in the flash kernel (per
     shard on a data x fsdp mesh): ViT at 512 px (1,025 tokens) and ViTDet's padded 14 x 14 windows (196 tokens,
-    a key mask), forward and backward. 'xla' has no kernel call."""
+    a key mask), forward and backward (the train program: splash alone, each compile of it takes a minute here).
+    'xla' has no kernel call."""
     reports = {}
-    for attention in ("xla", "tpu_flash", "auto"):
+    for attention in ("xla", "tpu_flash", "auto") if program == "features" else ("auto",):
         config = _config(name, **{"model.image_size": size, "model.attention": attention})
         reports[attention], = aot.compile_programs(config, SLICE, 576, (program,))
-    assert reports["xla"].kernel_calls == 0
-    assert reports["auto"].kernel_calls >= 2 and reports["tpu_flash"].kernel_calls >= 2  # one per encoder block
+    if program == "features":
+        assert reports["xla"].kernel_calls == 0 and reports["tpu_flash"].kernel_calls >= 2
+    assert reports["auto"].kernel_calls >= 2  # one per encoder block (and its backward)
     assert reports["auto"].fits and reports["auto"].flops > 0
     assert f"attention auto ({reports['auto'].kernel_calls} Pallas kernel calls)" in reports["auto"].lines()[0]
 
