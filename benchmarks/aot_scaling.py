@@ -101,7 +101,10 @@ def table(rows: list[dict]) -> str:
         if r.get("refused"):
             lines.append(head + f"refused: {r['temp_bytes'] / 2**30:.1f} GiB of temporaries alone | no | - | - | - |")
             continue
-        lines.append(head + f"{r['total_bytes'] / 2**30:.2f} of {r['hbm_bytes'] / 2**30:.0f} GiB | "
+        usable = r.get("usable_bytes", r["hbm_bytes"])
+        limit = f"{r['hbm_bytes'] / 2**30:.0f} GiB" + (f" ({usable / 2**30:.0f} usable)" if usable < r["hbm_bytes"]
+                                                       else "")
+        lines.append(head + f"{r['total_bytes'] / 2**30:.2f} of {limit} | "
                      f"{'yes' if r['fits'] else 'no'} | {r['flops']:.3g}{' (lower bound)' if r.get('loops') else ''} | "
                      f"{r['intensity']:.0f} | {'-' if r.get('loops') else format(r['images_per_s_per_chip'], '.0f')} |")
     return "\n".join(lines)

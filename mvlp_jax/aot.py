@@ -43,10 +43,15 @@ class Chip:
     peak_bf16_flops: float   # per chip
     hbm_bytes_per_s: float
     family: str = "TPU"      # "TPU" or "GPU"
+    usable_fraction: float = 1.0  # of hbm_bytes a process gets (JAX preallocates a share of a GPU's memory)
 
     @property
     def unit(self) -> str:
         return "chip" if self.family == "TPU" else "GPU"
+
+    @property
+    def usable_bytes(self) -> float:
+        return self.hbm_bytes * self.usable_fraction
 
 
 # Public per-chip figures of Cloud TPU generations (device_kind substring -> chip).
@@ -63,6 +68,7 @@ ALIASES = {"v4-8": "v4:2x2x1", "v4-16": "v4:2x2x2", "v4-32": "v4:2x2x4", "v4-64"
 # and bandwidth come from the target description the compiler reads (mvlp_jax/gpu_targets/NAME.txtpb).
 GPU_PEAK_BF16 = {"a100": 312e12, "h100": 989e12, "h200": 989e12, "b200": 2250e12}
 GPU_TARGETS = os.path.join(os.path.dirname(__file__), "gpu_targets")
+GPU_MEM_FRACTION = 0.75  # what JAX preallocates of a GPU unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise
 # 'h100-8': one host with 8 GPUs; '2xh100-8': two such hosts.
 _GPU_TOPOLOGY = re.compile(r"(?:(\d+)x)?(" + "|".join(GPU_PEAK_BF16) + r")-(\d+)")
 ATTENTION_KERNELS = ('custom_call_target="tpu_custom_call"', 'custom_call_target="__cudnn$fmha')
@@ -98,9 +104,16 @@ def gpu_devices(topology: str) -> tuple[list, Chip]:
     devices = topologies.get_topology_desc(platform="cuda", target_config=description,
                                            topology=f"1x{hosts}x{per_host}").devices
     fields = re.sub(r"#.*", "", description)  # the values, not the comments that say where they come from
-    field = lambda name: float(re.search(rf"\b{name}:\s*([\d.]+)", fields).group(1))
+
+    def field(name: str) -> float:
+        found = re.search(rf"\b{name}:\s*([-+.\deE]+)", fields)
+        if not found:
+            raise ValueError(f"{GPU_TARGETS}/{gpu}.txtpb has no {name}")
+        return float(found.group(1))
+
+    fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", GPU_MEM_FRACTION))
     return list(devices), Chip(gpu.upper(), field("device_memory_size"), GPU_PEAK_BF16[gpu],
-                               field("memory_bandwidth"), family="GPU")
+                               field("memory_bandwidth"), family="GPU", usable_fraction=fraction)
 
 
 def tpu_devices(topology: str) -> list:
@@ -187,7 +200,7 @@ class Report:
 
     @property
     def fits(self) -> bool:
-        return not self.refused and self.total_bytes <= self.chip.hbm_bytes
+        return not self.refused and self.total_bytes <= self.chip.usable_bytes
 
     @property
     def intensity(self) -> float:
@@ -218,7 +231,8 @@ class Report:
                 "attention": self.attention, "kernel_calls": self.kernel_calls, "loops": self.loops,
                 "refused": self.refused,
                 "total_bytes": self.total_bytes,
-                "hbm_bytes": self.chip.hbm_bytes, "fits": self.fits, "argument_bytes": self.argument_bytes,
+                "hbm_bytes": self.chip.hbm_bytes, "usable_bytes": self.chip.usable_bytes, "fits": self.fits,
+                "argument_bytes": self.argument_bytes,
                 "temp_bytes": self.temp_bytes, **({} if self.refused else {
                     "flops": self.flops, "intensity": self.intensity,
                     "images_per_s_per_chip": self.images_per_s_per_chip}),
@@ -228,6 +242,9 @@ class Report:
     def lines(self) -> list[str]:
         gib = lambda b: f"{b / 2**30:.2f} GiB"
         unit = self.chip.unit
+        usable = ("" if self.chip.usable_fraction == 1.0 else
+                  f" ({gib(self.chip.usable_bytes)} usable: JAX preallocates {self.chip.usable_fraction:.0%}, "
+                  f"XLA_PYTHON_CLIENT_MEM_FRACTION)")
         kernels = "Pallas kernel" if self.chip.family == "TPU" else "cuDNN attention"
         if self.refused:
             return [f"{self.program} on {self.topology}: {self.chips} x {self.chip.family} {self.chip.name}, mesh "
@@ -244,7 +261,7 @@ class Report:
         return [f"{self.program} on {self.topology}: {self.chips} x {self.chip.family} {self.chip.name}, mesh "
                 f"{self.mesh}, attention {self.attention} ({self.kernel_calls} {kernels} calls), compiled in "
                 f"{self.compile_seconds:.0f} s",
-                f"  HBM per {unit}: {gib(self.total_bytes)} of {gib(self.chip.hbm_bytes)} "
+                f"  HBM per {unit}: {gib(self.total_bytes)} of {gib(self.chip.hbm_bytes)}{usable} "
                 f"({'fits' if self.fits else 'DOES NOT FIT'}): arguments {gib(self.argument_bytes)}, temporaries "
                 f"{gib(self.temp_bytes)}, outputs {gib(self.output_bytes)} ({gib(self.alias_bytes)} aliased to "
                 f"donated arguments), code {gib(self.code_bytes)}",
@@ -383,6 +400,8 @@ def counted_on_one_cpu(program: str, config: ml_collections.ConfigDict,
     accumulation: its micro-steps loop), so the counts are a lower bound."""
     counted = config.copy_and_resolve_references()
     counted.model.attention, counted.model.scan = "xla", False
+    if counted.model.dtype == "auto":
+        counted.model.dtype = "bfloat16"  # what 'auto' computes in on an accelerator (float32 on this CPU)
     counted.mesh.data, counted.mesh.fsdp, counted.mesh.model = 1, 1, 1
     with _xla_ops_only():
         parts = _parts(counted, jax.devices("cpu")[:1], target_dim)
@@ -436,8 +455,10 @@ def _lower_features(parts: _Parts):
 
 def too_big_advice(report: Report, config: ml_collections.ConfigDict) -> str:
     per_chip, unit = config.data.batch_size // report.chips, report.chip.unit
+    fraction = ("" if report.chip.usable_fraction == 1.0 else
+                f" of which JAX preallocates {report.chip.usable_fraction:.0%} (XLA_PYTHON_CLIENT_MEM_FRACTION)")
     return (f"{report.program} needs {report.total_bytes / 2**30:.2f} GiB per {unit}, the {report.chip.name} has "
-            f"{report.chip.hbm_bytes / 2**30:.0f} GiB. To fit: a smaller per-{unit} batch (now {per_chip}: "
+            f"{report.chip.hbm_bytes / 2**30:.0f} GiB{fraction}. To fit: a smaller per-{unit} batch (now {per_chip}: "
             f"--config.data.batch_size), rematerialisation (--config.model.remat=dots or full; now "
             f"{config.model.remat!r}), sharding the parameters and optimizer state (--config.mesh.fsdp; now "
             f"{config.mesh.fsdp}), or gradient accumulation (--config.optim.accum_steps; now "

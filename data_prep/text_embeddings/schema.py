@@ -167,8 +167,9 @@ FINGERPRINT_KEYS = ("model", "weights_sha256", "layer", "hidden_size", "poolings
 def fingerprint(output_dir: str) -> dict:
     """What a set of embeddings is: the manifest's model, layer and settings, and each shard's sha256 as its
     provenance record holds it (written with the shard by the precompute job), else the shard's own digest
-    (storage.file_digest). Rebuilt embeddings (another layer, reports embedded again, shards rewritten by other
-    tools) change it; the same shards moved to another folder do not."""
+    (storage.file_digest: a full read of a local shard, the listing's MD5 of an object). Rebuilt embeddings (another
+    layer, reports embedded again, shards rewritten by other tools) change it; the same shards moved to another
+    folder do not, unless shards without a record move between a disk and a bucket (sha256 against MD5)."""
     manifest = read_manifest(output_dir)
     shards = {os.path.basename(p): (read_provenance(p) or {}).get("sha256") or storage.file_digest(p)
               for p in shard_paths(output_dir)}

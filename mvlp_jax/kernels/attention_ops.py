@@ -41,7 +41,7 @@ IMPLEMENTATIONS = ("auto", "xla", "tpu_splash", "tpu_flash", "cudnn", "mkl")
 PLATFORM_OF = {"tpu_splash": "tpu", "tpu_flash": "tpu", "cudnn": "gpu", "mkl": "cpu"}
 AUTO = {"tpu": "tpu_splash", "gpu": "cudnn", "cpu": "mkl"}
 FLASH_BLOCK = 128  # tokens per block of the TPU kernel (its default block sizes)
-SPLASH_BLOCK = 512  # the splash kernel's largest tile (its default); smaller where a padded length needs it
+SPLASH_BLOCK = 512  # the splash tiles mvlp_jax asks for; smaller where a padded length needs it
 CUDNN_MAX_HEAD_DIM = 128  # 256 from Hopper on; a traced call does not know its GPU's generation
 
 
