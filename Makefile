@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export XLA_FLAGS ?=
 # CPU runs only (test, demo): XLA:CPU re-faults a step's GBs of temporaries with 4 KiB pages: huge pages, and
-# freed blocks kept in one heap for the next step (TUNABLES in mvlp_jax/host_memory.py; tests/test_host_memory.py
+# freed blocks kept in one heap for the next step (TUNABLES in mvlp_jax/kernels/host_memory.py; tests/test_host_memory.py
 # checks this copy). Not exported: installs and accelerator jobs keep glibc's defaults.
 CPU_MALLOC ?= glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:glibc.malloc.mmap_threshold=1099511627776:glibc.malloc.trim_threshold=1099511627776
 # Test files run in this many pytest-xdist workers (whole files per worker: module fixtures are built once).
@@ -48,7 +48,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 demo: $(STAMP)
-	GLIBC_TUNABLES=$(CPU_MALLOC) $(PY) -m mvlp_jax.demo
+	GLIBC_TUNABLES=$(CPU_MALLOC) $(PY) -m mvlp_jax.tools.demo
 
 clean:
 	rm -rf $(VENV) $(VENV_GPU) runs .pytest_cache

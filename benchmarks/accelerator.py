@@ -26,7 +26,8 @@ import jax
 import numpy as np
 
 from benchmarks.train_step import config_for, pipeline_rate
-from mvlp_jax import aot, optim, sharding, train_step
+from mvlp_jax.pretrain import aot, optim, train_step
+from mvlp_jax.runtime import sharding
 from mvlp_jax.models.pretrainer import Pretrainer
 from tests.pretrain_setup import build_sample, write_targets
 

@@ -1,13 +1,13 @@
-"""The README's "Scaling up" table: production configs compiled by the real TPU compiler for Cloud TPU slices and by
+"""The scaling table (docs/scaling.md): production configs compiled by the real TPU compiler for Cloud TPU slices and by
 XLA's GPU compiler for 8 H100s (the GPU cases need the CUDA plugin: run them with .venv-gpu's python).
 
   python -m benchmarks.aot_scaling [--cases=b16_v4,b16_v5e,...] [--out=benchmarks/aot_scaling.json]
 
-Each case AOT-compiles a config's train step (`mvlp_jax.aot.compile_programs`; unrolled blocks, so the FLOPs
+Each case AOT-compiles a config's train step (`mvlp_jax.pretrain.aot.compile_programs`; unrolled blocks, so the FLOPs
 count every layer, except where a case scans them to compile faster: its FLOPs are then a lower bound and no
 images/s is given) and records per chip: HBM (arguments + temporaries + outputs), FLOPs, arithmetic
 intensity, images/s at 40% MFU and the Pallas kernel calls. Results go to a JSON file; the table printed last
-is the README's (tests/test_readme.py holds the two equal). Compiling takes minutes per case on 2 cores.
+is docs/scaling.md's (tests/test_readme.py holds the two equal). Compiling takes minutes per case on 2 cores.
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ TARGET_DIM = 4096  # Llama-2-7b's hidden size
 
 def load(file: str, variant: str, overrides: dict):
     from mvlp_jax import configuration
-    from mvlp_jax.demo import load_config
+    from mvlp_jax.tools.demo import load_config
 
     config = load_config(os.path.splitext(os.path.basename(file))[0], variant)
     config.unlock()
@@ -75,7 +75,7 @@ def load(file: str, variant: str, overrides: dict):
 
 
 def run_case(name: str) -> list[dict]:
-    from mvlp_jax import aot
+    from mvlp_jax.pretrain import aot
 
     file, variant, overrides, topology, programs = CASES[name]
     config = load(file, variant, overrides)
@@ -90,7 +90,7 @@ def run_case(name: str) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown table of the recorded rows (the README's)."""
+    """Markdown table of the recorded rows (docs/scaling.md's)."""
     lines = ["| encoder | px | batch (per device) | remat | attention | devices | program | memory per device | fits | "
              "FLOPs per device | FLOP/B | images/s per device at 40% MFU |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

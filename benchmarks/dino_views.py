@@ -19,10 +19,13 @@ import os
 import jax
 import numpy as np
 
-from data_prep import built
-from mvlp_jax import demo, features, sharding, train
+from mvlp_jax.data import built
+from mvlp_jax.pretrain import train
+from mvlp_jax.runtime import sharding
+from mvlp_jax.tools import demo
 from mvlp_jax.data import transforms, views
 from mvlp_jax.models.pretrainer import Pretrainer
+from mvlp_jax.pretrain import encoder as encoder_lib
 
 
 def paired_crops(config, seed: int = 1) -> np.ndarray:
@@ -42,7 +45,7 @@ def paired_crops(config, seed: int = 1) -> np.ndarray:
     return np.stack(crops, axis=1)
 
 
-def view_retrieval(encoder: features.Encoder, crops: np.ndarray, mesh: jax.sharding.Mesh) -> dict[str, float]:
+def view_retrieval(encoder: encoder_lib.Encoder, crops: np.ndarray, mesh: jax.sharding.Mesh) -> dict[str, float]:
     """Retrieving each image's second crop from its first among all second crops: top-1 and top-5 accuracy,
     and the median rank of the true match (0 = found first)."""
     forward = jax.jit(lambda p, x: encoder.model.apply({"params": p}, x, "mean", method=Pretrainer.features))
@@ -71,9 +74,9 @@ def main() -> None:
     train.train(config, args.workdir)
     mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(-1, 1, 1), sharding.AXES)
     crops = paired_crops(config)
-    student = view_retrieval(features.load_encoder(args.workdir, -1, mesh), crops, mesh)
-    teacher = view_retrieval(features.load_encoder(args.workdir, -1, mesh, teacher=True), crops, mesh)
-    initial = view_retrieval(features.load_encoder(features.RANDOM_INIT, -1, mesh, like=args.workdir), crops, mesh)
+    student = view_retrieval(encoder_lib.load(args.workdir, -1, mesh), crops, mesh)
+    teacher = view_retrieval(encoder_lib.load(args.workdir, -1, mesh, teacher=True), crops, mesh)
+    initial = view_retrieval(encoder_lib.load(encoder_lib.RANDOM_INIT, -1, mesh, like=args.workdir), crops, mesh)
     describe = lambda r: f"top-1 {r['top1']:.3f}, top-5 {r['top5']:.3f}, median rank {r['median_rank']:.0f}"
     print(f"{crops.shape[1]} held-out NIH images, 2 global crops each (chance: top-1 {1 / crops.shape[1]:.4f}, "
           f"median rank {(crops.shape[1] - 1) / 2:.0f}):\n  DINO student ({args.steps} steps): {describe(student)}\n"

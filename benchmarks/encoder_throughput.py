@@ -13,7 +13,7 @@ dots on this machine (gemm_choice.py; the line names the GEMM library; MVLP_JAX_
 times XLA's own ops alone). Also reports model
 FLOPs utilisation: the step's FLOPs (XLA cost analysis of the XLA-op program) per second over the FLOP/s
 of a large float32 matmul (XLA's own) measured in the JAX process. Both workers start with the malloc
-tunables of `mvlp_jax/host_memory.py` (huge pages, one reused heap; --no-huge_page_malloc: glibc's
+tunables of `mvlp_jax/kernels/host_memory.py` (huge pages, one reused heap; --no-huge_page_malloc: glibc's
 defaults, or whatever GLIBC_TUNABLES the caller set). The last line is the JAX / PyTorch ratio of the last
 variant. --blocks instead times one transformer block forward + backward (loss sum y^2) in each framework:
 B/16's encoder block on the 50 tokens it sees at mask 0.75, and the MAE decoder's block (197 tokens, 512
@@ -30,7 +30,7 @@ import time
 
 import numpy as np
 
-from mvlp_jax.host_memory import with_huge_page_malloc
+from mvlp_jax.kernels.host_memory import with_huge_page_malloc
 
 # (name, tokens, width, heads, mlp_dim) of MAE B/16's encoder and decoder blocks at 224, mask 0.75.
 BLOCKS = (("encoder", 50, 768, 12, 3072), ("decoder", 197, 512, 16, 2048))

@@ -28,8 +28,8 @@ import sys
 import numpy as np
 import pandas as pd
 
-from data_prep.records import seeded_split
-from mvlp_jax import demo
+from mvlp_jax.data.records import seeded_split
+from mvlp_jax.tools import demo
 
 SOURCE = os.path.join(os.path.dirname(demo.REPO), "shared", "data", "covid_cxr_notes")
 BATCH_IMAGES = 16
@@ -67,7 +67,7 @@ def build_and_embed(out: str) -> str:
 
 
 def mean_views(data_dir: str, max_views: int) -> float:
-    from data_prep import built
+    from mvlp_jax.data import built
     from mvlp_jax.data import studies
 
     source = built.open_split(built.open_builder(data_dir, "covid_studies")[0], "train")
@@ -81,7 +81,7 @@ RECIPES = {"llm": ("pretrain", ""), "dino": ("multitask", "_dino")}  # recipe: (
 
 
 def pretrain(out: str, data_dir: str, recipe: str, name: str, max_views: int, steps: int) -> str:
-    from mvlp_jax import train
+    from mvlp_jax.pretrain import train
 
     config = demo.load_config(RECIPES[recipe][0], "demo")
     if recipe == "dino":
@@ -116,7 +116,7 @@ def main() -> None:
     print(f"[multi_view] images seen: one_view {args.steps * BATCH_IMAGES}, multi_view ~{study_steps} x "
           f"{BATCH_IMAGES // 2} studies x {per_study:.3f} views = {study_steps * BATCH_IMAGES // 2 * per_study:.0f}")
 
-    from mvlp_jax import evaluate
+    from mvlp_jax.evaluation import evaluate
 
     config = demo.load_config("linear_probe", None)
     config.data_dir, config.dataset, config.val_split, config.test_split = data_dir, "covid_studies", "", "test"

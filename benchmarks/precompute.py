@@ -16,7 +16,7 @@ import time
 import torch
 
 from data_prep.text_embeddings import plan
-from data_prep.text_embeddings.model import FrozenLM
+from mvlp_jax.models.frozen_lm import FrozenLM
 
 IU_CSV = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "iu_xray_reports",
                       "iuxray_chexpert_labels.csv")

@@ -16,10 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data_prep import built
-from mvlp_jax import demo, features, sharding, train
+from mvlp_jax.data import built
+from mvlp_jax.pretrain import train
+from mvlp_jax.runtime import sharding
+from mvlp_jax.tools import demo
 from mvlp_jax.data import transforms, views
 from mvlp_jax.objectives.query_box import iou_and_giou
+from mvlp_jax.pretrain import encoder as encoder_lib
 
 
 def held_out_regions(config, per_image: int = 20, seed: int = 1) -> dict[str, np.ndarray]:
@@ -58,7 +61,7 @@ def main() -> None:
     config.checkpoint.save_interval_steps = args.steps
     train.train(config, args.workdir)
     mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(-1, 1, 1), sharding.AXES)
-    encoder = features.load_encoder(args.workdir, -1, mesh)
+    encoder = encoder_lib.load(args.workdir, -1, mesh)
     held = held_out_regions(config)
     locate = jax.jit(lambda p, x, q: encoder.model.apply({"params": p}, x, q, train=False, method=locate))
     predicted = np.concatenate([np.asarray(locate(encoder.params, held["image"][i:i + 64], held["query"][i:i + 64]))

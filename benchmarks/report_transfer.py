@@ -30,8 +30,9 @@ import time
 import pandas as pd
 
 from data_prep import pair_reports
-from data_prep.records import seeded_split
-from mvlp_jax import demo
+from mvlp_jax.data.records import seeded_split
+from mvlp_jax.tools import demo
+from mvlp_jax.pretrain import encoder as encoder_lib
 
 SHARED = os.path.join(os.path.dirname(demo.REPO), "shared", "data")
 NIH_DIR = os.path.join(SHARED, "nih_pneumonia1000")
@@ -88,7 +89,7 @@ def embed(out: str, data_dir: str) -> None:
 
 
 def pretrain(out: str, data_dir: str, recipe: str, steps: int) -> str:
-    from mvlp_jax import train
+    from mvlp_jax.pretrain import train
 
     config_name, pairing = RECIPES[recipe]
     config = demo.load_config(config_name, "demo")
@@ -120,7 +121,7 @@ def pretraining_seconds(workdir: str) -> float:
 
 
 def _evaluate(output_dir: str, config) -> dict:
-    from mvlp_jax import evaluate
+    from mvlp_jax.evaluation import evaluate
 
     if not os.path.exists(os.path.join(output_dir, "results.json")):
         evaluate.evaluate(config, output_dir)
@@ -137,7 +138,7 @@ def probe(out: str, data_dir: str, workdirs: list[str], steps: int) -> dict:
 
 def retrieval(out: str, data_dir: str, workdirs: list[str], steps: int) -> dict:
     config = demo.load_config("linear_probe", None)
-    config.mode, config.data_dir, config.dataset, config.test_split = "retrieval", data_dir, "paired", "test"
+    config.evaluator, config.data_dir, config.dataset, config.test_split = "retrieval", data_dir, "paired", "test"
     config.embeddings, config.workdirs = os.path.join(out, "emb", "paired"), ",".join(workdirs)
     return _evaluate(os.path.join(out, f"steps_{steps}", "eval_retrieval"), config)
 
@@ -149,12 +150,13 @@ def report_agreement(out: str, data_dir: str, workdir: str) -> tuple[float, floa
     import jax
     import numpy as np
 
-    from data_prep import built
-    from mvlp_jax import features, sharding, shared_space
+    from mvlp_jax.data import built
+    from mvlp_jax.evaluation import shared_space
+    from mvlp_jax.runtime import sharding
     from mvlp_jax.data import targets
 
     mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(-1, 1, 1), sharding.AXES)
-    encoder = features.load_encoder(workdir, -1, mesh)
+    encoder = encoder_lib.load(workdir, -1, mesh)
     space = shared_space.resolve(encoder)
     builder, _, _ = built.open_builder(data_dir, "paired")
     source = built.open_split(builder, "test")

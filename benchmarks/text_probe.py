@@ -16,8 +16,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
-from data_prep.records import CHEXPERT_LABELS, code_label, seeded_split
-from data_prep.text_embeddings import schema
+from mvlp_jax.data.records import CHEXPERT_LABELS, code_label, seeded_split
+from mvlp_jax.data import embedding_shards
 from benchmarks.precompute import IU_CSV
 
 
@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--pooling", default="mean", choices=["mean", "last"])
     args = parser.parse_args()
     vectors = {r["study_id"]: r[args.pooling].astype(np.float32)
-               for p in schema.shard_paths(args.embeddings) for r in schema.read_shard(p)}
+               for p in embedding_shards.shard_paths(args.embeddings) for r in embedding_shards.read_shard(p)}
     labels: dict[str, list[int]] = {}
     with open(args.csv, newline="") as f:
         for row in csv.DictReader(f):

@@ -18,7 +18,8 @@ import time
 import jax
 import numpy as np
 
-from mvlp_jax import optim, sharding, train_step as ts
+from mvlp_jax.pretrain import optim, train_step as ts
+from mvlp_jax.runtime import sharding
 from mvlp_jax.data import pipeline
 from mvlp_jax.models.pretrainer import Pretrainer
 from tests.pretrain_setup import build_sample, micro_config, write_targets

@@ -1,4 +1,4 @@
-"""Detection on frozen pretrained encoders (the evaluation binary with task=detection).
+"""Detection on frozen pretrained encoders (the evaluation binary with evaluator=detection).
 
   python -m data_prep.boxes_from_masks --input_dir=data_prep/sample/covid_lungs --label=lung \
       --output=runs/demo/lung_boxes.csv
@@ -12,14 +12,14 @@ The dataset must carry boxes (data_prep.build_dataset --source=csv --boxes_csv=.
 boxes above at 100% and 10% of the training patients, with a decoder narrowed for a CPU; `:nih_pneumonia` the 47
 official NIH pathology boxes of nih_pneumonia1000 (README, "Detection").
 """
-from configs import common
-from mvlp_jax import configuration
+from mvlp_jax.evaluation import registry
+from mvlp_jax.runtime import schema
 
 
 def get_config(arg: str | None = None):
-    variants = common.parse_arg(arg, ("demo", "nih_pneumonia"), "configs/detection.py")
-    c = configuration.defaults(configuration.EVAL_SPEC)  # every key documented in docs/config.md
-    c.task = "detection"
+    variants = schema.parse_arg(arg, ("demo", "nih_pneumonia"), "configs/detection.py")
+    c = registry.defaults()  # every key documented in docs/config.md
+    c.evaluator = "detection"
     c.data_dir, c.dataset = "~/tensorflow_datasets", "covid_lung_boxes"
     c.train_split, c.val_split, c.test_split = "train", "validate", "test"
     c.label_fractions = (1.0, 0.1, 0.01)  # M-FLAG's 100% / 10% / 1%

@@ -5,13 +5,13 @@
 
 Variant `:nih_sample` points at the demo's NIH sample (splits train / valid).
 """
-from configs import common
-from mvlp_jax import configuration
+from mvlp_jax.evaluation import registry
+from mvlp_jax.runtime import schema
 
 
 def get_config(arg: str | None = None):
-    variants = common.parse_arg(arg, ("nih_sample",), "configs/linear_probe.py")
-    c = configuration.defaults(configuration.EVAL_SPEC)  # every key documented in docs/config.md
+    variants = schema.parse_arg(arg, ("nih_sample",), "configs/linear_probe.py")
+    c = registry.defaults()  # every key documented in docs/config.md
     c.data_dir, c.dataset = "~/tensorflow_datasets", "mimic_cxr"
     c.train_split, c.val_split, c.test_split = "train", "validate", "test"  # MIMIC-CXR's official split
     if "nih_sample" in variants:

@@ -4,7 +4,11 @@
 
 The side-by-side comparison the evaluation binary reports (MAE alone vs LLM contrastive + MAE).
 """
-from configs import pretrain
+import os
+
+from mvlp_jax.runtime import schema
+
+pretrain = schema.config_module(os.path.join(os.path.dirname(__file__), "pretrain.py"))
 
 
 def get_config(arg: str | None = None):

@@ -7,7 +7,11 @@ Same encoder, data and schedule as configs/pretrain.py. The image features are m
 batch norm; the stored LLM vector goes through its own MLP. Loss: 2 - 2 cos(z_img, z_txt) +
 ortho_weight * orthogonality(features), both over the global batch.
 """
-from configs import pretrain
+import os
+
+from mvlp_jax.runtime import schema
+
+pretrain = schema.config_module(os.path.join(os.path.dirname(__file__), "pretrain.py"))
 
 
 def get_config(arg: str | None = None):

@@ -6,11 +6,15 @@ localization on the windowed ViTDet, one task per minibatch in a cycle (no repor
 Variants: `demo` (the shipped sample on a CPU), `sum` (every step optimises the weighted sum instead of
 cycling). Same data, schedule and evaluation as configs/pretrain.py.
 """
-from configs import common, pretrain
+import os
+
+from mvlp_jax.runtime import schema
+
+pretrain = schema.config_module(os.path.join(os.path.dirname(__file__), "pretrain.py"))
 
 
 def get_config(arg: str | None = None):
-    chosen = common.parse_arg(arg, ("demo", "sum"), "configs/multitask.py")
+    chosen = schema.parse_arg(arg, ("demo", "sum"), "configs/multitask.py")
     c = pretrain.get_config("demo,vitdet" if "demo" in chosen else "vitdet")
     c.objectives = {"mae": 1.0, "dino": 1.0, "query_box": 1.0}
     c.task_schedule = "sum" if "sum" in chosen else "cyclic"

@@ -7,15 +7,15 @@ Variants by argument, comma-separated (as big_vision does):
   :vitdet  the windowed ViTDet encoder (SimMIM masking instead of MAE token dropping)
 Every key is documented in mvlp_jax/configuration.py (and the README's config table).
 """
-from configs import common
 from mvlp_jax import configuration
+from mvlp_jax.runtime import schema
 from mvlp_jax.objectives import registry
 
 VARIANTS = ("demo", "vitdet")
 
 
 def parse_variants(arg: str | None) -> set[str]:
-    return common.parse_arg(arg, VARIANTS, "configs/pretrain.py")
+    return schema.parse_arg(arg, VARIANTS, "configs/pretrain.py")
 
 
 def apply_demo(c) -> None:

@@ -1,4 +1,4 @@
-"""Segmentation on frozen pretrained encoders (the evaluation binary with task=segmentation).
+"""Segmentation on frozen pretrained encoders (the evaluation binary with evaluator=segmentation).
 
   python -m mvlp_jax.evaluate --config=configs/segmentation.py --config.workdirs=runs/demo/mae,random_init \
       --config.data_dir=runs/demo/tfds --config.dataset=covid_lungs --output_dir=runs/demo/eval_segmentation
@@ -7,14 +7,14 @@ The dataset must carry masks (data_prep.build_dataset --source=csv --mask_column
 demo's lung masks at 100% and 10% of the training patients, with a decoder narrowed and training shortened
 for a CPU.
 """
-from configs import common
-from mvlp_jax import configuration
+from mvlp_jax.evaluation import registry
+from mvlp_jax.runtime import schema
 
 
 def get_config(arg: str | None = None):
-    variants = common.parse_arg(arg, ("demo",), "configs/segmentation.py")
-    c = configuration.defaults(configuration.EVAL_SPEC)  # every key documented in docs/config.md
-    c.task = "segmentation"
+    variants = schema.parse_arg(arg, ("demo",), "configs/segmentation.py")
+    c = registry.defaults()  # every key documented in docs/config.md
+    c.evaluator = "segmentation"
     c.data_dir, c.dataset = "~/tensorflow_datasets", "covid_lungs"
     c.train_split, c.val_split, c.test_split = "train", "validate", "test"
     c.label_fractions = (1.0, 0.1, 0.01)  # M-FLAG's and MGCA's 100% / 10% / 1%

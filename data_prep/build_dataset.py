@@ -19,10 +19,10 @@ import time
 
 from absl import app, flags
 
-from data_prep import records as R
+from mvlp_jax.data import records as R
 from data_prep.images import SATURATED, parse_mask_values, parse_window
 from data_prep.sources import SOURCE_NAMES, get_scanner
-from mvlp_jax import storage
+from mvlp_jax.runtime import storage
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("source", None, list(SOURCE_NAMES), "Layout of --input_dir.")
@@ -260,6 +260,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from mvlp_jax import cli
+    from mvlp_jax.runtime import cli
 
     cli.run("build_dataset", main)

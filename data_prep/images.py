@@ -10,7 +10,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from data_prep.records import IMAGE_UNREADABLE, MASK_ENCODING, MASK_UNREADABLE
+from mvlp_jax.data.records import IMAGE_UNREADABLE, MASK_ENCODING, MASK_UNREADABLE
 
 
 HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I", "F")

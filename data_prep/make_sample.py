@@ -17,7 +17,7 @@ import shutil
 from absl import app, flags
 from PIL import Image
 
-from data_prep.records import NIH14_LABELS, view_selected
+from mvlp_jax.data.records import NIH14_LABELS, view_selected
 
 flags.DEFINE_string("shared_data", "../shared/data", "The shared real-data folder.")
 flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(__file__), "sample"), "Where the sample goes.")

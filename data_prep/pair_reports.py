@@ -138,7 +138,7 @@ def define_flags() -> None:
 
 
 if __name__ == "__main__":
-    from mvlp_jax import cli
+    from mvlp_jax.runtime import cli
 
     define_flags()
     cli.run("data_prep.pair_reports", main)

@@ -5,7 +5,7 @@
   python -m data_prep.precompute_text_embeddings --reports_csv=reports.csv --id_column=uid \
       --text_column=report --model=/models/Llama-2-7b-hf --dtype=bfloat16 --output_dir=...
 
-One record per study (see text_embeddings/schema.py). Shards are written under a temporary name and
+One record per study (see text_embeddings/embedding_shards.py). Shards are written under a temporary name and
 renamed when complete, each with a record of its inputs and bytes beside it; a rerun skips a shard only
 when its bytes are intact and its reports and settings are the ones of this run, and redoes the rest.
 `--num_workers` / `--worker_index` split the shards between hosts; `--verify` checks that every study
@@ -19,8 +19,9 @@ import time
 
 from absl import app, flags
 
-from data_prep.text_embeddings import plan, schema, sources
-from mvlp_jax import cli, storage
+from data_prep.text_embeddings import plan, sources
+from mvlp_jax.data import embedding_shards
+from mvlp_jax.runtime import cli, storage
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data_dir", "", "TFDS data dir of a dataset built by data_prep.build_dataset.")
@@ -64,7 +65,7 @@ def load_texts() -> tuple[dict[str, str], dict]:
 def check_existing(output_dir: str, manifest: dict) -> None:
     if not storage.path(output_dir).joinpath("manifest.json").exists():
         return
-    old = schema.read_manifest(output_dir)
+    old = embedding_shards.read_manifest(output_dir)
     mismatched = [k for k in SETTINGS_KEYS if old.get(k) != manifest.get(k)]
     if not mismatched:
         return
@@ -72,7 +73,7 @@ def check_existing(output_dir: str, manifest: dict) -> None:
         details = "; ".join(f"{k}: stored {old.get(k)!r} vs now {manifest.get(k)!r}" for k in mismatched)
         raise cli.UserError(f"{output_dir} holds embeddings made with other settings ({details}); pass "
                             "--overwrite to replace them or choose another --output_dir")
-    for p in schema.shard_paths(output_dir):
+    for p in embedding_shards.shard_paths(output_dir):
         remove_shard(p)
 
 
@@ -82,24 +83,24 @@ def remove_shard(path: str) -> None:
 
 
 def verify(output_dir: str, texts: dict[str, str]) -> int:
-    manifest = schema.read_manifest(output_dir)
+    manifest = embedding_shards.read_manifest(output_dir)
     texts = {s: t for s, t in texts.items() if t}
     expected = set(texts)
-    paths = schema.shard_paths(output_dir)
+    paths = embedding_shards.shard_paths(output_dir)
     problems = []
     if len(paths) != manifest["num_shards"]:
         problems.append(f"{len(paths)} of {manifest['num_shards']} shards present")
     seen: dict[str, int] = {}
     planned = plan.shards(sorted(texts), manifest["records_per_shard"])
     for path in paths:
-        index, count = schema.shard_position(path)
+        index, count = embedding_shards.shard_position(path)
         problem = (f"one of {count} shards, the source now makes {len(planned)}" if count != len(planned) else
-                   schema.shard_problem(path, schema.inputs_sha256(planned[index], texts),
-                                        schema.settings_sha256(manifest, SETTINGS_KEYS)))
+                   embedding_shards.shard_problem(path, embedding_shards.inputs_sha256(planned[index], texts),
+                                        embedding_shards.settings_sha256(manifest, SETTINGS_KEYS)))
         if problem:
             problems.append(f"shard {os.path.basename(path)}: {problem}")
             continue
-        for study in schema.read_shard(path):
+        for study in embedding_shards.read_shard(path):
             seen[study["study_id"]] = seen.get(study["study_id"], 0) + 1
     missing = sorted(expected - seen.keys())
     extra = sorted(seen.keys() - expected)
@@ -139,7 +140,7 @@ def main(argv: list[str]) -> None:
         print(f"note: {note}")
     from tqdm import tqdm
 
-    from data_prep.text_embeddings.model import FrozenLM
+    from mvlp_jax.models.frozen_lm import FrozenLM
 
     empty = sorted(s for s, t in texts.items() if not t)
     texts = {s: t for s, t in texts.items() if t}
@@ -151,7 +152,7 @@ def main(argv: list[str]) -> None:
     lengths = {s: min(n, FLAGS.max_tokens) for s, n in full_lengths.items()}
     shard_ids = plan.shards(ids, FLAGS.records_per_shard)
     manifest = {
-        "schema_version": schema.SCHEMA_VERSION, "model": lm.model_id, "weights_sha256": lm.hash,
+        "schema_version": embedding_shards.SCHEMA_VERSION, "model": lm.model_id, "weights_sha256": lm.hash,
         "layer": FLAGS.layer, "num_layers": lm.num_layers, "hidden_size": lm.hidden_size,
         "poolings": ["mean", "last"] + (["tokens"] if FLAGS.store_tokens else []),
         "compute_dtype": FLAGS.dtype, "store_dtype": FLAGS.store_dtype, "max_tokens": FLAGS.max_tokens,
@@ -169,17 +170,17 @@ def main(argv: list[str]) -> None:
     check_existing(FLAGS.output_dir, manifest)
     storage.write_json(storage.join(FLAGS.output_dir, "manifest.json"), manifest, indent=2)
 
-    current = {storage.join(FLAGS.output_dir, schema.SHARD_PATTERN.format(index=s, count=len(shard_ids)))
+    current = {storage.join(FLAGS.output_dir, embedding_shards.SHARD_PATTERN.format(index=s, count=len(shard_ids)))
                for s in range(len(shard_ids))}
-    for stale in set(schema.shard_paths(FLAGS.output_dir)) - current:  # a plan of another shard count
+    for stale in set(embedding_shards.shard_paths(FLAGS.output_dir)) - current:  # a plan of another shard count
         remove_shard(stale)
-    settings = schema.settings_sha256(manifest, SETTINGS_KEYS)
+    settings = embedding_shards.settings_sha256(manifest, SETTINGS_KEYS)
     mine = plan.worker_shards(len(shard_ids), FLAGS.num_workers, FLAGS.worker_index)
     todo = []
     for s in mine:
-        path = storage.join(FLAGS.output_dir, schema.SHARD_PATTERN.format(index=s, count=len(shard_ids)))
-        inputs = schema.inputs_sha256(shard_ids[s], texts)
-        problem = schema.shard_problem(path, inputs, settings)
+        path = storage.join(FLAGS.output_dir, embedding_shards.SHARD_PATTERN.format(index=s, count=len(shard_ids)))
+        inputs = embedding_shards.inputs_sha256(shard_ids[s], texts)
+        problem = embedding_shards.shard_problem(path, inputs, settings)
         if problem is None:
             print(f"shard {s}: complete, skipped")
             continue
@@ -196,13 +197,13 @@ def main(argv: list[str]) -> None:
                                                FLAGS.max_batch, FLAGS.max_padding):
             for study, (mean, last, tokens) in zip(batch, lm.embed([texts[i] for i in batch], FLAGS.max_tokens,
                                                                    FLAGS.store_tokens)):
-                records[study] = schema.encode(study, mean, last, FLAGS.store_dtype, tokens)
+                records[study] = embedding_shards.encode(study, mean, last, FLAGS.store_dtype, tokens)
             real_tokens += sum(lengths[i] for i in batch)
             padded_tokens += max(lengths[i] for i in batch) * len(batch)
             bar.update(len(batch))
             elapsed = max(time.perf_counter() - start, 1e-9)
             bar.set_postfix_str(f"{real_tokens / elapsed:.0f} tok/s")
-        schema.write_shard(path, [records[i] for i in shard_ids[s]], provenance)
+        embedding_shards.write_shard(path, [records[i] for i in shard_ids[s]], provenance)
     bar.close()
     elapsed = time.perf_counter() - start
     padding = 1 - real_tokens / padded_tokens if padded_tokens else 0.0

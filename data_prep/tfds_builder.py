@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tqdm import tqdm
 
-from data_prep import records as R
+from mvlp_jax.data import records as R
 from data_prep.images import decode_task
 
 VERSION = "1.0.0"

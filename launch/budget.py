@@ -2,7 +2,7 @@
 
   python -m launch.budget [--epochs=100 --mfu=0.4]
 
-Embedding bytes are those of a real record (data_prep/text_embeddings/schema.py) at Llama-2-7b's width;
+Embedding bytes are those of a real record (mvlp_jax/data/embedding_shards.py) at Llama-2-7b's width;
 tokens per report are measured on the real IU reports with SmolLM2's tokenizer (a proxy for Llama-2's);
 FLOPs per image come from XLA's cost analysis of the compiled pretraining step (configs/pretrain.py,
 ViT-B/16 at 224, LLM contrastive + MAE). Prints markdown tables.
@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from data_prep.text_embeddings import schema
+from mvlp_jax.data import embedding_shards
 
 MIMIC_STUDIES = 227_835
 MIMIC_TRAIN_IMAGES = 368_960   # official MIMIC-CXR-JPG split: train 368,960 / validate 2,991 / test 5,159
@@ -30,12 +30,12 @@ SYSTEMS = [("TPU v4-32", 4, 16, 275e12), ("TPU v5e-64", 16, 64, 197e12), ("8x A1
 def record_bytes(hidden: int, dtype: str = "float16", tokens: int = 0, study_id: str = "s50000000") -> int:
     """Bytes of one stored record (msgpack), as the precompute job writes it."""
     zeros = np.zeros(hidden)
-    return len(schema.encode(study_id, zeros, zeros, dtype, np.zeros((tokens, hidden)) if tokens else None))
+    return len(embedding_shards.encode(study_id, zeros, zeros, dtype, np.zeros((tokens, hidden)) if tokens else None))
 
 
 def mean_report_tokens(csv_path: str = IU_CSV, limit: int = 1000) -> float:
     """Mean SmolLM2 token count (with BOS) of the first `limit` distinct real IU reports."""
-    from data_prep.text_embeddings.model import resolve
+    from mvlp_jax.models.frozen_lm import resolve
     from transformers import AutoTokenizer
 
     directory, gguf_file, _ = resolve("smollm2")
@@ -54,7 +54,9 @@ def train_flops_per_image() -> float:
     """XLA's FLOPs of one pretraining step of configs/pretrain.py (B/16 at 224) per image, on one device."""
     import jax
 
-    from mvlp_jax import demo, observe, optim, sharding, train_step
+    from mvlp_jax.pretrain import optim, train_step
+    from mvlp_jax.runtime import observe, sharding
+    from mvlp_jax.tools import demo
     from mvlp_jax.models.pretrainer import Pretrainer
 
     config = demo.load_config("pretrain", None)

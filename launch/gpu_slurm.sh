@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Pretrain on a SLURM GPU cluster: writes an sbatch script (N nodes x G GPUs, one process per GPU or per
 # node) that runs the main binary under srun, and submits it. Every task finds its peers from SLURM's
-# variables (mvlp_jax/distributed.py), so the binary takes no JAX flags. --dry_run prints the script and
+# variables (mvlp_jax/runtime/distributed.py), so the binary takes no JAX flags. --dry_run prints the script and
 # the sbatch command without submitting.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -64,7 +64,7 @@ for flag in "${EXTRA[@]}"; do MAIN+=" $(quote "$flag")"; done
   echo "#SBATCH --output=$WORKDIR/slurm/%j.log"
   [[ -n $PARTITION ]] && echo "#SBATCH --partition=$PARTITION"
   [[ -n $ACCOUNT ]] && echo "#SBATCH --account=$ACCOUNT"
-  echo "# One task per $PER; each finds its peers from SLURM_* (mvlp_jax/distributed.py). SIGTERM 120 s"
+  echo "# One task per $PER; each finds its peers from SLURM_* (mvlp_jax/runtime/distributed.py). SIGTERM 120 s"
   echo "# before the limit: the run saves a checkpoint and exits 0. A preempted job is requeued and resumes;"
   echo "# a timed-out one resumes when this script is submitted again."
   echo "set -euo pipefail"

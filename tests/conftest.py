@@ -32,7 +32,7 @@ def pretrain_data(tmp_path_factory):
 def contrastive_run(pretrain_data, tmp_path_factory):
     """A workdir of the micro ViT trained 2 steps with llm_contrastive alone on the shipped sample (export and
     retrieval tests read it)."""
-    from mvlp_jax import train
+    from mvlp_jax.pretrain import train
     from tests.pretrain_setup import micro_config
 
     data_dir, emb, _ = pretrain_data
@@ -45,8 +45,8 @@ def contrastive_run(pretrain_data, tmp_path_factory):
 def nih_and_workdir(pretrain_data, tmp_path_factory):
     """The shipped real NIH sample at 64 px, and a micro pretraining workdir (LLM contrastive + MAE)."""
     from data_prep.build_dataset import build
-    from mvlp_jax import train
-    from mvlp_jax.demo import DATASETS
+    from mvlp_jax.pretrain import train
+    from mvlp_jax.tools.demo import DATASETS
     from tests.pretrain_setup import micro_config
 
     root = tmp_path_factory.mktemp("eval")

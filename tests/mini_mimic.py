@@ -10,7 +10,7 @@ import zipfile
 import numpy as np
 from PIL import Image
 
-from data_prep.records import CHEXPERT_LABELS
+from mvlp_jax.data.records import CHEXPERT_LABELS
 
 # (subject, study, dicom, view, split, (width, height), image kind)
 IMAGES = [

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from data_prep.text_embeddings import schema
+from mvlp_jax.data import embedding_shards
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # not from conftest: it sets XLA_FLAGS,
 # and config files written by `write_config_file` import this module inside the binary under test
 
@@ -17,7 +17,7 @@ HIDDEN = 24
 def build_sample(root: str, image_size: int = 64) -> str:
     """The shipped covid_notes sample as a TFDS dataset (shorter side `image_size`); returns the data dir."""
     from data_prep.build_dataset import build
-    from mvlp_jax.demo import DATASETS
+    from mvlp_jax.tools.demo import DATASETS
 
     options = dict(DATASETS["covid_notes"], image_size=image_size)
     input_dir = options.pop("input_dir")
@@ -29,7 +29,7 @@ def write_targets(data_dir: str, out: str, drop: tuple[str, ...] = (), hidden: i
                   source: dict | None = None, dataset: str = "covid_notes", seed: int = 0) -> list[str]:
     """One random `mean`/`last` record per study of every split (minus `drop`, vectors drawn with `seed`), in the
     stored schema; the manifest names the dataset as its source (or `source`)."""
-    from data_prep import built
+    from mvlp_jax.data import built
 
     builder, _, _ = built.open_builder(data_dir, dataset)
     studies = sorted({built.open_split(builder, s)[i]["study_id"].decode()
@@ -37,10 +37,11 @@ def write_targets(data_dir: str, out: str, drop: tuple[str, ...] = (), hidden: i
     kept = [s for s in studies if s not in drop]
     rng = np.random.default_rng(seed)
     os.makedirs(out, exist_ok=True)
-    records = [schema.encode(s, rng.normal(size=hidden), rng.normal(size=hidden), "float32") for s in kept]
-    schema.write_shard(os.path.join(out, schema.SHARD_PATTERN.format(index=0, count=1)), records)
+    records = [embedding_shards.encode(s, rng.normal(size=hidden), rng.normal(size=hidden), "float32") for s in kept]
+    embedding_shards.write_shard(os.path.join(out, embedding_shards.SHARD_PATTERN.format(index=0, count=1)), records)
     with open(os.path.join(out, "manifest.json"), "w") as f:
-        json.dump({"schema_version": schema.SCHEMA_VERSION, "hidden_size": hidden, "poolings": ["mean", "last"],
+        json.dump({"schema_version": embedding_shards.SCHEMA_VERSION, "hidden_size": hidden, "poolings": ["mean",
+        "last"],
                    "num_records": len(kept), "model": "random-test-targets",
                    "source": source or {"kind": "dataset", "name": dataset, "version": "1.0.0",
                                         "splits": list(builder.info.splits)}}, f)

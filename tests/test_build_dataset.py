@@ -13,7 +13,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from tests.conftest import REPO, SAMPLE, SHARED_DATA
-from data_prep import records as R
+from mvlp_jax.data import records as R
 from data_prep.build_dataset import build
 from data_prep.report_sections import extract_findings_impression
 from tests import mini_mimic
@@ -93,8 +93,8 @@ def test_mimic_views_all_keeps_lateral(mimic, tmp_path):
     report = build("mimic_cxr", mimic[0], str(tmp_path), image_size=64, views="all")
     assert R.VIEW_NOT_SELECTED not in report["skipped"] and report["records_written"]["train"] == 3
     # the study with a PA and a lateral image is one study of two views, frontal first
-    from data_prep import built
-    from mvlp_jax.features import Studies
+    from mvlp_jax.data import built
+    from mvlp_jax.evaluation.features import Studies
 
     studies = Studies(built.open_split(built.open_builder(str(tmp_path), "mimic_cxr")[0], "train"), max_views=2)
     by_id = {sid: (studies[i], studies.types[i].tolist()) for i, sid in enumerate(studies.ids)}

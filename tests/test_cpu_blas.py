@@ -83,7 +83,7 @@ def test_the_backend_follows_the_devices_of_the_program(monkeypatch):
 
 
 def test_sharding_active_enters_the_backend_of_the_mesh():
-    from mvlp_jax import sharding
+    from mvlp_jax.runtime import sharding
 
     seen = {}
     for n in (1, 8):

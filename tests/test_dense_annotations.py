@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep import built
-from data_prep import records as R
+from mvlp_jax.data import built
+from mvlp_jax.data import records as R
 from data_prep.build_dataset import build
 from tests.conftest import SHARED_DATA
 
@@ -172,7 +172,7 @@ def test_real_lung_masks_build_binary_and_aligned(tmp_path):
 
 
 def test_dice_per_image_matches_a_hand_computation_including_empty_masks():
-    from mvlp_jax.dense_metrics import dice_per_image
+    from mvlp_jax.evaluation.dense.metrics import dice_per_image
 
     truth = np.zeros((4, 4, 4), bool)
     predicted = np.zeros((4, 4, 4), bool)
@@ -184,7 +184,7 @@ def test_dice_per_image_matches_a_hand_computation_including_empty_masks():
 
 
 def test_paired_difference_uses_the_same_patient_resamples():
-    from mvlp_jax import statistics
+    from mvlp_jax.evaluation import statistics
 
     rng = np.random.default_rng(0)
     a, b, groups = rng.uniform(size=30), rng.uniform(size=30), np.repeat(np.arange(10), 3)
@@ -237,8 +237,8 @@ def test_the_simple_feature_pyramid_feeds_both_heads_at_a_quarter_of_the_patch(p
 
 
 def test_auto_decoder_follows_the_encoder_and_grafting_checks_shapes():
-    from mvlp_jax.dense_tasks import decoder_for
-    from mvlp_jax.dense_training import graft
+    from mvlp_jax.evaluation.dense.task import decoder_for
+    from mvlp_jax.evaluation.dense.training import graft
 
     assert (decoder_for("auto", "vit"), decoder_for("auto", "vitdet")) == ("upsampling", "pyramid")
     assert decoder_for("pyramid", "vit") == "pyramid"
@@ -260,8 +260,8 @@ def test_a_head_on_a_frozen_encoder_learns_real_lung_masks(nih_and_workdir, tmp_
     import json
 
     from configs import segmentation
-    from mvlp_jax import evaluate
-    from mvlp_jax.demo import DATASETS
+    from mvlp_jax.evaluation import evaluate
+    from mvlp_jax.tools.demo import DATASETS
 
     _, workdir = nih_and_workdir
     options = dict(DATASETS["covid_lungs"], image_size=64)
@@ -289,7 +289,7 @@ def _coco_map(detections, truths, num_classes):
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    from mvlp_jax.dense_metrics import IOU_THRESHOLDS
+    from mvlp_jax.evaluation.dense.metrics import IOU_THRESHOLDS
 
     xywh = lambda b: [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]
     gt = COCO()
@@ -319,7 +319,7 @@ def _random_boxes(rng, n, size=100.0):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_mean_average_precision_matches_pycocotools_on_random_boxes(seed):
-    from mvlp_jax.dense_metrics import match_image, mean_average_precision
+    from mvlp_jax.evaluation.dense.metrics import match_image, mean_average_precision
 
     rng = np.random.default_rng(seed)
     truths, detections = [], []
@@ -341,7 +341,7 @@ def test_mean_average_precision_matches_pycocotools_on_random_boxes(seed):
 
 
 def test_perfect_detections_score_one_and_none_score_zero():
-    from mvlp_jax.dense_metrics import match_image, mean_average_precision
+    from mvlp_jax.evaluation.dense.metrics import match_image, mean_average_precision
 
     boxes = np.array([[0, 0, 10, 10], [20, 20, 40, 30]], float)
     labels = np.array([0, 1])
@@ -355,8 +355,8 @@ def test_perfect_detections_score_one_and_none_score_zero():
 def test_centernet_targets_decode_back_to_their_boxes():
     """Outputs equal to the training targets (heatmap peaks as logits, sizes and offsets at the centres) decode
     to the true boxes: mAP 1 against them. Checks the target encoding, decoding and scoring together."""
-    from mvlp_jax import detection
-    from mvlp_jax.dense_metrics import match_image, mean_average_precision
+    from mvlp_jax.evaluation.dense import detection
+    from mvlp_jax.evaluation.dense.metrics import match_image, mean_average_precision
 
     boxes = [np.array([[4.0, 6.0, 30.0, 50.0], [36.0, 8.0, 60.0, 52.0]]), np.array([[10.0, 10.0, 20.0, 18.0]])]
     labels = [np.array([0, 0]), np.array([1])]
@@ -375,7 +375,7 @@ def test_centernet_targets_decode_back_to_their_boxes():
 
 
 def test_boxes_cropped_to_the_evaluation_view():
-    from mvlp_jax.detection import crop_boxes
+    from mvlp_jax.evaluation.dense.detection import crop_boxes
 
     # a 100 x 200 image (height x width): the centred 100 x 100 square starts at x = 50, then scales by 0.5
     boxes, kept = crop_boxes(np.array([[60, 10, 100, 50], [0, 0, 40, 40], [140, 90, 180, 100]], float), 100, 200, 50)
@@ -396,8 +396,8 @@ def test_boxes_from_masks_find_each_part():
 def test_a_detection_head_on_a_frozen_encoder_finds_real_lungs(nih_and_workdir, tmp_path):
     from configs import detection
     from data_prep.boxes_from_masks import write_boxes
-    from mvlp_jax import evaluate
-    from mvlp_jax.demo import DATASETS
+    from mvlp_jax.evaluation import evaluate
+    from mvlp_jax.tools.demo import DATASETS
 
     _, workdir = nih_and_workdir
     options = dict(DATASETS["covid_lungs"], image_size=64)
@@ -424,8 +424,10 @@ def test_fine_tuning_a_vitdet_for_segmentation_moves_its_encoder_through_the_pyr
     import jax
 
     from configs import segmentation
-    from mvlp_jax import dense_finetune, dense_training, evaluate, train
-    from mvlp_jax.demo import DATASETS
+    from mvlp_jax.evaluation import evaluate
+    from mvlp_jax.evaluation.dense import finetune, training
+    from mvlp_jax.pretrain import train
+    from mvlp_jax.tools.demo import DATASETS
     from tests.pretrain_setup import micro_config
 
     data_dir, emb, _ = pretrain_data
@@ -439,9 +441,9 @@ def test_fine_tuning_a_vitdet_for_segmentation_moves_its_encoder_through_the_pyr
     c.label_fractions, c.segmentation.epochs, c.segmentation.channels = (1.0,), 6, (16, 8)
     c.seeds = 1
     trained, loaded = [], []
-    fit, pretrained = dense_training.fit, dense_finetune.pretrained
-    monkeypatch.setattr(dense_training, "fit", lambda **kw: trained.append(fit(**kw)) or trained[-1])
-    monkeypatch.setattr(dense_finetune, "pretrained", lambda e: loaded.append(pretrained(e)) or loaded[-1])
+    fit, pretrained = training.fit, finetune.pretrained
+    monkeypatch.setattr(training, "fit", lambda **kw: trained.append(fit(**kw)) or trained[-1])
+    monkeypatch.setattr(finetune, "pretrained", lambda e: loaded.append(pretrained(e)) or loaded[-1])
     row, = evaluate.evaluate(c, str(tmp_path / "out"))["segmentation"]
     assert row["head"]["kind"] == "simple feature pyramid + upsampling" and row["head"]["encoder"] == "fine-tuned"
     assert row["dice"]["mean"] > 0.5, row
@@ -461,7 +463,7 @@ def test_fine_tuning_a_vitdet_for_segmentation_moves_its_encoder_through_the_pyr
 def test_segmentation_refuses_a_test_split_of_empty_masks_and_scores_non_empty_masks_apart():
     """An empty mask predicted empty scores Dice 1: a split of empty masks is refused, and Dice over the images
     with a non-empty mask stands beside Dice over all images."""
-    from mvlp_jax.segmentation import TASK
+    from mvlp_jax.evaluation.dense.segmentation import TASK
 
     empty = {"patients": np.array(["a", "b"]), "targets": {"mask": np.zeros((2, 4, 4), bool)}}
     with pytest.raises(ValueError, match="every mask of lungs:1.0.0/test is empty"):

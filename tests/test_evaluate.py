@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from mvlp_jax import evaluate, features, metrics, probe, sharding, statistics, train
+from mvlp_jax.evaluation import evaluate, features, metrics, probe, statistics
+from mvlp_jax.pretrain import train
+from mvlp_jax.runtime import sharding
+from mvlp_jax.pretrain import encoder as encoder_lib
 from tests.pretrain_setup import micro_config
 
 
@@ -97,7 +100,7 @@ def test_features_on_one_and_eight_devices_agree(nih_and_workdir, tmp_path):
     out = []
     for devices in (jax.devices()[:1], jax.devices()):
         mesh = jax.sharding.Mesh(np.array(devices).reshape(-1, 1, 1), sharding.AXES)
-        encoder = features.load_encoder(workdir, -1, mesh)
+        encoder = encoder_lib.load(workdir, -1, mesh)
         out.append(features.extract(encoder, source, "map", 24, mesh, str(tmp_path / str(len(devices))), where,
                                     features.split_fingerprint(data_dir, "nih_sample", "valid")))
     assert out[0].shape == (200, 64)
@@ -112,7 +115,7 @@ def test_bad_inputs_are_named(nih_and_workdir, pretrain_data, tmp_path):
         evaluate.evaluate(_probe_config(data_dir, str(empty)), str(tmp_path / "o1"))
     with pytest.raises(ValueError, match="has no DINO teacher"):
         one_device = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.AXES)
-        features.load_encoder(workdir, -1, one_device, teacher=True)
+        encoder_lib.load(workdir, -1, one_device, teacher=True)
     no_teacher = _probe_config(data_dir, workdir)
     no_teacher.teacher = True
     with pytest.raises(ValueError, match="has no DINO teacher"):
@@ -135,8 +138,8 @@ def _planted_text_embeddings(data_dir: str, out: str, drop: int = 0, hidden: int
     """Stored-schema vectors for every NIH-sample study: a random linear image of its labels plus noise."""
     import json
 
-    from data_prep import built
-    from data_prep.text_embeddings import schema
+    from mvlp_jax.data import built
+    from mvlp_jax.data import embedding_shards
 
     builder, _, _ = built.open_builder(data_dir, "nih_sample")
     rows = {}
@@ -147,11 +150,12 @@ def _planted_text_embeddings(data_dir: str, out: str, drop: int = 0, hidden: int
     rng = np.random.default_rng(3)
     mix = rng.normal(size=(14, hidden))
     vectors = {s: y @ mix + 0.5 * rng.normal(size=hidden) for s, y in sorted(rows.items())[drop:]}
-    records = [schema.encode(s, v, -v, "float32") for s, v in vectors.items()]
+    records = [embedding_shards.encode(s, v, -v, "float32") for s, v in vectors.items()]
     os.makedirs(out, exist_ok=True)
-    schema.write_shard(os.path.join(out, schema.SHARD_PATTERN.format(index=0, count=1)), records)
+    embedding_shards.write_shard(os.path.join(out, embedding_shards.SHARD_PATTERN.format(index=0, count=1)), records)
     with open(os.path.join(out, "manifest.json"), "w") as f:
-        json.dump({"schema_version": schema.SCHEMA_VERSION, "hidden_size": hidden, "poolings": ["mean", "last"],
+        json.dump({"schema_version": embedding_shards.SCHEMA_VERSION, "hidden_size": hidden, "poolings": ["mean",
+        "last"],
                    "num_records": len(records), "model": "planted"}, f)
     return vectors
 
@@ -177,7 +181,7 @@ def test_layer_wise_lr_decay_scales_each_layer_and_freezes_the_rest():
     import jax.numpy as jnp
     import optax
 
-    from mvlp_jax import finetune
+    from mvlp_jax.evaluation import finetune
 
     depth, decay, lr = 3, 0.5, 0.1
     block = {"attention": {"kernel": jnp.ones((2, 2))}}
@@ -201,7 +205,7 @@ def test_layer_wise_lr_decay_scales_each_layer_and_freezes_the_rest():
 
 
 def test_finetune_mode_trains_the_encoder_and_reports_a_row(nih_and_workdir, tmp_path, monkeypatch):
-    from mvlp_jax import finetune
+    from mvlp_jax.evaluation import finetune
 
     data_dir, workdir = nih_and_workdir
     config = _probe_config(data_dir, workdir)
@@ -229,7 +233,7 @@ def test_the_feature_cache_never_serves_another_checkpoints_features(nih_and_wor
     fingerprint = features.split_fingerprint(data_dir, "nih_sample", "valid")
     mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(-1, 1, 1), sharding.AXES)
     cache = str(tmp_path / "features")
-    first, second = (features.load_encoder(w, -1, mesh) for w in (workdir, other))
+    first, second = (encoder_lib.load(w, -1, mesh) for w in (workdir, other))
     assert (first.name, first.step) == (second.name, second.step) and first.fingerprint != second.fingerprint
     got_first = features.extract(first, source, "map", 32, mesh, cache, where, fingerprint)
     got_second = features.extract(second, source, "map", 32, mesh, cache, where, fingerprint)
@@ -343,7 +347,7 @@ def test_comparisons_are_keyed_by_the_run_not_its_folder_name(nih_and_workdir, c
 def test_a_test_split_too_small_to_estimate_anything_is_refused_with_its_counts(tmp_path):
     """One test image: an interval of [1.000, 1.000] and an mAUC of nan once came out with exit 0."""
     from data_prep.build_dataset import build
-    from mvlp_jax.demo import DATASETS
+    from mvlp_jax.tools.demo import DATASETS
     from tests.conftest import SAMPLE
 
     import csv

@@ -9,10 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mvlp_jax import export, features, sharding, train
+from mvlp_jax.pretrain import train
+from mvlp_jax.runtime import sharding
+from mvlp_jax.tools import export
 from mvlp_jax.data import transforms
 from mvlp_jax.models.convert_hf import unstack_blocks, vit_params_from_hf, vit_params_to_hf
 from mvlp_jax.models.vit import ViT
+from mvlp_jax.pretrain import encoder as encoder_lib
 from tests.pretrain_setup import micro_config
 
 TINY = dict(width=32, depth=3, num_heads=4, mlp_dim=64, patch_size=8)
@@ -33,7 +36,7 @@ def test_jax_to_hf_to_jax_is_exact(scan):
 
 
 def _real_images(data_dir: str, size: int, n: int = 6) -> np.ndarray:
-    from data_prep import built
+    from mvlp_jax.data import built
 
     builder, _, _ = built.open_builder(data_dir, "covid_notes")
     source = built.open_split(builder, "test")
@@ -54,7 +57,7 @@ def test_an_exported_run_loads_in_transformers_and_gives_the_jax_tokens(kind, pr
         train.train(micro_config(data_dir, emb, objectives={"llm_contrastive": 1.0, "mae": 1.0}, total_steps=2),
                     workdir)
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.AXES)
-    encoder = features.load_encoder(workdir, -1, mesh)
+    encoder = encoder_lib.load(workdir, -1, mesh)
     card = export.export(encoder, str(tmp_path / "hf"))
 
     model = getattr(transformers, kind).from_pretrained(str(tmp_path / "hf")).eval()
@@ -99,7 +102,7 @@ def test_export_refuses_a_folder_of_other_files_but_redoes_its_own(contrastive_r
         " ".join(refused.stderr.split()) and "--overwrite" in refused.stderr
     assert (folder / "README.md").read_text() == "my notes"
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.AXES)
-    encoder = features.load_encoder(contrastive_run, -1, mesh)
+    encoder = encoder_lib.load(contrastive_run, -1, mesh)
     mine = tmp_path / "mine"
     export.export(encoder, str(mine), workdir=contrastive_run)
     (mine / "stale.safetensors").write_text("")  # as if an earlier export had written it

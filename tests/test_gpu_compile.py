@@ -9,8 +9,9 @@ import os
 
 import pytest
 
-from mvlp_jax import aot, configuration
-from mvlp_jax.demo import load_config
+from mvlp_jax import configuration
+from mvlp_jax.pretrain import aot
+from mvlp_jax.tools.demo import load_config
 
 HAS_GPU_COMPILER = any(importlib.util.find_spec(f"jax_cuda{v}_plugin") for v in (12, 13))
 needs_gpu_compiler = pytest.mark.skipif(not HAS_GPU_COMPILER, reason="XLA's GPU compiler (pip install -e '.[gpu]', "

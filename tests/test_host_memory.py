@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from mvlp_jax import host_memory
+from mvlp_jax.kernels import host_memory
 
 # On a worker thread, as XLA:CPU does a step's temporaries: mallocs, touches and frees 256 MB once to warm up,
 # then ten times more, and reports the minor page faults of those ten. Plain libc malloc: numpy madvises its

@@ -69,9 +69,9 @@ def test_windows_map_sixteen_bits_to_eight():
 
 
 def test_colour_and_sixteen_bit_builds_record_what_they_kept(tmp_path):
-    from data_prep import built
+    from mvlp_jax.data import built
     from data_prep.build_dataset import build
-    from data_prep.records import InputError
+    from mvlp_jax.data.records import InputError
 
     _colour_set(str(tmp_path / "colour"), {"train": 4})
     rgb = build("csv", str(tmp_path / "colour"), str(tmp_path / "tfds"), name="colour", channels=3,
@@ -102,8 +102,10 @@ def test_an_encoder_trained_on_colour_reads_three_channels_and_its_probe_sees_th
     import jax
 
     from data_prep.build_dataset import build
-    from mvlp_jax import evaluate, features, train
+    from mvlp_jax.evaluation import evaluate
+    from mvlp_jax.pretrain import train
     from mvlp_jax.configuration import load
+    from mvlp_jax.pretrain import encoder as encoder_lib
     from tests.pretrain_setup import micro_config
 
     _colour_set(str(tmp_path / "colour"), {"train": 48, "test": 24})
@@ -116,7 +118,7 @@ def test_an_encoder_trained_on_colour_reads_three_channels_and_its_probe_sees_th
     train.train(config, workdir)
     recorded, _ = load(workdir)
     assert recorded.data.channels == 3  # 0 in the config: the dataset's count, written down for evaluation
-    encoder = features.load_encoder(workdir, -1, _mesh())
+    encoder = encoder_lib.load(workdir, -1, _mesh())
     kernels = [leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(encoder.params["encoder"])
                if "kernel" in str(path) and len(leaf.shape) == 4]
     assert kernels and kernels[0][2] == 3  # the patch embedding (p, p, channels, width) reads colour
@@ -131,10 +133,10 @@ def test_an_encoder_trained_on_colour_reads_three_channels_and_its_probe_sees_th
     import torch
     import transformers
 
-    from mvlp_jax import export
+    from mvlp_jax.tools import export
 
     one_device = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "model"))
-    card = export.export(features.load_encoder(workdir, -1, one_device), str(tmp_path / "hf"),
+    card = export.export(encoder_lib.load(workdir, -1, one_device), str(tmp_path / "hf"),
                          results=str(tmp_path / "eval" / "results.json"), workdir=workdir)
     text = open(card).read()
     assert "3-channel colour crops" in text and "(3 input channels)" in text and "linear probe, 100% of the" in text
@@ -152,7 +154,7 @@ def test_an_encoder_trained_on_colour_reads_three_channels_and_its_probe_sees_th
 
 def test_training_on_a_windowed_sixteen_bit_set(tmp_path):
     from data_prep.build_dataset import build
-    from mvlp_jax import train
+    from mvlp_jax.pretrain import train
     from tests.pretrain_setup import micro_config
 
     _sixteen_bit_set(str(tmp_path / "scans"), count=24)
@@ -168,7 +170,7 @@ def test_training_on_a_windowed_sixteen_bit_set(tmp_path):
 def _mesh():
     import jax
 
-    from mvlp_jax import sharding
+    from mvlp_jax.runtime import sharding
 
     return jax.sharding.Mesh(np.array(jax.devices()).reshape(-1, 1, 1), sharding.AXES)
 
@@ -184,7 +186,7 @@ def _probe_config(data_dir: str, dataset: str, workdir: str):
 
 def test_a_window_on_eight_bit_files_is_refused_and_one_that_washes_images_out_is_counted(tmp_path, capsys):
     from data_prep.build_dataset import build
-    from data_prep.records import InputError
+    from mvlp_jax.data.records import InputError
 
     _colour_set(str(tmp_path / "colour"), {"train": 4})
     with pytest.raises(InputError, match="--window=40,400 applies to 16-bit .* every input of this build is 8-bit"):

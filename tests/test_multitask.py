@@ -7,11 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mvlp_jax import checkpointing, configuration, features, observe, optim, sharding
-from mvlp_jax import train_step as ts
+from mvlp_jax import configuration
+from mvlp_jax.pretrain import optim
+from mvlp_jax.runtime import checkpointing, observe, sharding
+from mvlp_jax.pretrain import train_step as ts
 from mvlp_jax.data import transforms, views
 from mvlp_jax.models.pretrainer import Pretrainer
 from mvlp_jax.objectives import combine, dino, query_box
+from mvlp_jax.pretrain import encoder as encoder_lib
 
 from configs import multitask as multitask_config
 
@@ -107,7 +110,7 @@ def test_teacher_is_an_ema_of_the_student_with_no_gradient_and_the_center_moves(
     store.save(3, state, {"next_step": 3}, force=True)
     store.seal()
     for teacher, want in ((False, state.params["encoder"]), (True, state.extra["teacher"]["encoder"])):
-        got = features.load_encoder(workdir, -1, mesh, teacher=teacher)
+        got = encoder_lib.load(workdir, -1, mesh, teacher=teacher)
         assert got.name == os.path.basename(workdir) + ("/teacher" if teacher else "")
         jax.tree.map(np.testing.assert_array_equal, got.params["encoder"], jax.device_get(want))
 

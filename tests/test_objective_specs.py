@@ -10,8 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mvlp_jax import configuration, optim, sharding, train
-from mvlp_jax import train_step as ts
+from mvlp_jax import configuration
+from mvlp_jax.pretrain import optim, train
+from mvlp_jax.runtime import sharding
+from mvlp_jax.pretrain import train_step as ts
 from mvlp_jax.data import pipeline, transforms, views
 from mvlp_jax.models.pretrainer import Pretrainer
 from mvlp_jax.objectives import registry
@@ -169,7 +171,7 @@ LAYOUT_BEFORE_SPECS = {"configs/pretrain.py:demo": ("f97bf1e08762c18c", 783),
 def test_the_checkpointed_state_is_laid_out_as_before(name):
     import hashlib
 
-    from mvlp_jax.demo import load_config
+    from mvlp_jax.tools.demo import load_config
 
     file, variant = name.split(":")
     config = load_config(os.path.splitext(os.path.basename(file))[0], variant)

@@ -12,7 +12,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from data_prep.text_embeddings import plan, schema
+from data_prep.text_embeddings import plan
+from mvlp_jax.data import embedding_shards
 from tests.conftest import REPO, SHARED_DATA
 
 IU_CSV = os.path.join(SHARED_DATA, "iu_xray_reports", "iuxray_chexpert_labels.csv")
@@ -69,14 +70,14 @@ def _run(model, csv_path, out, *extra, check=True):
 
 
 def _records(out):
-    return {r["study_id"]: r for p in schema.shard_paths(out) for r in schema.read_shard(p)}
+    return {r["study_id"]: r for p in embedding_shards.shard_paths(out) for r in embedding_shards.read_shard(p)}
 
 
 def test_stored_vectors_equal_a_direct_unpadded_forward(tiny_llama, tmp_path):
     model_dir, csv_path, reports = tiny_llama
     _run(model_dir, csv_path, tmp_path, "--store_tokens")
     stored = _records(tmp_path)
-    manifest = schema.read_manifest(tmp_path)
+    manifest = embedding_shards.read_manifest(tmp_path)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
     nonempty = [t for t in reports.values() if t.strip()]
     truncated = sum(len(tokenizer(t)["input_ids"]) > 48 for t in nonempty)
@@ -112,7 +113,7 @@ def test_three_workers_cover_every_study_once_and_match_one_worker(tiny_llama, t
     assert multi.keys() == single.keys()
     for study in single:
         np.testing.assert_array_equal(multi[study]["mean"], single[study]["mean"])
-    os.remove(schema.shard_paths(tmp_path / "multi")[1])
+    os.remove(embedding_shards.shard_paths(tmp_path / "multi")[1])
     failed = _run(model_dir, csv_path, tmp_path / "multi", "--verify", check=False)
     assert failed.returncode != 0 and "missing" in failed.stderr and "5 of 6 shards" in failed.stderr
 
@@ -126,11 +127,11 @@ def test_killed_run_resumes_to_the_same_records(tiny_llama, tmp_path):
             "--max_tokens=48", "--token_budget=60", "--records_per_shard=2"]
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and len(schema.shard_paths(out)) < 3:
+    while time.time() < deadline and proc.poll() is None and len(embedding_shards.shard_paths(out)) < 3:
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done_before = len(schema.shard_paths(out))
+    done_before = len(embedding_shards.shard_paths(out))
     assert 0 < done_before < 20, "the run should have been killed part-way"
     resumed = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0 and resumed.stdout.count("complete, skipped") >= done_before
@@ -197,7 +198,7 @@ def test_a_changed_source_or_a_damaged_shard_is_redone_and_verify_names_it(tiny_
         np.testing.assert_array_equal(after[other]["mean"], before[other]["mean"])
     assert "verify: OK" in _run(model_dir, source, out, "--verify").stdout
     # 2. a shard cut short: verify and training name it, a rerun redoes it
-    victim = schema.shard_paths(out)[3]
+    victim = embedding_shards.shard_paths(out)[3]
     os.truncate(victim, os.path.getsize(victim) - 100)
     failed = _run(model_dir, source, out, "--verify", check=False)
     assert failed.returncode == 1 and f"shard {os.path.basename(victim)}: " in failed.stderr

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mvlp_jax import configuration, optim, sharding, train_step as ts
+from mvlp_jax import configuration
+from mvlp_jax.pretrain import optim, train_step as ts
+from mvlp_jax.runtime import schema, sharding
 from mvlp_jax.data import pipeline
 from mvlp_jax.models.pretrainer import Pretrainer
 from mvlp_jax.objectives import combine
@@ -39,7 +41,7 @@ def test_configs_validate_and_bad_values_are_named():
     c.mesh.fsdp = 0
     with pytest.raises(ValueError, match="mesh.fsdp"):
         configuration.validate(c)
-    assert "| `contrastive.loss` |" in configuration.describe()
+    assert "| `contrastive.loss` |" in schema.describe(configuration.spec())
 
 
 def _np_log_softmax(x, axis):

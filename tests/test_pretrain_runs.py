@@ -15,7 +15,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from mvlp_jax import observe, train
+from mvlp_jax.pretrain import train
+from mvlp_jax.runtime import observe
 from tests.conftest import REPO
 from tests.pretrain_setup import micro_config, write_config_file
 

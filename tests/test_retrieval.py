@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 
 from configs import linear_probe
-from mvlp_jax import evaluate, features, sharding
+from mvlp_jax.evaluation import evaluate
+from mvlp_jax.runtime import sharding
 from mvlp_jax.data import transforms
 from mvlp_jax.objectives import llm_contrastive
-from mvlp_jax.retrieval import ranks
+from mvlp_jax.evaluation.retrieval import ranks
+from mvlp_jax.pretrain import encoder as encoder_lib
 from tests.pretrain_setup import micro_config
 
 
@@ -30,20 +32,21 @@ def test_ranks_match_brute_force():
 
 def _probe_config(data_dir: str, workdirs: str):
     c = linear_probe.get_config()
-    c.mode, c.workdirs, c.data_dir, c.dataset, c.test_split = "retrieval", workdirs, data_dir, "covid_notes", "test"
+    c.evaluator, c.workdirs, c.data_dir = "retrieval", workdirs, data_dir
+    c.dataset, c.test_split = "covid_notes", "test"
     c.bootstrap, c.batch_size = 50, 16
     return c
 
 
 def test_retrieval_of_a_trained_run_equals_a_direct_computation(pretrain_data, contrastive_run, tmp_path):
-    from data_prep import built
+    from mvlp_jax.data import built
 
     data_dir, emb, _ = pretrain_data
     results = evaluate.evaluate(_probe_config(data_dir, contrastive_run), str(tmp_path / "out"))
     row, = results["retrieval"]
 
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.AXES)
-    encoder = features.load_encoder(contrastive_run, -1, mesh)
+    encoder = encoder_lib.load(contrastive_run, -1, mesh)
     builder, _, _ = built.open_builder(data_dir, "covid_notes")
     source = built.open_split(builder, "test")
     records = [source[i] for i in range(len(source))]
@@ -75,12 +78,12 @@ def test_retrieval_of_a_trained_run_equals_a_direct_computation(pretrain_data, c
 
 def test_runs_without_a_text_space_are_refused_by_name(pretrain_data, contrastive_run, tmp_path):
     from mvlp_jax.models.pretrainer import Pretrainer
-    from mvlp_jax.shared_space import resolve
+    from mvlp_jax.evaluation.shared_space import resolve
 
     data_dir, emb, _ = pretrain_data
     for objectives in ({"mae": 1.0}, {"mae": 0.5, "dino": 0.5}):
         config = micro_config(data_dir, emb, objectives=objectives)
-        encoder = features.Encoder("run", config, Pretrainer(config, 24), {}, 1)
+        encoder = encoder_lib.Encoder("run", config, Pretrainer(config, 24), {}, 1)
         with pytest.raises(ValueError, match=f"run was trained with {', '.join(sorted(objectives))}: none of its "
                                              "objectives declares an image-report space"):
             resolve(encoder)

@@ -7,8 +7,10 @@ import shutil
 
 import pytest
 
-from data_prep import built
-from mvlp_jax import evaluate, run_inputs, train
+from mvlp_jax.data import built
+from mvlp_jax.evaluation import evaluate
+from mvlp_jax.pretrain import train
+from mvlp_jax.runtime import run_inputs
 from tests.pretrain_setup import micro_config, write_targets
 
 
@@ -27,7 +29,7 @@ def _retrieval(data_dir: str, workdir: str, **overrides):
     from configs import linear_probe
 
     c = linear_probe.get_config()
-    c.mode, c.workdirs, c.data_dir, c.dataset, c.test_split = "retrieval", workdir, data_dir, "covid_notes", "test"
+    c.evaluator, c.workdirs, c.data_dir, c.dataset, c.test_split = "retrieval", workdir, data_dir, "covid_notes", "test"
     c.bootstrap, c.batch_size = 20, 16
     for key, value in overrides.items():
         c[key] = value

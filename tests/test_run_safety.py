@@ -10,7 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from mvlp_jax import checkpointing, features, observe, sharding, train
+from mvlp_jax.pretrain import train
+from mvlp_jax.runtime import checkpointing, observe, sharding
+from mvlp_jax.pretrain import encoder as encoder_lib
 from tests.conftest import REPO
 from tests.pretrain_setup import micro_config
 
@@ -119,8 +121,8 @@ def test_a_damaged_checkpoint_is_caught_and_the_previous_good_one_is_offered(pre
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.AXES)
     with pytest.raises(ValueError, match=r"checkpoints/4 is damaged: file .* has changed since it was saved .*; "
                                          r"checkpoint 2 verifies: pass --config.step=2 to use it"):
-        features.load_encoder(workdir, -1, mesh)
-    assert features.load_encoder(workdir, 2, mesh).step == 2
+        encoder_lib.load(workdir, -1, mesh)
+    assert encoder_lib.load(workdir, 2, mesh).step == 2
     # resuming training falls back to checkpoint 2 with a warning and sets the damaged one aside
     outcome = train.train(micro_config(data_dir, emb_dir, total_steps=4), workdir)
     assert outcome.last_step == 4 and os.path.isdir(os.path.join(workdir, "corrupt_checkpoints", "4"))
@@ -158,7 +160,7 @@ def test_a_second_start_on_a_live_workdir_refuses_naming_the_holder_and_readers_
     import signal
     import socket
 
-    from mvlp_jax import lease
+    from mvlp_jax.runtime import lease
     from tests.pretrain_setup import write_config_file
     from tests.test_pretrain_runs import ONE_DEVICE, _finish, _main, _wait_for_step
 
@@ -184,10 +186,10 @@ def test_a_second_start_on_a_live_workdir_refuses_naming_the_holder_and_readers_
     steps = checkpointing.finished_steps(workdir)
     os.remove(os.path.join(workdir, checkpointing.CHECKSUMS, f"{steps[-1]}.json"))
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.AXES)
-    assert features.load_encoder(workdir, -1, mesh).step == steps[-1]  # no run: every finished checkpoint
+    assert encoder_lib.load(workdir, -1, mesh).step == steps[-1]  # no run: every finished checkpoint
     held = lease.Lease(workdir).take()  # this process as the live writer
     try:
-        assert features.load_encoder(workdir, -1, mesh).step == steps[-2]
+        assert encoder_lib.load(workdir, -1, mesh).step == steps[-2]
     finally:
         held.release()
 
@@ -197,7 +199,7 @@ def test_a_lease_left_by_a_dead_run_is_taken_over_and_a_fresh_one_from_another_h
     import socket
     import time
 
-    from mvlp_jax import cli, lease
+    from mvlp_jax.runtime import cli, lease
 
     data_dir, emb_dir, _ = pretrain_data
     workdir = _copy(trained, tmp_path)

@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from configs import zero_shot_prompts
-from mvlp_jax import evaluate, features, sharding, zero_shot
+from mvlp_jax.evaluation import zero_shot_prompts
+from mvlp_jax.evaluation import evaluate, zero_shot
+from mvlp_jax.runtime import sharding
 from mvlp_jax.data import transforms
 from mvlp_jax.models.heads import BatchStatNorm
 from mvlp_jax.objectives import mflag
+from mvlp_jax.pretrain import encoder as encoder_lib
 from tests.pretrain_setup import micro_config
 from tests.test_retrieval import _probe_config as retrieval_config
 from tests.test_zero_shot import _config as zero_shot_config
@@ -51,7 +53,7 @@ def test_batch_stat_norm_records_a_sets_statistics_and_applies_them_to_any_batch
 
 @pytest.fixture(scope="module")
 def mflag_run(pretrain_data, tmp_path_factory):
-    from mvlp_jax import train
+    from mvlp_jax.pretrain import train
 
     data_dir, emb, _ = pretrain_data
     workdir = str(tmp_path_factory.mktemp("mflag_run"))
@@ -69,14 +71,14 @@ def _images(encoder, source) -> np.ndarray:
 
 def _pooled_and_params(workdir: str, source):
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.AXES)
-    encoder = features.load_encoder(workdir, -1, mesh)
+    encoder = encoder_lib.load(workdir, -1, mesh)
     pooled = np.asarray(encoder.model.apply({"params": encoder.params}, jnp.asarray(_images(encoder, source)),
                                             train=False, method=mflag.pooled))
     return pooled, jax.tree.map(np.asarray, encoder.params)
 
 
 def test_mflag_retrieval_equals_a_numpy_computation_over_the_whole_split(pretrain_data, mflag_run, tmp_path):
-    from data_prep import built
+    from mvlp_jax.data import built
     from mvlp_jax.data import targets
 
     data_dir, emb, _ = pretrain_data
@@ -107,7 +109,7 @@ def test_mflag_retrieval_equals_a_numpy_computation_over_the_whole_split(pretrai
 
 def test_mflag_zero_shot_normalises_prompts_by_the_training_reports(pretrain_data, nih_and_workdir, mflag_run,
                                                                       tmp_path, monkeypatch):
-    from data_prep import built
+    from mvlp_jax.data import built
     from mvlp_jax.data import targets
 
     _, emb, _ = pretrain_data

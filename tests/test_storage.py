@@ -16,7 +16,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from mvlp_jax import checkpointing, storage
+from mvlp_jax.runtime import checkpointing, storage
+from mvlp_jax.pretrain import encoder as encoder_lib
 from tests import gcs_server
 from tests.conftest import REPO
 from tests.pretrain_setup import micro_config, write_config_file
@@ -62,9 +63,9 @@ def _env(gcs, **extra) -> dict:
 def remote_data(pretrain_data, gcs):
     """The micro pretraining data in the bucket: the dataset built straight into it (the same records as the
     local build), the embeddings uploaded."""
-    from data_prep import built
+    from mvlp_jax.data import built
     from data_prep.build_dataset import build
-    from mvlp_jax.demo import DATASETS
+    from mvlp_jax.tools.demo import DATASETS
 
     data_dir, emb_dir, _ = pretrain_data
     options = dict(DATASETS["covid_notes"], image_size=64)
@@ -151,7 +152,7 @@ def _download(remote: str, local) -> str:
 @pytest.fixture(scope="module")
 def remote_run(remote_data, gcs):
     """A micro run trained in-process on gs:// data into a gs:// workdir."""
-    from mvlp_jax import train
+    from mvlp_jax.pretrain import train
 
     workdir = gcs.url("runs", "in_process")
     train.train(micro_config(*remote_data, total_steps=4), workdir)
@@ -159,7 +160,10 @@ def remote_run(remote_data, gcs):
 
 
 def test_evaluation_export_and_pictures_read_a_remote_workdir(remote_run, nih_and_workdir, gcs, tmp_path):
-    from mvlp_jax import evaluate, export, features, sharding, visualize
+    from mvlp_jax.evaluation import evaluate
+    from mvlp_jax.pretrain import visualize
+    from mvlp_jax.runtime import sharding
+    from mvlp_jax.tools import export
     from tests.test_evaluate import _probe_config
 
     nih_dir, _ = nih_and_workdir
@@ -176,7 +180,7 @@ def test_evaluation_export_and_pictures_read_a_remote_workdir(remote_run, nih_an
     assert any(n.startswith("in_process-4-") and n.endswith(".npy") for n in cached)
 
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.AXES)
-    encoder = features.load_encoder(remote_run, -1, mesh)
+    encoder = encoder_lib.load(remote_run, -1, mesh)
     assert encoder.source == f"{remote_run}/checkpoints/4"
     card = export.export(encoder, gcs.url("exports", "in_process"), results=f"{output}/results.json")
     assert card == gcs.url("exports", "in_process", "README.md")
@@ -205,10 +209,10 @@ def test_a_changed_object_in_a_remote_checkpoint_is_caught(remote_run):
     target.write_bytes(bytes(data))
     assert checkpointing.verify(remote_run, steps[-1]) == f"file {victim} has changed since it was saved (md5 differs)"
     config, target_dim = configuration.load(remote_run)
-    from mvlp_jax import features, sharding
+    from mvlp_jax.runtime import sharding
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.AXES)
     with pytest.raises(ValueError, match=f"checkpoint {remote_run}/checkpoints/{steps[-1]} is damaged: file "):
-        features.load_encoder(remote_run, -1, mesh)
+        encoder_lib.load(remote_run, -1, mesh)
     target.write_bytes(bytes(data[:len(data) // 2] + bytes([data[len(data) // 2] ^ 0x01]) + data[len(data) // 2 + 1:]))
     assert checkpointing.verify(remote_run, steps[-1]) is None  # the original bytes again
     del config, target_dim
@@ -219,14 +223,14 @@ def test_the_embedding_job_writes_and_resumes_its_shards_in_a_bucket(tiny_llama,
     out = gcs.url("emb", "job")
     flags = [*_job_flags(model_dir, csv_path, out), "--records_per_shard=2", "--token_budget=60"]
     command = [sys.executable, "-m", "data_prep.precompute_text_embeddings", *flags]
-    from data_prep.text_embeddings import schema
+    from mvlp_jax.data import embedding_shards
     proc = subprocess.Popen(command, cwd=REPO, env=_env(gcs), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and len(schema.shard_paths(out)) < 3:
+    while time.time() < deadline and proc.poll() is None and len(embedding_shards.shard_paths(out)) < 3:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done_before = len(schema.shard_paths(out))
+    done_before = len(embedding_shards.shard_paths(out))
     assert 0 < done_before < 20, "the job should have been killed part-way"
     resumed = subprocess.run(command, cwd=REPO, env=_env(gcs), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -260,12 +264,12 @@ def test_an_unreachable_store_is_a_clear_error_and_no_local_folder(remote_data, 
     down = f"http://127.0.0.1:{gcs_server._free_port()}"
     storage.use_endpoint(down)
     try:
-        from mvlp_jax import cli
+        from mvlp_jax.runtime import cli
         with pytest.raises(cli.UserError, match=r"--workdir=gs://mvlp-test/x: gs://mvlp-test/x cannot be reached "
                                                 r"\(ClientConnectorError.*check the bucket name"):
             storage.check_writable_dir(gcs.url("x"), "--workdir")
         with pytest.raises(cli.UserError, match="dataset gs://mvlp-test/tfds/covid_notes cannot be reached"):
-            from data_prep import built
+            from mvlp_jax.data import built
             built.open_builder(data_dir, "covid_notes")
     finally:
         storage.use_endpoint(gcs.endpoint)

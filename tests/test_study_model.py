@@ -13,6 +13,7 @@ from configs import pretrain
 from mvlp_jax import configuration
 from mvlp_jax.models.pretrainer import Pretrainer
 from mvlp_jax.models.vit import VIEW_TYPES
+from mvlp_jax.pretrain import encoder as encoder_lib
 
 TARGET_DIM = 24
 
@@ -133,7 +134,7 @@ def test_an_image_without_a_study_id_is_a_study_of_its_own():
 
 def test_max_views_beyond_the_largest_study_is_clamped_and_the_input_memory_estimated(tmp_path, capsys):
     """data.max_views=64 on studies of at most 2 views padded 62 empty views per study (killed at 24 GB)."""
-    from mvlp_jax import startup, train
+    from mvlp_jax.pretrain import startup, train
     from tests.pretrain_setup import micro_config, write_targets
 
     data_dir = _study_set(str(tmp_path))
@@ -177,8 +178,9 @@ def _study_set(root, pixels=_noise) -> str:
 
 
 def test_a_study_batch_holds_its_views_and_training_reads_studies(tmp_path):
-    from data_prep import built
-    from mvlp_jax import features, train
+    from mvlp_jax.data import built
+    from mvlp_jax.evaluation import features
+    from mvlp_jax.pretrain import train
     from mvlp_jax.data import pipeline
     from mvlp_jax.objectives.mae import masked
     from tests.pretrain_setup import micro_config, write_targets
@@ -208,7 +210,7 @@ def test_a_study_batch_holds_its_views_and_training_reads_studies(tmp_path):
 
     workdir = str(tmp_path / "run")
     assert train.train(config, workdir).last_step == 2
-    encoder = features.load_encoder(workdir, -1, _mesh())
+    encoder = encoder_lib.load(workdir, -1, _mesh())
     assert encoder.params["encoder"]["view_embedding"].shape[0] == len(VIEW_TYPES)
     builder, _, _ = built.open_builder(data_dir, "studies")
     single = features.extract(encoder, built.open_split(builder, "train"), "mean", 8, _mesh(), str(tmp_path / "f"),
@@ -219,10 +221,10 @@ def test_a_study_batch_holds_its_views_and_training_reads_studies(tmp_path):
     import torch
     import transformers
 
-    from mvlp_jax import export
+    from mvlp_jax.tools import export
 
     one_device = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "model"))
-    encoder = features.load_encoder(workdir, -1, one_device)
+    encoder = encoder_lib.load(workdir, -1, one_device)
     export.export(encoder, str(tmp_path / "hf"))
     hf = transformers.ViTMAEModel.from_pretrained(str(tmp_path / "hf")).eval()
     images = np.asarray(batch["image"][:, 0])
@@ -235,7 +237,7 @@ def test_a_study_batch_holds_its_views_and_training_reads_studies(tmp_path):
 
     # probes: one row per test image, or per test study (12 studies, 18 images)
     from configs import linear_probe
-    from mvlp_jax import evaluate
+    from mvlp_jax.evaluation import evaluate
 
     probe = linear_probe.get_config(None)
     probe.data_dir, probe.dataset, probe.val_split, probe.workdirs = data_dir, "studies", "", f"{workdir},random_init"
@@ -253,7 +255,7 @@ def test_a_study_batch_holds_its_views_and_training_reads_studies(tmp_path):
 
 def test_dino_on_studies_pairs_crops_of_different_views_and_trains(tmp_path):
     """Each PA is dark and each lateral bright, so a crop's brightness says which view it was cut from."""
-    from mvlp_jax import train
+    from mvlp_jax.pretrain import train
     from mvlp_jax.data import pipeline
     from mvlp_jax.objectives import dino, registry
     from tests.pretrain_setup import micro_config
@@ -299,6 +301,6 @@ def test_dino_on_studies_pairs_crops_of_different_views_and_trains(tmp_path):
 
 
 def _mesh():
-    from mvlp_jax import sharding
+    from mvlp_jax.runtime import sharding
 
     return jax.sharding.Mesh(np.array(jax.devices()).reshape(-1, 1, 1), sharding.AXES)

@@ -6,8 +6,9 @@ import os
 
 import pytest
 
-from mvlp_jax import aot, configuration
-from mvlp_jax.demo import load_config
+from mvlp_jax import configuration
+from mvlp_jax.pretrain import aot
+from mvlp_jax.tools.demo import load_config
 
 SLICE = "v4-8"  # 4 chips (v4:2x2x1, megacore)
 MESH = {"data": 2, "fsdp": 2}

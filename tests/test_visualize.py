@@ -56,7 +56,7 @@ def _event_tags(workdir: str) -> set[str]:
 def test_training_draws_pictures_and_the_command_draws_a_checkpoint(pretrain_data, tmp_path):
     from PIL import Image
 
-    from mvlp_jax import train
+    from mvlp_jax.pretrain import train
     from mvlp_jax.visualize import draw_checkpoint
     from tests.pretrain_setup import micro_config
 
@@ -127,7 +127,8 @@ def test_an_mflag_run_without_a_masked_image_model_gets_attention_and_nearest_re
     import flax.linen as nn
     import jax
 
-    from mvlp_jax import configuration, train_step
+    from mvlp_jax import configuration
+    from mvlp_jax.pretrain import train_step
     from mvlp_jax.models.pretrainer import Pretrainer
     from mvlp_jax.visualize import Painter, Shown
     from tests.pretrain_setup import micro_config

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from configs import zero_shot_prompts
-from mvlp_jax import features, sharding, zero_shot
+from mvlp_jax.evaluation import zero_shot_prompts
+from mvlp_jax.evaluation import zero_shot
+from mvlp_jax.runtime import sharding
 from mvlp_jax.objectives import llm_contrastive
+from mvlp_jax.pretrain import encoder as encoder_lib
 from tests.test_evaluate import _probe_config
 
 
@@ -20,14 +22,14 @@ def _planted(texts: list[str]) -> np.ndarray:
 
 def _config(data_dir, workdir, prompts="pair"):
     c = _probe_config(data_dir, workdir)
-    c.mode, c.prompts, c.bootstrap = "zero_shot", prompts, 50
+    c.evaluator, c.prompts, c.bootstrap = "zero_shot", prompts, 50
     return c
 
 
 @pytest.mark.parametrize("style", ["pair", "ensemble"])
 def test_zero_shot_scores_equal_a_direct_computation(style, nih_and_workdir, tmp_path, monkeypatch):
-    from data_prep import built
-    from mvlp_jax import evaluate
+    from mvlp_jax.data import built
+    from mvlp_jax.evaluation import evaluate
     from mvlp_jax.data import transforms
 
     data_dir, workdir = nih_and_workdir
@@ -35,7 +37,7 @@ def test_zero_shot_scores_equal_a_direct_computation(style, nih_and_workdir, tmp
     row, = evaluate.evaluate(_config(data_dir, workdir, style), str(tmp_path))["zero_shot"]
 
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.AXES)
-    encoder = features.load_encoder(workdir, -1, mesh)
+    encoder = encoder_lib.load(workdir, -1, mesh)
     builder, _, _ = built.open_builder(data_dir, "nih_sample")
     source = built.open_split(builder, "valid")
     records = [source[i] for i in range(len(source))]
@@ -63,7 +65,7 @@ def test_zero_shot_scores_equal_a_direct_computation(style, nih_and_workdir, tmp
 
 
 def test_swapped_prompt_sets_give_one_minus_the_auc(nih_and_workdir, tmp_path, monkeypatch):
-    from mvlp_jax import evaluate
+    from mvlp_jax.evaluation import evaluate
 
     data_dir, workdir = nih_and_workdir
     monkeypatch.setattr(zero_shot, "llm_embedder", lambda manifest, pooling, llm: _planted)

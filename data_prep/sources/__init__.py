@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from data_prep.records import SourceScan
+from mvlp_jax.data.records import SourceScan
 
 SOURCE_NAMES = ("mimic_cxr", "iu_xray", "nih14", "csv")
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-from data_prep import records as R
+from mvlp_jax.data import records as R
 from data_prep.sources.tables import read_csv
 
 BOX_COLUMNS = ("image", "label", "x", "y", "w", "h")

@@ -12,7 +12,7 @@ import os
 import tarfile
 import xml.etree.ElementTree as ET
 
-from data_prep import records as R
+from mvlp_jax.data import records as R
 from data_prep.report_sections import join_report
 from data_prep.sources.tables import read_csv
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import zipfile
 
-from data_prep import records as R
+from mvlp_jax.data import records as R
 from data_prep.report_sections import extract_findings_impression, join_report
 from data_prep.sources.tables import read_csv, read_text
 

@@ -10,7 +10,7 @@ import glob
 import hashlib
 import os
 
-from data_prep import records as R
+from mvlp_jax.data import records as R
 from data_prep.sources.tables import read_csv
 
 SOURCE_VERSION = "NIH ChestX-ray14 (Data_Entry_2017)"

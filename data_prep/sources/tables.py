@@ -6,7 +6,7 @@ import gzip
 import io
 import os
 
-from data_prep.records import InputError
+from mvlp_jax.data.records import InputError
 
 
 def read_csv(path: str, required: tuple[str, ...] = ()) -> list[dict[str, str]]:

@@ -18,7 +18,7 @@ def render(template: str, fields: dict[str, str]) -> str:
 def from_dataset(data_dir: str, dataset: str, splits: list[str] | None, template: str
                  ) -> tuple[dict[str, str], dict]:
     """study_id -> text for the given splits of a dataset built by data_prep.build_dataset."""
-    from data_prep import built
+    from mvlp_jax.data import built
 
     builder, name, version = built.open_builder(data_dir, dataset)
     splits = splits or list(builder.info.splits)

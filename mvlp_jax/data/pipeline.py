@@ -15,8 +15,8 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from data_prep import built
-from mvlp_jax import run_inputs
+from mvlp_jax.data import built
+from mvlp_jax.runtime import run_inputs
 from mvlp_jax.data import targets as targets_lib
 from mvlp_jax.data import studies, views
 from mvlp_jax.objectives import combine, registry

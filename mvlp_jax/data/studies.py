@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from data_prep.records import view_selected
+from mvlp_jax.data.records import view_selected
 
 LATERAL = ("LATERAL", "LAT", "LL", "RL", "L")
 

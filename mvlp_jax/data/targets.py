@@ -6,9 +6,9 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from data_prep import built
-from data_prep.text_embeddings import schema
-from mvlp_jax import storage
+from mvlp_jax.data import built
+from mvlp_jax.data import embedding_shards
+from mvlp_jax.runtime import storage
 
 
 @dataclass(frozen=True)
@@ -28,9 +28,10 @@ class TargetTable:
 
 def check_manifest(manifest: dict, pooling: str, hidden_size: int = 0) -> None:
     """Fails before training when the stored embeddings do not fit the config."""
-    version = manifest.get("schema_version", schema.SCHEMA_VERSION)
-    if version != schema.SCHEMA_VERSION:
-        raise ValueError(f"embedding schema version {version}; this code reads version {schema.SCHEMA_VERSION}")
+    version = manifest.get("schema_version", embedding_shards.SCHEMA_VERSION)
+    if version != embedding_shards.SCHEMA_VERSION:
+        raise ValueError(f"embedding schema version {version}; this code reads version "
+                          "{embedding_shards.SCHEMA_VERSION}")
     stored = manifest.get("poolings", ["mean", "last"])
     if pooling not in stored:
         raise ValueError(f"config contrastive.target={pooling!r} but the embeddings hold {stored}")
@@ -48,17 +49,17 @@ def load_targets(embeddings_dir: str, pooling: str) -> TargetTable:
                                 + ("" if folder.exists() else " (it does not exist)")
                                 + ": make it with python -m data_prep.precompute_text_embeddings "
                                   "--output_dir=... or fix config data.embeddings_dir") from None
-    manifest = schema.read_manifest(embeddings_dir)
+    manifest = embedding_shards.read_manifest(embeddings_dir)
     check_manifest(manifest, pooling)
-    paths = schema.shard_paths(embeddings_dir)
+    paths = embedding_shards.shard_paths(embeddings_dir)
     if not paths:
         raise FileNotFoundError(f"no embedding shards in {embeddings_dir}")
     ids, vectors = [], []
     for path in tqdm(paths, desc="loading LLM targets", unit="shard", disable=len(paths) < 4):
-        if schema.read_provenance(path) is not None and (problem := schema.shard_problem(path)):
+        if embedding_shards.read_provenance(path) is not None and (problem := embedding_shards.shard_problem(path)):
             raise ValueError(f"embedding shard {path}: {problem}; rerun data_prep.precompute_text_embeddings with "
                              f"the same flags to redo it (--verify names every such shard)")
-        for record in schema.read_shard(path):
+        for record in embedding_shards.read_shard(path):
             ids.append(record["study_id"])
             vectors.append(record[pooling])
     if len(set(ids)) != len(ids):

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from mvlp_jax.kernels import backend, cpu_blas
+from mvlp_jax.runtime import logical_axes
 
 IMPLEMENTATIONS = ("auto", "xla", "tpu_splash", "tpu_flash", "cudnn", "mkl")
 PLATFORM_OF = {"tpu_splash": "tpu", "tpu_flash": "tpu", "cudnn": "gpu", "mkl": "cpu"}
@@ -139,14 +140,12 @@ def _tpu_kernel(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None
     """A Pallas TPU kernel (`local(q, k, v, keys, masked)` on one shard). A Mosaic kernel has no sharding rule,
     so on a mesh it runs per shard (shard_map over the batch and heads axes, as the activations are laid out);
     attention never mixes those."""
-    from mvlp_jax import sharding
-
     keys = jnp.ones(k.shape[:2], bool) if mask is None else _key_mask(mask, k)
     local = functools.partial(local, masked=mask is not None)
-    mesh = sharding.active_mesh()
+    mesh = logical_axes.active_mesh()
     if mesh is None or mesh.size == 1:
         return local(q, k, v, keys)
-    spec = sharding.activation_spec(q.shape, ("batch", "length", "heads", "kv"), mesh)
+    spec = logical_axes.activation_spec(q.shape, ("batch", "length", "heads", "kv"), mesh)
     return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P(spec[0], None)), out_specs=spec,
                          check_vma=False)(q, k, v, keys)
 

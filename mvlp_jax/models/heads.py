@@ -71,7 +71,7 @@ class BatchStatNorm(nn.Module):
 
     Evaluation of a trained head fixes the statistics instead, so an item's output does not depend on what else
     is in its batch: applied with a mutable `set_stats` collection it records the statistics of the set it sees;
-    applied with that collection given, it normalises with them (mvlp_jax/shared_space.py)."""
+    applied with that collection given, it normalises with them (mvlp_jax/evaluation/shared_space.py)."""
     use_affine: bool = True
     epsilon: float = 1e-5
 

@@ -1,7 +1,7 @@
 """Transformer building blocks shared by ViT, MAE's decoder, ViTDet and the pooling heads.
 
 Parameters and activations carry logical axis names ('embed', 'mlp', 'heads', 'kv', 'batch',
-'length', 'layers'), so `mvlp_jax.sharding` maps them onto a mesh by rules instead of per-model code.
+'length', 'layers'), so `mvlp_jax.runtime.sharding` maps them onto a mesh by rules instead of per-model code.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import numpy as np
 
 from mvlp_jax import kernels
 from mvlp_jax.models.norm import LayerNorm
+from mvlp_jax.runtime import logical_axes
 
 Dtype = Any
 REMAT_POLICIES = {
@@ -38,9 +39,8 @@ def flat_init(init, in_dims: int):
 
 
 def constrain(x: jax.Array, *names: str | None) -> jax.Array:
-    """Activation sharding by logical names (mvlp_jax.sharding.RULES; identity without a mesh)."""
-    from mvlp_jax import sharding  # the one place that knows meshes
-    return sharding.constrain(x, names)
+    """Activation sharding by logical names (mvlp_jax.runtime.sharding.RULES; identity without a mesh)."""
+    return logical_axes.constrain(x, names)
 
 
 def sincos_2d(height: int, width: int, dim: int, temperature: float = 10_000.0) -> np.ndarray:

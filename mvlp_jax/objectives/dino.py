@@ -23,6 +23,7 @@ import numpy as np
 
 from mvlp_jax.data import views as views_lib
 from mvlp_jax.models.heads import DINOHead
+from mvlp_jax.runtime import schema
 from mvlp_jax.objectives.spec import LossFn, Spec, ViewInputs, check_patch_multiple
 
 TEACHER = ("encoder", "dino_head")  # the params the teacher keeps its own (EMA) copy of
@@ -172,7 +173,29 @@ def make(model: nn.Module, config: ml_collections.ConfigDict) -> LossFn:
     return objective
 
 
+# Its config keys (docs/config.md): key -> (default, check, description)
+CONFIG_ROWS: schema.Table = {
+    "dino.out_dim": (65536, schema.POSITIVE, "DINO: prototypes (output size of the DINO head)."),
+    "dino.hidden_dim": (2048, schema.POSITIVE, "DINO: hidden width of the head's MLP."),
+    "dino.bottleneck_dim": (256, schema.POSITIVE, "DINO: L2-normalised bottleneck before the weight-normalised last "
+                                                  "layer."),
+    "dino.num_local_crops": (6, schema.NON_NEGATIVE, "DINO: local crops per image (besides the 2 global crops)."),
+    "dino.local_size": (96, schema.POSITIVE, "DINO: local crop size in pixels (global crops: model.image_size)."),
+    "dino.global_scale": ((0.4, 1.0), schema.CROP_SCALE, "DINO: area range of the global crops."),
+    "dino.local_scale": ((0.05, 0.4), schema.CROP_SCALE, "DINO: area range of the local crops."),
+    "dino.student_temp": (0.1, schema.POSITIVE, "DINO: student softmax temperature."),
+    "dino.teacher_temp": (0.04, schema.POSITIVE, "DINO: teacher softmax temperature after warmup (sharpening)."),
+    "dino.warmup_teacher_temp": (0.04, schema.POSITIVE, "DINO: teacher temperature at step 0."),
+    "dino.teacher_temp_warmup_steps": (0, schema.NON_NEGATIVE, "DINO: linear warmup of the teacher temperature."),
+    "dino.momentum": (0.996, schema.UNIT_INTERVAL, "DINO: EMA momentum of the teacher at step 0, cosine to 1 at the "
+                                                   "end."),
+    "dino.center_momentum": (0.9, schema.UNIT_INTERVAL, "DINO: EMA momentum of the center subtracted from teacher "
+                                                        "outputs."),
+}
+
+
 SPEC = Spec(name="dino", make_loss=make, uses_image=False, entries=entries, views=views, study_views=study_views,
             heads=heads, init=lambda model, images, targets: embed(model, images, train=False), init_extra=init_extra,
             update_extra=update_after_step,
-            check=lambda config: check_patch_multiple(config, "dino.local_size"))
+            check=lambda config: check_patch_multiple(config, "dino.local_size"),
+            config_rows=CONFIG_ROWS)

@@ -10,6 +10,7 @@ import ml_collections
 
 from mvlp_jax.models.heads import ProjectionHead
 from mvlp_jax.objectives import contrastive_losses as losses
+from mvlp_jax.runtime import schema
 from mvlp_jax.objectives.spec import LossFn, SharedSpace, Spec, study_inputs
 
 
@@ -68,5 +69,22 @@ def make(model: nn.Module, config: ml_collections.ConfigDict) -> LossFn:
     return objective
 
 
+# Its config keys (docs/config.md): key -> (default, check, description)
+CONFIG_ROWS: schema.Table = {
+    "contrastive.loss": ("infonce", ("infonce", "sigmoid", "margin"),
+                         "Batch-wide loss between image and report embeddings (over the global batch)."),
+    "contrastive.target": ("mean", ("mean", "last"), "Which stored LLM vector is the target."),
+    "contrastive.embed_dim": (0, schema.NON_NEGATIVE, "Shared embedding size; 0 = the LLM hidden size (needs no "
+                                                      "text proj)."),
+    "contrastive.image_proj": ("mlp", ("linear", "mlp"), "Projection after pooling."),
+    "contrastive.text_proj": ("none", ("none", "linear", "mlp"), "Trainable projection of the frozen LLM vector."),
+    "contrastive.temperature": (0.07, schema.POSITIVE, "Initial temperature (infonce, sigmoid); learnable."),
+    "contrastive.sigmoid_bias": (-10.0, None, "Initial logit bias of the sigmoid loss; learnable."),
+    "contrastive.margin": (1.0, schema.POSITIVE, "eps of the margin loss: non-matching pairs are pushed this far "
+                                                 "apart."),
+}
+
+
 SPEC = Spec(name="llm_contrastive", make_loss=make, needs_targets=True, heads=heads, init=init,
-            shared_space=SharedSpace(images=embed_images, text=embed_targets))
+            shared_space=SharedSpace(images=embed_images, text=embed_targets),
+            config_rows=CONFIG_ROWS)

@@ -12,6 +12,7 @@ import ml_collections
 
 from mvlp_jax.models.heads import ProjectionHead
 from mvlp_jax.models.norm import l2_normalise
+from mvlp_jax.runtime import schema
 from mvlp_jax.objectives.spec import LossFn, SharedSpace, Spec, study_inputs
 
 
@@ -79,7 +80,19 @@ def make(model: nn.Module, config: ml_collections.ConfigDict) -> LossFn:
 
 
 # Both projections normalise by batch statistics: evaluation applies the image head to the whole evaluated set
-# at once, and the text head with the statistics of a set of reports (mvlp_jax/shared_space.py).
+# at once, and the text head with the statistics of a set of reports (mvlp_jax/evaluation/shared_space.py).
+# Its config keys (docs/config.md): key -> (default, check, description)
+CONFIG_ROWS: schema.Table = {
+    "mflag.embed_dim": (512, schema.POSITIVE, "M-FLAG: size of the aligned image/text embeddings."),
+    "mflag.hidden_dim": (2048, schema.POSITIVE, "M-FLAG: hidden width of the projection MLPs (with batch norm)."),
+    "mflag.ortho_weight": (1.0, schema.NON_NEGATIVE, "M-FLAG: weight of the orthogonality loss beside the alignment "
+                                                     "loss."),
+    "mflag.ortho_lambda": (0.0051, schema.NON_NEGATIVE,
+                           "M-FLAG: weight of the off-diagonal terms in the orthogonality loss."),
+}
+
+
 SPEC = Spec(name="mflag", make_loss=make, needs_targets=True, heads=heads,
             init=lambda model, images, targets: embed(model, images, targets, train=False),
-            shared_space=SharedSpace(images=pooled, text=project_targets, image_head=project_images))
+            shared_space=SharedSpace(images=pooled, text=project_targets, image_head=project_images),
+            config_rows=CONFIG_ROWS)

@@ -12,6 +12,7 @@ import numpy as np
 
 from mvlp_jax.data import views as views_lib
 from mvlp_jax.models.heads import BoxHead
+from mvlp_jax.runtime import schema
 from mvlp_jax.objectives.spec import LossFn, Spec, ViewInputs, check_patch_multiple
 
 
@@ -68,7 +69,17 @@ def make(model: nn.Module, config: ml_collections.ConfigDict) -> LossFn:
     return objective
 
 
+# Its config keys (docs/config.md): key -> (default, check, description)
+CONFIG_ROWS: schema.Table = {
+    "query_box.size": (96, schema.POSITIVE, "Query box: the cropped region is resized to this many pixels."),
+    "query_box.scale": ((0.05, 0.3), schema.CROP_SCALE, "Query box: area range of the region, of the training image."),
+    "query_box.l1_weight": (5.0, schema.NON_NEGATIVE, "Query box: weight of the L1 loss on (cx, cy, w, h)."),
+    "query_box.giou_weight": (2.0, schema.NON_NEGATIVE, "Query box: weight of the generalised-IoU loss."),
+}
+
+
 SPEC = Spec(name="query_box", make_loss=make, entries=entries, views=views,
             heads=lambda model, config, dtype: {"box_head": BoxHead()},
             init=lambda model, images, targets: locate(model, images, images, train=False),
-            check=lambda config: check_patch_multiple(config, "query_box.size"))
+            check=lambda config: check_patch_multiple(config, "query_box.size"),
+            config_rows=CONFIG_ROWS)

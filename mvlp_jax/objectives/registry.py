@@ -24,6 +24,17 @@ for _module in (llm_contrastive, mae, mflag, dino, query_box):
     register(_module.SPEC)
 
 
+def config_rows() -> dict[str, tuple]:
+    """The config keys of every registered objective (mvlp_jax/configuration.py adds them to its core rows)."""
+    rows: dict[str, tuple] = {}
+    for spec in SPECS.values():
+        clash = sorted(set(rows) & set(spec.config_rows))
+        if clash:
+            raise ValueError(f"objective {spec.name!r} declares config keys another objective owns: {clash}")
+        rows.update(spec.config_rows)
+    return rows
+
+
 def get(name: str) -> Spec:
     if name not in SPECS:
         raise ValueError(f"unknown objective {name!r}; registered: {', '.join(SPECS)}")

@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 
 from mvlp_jax.data.views import ViewInputs, channels
+from mvlp_jax.models.vit import variant
 
 # (params, batch, rng, context) -> (loss, metrics); context = {"step": step, "extra": the train state's extra}
 LossFn = Callable[[Any, dict, jax.Array, dict], tuple[jax.Array, dict]]
@@ -31,7 +32,6 @@ def study_inputs(batch: dict) -> dict[str, jax.Array]:
 
 def check_patch_multiple(config: ml_collections.ConfigDict, key: str) -> None:
     """Raises unless the crop size at dotted `key` is a multiple of the encoder's patch size."""
-    from mvlp_jax.models.vit import variant
     group, leaf = key.split(".")
     size, patch = config[group][leaf], variant(config.model.variant)["patch_size"]
     if size % patch:
@@ -77,6 +77,8 @@ class Spec:
     check: config -> None, raising ValueError for settings it cannot train with.
     shared_space: how images and stored LLM vectors map into one space compared by cosine (SharedSpace):
       what retrieval and zero-shot classification evaluate.
+    config_rows: its own config keys, {dotted key: (default, check, description)} (runtime/schema.py): part of
+      every pretraining config once registered, documented in docs/config.md.
     """
     name: str
     make_loss: Callable[[Any, ml_collections.ConfigDict], LossFn]
@@ -91,3 +93,4 @@ class Spec:
     update_extra: Callable[..., tuple[dict, dict]] | None = None
     check: Callable[[ml_collections.ConfigDict], None] | None = None
     shared_space: SharedSpace | None = None
+    config_rows: dict[str, tuple] = dataclasses.field(default_factory=dict)
