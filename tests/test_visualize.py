@@ -12,7 +12,7 @@ def test_the_prediction_shows_visible_patches_of_the_input_and_masked_ones_of_th
     import jax.numpy as jnp
 
     from mvlp_jax.models.vit import patchify
-    from mvlp_jax.visualize import paste
+    from mvlp_jax.pretrain.visualize import paste
 
     rng = np.random.default_rng(0)
     images = rng.normal(size=(2, 8, 8, 1)).astype(np.float32)
@@ -33,7 +33,7 @@ def test_the_prediction_shows_visible_patches_of_the_input_and_masked_ones_of_th
 
 
 def test_nearest_reports_rank_by_similarity_with_ties_counted_against_the_own_report():
-    from mvlp_jax.visualize import nearest
+    from mvlp_jax.pretrain.visualize import nearest
 
     similarity = np.array([[0.9, 0.1, 0.5, 0.5], [0.2, 0.3, 0.3, 0.1]])
     (best0, rank0), (best1, rank1) = nearest(similarity, np.array([2, 2]), k=2)
@@ -57,7 +57,7 @@ def test_training_draws_pictures_and_the_command_draws_a_checkpoint(pretrain_dat
     from PIL import Image
 
     from mvlp_jax.pretrain import train
-    from mvlp_jax.visualize import draw_checkpoint
+    from mvlp_jax.pretrain.visualize import draw_checkpoint
     from tests.pretrain_setup import micro_config
 
     data_dir, emb, _ = pretrain_data
@@ -83,7 +83,7 @@ def test_a_vitdet_multitask_run_gets_query_boxes_and_token_similarity_but_no_rep
 
     from mvlp_jax import configuration
     from mvlp_jax.models.pretrainer import Pretrainer
-    from mvlp_jax.visualize import Painter, Shown
+    from mvlp_jax.pretrain.visualize import Painter, Shown
     from tests.test_multitask import _micro
 
     config = _micro()
@@ -105,7 +105,7 @@ def test_a_study_encoder_draws_each_image_with_its_view_type():
 
     from mvlp_jax.models.pretrainer import Pretrainer
     from mvlp_jax.models.vit import VIEW_TYPES
-    from mvlp_jax.visualize import Painter, Shown
+    from mvlp_jax.pretrain.visualize import Painter, Shown
     from tests.test_multitask import _micro
 
     config = _micro(objectives={"mae": 1.0, "dino": 1.0}, **{"data.max_views": 2})
@@ -130,7 +130,7 @@ def test_an_mflag_run_without_a_masked_image_model_gets_attention_and_nearest_re
     from mvlp_jax import configuration
     from mvlp_jax.pretrain import train_step
     from mvlp_jax.models.pretrainer import Pretrainer
-    from mvlp_jax.visualize import Painter, Shown
+    from mvlp_jax.pretrain.visualize import Painter, Shown
     from tests.pretrain_setup import micro_config
 
     config = micro_config(pretrain_data[0], pretrain_data[1], objectives={"mflag": 1.0})

@@ -10,9 +10,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mvlp_jax.data import transforms
 from mvlp_jax.data import views as views_lib
 from mvlp_jax.models.heads import BoxHead
-from mvlp_jax.runtime import schema
+from mvlp_jax.runtime import figures, schema
 from mvlp_jax.objectives.spec import LossFn, Spec, ViewInputs, check_patch_multiple
 
 
@@ -69,6 +70,25 @@ def make(model: nn.Module, config: ml_collections.ConfigDict) -> LossFn:
     return objective
 
 
+def pictures(painter: Any, params: Any, shown: Any) -> dict[str, np.ndarray]:
+    """The query-box picture (pretrain/visualize.py's Painter draws it with a run's params on the shown images): a
+    random region of each image (below it) located in its image, the true box red, the predicted blue."""
+    config = painter.config
+    q = config.query_box
+    rng = np.random.default_rng(painter.seed)
+    regions, boxes = zip(*[views_lib.query_region(img, q.size, tuple(q.scale), rng) for img in shown.pixels])
+    queries = transforms.normalise(np.stack(regions), config.data.mean, config.data.std, views_lib.channels(config))
+    find = painter.jitted("query_box.locate", lambda p, x, r: painter.model.apply({"params": p}, x, r, train=False,
+                                                                                   method=locate))
+    predicted = np.asarray(find(params, jnp.asarray(shown.images), jnp.asarray(queries)))
+    iou, _ = iou_and_giou(jnp.asarray(predicted), jnp.asarray(np.stack(boxes)))
+    located = [{"image": figures.rgb(pixels), "boxes": [(true, "red"), (guess, "blue")], "title": f"IoU {float(v):.2f}"}
+               for pixels, true, guess, v in zip(shown.pixels, boxes, predicted, np.asarray(iou))]
+    return {"query_box": figures.grid_figure([located, [figures.rgb(r) for r in regions]], [],
+                                             f"query-box localisation: the region (below) located in its image, true "
+                                             f"box red, predicted blue; mean IoU {float(np.mean(iou)):.2f}")}
+
+
 # Its config keys (docs/config.md): key -> (default, check, description)
 CONFIG_ROWS: schema.Table = {
     "query_box.size": (96, schema.POSITIVE, "Query box: the cropped region is resized to this many pixels."),
@@ -82,4 +102,4 @@ SPEC = Spec(name="query_box", make_loss=make, entries=entries, views=views,
             heads=lambda model, config, dtype: {"box_head": BoxHead()},
             init=lambda model, images, targets: locate(model, images, images, train=False),
             check=lambda config: check_patch_multiple(config, "query_box.size"),
-            config_rows=CONFIG_ROWS)
+            pictures=pictures, config_rows=CONFIG_ROWS)

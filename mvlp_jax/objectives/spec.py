@@ -77,6 +77,9 @@ class Spec:
     check: config -> None, raising ValueError for settings it cannot train with.
     shared_space: how images and stored LLM vectors map into one space compared by cosine (SharedSpace):
       what retrieval and zero-shot classification evaluate.
+    pictures: (painter, params, shown images) -> {picture name: RGB uint8 array}: what it learned, drawn by
+      pretrain/visualize.py (the painter holds the run's config, model, seed and `jitted`) beside the pictures
+      every run gets.
     config_rows: its own config keys, {dotted key: (default, check, description)} (runtime/schema.py): part of
       every pretraining config once registered, documented in docs/config.md.
     """
@@ -93,4 +96,5 @@ class Spec:
     update_extra: Callable[..., tuple[dict, dict]] | None = None
     check: Callable[[ml_collections.ConfigDict], None] | None = None
     shared_space: SharedSpace | None = None
+    pictures: Callable[[Any, Any, Any], dict[str, np.ndarray]] | None = None
     config_rows: dict[str, tuple] = dataclasses.field(default_factory=dict)

@@ -13,6 +13,7 @@ import numpy as np
 
 from mvlp_jax import configuration
 from mvlp_jax.models.pretrainer import Pretrainer
+from mvlp_jax.objectives import registry
 from mvlp_jax.pretrain import train_step
 from mvlp_jax.runtime import checkpointing, run_inputs, sharding, storage
 
@@ -80,7 +81,11 @@ def load(workdir: str, step: int, mesh: jax.sharding.Mesh, like: str = "", teach
     wanted = {"step": jax.ShapeDtypeStruct((), np.int32), "params": abstract}
     shardings = {"step": sharding.replicated(mesh), "params": param_sh}
     if teacher:
-        if "dino" not in config.objectives:
+        extra: dict = {}  # the shape of the state its objectives keep outside the optimizer
+        for spec in registry.configured(config):
+            if spec.init_extra is not None:
+                extra.update(jax.eval_shape(lambda p, s=spec: s.init_extra(p, config), abstract))
+        if "encoder" not in extra.get("teacher", {}):
             raise ValueError(f"{workdir} has no DINO teacher (its objectives: {dict(config.objectives)})")
         wanted["extra"] = {"teacher": {"encoder": abstract["encoder"]}}
         shardings["extra"] = {"teacher": {"encoder": param_sh["encoder"]}}

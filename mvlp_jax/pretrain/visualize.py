@@ -9,7 +9,8 @@ and to TensorBoard (`images/{name}`):
 - attention: where the image embedding looks (the MAP pooling where LLM targets trained one, else the CLS token
   on a ViT or the mean token on a ViTDet, which DINO and the query-box head read): the MAP's and the CLS token's
   last-block attention, averaged over heads, and each patch token's cosine similarity to the embedding, overlaid;
-- query_box (runs with that objective): a random region of each image (below it), its true box red, predicted blue;
+- each objective's own (its Spec's `pictures`), e.g. query_box: a random region of each image (below it), its true
+  box red, predicted blue;
 - nearest_reports (runs with an image-report space): each image's three nearest reports among the shown studies,
   by study id, its own marked. Never report text: it is patient data.
 The images are the first `images` of a split (validate when the dataset has one), centre-cropped as evaluation sees
@@ -18,7 +19,6 @@ them, so pictures of successive steps show the same images.
 from __future__ import annotations
 
 import io
-import textwrap
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,22 +27,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mvlp_jax.runtime import storage
-from mvlp_jax.data import transforms
-from mvlp_jax.data.studies import view_type
+from mvlp_jax.data import built, transforms
+from mvlp_jax.data import targets as targets_lib
 from mvlp_jax.data import views as views_lib
+from mvlp_jax.data.studies import view_type
+from mvlp_jax.evaluation import shared_space
 from mvlp_jax.models.norm import l2_normalise
 from mvlp_jax.models.pretrainer import Pretrainer
-from mvlp_jax.models.vit import patchify, unpatchify
-from mvlp_jax.objectives import query_box
+from mvlp_jax.models.vit import patchify, unpatchify, variant
 from mvlp_jax.objectives import registry
-from mvlp_jax.data import built
-from mvlp_jax.data import targets as targets_lib
-from mvlp_jax.evaluation import shared_space
-from mvlp_jax.models.vit import variant
-from mvlp_jax.runtime import cli
-from mvlp_jax.runtime import sharding
 from mvlp_jax.pretrain import encoder as encoder_lib
+from mvlp_jax.runtime import cli, figures, sharding, storage
 
 POOLING_LABELS = {"map": "MAP", "cls": "CLS", "mean": "mean-token"}
 
@@ -95,7 +90,6 @@ class Painter:
     def __init__(self, config: ml_collections.ConfigDict, target_dim: int, seed: int = 0):
         self.config, self.seed = config, seed
         self.model = Pretrainer(config, target_dim, sow_attention=True)
-        self.objectives = {spec.name for spec in registry.configured(config)}
         model = self.model
         self._masked = jax.jit(lambda p, x, noise: model.apply(
             {"params": p}, x, method=lambda m, x: m.masked_model(x, noise=noise, train=False)))
@@ -103,15 +97,22 @@ class Painter:
         self._attention = jax.jit(lambda p, x, t: model.apply({"params": p}, x, pooling, False, t,
                                                               method=Pretrainer.features, mutable=["intermediates"]))
         self._tokens = jax.jit(lambda p, x, t: model.apply({"params": p}, x, False, t, method=Pretrainer.patch_grid))
-        self._locate = jax.jit(lambda p, x, q: model.apply({"params": p}, x, q, train=False, method=query_box.locate))
+        self._jitted: dict[str, Any] = {}
+
+    def jitted(self, key: str, fn: Any) -> Any:
+        """`jax.jit(fn)`, made once per painter under `key` (an objective's picture reuses it at every step)."""
+        if key not in self._jitted:
+            self._jitted[key] = jax.jit(fn)
+        return self._jitted[key]
 
     def draw(self, params: Any, shown: Shown) -> dict[str, np.ndarray]:
         """{picture name: RGB uint8 array} of the pictures this run has."""
         pictures = {"attention": self.attention(params, shown)}
         if "masked_model" in params:  # trained by mae (or not initialised: M-FLAG alone has no decoder)
             pictures["reconstruction"] = self.reconstruction(params, shown)
-        if "query_box" in self.objectives:
-            pictures["query_box"] = self.query_box(params, shown)
+        for spec in registry.configured(self.config):  # each objective's own pictures
+            if spec.pictures is not None:
+                pictures.update(spec.pictures(self, params, shown))
         if shown.targets is not None and self.model.target_dim and _has_space(self.config):
             pictures["nearest_reports"] = self.nearest_reports(params, shown)
         return {k: v for k, v in pictures.items() if v is not None}
@@ -128,11 +129,11 @@ class Painter:
         hidden = np.kron(mask.reshape(n, *grid), np.ones((1, p, p))).astype(bool)
         display = lambda x: np.clip((x * self.config.data.std + self.config.data.mean) * 255.0, 0, 255
                                     ).astype(np.uint8)
-        rows = [[_rgb(shown.pixels[i], hidden[i]), _rgb(display(predicted[i])), _rgb(shown.pixels[i])]
-                for i in range(n)]
+        rows = [[figures.rgb(shown.pixels[i], hidden[i]), figures.rgb(display(predicted[i])),
+                 figures.rgb(shown.pixels[i])] for i in range(n)]
         m = self.config.model
-        return _grid_figure(rows, ["masked input", "prediction", "original"],
-                            f"{m.encoder} masked-image model, mask ratio {m.mask_ratio}")
+        return figures.grid_figure(rows, ["masked input", "prediction", "original"],
+                                   f"{m.encoder} masked-image model, mask ratio {m.mask_ratio}")
 
     def attention(self, params: Any, shown: Shown) -> np.ndarray:
         images = jnp.asarray(shown.images)
@@ -153,25 +154,11 @@ class Painter:
             elif weights.shape[-1] == grid * grid + 1:  # global block with CLS; the last one wins
                 weights = weights[-1] if weights.ndim == 5 else weights
                 maps["CLS, last block"] = weights[:, :, 0, 1:].mean(1)
-        rows = [[_overlay(shown.pixels[i], m[i].reshape(grid, grid)) for m in maps.values()] + [_rgb(shown.pixels[i])]
-                for i in range(len(shown.pixels))]
+        rows = [[figures.overlay(shown.pixels[i], m[i].reshape(grid, grid)) for m in maps.values()]
+                + [figures.rgb(shown.pixels[i])] for i in range(len(shown.pixels))]
         pooled = POOLING_LABELS[pooling_name(self.config, self.model)]
-        return _grid_figure(rows, list(maps) + ["image"], f"where the {pooled} embedding looks: attention (mean over "
-                            "heads) and each patch token's similarity to it")
-
-    def query_box(self, params: Any, shown: Shown) -> np.ndarray:
-        q = self.config.query_box
-        rng = np.random.default_rng(self.seed)
-        regions, boxes = zip(*[views_lib.query_region(img, q.size, tuple(q.scale), rng) for img in shown.pixels])
-        queries = transforms.normalise(np.stack(regions), self.config.data.mean, self.config.data.std,
-                                       views_lib.channels(self.config))
-        predicted = np.asarray(self._locate(params, jnp.asarray(shown.images), jnp.asarray(queries)))
-        iou, _ = query_box.iou_and_giou(jnp.asarray(predicted), jnp.asarray(np.stack(boxes)))
-        located = [{"image": _rgb(pixels), "boxes": [(true, "red"), (guess, "blue")], "title": f"IoU {float(v):.2f}"}
-                   for pixels, true, guess, v in zip(shown.pixels, boxes, predicted, np.asarray(iou))]
-        return _grid_figure([located, [_rgb(r) for r in regions]], [],
-                            f"query-box localisation: the region (below) located in its image, true box red, "
-                            f"predicted blue; mean IoU {float(np.mean(iou)):.2f}")
+        return figures.grid_figure(rows, list(maps) + ["image"], f"where the {pooled} embedding looks: attention "
+                                   "(mean over heads) and each patch token's similarity to it")
 
     def nearest_reports(self, params: Any, shown: Shown) -> np.ndarray | None:
         keep = ~np.isnan(shown.targets).any(axis=1)
@@ -190,9 +177,10 @@ class Painter:
         rows = []
         for pixels, row, mine, (best, rank) in zip(shown.pixels[keep], similarity, own, nearest(similarity, own)):
             lines = [f"{'*' if j == mine else ' '} {studies[j]}  {row[j]:+.2f}" for j in best]
-            rows.append([_rgb(pixels), _text(lines + [f"own report: rank {rank} of {len(studies)}"])])
-        return _grid_figure(rows, ["image", "nearest reports (study id, cosine; * its own)"],
-                            "nearest reports among the shown studies")
+            rows.append([figures.rgb(pixels),
+                         figures.text_panel(lines + [f"own report: rank {rank} of {len(studies)}"])])
+        return figures.grid_figure(rows, ["image", "nearest reports (study id, cosine; * its own)"],
+                                   "nearest reports among the shown studies")
 
 
 def paste(images: np.ndarray, pred: np.ndarray, mask: np.ndarray, patch: int, norm_pix: bool) -> np.ndarray:
@@ -229,64 +217,6 @@ def _has_space(config: ml_collections.ConfigDict) -> bool:
 
 def _patch(config: ml_collections.ConfigDict) -> int:
     return variant(config.model.variant)["patch_size"]
-
-
-def _rgb(pixels: np.ndarray, hidden: np.ndarray | None = None) -> np.ndarray:
-    """uint8 (S, S), (S, S, 1) or (S, S, 3) -> float RGB in [0, 1] for display; `hidden` pixels drawn grey-blue."""
-    pixels = pixels[..., 0] if pixels.ndim == 3 and pixels.shape[-1] == 1 else pixels
-    rgb = (np.repeat(pixels[..., None], 3, axis=-1) if pixels.ndim == 2 else pixels).astype(np.float32) / 255.0
-    if hidden is not None:
-        rgb[hidden] = (0.35, 0.35, 0.45)
-    return rgb
-
-
-def _overlay(pixels: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    from matplotlib import colormaps
-
-    up = np.kron(weights, np.ones((pixels.shape[0] // weights.shape[0],) * 2))
-    up = (up - up.min()) / max(float(up.max() - up.min()), 1e-12)
-    return 0.55 * _rgb(pixels) + 0.45 * colormaps["inferno"](up)[..., :3]
-
-
-def _text(lines: list[str]) -> dict:
-    return {"text": "\n".join(lines)}
-
-
-def _grid_figure(rows: list[list[Any]], columns: list[str], title: str) -> np.ndarray:
-    """Rows of panels (an RGB array; a dict with 'image', optional 'boxes' [(cx, cy, w, h fractions, colour)] and
-    'title'; or a dict with 'text') under column titles -> an RGB uint8 picture."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
-
-    width = [2.8 if isinstance(panel, dict) and "text" in panel else 1.6 for panel in rows[0]]
-    fig, axes = plt.subplots(len(rows), len(rows[0]), figsize=(sum(width), 1.7 * len(rows) + 0.4), squeeze=False,
-                             gridspec_kw={"width_ratios": width})
-    for r, row in enumerate(rows):
-        for c, panel in enumerate(row):
-            ax = axes[r, c]
-            ax.set_xticks([]), ax.set_yticks([])
-            panel = panel if isinstance(panel, dict) else {"image": panel}
-            if "text" in panel:
-                ax.axis("off")
-                ax.text(0.0, 0.5, panel["text"], family="monospace", fontsize=7, va="center")
-            else:
-                ax.imshow(panel["image"])
-                size = panel["image"].shape[0]
-                for (cx, cy, w, h), color in panel.get("boxes", []):
-                    ax.add_patch(Rectangle(((cx - w / 2) * size, (cy - h / 2) * size), w * size, h * size,
-                                           fill=False, edgecolor=color, linewidth=1.2))
-            heading = [columns[c]] if r == 0 and c < len(columns) else []
-            if heading or "title" in panel:
-                ax.set_title("\n".join(heading + ([panel["title"]] if "title" in panel else [])), fontsize=7)
-    fig.suptitle(textwrap.fill(title, int(12 * sum(width))), fontsize=8)
-    fig.tight_layout()
-    fig.canvas.draw()
-    picture = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
-    return picture
 
 
 def save(pictures: dict[str, np.ndarray], workdir: str, step: int, writer: Any = None) -> list[str]:
