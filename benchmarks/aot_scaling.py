@@ -9,6 +9,7 @@ images/s is given) and records per chip: HBM (arguments + temporaries + outputs)
 intensity, images/s at 40% MFU and the Pallas kernel calls. Results go to a JSON file; the table printed last
 is docs/scaling.md's (tests/test_readme.py holds the two equal). Compiling takes minutes per case on 2 cores.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,43 +25,107 @@ CASES = {
     "b16_v5e": (PRETRAIN, "", {"model.scan": True, "model.attention": "tpu_flash"}, "v5e-64", ("train", "features")),
     "b16_v4_dots": (PRETRAIN, "", {"model.remat": "dots", "model.attention": "tpu_flash"}, "v4-32", ("train",)),
     # scanned blocks: the memory is the unrolled program's, the FLOPs a lower bound (XLA counts a loop body once)
-    "b16_512_xla": (PRETRAIN, "", {"model.image_size": 512, "model.attention": "xla", "model.scan": True}, "v4-32",
-                    ("train",)),
-    "b16_512_flash": (PRETRAIN, "", {"model.image_size": 512, "model.scan": True, "model.attention": "tpu_flash"},
-                      "v4-32", ("train",)),
-    "b16_512_splash": (PRETRAIN, "", {"model.image_size": 512, "model.scan": True, "model.attention": "tpu_splash"},
-                       "v4-32", ("train",)),
-    "l16_v4": (PRETRAIN, "", {"model.variant": "L/16", "model.scan": True, "model.attention": "tpu_flash"}, "v4-32",
-               ("train",)),
-    "l16_v4_dots": (PRETRAIN, "", {"model.variant": "L/16", "model.scan": True, "model.remat": "dots",
-                                   "model.attention": "tpu_flash"}, "v4-32", ("train",)),
+    "b16_512_xla": (
+        PRETRAIN,
+        "",
+        {"model.image_size": 512, "model.attention": "xla", "model.scan": True},
+        "v4-32",
+        ("train",),
+    ),
+    "b16_512_flash": (
+        PRETRAIN,
+        "",
+        {"model.image_size": 512, "model.scan": True, "model.attention": "tpu_flash"},
+        "v4-32",
+        ("train",),
+    ),
+    "b16_512_splash": (
+        PRETRAIN,
+        "",
+        {"model.image_size": 512, "model.scan": True, "model.attention": "tpu_splash"},
+        "v4-32",
+        ("train",),
+    ),
+    "l16_v4": (
+        PRETRAIN,
+        "",
+        {"model.variant": "L/16", "model.scan": True, "model.attention": "tpu_flash"},
+        "v4-32",
+        ("train",),
+    ),
+    "l16_v4_dots": (
+        PRETRAIN,
+        "",
+        {"model.variant": "L/16", "model.scan": True, "model.remat": "dots", "model.attention": "tpu_flash"},
+        "v4-32",
+        ("train",),
+    ),
     # the largest per-chip batch: B/16 at 64 and 128 images per chip, without and with rematerialisation
-    **{f"b16_v4_b{b}{'_dots' if remat == 'dots' else ''}": (
-        PRETRAIN, "", {"data.batch_size": b, "model.remat": remat, "model.scan": True, "model.attention": "tpu_flash"},
-        "v4-32", ("train",))
-       for b in (1024, 2048) for remat in ("none", "dots")},
-    "vitdet_1024_xla": (PRETRAIN, "vitdet", {"model.image_size": 1024, "data.batch_size": 64, "model.remat": "dots",
-                                            "model.attention": "xla"}, "v4-32", ("train",)),
-    "vitdet_1024_flash": (PRETRAIN, "vitdet", {"model.image_size": 1024, "data.batch_size": 64,
-                                              "model.remat": "dots", "model.attention": "tpu_flash"}, "v4-32",
-                          ("train",)),
-    "vitdet_1024_splash": (PRETRAIN, "vitdet", {"model.image_size": 1024, "data.batch_size": 64,
-                                               "model.remat": "dots", "model.attention": "tpu_splash"}, "v4-32",
-                           ("train",)),
+    **{
+        f"b16_v4_b{b}{'_dots' if remat == 'dots' else ''}": (
+            PRETRAIN,
+            "",
+            {"data.batch_size": b, "model.remat": remat, "model.scan": True, "model.attention": "tpu_flash"},
+            "v4-32",
+            ("train",),
+        )
+        for b in (1024, 2048)
+        for remat in ("none", "dots")
+    },
+    "vitdet_1024_xla": (
+        PRETRAIN,
+        "vitdet",
+        {"model.image_size": 1024, "data.batch_size": 64, "model.remat": "dots", "model.attention": "xla"},
+        "v4-32",
+        ("train",),
+    ),
+    "vitdet_1024_flash": (
+        PRETRAIN,
+        "vitdet",
+        {"model.image_size": 1024, "data.batch_size": 64, "model.remat": "dots", "model.attention": "tpu_flash"},
+        "v4-32",
+        ("train",),
+    ),
+    "vitdet_1024_splash": (
+        PRETRAIN,
+        "vitdet",
+        {"model.image_size": 1024, "data.batch_size": 64, "model.remat": "dots", "model.attention": "tpu_splash"},
+        "v4-32",
+        ("train",),
+    ),
     # 8 NVIDIA H100s on one host, XLA's GPU compiler (`make test-gpu`'s environment, .venv-gpu). FLOPs are counted
     # on one CPU with unrolled blocks (the GPU compiler has no cost analysis), so scanned cases keep them whole.
     "b16_h100": (PRETRAIN, "", {}, "h100-8", ("train",)),
     "b16_h100_dots": (PRETRAIN, "", {"model.remat": "dots"}, "h100-8", ("train",)),
     "l16_h100": (PRETRAIN, "", {"model.variant": "L/16", "model.scan": True}, "h100-8", ("train",)),
-    "b16_h100_b8192_dots": (PRETRAIN, "", {"data.batch_size": 8192, "model.remat": "dots", "model.scan": True},
-                            "h100-8", ("train",)),
-    "b16_h100_b32768_dots": (PRETRAIN, "", {"data.batch_size": 32768, "model.remat": "dots", "model.scan": True},
-                             "h100-8", ("train",)),
-    "vitdet_1024_h100_xla": (PRETRAIN, "vitdet", {"model.image_size": 1024, "data.batch_size": 64,
-                                                 "model.remat": "dots", "model.attention": "xla"}, "h100-8",
-                             ("train",)),
-    "vitdet_1024_h100": (PRETRAIN, "vitdet", {"model.image_size": 1024, "data.batch_size": 64, "model.remat": "dots"},
-                         "h100-8", ("train",)),
+    "b16_h100_b8192_dots": (
+        PRETRAIN,
+        "",
+        {"data.batch_size": 8192, "model.remat": "dots", "model.scan": True},
+        "h100-8",
+        ("train",),
+    ),
+    "b16_h100_b32768_dots": (
+        PRETRAIN,
+        "",
+        {"data.batch_size": 32768, "model.remat": "dots", "model.scan": True},
+        "h100-8",
+        ("train",),
+    ),
+    "vitdet_1024_h100_xla": (
+        PRETRAIN,
+        "vitdet",
+        {"model.image_size": 1024, "data.batch_size": 64, "model.remat": "dots", "model.attention": "xla"},
+        "h100-8",
+        ("train",),
+    ),
+    "vitdet_1024_h100": (
+        PRETRAIN,
+        "vitdet",
+        {"model.image_size": 1024, "data.batch_size": 64, "model.remat": "dots"},
+        "h100-8",
+        ("train",),
+    ),
 }
 TARGET_DIM = 4096  # Llama-2-7b's hidden size
 
@@ -82,31 +147,47 @@ def run_case(name: str) -> list[dict]:
     rows = []
     for report in aot.compile_programs(config, topology, TARGET_DIM, programs):
         print("\n".join(report.lines()), flush=True)
-        rows.append({"case": name, "config": f"{file}{':' + variant if variant else ''}", "overrides": overrides,
-                     "variant": config.model.variant, "encoder": config.model.encoder,
-                     "image_size": config.model.image_size, "batch": config.data.batch_size,
-                     "remat": config.model.remat, **report.summary()})
+        rows.append(
+            {
+                "case": name,
+                "config": f"{file}{':' + variant if variant else ''}",
+                "overrides": overrides,
+                "variant": config.model.variant,
+                "encoder": config.model.encoder,
+                "image_size": config.model.image_size,
+                "batch": config.data.batch_size,
+                "remat": config.model.remat,
+                **report.summary(),
+            }
+        )
     return rows
 
 
 def table(rows: list[dict]) -> str:
     """Markdown table of the recorded rows (docs/scaling.md's)."""
-    lines = ["| encoder | px | batch (per device) | remat | attention | devices | program | memory per device | fits | "
-             "FLOPs per device | FLOP/B | images/s per device at 40% MFU |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| encoder | px | batch (per device) | remat | attention | devices | program | memory per device | fits | "
+        "FLOPs per device | FLOP/B | images/s per device at 40% MFU |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
         encoder = f"{'ViTDet' if r['encoder'] == 'vitdet' else 'ViT'}-{r['variant']}"
-        head = (f"| {encoder} | {r['image_size']} | {r['batch']} ({r['batch'] // r['chips']}) | {r['remat']} | "
-                f"{r['attention']} ({r['kernel_calls']} kernel calls) | {r['topology']} | {r['program']} | ")
+        head = (
+            f"| {encoder} | {r['image_size']} | {r['batch']} ({r['batch'] // r['chips']}) | {r['remat']} | "
+            f"{r['attention']} ({r['kernel_calls']} kernel calls) | {r['topology']} | {r['program']} | "
+        )
         if r.get("refused"):
             lines.append(head + f"refused: {r['temp_bytes'] / 2**30:.1f} GiB of temporaries alone | no | - | - | - |")
             continue
         usable = r.get("usable_bytes", r["hbm_bytes"])
-        limit = f"{r['hbm_bytes'] / 2**30:.0f} GiB" + (f" ({usable / 2**30:.0f} usable)" if usable < r["hbm_bytes"]
-                                                       else "")
-        lines.append(head + f"{r['total_bytes'] / 2**30:.2f} of {limit} | "
-                     f"{'yes' if r['fits'] else 'no'} | {r['flops']:.3g}{' (lower bound)' if r.get('loops') else ''} | "
-                     f"{r['intensity']:.0f} | {'-' if r.get('loops') else format(r['images_per_s_per_chip'], '.0f')} |")
+        limit = f"{r['hbm_bytes'] / 2**30:.0f} GiB" + (
+            f" ({usable / 2**30:.0f} usable)" if usable < r["hbm_bytes"] else ""
+        )
+        lines.append(
+            head + f"{r['total_bytes'] / 2**30:.2f} of {limit} | "
+            f"{'yes' if r['fits'] else 'no'} | {r['flops']:.3g}{' (lower bound)' if r.get('loops') else ''} | "
+            f"{r['intensity']:.0f} | {'-' if r.get('loops') else format(r['images_per_s_per_chip'], '.0f')} |"
+        )
     return "\n".join(lines)
 
 

@@ -10,6 +10,7 @@ architecture at its initialisation (random features already match crops by their
 DINO should raise it). Scores the EMA teacher (the network DINO evaluates) and the student; prints the
 teacher's ratio last.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,13 +20,12 @@ import os
 import jax
 import numpy as np
 
-from mvlp_jax.data import built
+from mvlp_jax.data import built, transforms, views
+from mvlp_jax.models.pretrainer import Pretrainer
+from mvlp_jax.pretrain import encoder as encoder_lib
 from mvlp_jax.pretrain import train
 from mvlp_jax.runtime import sharding
 from mvlp_jax.tools import demo
-from mvlp_jax.data import transforms, views
-from mvlp_jax.models.pretrainer import Pretrainer
-from mvlp_jax.pretrain import encoder as encoder_lib
 
 
 def paired_crops(config, seed: int = 1) -> np.ndarray:
@@ -38,9 +38,18 @@ def paired_crops(config, seed: int = 1) -> np.ndarray:
         source = built.open_split(builder, split)
         for i in range(len(source)):
             image = transforms.decode_png(source[i]["image"])
-            pair, _ = views.multi_crop([image], (0, 0), [], config.model.image_size, d.local_size,
-                                       tuple(d.global_scale), tuple(d.local_scale), data.brightness, data.contrast,
-                                       rng)
+            pair, _ = views.multi_crop(
+                [image],
+                (0, 0),
+                [],
+                config.model.image_size,
+                d.local_size,
+                tuple(d.global_scale),
+                tuple(d.local_scale),
+                data.brightness,
+                data.contrast,
+                rng,
+            )
             crops.append(transforms.normalise(pair, data.mean, data.std))
     return np.stack(crops, axis=1)
 
@@ -50,8 +59,9 @@ def view_retrieval(encoder: encoder_lib.Encoder, crops: np.ndarray, mesh: jax.sh
     and the median rank of the true match (0 = found first)."""
     forward = jax.jit(lambda p, x: encoder.model.apply({"params": p}, x, "mean", method=Pretrainer.features))
     with sharding.active(mesh):
-        embed = lambda x: np.concatenate([np.asarray(forward(encoder.params, x[i:i + 64]))
-                                          for i in range(0, len(x), 64)])
+        embed = lambda x: np.concatenate(
+            [np.asarray(forward(encoder.params, x[i : i + 64])) for i in range(0, len(x), 64)]
+        )
         first, second = embed(crops[0]), embed(crops[1])
     mean = np.concatenate([first, second]).mean(axis=0)
     unit = lambda f: (f - mean) / np.linalg.norm(f - mean, axis=1, keepdims=True)
@@ -78,10 +88,13 @@ def main() -> None:
     teacher = view_retrieval(encoder_lib.load(args.workdir, -1, mesh, teacher=True), crops, mesh)
     initial = view_retrieval(encoder_lib.load(encoder_lib.RANDOM_INIT, -1, mesh, like=args.workdir), crops, mesh)
     describe = lambda r: f"top-1 {r['top1']:.3f}, top-5 {r['top5']:.3f}, median rank {r['median_rank']:.0f}"
-    print(f"{crops.shape[1]} held-out NIH images, 2 global crops each (chance: top-1 {1 / crops.shape[1]:.4f}, "
-          f"median rank {(crops.shape[1] - 1) / 2:.0f}):\n  DINO student ({args.steps} steps): {describe(student)}\n"
-          f"  DINO teacher: {describe(teacher)}\n  initialisation: {describe(initial)}")
+    print(
+        f"{crops.shape[1]} held-out NIH images, 2 global crops each (chance: top-1 {1 / crops.shape[1]:.4f}, "
+        f"median rank {(crops.shape[1] - 1) / 2:.0f}):\n  DINO student ({args.steps} steps): {describe(student)}\n"
+        f"  DINO teacher: {describe(teacher)}\n  initialisation: {describe(initial)}"
+    )
     print(f"dino_views: top-1 view retrieval, DINO teacher / initialisation = {teacher['top1'] / initial['top1']:.2f}x")
+
 
 if __name__ == "__main__":
     main()

@@ -19,6 +19,7 @@ variant. --blocks instead times one transformer block forward + backward (loss s
 B/16's encoder block on the 50 tokens it sees at mask 0.75, and the MAE decoder's block (197 tokens, 512
 wide, 16 heads) against transformers' ViTMAELayer with SDPA attention.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,7 +47,7 @@ def matmul_flops_per_s(n: int = 4096, repeats: int = 5) -> float:
     start = time.perf_counter()
     for _ in range(repeats):
         f(a).block_until_ready()
-    return 2 * n ** 3 * repeats / (time.perf_counter() - start)
+    return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
 def jax_step_times(name: str, batch: int, steps: int) -> dict:
@@ -80,8 +81,13 @@ def jax_step_times(name: str, batch: int, steps: int) -> dict:
         nonlocal state
         *state, loss = compiled(*state, next(keys))
         loss.block_until_ready()
-    return {"times": step_seconds(run, steps), "flops": flops, "peak": matmul_flops_per_s(),
-            "gemm": "mkl" if chosen.mkl_gemm else "xla"}
+
+    return {
+        "times": step_seconds(run, steps),
+        "flops": flops,
+        "peak": matmul_flops_per_s(),
+        "gemm": "mkl" if chosen.mkl_gemm else "xla",
+    }
 
 
 def step_flops(step, *args) -> float:
@@ -103,9 +109,16 @@ def torch_step_times(name: str, batch: int, steps: int) -> dict:
     from mvlp_jax.models.vit import variant
 
     v = variant(name)
-    cfg = ViTMAEConfig(hidden_size=v["width"], num_hidden_layers=v["depth"], num_attention_heads=v["num_heads"],
-                       intermediate_size=v["mlp_dim"], patch_size=v["patch_size"], image_size=224, num_channels=1,
-                       mask_ratio=0.75)
+    cfg = ViTMAEConfig(
+        hidden_size=v["width"],
+        num_hidden_layers=v["depth"],
+        num_attention_heads=v["num_heads"],
+        intermediate_size=v["mlp_dim"],
+        patch_size=v["patch_size"],
+        image_size=224,
+        num_channels=1,
+        mask_ratio=0.75,
+    )
     torch.manual_seed(0)
     model = ViTMAEForPreTraining(cfg).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1.5e-4, weight_decay=0.05)
@@ -143,10 +156,12 @@ def jax_block_times(name: str, batch: int, steps: int) -> dict:
         block = Block(num_heads=heads, mlp_dim=mlp_dim)
         x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, tokens, width)), jnp.float32)
         params = block.init(jax.random.key(0), x)
-        grad = jax.jit(jax.grad(lambda p, x: jnp.sum(block.apply(p, x)[0] ** 2), argnums=(0, 1)))
+        grad = jax.jit(jax.grad(lambda p, x, block=block: jnp.sum(block.apply(p, x)[0] ** 2), argnums=(0, 1)))
         with backend.use(backend.select(jax.devices())):
             grad = grad.lower(params, x).compile()
-        out[block_name] = float(np.median(step_seconds(lambda: jax.block_until_ready(grad(params, x)), steps)))
+        out[block_name] = float(
+            np.median(step_seconds(lambda grad=grad, params=params, x=x: jax.block_until_ready(grad(params, x)), steps))
+        )
     return out
 
 
@@ -163,23 +178,40 @@ def torch_block_times(name: str, batch: int, steps: int) -> dict:
         layer = ViTMAELayer(cfg).train()
         x = torch.randn(batch, tokens, width, requires_grad=True)
 
-        def step():
+        def step(layer=layer, x=x):
             y = layer(x)
             (y[0] if isinstance(y, tuple) else y).square().sum().backward()
+
         out[block_name] = float(np.median(step_seconds(step, steps)))
     return out
 
 
-WORKERS = {"jax": jax_step_times, "torch": torch_step_times, "jax_blocks": jax_block_times,
-           "torch_blocks": torch_block_times}
+WORKERS = {
+    "jax": jax_step_times,
+    "torch": torch_step_times,
+    "jax_blocks": jax_block_times,
+    "torch_blocks": torch_block_times,
+}
 
 
 def run_worker(framework: str, name: str, batch: int, steps: int, huge_page_malloc: bool) -> dict:
     """One framework's measurement in a fresh process (its result is the last line, as JSON)."""
     env = with_huge_page_malloc(os.environ) if huge_page_malloc else dict(os.environ)
-    out = subprocess.run([sys.executable, "-m", "benchmarks.encoder_throughput", f"--worker={framework}",
-                          f"--variants={name}", f"--batch={batch}", f"--steps={steps}"],
-                         check=True, capture_output=True, text=True, env=env)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.encoder_throughput",
+            f"--worker={framework}",
+            f"--variants={name}",
+            f"--batch={batch}",
+            f"--steps={steps}",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -210,10 +242,13 @@ def main() -> None:
             torch_times += run_worker("torch", name, args.batch, args.steps, args.huge_page_malloc)["times"]
         jax_step, torch_step, peak = np.median(jax_times), np.median(torch_times), np.median(peaks)
         ratio = torch_step / jax_step
-        print(f"MAE {name} @224 gray, batch {args.batch}, median of {len(jax_times)} steps each: "
-              f"JAX {args.batch / jax_step:.2f} img/s (MFU {flops / jax_step / peak:.0%} of a "
-              f"{peak / 1e9:.0f} GFLOP/s fp32 matmul; GEMMs by {gemm}), PyTorch {args.batch / torch_step:.2f} img/s, "
-              f"ratio {ratio:.2f}x", flush=True)
+        print(
+            f"MAE {name} @224 gray, batch {args.batch}, median of {len(jax_times)} steps each: "
+            f"JAX {args.batch / jax_step:.2f} img/s (MFU {flops / jax_step / peak:.0%} of a "
+            f"{peak / 1e9:.0f} GFLOP/s fp32 matmul; GEMMs by {gemm}), PyTorch {args.batch / torch_step:.2f} img/s, "
+            f"ratio {ratio:.2f}x",
+            flush=True,
+        )
     print(f"encoder_throughput: JAX/PyTorch MAE train-step images/s ratio ({name}): {ratio:.2f}x")
 
 
@@ -226,8 +261,11 @@ def compare_blocks(args: argparse.Namespace) -> None:
     for block_name, tokens, width, heads, _ in BLOCKS:
         jax_s, torch_s = (np.median([r[block_name] for r in times[f]]) for f in times)
         ratio = torch_s / jax_s
-        print(f"{block_name} block ({tokens} tokens, {width} wide, {heads} heads), batch {args.batch}, fwd + bwd: "
-              f"JAX {jax_s * 1e3:.0f} ms, PyTorch {torch_s * 1e3:.0f} ms, ratio {ratio:.2f}x", flush=True)
+        print(
+            f"{block_name} block ({tokens} tokens, {width} wide, {heads} heads), batch {args.batch}, fwd + bwd: "
+            f"JAX {jax_s * 1e3:.0f} ms, PyTorch {torch_s * 1e3:.0f} ms, ratio {ratio:.2f}x",
+            flush=True,
+        )
     print(f"encoder_throughput --blocks: JAX/PyTorch speed ratio of the decoder block: {ratio:.2f}x")
 
 

@@ -17,6 +17,7 @@ as many steps as give (a)'s image count (the studies' mean number of views, at m
 feature per test study (study_views=2: (b) reads the views as one sequence, (a) and an untrained encoder
 average their views' features), bootstrap CIs over patients and the paired difference (b) minus (a), printed last.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,10 @@ BATCH_IMAGES = 16
 def write_manifest(out: str) -> str:
     """The source's metadata with a study id, the binary COVID-19 label and absolute image paths."""
     d = pd.read_csv(os.path.join(SOURCE, "metadata.csv"))
-    d["study"] = [f"{p}_day{o}" if pd.notna(o) else f"{p}_{t}" if pd.notna(t) else f"{p}_{f}"
-                  for p, o, t, f in zip(d["patientid"], d["offset"], d["date"], d["filename"])]
+    d["study"] = [
+        f"{p}_day{o}" if pd.notna(o) else f"{p}_{t}" if pd.notna(t) else f"{p}_{f}"
+        for p, o, t, f in zip(d["patientid"], d["offset"], d["date"], d["filename"])
+    ]
     d["covid"] = np.where(d["finding"] == "todo", "", d["finding"].str.startswith("COVID-19").astype(int).astype(str))
     d["image"] = [os.path.join(SOURCE, "images", f) for f in d["filename"]]
     d["split"] = [seeded_split(str(p), 0, (0.6, 0.0, 0.4)) for p in d["patientid"]]  # a test set worth scoring
@@ -55,25 +58,53 @@ def build_and_embed(out: str) -> str:
 
     data_dir = os.path.join(out, "tfds")
     if not os.path.exists(os.path.join(data_dir, "covid_studies", VERSION, "build_report.json")):
-        print("[multi_view] " + summary_line(build(
-            "csv", out, data_dir, name="covid_studies", manifest=write_manifest(out), text_column="clinical_notes",
-            study_column="study", group_column="patientid", split_column="split", view_column="view", views="all",
-            label_columns="covid", image_size=256, num_workers=2)), flush=True)
+        print(
+            "[multi_view] "
+            + summary_line(
+                build(
+                    "csv",
+                    out,
+                    data_dir,
+                    name="covid_studies",
+                    manifest=write_manifest(out),
+                    text_column="clinical_notes",
+                    study_column="study",
+                    group_column="patientid",
+                    split_column="split",
+                    view_column="view",
+                    views="all",
+                    label_columns="covid",
+                    image_size=256,
+                    num_workers=2,
+                )
+            ),
+            flush=True,
+        )
     embeddings = os.path.join(out, "emb")
     if not os.path.exists(os.path.join(embeddings, "manifest.json")):
-        subprocess.run([sys.executable, "-m", "data_prep.precompute_text_embeddings", f"--data_dir={data_dir}",
-                        "--dataset=covid_studies", "--model=smollm2", f"--output_dir={embeddings}"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "data_prep.precompute_text_embeddings",
+                f"--data_dir={data_dir}",
+                "--dataset=covid_studies",
+                "--model=smollm2",
+                f"--output_dir={embeddings}",
+            ],
+            check=True,
+        )
     return data_dir
 
 
 def mean_views(data_dir: str, max_views: int) -> float:
-    from mvlp_jax.data import built
-    from mvlp_jax.data import studies
+    from mvlp_jax.data import built, studies
 
     source = built.open_split(built.open_builder(data_dir, "covid_studies")[0], "train")
     records = [source[i] for i in range(len(source))]
-    grouped, _, _ = studies.group([r["study_id"].decode() for r in records], [r["view"].decode() for r in records],
-                                  max_views)
+    grouped, _, _ = studies.group(
+        [r["study_id"].decode() for r in records], [r["view"].decode() for r in records], max_views
+    )
     return float((grouped >= 0).sum(1).mean())
 
 
@@ -94,8 +125,11 @@ def pretrain(out: str, data_dir: str, recipe: str, name: str, max_views: int, st
     config.checkpoint.save_interval_steps, config.log_images_every_steps = steps, 0
     workdir = os.path.join(out, name)
     if not os.path.isdir(os.path.join(workdir, "checkpoints", str(steps))):
-        print(f"[multi_view] pretraining {name}: max_views={max_views}, {config.data.batch_size} per step, "
-              f"{steps} steps -> {workdir}", flush=True)
+        print(
+            f"[multi_view] pretraining {name}: max_views={max_views}, {config.data.batch_size} per step, "
+            f"{steps} steps -> {workdir}",
+            flush=True,
+        )
         train.train(config, workdir)
     return workdir
 
@@ -104,8 +138,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="llm", help="what both runs pretrain")
     parser.add_argument("--steps", type=int, default=150, help="steps of the one-view run (16 images each)")
-    parser.add_argument("--workdir", default=os.path.join(demo.REPO, "runs", "bench", "multi_view"),
-                        type=os.path.abspath)  # manifests are passed to the builder by absolute path
+    parser.add_argument(
+        "--workdir", default=os.path.join(demo.REPO, "runs", "bench", "multi_view"), type=os.path.abspath
+    )  # manifests are passed to the builder by absolute path
     args = parser.parse_args()
     data_dir = build_and_embed(args.workdir)
     per_study = mean_views(data_dir, 2)
@@ -113,8 +148,10 @@ def main() -> None:
     suffix = RECIPES[args.recipe][1]
     one = pretrain(args.workdir, data_dir, args.recipe, "one_view" + suffix, 1, args.steps)
     multi = pretrain(args.workdir, data_dir, args.recipe, "multi_view" + suffix, 2, study_steps)
-    print(f"[multi_view] images seen: one_view {args.steps * BATCH_IMAGES}, multi_view ~{study_steps} x "
-          f"{BATCH_IMAGES // 2} studies x {per_study:.3f} views = {study_steps * BATCH_IMAGES // 2 * per_study:.0f}")
+    print(
+        f"[multi_view] images seen: one_view {args.steps * BATCH_IMAGES}, multi_view ~{study_steps} x "
+        f"{BATCH_IMAGES // 2} studies x {per_study:.3f} views = {study_steps * BATCH_IMAGES // 2 * per_study:.0f}"
+    )
 
     from mvlp_jax.evaluation import evaluate
 
@@ -129,11 +166,15 @@ def main() -> None:
         results = json.load(f)
     for row in results["checkpoints"]:
         lo, hi = row["ci95"]["mauc"]
-        print(f"{row['name']} (step {row['step']}): COVID-19 AUC {row['mauc']:.4f} [{lo:.4f}, {hi:.4f}] over "
-              f"{row['test_cases']} test studies, {row['train_cases']} training studies")
+        print(
+            f"{row['name']} (step {row['step']}): COVID-19 AUC {row['mauc']:.4f} [{lo:.4f}, {hi:.4f}] over "
+            f"{row['test_cases']} test studies, {row['train_cases']} training studies"
+        )
     c = next(c for c in results["comparisons"] if c["candidate"] == "multi_view" + suffix)
-    print(f"multi_view ({args.recipe}): study-level AUC, multi-view minus one-view pretraining (same images): "
-          f"{c['mauc_difference']:+.4f} [95% CI {c['interval'][0]:+.4f}, {c['interval'][1]:+.4f}]")
+    print(
+        f"multi_view ({args.recipe}): study-level AUC, multi-view minus one-view pretraining (same images): "
+        f"{c['mauc_difference']:+.4f} [95% CI {c['interval'][0]:+.4f}, {c['interval'][1]:+.4f}]"
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Peer, in the same run: transformers, same model, same batch size, every batch pa
 reports in input order. Ours: length-sorted token-budget batches with dynamic padding. Prints the
 reports/s ratio last (target >= 2x) and our padding fraction (target < 10%).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,9 @@ import torch
 from data_prep.text_embeddings import plan
 from mvlp_jax.models.frozen_lm import FrozenLM
 
-IU_CSV = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "iu_xray_reports",
-                      "iuxray_chexpert_labels.csv")
+IU_CSV = os.path.join(
+    os.path.dirname(__file__), "..", "..", "shared", "data", "iu_xray_reports", "iuxray_chexpert_labels.csv"
+)
 
 
 def main() -> None:
@@ -39,8 +41,13 @@ def main() -> None:
 
     start = time.perf_counter()
     for i in range(0, len(ids), args.batch):  # naive peer: input order, padded to 512
-        batch = lm.tokenizer([texts[s] for s in ids[i:i + args.batch]], padding="max_length", truncation=True,
-                             max_length=512, return_tensors="pt")
+        batch = lm.tokenizer(
+            [texts[s] for s in ids[i : i + args.batch]],
+            padding="max_length",
+            truncation=True,
+            max_length=512,
+            return_tensors="pt",
+        )
         with torch.inference_mode():
             lm.model(**batch, output_hidden_states=True)
     naive = len(ids) / (time.perf_counter() - start)

@@ -7,6 +7,7 @@ split), then predicts the boxes of random regions of the validate + test images 
 distribution of regions, 20 per image) and compares the mean IoU with that of the constant box that
 scores best on those same regions (the trivial predictor). Prints the ratio last.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,13 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mvlp_jax.data import built
+from mvlp_jax.data import built, transforms, views
+from mvlp_jax.objectives.query_box import iou_and_giou
+from mvlp_jax.pretrain import encoder as encoder_lib
 from mvlp_jax.pretrain import train
 from mvlp_jax.runtime import sharding
 from mvlp_jax.tools import demo
-from mvlp_jax.data import transforms, views
-from mvlp_jax.objectives.query_box import iou_and_giou
-from mvlp_jax.pretrain import encoder as encoder_lib
 
 
 def held_out_regions(config, per_image: int = 20, seed: int = 1) -> dict[str, np.ndarray]:
@@ -44,10 +44,10 @@ def held_out_regions(config, per_image: int = 20, seed: int = 1) -> dict[str, np
 
 def best_constant_iou(boxes: np.ndarray) -> float:
     grid = np.linspace(0.1, 0.9, 17)
-    candidates = np.array([[cx, cy, w, h] for cx in (0.4, 0.5, 0.6) for cy in (0.4, 0.5, 0.6) for w in grid
-                           for h in grid], np.float32)
-    return max(float(iou_and_giou(jnp.broadcast_to(c, boxes.shape), jnp.asarray(boxes))[0].mean())
-               for c in candidates)
+    candidates = np.array(
+        [[cx, cy, w, h] for cx in (0.4, 0.5, 0.6) for cy in (0.4, 0.5, 0.6) for w in grid for h in grid], np.float32
+    )
+    return max(float(iou_and_giou(jnp.broadcast_to(c, boxes.shape), jnp.asarray(boxes))[0].mean()) for c in candidates)
 
 
 def main() -> None:
@@ -64,12 +64,18 @@ def main() -> None:
     encoder = encoder_lib.load(args.workdir, -1, mesh)
     held = held_out_regions(config)
     locate = jax.jit(lambda p, x, q: encoder.model.apply({"params": p}, x, q, train=False, method=locate))
-    predicted = np.concatenate([np.asarray(locate(encoder.params, held["image"][i:i + 64], held["query"][i:i + 64]))
-                                for i in range(0, len(held["box"]), 64)])
+    predicted = np.concatenate(
+        [
+            np.asarray(locate(encoder.params, held["image"][i : i + 64], held["query"][i : i + 64]))
+            for i in range(0, len(held["box"]), 64)
+        ]
+    )
     model_iou = float(iou_and_giou(jnp.asarray(predicted), jnp.asarray(held["box"]))[0].mean())
     trivial = best_constant_iou(held["box"])
-    print(f"{len(held['box'])} held-out regions; model (step {encoder.step}) mean IoU {model_iou:.3f}, "
-          f"best constant box {trivial:.3f}")
+    print(
+        f"{len(held['box'])} held-out regions; model (step {encoder.step}) mean IoU {model_iou:.3f}, "
+        f"best constant box {trivial:.3f}"
+    )
     print(f"query_box: held-out mean IoU / best constant box's = {model_iou / trivial:.2f}x")
 
 

@@ -18,6 +18,7 @@
 Stages whose output exists are reused. Prints the table and, last, (b) minus (a) and (b) minus (d) at the
 largest budget with 100% of the labels.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,8 @@ import pandas as pd
 
 from data_prep import pair_reports
 from mvlp_jax.data.records import seeded_split
-from mvlp_jax.tools import demo
 from mvlp_jax.pretrain import encoder as encoder_lib
+from mvlp_jax.tools import demo
 
 SHARED = os.path.join(os.path.dirname(demo.REPO), "shared", "data")
 NIH_DIR = os.path.join(SHARED, "nih_pneumonia1000")
@@ -41,8 +42,12 @@ IU_LABELS = os.path.join(SHARED, "iu_xray_reports", "iuxray_chexpert_labels.csv"
 PROBE_LABELS = ("Atelectasis", "Effusion", "Infiltration", "Pneumonia", "Edema")
 PAIRINGS = {"paired": False, "shuffled": True}
 # recipe -> (config file, pairing); the first is the baseline the probes' paired differences are taken against
-RECIPES = {"llm_mae": ("pretrain", "paired"), "mae": ("mae", "paired"), "mflag": ("mflag", "paired"),
-           "llm_mae_shuffled": ("pretrain", "shuffled")}
+RECIPES = {
+    "llm_mae": ("pretrain", "paired"),
+    "mae": ("mae", "paired"),
+    "mflag": ("mflag", "paired"),
+    "llm_mae_shuffled": ("pretrain", "shuffled"),
+}
 IMAGE_SIZE, BATCH, SEED = 128, 32, 0
 
 
@@ -67,16 +72,27 @@ def build_datasets(out: str) -> str:
     from data_prep.tfds_builder import VERSION
 
     data_dir = os.path.join(out, "tfds")
-    common = dict(image_dir=os.path.join(NIH_DIR, "images"), group_column="patient_id", view_column="view",
-                  views="all", image_size=0, num_workers=2)
-    datasets = {name: dict(manifest=os.path.join(out, "pairing", name, "pretrain.csv"), text_column="report")
-                for name in PAIRINGS}
-    datasets["heldout"] = dict(manifest=os.path.join(out, "pairing", "heldout.csv"), split_column="split",
-                               label_columns=",".join(PROBE_LABELS))
+    common = dict(
+        image_dir=os.path.join(NIH_DIR, "images"),
+        group_column="patient_id",
+        view_column="view",
+        views="all",
+        image_size=0,
+        num_workers=2,
+    )
+    datasets = {
+        name: dict(manifest=os.path.join(out, "pairing", name, "pretrain.csv"), text_column="report")
+        for name in PAIRINGS
+    }
+    datasets["heldout"] = dict(
+        manifest=os.path.join(out, "pairing", "heldout.csv"), split_column="split", label_columns=",".join(PROBE_LABELS)
+    )
     for name, options in datasets.items():
         if not os.path.exists(os.path.join(data_dir, name, VERSION, "build_report.json")):
-            print("[report_transfer] " + summary_line(build("csv", NIH_DIR, data_dir, name=name, **common,
-                                                            **options)), flush=True)
+            print(
+                "[report_transfer] " + summary_line(build("csv", NIH_DIR, data_dir, name=name, **common, **options)),
+                flush=True,
+            )
     return data_dir
 
 
@@ -84,8 +100,18 @@ def embed(out: str, data_dir: str) -> None:
     for name in PAIRINGS:
         target = os.path.join(out, "emb", name)
         if not os.path.exists(os.path.join(target, "manifest.json")):
-            subprocess.run([sys.executable, "-m", "data_prep.precompute_text_embeddings", f"--data_dir={data_dir}",
-                            f"--dataset={name}", "--model=smollm2", f"--output_dir={target}"], check=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "data_prep.precompute_text_embeddings",
+                    f"--data_dir={data_dir}",
+                    f"--dataset={name}",
+                    "--model=smollm2",
+                    f"--output_dir={target}",
+                ],
+                check=True,
+            )
 
 
 def pretrain(out: str, data_dir: str, recipe: str, steps: int) -> str:
@@ -102,8 +128,11 @@ def pretrain(out: str, data_dir: str, recipe: str, steps: int) -> str:
     workdir = os.path.join(out, f"steps_{steps}", recipe)
     timing = os.path.join(workdir, "pretraining_seconds.json")
     if not os.path.isdir(os.path.join(workdir, "checkpoints", str(steps))):
-        print(f"[report_transfer] pretraining {recipe} (configs/{config_name}.py:demo on the {pairing} pairing) "
-              f"for {steps} steps -> {workdir}", flush=True)
+        print(
+            f"[report_transfer] pretraining {recipe} (configs/{config_name}.py:demo on the {pairing} pairing) "
+            f"for {steps} steps -> {workdir}",
+            flush=True,
+        )
         began = time.perf_counter()
         train.train(config, workdir)
         with open(timing, "w") as f:
@@ -150,10 +179,9 @@ def report_agreement(out: str, data_dir: str, workdir: str) -> tuple[float, floa
     import jax
     import numpy as np
 
-    from mvlp_jax.data import built
+    from mvlp_jax.data import built, targets
     from mvlp_jax.evaluation import shared_space
     from mvlp_jax.runtime import sharding
-    from mvlp_jax.data import targets
 
     mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(-1, 1, 1), sharding.AXES)
     encoder = encoder_lib.load(workdir, -1, mesh)
@@ -167,18 +195,24 @@ def report_agreement(out: str, data_dir: str, workdir: str) -> tuple[float, floa
     reports, first = np.unique(pairing.loc[images, "report_id"].astype(str).to_numpy(), return_index=True)
     table = targets.load_targets(os.path.join(out, "emb", "paired"), encoder.config.contrastive.target)
     rows = targets.join([records[i]["study_id"].decode() for i in first], table, False, "paired/test")
-    embedded = shared_space.embed_images(encoder, space, source, demo.load_config("linear_probe", None), mesh,
-                                         f"agreement {encoder.name}")
+    embedded = shared_space.embed_images(
+        encoder, space, source, demo.load_config("linear_probe", None), mesh, f"agreement {encoder.name}"
+    )
     texts = shared_space.embed_texts(encoder, space, table.vectors[rows])  # one vector per distinct report
     unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     nearest = np.argmax(unit(embedded) @ unit(texts).T, axis=1)
     iu = pd.read_csv(IU_LABELS)
-    _, normal, states = pair_reports.report_findings(iu[iu["subject_id"].astype(str).isin(reports)]
-                                                     .assign(key=lambda d: d["subject_id"].astype(str))
-                                                     .set_index("key").loc[reports].reset_index(drop=True))
+    _, normal, states = pair_reports.report_findings(
+        iu[iu["subject_id"].astype(str).isin(reports)]
+        .assign(key=lambda d: d["subject_id"].astype(str))
+        .set_index("key")
+        .loc[reports]
+        .reset_index(drop=True)
+    )
     findings = pairing.loc[images, list(pair_reports.NIH_LABELS)].to_numpy() == 1
-    agree = np.stack([pair_reports.agrees(findings, normal, states, np.full(len(images), j))
-                      for j in range(len(reports))], axis=1)  # (images, distinct reports)
+    agree = np.stack(
+        [pair_reports.agrees(findings, normal, states, np.full(len(images), j)) for j in range(len(reports))], axis=1
+    )  # (images, distinct reports)
     hits = agree[np.arange(len(images)), nearest]
     draws = np.random.default_rng(SEED).integers(0, len(hits), (1000, len(hits)))
     lo, hi = np.percentile(hits[draws].mean(1), (2.5, 97.5))
@@ -188,8 +222,9 @@ def report_agreement(out: str, data_dir: str, workdir: str) -> tuple[float, floa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", default="200,800", help="comma-separated pretraining budgets (steps of 32)")
-    parser.add_argument("--workdir", default=os.path.join(demo.REPO, "runs", "bench", "report_transfer"),
-                        type=os.path.abspath)  # manifests are passed to the builder by absolute path
+    parser.add_argument(
+        "--workdir", default=os.path.join(demo.REPO, "runs", "bench", "report_transfer"), type=os.path.abspath
+    )  # manifests are passed to the builder by absolute path
     args = parser.parse_args()
     budgets = sorted(int(s) for s in args.steps.split(","))
     start = time.perf_counter()
@@ -204,14 +239,20 @@ def main() -> None:
             seconds[(recipe, steps)] = pretraining_seconds(workdirs[-1])
         spaced = [w for w in workdirs if not w.endswith(os.sep + "mae")]
         agreement = {os.path.basename(w): report_agreement(args.workdir, data_dir, w) for w in spaced}
-        tables[steps] = (probe(args.workdir, data_dir, workdirs, steps),
-                         retrieval(args.workdir, data_dir, spaced, steps), agreement)
+        tables[steps] = (
+            probe(args.workdir, data_dir, workdirs, steps),
+            retrieval(args.workdir, data_dir, spaced, steps),
+            agreement,
+        )
     print(summary(tables, seconds, time.perf_counter() - start))
 
 
 def summary(tables: dict, seconds: dict, elapsed: float) -> str:
-    lines = ["| steps | checkpoint | labels | mAUC [95% CI] | Pneumonia AUC | image->report R@1 / R@5 | nearest report "
-             "agrees (random report) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| steps | checkpoint | labels | mAUC [95% CI] | Pneumonia AUC | image->report R@1 / R@5 | nearest report "
+        "agrees (random report) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for steps, (probes, retrieved, agreement) in tables.items():
         recall = {r["name"]: r["image_to_report"] for r in retrieved["retrieval"]}
         for row in probes["checkpoints"]:
@@ -221,24 +262,33 @@ def summary(tables: dict, seconds: dict, elapsed: float) -> str:
             cell = f"{r['R@1']:.3f} / {r['R@5']:.3f} (chance R@1 {chance:.3f})" if r else "-"
             a = agreement.get(name)
             agrees = f"{a[0]:.3f} [{a[1]:.3f}, {a[2]:.3f}] ({a[3]:.3f})" if a else "-"
-            lines.append(f"| {steps} | {name} | {row['label_fraction']:.0%} | {row['mauc']:.4f} [{lo:.4f}, {hi:.4f}] "
-                         f"| {row['auc']['Pneumonia']:.4f} | {cell} | {agrees} |")
+            lines.append(
+                f"| {steps} | {name} | {row['label_fraction']:.0%} | {row['mauc']:.4f} [{lo:.4f}, {hi:.4f}] "
+                f"| {row['auc']['Pneumonia']:.4f} | {cell} | {agrees} |"
+            )
     lines.append("")
     for steps, (probes, _, _) in tables.items():
         for c in probes["comparisons"]:
             lo, hi = c["interval"]
-            lines.append(f"{steps} steps, {c['label_fraction']:.0%} labels: {c['candidate']} minus "
-                         f"llm_mae mAUC {c['mauc_difference']:+.4f} [{lo:+.4f}, {hi:+.4f}]")
-    lines.append("\npretraining seconds (as trained): " + ", ".join(f"{r}@{s} {t:.0f}" for (r, s), t in seconds.items())
-                 + f"; this invocation {elapsed:.0f} s")
+            lines.append(
+                f"{steps} steps, {c['label_fraction']:.0%} labels: {c['candidate']} minus "
+                f"llm_mae mAUC {c['mauc_difference']:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+            )
+    lines.append(
+        "\npretraining seconds (as trained): "
+        + ", ".join(f"{r}@{s} {t:.0f}" for (r, s), t in seconds.items())
+        + f"; this invocation {elapsed:.0f} s"
+    )
     steps = max(tables)
     comparisons = {(c["candidate"], c["label_fraction"]): c for c in tables[steps][0]["comparisons"]}
     key = []
     for name in ("mae", "llm_mae_shuffled"):
         if (name, 1.0) in comparisons:  # stored as candidate minus llm_mae: turned around here
             c = comparisons[(name, 1.0)]
-            key.append(f"llm_mae minus {name} {-c['mauc_difference']:+.4f} "
-                       f"[{-c['interval'][1]:+.4f}, {-c['interval'][0]:+.4f}]")
+            key.append(
+                f"llm_mae minus {name} {-c['mauc_difference']:+.4f} "
+                f"[{-c['interval'][1]:+.4f}, {-c['interval'][0]:+.4f}]"
+            )
     lines.append(f"report_transfer: {steps} steps, 100% labels, held-out mAUC: " + ", ".join(key))
     return "\n".join(lines)
 

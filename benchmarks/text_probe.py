@@ -6,6 +6,7 @@ Patient-level split (seeded hash of the report uid, 80/20), uncertain labels ign
 one logistic regression per CheXpert label with both classes in train and test. Prints per-label AUC
 and the mean AUC last.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,9 +17,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
-from mvlp_jax.data.records import CHEXPERT_LABELS, code_label, seeded_split
-from mvlp_jax.data import embedding_shards
 from benchmarks.precompute import IU_CSV
+from mvlp_jax.data import embedding_shards
+from mvlp_jax.data.records import CHEXPERT_LABELS, code_label, seeded_split
 
 
 def main() -> None:
@@ -27,8 +28,11 @@ def main() -> None:
     parser.add_argument("--csv", default=IU_CSV)
     parser.add_argument("--pooling", default="mean", choices=["mean", "last"])
     args = parser.parse_args()
-    vectors = {r["study_id"]: r[args.pooling].astype(np.float32)
-               for p in embedding_shards.shard_paths(args.embeddings) for r in embedding_shards.read_shard(p)}
+    vectors = {
+        r["study_id"]: r[args.pooling].astype(np.float32)
+        for p in embedding_shards.shard_paths(args.embeddings)
+        for r in embedding_shards.read_shard(p)
+    }
     labels: dict[str, list[int]] = {}
     with open(args.csv, newline="") as f:
         for row in csv.DictReader(f):

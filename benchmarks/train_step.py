@@ -8,6 +8,7 @@ Step: the full pretraining step (LLM contrastive + MAE, forward + backward + Ada
 targets (stand-ins of SmolLM2's width 576), batched, with the config's threads. Prints the ratio of
 pipeline images/s to the slowest step's images/s last (target >= 2: input never starves the step).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,18 +19,28 @@ import time
 import jax
 import numpy as np
 
-from mvlp_jax.pretrain import optim, train_step as ts
-from mvlp_jax.runtime import sharding
 from mvlp_jax.data import pipeline
 from mvlp_jax.models.pretrainer import Pretrainer
+from mvlp_jax.pretrain import optim
+from mvlp_jax.pretrain import train_step as ts
+from mvlp_jax.runtime import sharding
 from tests.pretrain_setup import build_sample, micro_config, write_targets
 
 HIDDEN = 576
 
 
 def config_for(data_dir: str, emb_dir: str, name: str, batch: int):
-    c = micro_config(data_dir, emb_dir, **{"model.image_size": 224, "model.dtype": "float32", "mesh.data": 1,
-                                           "data.batch_size": batch, "data.num_threads": os.cpu_count() or 2})
+    c = micro_config(
+        data_dir,
+        emb_dir,
+        **{
+            "model.image_size": 224,
+            "model.dtype": "float32",
+            "mesh.data": 1,
+            "data.batch_size": batch,
+            "data.num_threads": os.cpu_count() or 2,
+        },
+    )
     c.model.variant = name
     c.model.decoder_width, c.model.decoder_depth, c.model.decoder_heads, c.model.pool_heads = 512, 8, 16, 8
     return c
@@ -41,8 +52,10 @@ def step_rate(config, steps: int) -> float:
     state, state_sh = ts.create_state(model, tx, config, mesh)
     rng = np.random.default_rng(0)
     b = config.data.batch_size
-    batch = {"image": rng.normal(size=(b, 224, 224, 1)).astype(np.float32),
-             "target": rng.normal(size=(b, HIDDEN)).astype(np.float32)}
+    batch = {
+        "image": rng.normal(size=(b, 224, 224, 1)).astype(np.float32),
+        "target": rng.normal(size=(b, HIDDEN)).astype(np.float32),
+    }
     shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
     step = ts.compile_train_step(ts.make_train_step(model, tx, config), state, state_sh, mesh, shapes)
     batch = sharding.global_batch(batch, mesh)

@@ -12,6 +12,7 @@ The dataset must carry boxes (data_prep.build_dataset --source=csv --boxes_csv=.
 boxes above at 100% and 10% of the training patients, with a decoder narrowed for a CPU; `:nih_pneumonia` the 47
 official NIH pathology boxes of nih_pneumonia1000 (README, "Detection").
 """
+
 from mvlp_jax.evaluation import registry
 from mvlp_jax.runtime import schema
 

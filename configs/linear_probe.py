@@ -5,6 +5,7 @@
 
 Variant `:nih_sample` points at the demo's NIH sample (splits train / valid).
 """
+
 from mvlp_jax.evaluation import registry
 from mvlp_jax.runtime import schema
 

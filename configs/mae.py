@@ -4,6 +4,7 @@
 
 The side-by-side comparison the evaluation binary reports (MAE alone vs LLM contrastive + MAE).
 """
+
 import os
 
 from mvlp_jax.runtime import schema

@@ -7,6 +7,7 @@ Same encoder, data and schedule as configs/pretrain.py. The image features are m
 batch norm; the stored LLM vector goes through its own MLP. Loss: 2 - 2 cos(z_img, z_txt) +
 ortho_weight * orthogonality(features), both over the global batch.
 """
+
 import os
 
 from mvlp_jax.runtime import schema

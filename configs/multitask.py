@@ -6,6 +6,7 @@ localization on the windowed ViTDet, one task per minibatch in a cycle (no repor
 Variants: `demo` (the shipped sample on a CPU), `sum` (every step optimises the weighted sum instead of
 cycling). Same data, schedule and evaluation as configs/pretrain.py.
 """
+
 import os
 
 from mvlp_jax.runtime import schema

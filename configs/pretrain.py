@@ -7,9 +7,10 @@ Variants by argument, comma-separated (as big_vision does):
   :vitdet  the windowed ViTDet encoder (SimMIM masking instead of MAE token dropping)
 Every key is documented in mvlp_jax/configuration.py (and the README's config table).
 """
+
 from mvlp_jax import configuration
-from mvlp_jax.runtime import schema
 from mvlp_jax.objectives import registry
+from mvlp_jax.runtime import schema
 
 VARIANTS = ("demo", "vitdet")
 

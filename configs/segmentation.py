@@ -7,6 +7,7 @@ The dataset must carry masks (data_prep.build_dataset --source=csv --mask_column
 demo's lung masks at 100% and 10% of the training patients, with a decoder narrowed and training shortened
 for a CPU.
 """
+
 from mvlp_jax.evaluation import registry
 from mvlp_jax.runtime import schema
 

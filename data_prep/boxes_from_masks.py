@@ -7,6 +7,7 @@ detection task of the same images (e.g. one box per lung from lung masks).
 One row per 8-connected foreground part of at least --min_fraction of the mask's pixels: `image` (the
 manifest's image-column value), `label`, `x, y, w, h` in the mask's (= the image's) pixels.
 """
+
 from __future__ import annotations
 
 import csv
@@ -41,13 +42,22 @@ def part_boxes(mask: np.ndarray, min_fraction: float) -> list[tuple[float, float
     for index, found in enumerate(ndimage.find_objects(parts), start=1):
         if found is not None and (parts[found] == index).sum() >= min_fraction * mask.size:
             rows, cols = found
-            boxes.append((float(cols.start), float(rows.start), float(cols.stop - cols.start),
-                          float(rows.stop - rows.start)))
+            boxes.append(
+                (float(cols.start), float(rows.start), float(cols.stop - cols.start), float(rows.stop - rows.start))
+            )
     return sorted(boxes)
 
 
-def write_boxes(input_dir: str, manifest: str, image_column: str, mask_column: str, mask_dir: str, label: str,
-                min_fraction: float, output: str) -> int:
+def write_boxes(
+    input_dir: str,
+    manifest: str,
+    image_column: str,
+    mask_column: str,
+    mask_dir: str,
+    label: str,
+    min_fraction: float,
+    output: str,
+) -> int:
     """Writes the boxes CSV; returns the number of boxes."""
     path = os.path.join(input_dir, manifest)
     rows = []
@@ -65,8 +75,16 @@ def write_boxes(input_dir: str, manifest: str, image_column: str, mask_column: s
 
 def main(argv: list[str]) -> None:
     del argv
-    count = write_boxes(FLAGS.input_dir, FLAGS.manifest, FLAGS.image_column, FLAGS.mask_column, FLAGS.mask_dir,
-                        FLAGS.label, FLAGS.min_fraction, FLAGS.output)
+    count = write_boxes(
+        FLAGS.input_dir,
+        FLAGS.manifest,
+        FLAGS.image_column,
+        FLAGS.mask_column,
+        FLAGS.mask_dir,
+        FLAGS.label,
+        FLAGS.min_fraction,
+        FLAGS.output,
+    )
     print(f"{count} boxes -> {FLAGS.output}")
 
 

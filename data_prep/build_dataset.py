@@ -7,6 +7,7 @@ writes `{output_dir}/{name}/1.0.0/` (readable with `tfds.builder_from_directory`
 build happens in a temporary folder renamed into place at the end, so a failed build never leaves
 anything that looks finished.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,10 +20,10 @@ import time
 
 from absl import app, flags
 
-from mvlp_jax.data import records as R
 from data_prep.images import SATURATED, parse_mask_values, parse_window
 from data_prep.sources import SOURCE_NAMES, get_scanner
-from mvlp_jax.runtime import storage
+from mvlp_jax.data import records as R
+from mvlp_jax.runtime import cli, storage
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("source", None, list(SOURCE_NAMES), "Layout of --input_dir.")
@@ -31,11 +32,19 @@ flags.DEFINE_string("output_dir", None, "TFDS data dir: the dataset goes to {out
 flags.DEFINE_string("name", "", "Dataset name (folder); default: the source name ('csv' -> 'cxr_csv').")
 flags.DEFINE_integer("image_size", 512, "Shorter image side after resize (aspect kept, never upsampled; 0 keeps).")
 flags.DEFINE_integer("channels", 1, "1 stores grayscale; 3 keeps colour (fundus photographs, dermoscopy, slides).")
-flags.DEFINE_string("window", "", "16-bit files: '' stretches each image's range; 'L,W' a level/width window in "
-                    "the file's pixel units ('2048,4096'); 'pLO,HI' each image's percentiles ('p0.5,99.5').")
-flags.DEFINE_string("mask_values", "auto", "Which stored mask values are foreground: 'auto' (a mask's one non-zero "
-                    "value: 0/1, 0/255 alike; several stop the build), 'nonzero', '>T' (e.g. '>127' for blurred or "
-                    "JPEG masks), or label values '1,2' (the classes of a label map).")
+flags.DEFINE_string(
+    "window",
+    "",
+    "16-bit files: '' stretches each image's range; 'L,W' a level/width window in "
+    "the file's pixel units ('2048,4096'); 'pLO,HI' each image's percentiles ('p0.5,99.5').",
+)
+flags.DEFINE_string(
+    "mask_values",
+    "auto",
+    "Which stored mask values are foreground: 'auto' (a mask's one non-zero "
+    "value: 0/1, 0/255 alike; several stop the build), 'nonzero', '>T' (e.g. '>127' for blurred or "
+    "JPEG masks), or label values '1,2' (the classes of a label map).",
+)
 flags.DEFINE_enum("views", "frontal", ["frontal", "all"], "frontal keeps PA/AP acquisitions only.")
 flags.DEFINE_boolean("strict", False, "Fail on the first bad record instead of skipping and counting it.")
 flags.DEFINE_integer("num_workers", 1, "Processes decoding and resizing images in parallel.")
@@ -62,9 +71,22 @@ flags.DEFINE_string("boxes_csv", "", "csv: boxes table (relative to --input_dir)
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
-def build(source: str, input_dir: str, output_dir: str, *, name: str = "", image_size: int = 512,
-          views: str = "frontal", strict: bool = False, num_workers: int = 1, overwrite: bool = False,
-          channels: int = 1, window: str = "", mask_values: str = "auto", **source_options) -> dict:
+def build(
+    source: str,
+    input_dir: str,
+    output_dir: str,
+    *,
+    name: str = "",
+    image_size: int = 512,
+    views: str = "frontal",
+    strict: bool = False,
+    num_workers: int = 1,
+    overwrite: bool = False,
+    channels: int = 1,
+    window: str = "",
+    mask_values: str = "auto",
+    **source_options,
+) -> dict:
     """Scans, decodes and writes one dataset; returns the build report (also written as JSON). Images are stored
     as 8-bit grayscale, or colour with `channels=3`; 16-bit files go through `window` (images.parse_window)."""
     import tensorflow_datasets as tfds  # heavy: imported here so decode workers never load it
@@ -75,8 +97,10 @@ def build(source: str, input_dir: str, output_dir: str, *, name: str = "", image
     if not _NAME.match(name):
         raise R.InputError(f"--name={name!r}: use lower case letters, digits and underscores")
     if storage.is_remote(input_dir):
-        raise R.InputError(f"--input_dir={input_dir}: the raw data must be a local folder (the sources scan it with "
-                           f"the operating system): copy it down first (gcloud storage cp -r {input_dir} /data/...)")
+        raise R.InputError(
+            f"--input_dir={input_dir}: the raw data must be a local folder (the sources scan it with "
+            f"the operating system): copy it down first (gcloud storage cp -r {input_dir} /data/...)"
+        )
     if not os.path.isdir(input_dir):
         raise R.InputError(f"--input_dir={input_dir} is not a folder")
     if image_size < 0:
@@ -101,10 +125,14 @@ def build(source: str, input_dir: str, output_dir: str, *, name: str = "", image
     scan = get_scanner(source)(input_dir, views=views, strict=strict, **source_options)
     scan.drop_duplicate_ids()
     if not scan.records:
-        raise R.InputError(f"nothing to build from {input_dir}: {scan.records_read} records read, "
-                           f"skipped {scan.skips.as_dict()}")
-    print(f"{source}: {scan.records_read} records read, {len(scan.records)} to decode "
-          f"({scan.skips.total} skipped while scanning)", flush=True)
+        raise R.InputError(
+            f"nothing to build from {input_dir}: {scan.records_read} records read, skipped {scan.skips.as_dict()}"
+        )
+    print(
+        f"{source}: {scan.records_read} records read, {len(scan.records)} to decode "
+        f"({scan.skips.total} skipped while scanning)",
+        flush=True,
+    )
 
     # staged beside the output (renamed into place) or, for a gs:// output, in a local folder uploaded at the end
     local_root = tempfile.mkdtemp(prefix="mvlp-build-") if remote else output_dir
@@ -117,23 +145,34 @@ def build(source: str, input_dir: str, output_dir: str, *, name: str = "", image
     decode_skips = R.SkipLog(strict)
     try:
         tfds.disable_progress_bar()
-        builder = builder_class(name)(scan=scan, image_size=image_size, num_workers=num_workers,
-                                      decode_skips=decode_skips, channels=channels, window=window,
-                                      mask_values=mask_values, data_dir=staging,
-                                      file_format="array_record")
+        builder = builder_class(name)(
+            scan=scan,
+            image_size=image_size,
+            num_workers=num_workers,
+            decode_skips=decode_skips,
+            channels=channels,
+            window=window,
+            mask_values=mask_values,
+            data_dir=staging,
+            file_format="array_record",
+        )
         try:
             builder.download_and_prepare()
         except AssertionError as error:  # TFDS refuses a split that yielded nothing
             if "No examples were yielded" not in str(error):
                 raise
-            raise R.InputError(f"{error}: every record of that split was skipped while decoding "
-                               f"({decode_skips.as_dict()})") from None
+            raise R.InputError(
+                f"{error}: every record of that split was skipped while decoding ({decode_skips.as_dict()})"
+            ) from None
         written = {split: info.num_examples for split, info in builder.info.splits.items()}
         masks = mask_summary(builder, mask_values)
         check_window(builder, window, sum(written.values()))
         if builder.box_fixes:
-            print("boxes fixed while building (recorded in build_report.json): " + ", ".join(
-                f"{kind.replace('_', ' ')} {n}" for kind, n in sorted(builder.box_fixes.items())), flush=True)
+            print(
+                "boxes fixed while building (recorded in build_report.json): "
+                + ", ".join(f"{kind.replace('_', ' ')} {n}" for kind, n in sorted(builder.box_fixes.items())),
+                flush=True,
+            )
         if sum(written.values()) == 0:
             raise R.InputError(f"every record of {input_dir} was skipped: {decode_skips.as_dict()}")
         skips = R.SkipLog()
@@ -141,16 +180,27 @@ def build(source: str, input_dir: str, output_dir: str, *, name: str = "", image
         skips.merge(decode_skips)
         elapsed = time.perf_counter() - start
         report = {
-            "source": source, "name": name, "version": VERSION, "source_version": scan.source_version,
-            "input_dir": os.path.abspath(input_dir), "image_size": image_size, "views": views,
-            "channels": channels, "window": window, **({"masks": masks} if masks else {}),
+            "source": source,
+            "name": name,
+            "version": VERSION,
+            "source_version": scan.source_version,
+            "input_dir": os.path.abspath(input_dir),
+            "image_size": image_size,
+            "views": views,
+            "channels": channels,
+            "window": window,
+            **({"masks": masks} if masks else {}),
             **({"boxes_fixed": dict(builder.box_fixes)} if "boxes" in scan.annotations else {}),
             "source_bit_depths": {str(bits): n for bits, n in sorted(builder.bit_depths.items())},
             "window_saturated": builder.saturated,
-            "label_names": list(scan.label_names), "annotations": list(scan.annotations),
+            "label_names": list(scan.label_names),
+            "annotations": list(scan.annotations),
             "records_read": scan.records_read,
-            "records_written": written, "records_written_total": sum(written.values()),
-            "skipped": skips.as_dict(), "skipped_total": skips.total, "notes": scan.notes,
+            "records_written": written,
+            "records_written_total": sum(written.values()),
+            "skipped": skips.as_dict(),
+            "skipped_total": skips.total,
+            "notes": scan.notes,
             "elapsed_s": round(elapsed, 2),
             "images_per_s": round(len(scan.records) / elapsed, 2),
             "command": " ".join(sys.argv),
@@ -180,12 +230,17 @@ def check_window(builder, window: str, written: int) -> None:
         return
     deep = sum(n for bits, n in builder.bit_depths.items() if bits > 8)
     if not deep:
-        raise R.InputError(f"--window={window} applies to 16-bit (or deeper) files, and every input of this build is "
-                           f"8-bit: drop --window")
+        raise R.InputError(
+            f"--window={window} applies to 16-bit (or deeper) files, and every input of this build is "
+            f"8-bit: drop --window"
+        )
     if builder.saturated:
-        print(f"WARNING: --window={window} put more than {SATURATED:.0%} of the pixels at one end (all black or all "
-              f"white) in {builder.saturated} of {deep} images: is the window in the files' units? (a CT stored as "
-              f"Hounsfield units + 32768 needs its level shifted by 32768)", flush=True)
+        print(
+            f"WARNING: --window={window} put more than {SATURATED:.0%} of the pixels at one end (all black or all "
+            f"white) in {builder.saturated} of {deep} images: is the window in the files' units? (a CT stored as "
+            f"Hounsfield units + 32768 needs its level shifted by 32768)",
+            flush=True,
+        )
     if deep < written:
         print(f"note: {written - deep} of the {written} images are 8-bit: --window left them as they are", flush=True)
 
@@ -199,14 +254,19 @@ def mask_summary(builder, mask_values: str) -> dict:
     found = {f"{v:g}": n for v, n in sorted(builder.mask_values.items())}
     if mask_values == "auto" and len(found) > 1:
         counts = ", ".join(f"{v}: {n} masks" for v, n in found.items())
-        raise R.InputError(f"the masks hold different non-zero values ({counts}): a label map of several classes, "
-                           f"or two encodings? Say which values are foreground with --mask_values (e.g. "
-                           f"--mask_values={next(iter(found))}, or nonzero)")
+        raise R.InputError(
+            f"the masks hold different non-zero values ({counts}): a label map of several classes, "
+            f"or two encodings? Say which values are foreground with --mask_values (e.g. "
+            f"--mask_values={next(iter(found))}, or nonzero)"
+        )
     per_split = {split: {"masks": c["masks"], "empty": c["empty"]} for split, c in sorted(builder.masks.items())}
     for split, c in per_split.items():
         if c["empty"] > c["masks"] / 2:
-            print(f"WARNING: {c['empty']} of the {c['masks']} masks of split {split} are empty (no foreground under "
-                  f"--mask_values={mask_values}): check the encoding; Dice over such masks says little", flush=True)
+            print(
+                f"WARNING: {c['empty']} of the {c['masks']} masks of split {split} are empty (no foreground under "
+                f"--mask_values={mask_values}): check the encoding; Dice over such masks says little",
+                flush=True,
+            )
     return {"mask_values": mask_values, "foreground_values_found": found, "per_split": per_split}
 
 
@@ -236,9 +296,11 @@ def _process_alive(pid: int) -> bool:
 def summary_line(report: dict) -> str:
     splits = ", ".join(f"{k} {v}" for k, v in sorted(report["records_written"].items()))
     skipped = ", ".join(f"{k} {v['count']}" for k, v in report["skipped"].items()) or "none"
-    return (f"built {report['name']}: {report['records_written_total']} images ({splits}) in "
-            f"{report['elapsed_s']:.1f}s ({report['images_per_s']:.1f} img/s); skipped: {skipped} -> "
-            f"{report['dataset_dir']}")
+    return (
+        f"built {report['name']}: {report['records_written_total']} images ({splits}) in "
+        f"{report['elapsed_s']:.1f}s ({report['images_per_s']:.1f} img/s); skipped: {skipped} -> "
+        f"{report['dataset_dir']}"
+    )
 
 
 def main(argv: list[str]) -> None:
@@ -246,20 +308,46 @@ def main(argv: list[str]) -> None:
     for required in ("source", "input_dir", "output_dir"):
         if FLAGS[required].value is None:
             raise app.UsageError(f"--{required} is required")
-    options = dict(seed=FLAGS.seed, labels_csv=FLAGS.labels_csv, val_fraction=FLAGS.val_fraction,
-                   manifest=FLAGS.manifest, image_column=FLAGS.image_column, image_dir=FLAGS.image_dir,
-                   text_column=FLAGS.text_column, label_columns=FLAGS.label_columns,
-                   split_column=FLAGS.split_column, id_column=FLAGS.id_column,
-                   group_column=FLAGS.group_column, study_column=FLAGS.study_column,
-                   view_column=FLAGS.view_column, mask_column=FLAGS.mask_column, mask_dir=FLAGS.mask_dir,
-                   boxes_csv=FLAGS.boxes_csv)
-    report = build(FLAGS.source, FLAGS.input_dir, FLAGS.output_dir, name=FLAGS.name, image_size=FLAGS.image_size,
-                   views=FLAGS.views, strict=FLAGS.strict, num_workers=FLAGS.num_workers, overwrite=FLAGS.overwrite,
-                   channels=FLAGS.channels, window=FLAGS.window, mask_values=FLAGS.mask_values, **options)
+    options = dict(
+        seed=FLAGS.seed,
+        labels_csv=FLAGS.labels_csv,
+        val_fraction=FLAGS.val_fraction,
+        manifest=FLAGS.manifest,
+        image_column=FLAGS.image_column,
+        image_dir=FLAGS.image_dir,
+        text_column=FLAGS.text_column,
+        label_columns=FLAGS.label_columns,
+        split_column=FLAGS.split_column,
+        id_column=FLAGS.id_column,
+        group_column=FLAGS.group_column,
+        study_column=FLAGS.study_column,
+        view_column=FLAGS.view_column,
+        mask_column=FLAGS.mask_column,
+        mask_dir=FLAGS.mask_dir,
+        boxes_csv=FLAGS.boxes_csv,
+    )
+    report = build(
+        FLAGS.source,
+        FLAGS.input_dir,
+        FLAGS.output_dir,
+        name=FLAGS.name,
+        image_size=FLAGS.image_size,
+        views=FLAGS.views,
+        strict=FLAGS.strict,
+        num_workers=FLAGS.num_workers,
+        overwrite=FLAGS.overwrite,
+        channels=FLAGS.channels,
+        window=FLAGS.window,
+        mask_values=FLAGS.mask_values,
+        **options,
+    )
     print(summary_line(report))
 
 
-if __name__ == "__main__":
-    from mvlp_jax.runtime import cli
-
+def run_binary() -> None:
+    """`python -m data_prep.build_dataset` (`mvlp-build-dataset`)."""
     cli.run("build_dataset", main)
+
+
+if __name__ == "__main__":
+    run_binary()

@@ -3,6 +3,7 @@
 
 Kept free of TensorFlow/JAX imports so spawned decode workers start fast.
 """
+
 from __future__ import annotations
 
 import io
@@ -11,7 +12,6 @@ import numpy as np
 from PIL import Image
 
 from mvlp_jax.data.records import IMAGE_UNREADABLE, MASK_ENCODING, MASK_UNREADABLE
-
 
 HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
 
@@ -85,8 +85,9 @@ def resized_size(width: int, height: int, shorter_side: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def _load(path: str, shorter_side: int, channels: int = 1, window: tuple[str, float, float] | None = None
-          ) -> tuple[Image.Image, tuple[int, int], int, bool]:
+def _load(
+    path: str, shorter_side: int, channels: int = 1, window: tuple[str, float, float] | None = None
+) -> tuple[Image.Image, tuple[int, int], int, bool]:
     """(uint8 image of `channels` resized to the shorter side, the file's own (width, height), its bit depth,
     whether the window put nearly all its pixels at one end: `saturated`)."""
     with Image.open(path) as image:
@@ -135,8 +136,9 @@ def parse_mask_values(spec: str) -> tuple[str, tuple[float, ...]]:
             return "above", (float(spec[1:]),)
         values = tuple(float(v) for v in spec.split(","))
     except ValueError:
-        raise ValueError(f"--mask_values={spec!r}: give auto, nonzero, >T (e.g. >127) or label values (e.g. 1,2)"
-                         ) from None
+        raise ValueError(
+            f"--mask_values={spec!r}: give auto, nonzero, >T (e.g. >127) or label values (e.g. 1,2)"
+        ) from None
     if not values or 0 in values:
         raise ValueError(f"--mask_values={spec!r}: list the foreground values (0 is the background)")
     return "values", values
@@ -155,14 +157,17 @@ def mask_foreground(values: np.ndarray, rule: tuple[str, tuple[float, ...]]) -> 
     present = np.unique(values[values != 0])
     if len(present) > 1:
         shown = ", ".join(f"{v:g}" for v in present[:8]) + (", ..." if len(present) > 8 else "")
-        raise MaskEncodingError(f"mask values {shown} besides 0: a label map of several classes, or an anti-aliased "
-                                f"mask? Say which pixels are foreground with --mask_values (e.g. --mask_values=1 or "
-                                f"1,2 for label values, >127 for a blurred 0/255 mask, nonzero for any label)")
+        raise MaskEncodingError(
+            f"mask values {shown} besides 0: a label map of several classes, or an anti-aliased "
+            f"mask? Say which pixels are foreground with --mask_values (e.g. --mask_values=1 or "
+            f"1,2 for label values, >127 for a blurred 0/255 mask, nonzero for any label)"
+        )
     return values != 0
 
 
-def load_mask_png(path: str, source_size: tuple[int, int], target: tuple[int, int],
-                  rule: tuple[str, tuple[float, ...]] = ("auto", ())) -> tuple[bytes, tuple[float, ...], bool]:
+def load_mask_png(
+    path: str, source_size: tuple[int, int], target: tuple[int, int], rule: tuple[str, tuple[float, ...]] = ("auto", ())
+) -> tuple[bytes, tuple[float, ...], bool]:
     """A mask file of the image's (width, height) `source_size` -> (PNG bytes of 0/1 uint8 at `target` (width,
     height), resized nearest-neighbour so every pixel stays a label; the non-zero values the file holds; whether
     its foreground is empty). Label
@@ -181,8 +186,9 @@ def load_mask_png(path: str, source_size: tuple[int, int], target: tuple[int, in
     return _png(binary), tuple(float(v) for v in np.unique(values[values != 0])[:16]), not foreground.any()
 
 
-def scale_boxes(boxes, source_size: tuple[int, int], target: tuple[int, int]
-                ) -> tuple[np.ndarray, dict[str, int], list[int]]:
+def scale_boxes(
+    boxes, source_size: tuple[int, int], target: tuple[int, int]
+) -> tuple[np.ndarray, dict[str, int], list[int]]:
     """(N, 4) x0, y0, x1, y1 in source pixels -> (float32 boxes in target pixels, what was fixed, the indices of
     the boxes kept): swapped corners
     (a negative width or height) are put in order, a box crossing the image's edge is clipped to it, and a box
@@ -219,8 +225,9 @@ def decode_task(args: tuple) -> tuple[int, dict | None, str, str]:
         return index, None, IMAGE_UNREADABLE, f"{type(e).__name__}: {e}"
     if mask_path:
         try:
-            out["mask"], out["mask_values"], out["mask_empty"] = load_mask_png(mask_path, source_size, image.size,
-                                                                               parse_mask_values(mask_values))
+            out["mask"], out["mask_values"], out["mask_empty"] = load_mask_png(
+                mask_path, source_size, image.size, parse_mask_values(mask_values)
+            )
         except MaskEncodingError as e:
             return index, None, MASK_ENCODING, f"{mask_path}: {e}"
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:

@@ -8,6 +8,7 @@ grayscale 64 px PNGs with their 14 labels and the train/valid split of the sourc
 X-rays with human-reviewed lung masks, longest side 256 px (masks resized nearest-neighbour to the same size),
 with each image's licence, DOI and URL kept.
 """
+
 from __future__ import annotations
 
 import csv
@@ -31,13 +32,15 @@ NIH_COLUMNS = ("image", "patient_id", "split", "view", "age", "sex") + NIH14_LAB
 def _copy_attribution(shared: str, out_dir: str) -> None:
     with open(os.path.join(shared, "README.md")) as f:
         readme = f.read()
-    licences = readme[readme.index("## Sources and licences"):readme.index("## Shipping a sample")]
+    licences = readme[readme.index("## Sources and licences") : readme.index("## Shipping a sample")]
     with open(os.path.join(out_dir, "ATTRIBUTION.md"), "w") as f:
-        f.write("# Attribution and licences of the shipped sample\n\n"
-                "A downscaled grayscale derivative of public data, made by `python -m data_prep.make_sample`.\n"
-                "Per-image licence, DOI and URL of the COVID images are in `covid_notes/manifest.csv` and\n"
-                "`covid_lungs/manifest.csv`.\n"
-                "CC BY-NC-SA images: non-commercial use, share-alike.\n\n" + licences.strip() + "\n")
+        f.write(
+            "# Attribution and licences of the shipped sample\n\n"
+            "A downscaled grayscale derivative of public data, made by `python -m data_prep.make_sample`.\n"
+            "Per-image licence, DOI and URL of the COVID images are in `covid_notes/manifest.csv` and\n"
+            "`covid_lungs/manifest.csv`.\n"
+            "CC BY-NC-SA images: non-commercial use, share-alike.\n\n" + licences.strip() + "\n"
+        )
 
 
 def make_covid(shared: str, out_dir: str) -> int:
@@ -55,9 +58,18 @@ def make_covid(shared: str, out_dir: str) -> int:
                 image = image.convert("L")
                 image.thumbnail((256, 256), Image.Resampling.LANCZOS)
                 image.save(os.path.join(target, "images", f"{stem}.jpg"), quality=90)
-            rows.append({"image": f"images/{stem}.jpg", "patient_id": row["patientid"], "view": row["view"],
-                         "finding": row["finding"], "license": row["license"], "doi": row["doi"],
-                         "url": row["url"], "notes": row["clinical_notes"]})
+            rows.append(
+                {
+                    "image": f"images/{stem}.jpg",
+                    "patient_id": row["patientid"],
+                    "view": row["view"],
+                    "finding": row["finding"],
+                    "license": row["license"],
+                    "doi": row["doi"],
+                    "url": row["url"],
+                    "notes": row["clinical_notes"],
+                }
+            )
     _write_csv(os.path.join(target, "manifest.csv"), COVID_COLUMNS, rows)
     return len(rows)
 
@@ -77,10 +89,20 @@ def make_lungs(shared: str, out_dir: str) -> int:
                 image.save(os.path.join(target, "images", f"{stem}.jpg"), quality=90)
             with Image.open(os.path.join(source, "masks", row["mask"])) as mask:
                 mask.convert("L").resize(image.size, Image.Resampling.NEAREST).save(
-                    os.path.join(target, "masks", f"{stem}.png"), optimize=True)
-            rows.append({"image": f"images/{stem}.jpg", "mask": f"masks/{stem}.png", "patient_id": row["patientid"],
-                         "view": row["view"], "finding": row["finding"], "license": row["license"],
-                         "doi": row["doi"], "url": row["url"]})
+                    os.path.join(target, "masks", f"{stem}.png"), optimize=True
+                )
+            rows.append(
+                {
+                    "image": f"images/{stem}.jpg",
+                    "mask": f"masks/{stem}.png",
+                    "patient_id": row["patientid"],
+                    "view": row["view"],
+                    "finding": row["finding"],
+                    "license": row["license"],
+                    "doi": row["doi"],
+                    "url": row["url"],
+                }
+            )
     _write_csv(os.path.join(target, "manifest.csv"), LUNG_COLUMNS, rows)
     return len(rows)
 
@@ -95,9 +117,17 @@ def make_nih(shared: str, out_dir: str) -> int:
             for row in csv.DictReader(f):
                 with Image.open(os.path.join(folder, row["image"])) as image:
                     image.convert("L").save(os.path.join(target, "images", row["image"]), optimize=True)
-                rows.append({"image": f"images/{row['image']}", "patient_id": row["patient_id"], "split": split,
-                             "view": row["view"], "age": row["age"], "sex": row["sex"],
-                             **{label: row[label] for label in NIH14_LABELS}})
+                rows.append(
+                    {
+                        "image": f"images/{row['image']}",
+                        "patient_id": row["patient_id"],
+                        "split": split,
+                        "view": row["view"],
+                        "age": row["age"],
+                        "sex": row["sex"],
+                        **{label: row[label] for label in NIH14_LABELS},
+                    }
+                )
     _write_csv(os.path.join(target, "manifest.csv"), NIH_COLUMNS, rows)
     return len(rows)
 
@@ -117,8 +147,10 @@ def main(argv: list[str]) -> None:
     nih = make_nih(FLAGS.shared_data, FLAGS.out_dir)
     lungs = make_lungs(FLAGS.shared_data, FLAGS.out_dir)
     _copy_attribution(FLAGS.shared_data, FLAGS.out_dir)
-    print(f"sample written to {FLAGS.out_dir}: {covid} covid images with notes, {nih} NIH images, {lungs} X-rays "
-          f"with lung masks")
+    print(
+        f"sample written to {FLAGS.out_dir}: {covid} covid images with notes, {nih} NIH images, {lungs} X-rays "
+        f"with lung masks"
+    )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ real language but agree with their images only by chance. Writes pretrain.csv (i
 report_id, and the image's labels), heldout.csv (the rest, labels only) and pairing.json (pool sizes, reuse, and
 the fraction of images whose report agrees with their labels). The pairing is by labels, not by a radiologist.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,14 +25,36 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 
-NIH_LABELS = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
-              "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia")
+NIH_LABELS = (
+    "Atelectasis",
+    "Cardiomegaly",
+    "Effusion",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pneumonia",
+    "Pneumothorax",
+    "Consolidation",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Pleural_Thickening",
+    "Hernia",
+)
 # NIH finding -> the CheXpert labels of a report that state it (Emphysema, Fibrosis and Hernia have none)
-NIH_TO_CHEXPERT = {"Atelectasis": ("Atelectasis",), "Cardiomegaly": ("Cardiomegaly", "Enlarged Cardiomediastinum"),
-                   "Effusion": ("Pleural Effusion",), "Infiltration": ("Lung Opacity",), "Mass": ("Lung Lesion",),
-                   "Nodule": ("Lung Lesion",), "Pneumonia": ("Pneumonia", "Consolidation", "Lung Opacity"),
-                   "Pneumothorax": ("Pneumothorax",), "Consolidation": ("Consolidation", "Lung Opacity"),
-                   "Edema": ("Edema",), "Pleural_Thickening": ("Pleural Other",)}
+NIH_TO_CHEXPERT = {
+    "Atelectasis": ("Atelectasis",),
+    "Cardiomegaly": ("Cardiomegaly", "Enlarged Cardiomediastinum"),
+    "Effusion": ("Pleural Effusion",),
+    "Infiltration": ("Lung Opacity",),
+    "Mass": ("Lung Lesion",),
+    "Nodule": ("Lung Lesion",),
+    "Pneumonia": ("Pneumonia", "Consolidation", "Lung Opacity"),
+    "Pneumothorax": ("Pneumothorax",),
+    "Consolidation": ("Consolidation", "Lung Opacity"),
+    "Edema": ("Edema",),
+    "Pleural_Thickening": ("Pleural Other",),
+}
 
 
 def report_findings(iu: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
@@ -40,13 +63,16 @@ def report_findings(iu: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray, np.ndar
     reports = iu.drop_duplicates("subject_id")
     reports = reports[reports["report"].fillna("").str.strip() != ""].reset_index(drop=True)
     positive = lambda columns: (reports[list(columns)] == 1).any(axis=1).to_numpy()
-    states = np.stack([positive(NIH_TO_CHEXPERT[n]) if n in NIH_TO_CHEXPERT else np.zeros(len(reports), bool)
-                       for n in NIH_LABELS], axis=1)
+    states = np.stack(
+        [positive(NIH_TO_CHEXPERT[n]) if n in NIH_TO_CHEXPERT else np.zeros(len(reports), bool) for n in NIH_LABELS],
+        axis=1,
+    )
     return reports, (reports["No Finding"] == 1).to_numpy(), states
 
 
-def choose(findings: np.ndarray, normal: np.ndarray, states: np.ndarray, rng: np.random.Generator
-           ) -> tuple[np.ndarray, dict]:
+def choose(
+    findings: np.ndarray, normal: np.ndarray, states: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, dict]:
     """Report index per image (findings (N, NIH labels) bool), -1 where no report agrees; and pool sizes."""
     uses = np.zeros(len(normal), int)
     extras = states.sum(1)
@@ -62,8 +88,13 @@ def choose(findings: np.ndarray, normal: np.ndarray, states: np.ndarray, rng: np
         key = "+".join(n for n, f in zip(NIH_LABELS, findings[i]) if f) or "No Finding"
         pools[key] = int(len(candidates))
         if len(candidates):
-            order = np.lexsort((rng.random(len(candidates)), extras[candidates] - (states[candidates] & wanted).sum(1),
-                               uses[candidates]))
+            order = np.lexsort(
+                (
+                    rng.random(len(candidates)),
+                    extras[candidates] - (states[candidates] & wanted).sum(1),
+                    uses[candidates],
+                )
+            )
             chosen[i] = candidates[order[0]]
             uses[chosen[i]] += 1
     return chosen, pools
@@ -81,8 +112,9 @@ def in_pretraining(patient: str, fraction: float, seed: int) -> bool:
     return int(digest[:8], 16) / 0xFFFFFFFF < fraction
 
 
-def pair(nih: pd.DataFrame, iu: pd.DataFrame, pretrain_fraction: float, seed: int, shuffle: bool
-         ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+def pair(
+    nih: pd.DataFrame, iu: pd.DataFrame, pretrain_fraction: float, seed: int, shuffle: bool
+) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """(paired pretraining images, held-out images, statistics)."""
     reports, normal, states = report_findings(iu)
     pretraining = nih["patient_id"].astype(str).map(lambda p: in_pretraining(p, pretrain_fraction, seed)).to_numpy()
@@ -97,14 +129,22 @@ def pair(nih: pd.DataFrame, iu: pd.DataFrame, pretrain_fraction: float, seed: in
     images["report"] = reports["report"].to_numpy()[chosen]
     images["report_id"] = reports["subject_id"].astype(str).to_numpy()[chosen]
     reuse = Counter(chosen.tolist())
-    stats = {"pretraining_images": int(pretraining.sum()), "paired_images": int(paired.sum()),
-             "unpaired_images": int((~paired).sum()), "heldout_images": int((~pretraining).sum()),
-             "pretraining_patients": int(nih[pretraining]["patient_id"].nunique()),
-             "heldout_patients": int(nih[~pretraining]["patient_id"].nunique()),
-             "report_pool": int(len(reports)), "normal_reports": int(normal.sum()),
-             "distinct_reports_used": len(reuse), "most_uses_of_one_report": max(reuse.values(), default=0),
-             "agreeing_fraction": float(agrees(findings, normal, states, chosen).mean()) if len(chosen) else 0.0,
-             "candidate_pool_by_finding_set": dict(sorted(pools.items())), "shuffled": shuffle, "seed": seed}
+    stats = {
+        "pretraining_images": int(pretraining.sum()),
+        "paired_images": int(paired.sum()),
+        "unpaired_images": int((~paired).sum()),
+        "heldout_images": int((~pretraining).sum()),
+        "pretraining_patients": int(nih[pretraining]["patient_id"].nunique()),
+        "heldout_patients": int(nih[~pretraining]["patient_id"].nunique()),
+        "report_pool": int(len(reports)),
+        "normal_reports": int(normal.sum()),
+        "distinct_reports_used": len(reuse),
+        "most_uses_of_one_report": max(reuse.values(), default=0),
+        "agreeing_fraction": float(agrees(findings, normal, states, chosen).mean()) if len(chosen) else 0.0,
+        "candidate_pool_by_finding_set": dict(sorted(pools.items())),
+        "shuffled": shuffle,
+        "seed": seed,
+    }
     return images, nih[~pretraining].reset_index(drop=True), stats
 
 

@@ -11,6 +11,7 @@ when its bytes are intact and its reports and settings are the ones of this run,
 `--num_workers` / `--worker_index` split the shards between hosts; `--verify` checks that every study
 has exactly one record and every shard matches its record and the source, naming any that does not.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,8 +31,9 @@ flags.DEFINE_list("splits", [], "Splits to embed (default: all).")
 flags.DEFINE_string("reports_csv", "", "Alternatively: a CSV of reports (text only).")
 flags.DEFINE_string("id_column", "study_id", "CSV: the study id column.")
 flags.DEFINE_string("text_column", "report", "CSV: the report text column.")
-flags.DEFINE_string("text_template", sources.DEFAULT_TEMPLATE,
-                    "What is read, from the fields {findings} {impression} {report}.")
+flags.DEFINE_string(
+    "text_template", sources.DEFAULT_TEMPLATE, "What is read, from the fields {findings} {impression} {report}."
+)
 flags.DEFINE_string("model", "smollm2", "HF checkpoint dir, a .gguf file, or 'smollm2' (embedded default).")
 flags.DEFINE_integer("layer", -1, "Hidden-state index (-1: the last layer).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Compute dtype of the LM.")
@@ -50,8 +52,20 @@ flags.DEFINE_integer("worker_index", 0, "This worker's index in [0, num_workers)
 flags.DEFINE_boolean("verify", False, "Check the output covers every study exactly once, then exit.")
 flags.DEFINE_boolean("overwrite", False, "Replace output written with other settings.")
 
-SETTINGS_KEYS = ("schema_version", "model", "weights_sha256", "layer", "hidden_size", "compute_dtype",
-                 "store_dtype", "max_tokens", "store_tokens", "text_template", "source", "records_per_shard")
+SETTINGS_KEYS = (
+    "schema_version",
+    "model",
+    "weights_sha256",
+    "layer",
+    "hidden_size",
+    "compute_dtype",
+    "store_dtype",
+    "max_tokens",
+    "store_tokens",
+    "text_template",
+    "source",
+    "records_per_shard",
+)
 
 
 def load_texts() -> tuple[dict[str, str], dict]:
@@ -71,8 +85,10 @@ def check_existing(output_dir: str, manifest: dict) -> None:
         return
     if not FLAGS.overwrite:
         details = "; ".join(f"{k}: stored {old.get(k)!r} vs now {manifest.get(k)!r}" for k in mismatched)
-        raise cli.UserError(f"{output_dir} holds embeddings made with other settings ({details}); pass "
-                            "--overwrite to replace them or choose another --output_dir")
+        raise cli.UserError(
+            f"{output_dir} holds embeddings made with other settings ({details}); pass "
+            "--overwrite to replace them or choose another --output_dir"
+        )
     for p in embedding_shards.shard_paths(output_dir):
         remove_shard(p)
 
@@ -94,9 +110,15 @@ def verify(output_dir: str, texts: dict[str, str]) -> int:
     planned = plan.shards(sorted(texts), manifest["records_per_shard"])
     for path in paths:
         index, count = embedding_shards.shard_position(path)
-        problem = (f"one of {count} shards, the source now makes {len(planned)}" if count != len(planned) else
-                   embedding_shards.shard_problem(path, embedding_shards.inputs_sha256(planned[index], texts),
-                                        embedding_shards.settings_sha256(manifest, SETTINGS_KEYS)))
+        problem = (
+            f"one of {count} shards, the source now makes {len(planned)}"
+            if count != len(planned)
+            else embedding_shards.shard_problem(
+                path,
+                embedding_shards.inputs_sha256(planned[index], texts),
+                embedding_shards.settings_sha256(manifest, SETTINGS_KEYS),
+            )
+        )
         if problem:
             problems.append(f"shard {os.path.basename(path)}: {problem}")
             continue
@@ -111,11 +133,16 @@ def verify(output_dir: str, texts: dict[str, str]) -> int:
     if manifest["num_records"] != len(expected):
         problems.append(f"manifest says {manifest['num_records']} records, the source has {len(expected)}")
     if problems:
-        print("verify: FAILED: " + "; ".join(problems) + ". Rerun the same command without --verify to redo "
-              "the shards named", file=sys.stderr)
+        print(
+            "verify: FAILED: " + "; ".join(problems) + ". Rerun the same command without --verify to redo "
+            "the shards named",
+            file=sys.stderr,
+        )
         return 1
-    print(f"verify: OK: {len(seen)} studies, each exactly once, in {len(paths)} shards matching their records "
-          f"and the source; manifest matches")
+    print(
+        f"verify: OK: {len(seen)} studies, each exactly once, in {len(paths)} shards matching their records "
+        f"and the source; manifest matches"
+    )
     return 0
 
 
@@ -123,19 +150,25 @@ def main(argv: list[str]) -> None:
     del argv
     if not FLAGS.output_dir:
         raise app.UsageError("--output_dir is required")
+    if not FLAGS.verify:
+        cli.require_extra("llm", "the embedding job")
     for flag in ("reports_csv", "model"):
         if storage.is_remote(FLAGS[flag].value):
-            raise cli.UserError(f"--{flag}={FLAGS[flag].value}: must be local (read by the operating system or "
-                                f"transformers): copy it down first (gcloud storage cp -r ...)")
+            raise cli.UserError(
+                f"--{flag}={FLAGS[flag].value}: must be local (read by the operating system or "
+                f"transformers): copy it down first (gcloud storage cp -r ...)"
+            )
     texts, source_info = load_texts()
     if FLAGS.verify:
         if not storage.path(FLAGS.output_dir).joinpath("manifest.json").exists():
             raise FileNotFoundError(f"--output_dir={FLAGS.output_dir} holds no embeddings (no manifest.json) to verify")
         sys.exit(verify(FLAGS.output_dir, texts))
     storage.check_writable_dir(FLAGS.output_dir, "--output_dir")
-    conflicts = {k: source_info.pop(k) for k in ("conflicting_duplicate_ids", "conflicting_examples", "notes",
-                                                 "fingerprint")
-                 if k in source_info}  # counts and the build's state, not identity: out of the settings compared
+    conflicts = {
+        k: source_info.pop(k)
+        for k in ("conflicting_duplicate_ids", "conflicting_examples", "notes", "fingerprint")
+        if k in source_info
+    }  # counts and the build's state, not identity: out of the settings compared
     for note in conflicts.get("notes", []):
         print(f"note: {note}")
     from tqdm import tqdm
@@ -152,15 +185,28 @@ def main(argv: list[str]) -> None:
     lengths = {s: min(n, FLAGS.max_tokens) for s, n in full_lengths.items()}
     shard_ids = plan.shards(ids, FLAGS.records_per_shard)
     manifest = {
-        "schema_version": embedding_shards.SCHEMA_VERSION, "model": lm.model_id, "weights_sha256": lm.hash,
-        "layer": FLAGS.layer, "num_layers": lm.num_layers, "hidden_size": lm.hidden_size,
+        "schema_version": embedding_shards.SCHEMA_VERSION,
+        "model": lm.model_id,
+        "weights_sha256": lm.hash,
+        "layer": FLAGS.layer,
+        "num_layers": lm.num_layers,
+        "hidden_size": lm.hidden_size,
         "poolings": ["mean", "last"] + (["tokens"] if FLAGS.store_tokens else []),
-        "compute_dtype": FLAGS.dtype, "store_dtype": FLAGS.store_dtype, "max_tokens": FLAGS.max_tokens,
-        "store_tokens": FLAGS.store_tokens, "tokenizer": lm.tokenizer_name, "text_template": FLAGS.text_template,
-        "source": source_info, "records_per_shard": FLAGS.records_per_shard, "num_shards": len(shard_ids),
+        "compute_dtype": FLAGS.dtype,
+        "store_dtype": FLAGS.store_dtype,
+        "max_tokens": FLAGS.max_tokens,
+        "store_tokens": FLAGS.store_tokens,
+        "tokenizer": lm.tokenizer_name,
+        "text_template": FLAGS.text_template,
+        "source": source_info,
+        "records_per_shard": FLAGS.records_per_shard,
+        "num_shards": len(shard_ids),
         "num_records": len(texts),
-        "counts": {"empty_skipped": len(empty), "truncated": sum(n > FLAGS.max_tokens for n in full_lengths.values()),
-                   "conflicting_duplicate_ids": conflicts.get("conflicting_duplicate_ids", 0)},
+        "counts": {
+            "empty_skipped": len(empty),
+            "truncated": sum(n > FLAGS.max_tokens for n in full_lengths.values()),
+            "conflicting_duplicate_ids": conflicts.get("conflicting_duplicate_ids", 0),
+        },
         "conflicting_duplicate_ids": conflicts.get("conflicting_examples", []),
         "empty_study_ids": empty[:100],
         "source_fingerprint": conflicts.get("fingerprint"),  # the dataset as embedded (built.fingerprint)
@@ -170,8 +216,10 @@ def main(argv: list[str]) -> None:
     check_existing(FLAGS.output_dir, manifest)
     storage.write_json(storage.join(FLAGS.output_dir, "manifest.json"), manifest, indent=2)
 
-    current = {storage.join(FLAGS.output_dir, embedding_shards.SHARD_PATTERN.format(index=s, count=len(shard_ids)))
-               for s in range(len(shard_ids))}
+    current = {
+        storage.join(FLAGS.output_dir, embedding_shards.SHARD_PATTERN.format(index=s, count=len(shard_ids)))
+        for s in range(len(shard_ids))
+    }
     for stale in set(embedding_shards.shard_paths(FLAGS.output_dir)) - current:  # a plan of another shard count
         remove_shard(stale)
     settings = embedding_shards.settings_sha256(manifest, SETTINGS_KEYS)
@@ -193,10 +241,12 @@ def main(argv: list[str]) -> None:
     bar = tqdm(total=total, unit="report", desc=f"worker {FLAGS.worker_index}/{FLAGS.num_workers}", dynamic_ncols=True)
     for s, path, provenance in todo:
         records: dict[str, bytes] = {}
-        for batch in plan.token_budget_batches({i: lengths[i] for i in shard_ids[s]}, FLAGS.token_budget,
-                                               FLAGS.max_batch, FLAGS.max_padding):
-            for study, (mean, last, tokens) in zip(batch, lm.embed([texts[i] for i in batch], FLAGS.max_tokens,
-                                                                   FLAGS.store_tokens)):
+        for batch in plan.token_budget_batches(
+            {i: lengths[i] for i in shard_ids[s]}, FLAGS.token_budget, FLAGS.max_batch, FLAGS.max_padding
+        ):
+            for study, (mean, last, tokens) in zip(
+                batch, lm.embed([texts[i] for i in batch], FLAGS.max_tokens, FLAGS.store_tokens)
+            ):
                 records[study] = embedding_shards.encode(study, mean, last, FLAGS.store_dtype, tokens)
             real_tokens += sum(lengths[i] for i in batch)
             padded_tokens += max(lengths[i] for i in batch) * len(batch)
@@ -207,10 +257,17 @@ def main(argv: list[str]) -> None:
     bar.close()
     elapsed = time.perf_counter() - start
     padding = 1 - real_tokens / padded_tokens if padded_tokens else 0.0
-    print(f"embedded {total} reports in {elapsed:.1f}s ({total / max(elapsed, 1e-9):.1f} reports/s, "
-          f"{real_tokens / max(elapsed, 1e-9):.0f} tokens/s); skipped {len(empty)} empty, "
-          f"truncated {manifest['counts']['truncated']}; padding fraction {padding:.1%}")
+    print(
+        f"embedded {total} reports in {elapsed:.1f}s ({total / max(elapsed, 1e-9):.1f} reports/s, "
+        f"{real_tokens / max(elapsed, 1e-9):.0f} tokens/s); skipped {len(empty)} empty, "
+        f"truncated {manifest['counts']['truncated']}; padding fraction {padding:.1%}"
+    )
+
+
+def run_binary() -> None:
+    """`python -m data_prep.precompute_text_embeddings` (`mvlp-precompute`)."""
+    cli.run("precompute_text_embeddings", main)
 
 
 if __name__ == "__main__":
-    cli.run("precompute_text_embeddings", main)
+    run_binary()

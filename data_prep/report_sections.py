@@ -5,6 +5,7 @@ or 'FINDINGS AND IMPRESSION:' vary in case and spacing; some reports have only o
 neither. When neither is present the final section stands in for the impression (it is where
 radiologists put their conclusion), and a report with no headers at all is taken whole.
 """
+
 from __future__ import annotations
 
 import re
@@ -26,7 +27,7 @@ def split_sections(text: str) -> list[tuple[str, str]]:
     start = 0
     name = ""
     for match in matches:
-        body = text[start:match.start()]
+        body = text[start : match.start()]
         if name or body.strip():
             sections.append((name, _clean(body)))
         name = " ".join(match.group(1).upper().split())
@@ -42,8 +43,7 @@ def extract_findings_impression(text: str) -> tuple[str, str]:
     sections = [(name, body) for name, body in split_sections(text) if body]
     findings = [body for name, body in sections if name in _FINDINGS_NAMES]
     impression = [body for name, body in sections if name in _IMPRESSION_NAMES]
-    combined = [body for name, body in sections
-                if "FINDING" in name and "IMPRESSION" in name]
+    combined = [body for name, body in sections if "FINDING" in name and "IMPRESSION" in name]
     if combined and not findings and not impression:
         return combined[0], ""
     if not findings and not impression:

@@ -3,28 +3,30 @@
 Images are decoded and resized in a pool of spawned worker processes (PIL only) and arrive as PNG
 bytes in the source's record order, so a build is deterministic whatever `num_workers` is.
 """
+
 from __future__ import annotations
 
 import multiprocessing
 import time
-from collections import Counter
 import types
-from typing import Iterator
+from collections import Counter
+from collections.abc import Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
 from tqdm import tqdm
 
-from mvlp_jax.data import records as R
 from data_prep.images import decode_task
+from mvlp_jax.data import records as R
 
 VERSION = "1.0.0"
-SCHEMA_NOTE = ("labels: int8[num_labels], 1 positive, 0 negative, -1 uncertain, -2 not mentioned; "
-               "label names in metadata['label_names']")
+SCHEMA_NOTE = (
+    "labels: int8[num_labels], 1 positive, 0 negative, -1 uncertain, -2 not mentioned; "
+    "label names in metadata['label_names']"
+)
 
 
-def features(num_labels: int, annotations: tuple[str, ...] = (), channels: int = 1
-             ) -> tfds.features.FeaturesDict:
+def features(num_labels: int, annotations: tuple[str, ...] = (), channels: int = 1) -> tfds.features.FeaturesDict:
     """The record schema (images of 1 channel, or 3 for colour); datasets built with masks or boxes add `mask`
     (uint8 0/1, the image's size) or `boxes` (float32 [N, 4] x0, y0, x1, y1 in the stored image's pixels) with
     `box_labels` (N names)."""
@@ -34,17 +36,20 @@ def features(num_labels: int, annotations: tuple[str, ...] = (), channels: int =
     if "boxes" in annotations:
         dense["boxes"] = tfds.features.Tensor(shape=(None, 4), dtype=np.float32)
         dense["box_labels"] = tfds.features.Sequence(tfds.features.Text())
-    return tfds.features.FeaturesDict({**dense,
-        "image": tfds.features.Image(shape=(None, None, channels), dtype=np.uint8, encoding_format="png"),
-        "image_id": tfds.features.Text(),
-        "study_id": tfds.features.Text(),
-        "subject_id": tfds.features.Text(),
-        "view": tfds.features.Text(),
-        "report": tfds.features.Text(),
-        "findings": tfds.features.Text(),
-        "impression": tfds.features.Text(),
-        "labels": tfds.features.Tensor(shape=(num_labels,), dtype=np.int8),
-    })
+    return tfds.features.FeaturesDict(
+        {
+            **dense,
+            "image": tfds.features.Image(shape=(None, None, channels), dtype=np.uint8, encoding_format="png"),
+            "image_id": tfds.features.Text(),
+            "study_id": tfds.features.Text(),
+            "subject_id": tfds.features.Text(),
+            "view": tfds.features.Text(),
+            "report": tfds.features.Text(),
+            "findings": tfds.features.Text(),
+            "impression": tfds.features.Text(),
+            "labels": tfds.features.Tensor(shape=(num_labels,), dtype=np.int8),
+        }
+    )
 
 
 class ChestXrayBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -52,8 +57,18 @@ class ChestXrayBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     VERSION = tfds.core.Version(VERSION)
 
-    def __init__(self, *, scan: R.SourceScan, image_size: int, num_workers: int,
-                 decode_skips: R.SkipLog, channels: int = 1, window: str = "", mask_values: str = "auto", **kwargs):
+    def __init__(
+        self,
+        *,
+        scan: R.SourceScan,
+        image_size: int,
+        num_workers: int,
+        decode_skips: R.SkipLog,
+        channels: int = 1,
+        window: str = "",
+        mask_values: str = "auto",
+        **kwargs,
+    ):
         self._scan = scan
         self._image_size = image_size
         self._channels, self._window, self._mask_values = channels, window, mask_values
@@ -71,19 +86,35 @@ class ChestXrayBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             description=f"{self._scan.description} {SCHEMA_NOTE}",
             features=features(len(self._scan.label_names), self._scan.annotations, self._channels),
             metadata=tfds.core.MetadataDict(
-                label_names=list(self._scan.label_names), source=self._scan.source,
-                source_version=self._scan.source_version, image_size=self._image_size,
-                annotations=list(self._scan.annotations), channels=self._channels, bit_depth=8,
-                window=self._window, mask_values=self._mask_values),
+                label_names=list(self._scan.label_names),
+                source=self._scan.source,
+                source_version=self._scan.source_version,
+                image_size=self._image_size,
+                annotations=list(self._scan.annotations),
+                channels=self._channels,
+                bit_depth=8,
+                window=self._window,
+                mask_values=self._mask_values,
+            ),
         )
 
     def _split_generators(self, dl_manager):
-        return {split: self._generate_examples(split, recs)
-                for split, recs in sorted(self._scan.splits().items())}
+        return {split: self._generate_examples(split, recs) for split, recs in sorted(self._scan.splits().items())}
 
     def _generate_examples(self, split: str, recs: list[R.RawRecord]) -> Iterator[tuple[str, dict]]:
-        tasks = [(i, rec.image_path, self._image_size, rec.mask_path, rec.boxes, self._channels, self._window,
-                  self._mask_values) for i, rec in enumerate(recs)]
+        tasks = [
+            (
+                i,
+                rec.image_path,
+                self._image_size,
+                rec.mask_path,
+                rec.boxes,
+                self._channels,
+                self._window,
+                self._mask_values,
+            )
+            for i, rec in enumerate(recs)
+        ]
         annotations = self._scan.annotations
         bar = tqdm(total=len(tasks), desc=f"{self.name}/{split}", unit="img", dynamic_ncols=True)
         start = time.perf_counter()
@@ -109,12 +140,21 @@ class ChestXrayBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                     dense["boxes"] = decoded["boxes"]
                     dense["box_labels"] = [rec.box_labels[i] for i in decoded["box_kept"]]
                     self.box_fixes.update(decoded["box_fixes"])
-                yield rec.image_id, {
-                    "image": decoded["image"], "image_id": rec.image_id, "study_id": rec.study_id,
-                    "subject_id": rec.subject_id, "view": rec.view, "report": rec.report,
-                    "findings": rec.findings, "impression": rec.impression,
-                    "labels": np.asarray(rec.labels, np.int8).reshape(len(self._scan.label_names)), **dense,
-                }
+                yield (
+                    rec.image_id,
+                    {
+                        "image": decoded["image"],
+                        "image_id": rec.image_id,
+                        "study_id": rec.study_id,
+                        "subject_id": rec.subject_id,
+                        "view": rec.view,
+                        "report": rec.report,
+                        "findings": rec.findings,
+                        "impression": rec.impression,
+                        "labels": np.asarray(rec.labels, np.int8).reshape(len(self._scan.label_names)),
+                        **dense,
+                    },
+                )
         bar.set_postfix_str(f"{len(tasks) / max(time.perf_counter() - start, 1e-9):.1f} img/s")
         bar.close()
 
@@ -123,8 +163,7 @@ class _decoder_map:
     """Context manager giving an ordered `imap`: in-process for 1 worker, a spawn pool otherwise."""
 
     def __init__(self, num_workers: int):
-        self._pool = (multiprocessing.get_context("spawn").Pool(num_workers)
-                      if num_workers > 1 else None)
+        self._pool = multiprocessing.get_context("spawn").Pool(num_workers) if num_workers > 1 else None
 
     def __enter__(self):
         if self._pool is None:
@@ -140,5 +179,8 @@ class _decoder_map:
 def builder_class(name: str) -> type[ChestXrayBuilder]:
     """A builder class whose TFDS name (and so folder name) is `name`."""
     return types.new_class(
-        "".join(part.title() for part in name.split("_")), (ChestXrayBuilder,),
-        {"skip_registration": True}, lambda ns: ns.update(name=name, __module__=__name__))
+        "".join(part.title() for part in name.split("_")),
+        (ChestXrayBuilder,),
+        {"skip_registration": True},
+        lambda ns: ns.update(name=name, __module__=__name__),
+    )

@@ -7,6 +7,7 @@ tokens per report are measured on the real IU reports with SmolLM2's tokenizer (
 FLOPs per image come from XLA's cost analysis of the compiled pretraining step (configs/pretrain.py,
 ViT-B/16 at 224, LLM contrastive + MAE). Prints markdown tables.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,11 +19,17 @@ import numpy as np
 from mvlp_jax.data import embedding_shards
 
 MIMIC_STUDIES = 227_835
-MIMIC_TRAIN_IMAGES = 368_960   # official MIMIC-CXR-JPG split: train 368,960 / validate 2,991 / test 5,159
+MIMIC_TRAIN_IMAGES = 368_960  # official MIMIC-CXR-JPG split: train 368,960 / validate 2,991 / test 5,159
 LLAMA2_7B_HIDDEN = 4096
-MAX_TOKENS = 512               # the job's --max_tokens default
-IU_CSV = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
-                      "iu_xray_reports", "iuxray_chexpert_labels.csv")
+MAX_TOKENS = 512  # the job's --max_tokens default
+IU_CSV = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    "..",
+    "shared",
+    "data",
+    "iu_xray_reports",
+    "iuxray_chexpert_labels.csv",
+)
 # (name, hosts, chips, peak bf16 FLOP/s per chip)
 SYSTEMS = [("TPU v4-32", 4, 16, 275e12), ("TPU v5e-64", 16, 64, 197e12), ("8x A100 (1 host)", 1, 8, 312e12)]
 
@@ -35,8 +42,9 @@ def record_bytes(hidden: int, dtype: str = "float16", tokens: int = 0, study_id:
 
 def mean_report_tokens(csv_path: str = IU_CSV, limit: int = 1000) -> float:
     """Mean SmolLM2 token count (with BOS) of the first `limit` distinct real IU reports."""
-    from mvlp_jax.models.frozen_lm import resolve
     from transformers import AutoTokenizer
+
+    from mvlp_jax.models.frozen_lm import resolve
 
     directory, gguf_file, _ = resolve("smollm2")
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
@@ -54,10 +62,10 @@ def train_flops_per_image() -> float:
     """XLA's FLOPs of one pretraining step of configs/pretrain.py (B/16 at 224) per image, on one device."""
     import jax
 
+    from mvlp_jax.models.pretrainer import Pretrainer
     from mvlp_jax.pretrain import optim, train_step
     from mvlp_jax.runtime import observe, sharding
     from mvlp_jax.tools import demo
-    from mvlp_jax.models.pretrainer import Pretrainer
 
     config = demo.load_config("pretrain", None)
     config.data.batch_size = 8
@@ -65,15 +73,18 @@ def train_flops_per_image() -> float:
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.AXES)
     model, tx = Pretrainer(config, LLAMA2_7B_HIDDEN), optim.make(config)
     _, abstract, state_sh = train_step.state_layout(model, tx, config, mesh)
-    shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in
-              train_step.example_batch(config, LLAMA2_7B_HIDDEN, config.data.batch_size).items()}
-    compiled = train_step.compile_train_step(train_step.make_train_step(model, tx, config), abstract, state_sh,
-                                             mesh, shapes)
+    shapes = {
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype)
+        for k, v in train_step.example_batch(config, LLAMA2_7B_HIDDEN, config.data.batch_size).items()
+    }
+    compiled = train_step.compile_train_step(
+        train_step.make_train_step(model, tx, config), abstract, state_sh, mesh, shapes
+    )
     return observe.step_flops(compiled) / config.data.batch_size
 
 
 def gib(n: float) -> str:
-    return f"{n / 2 ** 30:,.1f} GiB"
+    return f"{n / 2**30:,.1f} GiB"
 
 
 def main() -> None:
@@ -87,24 +98,38 @@ def main() -> None:
     pooled = record_bytes(LLAMA2_7B_HIDDEN)
     with_tokens_mean = record_bytes(LLAMA2_7B_HIDDEN, tokens=round(tokens))
     with_tokens_max = record_bytes(LLAMA2_7B_HIDDEN, tokens=MAX_TOKENS)
-    print(f"Embedding storage, Llama-2-7b (hidden {LLAMA2_7B_HIDDEN}), float16, {MIMIC_STUDIES:,} studies; "
-          f"mean report length {tokens:.1f} tokens (measured)\n")
+    print(
+        f"Embedding storage, Llama-2-7b (hidden {LLAMA2_7B_HIDDEN}), float16, {MIMIC_STUDIES:,} studies; "
+        f"mean report length {tokens:.1f} tokens (measured)\n"
+    )
     print("| stored | bytes per study | arithmetic | MIMIC-CXR total |\n| --- | --- | --- | --- |")
-    print(f"| `mean` + `last` | {pooled:,} | 2 vectors x {LLAMA2_7B_HIDDEN} x 2 B = {2 * LLAMA2_7B_HIDDEN * 2:,} "
-          f"+ {pooled - 2 * LLAMA2_7B_HIDDEN * 2} B record | {gib(pooled * MIMIC_STUDIES)} |")
-    print(f"| + tokens, mean report | {with_tokens_mean:,} | + {round(tokens)} x {LLAMA2_7B_HIDDEN} x 2 B | "
-          f"{gib(with_tokens_mean * MIMIC_STUDIES)} |")
-    print(f"| + tokens, every report at --max_tokens | {with_tokens_max:,} | + {MAX_TOKENS} x {LLAMA2_7B_HIDDEN} "
-          f"x 2 B | {gib(with_tokens_max * MIMIC_STUDIES)} |")
+    print(
+        f"| `mean` + `last` | {pooled:,} | 2 vectors x {LLAMA2_7B_HIDDEN} x 2 B = {2 * LLAMA2_7B_HIDDEN * 2:,} "
+        f"+ {pooled - 2 * LLAMA2_7B_HIDDEN * 2} B record | {gib(pooled * MIMIC_STUDIES)} |"
+    )
+    print(
+        f"| + tokens, mean report | {with_tokens_mean:,} | + {round(tokens)} x {LLAMA2_7B_HIDDEN} x 2 B | "
+        f"{gib(with_tokens_mean * MIMIC_STUDIES)} |"
+    )
+    print(
+        f"| + tokens, every report at --max_tokens | {with_tokens_max:,} | + {MAX_TOKENS} x {LLAMA2_7B_HIDDEN} "
+        f"x 2 B | {gib(with_tokens_max * MIMIC_STUDIES)} |"
+    )
     flops = args.flops_per_image or train_flops_per_image()
-    print(f"\nThroughput: one training image (B/16 at 224, LLM contrastive + MAE) = {flops / 1e9:,.1f} GFLOP "
-          f"(XLA cost analysis); {args.epochs:g} epochs = {MIMIC_TRAIN_IMAGES:,} x {args.epochs:g} images\n")
-    print(f"| system | hosts | images/s the chips sustain at {args.mfu:.0%} MFU | images/s each host must decode "
-          f"| hours for {args.epochs:g} epochs |\n| --- | --- | --- | --- | --- |")
+    print(
+        f"\nThroughput: one training image (B/16 at 224, LLM contrastive + MAE) = {flops / 1e9:,.1f} GFLOP "
+        f"(XLA cost analysis); {args.epochs:g} epochs = {MIMIC_TRAIN_IMAGES:,} x {args.epochs:g} images\n"
+    )
+    print(
+        f"| system | hosts | images/s the chips sustain at {args.mfu:.0%} MFU | images/s each host must decode "
+        f"| hours for {args.epochs:g} epochs |\n| --- | --- | --- | --- | --- |"
+    )
     for name, hosts, chips, peak in SYSTEMS:
         sustain = chips * peak * args.mfu / flops
-        print(f"| {name} | {hosts} | {sustain:,.0f} = {chips} x {peak / 1e12:g}e12 x {args.mfu} / {flops / 1e9:.1f}e9 "
-              f"| {sustain / hosts:,.0f} | {MIMIC_TRAIN_IMAGES * args.epochs / sustain / 3600:,.1f} |")
+        print(
+            f"| {name} | {hosts} | {sustain:,.0f} = {chips} x {peak / 1e12:g}e12 x {args.mfu} / {flops / 1e9:.1f}e9 "
+            f"| {sustain / hosts:,.0f} | {MIMIC_TRAIN_IMAGES * args.epochs / sustain / 3600:,.1f} |"
+        )
 
 
 if __name__ == "__main__":

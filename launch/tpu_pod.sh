@@ -83,10 +83,9 @@ else
     --command="rm -rf ~/mvlp_jax && mkdir -p ~/mvlp_jax && tar -xzf ~/mvlp_jax.tar.gz -C ~/mvlp_jax"
 fi
 
-# 3. Install: Python 3.11, CPU torch (only the precompute job uses it), the package, jax for TPU.
+# 3. Install: Python 3.11, the core package (no torch: workers train) and jax for TPU.
 INSTALL="cd ~/mvlp_jax && (command -v python3.11 || (sudo apt-get update -qq && sudo apt-get install -y -qq python3.11 python3.11-venv))"
 INSTALL+=" && python3.11 -m venv .venv && .venv/bin/pip install -q --upgrade pip"
-INSTALL+=" && .venv/bin/pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
 INSTALL+=" && .venv/bin/pip install -q -e . $(quote "jax[tpu]==$JAX_VERSION")"
 run "${GCLOUD[@]}" tpu-vm ssh "${ALL[@]}" --command="$INSTALL"
 

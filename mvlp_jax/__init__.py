@@ -1,4 +1,5 @@
 """Medical vision-language pretraining in JAX/Flax."""
+
 from mvlp_jax.runtime import distributed as _distributed
 from mvlp_jax.runtime import storage as _storage  # noqa: F401 - picks the gs:// file layer before any path is touched
 

@@ -5,6 +5,7 @@ The table is the core rows below plus each registered objective's own (its Spec'
 values at start-up naming the key and the rule (the engine: runtime/schema.py), and `save`/`load` keep a run's
 resolved config in its workdir.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -22,29 +23,43 @@ def _profile_window(text: str) -> bool:
 
 
 MESH_AXIS = schema.Rule(lambda v: v == -1 or v >= 1, "must be >= 1, or -1 for the remaining devices")
-PROFILE_STEPS = schema.Rule(lambda v: v == "" or _profile_window(v),
-                            "must be 'START,END' with 1 <= START <= END, or ''")
-OBJECTIVE_WEIGHTS = schema.Rule(lambda v: bool(v) and all(k in registry.SPECS and w >= 0 for k, w in v.items()),
-                                lambda: f"must map registered objective names to weights >= 0 (registered: "
-                                        f"{', '.join(registry.SPECS)})")
+PROFILE_STEPS = schema.Rule(
+    lambda v: v == "" or _profile_window(v), "must be 'START,END' with 1 <= START <= END, or ''"
+)
+OBJECTIVE_WEIGHTS = schema.Rule(
+    lambda v: bool(v) and all(k in registry.SPECS and w >= 0 for k, w in v.items()),
+    lambda: f"must map registered objective names to weights >= 0 (registered: {', '.join(registry.SPECS)})",
+)
 
 # key -> (default, check, description); each objective adds its own rows (objectives/registry.py)
 CORE: schema.Table = {
     "seed": (0, None, "Seed of parameter init, masking, dropout and the data order."),
     "total_steps": (100_000, schema.POSITIVE, "Optimizer steps to train."),
-    "objectives": (dict(registry.DEFAULT), OBJECTIVE_WEIGHTS,
-                   f"Objective name -> loss weight (>= 0); names from {tuple(registry.SPECS)} (mvlp_jax/objectives/)."),
-    "task_schedule": ("sum", ("sum", "cyclic"),
-                      "'sum': every step optimises the weighted sum; 'cyclic': step s trains objective s mod n only."),
+    "objectives": (
+        dict(registry.DEFAULT),
+        OBJECTIVE_WEIGHTS,
+        f"Objective name -> loss weight (>= 0); names from {tuple(registry.SPECS)} (mvlp_jax/objectives/).",
+    ),
+    "task_schedule": (
+        "sum",
+        ("sum", "cyclic"),
+        "'sum': every step optimises the weighted sum; 'cyclic': step s trains objective s mod n only.",
+    ),
     "model.encoder": ("vit", ("vit", "vitdet"), "Image encoder: plain ViT (MAE) or windowed ViTDet (SimMIM)."),
     "model.variant": ("B/16", None, "Encoder size/patch, e.g. 'S/16', 'B/16', 'L/16'."),
     "model.image_size": (224, schema.POSITIVE, "Training resolution (square crops)."),
-    "model.dtype": ("auto", ("auto", "float32", "bfloat16"),
-                    "Compute dtype; 'auto': bfloat16 on TPU and GPU, float32 on CPU (where bfloat16 is slower). "
-                    "Parameters, optimizer state, softmax and losses stay float32."),
-    "model.attention": ("auto", ATTENTION_IMPLEMENTATIONS,
-                        "Attention kernel; 'auto': Pallas splash on TPU, cuDNN on GPU, MKL on one CPU device, XLA's "
-                        "formula where a kernel does not apply (mvlp_jax/kernels/attention_ops.py)."),
+    "model.dtype": (
+        "auto",
+        ("auto", "float32", "bfloat16"),
+        "Compute dtype; 'auto': bfloat16 on TPU and GPU, float32 on CPU (where bfloat16 is slower). "
+        "Parameters, optimizer state, softmax and losses stay float32.",
+    ),
+    "model.attention": (
+        "auto",
+        ATTENTION_IMPLEMENTATIONS,
+        "Attention kernel; 'auto': Pallas splash on TPU, cuDNN on GPU, MKL on one CPU device, XLA's "
+        "formula where a kernel does not apply (mvlp_jax/kernels/attention_ops.py).",
+    ),
     "model.remat": ("none", ("none", "full", "dots", "dots_no_batch"), "Activation rematerialisation policy."),
     "model.scan": (False, None, "Scan the encoder blocks (faster compile for deep models)."),
     "model.drop_path": (0.0, schema.FRACTION, "Stochastic depth rate of the last block."),
@@ -61,24 +76,40 @@ CORE: schema.Table = {
     "data.train_split": ("train", None, "Split to train on."),
     "data.embeddings_dir": ("", None, "Output dir of data_prep.precompute_text_embeddings."),
     "data.allow_missing_embeddings": (False, None, "Drop images whose study has no embedding instead of failing."),
-    "data.embeddings_any_source": (False, None, "Accept embeddings made from another source (a reports CSV, another "
-                                   "dataset) whose study ids are this dataset's; refused by default."),
-    "data.allow_changed_inputs": (False, None, "Resume (or train on embeddings made before the dataset was rebuilt) "
-                                  "although the training split or the LLM embeddings differ from those the run "
-                                  "recorded (WORKDIR/inputs.json); refused by default. The change is recorded in "
-                                  "config_changes.json and printed in every evaluation result of the run."),
+    "data.embeddings_any_source": (
+        False,
+        None,
+        "Accept embeddings made from another source (a reports CSV, another "
+        "dataset) whose study ids are this dataset's; refused by default.",
+    ),
+    "data.allow_changed_inputs": (
+        False,
+        None,
+        "Resume (or train on embeddings made before the dataset was rebuilt) "
+        "although the training split or the LLM embeddings differ from those the run "
+        "recorded (WORKDIR/inputs.json); refused by default. The change is recorded in "
+        "config_changes.json and printed in every evaluation result of the run.",
+    ),
     "data.batch_size": (256, schema.POSITIVE, "Global batch size (all processes together)."),
     "data.crop_scale": ((0.5, 1.0), schema.CROP_SCALE, "RandomResizedCrop area range."),
     "data.brightness": (0.1, schema.NON_NEGATIVE, "Intensity augmentation: random brightness shift (fraction of 255)."),
     "data.contrast": (0.1, schema.NON_NEGATIVE, "Intensity augmentation: random contrast factor range 1 +- this."),
-    "data.channels": (0, (0, 1, 3), "Image channels the encoder reads: 0 takes the training dataset's (1 grayscale, 3 "
-                      "colour; built with --channels), and a run records what it took. Programs compiled without "
-                      "a dataset (aot) read 0 as 1."),
-    "data.max_views": (1, schema.POSITIVE, "Views per study the encoder reads as one sequence (1: one image at a "
-                       "time). Above 1 an example is a study (images grouped by study_id, frontal first, then "
-                       "laterals, then others; the rest left out, missing ones padded), the encoder gains a learned "
-                       "view-type embedding (a ViTDet windows each view, its global blocks span the study); "
-                       "objectives: mae, llm_contrastive, mflag, dino (its global crops from two different views)."),
+    "data.channels": (
+        0,
+        (0, 1, 3),
+        "Image channels the encoder reads: 0 takes the training dataset's (1 grayscale, 3 "
+        "colour; built with --channels), and a run records what it took. Programs compiled without "
+        "a dataset (aot) read 0 as 1.",
+    ),
+    "data.max_views": (
+        1,
+        schema.POSITIVE,
+        "Views per study the encoder reads as one sequence (1: one image at a "
+        "time). Above 1 an example is a study (images grouped by study_id, frontal first, then "
+        "laterals, then others; the rest left out, missing ones padded), the encoder gains a learned "
+        "view-type embedding (a ViTDet windows each view, its global blocks span the study); "
+        "objectives: mae, llm_contrastive, mflag, dino (its global crops from two different views).",
+    ),
     "data.mean": (0.5, None, "Normalisation: (pixel / 255 - mean) / std."),
     "data.std": (0.25, schema.POSITIVE, "Normalisation std."),
     "data.num_threads": (8, schema.POSITIVE, "Decode/augment threads per process."),
@@ -87,13 +118,19 @@ CORE: schema.Table = {
     "optim.lr": (1.5e-4, schema.POSITIVE, "Peak learning rate (scaled by batch_size / 256)."),
     "optim.min_lr": (0.0, schema.NON_NEGATIVE, "Final learning rate of the cosine schedule."),
     "optim.warmup_steps": (5_000, schema.NON_NEGATIVE, "Linear warmup steps."),
-    "optim.weight_decay": (0.05, schema.NON_NEGATIVE, "AdamW decay (not on norms, biases, position embeddings, "
-                                                      "tokens)."),
+    "optim.weight_decay": (
+        0.05,
+        schema.NON_NEGATIVE,
+        "AdamW decay (not on norms, biases, position embeddings, tokens).",
+    ),
     "optim.b1": (0.9, schema.FRACTION, "Adam beta1."),
     "optim.b2": (0.95, schema.FRACTION, "Adam beta2."),
     "optim.clip_norm": (1.0, schema.NON_NEGATIVE, "Global gradient-norm clipping (0: off)."),
-    "optim.accum_steps": (1, schema.POSITIVE,
-                          "Gradient accumulation micro-steps per update (batch-wide losses per micro-batch)."),
+    "optim.accum_steps": (
+        1,
+        schema.POSITIVE,
+        "Gradient accumulation micro-steps per update (batch-wide losses per micro-batch).",
+    ),
     "max_nonfinite_steps": (10, schema.POSITIVE, "Stop after this many skipped non-finite updates in a row."),
     "mesh.data": (-1, MESH_AXIS, "Data-parallel axis size (-1: the remaining devices)."),
     "mesh.fsdp": (1, MESH_AXIS, "Fully-sharded data-parallel axis (params sharded, batch split)."),
@@ -102,19 +139,34 @@ CORE: schema.Table = {
     "checkpoint.max_to_keep": (3, schema.POSITIVE, "Checkpoints kept."),
     "checkpoint.async_save": (True, None, "Save in the background while training goes on."),
     "log_every_steps": (50, schema.POSITIVE, "Metrics to TensorBoard and console every this many steps."),
-    "log_images_every_steps": (0, schema.NON_NEGATIVE, "Pictures of what the run learned "
-                                                       "(mvlp_jax/pretrain/visualize.py: "
-                               "reconstructions, attention maps, query boxes, nearest reports by study id) to "
-                               "WORKDIR/plots/ and TensorBoard every this many steps and at the end; 0: off. "
-                               "Single-process runs; for others, python -m mvlp_jax.visualize on a checkpoint."),
-    "peak_flops_per_device": (0.0, schema.NON_NEGATIVE, "For the MFU estimate; 0: known accelerators, or measured "
-                                                        "on CPU."),
-    "compilation_cache_dir": ("", None, "JAX's persistent compilation cache, so a restarted run does not compile "
-                              "again: '' puts it beside a gs:// workdir (WORKDIR/compilation_cache) or in "
-                              "~/.cache/mvlp_jax/xla for a local one; 'none' turns it off; else a folder (local or "
-                              "gs://)."),
-    "profile_steps": ("", PROFILE_STEPS, "'START,END': a jax.profiler trace of those steps into "
-                      "WORKDIR/plugins/profile/ (TensorBoard's profile tab); '': none."),
+    "log_images_every_steps": (
+        0,
+        schema.NON_NEGATIVE,
+        "Pictures of what the run learned "
+        "(mvlp_jax/pretrain/visualize.py: "
+        "reconstructions, attention maps, query boxes, nearest reports by study id) to "
+        "WORKDIR/plots/ and TensorBoard every this many steps and at the end; 0: off. "
+        "Single-process runs; for others, python -m mvlp_jax.visualize on a checkpoint.",
+    ),
+    "peak_flops_per_device": (
+        0.0,
+        schema.NON_NEGATIVE,
+        "For the MFU estimate; 0: known accelerators, or measured on CPU.",
+    ),
+    "compilation_cache_dir": (
+        "",
+        None,
+        "JAX's persistent compilation cache, so a restarted run does not compile "
+        "again: '' puts it beside a gs:// workdir (WORKDIR/compilation_cache) or in "
+        "~/.cache/mvlp_jax/xla for a local one; 'none' turns it off; else a folder (local or "
+        "gs://).",
+    ),
+    "profile_steps": (
+        "",
+        PROFILE_STEPS,
+        "'START,END': a jax.profiler trace of those steps into "
+        "WORKDIR/plugins/profile/ (TensorBoard's profile tab); '': none.",
+    ),
 }
 
 

@@ -1,4 +1,5 @@
 """`python -m mvlp_jax.visualize`: Pictures of what a checkpoint learned (mvlp_jax/pretrain/visualize.py)."""
+
 from mvlp_jax.pretrain import visualize as binary
 
 if __name__ == "__main__":

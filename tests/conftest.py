@@ -1,4 +1,5 @@
 """Test setup: JAX on CPU with 8 simulated devices, set before jax is imported anywhere."""
+
 import os
 import sys
 

@@ -2,6 +2,7 @@
 and writes of GCS's JSON API that it skips and that TensorStore's OCDBT checkpoints and the workdir lease rely
 on: an object read answers `x-goog-generation` and honours ifGenerationMatch / ifGenerationNotMatch (412 / 304),
 an object write honours ifGenerationMatch (412), as GCS does."""
+
 from __future__ import annotations
 
 import argparse

@@ -6,6 +6,7 @@ lookups outside the loopback range (installed in this process by the fixture, in
 tests/no_egress/sitecustomize.py); libcurl clients (TensorStore, ArrayRecord's GCS reader) are given an HTTP
 proxy on 127.0.0.1 that passes on requests for loopback addresses and logs and refuses every other one.
 """
+
 from __future__ import annotations
 
 import http.client
@@ -41,8 +42,11 @@ def install_socket_guard(log_path: str):
         with open(log_path, "a") as f:
             f.write(f"pid {os.getpid()}: {what}\n")
 
-    real_connect, real_connect_ex, real_getaddrinfo = socket.socket.connect, socket.socket.connect_ex, \
-        socket.getaddrinfo
+    real_connect, real_connect_ex, real_getaddrinfo = (
+        socket.socket.connect,
+        socket.socket.connect_ex,
+        socket.getaddrinfo,
+    )
 
     def check(address: object) -> None:
         host = address[0] if isinstance(address, tuple) else None
@@ -67,8 +71,12 @@ def install_socket_guard(log_path: str):
     socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo = connect, connect_ex, getaddrinfo
 
     def lift() -> None:
-        socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo = real_connect, real_connect_ex, \
-            real_getaddrinfo
+        socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo = (
+            real_connect,
+            real_connect_ex,
+            real_getaddrinfo,
+        )
+
     return lift
 
 
@@ -133,6 +141,7 @@ def _free_port() -> int:
 @dataclass
 class GcsServer:
     """A running emulator: `bucket`, `endpoint`, `env` for child processes, and the guard's findings."""
+
     endpoint: str
     bucket: str
     process: subprocess.Popen
@@ -160,8 +169,12 @@ def start(tmp_dir: str, bucket: str = "mvlp-test") -> GcsServer:
     """Starts the emulator on a free loopback port and the proxy sink; returns once the server answers."""
     port = _free_port()
     log = open(os.path.join(tmp_dir, "gcs_server.log"), "w")
-    process = subprocess.Popen([sys.executable, "-m", "tests.gcs_emulator", f"--port={port}", f"--bucket={bucket}"],
-                               cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.gcs_emulator", f"--port={port}", f"--bucket={bucket}"],
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.time() + 30
     while True:
         try:
@@ -169,7 +182,7 @@ def start(tmp_dir: str, bucket: str = "mvlp-test") -> GcsServer:
             break
         except OSError:
             if process.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"the GCS emulator did not start: {open(log.name).read()[-2000:]}")
+                raise RuntimeError(f"the GCS emulator did not start: {open(log.name).read()[-2000:]}") from None
             time.sleep(0.1)
     sink = _QuietServer(("127.0.0.1", 0), _Sink)
     sink.seen = []
@@ -177,9 +190,17 @@ def start(tmp_dir: str, bucket: str = "mvlp-test") -> GcsServer:
     proxy = f"http://127.0.0.1:{sink.server_address[1]}"
     endpoint = f"http://127.0.0.1:{port}"
     egress_log = os.path.join(tmp_dir, "egress.log")
-    env = {"MVLP_GCS_ENDPOINT": endpoint, "MVLP_EGRESS_LOG": egress_log,
-           "http_proxy": proxy, "https_proxy": proxy, "HTTP_PROXY": proxy, "HTTPS_PROXY": proxy,
-           "no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost",
-           "NO_GCE_CHECK": "True", "GCE_METADATA_HOST": "127.0.0.1:1",
-           "PYTHONPATH": os.pathsep.join([GUARD_DIR, REPO, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    env = {
+        "MVLP_GCS_ENDPOINT": endpoint,
+        "MVLP_EGRESS_LOG": egress_log,
+        "http_proxy": proxy,
+        "https_proxy": proxy,
+        "HTTP_PROXY": proxy,
+        "HTTPS_PROXY": proxy,
+        "no_proxy": "127.0.0.1,localhost",
+        "NO_PROXY": "127.0.0.1,localhost",
+        "NO_GCE_CHECK": "True",
+        "GCE_METADATA_HOST": "127.0.0.1:1",
+        "PYTHONPATH": os.pathsep.join([GUARD_DIR, REPO, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    }
     return GcsServer(endpoint, bucket, process, egress_log, sink, env)

@@ -1,4 +1,5 @@
 """Writes a miniature MIMIC-CXR-JPG 2.1.0 + reports tree for tests (real layout, synthetic content)."""
+
 from __future__ import annotations
 
 import csv
@@ -37,13 +38,18 @@ LABEL_CELLS = {
     "54000004": ["0.0"] * 14,
     "55000005": ["2.0"] + [""] * 13,
 }
-EXPECTED_CODES = {study: [-2 if c == "" else int(float(c)) for c in cells]
-                  for study, cells in LABEL_CELLS.items() if study != "55000005"}
+EXPECTED_CODES = {
+    study: [-2 if c == "" else int(float(c)) for c in cells]
+    for study, cells in LABEL_CELLS.items()
+    if study != "55000005"
+}
 
 REPORTS = {
-    "50414267": ("                                 FINAL REPORT\n EXAMINATION:  CHEST (PA AND LAT)\n\n"
-                 " INDICATION:  ___ with cough\n\n FINDINGS: \n\n  No focal consolidation.  Heart size normal.\n\n"
-                 " IMPRESSION: \n\n No acute cardiopulmonary process.\n"),
+    "50414267": (
+        "                                 FINAL REPORT\n EXAMINATION:  CHEST (PA AND LAT)\n\n"
+        " INDICATION:  ___ with cough\n\n FINDINGS: \n\n  No focal consolidation.  Heart size normal.\n\n"
+        " IMPRESSION: \n\n No acute cardiopulmonary process.\n"
+    ),
     "53189527": "FINAL REPORT\nComparison: none.\n\nImpression :\n  Mild   pulmonary edema.\n",
     "51000001": "FINDINGS: Clear lungs.\nIMPRESSION: Normal.\n",
     "52000002": "WET READ: ___\n\nfindings:\nSmall left effusion.\n\nNOTIFICATION: called Dr. ___.\n",
@@ -88,15 +94,22 @@ def write_tree(root: str) -> str:
         data = buffer.getvalue()
         with open(path, "wb") as f:
             f.write(data[: len(data) // 3] if kind == "corrupt" else data)
-    _gz_csv(os.path.join(root, "mimic-cxr-2.0.0-metadata.csv.gz"),
-            ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition", "Rows",
-             "Columns"],
-            [[d, s, st, "CHEST", v, str(sz[1]), str(sz[0])] for s, st, d, v, _, sz, _ in IMAGES])
-    _gz_csv(os.path.join(root, "mimic-cxr-2.0.0-split.csv.gz"), ["dicom_id", "study_id", "subject_id", "split"],
-            [[d, st, s, sp] for s, st, d, _, sp, _, _ in IMAGES])
+    _gz_csv(
+        os.path.join(root, "mimic-cxr-2.0.0-metadata.csv.gz"),
+        ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition", "Rows", "Columns"],
+        [[d, s, st, "CHEST", v, str(sz[1]), str(sz[0])] for s, st, d, v, _, sz, _ in IMAGES],
+    )
+    _gz_csv(
+        os.path.join(root, "mimic-cxr-2.0.0-split.csv.gz"),
+        ["dicom_id", "study_id", "subject_id", "split"],
+        [[d, st, s, sp] for s, st, d, _, sp, _, _ in IMAGES],
+    )
     subject_of = {st: s for s, st, *_ in IMAGES}
-    _gz_csv(os.path.join(root, "mimic-cxr-2.0.0-chexpert.csv.gz"), ["subject_id", "study_id", *CHEXPERT_LABELS],
-            [[subject_of[st], st, *cells] for st, cells in LABEL_CELLS.items()])
+    _gz_csv(
+        os.path.join(root, "mimic-cxr-2.0.0-chexpert.csv.gz"),
+        ["subject_id", "study_id", *CHEXPERT_LABELS],
+        [[subject_of[st], st, *cells] for st, cells in LABEL_CELLS.items()],
+    )
     with zipfile.ZipFile(os.path.join(root, "mimic-cxr-reports.zip"), "w") as z:
         for study, text in REPORTS.items():
             s = subject_of[study]

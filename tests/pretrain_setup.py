@@ -1,5 +1,6 @@
 """Shared set-up of the pretraining tests: the shipped real COVID sample built small, stand-in LLM
 targets written in the real embedding schema, and a micro config that compiles in seconds."""
+
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ import os
 import numpy as np
 
 from mvlp_jax.data import embedding_shards
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # not from conftest: it sets XLA_FLAGS,
 # and config files written by `write_config_file` import this module inside the binary under test
 
@@ -25,26 +27,45 @@ def build_sample(root: str, image_size: int = 64) -> str:
     return os.path.join(root, "tfds")
 
 
-def write_targets(data_dir: str, out: str, drop: tuple[str, ...] = (), hidden: int = HIDDEN,
-                  source: dict | None = None, dataset: str = "covid_notes", seed: int = 0) -> list[str]:
+def write_targets(
+    data_dir: str,
+    out: str,
+    drop: tuple[str, ...] = (),
+    hidden: int = HIDDEN,
+    source: dict | None = None,
+    dataset: str = "covid_notes",
+    seed: int = 0,
+) -> list[str]:
     """One random `mean`/`last` record per study of every split (minus `drop`, vectors drawn with `seed`), in the
     stored schema; the manifest names the dataset as its source (or `source`)."""
     from mvlp_jax.data import built
 
     builder, _, _ = built.open_builder(data_dir, dataset)
-    studies = sorted({built.open_split(builder, s)[i]["study_id"].decode()
-                      for s in builder.info.splits for i in range(len(built.open_split(builder, s)))})
+    studies = sorted(
+        {
+            built.open_split(builder, s)[i]["study_id"].decode()
+            for s in builder.info.splits
+            for i in range(len(built.open_split(builder, s)))
+        }
+    )
     kept = [s for s in studies if s not in drop]
     rng = np.random.default_rng(seed)
     os.makedirs(out, exist_ok=True)
     records = [embedding_shards.encode(s, rng.normal(size=hidden), rng.normal(size=hidden), "float32") for s in kept]
     embedding_shards.write_shard(os.path.join(out, embedding_shards.SHARD_PATTERN.format(index=0, count=1)), records)
     with open(os.path.join(out, "manifest.json"), "w") as f:
-        json.dump({"schema_version": embedding_shards.SCHEMA_VERSION, "hidden_size": hidden, "poolings": ["mean",
-        "last"],
-                   "num_records": len(kept), "model": "random-test-targets",
-                   "source": source or {"kind": "dataset", "name": dataset, "version": "1.0.0",
-                                        "splits": list(builder.info.splits)}}, f)
+        json.dump(
+            {
+                "schema_version": embedding_shards.SCHEMA_VERSION,
+                "hidden_size": hidden,
+                "poolings": ["mean", "last"],
+                "num_records": len(kept),
+                "model": "random-test-targets",
+                "source": source
+                or {"kind": "dataset", "name": dataset, "version": "1.0.0", "splits": list(builder.info.splits)},
+            },
+            f,
+        )
     return studies
 
 
@@ -69,7 +90,9 @@ def micro_config(data_dir: str, embeddings_dir: str, **overrides):
 def write_config_file(path: str, data_dir: str, embeddings_dir: str, **overrides) -> str:
     """A config file for the binary whose get_config() is `micro_config(...)` (for subprocess runs)."""
     with open(path, "w") as f:
-        f.write(f"import sys\nsys.path.insert(0, {REPO!r})\nfrom tests.pretrain_setup import micro_config\n\n\n"
-                f"def get_config(arg=None):\n"
-                f"    return micro_config({data_dir!r}, {embeddings_dir!r}, **{overrides!r})\n")
+        f.write(
+            f"import sys\nsys.path.insert(0, {REPO!r})\nfrom tests.pretrain_setup import micro_config\n\n\n"
+            f"def get_config(arg=None):\n"
+            f"    return micro_config({data_dir!r}, {embeddings_dir!r}, **{overrides!r})\n"
+        )
     return path

@@ -4,6 +4,7 @@
 The Pallas TPU kernel runs in Pallas's HLO interpreter (the kernel's program as a scan of XLA ops on CPU). Its
 threaded TPU simulator (`pltpu.force_tpu_interpret_mode`) hung now and then in a process that had run other
 programs, so these tests set the same switch to the plain interpreter."""
+
 import contextlib
 import math
 
@@ -41,9 +42,11 @@ def plain(q, k, v, mask=None):
 
 def _inputs(q_len, k_len, heads=2, dim=8, batch=2):
     keys = jax.random.split(jax.random.key(0), 3)
-    return (jax.random.normal(keys[0], (batch, q_len, heads, dim)),
-            jax.random.normal(keys[1], (batch, k_len, heads, dim)),
-            jax.random.normal(keys[2], (batch, k_len, heads, dim)))
+    return (
+        jax.random.normal(keys[0], (batch, q_len, heads, dim)),
+        jax.random.normal(keys[1], (batch, k_len, heads, dim)),
+        jax.random.normal(keys[2], (batch, k_len, heads, dim)),
+    )
 
 
 def _key_mask(batch, k_len, valid):
@@ -66,11 +69,15 @@ def _assert_matches_plain(implementation, q, k, v, mask, tol=1e-5):
 @pytest.mark.parametrize("mask_kind", ["none", "keys", "general"])
 def test_xla_attention_equals_the_plain_formula(mask_kind):
     q, k, v = _inputs(7, 7)
-    mask = {"none": None, "keys": _key_mask(2, 7, 5),
-            "general": jax.random.bernoulli(jax.random.key(3), 0.7, (2, 1, 7, 7)).at[..., 0].set(True)}[mask_kind]
+    mask = {
+        "none": None,
+        "keys": _key_mask(2, 7, 5),
+        "general": jax.random.bernoulli(jax.random.key(3), 0.7, (2, 1, 7, 7)).at[..., 0].set(True),
+    }[mask_kind]
     _assert_matches_plain("xla", q, k, v, mask)
-    bf16 = _value_and_grads(lambda q, k, v: kernels.attention(q, k, v, mask, "xla"),
-                            *(x.astype(jnp.bfloat16) for x in (q, k, v)))[1]
+    bf16 = _value_and_grads(
+        lambda q, k, v: kernels.attention(q, k, v, mask, "xla"), *(x.astype(jnp.bfloat16) for x in (q, k, v))
+    )[1]
     assert all(g.dtype == jnp.bfloat16 and bool(jnp.isfinite(g).all()) for g in bf16)
 
 
@@ -92,8 +99,9 @@ def test_tpu_kernels_equal_the_plain_formula(mask_kind, kernel):
     """Each Pallas TPU kernel, interpreted: lengths that are not whole 128-token blocks (padded), a key mask
     (segment ids), and a mask it cannot express (the XLA formula runs instead); `auto` takes splash."""
     q, k, v = _inputs(130, 200, heads=2, dim=16, batch=1)
-    mask = {"none": None, "keys": _key_mask(1, 200, 150),
-            "general": jnp.tril(jnp.ones((130, 200), bool))[None, None]}[mask_kind]
+    mask = {"none": None, "keys": _key_mask(1, 200, 150), "general": jnp.tril(jnp.ones((130, 200), bool))[None, None]}[
+        mask_kind
+    ]
     with backend.use(backend.Backend("tpu", 4)):
         assert attention_lib.choose("auto", q, k, mask) == ("xla" if mask_kind == "general" else "tpu_splash")
         assert attention_lib.choose(kernel, q, k, mask) == ("xla" if mask_kind == "general" else kernel)
@@ -114,14 +122,17 @@ def test_vitdet_windows_on_the_tpu_kernels_equal_xla(kernel):
         block = Block(num_heads=2, mlp_dim=64, attention=implementation)
         params = Block(num_heads=2, mlp_dim=64).init(jax.random.key(0), windows)
 
-        def loss(p, x):
+        def loss(p, x, block=block):
             out = window_unpartition(block.apply(p, x, 0.0, mask)[0], 1, grid, window)
             return jnp.sum(jnp.sin(out)), out
 
         with pallas_interpreted():
             results[implementation] = jax.value_and_grad(loss, has_aux=True)(params, windows)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5),
-                 results[kernel], results["xla"])
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5),
+        results[kernel],
+        results["xla"],
+    )
 
 
 def test_auto_follows_the_backend_and_a_kernel_for_another_platform_is_refused():
@@ -157,8 +168,11 @@ def test_the_cudnn_call_pads_odd_lengths_and_keeps_the_padding_out(mask_kind, mo
 
     monkeypatch.setattr(jax.nn, "dot_product_attention", stand_in)
     q, k, v = (x.astype(jnp.bfloat16) for x in _inputs(7, 9, dim=16))
-    mask = {"none": None, "keys": _key_mask(2, 9, 6),
-            "general": jax.random.bernoulli(jax.random.key(3), 0.7, (2, 2, 7, 9)).at[..., 0].set(True)}[mask_kind]
+    mask = {
+        "none": None,
+        "keys": _key_mask(2, 9, 6),
+        "general": jax.random.bernoulli(jax.random.key(3), 0.7, (2, 2, 7, 9)).at[..., 0].set(True),
+    }[mask_kind]
     with backend.use(backend.Backend("gpu", 1)):
         assert attention_lib.choose("auto", q, k, mask) == "cudnn"
         got, got_grads = _value_and_grads(lambda q, k, v: kernels.attention(q, k, v, mask, "auto"), q, k, v)
@@ -182,6 +196,7 @@ def test_sown_weights_are_the_softmax():
     mask = _key_mask(2, 7, 4)
     weights = kernels.attention_weights(q, k, mask)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(8)
-    np.testing.assert_allclose(np.asarray(weights), np.asarray(jax.nn.softmax(jnp.where(mask, logits, -1e30))),
-                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        np.asarray(weights), np.asarray(jax.nn.softmax(jnp.where(mask, logits, -1e30))), rtol=1e-6, atol=1e-7
+    )
     assert weights.shape == (2, 2, 3, 7) and float(weights[..., 4:].max()) == 0.0

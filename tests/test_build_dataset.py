@@ -1,4 +1,5 @@
 """Dataset builders: a miniature MIMIC-CXR tree, IU X-ray, NIH14 and CSV layouts, read back via TFDS and grain."""
+
 import hashlib
 import json
 import os
@@ -12,17 +13,20 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from tests.conftest import REPO, SAMPLE, SHARED_DATA
-from mvlp_jax.data import records as R
 from data_prep.build_dataset import build
 from data_prep.report_sections import extract_findings_impression
+from mvlp_jax.data import records as R
 from tests import mini_mimic
+from tests.conftest import REPO, SAMPLE, SHARED_DATA
 
 
 def _read_all(dataset_dir: str) -> dict[str, list[dict]]:
     builder = tfds.builder_from_directory(dataset_dir)
-    return {split: [source[i] for i in range(len(source))]
-            for split in builder.info.splits for source in [builder.as_data_source(split)]}
+    return {
+        split: [source[i] for i in range(len(source))]
+        for split in builder.info.splits
+        for source in [builder.as_data_source(split)]
+    }
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +54,7 @@ def test_mimic_records_read_back_through_data_source_and_grain(mimic):
 def test_mimic_image_resize_keeps_aspect(mimic):
     records = _read_all(mimic[2]["dataset_dir"])
     by_id = {r["image_id"].decode(): r for recs in records.values() for r in recs}
-    assert by_id["d1-pa"]["image"].shape[:2] == (171, 128)   # 300x400 (w x h) -> 128 x 171
+    assert by_id["d1-pa"]["image"].shape[:2] == (171, 128)  # 300x400 (w x h) -> 128 x 171
     assert by_id["d6-test"]["image"].shape[:2] == (128, 172)  # 700x520 -> 172 x 128
 
 
@@ -82,8 +86,13 @@ def test_mimic_official_split_and_sections(mimic):
 def test_mimic_skips_counted_by_reason(mimic):
     _, _, report = mimic
     counts = {reason: v["count"] for reason, v in report["skipped"].items()}
-    assert counts == {R.VIEW_NOT_SELECTED: 1, R.REPORT_MISSING: 1, R.IMAGE_UNREADABLE: 1,
-                      R.IMAGE_MISSING: 1, R.BAD_LABEL_VALUE: 1}
+    assert counts == {
+        R.VIEW_NOT_SELECTED: 1,
+        R.REPORT_MISSING: 1,
+        R.IMAGE_UNREADABLE: 1,
+        R.IMAGE_MISSING: 1,
+        R.BAD_LABEL_VALUE: 1,
+    }
     assert "d4-corrupt.jpg" in report["skipped"][R.IMAGE_UNREADABLE]["examples"][0]
     on_disk = json.load(open(os.path.join(report["dataset_dir"], "build_report.json")))
     assert on_disk["records_read"] == len(mini_mimic.IMAGES) and on_disk["records_written_total"] == 5
@@ -114,14 +123,18 @@ def test_build_is_deterministic_across_worker_counts(mimic, tmp_path):
             assert ra["image_id"] == rb["image_id"] and ra["report"] == rb["report"]
             np.testing.assert_array_equal(ra["image"], rb["image"])
             np.testing.assert_array_equal(ra["labels"], rb["labels"])
-    digest = lambda d: {f: hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest()
-                        for f in os.listdir(d) if ".array_record" in f}
+    digest = lambda d: {
+        f: hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest()
+        for f in os.listdir(d)
+        if ".array_record" in f
+    }
     assert digest(first["dataset_dir"]) == digest(second["dataset_dir"])
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "data_prep.build_dataset", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "data_prep.build_dataset", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_strict_fails_naming_the_file_and_leaves_nothing(mimic, tmp_path):
@@ -175,6 +188,7 @@ def test_section_extraction_on_tricky_reports():
 
 # --- other sources ---
 
+
 def _png(path, size=(80, 100), mode="L"):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     Image.fromarray(np.full(size[::-1] + ((3,) if mode == "RGB" else ()), 120, np.uint8), mode=mode).save(path)
@@ -184,8 +198,10 @@ def test_iu_xray_with_images_labels_and_without_images(tmp_path):
     root = tmp_path / "iu"
     reports = root / "ecgen-radiology"
     reports.mkdir(parents=True)
-    xml = ('<eCitation><Abstract><AbstractText Label="FINDINGS">{f}</AbstractText>'
-           '<AbstractText Label="IMPRESSION">{i}</AbstractText></Abstract>{imgs}</eCitation>')
+    xml = (
+        '<eCitation><Abstract><AbstractText Label="FINDINGS">{f}</AbstractText>'
+        '<AbstractText Label="IMPRESSION">{i}</AbstractText></Abstract>{imgs}</eCitation>'
+    )
     for uid, f, i in [("1", "Clear lungs.", "Normal."), ("2", "", ""), ("3", "Effusion.", "")]:
         imgs = "".join(f'<parentImage id="CXR{uid}_1_IM-000{uid}-{n}"/>' for n in (1001, 2001))
         (reports / f"{uid}.xml").write_text(xml.format(f=f, i=i, imgs=imgs))
@@ -207,9 +223,13 @@ def test_iu_xray_with_images_labels_and_without_images(tmp_path):
 
 def test_nih14_layout(tmp_path):
     root = tmp_path / "nih"
-    rows = [("00000001_000.png", "Cardiomegaly|Effusion", "1", "PA"), ("00000002_000.png", "No Finding", "2", "AP"),
-            ("00000003_000.png", "Hernia", "3", "PA"), ("00000004_000.png", "Bogus", "4", "PA"),
-            ("00000005_000.png", "Mass", "5", "LL")]
+    rows = [
+        ("00000001_000.png", "Cardiomegaly|Effusion", "1", "PA"),
+        ("00000002_000.png", "No Finding", "2", "AP"),
+        ("00000003_000.png", "Hernia", "3", "PA"),
+        ("00000004_000.png", "Bogus", "4", "PA"),
+        ("00000005_000.png", "Mass", "5", "LL"),
+    ]
     (root / "images").mkdir(parents=True)
     with open(root / "Data_Entry_2017_v2020.csv", "w") as f:
         f.write("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position\n")
@@ -233,14 +253,26 @@ def test_csv_manifest_bad_rows_and_missing_columns(tmp_path):
     _png(str(root / "a.png"))
     _png(str(root / "b.png"))
     (root / "c.png").write_bytes(b"not an image")
-    (root / "manifest.csv").write_text("image,text,y1,y2,pid,split\na.png,note a,1,,p1,train\n"
-                                       "b.png,note b,0,-1,p2,test\nc.png,note c,1,1,p3,train\n"
-                                       "d.png,note d,1,1,p4,train\ne.png,x,7,1,p5,train\n")
-    report = build("csv", str(root), str(tmp_path / "out"), text_column="text", label_columns="y1,y2",
-                   group_column="pid", split_column="split", name="mine")
+    (root / "manifest.csv").write_text(
+        "image,text,y1,y2,pid,split\na.png,note a,1,,p1,train\n"
+        "b.png,note b,0,-1,p2,test\nc.png,note c,1,1,p3,train\n"
+        "d.png,note d,1,1,p4,train\ne.png,x,7,1,p5,train\n"
+    )
+    report = build(
+        "csv",
+        str(root),
+        str(tmp_path / "out"),
+        text_column="text",
+        label_columns="y1,y2",
+        group_column="pid",
+        split_column="split",
+        name="mine",
+    )
     assert report["records_written"] == {"train": 1, "test": 1}
     assert {k: v["count"] for k, v in report["skipped"].items()} == {
-        R.IMAGE_UNREADABLE: 1, R.IMAGE_MISSING: 2}  # e.png is absent: missing before its label is read
+        R.IMAGE_UNREADABLE: 1,
+        R.IMAGE_MISSING: 2,
+    }  # e.png is absent: missing before its label is read
     recs = _read_all(report["dataset_dir"])
     assert recs["test"][0]["labels"].tolist() == [0, -1] and recs["test"][0]["report"] == b"note b"
     with pytest.raises(R.InputError, match="missing required column"):
@@ -248,24 +280,61 @@ def test_csv_manifest_bad_rows_and_missing_columns(tmp_path):
 
 
 def test_shipped_sample_builds(tmp_path):
-    nih = build("csv", os.path.join(SAMPLE, "nih14"), str(tmp_path), name="nih_sample", split_column="split",
-                label_columns=",".join(R.NIH14_LABELS), group_column="patient_id", view_column="view",
-                views="all", image_size=0)
+    nih = build(
+        "csv",
+        os.path.join(SAMPLE, "nih14"),
+        str(tmp_path),
+        name="nih_sample",
+        split_column="split",
+        label_columns=",".join(R.NIH14_LABELS),
+        group_column="patient_id",
+        view_column="view",
+        views="all",
+        image_size=0,
+    )
     assert nih["records_written"] == {"train": 600, "valid": 200} and nih["skipped_total"] == 0
-    covid = build("csv", os.path.join(SAMPLE, "covid_notes"), str(tmp_path), name="covid_notes",
-                  text_column="notes", group_column="patient_id", view_column="view", image_size=0)
+    covid = build(
+        "csv",
+        os.path.join(SAMPLE, "covid_notes"),
+        str(tmp_path),
+        name="covid_notes",
+        text_column="notes",
+        group_column="patient_id",
+        view_column="view",
+        image_size=0,
+    )
     assert covid["records_written_total"] == 211 and covid["skipped_total"] == 0
 
 
 @pytest.mark.skipif(not os.path.isdir(SHARED_DATA), reason="../shared/data not present")
 def test_real_shared_data_builds_and_iu_without_images_says_so(tmp_path):
-    covid = build("csv", os.path.join(SHARED_DATA, "covid_cxr_notes"), str(tmp_path), name="covid",
-                  manifest="metadata.csv", image_column="filename", image_dir="images", text_column="clinical_notes",
-                  group_column="patientid", view_column="view", num_workers=2, image_size=256)
+    covid = build(
+        "csv",
+        os.path.join(SHARED_DATA, "covid_cxr_notes"),
+        str(tmp_path),
+        name="covid",
+        manifest="metadata.csv",
+        image_column="filename",
+        image_dir="images",
+        text_column="clinical_notes",
+        group_column="patientid",
+        view_column="view",
+        num_workers=2,
+        image_size=256,
+    )
     assert covid["records_read"] == 297 and covid["records_written_total"] == 211
-    nih = build("csv", os.path.join(SHARED_DATA, "nih1000"), str(tmp_path), name="nih",
-                manifest="train=train/labels.csv,valid=valid/labels.csv", image_dir="",
-                label_columns=",".join(R.NIH14_LABELS), group_column="patient_id", view_column="view", views="all")
+    nih = build(
+        "csv",
+        os.path.join(SHARED_DATA, "nih1000"),
+        str(tmp_path),
+        name="nih",
+        manifest="train=train/labels.csv,valid=valid/labels.csv",
+        image_dir="",
+        label_columns=",".join(R.NIH14_LABELS),
+        group_column="patient_id",
+        view_column="view",
+        views="all",
+    )
     assert nih["records_written"] == {"train": 600, "valid": 200}
     iu = tmp_path / "iu"
     iu.mkdir()

@@ -1,5 +1,6 @@
 """Bad input to every binary ends in one paragraph naming the bad input and what to do, exit code 2, and
 no traceback (MVLP_JAX_DEBUG=1 shows it). `python -m tests.test_clean_errors` prints the table of messages."""
+
 from __future__ import annotations
 
 import json
@@ -37,50 +38,137 @@ def _cases(p: dict[str, str]) -> list[tuple[str, list[str], str]]:
     """(what is wrong, command, text the message must contain)."""
     build = [sys.executable, "-m", "data_prep.build_dataset", "--source=csv", f"--input_dir={p['root']}"]
     embed = [sys.executable, "-m", "data_prep.precompute_text_embeddings"]
-    train = [sys.executable, "-m", "mvlp_jax.main", f"--config={PRETRAIN}",
-             f"--config.data.data_dir={p['data_dir']}", "--config.data.dataset=covid_notes",
-             f"--config.data.embeddings_dir={p['emb_dir']}", "--config.model.image_size=32",
-             "--config.model.variant=mu/8"]
+    train = [
+        sys.executable,
+        "-m",
+        "mvlp_jax.main",
+        f"--config={PRETRAIN}",
+        f"--config.data.data_dir={p['data_dir']}",
+        "--config.data.dataset=covid_notes",
+        f"--config.data.embeddings_dir={p['emb_dir']}",
+        "--config.model.image_size=32",
+        "--config.model.variant=mu/8",
+    ]
     return [
-        ("manifest not UTF-8", [*build, "--manifest=latin1", "--text_column=notes",
-                                f"--output_dir={p['root']}/o1"], "is not UTF-8 text"),
-        ("output dir is a file (build)", [*build, "--manifest=latin1", f"--output_dir={p['a_file']}"],
-         "is a file, not a folder"),
-        ("--image_size negative", [*build, "--manifest=latin1", "--image_size=-5", f"--output_dir={p['root']}/o2"],
-         "--image_size=-5"),
-        ("output dir is a file (embed)", [*embed, f"--reports_csv={p['reports.csv']}", "--id_column=uid",
-                                          "--text_column=text", f"--output_dir={p['a_file']}/emb"],
-         "is a file, not a folder"),
-        ("--model path does not exist", [*embed, f"--reports_csv={p['reports.csv']}", "--id_column=uid",
-                                         "--text_column=text", "--model=/no/such/model",
-                                         f"--output_dir={p['root']}/e1"], "no such directory or .gguf file"),
-        ("model dir without tokenizer files", [*embed, f"--reports_csv={p['reports.csv']}", "--id_column=uid",
-                                               "--text_column=text", f"--model={p['no_tokenizer']}",
-                                               f"--output_dir={p['root']}/e2"], "has no tokenizer files"),
-        ("unknown --splits name", [*embed, f"--data_dir={p['data_dir']}", "--dataset=covid_notes", "--splits=tarin",
-                                   f"--output_dir={p['root']}/e3"], "has no split 'tarin'"),
-        ("reports CSV without the id column", [*embed, f"--reports_csv={p['reports.csv']}", "--id_column=study",
-                                               "--text_column=text", f"--output_dir={p['root']}/e4"],
-         "missing required column(s) ['study']"),
-        ("unknown config key", [*train, f"--workdir={p['root']}/w1", "--config.model.varaint=S/16"],
-         "unknown config key 'model.varaint' (in --config.model.varaint=S/16); did you mean 'model.variant'?"),
-        ("misspelt config group", [*train, f"--workdir={p['root']}/w4", "--config.dataa.batch_size=2"],
-         "unknown config key 'dataa.batch_size' (in --config.dataa.batch_size=2); did you mean 'data.batch_size'?"),
-        ("a slice shape libtpu does not make", [sys.executable, "-m", "mvlp_jax.aot", f"--config={PRETRAIN}",
-                                                "--topology=v5e:3x5"],
-         "--topology=v5e:3x5: libtpu makes no such slice"),
-        ("a window that is not a number", [*build, "--manifest=latin1", "--window=nan,100",
-                                           f"--output_dir={p['root']}/o3"], "--window='nan,100': both numbers must be"),
-        ("a box without a label", [*build, "--manifest=images.csv", "--boxes_csv=boxes.csv",
-                                   f"--output_dir={p['root']}/o4"], "boxes.csv:2: the box has no label"),
-        ("batch not divisible by the data-parallel devices", [*train, f"--workdir={p['root']}/w2",
-                                                              "--config.data.batch_size=12"],
-         "does not divide over the mesh's 8 data-parallel devices"),
-        ("missing embeddings dir", [*train, f"--workdir={p['root']}/w3",
-                                    f"--config.data.embeddings_dir={p['root']}/no_emb"], "holds no manifest.json"),
-        ("output dir is a file (evaluate)", [sys.executable, "-m", "mvlp_jax.evaluate", f"--config={PROBE}",
-                                             "--config.workdirs=random_init", f"--output_dir={p['a_file']}"],
-         "is a file, not a folder"),
+        (
+            "manifest not UTF-8",
+            [*build, "--manifest=latin1", "--text_column=notes", f"--output_dir={p['root']}/o1"],
+            "is not UTF-8 text",
+        ),
+        (
+            "output dir is a file (build)",
+            [*build, "--manifest=latin1", f"--output_dir={p['a_file']}"],
+            "is a file, not a folder",
+        ),
+        (
+            "--image_size negative",
+            [*build, "--manifest=latin1", "--image_size=-5", f"--output_dir={p['root']}/o2"],
+            "--image_size=-5",
+        ),
+        (
+            "output dir is a file (embed)",
+            [
+                *embed,
+                f"--reports_csv={p['reports.csv']}",
+                "--id_column=uid",
+                "--text_column=text",
+                f"--output_dir={p['a_file']}/emb",
+            ],
+            "is a file, not a folder",
+        ),
+        (
+            "--model path does not exist",
+            [
+                *embed,
+                f"--reports_csv={p['reports.csv']}",
+                "--id_column=uid",
+                "--text_column=text",
+                "--model=/no/such/model",
+                f"--output_dir={p['root']}/e1",
+            ],
+            "no such directory or .gguf file",
+        ),
+        (
+            "model dir without tokenizer files",
+            [
+                *embed,
+                f"--reports_csv={p['reports.csv']}",
+                "--id_column=uid",
+                "--text_column=text",
+                f"--model={p['no_tokenizer']}",
+                f"--output_dir={p['root']}/e2",
+            ],
+            "has no tokenizer files",
+        ),
+        (
+            "unknown --splits name",
+            [
+                *embed,
+                f"--data_dir={p['data_dir']}",
+                "--dataset=covid_notes",
+                "--splits=tarin",
+                f"--output_dir={p['root']}/e3",
+            ],
+            "has no split 'tarin'",
+        ),
+        (
+            "reports CSV without the id column",
+            [
+                *embed,
+                f"--reports_csv={p['reports.csv']}",
+                "--id_column=study",
+                "--text_column=text",
+                f"--output_dir={p['root']}/e4",
+            ],
+            "missing required column(s) ['study']",
+        ),
+        (
+            "unknown config key",
+            [*train, f"--workdir={p['root']}/w1", "--config.model.varaint=S/16"],
+            "unknown config key 'model.varaint' (in --config.model.varaint=S/16); did you mean 'model.variant'?",
+        ),
+        (
+            "misspelt config group",
+            [*train, f"--workdir={p['root']}/w4", "--config.dataa.batch_size=2"],
+            "unknown config key 'dataa.batch_size' (in --config.dataa.batch_size=2); did you mean 'data.batch_size'?",
+        ),
+        (
+            "a slice shape libtpu does not make",
+            [sys.executable, "-m", "mvlp_jax.aot", f"--config={PRETRAIN}", "--topology=v5e:3x5"],
+            "--topology=v5e:3x5: libtpu makes no such slice",
+        ),
+        (
+            "a window that is not a number",
+            [*build, "--manifest=latin1", "--window=nan,100", f"--output_dir={p['root']}/o3"],
+            "--window='nan,100': both numbers must be",
+        ),
+        (
+            "a box without a label",
+            [*build, "--manifest=images.csv", "--boxes_csv=boxes.csv", f"--output_dir={p['root']}/o4"],
+            "boxes.csv:2: the box has no label",
+        ),
+        (
+            "batch not divisible by the data-parallel devices",
+            [*train, f"--workdir={p['root']}/w2", "--config.data.batch_size=12"],
+            "does not divide over the mesh's 8 data-parallel devices",
+        ),
+        (
+            "missing embeddings dir",
+            [*train, f"--workdir={p['root']}/w3", f"--config.data.embeddings_dir={p['root']}/no_emb"],
+            "holds no manifest.json",
+        ),
+        (
+            "output dir is a file (evaluate)",
+            [
+                sys.executable,
+                "-m",
+                "mvlp_jax.evaluate",
+                f"--config={PROBE}",
+                "--config.workdirs=random_init",
+                f"--output_dir={p['a_file']}",
+            ],
+            "is a file, not a folder",
+        ),
     ]
 
 
@@ -110,8 +198,11 @@ def test_the_traceback_is_there_when_asked_for(cases):
 
 
 def message_of(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if "error: " in line or (line and not line.startswith(
-        ("(set", "W0", "I0", "WARNING", "E0")))]
+    lines = [
+        line
+        for line in stderr.splitlines()
+        if "error: " in line or (line and not line.startswith(("(set", "W0", "I0", "WARNING", "E0")))
+    ]
     start = next(i for i, line in enumerate(lines) if "error: " in line)
     return " ".join(" ".join(lines[start:]).split())
 

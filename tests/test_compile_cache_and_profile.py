@@ -1,6 +1,7 @@
 """What a pod run needs that a CPU never shows: a restarted run reads its train step from JAX's persistent
 compilation cache instead of compiling it again, and a profiler window writes a trace TensorBoard can open while
 training goes on."""
+
 import glob
 import os
 import re
@@ -10,11 +11,13 @@ from tests.test_pretrain_runs import ONE_DEVICE, _finish, _main
 
 
 def test_a_second_start_reads_the_train_step_from_the_compilation_cache_and_a_profile_is_written(
-        pretrain_data, tmp_path):
+    pretrain_data, tmp_path
+):
     data_dir, emb_dir, _ = pretrain_data
     cache = tmp_path / "xla_cache"
-    config = write_config_file(str(tmp_path / "c.py"), data_dir, emb_dir, total_steps=4,
-                               compilation_cache_dir=str(cache), profile_steps="2,3")
+    config = write_config_file(
+        str(tmp_path / "c.py"), data_dir, emb_dir, total_steps=4, compilation_cache_dir=str(cache), profile_steps="2,3"
+    )
     first = _finish(_main(config, str(tmp_path / "first"), env=ONE_DEVICE))
     ready = re.search(r"train step ready in ([\d.]+) s \(compilation cache (\w+), (.+)\)", first)
     assert ready and ready.group(2) == "miss" and ready.group(3) == str(cache), first[-2000:]

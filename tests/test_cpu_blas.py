@@ -1,5 +1,6 @@
 """The CPU backend's MKL path: products against numpy, a whole MAE step against XLA's own ops, and when the
 backend takes it (chosen from the devices, once, outside tracing)."""
+
 import json
 import types
 
@@ -16,16 +17,23 @@ pytestmark = pytest.mark.skipif(not cpu_blas.mkl_candidates(), reason="no MKL on
 
 @pytest.mark.parametrize("transpose_a", [False, True])
 @pytest.mark.parametrize("transpose_b", [False, True])
-@pytest.mark.parametrize("batch,m,k,n", [((), 300, 33, 70),   # one GEMM split into row blocks
-                                         ((), 40, 17, 300),   # ... into column blocks
-                                         ((), 5, 0, 3),       # empty contraction: zeros
-                                         ((3,), 20, 9, 11), ((2, 5), 7, 6, 4)])  # batches split into slices
+@pytest.mark.parametrize(
+    "batch,m,k,n",
+    [
+        ((), 300, 33, 70),  # one GEMM split into row blocks
+        ((), 40, 17, 300),  # ... into column blocks
+        ((), 5, 0, 3),  # empty contraction: zeros
+        ((3,), 20, 9, 11),
+        ((2, 5), 7, 6, 4),
+    ],
+)  # batches split into slices
 def test_blas_matmul_equals_numpy(transpose_a, transpose_b, batch, m, k, n):
     rng = np.random.default_rng(0)
     a = rng.normal(size=batch + ((k, m) if transpose_a else (m, k))).astype(np.float32)
     b = rng.normal(size=batch + ((n, k) if transpose_b else (k, n))).astype(np.float32)
-    expected = np.matmul(np.swapaxes(a, -1, -2) if transpose_a else a,
-                         np.swapaxes(b, -1, -2) if transpose_b else b, dtype=np.float64)
+    expected = np.matmul(
+        np.swapaxes(a, -1, -2) if transpose_a else a, np.swapaxes(b, -1, -2) if transpose_b else b, dtype=np.float64
+    )
     got = jax.jit(lambda a, b: cpu_blas.blas_matmul(a, b, transpose_a, transpose_b))(a, b)
     assert got.shape == batch + (m, n) and got.dtype == jnp.float32
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
@@ -37,8 +45,13 @@ def _mkl_backend(gemm: str) -> backend.Backend:
 
 def _mae_step(chosen: backend.Backend):
     """MAE loss and gradients, and the compiled step's HLO, traced under `chosen`."""
-    model = MAE(ViT(width=64, depth=2, num_heads=4, mlp_dim=128, patch_size=8), decoder_width=32,
-                decoder_depth=2, decoder_heads=4, decoder_mlp_dim=64)
+    model = MAE(
+        ViT(width=64, depth=2, num_heads=4, mlp_dim=128, patch_size=8),
+        decoder_width=32,
+        decoder_depth=2,
+        decoder_heads=4,
+        decoder_mlp_dim=64,
+    )
     images = jax.random.normal(jax.random.key(0), (3, 32, 32, 1))
     params = model.init({"params": jax.random.key(1), "masking": jax.random.key(2)}, images)["params"]
     loss = lambda p: model.apply({"params": p}, images, rngs={"masking": jax.random.key(3)})["loss"]

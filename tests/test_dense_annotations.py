@@ -1,6 +1,7 @@
 """Masks and boxes through the dataset builder: they stay aligned with the image through the resize, every mask
 encoding is read as meant (or refused naming --mask_values), bad boxes are fixed and counted, bad masks skipped and
 counted, and real lung masks build; then the dense heads on them."""
+
 import io
 import os
 
@@ -8,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data_prep.build_dataset import build
 from mvlp_jax.data import built
 from mvlp_jax.data import records as R
-from data_prep.build_dataset import build
 from tests.conftest import SHARED_DATA
 
 
@@ -34,8 +35,17 @@ def test_a_square_and_its_box_survive_a_resize_exactly(tmp_path):
     Image.fromarray(np.zeros((384, 512), np.uint8)).save(root / "masks" / "b.png")
     (root / "manifest.csv").write_text("image,mask,split\na.png,a.png,train\nb.png,b.png,train\n")
     (root / "boxes.csv").write_text("image,label,x,y,w,h\na.png,square,64,128,128,128\na.png,strip,0,0,512,8\n")
-    report = build("csv", str(root), str(tmp_path / "out"), name="squares", image_size=192, split_column="split",
-                   mask_column="mask", mask_dir="masks", boxes_csv="boxes.csv")
+    report = build(
+        "csv",
+        str(root),
+        str(tmp_path / "out"),
+        name="squares",
+        image_size=192,
+        split_column="split",
+        mask_column="mask",
+        mask_dir="masks",
+        boxes_csv="boxes.csv",
+    )
     assert report["annotations"] == ["mask", "boxes"] and report["records_written"] == {"train": 2}
     builder, _, _ = built.open_builder(str(tmp_path / "out"), "squares")
     assert list(builder.info.metadata["annotations"]) == ["mask", "boxes"]
@@ -59,11 +69,20 @@ def test_masks_of_another_size_missing_masks_and_boxes_outside_the_image_are_ski
         Image.fromarray(np.zeros((32, 48), np.uint8)).save(root / f"{name}.png")
     Image.fromarray(np.zeros((32, 48), np.uint8)).save(root / "ok.png")
     Image.fromarray(np.zeros((30, 48), np.uint8)).save(root / "small.png")
-    (root / "manifest.csv").write_text("image,mask,split\na.png,ok.png,train\nb.png,small.png,train\n"
-                                       "c.png,gone.png,train\nd.png,ok.png,train\n")
+    (root / "manifest.csv").write_text(
+        "image,mask,split\na.png,ok.png,train\nb.png,small.png,train\nc.png,gone.png,train\nd.png,ok.png,train\n"
+    )
     (root / "boxes.csv").write_text("image,label,x,y,w,h\nd.png,x,40,0,20,10\nzz.png,x,0,0,1,1\n")
-    report = build("csv", str(root), str(tmp_path / "out"), name="bad", image_size=0, mask_column="mask",
-                   boxes_csv="boxes.csv", split_column="split")
+    report = build(
+        "csv",
+        str(root),
+        str(tmp_path / "out"),
+        name="bad",
+        image_size=0,
+        mask_column="mask",
+        boxes_csv="boxes.csv",
+        split_column="split",
+    )
     assert report["records_written_total"] == 2
     skipped = report["skipped"]
     assert skipped[R.MASK_UNREADABLE]["count"] == 1 and "mask is 48x30 px" in skipped[R.MASK_UNREADABLE]["examples"][0]
@@ -74,8 +93,9 @@ def test_masks_of_another_size_missing_masks_and_boxes_outside_the_image_are_ski
     assert any("zz.png" in note for note in report["notes"])
     (root / "manifest.csv").write_text("image,mask,split\na.png,ok.png,train\nb.png,small.png,test\n")
     with pytest.raises(R.InputError, match="every record of that split was skipped"):
-        build("csv", str(root), str(tmp_path / "out2"), name="bad", image_size=0, mask_column="mask",
-              split_column="split")
+        build(
+            "csv", str(root), str(tmp_path / "out2"), name="bad", image_size=0, mask_column="mask", split_column="split"
+        )
 
 
 def _mask_set(root, masks: dict[str, np.ndarray]) -> None:
@@ -104,12 +124,19 @@ def test_a_mask_of_one_foreground_value_is_read_as_meant_whatever_the_value(valu
     """0/1 label maps (most segmentation sets), 0/127 and 0/255 masks all give the same foreground; reading
     them as > 127 made the first two empty, silently."""
     _mask_set(tmp_path / "raw", {"a": _square(value), "b": _square(value), "c": np.zeros((32, 48), np.uint8)})
-    report = build("csv", str(tmp_path / "raw"), str(tmp_path / "out"), name="m", image_size=0, mask_column="mask",
-                   split_column="split")
+    report = build(
+        "csv",
+        str(tmp_path / "raw"),
+        str(tmp_path / "out"),
+        name="m",
+        image_size=0,
+        mask_column="mask",
+        split_column="split",
+    )
     assert report["masks"]["per_split"] == {"train": {"masks": 3, "empty": 1}}
     assert report["masks"]["foreground_values_found"] == {f"{value}": 2}
     for record in _records(tmp_path / "out", "m", "train"):
-        want = (_square(1) if record["image_id"] != b"c" else np.zeros((32, 48), np.uint8))
+        want = _square(1) if record["image_id"] != b"c" else np.zeros((32, 48), np.uint8)
         np.testing.assert_array_equal(_decode(record["mask"]).reshape(32, 48), want)
 
 
@@ -117,24 +144,65 @@ def test_a_label_map_of_several_classes_is_refused_naming_the_values_then_read_b
     label_map = _square(1)
     label_map[20:28, 10:30] = 2  # two organs
     _mask_set(tmp_path / "raw", {"label_a": label_map, "label_b": _square(2)})
-    with pytest.raises(R.InputError, match=r"mask values 1, 2 besides 0: a label map of several classes.*"
-                                           r"--mask_values"):
-        build("csv", str(tmp_path / "raw"), str(tmp_path / "out"), name="m", image_size=0, mask_column="mask",
-              split_column="split")
-    report = build("csv", str(tmp_path / "raw"), str(tmp_path / "out"), name="m", image_size=0, mask_column="mask",
-                   split_column="split", mask_values="2")
+    with pytest.raises(
+        R.InputError,
+        match=r"mask values 1, 2 besides 0: a label map of several classes.*"
+        r"--mask_values",
+    ):
+        build(
+            "csv",
+            str(tmp_path / "raw"),
+            str(tmp_path / "out"),
+            name="m",
+            image_size=0,
+            mask_column="mask",
+            split_column="split",
+        )
+    report = build(
+        "csv",
+        str(tmp_path / "raw"),
+        str(tmp_path / "out"),
+        name="m",
+        image_size=0,
+        mask_column="mask",
+        split_column="split",
+        mask_values="2",
+    )
     assert report["masks"]["mask_values"] == "2"
     for record in _records(tmp_path / "out", "m", "train"):
         want = (label_map == 2) if record["image_id"] == b"label_a" else _square(1)
         np.testing.assert_array_equal(_decode(record["mask"]).reshape(32, 48), want)
     # one value per mask, but a different one from mask to mask: two encodings, or classes; refused too
-    _mask_set(tmp_path / "raw2", {"a": _square(1), "b": _square(255), "c": np.zeros((32, 48), np.uint8),
-                                  "d": np.zeros((32, 48), np.uint8), "e": np.zeros((32, 48), np.uint8)})
+    _mask_set(
+        tmp_path / "raw2",
+        {
+            "a": _square(1),
+            "b": _square(255),
+            "c": np.zeros((32, 48), np.uint8),
+            "d": np.zeros((32, 48), np.uint8),
+            "e": np.zeros((32, 48), np.uint8),
+        },
+    )
     with pytest.raises(R.InputError, match=r"different non-zero values \(1: 1 masks, 255: 1 masks\)"):
-        build("csv", str(tmp_path / "raw2"), str(tmp_path / "out2"), name="m", image_size=0, mask_column="mask",
-              split_column="split")
-    report = build("csv", str(tmp_path / "raw2"), str(tmp_path / "out2"), name="m", image_size=0,
-                   mask_column="mask", split_column="split", mask_values="nonzero")
+        build(
+            "csv",
+            str(tmp_path / "raw2"),
+            str(tmp_path / "out2"),
+            name="m",
+            image_size=0,
+            mask_column="mask",
+            split_column="split",
+        )
+    report = build(
+        "csv",
+        str(tmp_path / "raw2"),
+        str(tmp_path / "out2"),
+        name="m",
+        image_size=0,
+        mask_column="mask",
+        split_column="split",
+        mask_values="nonzero",
+    )
     assert report["masks"]["per_split"]["train"] == {"masks": 5, "empty": 3}
     assert "WARNING: 3 of the 5 masks of split train are empty" in capsys.readouterr().out
 
@@ -144,12 +212,15 @@ def test_boxes_with_swapped_corners_outside_or_without_area_are_fixed_and_counte
     root.mkdir()
     Image.fromarray(np.zeros((32, 48), np.uint8)).save(root / "a.png")
     (root / "manifest.csv").write_text("image,split\na.png,train\n")
-    (root / "boxes.csv").write_text("image,label,x,y,w,h\na.png,swapped,30,20,-10,-8\na.png,flat,5,5,10,0\n"
-                                    "a.png,outside,60,0,10,10\na.png,edge,-4,-2,10,10\na.png,kept,1,1,4,4\n")
-    report = build("csv", str(root), str(tmp_path / "out"), name="b", image_size=0, boxes_csv="boxes.csv",
-                   split_column="split")
+    (root / "boxes.csv").write_text(
+        "image,label,x,y,w,h\na.png,swapped,30,20,-10,-8\na.png,flat,5,5,10,0\n"
+        "a.png,outside,60,0,10,10\na.png,edge,-4,-2,10,10\na.png,kept,1,1,4,4\n"
+    )
+    report = build(
+        "csv", str(root), str(tmp_path / "out"), name="b", image_size=0, boxes_csv="boxes.csv", split_column="split"
+    )
     assert report["boxes_fixed"] == {"corners_swapped": 1, "clipped": 1, "dropped": 2}
-    record, = _records(tmp_path / "out", "b", "train")
+    (record,) = _records(tmp_path / "out", "b", "train")
     np.testing.assert_array_equal(record["boxes"], [[20, 12, 30, 20], [0, 0, 6, 8], [1, 1, 5, 5]])
     assert [x.decode() for x in record["box_labels"]] == ["swapped", "edge", "kept"]
 
@@ -157,9 +228,22 @@ def test_boxes_with_swapped_corners_outside_or_without_area_are_fixed_and_counte
 @pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, "covid_lung_masks")), reason="shared data absent")
 def test_real_lung_masks_build_binary_and_aligned(tmp_path):
     root = os.path.join(SHARED_DATA, "covid_lung_masks")
-    report = build("csv", root, str(tmp_path), name="lungs", manifest="metadata.csv", image_column="filename",
-                   image_dir="images", mask_column="mask", mask_dir="masks", group_column="patientid",
-                   view_column="view", views="all", image_size=128, num_workers=2)
+    report = build(
+        "csv",
+        root,
+        str(tmp_path),
+        name="lungs",
+        manifest="metadata.csv",
+        image_column="filename",
+        image_dir="images",
+        mask_column="mask",
+        mask_dir="masks",
+        group_column="patientid",
+        view_column="view",
+        views="all",
+        image_size=128,
+        num_workers=2,
+    )
     assert report["records_written_total"] == 210 and report["skipped_total"] == 0
     source = built.open_split(built.open_builder(str(tmp_path), "lungs")[0], "train")
     fractions = []
@@ -176,10 +260,10 @@ def test_dice_per_image_matches_a_hand_computation_including_empty_masks():
 
     truth = np.zeros((4, 4, 4), bool)
     predicted = np.zeros((4, 4, 4), bool)
-    truth[0, :2, :2] = True            # 4 true pixels
-    predicted[0, :2, :3] = True        # 6 predicted, 4 overlapping: 2 * 4 / (4 + 6) = 0.8
-    truth[1, 0, 0] = True              # a missed finding: 0
-    predicted[2, 3, 3] = True          # a false alarm on an empty image: 0
+    truth[0, :2, :2] = True  # 4 true pixels
+    predicted[0, :2, :3] = True  # 6 predicted, 4 overlapping: 2 * 4 / (4 + 6) = 0.8
+    truth[1, 0, 0] = True  # a missed finding: 0
+    predicted[2, 3, 3] = True  # a false alarm on an empty image: 0
     np.testing.assert_allclose(dice_per_image(predicted, truth), [0.8, 0.0, 0.0, 1.0])  # empty / empty: 1
 
 
@@ -223,8 +307,12 @@ def test_the_simple_feature_pyramid_feeds_both_heads_at_a_quarter_of_the_patch(p
     assert pyramid.apply(variables, tokens).shape == (2, 12, 20, 8)
     lateral = {k: v["kernel"].shape for k, v in variables["params"].items() if k[:-1] == "lateral_"}
     # strides p/4 (two transposed convs: D/4 channels), p/2 (one: D/2), p and 2p (the tokens, max pooled)
-    assert lateral == {"lateral_0": (1, 1, 3, 8), "lateral_1": (1, 1, 6, 8), "lateral_2": (1, 1, 12, 8),
-                       "lateral_3": (1, 1, 12, 8)}
+    assert lateral == {
+        "lateral_0": (1, 1, 3, 8),
+        "lateral_1": (1, 1, 6, 8),
+        "lateral_2": (1, 1, 12, 8),
+        "lateral_3": (1, 1, 12, 8),
+    }
     masks = ProgressiveUpsampling(patch_size=patch, channels=(8, 4), decoder="pyramid")
     assert "pyramid" in masks.init(jax.random.PRNGKey(0), tokens)["params"]
     assert masks.apply(masks.init(jax.random.PRNGKey(0), tokens), tokens).shape == (2, 3 * patch, 5 * patch, 1)
@@ -275,7 +363,7 @@ def test_a_head_on_a_frozen_encoder_learns_real_lung_masks(nih_and_workdir, tmp_
         assert row["dice"]["mean"] > 0.5, row  # the empty mask scores 0 on every test image showing lungs
         assert row["dice_nonempty"]["mean"] > 0.5  # 12 of the 210 shipped masks are empty: Dice over the rest
         assert row["head"]["epoch"] >= 1 and np.isfinite(row["head"]["val_loss"])
-    comparison, = results["comparisons"]
+    (comparison,) = results["comparisons"]
     assert comparison["candidate"] == "random_init" and comparison["label_fraction"] == 1.0
     saved = json.load(open(tmp_path / "out" / "results.json"))
     assert saved["segmentation"][0]["dice"] == results["segmentation"][0]["dice"]
@@ -293,16 +381,30 @@ def _coco_map(detections, truths, num_classes):
 
     xywh = lambda b: [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]
     gt = COCO()
-    gt.dataset = {"images": [{"id": i} for i in range(len(truths))],
-                  "categories": [{"id": c} for c in range(num_classes)],
-                  "annotations": [{"id": len(truths) * 100 + i * 50 + k, "image_id": i, "category_id": int(label),
-                                   "bbox": xywh(box), "area": float(np.prod(box[2:] - box[:2])), "iscrowd": 0}
-                                  for i, (boxes, labels) in enumerate(truths)
-                                  for k, (box, label) in enumerate(zip(boxes, labels))]}
+    gt.dataset = {
+        "images": [{"id": i} for i in range(len(truths))],
+        "categories": [{"id": c} for c in range(num_classes)],
+        "annotations": [
+            {
+                "id": len(truths) * 100 + i * 50 + k,
+                "image_id": i,
+                "category_id": int(label),
+                "bbox": xywh(box),
+                "area": float(np.prod(box[2:] - box[:2])),
+                "iscrowd": 0,
+            }
+            for i, (boxes, labels) in enumerate(truths)
+            for k, (box, label) in enumerate(zip(boxes, labels))
+        ],
+    }
     gt.createIndex()
-    dt = gt.loadRes([{"image_id": i, "category_id": int(label), "bbox": xywh(box), "score": float(score)}
-                     for i, (boxes, scores, labels) in enumerate(detections)
-                     for box, score, label in zip(boxes, scores, labels)])
+    dt = gt.loadRes(
+        [
+            {"image_id": i, "category_id": int(label), "bbox": xywh(box), "score": float(score)}
+            for i, (boxes, scores, labels) in enumerate(detections)
+            for box, score, label in zip(boxes, scores, labels)
+        ]
+    )
     evaluation = COCOeval(gt, dt, "bbox")
     evaluation.params.iouThrs = np.array(IOU_THRESHOLDS)
     evaluation.evaluate()
@@ -363,11 +465,20 @@ def test_centernet_targets_decode_back_to_their_boxes():
     t = detection.targets(boxes, labels, size=64, stride=4, classes=2)
     assert t["heatmap"].shape == (2, 16, 16, 2) and t["heatmap"].max() == 1.0 and t["box_mask"].sum() == 3
     logit = np.log(np.clip(t["heatmap"], 1e-6, 1 - 1e-6) / (1 - np.clip(t["heatmap"], 1e-6, 1 - 1e-6)))
-    cells = lambda key: np.stack([np.bincount(t["index"][n], t[key][n][:, d] * t["box_mask"][n], 256).reshape(16, 16)
-                                  for n in range(2) for d in range(2)]).reshape(2, 2, 16, 16).transpose(0, 2, 3, 1)
+    cells = lambda key: (
+        np.stack(
+            [
+                np.bincount(t["index"][n], t[key][n][:, d] * t["box_mask"][n], 256).reshape(16, 16)
+                for n in range(2)
+                for d in range(2)
+            ]
+        )
+        .reshape(2, 2, 16, 16)
+        .transpose(0, 2, 3, 1)
+    )
     decoded = detection.decode((logit, cells("size"), cells("offset")), stride=4)
-    for (got, scores, got_labels), want, want_labels in zip(decoded, boxes, labels):
-        best = np.argsort(-scores)[:len(want)]
+    for (got, scores, _), want in zip(decoded, boxes):
+        best = np.argsort(-scores)[: len(want)]
         order = np.lexsort(got[best].T[::-1])
         np.testing.assert_allclose(got[best][order], want[np.lexsort(want.T[::-1])], atol=1e-5)
     matches = [match_image(*d, b, lab, 2) for d, b, lab in zip(decoded, boxes, labels)]
@@ -404,20 +515,22 @@ def test_a_detection_head_on_a_frozen_encoder_finds_real_lungs(nih_and_workdir, 
     input_dir = options.pop("input_dir")
     options.pop("mask_column")
     assert write_boxes(input_dir, "manifest.csv", "image", "mask", "", "lung", 0.005, str(tmp_path / "b.csv")) > 300
-    build("csv", input_dir, str(tmp_path / "tfds"), name="covid_lung_boxes", boxes_csv=str(tmp_path / "b.csv"),
-          **options)
+    build(
+        "csv", input_dir, str(tmp_path / "tfds"), name="covid_lung_boxes", boxes_csv=str(tmp_path / "b.csv"), **options
+    )
     c = detection.get_config("demo")
     c.data_dir, c.workdirs, c.bootstrap = str(tmp_path / "tfds"), workdir, 100
     c.label_fractions, c.detection.epochs, c.detection.channels = (1.0,), 12, (16, 8)
     c.seeds = 1
-    row, = evaluate.evaluate(c, str(tmp_path / "out"))["detection"]
+    (row,) = evaluate.evaluate(c, str(tmp_path / "out"))["detection"]
     assert row["test_images"] >= 10 and row["map"]["ci95"][0] <= row["map"]["mean"] <= row["map"]["ci95"][1]
     assert row["map"]["mean"] > 0.1, row  # no detection scores 0
     assert os.path.getsize(tmp_path / "out" / "detection.png") > 10_000
 
 
-def test_fine_tuning_a_vitdet_for_segmentation_moves_its_encoder_through_the_pyramid(pretrain_data, tmp_path,
-                                                                                      monkeypatch):
+def test_fine_tuning_a_vitdet_for_segmentation_moves_its_encoder_through_the_pyramid(
+    pretrain_data, tmp_path, monkeypatch
+):
     """mode=finetune on a ViTDet checkpoint: 'auto' picks the simple feature pyramid, the encoder's weights move
     (the patch embedding least, by layer decay), the pretraining-only weights are left out, and the lungs are
     found (the empty mask scores 0)."""
@@ -432,8 +545,9 @@ def test_fine_tuning_a_vitdet_for_segmentation_moves_its_encoder_through_the_pyr
 
     data_dir, emb, _ = pretrain_data
     workdir = str(tmp_path / "vitdet")
-    train.train(micro_config(data_dir, emb, total_steps=2, **{"model.encoder": "vitdet", "model.window_size": 2}),
-                workdir)
+    train.train(
+        micro_config(data_dir, emb, total_steps=2, **{"model.encoder": "vitdet", "model.window_size": 2}), workdir
+    )
     options = dict(DATASETS["covid_lungs"], image_size=64)
     build("csv", options.pop("input_dir"), str(tmp_path / "tfds"), name="covid_lungs", **options)
     c = segmentation.get_config("demo")
@@ -444,7 +558,7 @@ def test_fine_tuning_a_vitdet_for_segmentation_moves_its_encoder_through_the_pyr
     fit, pretrained = training.fit, finetune.pretrained
     monkeypatch.setattr(training, "fit", lambda **kw: trained.append(fit(**kw)) or trained[-1])
     monkeypatch.setattr(finetune, "pretrained", lambda e: loaded.append(pretrained(e)) or loaded[-1])
-    row, = evaluate.evaluate(c, str(tmp_path / "out"))["segmentation"]
+    (row,) = evaluate.evaluate(c, str(tmp_path / "out"))["segmentation"]
     assert row["head"]["kind"] == "simple feature pyramid + upsampling" and row["head"]["encoder"] == "fine-tuned"
     assert row["dice"]["mean"] > 0.5, row
     assert "simple feature pyramid + upsampling, fine-tuned encoder" in open(tmp_path / "out" / "results.md").read()
@@ -486,10 +600,14 @@ def test_a_boxes_csv_naming_no_image_of_the_manifest_is_refused(tmp_path):
     Image.fromarray(np.zeros((32, 48), np.uint8)).save(root / "images" / "a.png")
     (root / "manifest.csv").write_text("image,split\nimages/a.png,train\n")
     (root / "boxes.csv").write_text("image,label,x,y,w,h\na.png,nodule,1,1,4,4\n")
-    with pytest.raises(R.InputError, match=r"none of the 1 images of boxes.csv is a value of the manifest's 'image' "
-                                           r"column \(e.g. 'a.png'; the manifest has values like 'images/a.png'\)"):
-        build("csv", str(root), str(tmp_path / "out"), name="b", image_size=0, boxes_csv="boxes.csv",
-              split_column="split")
+    with pytest.raises(
+        R.InputError,
+        match=r"none of the 1 images of boxes.csv is a value of the manifest's 'image' "
+        r"column \(e.g. 'a.png'; the manifest has values like 'images/a.png'\)",
+    ):
+        build(
+            "csv", str(root), str(tmp_path / "out"), name="b", image_size=0, boxes_csv="boxes.csv", split_column="split"
+        )
 
 
 def test_the_pyramids_2x_upsampling_is_a_transposed_convolution():

@@ -1,5 +1,6 @@
 """Evaluation: metrics against sklearn and by hand, bootstrap coverage, probe recovery, the binary end to
 end on the real NIH sample, 1 device == 8 devices, and clear errors."""
+
 import os
 
 import jax
@@ -8,9 +9,9 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from mvlp_jax.evaluation import evaluate, features, metrics, probe, statistics
+from mvlp_jax.pretrain import encoder as encoder_lib
 from mvlp_jax.pretrain import train
 from mvlp_jax.runtime import sharding
-from mvlp_jax.pretrain import encoder as encoder_lib
 from tests.pretrain_setup import micro_config
 
 
@@ -47,7 +48,9 @@ def test_patient_bootstrap_interval_covers_the_true_auc_at_about_95_percent():
     for t in range(trials):
         y = rng.integers(0, 2, 200)
         score = rng.normal(size=200) + d * y
-        ci = statistics.estimate([lambda i: metrics.roc_auc(y[i], score[i])], np.arange(200), 300, seed=t)["ci95"]
+        ci = statistics.estimate(
+            [lambda i, y=y, score=score: metrics.roc_auc(y[i], score[i])], np.arange(200), 300, seed=t
+        )["ci95"]
         covered += ci[0] <= true_auc <= ci[1]
     assert 0.88 <= covered / trials <= 0.99, covered / trials
 
@@ -81,8 +84,12 @@ def test_evaluates_random_init_and_a_checkpoint_on_the_real_nih_sample(nih_and_w
     config.label_fractions = (1.0, 0.5)
     results = evaluate.evaluate(config, str(tmp_path))
     rows = results["checkpoints"]
-    assert [(r["name"], r["label_fraction"]) for r in rows] == [("random_init", 1.0), ("random_init", 0.5),
-                                                                ("pretrain", 1.0), ("pretrain", 0.5)]
+    assert [(r["name"], r["label_fraction"]) for r in rows] == [
+        ("random_init", 1.0),
+        ("random_init", 0.5),
+        ("pretrain", 1.0),
+        ("pretrain", 0.5),
+    ]
     assert rows[2]["step"] == 4 and rows[0]["test_cases"] == 200 and rows[1]["train_cases"] < rows[0]["train_cases"]
     for r in rows:
         assert 0 <= r["mauc"] <= 1 and r["ci95"]["mauc"][0] <= r["mauc"] <= r["ci95"]["mauc"][1]
@@ -101,8 +108,18 @@ def test_features_on_one_and_eight_devices_agree(nih_and_workdir, tmp_path):
     for devices in (jax.devices()[:1], jax.devices()):
         mesh = jax.sharding.Mesh(np.array(devices).reshape(-1, 1, 1), sharding.AXES)
         encoder = encoder_lib.load(workdir, -1, mesh)
-        out.append(features.extract(encoder, source, "map", 24, mesh, str(tmp_path / str(len(devices))), where,
-                                    features.split_fingerprint(data_dir, "nih_sample", "valid")))
+        out.append(
+            features.extract(
+                encoder,
+                source,
+                "map",
+                24,
+                mesh,
+                str(tmp_path / str(len(devices))),
+                where,
+                features.split_fingerprint(data_dir, "nih_sample", "valid"),
+            )
+        )
     assert out[0].shape == (200, 64)
     np.testing.assert_allclose(out[1], out[0], rtol=1e-5, atol=1e-5)
 
@@ -138,8 +155,7 @@ def _planted_text_embeddings(data_dir: str, out: str, drop: int = 0, hidden: int
     """Stored-schema vectors for every NIH-sample study: a random linear image of its labels plus noise."""
     import json
 
-    from mvlp_jax.data import built
-    from mvlp_jax.data import embedding_shards
+    from mvlp_jax.data import built, embedding_shards
 
     builder, _, _ = built.open_builder(data_dir, "nih_sample")
     rows = {}
@@ -154,9 +170,16 @@ def _planted_text_embeddings(data_dir: str, out: str, drop: int = 0, hidden: int
     os.makedirs(out, exist_ok=True)
     embedding_shards.write_shard(os.path.join(out, embedding_shards.SHARD_PATTERN.format(index=0, count=1)), records)
     with open(os.path.join(out, "manifest.json"), "w") as f:
-        json.dump({"schema_version": embedding_shards.SCHEMA_VERSION, "hidden_size": hidden, "poolings": ["mean",
-        "last"],
-                   "num_records": len(records), "model": "planted"}, f)
+        json.dump(
+            {
+                "schema_version": embedding_shards.SCHEMA_VERSION,
+                "hidden_size": hidden,
+                "poolings": ["mean", "last"],
+                "num_records": len(records),
+                "model": "planted",
+            },
+            f,
+        )
     return vectors
 
 
@@ -185,23 +208,32 @@ def test_layer_wise_lr_decay_scales_each_layer_and_freezes_the_rest():
 
     depth, decay, lr = 3, 0.5, 0.1
     block = {"attention": {"kernel": jnp.ones((2, 2))}}
-    loop = {"encoder": {"embedding": {"conv": {"kernel": jnp.ones((2, 2))}}, "cls": jnp.ones((1, 2)),
-                        "encoder": {**{f"block_{i:02d}": block for i in range(depth)}, "norm": {"scale": jnp.ones(2)}}},
-            "pool": {"map": {"probe": jnp.ones(2)}},
-            "masked_model": {"decoder": {"kernel": jnp.ones(2)}}, "log_temperature": jnp.ones(())}
+    loop = {
+        "encoder": {
+            "embedding": {"conv": {"kernel": jnp.ones((2, 2))}},
+            "cls": jnp.ones((1, 2)),
+            "encoder": {**{f"block_{i:02d}": block for i in range(depth)}, "norm": {"scale": jnp.ones(2)}},
+        },
+        "pool": {"map": {"probe": jnp.ones(2)}},
+        "masked_model": {"decoder": {"kernel": jnp.ones(2)}},
+        "log_temperature": jnp.ones(()),
+    }
     scales = finetune.layer_scales(loop, depth, decay)
-    assert float(scales["encoder"]["embedding"]["conv"]["kernel"]) == decay ** 4 == float(scales["encoder"]["cls"])
-    assert [float(scales["encoder"]["encoder"][f"block_{i:02d}"]["attention"]["kernel"]) for i in range(3)] == \
-        [decay ** 3, decay ** 2, decay]
+    assert float(scales["encoder"]["embedding"]["conv"]["kernel"]) == decay**4 == float(scales["encoder"]["cls"])
+    assert [float(scales["encoder"]["encoder"][f"block_{i:02d}"]["attention"]["kernel"]) for i in range(3)] == [
+        decay**3,
+        decay**2,
+        decay,
+    ]
     assert float(scales["encoder"]["encoder"]["norm"]["scale"]) == 1 == float(scales["pool"]["map"]["probe"])
     assert float(scales["masked_model"]["decoder"]["kernel"]) == 0 == float(scales["log_temperature"])
     tx = optax.chain(optax.adam(lr), finetune.scale_by_tree(scales))
     updates, _ = tx.update(jax.tree.map(jnp.ones_like, loop), tx.init(loop), loop)  # Adam's first step: -lr * sign
-    assert np.allclose(updates["encoder"]["encoder"]["block_00"]["attention"]["kernel"], -lr * decay ** 3, rtol=1e-4)
+    assert np.allclose(updates["encoder"]["encoder"]["block_00"]["attention"]["kernel"], -lr * decay**3, rtol=1e-4)
     assert np.all(updates["masked_model"]["decoder"]["kernel"] == 0)
     stacked = {"encoder": {"encoder": {"blocks": {"attention": {"kernel": jnp.ones((depth, 2, 2))}}}}}
     scan_scales = finetune.layer_scales(stacked, depth, decay)["encoder"]["encoder"]["blocks"]["attention"]["kernel"]
-    assert np.allclose(np.broadcast_to(scan_scales, (depth, 2, 2))[:, 0, 0], [decay ** 3, decay ** 2, decay])
+    assert np.allclose(np.broadcast_to(scan_scales, (depth, 2, 2))[:, 0, 0], [decay**3, decay**2, decay])
 
 
 def test_finetune_mode_trains_the_encoder_and_reports_a_row(nih_and_workdir, tmp_path, monkeypatch):
@@ -212,14 +244,17 @@ def test_finetune_mode_trains_the_encoder_and_reports_a_row(nih_and_workdir, tmp
     config.mode, config.finetune.epochs, config.finetune.batch_size, config.finetune.lr = "finetune", 2, 64, 2e-3
     seen = {}
     fit = finetune.fit
-    monkeypatch.setattr(finetune, "fit",
-                        lambda encoder, *a, **k: seen.setdefault("out", (encoder, fit(encoder, *a, **k)))[1])
+    monkeypatch.setattr(
+        finetune, "fit", lambda encoder, *a, **k: seen.setdefault("out", (encoder, fit(encoder, *a, **k)))[1]
+    )
     row = evaluate.evaluate(config, str(tmp_path))["checkpoints"][0]
     assert row["mode"] == "finetune" and row["probe"]["epoch"] in (1, 2) and 0 <= row["mauc"] <= 1
     encoder, tuned = seen["out"]
     before, after = encoder.params, tuned.params["model"]
-    moved = lambda tree_a, tree_b: max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
-                                       for a, b in zip(jax.tree.leaves(tree_a), jax.tree.leaves(tree_b)))
+    moved = lambda tree_a, tree_b: max(
+        float(np.abs(np.asarray(a) - np.asarray(b)).max())
+        for a, b in zip(jax.tree.leaves(tree_a), jax.tree.leaves(tree_b))
+    )
     assert moved(before["encoder"]["embedding"], after["encoder"]["embedding"]) > 0  # the encoder itself learned
     assert moved(before["masked_model"], after["masked_model"]) == 0  # the MAE decoder is frozen
 
@@ -278,10 +313,23 @@ def test_a_cpu_evaluation_never_loads_libtpu(nih_and_workdir, tmp_path):
     data_dir, workdir = nih_and_workdir
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "ALLOW_MULTIPLE_LIBTPU_LOAD")}
     probe = os.path.join(REPO, "configs", "linear_probe.py") + ":nih_sample"
-    run = subprocess.run([sys.executable, "-m", "mvlp_jax.evaluate", f"--config={probe}",
-                          f"--config.workdirs={workdir}", f"--config.data_dir={data_dir}", "--config.bootstrap=20",
-                          f"--output_dir={tmp_path}"], cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=600)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mvlp_jax.evaluate",
+            f"--config={probe}",
+            f"--config.workdirs={workdir}",
+            f"--config.data_dir={data_dir}",
+            "--config.bootstrap=20",
+            f"--output_dir={tmp_path}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     output = (run.stdout + run.stderr).lower()
     assert "tpu" not in output, [line for line in output.splitlines() if "tpu" in line][:5]
@@ -308,7 +356,7 @@ def test_probes_on_a_tenth_of_the_labels_train_three_seeds_and_the_interval_cove
     data_dir, workdir = nih_and_workdir
     config = _probe_config(data_dir, workdir)
     config.label_fractions, config.bootstrap = (0.1,), 200
-    row, = evaluate.evaluate(config, str(tmp_path / "auto"))["checkpoints"]
+    (row,) = evaluate.evaluate(config, str(tmp_path / "auto"))["checkpoints"]
     seeds = row["seeds"]
     assert seeds["count"] == 3 and seeds["first"] == 0 and len(set(seeds["mauc"])) == 3  # other subsets, other heads
     assert len(set(seeds["train_cases"])) > 1 or len(set(seeds["mauc"])) == 3
@@ -317,7 +365,7 @@ def test_probes_on_a_tenth_of_the_labels_train_three_seeds_and_the_interval_cove
     assert all(lo <= value <= hi for value in seeds["mauc"]), (lo, hi, seeds["mauc"])
     assert "(3 seeds: " in open(tmp_path / "auto" / "results.md").read()
     config.seeds = 1
-    single, = evaluate.evaluate(config, str(tmp_path / "one"))["checkpoints"]
+    (single,) = evaluate.evaluate(config, str(tmp_path / "one"))["checkpoints"]
     assert single["seeds"]["count"] == 1 and single["mauc"] == pytest.approx(seeds["mauc"][0])
 
 
@@ -346,11 +394,12 @@ def test_comparisons_are_keyed_by_the_run_not_its_folder_name(nih_and_workdir, c
 
 def test_a_test_split_too_small_to_estimate_anything_is_refused_with_its_counts(tmp_path):
     """One test image: an interval of [1.000, 1.000] and an mAUC of nan once came out with exit 0."""
+    import csv
+
     from data_prep.build_dataset import build
     from mvlp_jax.tools.demo import DATASETS
     from tests.conftest import SAMPLE
 
-    import csv
     rows = list(csv.DictReader(open(os.path.join(SAMPLE, "nih14", "manifest.csv"))))
     kept = [r for r in rows if r["split"] == "train"][:120] + [r for r in rows if r["split"] == "valid"][:1]
     for r in kept:  # absolute: the manifest is written elsewhere than the images
@@ -365,7 +414,10 @@ def test_a_test_split_too_small_to_estimate_anything_is_refused_with_its_counts(
     build("csv", images, str(tmp_path / "tfds"), name="tiny", manifest=str(tmp_path / "manifest.csv"), **options)
     config = _probe_config(str(tmp_path / "tfds"), "random_init")
     config.dataset = "tiny"
-    with pytest.raises(ValueError, match=r"tiny:1.0.0/valid has 1 test cases of 1 patients: too few to estimate a "
-                                         r"metric and its interval \(at least 10 cases of 5 patients\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"tiny:1.0.0/valid has 1 test cases of 1 patients: too few to estimate a "
+        r"metric and its interval \(at least 10 cases of 5 patients\)",
+    ):
         evaluate.evaluate(config, str(tmp_path / "out"))
     assert statistics.percentile_interval([1.0] + [float("nan")] * 3) != statistics.percentile_interval([1.0] * 4)

@@ -1,6 +1,7 @@
 """Evaluators describe themselves: one defined here runs through the evaluation binary on real checkpoints with no
 project file edited (its config rows, its rule, the common per-checkpoint loop), and the binary refuses an
 evaluator nobody registered."""
+
 import json
 import os
 
@@ -17,19 +18,29 @@ def _mean_feature_norm(config, output_dir, mesh) -> dict:
     source, _, where = features.labelled_split(config.data_dir, config.dataset, config.test_split)
     rows = []
     for subject, encoder in common.encoders(config, mesh):
-        x = features.extract(encoder, source, "mean", config.batch_size, mesh, os.path.join(output_dir, "cache"),
-                             where, "")
-        rows.append({"workdir": subject, "name": encoder.name, "step": encoder.step,
-                     "norm": float(np.linalg.norm(x, axis=1).mean()) * config.feature_norm.scale})
+        x = features.extract(
+            encoder, source, "mean", config.batch_size, mesh, os.path.join(output_dir, "cache"), where, ""
+        )
+        rows.append(
+            {
+                "workdir": subject,
+                "name": encoder.name,
+                "step": encoder.step,
+                "norm": float(np.linalg.norm(x, axis=1).mean()) * config.feature_norm.scale,
+            }
+        )
     results = {"config": config.to_dict(), "feature_norm": rows}
     report.save(output_dir, results, "\n".join(f"| {r['name']} | {r['norm']:.4f} |" for r in rows))
     return results
 
 
 TOY = common.Evaluator(
-    name="feature_norm", run=_mean_feature_norm, description="the mean norm of the pooled features (a test's toy)",
+    name="feature_norm",
+    run=_mean_feature_norm,
+    description="the mean norm of the pooled features (a test's toy)",
     config_rows={"feature_norm.scale": (1.0, schema.POSITIVE, "Feature norm: a factor on the reported norm.")},
-    rules=((lambda c: c.evaluator != "feature_norm" or c.features_from == "image", "feature_norm reads images"),))
+    rules=((lambda c: c.evaluator != "feature_norm" or c.features_from == "image", "feature_norm reads images"),),
+)
 
 
 @pytest.fixture
@@ -45,8 +56,9 @@ def _config(data_dir: str, workdirs: str):
     return c
 
 
-def test_an_evaluator_defined_in_a_test_runs_through_the_binary_on_every_checkpoint(nih_and_workdir, tmp_path,
-                                                                                   toy_evaluator):
+def test_an_evaluator_defined_in_a_test_runs_through_the_binary_on_every_checkpoint(
+    nih_and_workdir, tmp_path, toy_evaluator
+):
     data_dir, workdir = nih_and_workdir
     assert "feature_norm.scale" in registry.table() and "feature_norm" in registry.table()["evaluator"][2]
     config = registry.defaults()  # the defaults now hold the toy's rows
@@ -72,14 +84,20 @@ def test_an_evaluator_nobody_registered_is_refused_with_the_registered_ones(tmp_
     config = _config(str(tmp_path), "random_init")
     config.unlock()
     config.evaluator = "feature_norm"
-    with pytest.raises(ValueError, match="'evaluator' = 'feature_norm' must be one of classification, retrieval, "
-                                         "zero_shot, segmentation, detection"):
+    with pytest.raises(
+        ValueError,
+        match="'evaluator' = 'feature_norm' must be one of classification, retrieval, "
+        "zero_shot, segmentation, detection",
+    ):
         evaluate.evaluate(config, str(tmp_path / "out"))
 
 
 def test_an_evaluator_cannot_take_a_key_another_one_owns(toy_evaluator):
-    registry.register(common.Evaluator(name="clash", run=_mean_feature_norm, description="",
-                                       config_rows={"feature_norm.scale": (1.0, None, "")}))
+    registry.register(
+        common.Evaluator(
+            name="clash", run=_mean_feature_norm, description="", config_rows={"feature_norm.scale": (1.0, None, "")}
+        )
+    )
     try:
         with pytest.raises(ValueError, match="evaluator 'clash' declares config keys already taken"):
             registry.table()

@@ -1,5 +1,6 @@
 """Export to transformers: JAX -> HF -> JAX is exact, and the exported model loaded by transformers in PyTorch
 gives the JAX encoder's tokens on real X-rays."""
+
 import json
 import os
 
@@ -9,13 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mvlp_jax.pretrain import train
-from mvlp_jax.runtime import sharding
-from mvlp_jax.tools import export
 from mvlp_jax.data import transforms
 from mvlp_jax.models.convert_hf import unstack_blocks, vit_params_from_hf, vit_params_to_hf
 from mvlp_jax.models.vit import ViT
 from mvlp_jax.pretrain import encoder as encoder_lib
+from mvlp_jax.pretrain import train
+from mvlp_jax.runtime import sharding
+from mvlp_jax.tools import export
 from tests.pretrain_setup import micro_config
 
 TINY = dict(width=32, depth=3, num_heads=4, mlp_dim=64, patch_size=8)
@@ -40,13 +41,18 @@ def _real_images(data_dir: str, size: int, n: int = 6) -> np.ndarray:
 
     builder, _, _ = built.open_builder(data_dir, "covid_notes")
     source = built.open_split(builder, "test")
-    return np.stack([transforms.normalise(transforms.center_crop_resize(transforms.decode_png(source[i]["image"]),
-                                                                        size), 0.5, 0.25) for i in range(n)])
+    return np.stack(
+        [
+            transforms.normalise(
+                transforms.center_crop_resize(transforms.decode_png(source[i]["image"]), size), 0.5, 0.25
+            )
+            for i in range(n)
+        ]
+    )
 
 
 @pytest.mark.parametrize("kind", ["ViTMAEModel", "ViTModel"])
-def test_an_exported_run_loads_in_transformers_and_gives_the_jax_tokens(kind, pretrain_data, contrastive_run,
-                                                                       tmp_path):
+def test_an_exported_run_loads_in_transformers_and_gives_the_jax_tokens(kind, pretrain_data, contrastive_run, tmp_path):
     import torch
     import transformers
 
@@ -54,8 +60,9 @@ def test_an_exported_run_loads_in_transformers_and_gives_the_jax_tokens(kind, pr
     workdir = contrastive_run  # llm_contrastive alone: a ViTModel
     if kind == "ViTMAEModel":  # with the masked autoencoder
         workdir = str(tmp_path / "run")
-        train.train(micro_config(data_dir, emb, objectives={"llm_contrastive": 1.0, "mae": 1.0}, total_steps=2),
-                    workdir)
+        train.train(
+            micro_config(data_dir, emb, objectives={"llm_contrastive": 1.0, "mae": 1.0}, total_steps=2), workdir
+        )
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.AXES)
     encoder = encoder_lib.load(workdir, -1, mesh)
     card = export.export(encoder, str(tmp_path / "hf"))
@@ -63,8 +70,9 @@ def test_an_exported_run_loads_in_transformers_and_gives_the_jax_tokens(kind, pr
     model = getattr(transformers, kind).from_pretrained(str(tmp_path / "hf")).eval()
     assert model.config.num_channels == 1 and model.config.image_size == 32
     images = _real_images(data_dir, 32)
-    ours = np.asarray(encoder.model.apply({"params": encoder.params}, jnp.asarray(images),
-                                          method=lambda m, x: m.encoder(x)))
+    ours = np.asarray(
+        encoder.model.apply({"params": encoder.params}, jnp.asarray(images), method=lambda m, x: m.encoder(x))
+    )
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2)
     with torch.no_grad():
         in_order = torch.arange(16, dtype=torch.float32).expand(len(images), -1)  # ViTMAE shuffles tokens by noise
@@ -80,8 +88,11 @@ def test_an_exported_run_loads_in_transformers_and_gives_the_jax_tokens(kind, pr
     processor = json.load(open(tmp_path / "hf" / "preprocessor_config.json"))
     assert processor["image_mean"] == [0.5] and processor["image_std"] == [0.25]
     text = open(card).read()
-    assert f"transformers `{kind}`" in text and "covid_notes" in text and os.path.exists(tmp_path / "hf" /
-                                                                                        "training_config.json")
+    assert (
+        f"transformers `{kind}`" in text
+        and "covid_notes" in text
+        and os.path.exists(tmp_path / "hf" / "training_config.json")
+    )
 
 
 def test_export_refuses_a_folder_of_other_files_but_redoes_its_own(contrastive_run, tmp_path):
@@ -98,8 +109,11 @@ def test_export_refuses_a_folder_of_other_files_but_redoes_its_own(contrastive_r
     (folder / "config.json").write_text("{}")
     command = [sys.executable, "-m", "mvlp_jax.export", f"--workdir={contrastive_run}", f"--output_dir={folder}"]
     refused = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert refused.returncode == 2 and "holds 2 files (README.md, config.json), not an export of this run" in \
-        " ".join(refused.stderr.split()) and "--overwrite" in refused.stderr
+    assert (
+        refused.returncode == 2
+        and "holds 2 files (README.md, config.json), not an export of this run" in " ".join(refused.stderr.split())
+        and "--overwrite" in refused.stderr
+    )
     assert (folder / "README.md").read_text() == "my notes"
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.AXES)
     encoder = encoder_lib.load(contrastive_run, -1, mesh)
@@ -116,3 +130,31 @@ def test_export_refuses_a_folder_of_other_files_but_redoes_its_own(contrastive_r
     overwritten = subprocess.run(command + ["--overwrite"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert overwritten.returncode == 0, overwritten.stderr[-2000:]
     assert "mvlp_jax" in (folder / "README.md").read_text()
+
+
+def test_the_model_card_carries_the_hubs_metadata_read_by_the_hubs_own_parser(contrastive_run, tmp_path):
+    from huggingface_hub import ModelCard
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.AXES)
+    encoder = encoder_lib.load(contrastive_run, -1, mesh)
+    results = tmp_path / "results.json"
+    row = {
+        "workdir": contrastive_run,
+        "step": encoder.step,
+        "mode": "linear",
+        "label_fraction": 1.0,
+        "train_cases": 10,
+        "test_cases": 5,
+        "mauc": 0.61,
+        "ci95": {"mauc": [0.5, 0.7]},
+        "accuracy": 0.4,
+    }
+    results.write_text(json.dumps({"checkpoints": [row], "notes": []}))
+    card = ModelCard.load(export.export(encoder, str(tmp_path / "hf"), str(results), workdir=contrastive_run))
+    data = card.data.to_dict()
+    assert data["license"] == "other" and data["license_name"] == "per-image-licences"  # the sample's per-image terms
+    assert data["library_name"] == "transformers" and data["pipeline_tag"] == "image-feature-extraction"
+    assert data["datasets"] == ["covid_notes"] and data["metrics"] == ["roc_auc"]
+    assert {"mvlp_jax", "vit", "llm_contrastive", "medical-imaging"} <= set(data["tags"])
+    assert "base_model" not in data  # trained from scratch
+    assert "mAUC 0.6100 [95% CI 0.5000, 0.7000]" in card.text

@@ -4,6 +4,7 @@ and fsdp axes put their collectives in the program, and attention runs in cuDNN'
 
 The CUDA plugin is a 4.5 GB install that `make test` leaves out: these tests run under `make test-gpu` (its own
 environment, .venv-gpu) and are skipped elsewhere, with the refusals that need no plugin tested always."""
+
 import importlib.util
 import os
 
@@ -14,8 +15,9 @@ from mvlp_jax.pretrain import aot
 from mvlp_jax.tools.demo import load_config
 
 HAS_GPU_COMPILER = any(importlib.util.find_spec(f"jax_cuda{v}_plugin") for v in (12, 13))
-needs_gpu_compiler = pytest.mark.skipif(not HAS_GPU_COMPILER, reason="XLA's GPU compiler (pip install -e '.[gpu]', "
-                                        "make test-gpu)")
+needs_gpu_compiler = pytest.mark.skipif(
+    not HAS_GPU_COMPILER, reason="XLA's GPU compiler (pip install -e '.[gpu]', make test-gpu)"
+)
 
 
 def _config(name: str, **overrides):
@@ -50,15 +52,18 @@ def test_xla_attention_holds_more_memory_than_cudnn_for_long_sequences():
     reports = {}
     for attention in ("auto", "xla"):
         config.model.attention = attention
-        reports[attention], = aot.compile_programs(config, "h100-1", 0, ("train",))
+        (reports[attention],) = aot.compile_programs(config, "h100-1", 0, ("train",))
     assert reports["auto"].kernel_calls > 0 == reports["xla"].kernel_calls
     assert reports["auto"].temp_bytes < reports["xla"].temp_bytes
 
 
-@pytest.mark.parametrize("topology,message", [
-    ("h100-3", "GPUs per host must be 1, 2, 4 or 8"),
-    ("v100-8", "or GPUs per host like h100-8"),
-])
+@pytest.mark.parametrize(
+    "topology,message",
+    [
+        ("h100-3", "GPUs per host must be 1, 2, 4 or 8"),
+        ("v100-8", "or GPUs per host like h100-8"),
+    ],
+)
 def test_a_gpu_topology_it_cannot_make_is_refused_by_name(topology, message):
     with pytest.raises(ValueError, match=message):
         aot.target(topology)

@@ -1,4 +1,5 @@
 """Host malloc tunables: the environment they set, and that they remove the page faults of large allocations."""
+
 import json
 import pathlib
 import re
@@ -40,8 +41,9 @@ def test_environment_keeps_other_tunables_and_an_explicit_choice():
     merged = host_memory.with_huge_page_malloc({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0"})
     assert merged["GLIBC_TUNABLES"] == f"glibc.malloc.tcache_count=0:{host_memory.TUNABLE}"
     kept = host_memory.with_huge_page_malloc({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0:glibc.malloc.arena_max=4"})
-    assert kept["GLIBC_TUNABLES"] == ("glibc.malloc.hugetlb=0:glibc.malloc.arena_max=4:"
-                                      + ":".join(host_memory.TUNABLES[2:]))
+    assert kept["GLIBC_TUNABLES"] == (
+        "glibc.malloc.hugetlb=0:glibc.malloc.arena_max=4:" + ":".join(host_memory.TUNABLES[2:])
+    )
 
 
 def test_makefile_gives_cpu_runs_the_same_tunables():
@@ -62,13 +64,18 @@ def test_hint_only_without_the_tunables(monkeypatch):
 @pytest.mark.skipif(not host_memory.huge_page_malloc_supported(), reason="needs glibc >= 2.35 and THP")
 def test_large_allocations_fault_far_fewer_pages():
     def faults(tunables: str) -> int:
-        out = subprocess.run([sys.executable, "-c", _ALLOCATE], env={"GLIBC_TUNABLES": tunables}, check=True,
-                             capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, "-c", _ALLOCATE],
+            env={"GLIBC_TUNABLES": tunables},
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         return json.loads(out.stdout)
 
     plain = faults("glibc.malloc.hugetlb=0")
     huge_pages = faults(host_memory.TUNABLES[0])
     reused = faults(host_memory.TUNABLE)
-    assert plain > 10 * 2 ** 28 // 4096 * 0.9  # one fault per 4 KiB page touched, every time
+    assert plain > 10 * 2**28 // 4096 * 0.9  # one fault per 4 KiB page touched, every time
     assert huge_pages * 20 < plain, (huge_pages, plain)  # one per 2 MiB page, every time
     assert reused * 20 < huge_pages, (reused, huge_pages)  # none: the heap keeps the block for the next

@@ -1,4 +1,5 @@
 """matmul's custom backward: the gradients of x @ kernel, with the weight gradient as a plain GEMM on CPU."""
+
 import re
 
 import flax.linen as nn
@@ -38,8 +39,11 @@ def test_both_weight_gradient_forms_equal_the_definition(k, m):
 
 
 def _dots_contracting_leading_axes(hlo: str) -> list[str]:
-    return [line for line in hlo.splitlines()
-            if " dot(" in line and re.search(r"lhs_contracting_dims=\{0\}.*rhs_contracting_dims=\{0\}", line)]
+    return [
+        line
+        for line in hlo.splitlines()
+        if " dot(" in line and re.search(r"lhs_contracting_dims=\{0\}.*rhs_contracting_dims=\{0\}", line)
+    ]
 
 
 def test_cpu_backward_has_no_dot_contracting_the_token_axis():

@@ -1,5 +1,6 @@
 """Any image modality: colour kept when asked (--channels=3), 16-bit files windowed instead of truncated, and
 the encoder reading the channel count its dataset stores, through training, evaluation and pictures."""
+
 from __future__ import annotations
 
 import io
@@ -39,7 +40,8 @@ def _sixteen_bit_set(root: str, count: int = 20, size: int = 40) -> None:
     for i in range(count):
         ramp = np.linspace(1000, 3000, size * size).reshape(size, size)
         Image.fromarray((ramp + rng.integers(0, 50, ramp.shape)).clip(0, 65535).astype(np.uint16)).save(
-            os.path.join(root, f"{i}.png"))
+            os.path.join(root, f"{i}.png")
+        )
         rows.append(f"{i}.png,p{i}")
     with open(os.path.join(root, "manifest.csv"), "w") as f:
         f.write("\n".join(rows) + "\n")
@@ -49,7 +51,8 @@ def _stored(dataset_dir: str, split: str = "train") -> Image.Image:
     import tensorflow_datasets as tfds
 
     source = tfds.builder_from_directory(dataset_dir).as_data_source(
-        split, decoders={"image": tfds.decode.SkipDecoding()})
+        split, decoders={"image": tfds.decode.SkipDecoding()}
+    )
     return Image.open(io.BytesIO(source[0]["image"]))
 
 
@@ -61,7 +64,8 @@ def test_windows_map_sixteen_bits_to_eight():
     assert np.asarray(to_uint8(scan, 1, None)).tolist() == [[0, 64, 128, 255]]  # each image's own range
     low, high = np.percentile([1000, 2000, 3000, 5000], (0, 50))
     assert np.asarray(to_uint8(scan, 1, parse_window("p0,50"))).tolist() == [
-        [0, round((2000 - low) * 255 / (high - low)), 255, 255]]
+        [0, round((2000 - low) * 255 / (high - low)), 255, 255]
+    ]
     assert np.asarray(to_uint8(scan, 3, parse_window("2000,2000"))).shape == (1, 4, 3)  # grey kept as colour
     for bad in ("2000", "2000,0", "p50,10", "level,width", "nan,100", "100,inf"):
         with pytest.raises(ValueError, match="--window"):
@@ -69,25 +73,40 @@ def test_windows_map_sixteen_bits_to_eight():
 
 
 def test_colour_and_sixteen_bit_builds_record_what_they_kept(tmp_path):
-    from mvlp_jax.data import built
     from data_prep.build_dataset import build
+    from mvlp_jax.data import built
     from mvlp_jax.data.records import InputError
 
     _colour_set(str(tmp_path / "colour"), {"train": 4})
-    rgb = build("csv", str(tmp_path / "colour"), str(tmp_path / "tfds"), name="colour", channels=3,
-                split_column="split", image_size=0)
+    rgb = build(
+        "csv",
+        str(tmp_path / "colour"),
+        str(tmp_path / "tfds"),
+        name="colour",
+        channels=3,
+        split_column="split",
+        image_size=0,
+    )
     assert rgb["channels"] == 3 and rgb["source_bit_depths"] == {"8": 4}
     stored = _stored(rgb["dataset_dir"])
     assert stored.mode == "RGB" and stored.getpixel((0, 0))[2] > stored.getpixel((0, 0))[0]  # the first is blue
     builder, _, _ = built.open_builder(str(tmp_path / "tfds"), "colour")
     assert built.channels(builder) == 3 and builder.info.metadata["channels"] == 3
-    gray = build("csv", str(tmp_path / "colour"), str(tmp_path / "tfds"), name="gray", split_column="split",
-                 image_size=0)
+    gray = build(
+        "csv", str(tmp_path / "colour"), str(tmp_path / "tfds"), name="gray", split_column="split", image_size=0
+    )
     assert _stored(gray["dataset_dir"]).mode == "L" and gray["channels"] == 1
 
     _sixteen_bit_set(str(tmp_path / "scans"), count=4)
-    windowed = build("csv", str(tmp_path / "scans"), str(tmp_path / "tfds"), name="scans", window="2000,2000",
-                     split_column="", image_size=0)
+    windowed = build(
+        "csv",
+        str(tmp_path / "scans"),
+        str(tmp_path / "tfds"),
+        name="scans",
+        window="2000,2000",
+        split_column="",
+        image_size=0,
+    )
     assert windowed["source_bit_depths"] == {"16": 4} and windowed["window"] == "2000,2000"
     pixels = np.asarray(_stored(windowed["dataset_dir"], next(iter(windowed["records_written"]))))
     assert pixels.dtype == np.uint8 and pixels[0, 0] < 10 and pixels[-1, -1] > 245  # 1000..3000 spans 0..255
@@ -102,25 +121,38 @@ def test_an_encoder_trained_on_colour_reads_three_channels_and_its_probe_sees_th
     import jax
 
     from data_prep.build_dataset import build
-    from mvlp_jax.evaluation import evaluate
-    from mvlp_jax.pretrain import train
     from mvlp_jax.configuration import load
+    from mvlp_jax.evaluation import evaluate
     from mvlp_jax.pretrain import encoder as encoder_lib
+    from mvlp_jax.pretrain import train
     from tests.pretrain_setup import micro_config
 
     _colour_set(str(tmp_path / "colour"), {"train": 48, "test": 24})
-    build("csv", str(tmp_path / "colour"), str(tmp_path / "tfds"), name="colour", channels=3,
-          split_column="split", label_columns="red", group_column="patient", image_size=0)
-    config = micro_config(str(tmp_path / "tfds"), "", objectives={"mae": 1.0, "query_box": 1.0},
-                          total_steps=2, log_images_every_steps=2)
+    build(
+        "csv",
+        str(tmp_path / "colour"),
+        str(tmp_path / "tfds"),
+        name="colour",
+        channels=3,
+        split_column="split",
+        label_columns="red",
+        group_column="patient",
+        image_size=0,
+    )
+    config = micro_config(
+        str(tmp_path / "tfds"), "", objectives={"mae": 1.0, "query_box": 1.0}, total_steps=2, log_images_every_steps=2
+    )
     config.data.dataset, config.query_box.size = "colour", 16
     workdir = str(tmp_path / "run")
     train.train(config, workdir)
     recorded, _ = load(workdir)
     assert recorded.data.channels == 3  # 0 in the config: the dataset's count, written down for evaluation
     encoder = encoder_lib.load(workdir, -1, _mesh())
-    kernels = [leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(encoder.params["encoder"])
-               if "kernel" in str(path) and len(leaf.shape) == 4]
+    kernels = [
+        leaf.shape
+        for path, leaf in jax.tree_util.tree_leaves_with_path(encoder.params["encoder"])
+        if "kernel" in str(path) and len(leaf.shape) == 4
+    ]
     assert kernels and kernels[0][2] == 3  # the patch embedding (p, p, channels, width) reads colour
     assert {"reconstruction_2.png", "query_box_2.png", "attention_2.png"} <= set(os.listdir(f"{workdir}/plots"))
 
@@ -136,8 +168,12 @@ def test_an_encoder_trained_on_colour_reads_three_channels_and_its_probe_sees_th
     from mvlp_jax.tools import export
 
     one_device = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "model"))
-    card = export.export(encoder_lib.load(workdir, -1, one_device), str(tmp_path / "hf"),
-                         results=str(tmp_path / "eval" / "results.json"), workdir=workdir)
+    card = export.export(
+        encoder_lib.load(workdir, -1, one_device),
+        str(tmp_path / "hf"),
+        results=str(tmp_path / "eval" / "results.json"),
+        workdir=workdir,
+    )
     text = open(card).read()
     assert "3-channel colour crops" in text and "(3 input channels)" in text and "linear probe, 100% of the" in text
     processor = transformers.AutoImageProcessor.from_pretrained(str(tmp_path / "hf"))
@@ -158,8 +194,15 @@ def test_training_on_a_windowed_sixteen_bit_set(tmp_path):
     from tests.pretrain_setup import micro_config
 
     _sixteen_bit_set(str(tmp_path / "scans"), count=24)
-    build("csv", str(tmp_path / "scans"), str(tmp_path / "tfds"), name="scans", window="p1,99", image_size=0,
-          group_column="patient")
+    build(
+        "csv",
+        str(tmp_path / "scans"),
+        str(tmp_path / "tfds"),
+        name="scans",
+        window="p1,99",
+        image_size=0,
+        group_column="patient",
+    )
     config = micro_config(str(tmp_path / "tfds"), "", objectives={"mae": 1.0}, total_steps=2)
     config.data.dataset = "scans"
     assert train.train(config, str(tmp_path / "run")).last_step == 2
@@ -190,27 +233,61 @@ def test_a_window_on_eight_bit_files_is_refused_and_one_that_washes_images_out_i
 
     _colour_set(str(tmp_path / "colour"), {"train": 4})
     with pytest.raises(InputError, match="--window=40,400 applies to 16-bit .* every input of this build is 8-bit"):
-        build("csv", str(tmp_path / "colour"), str(tmp_path / "tfds"), name="rgb", window="40,400",
-              split_column="split", image_size=0)
+        build(
+            "csv",
+            str(tmp_path / "colour"),
+            str(tmp_path / "tfds"),
+            name="rgb",
+            window="40,400",
+            split_column="split",
+            image_size=0,
+        )
     _sixteen_bit_set(str(tmp_path / "scans"), count=4)  # values 1000..3050: a window at 40 +- 200 is all white
-    report = build("csv", str(tmp_path / "scans"), str(tmp_path / "tfds"), name="white", window="40,400",
-                   split_column="", image_size=0)
+    report = build(
+        "csv",
+        str(tmp_path / "scans"),
+        str(tmp_path / "tfds"),
+        name="white",
+        window="40,400",
+        split_column="",
+        image_size=0,
+    )
     assert report["window_saturated"] == 4
     assert "WARNING: --window=40,400 put more than 95% of the pixels at one end" in capsys.readouterr().out
 
 
-@pytest.mark.skipif(not os.path.isdir(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                                   "..", "shared", "data", "sts_ct")), reason="shared data absent")
+@pytest.mark.skipif(
+    not os.path.isdir(
+        os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "sts_ct")
+    ),
+    reason="shared data absent",
+)
 def test_a_hounsfield_window_on_ct_stored_with_an_offset_is_caught(tmp_path, capsys):
     """The real CT slices store HU + 32768: a soft-tissue window given in HU (40, 400) turns every slice white,
     which the build once reported as 'skipped: none'."""
     from data_prep.build_dataset import build
     from tests.conftest import SHARED_DATA
 
-    report = build("csv", os.path.join(SHARED_DATA, "sts_ct"), str(tmp_path / "tfds"), name="ct", window="40,400",
-                   group_column="patient_id", split_column="split", image_size=32)
+    report = build(
+        "csv",
+        os.path.join(SHARED_DATA, "sts_ct"),
+        str(tmp_path / "tfds"),
+        name="ct",
+        window="40,400",
+        group_column="patient_id",
+        split_column="split",
+        image_size=32,
+    )
     assert report["window_saturated"] == report["records_written_total"] == 158
     assert "is the window in the files' units?" in capsys.readouterr().out
-    shifted = build("csv", os.path.join(SHARED_DATA, "sts_ct"), str(tmp_path / "tfds"), name="ct_shifted",
-                    window="32808,400", group_column="patient_id", split_column="split", image_size=32)
+    shifted = build(
+        "csv",
+        os.path.join(SHARED_DATA, "sts_ct"),
+        str(tmp_path / "tfds"),
+        name="ct_shifted",
+        window="32808,400",
+        group_column="patient_id",
+        split_column="split",
+        image_size=32,
+    )
     assert shifted["window_saturated"] < 158 // 4

@@ -1,4 +1,5 @@
 """Encoders and heads: window attention, ViTDet vs ViT, scan/remat equivalence, shapes, dtypes, jit."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -44,8 +45,7 @@ def test_vitdet_with_every_block_global_equals_plain_vit():
     vit = ViT(**TINY, cls_token=False)
     params = vit.init(jax.random.key(0), images)
     det = ViTDet(**TINY, window_size=3, global_blocks=tuple(range(TINY["depth"])))
-    np.testing.assert_allclose(np.asarray(det.apply(params, images)), np.asarray(vit.apply(params, images)),
-                               atol=1e-6)
+    np.testing.assert_allclose(np.asarray(det.apply(params, images)), np.asarray(vit.apply(params, images)), atol=1e-6)
     windowed = ViTDet(**TINY, window_size=3)  # same params, windows on: a different function
     assert not np.allclose(np.asarray(windowed.apply(params, images)), np.asarray(vit.apply(params, images)))
 
@@ -56,8 +56,11 @@ def test_scan_and_remat_equal_the_plain_loop():
     params = nn.unbox(loop.init(jax.random.key(0), images)["params"])
     scanned_params = _stacked(params, TINY["depth"])
     expected = loop.apply({"params": params}, images)
-    for model, p in [(ViT(**TINY, scan=True), scanned_params), (ViT(**TINY, remat_policy="full"), params),
-                     (ViT(**TINY, scan=True, remat_policy="dots"), scanned_params)]:
+    for model, p in [
+        (ViT(**TINY, scan=True), scanned_params),
+        (ViT(**TINY, remat_policy="full"), params),
+        (ViT(**TINY, scan=True, remat_policy="dots"), scanned_params),
+    ]:
         np.testing.assert_allclose(np.asarray(model.apply({"params": p}, images)), np.asarray(expected), atol=1e-5)
     grad = lambda m, p: jax.grad(lambda q: jnp.sum(m.apply({"params": q}, images) ** 2))(p)
     g_loop, g_remat = grad(loop, params), grad(ViT(**TINY, remat_policy="full"), params)
@@ -68,8 +71,10 @@ def test_scan_and_remat_equal_the_plain_loop():
 def _stacked(params: dict, depth: int) -> dict:
     """Looped encoder params (block_00, block_01, ...) in the scanned layout (blocks stacked on axis 0)."""
     blocks = [params["encoder"][f"block_{i:02d}"] for i in range(depth)]
-    return {**params, "encoder": {"norm": params["encoder"]["norm"],
-                                  "blocks": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}}
+    return {
+        **params,
+        "encoder": {"norm": params["encoder"]["norm"], "blocks": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)},
+    }
 
 
 @pytest.mark.parametrize("remat", ["none", "dots"])
@@ -80,8 +85,9 @@ def test_vitdet_scanned_equals_its_loop_with_windows_and_global_blocks(remat):
     params = nn.unbox(loop.init(jax.random.key(0), images)["params"])
     scanned = ViTDet(**kwargs, scan=True)
     stacked = _stacked(params, TINY["depth"])
-    assert jax.tree.map(jnp.shape, nn.unbox(scanned.init(jax.random.key(0), images)["params"])) == \
-        jax.tree.map(jnp.shape, stacked)
+    assert jax.tree.map(jnp.shape, nn.unbox(scanned.init(jax.random.key(0), images)["params"])) == jax.tree.map(
+        jnp.shape, stacked
+    )
     out = lambda m, p, train=False: m.apply({"params": p}, images, train=train, rngs={"dropout": jax.random.key(3)})
     np.testing.assert_allclose(np.asarray(out(scanned, stacked)), np.asarray(out(loop, params)), atol=1e-5)
     loss = lambda m: lambda p: jnp.sum(out(m, p) ** 2)
@@ -156,10 +162,12 @@ def test_simmim_loss_depends_only_on_masked_patches():
     assert float(jnp.abs(grads["encoder"]["mask_token"]).sum()) > 0
     # The loss reads predictions of masked patches only: perturbing predictions elsewhere changes nothing.
     from mvlp_jax.models.vit import reconstruction_loss
+
     target = patchify(images, 4)
     shifted = out["pred"] + (1 - out["mask"])[..., None] * 10.0
-    np.testing.assert_allclose(float(reconstruction_loss(shifted, target, out["mask"], False)), float(out["loss"]),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        float(reconstruction_loss(shifted, target, out["mask"], False)), float(out["loss"]), rtol=1e-6
+    )
 
 
 def test_heads_shapes_and_properties():
@@ -169,8 +177,11 @@ def test_heads_shapes_and_properties():
         assert pool.apply(pool.init(jax.random.key(0), tokens), tokens).shape == (3, 32)
     with pytest.raises(ValueError, match="CLS"):
         heads.Pool("cls", has_cls=False).init(jax.random.key(0), tokens)
-    for proj in (heads.ProjectionHead(8), heads.ProjectionHead(8, "mlp", 16, norm="batch"),
-                 heads.ProjectionHead(8, "mlp", 16, norm="batch", out_norm=True)):
+    for proj in (
+        heads.ProjectionHead(8),
+        heads.ProjectionHead(8, "mlp", 16, norm="batch"),
+        heads.ProjectionHead(8, "mlp", 16, norm="batch", out_norm=True),
+    ):
         out = proj.apply(proj.init(jax.random.key(0), tokens[:, 0]), tokens[:, 0])
         assert out.shape == (3, 8) and "batch_stats" not in proj.init(jax.random.key(0), tokens[:, 0])
         if proj.out_norm:  # affine-free batch norm at the output: zero mean, unit variance over the batch
@@ -200,6 +211,7 @@ def test_last_block_attention_maps():
 def test_attention_projections_initialise_as_dense_general():
     """The heads-major projections keep nn.DenseGeneral's parameters and its draw (xavier on the flattened
     matrix): same shapes, same values for the same key, so checkpoints and init scales are unchanged."""
+
     class Reference(nn.Module):
         @nn.compact
         def __call__(self, x):
@@ -219,5 +231,8 @@ def test_attention_projections_initialise_as_dense_general():
 def test_gelu_is_the_exact_gelu():
     x = jnp.linspace(-8.0, 8.0, 1001)
     np.testing.assert_allclose(np.asarray(gelu(x)), np.asarray(jax.nn.gelu(x, approximate=False)), atol=1e-6)
-    np.testing.assert_allclose(np.asarray(jax.grad(lambda x: gelu(x).sum())(x)),
-                               np.asarray(jax.grad(lambda x: jax.nn.gelu(x, approximate=False).sum())(x)), atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(jax.grad(lambda x: gelu(x).sum())(x)),
+        np.asarray(jax.grad(lambda x: jax.nn.gelu(x, approximate=False).sum())(x)),
+        atol=1e-6,
+    )

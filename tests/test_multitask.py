@@ -1,5 +1,6 @@
 """The toolkit's objectives: DINO (loss, schedules, EMA teacher without gradients, center) and query-box
 localization (targets from known crops, GIoU by hand), and the cyclic multitask config on a mesh."""
+
 import os
 
 import jax
@@ -7,16 +8,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import multitask as multitask_config
 from mvlp_jax import configuration
-from mvlp_jax.pretrain import optim
-from mvlp_jax.runtime import checkpointing, observe, sharding
-from mvlp_jax.pretrain import train_step as ts
 from mvlp_jax.data import transforms, views
 from mvlp_jax.models.pretrainer import Pretrainer
 from mvlp_jax.objectives import combine, dino, query_box
 from mvlp_jax.pretrain import encoder as encoder_lib
-
-from configs import multitask as multitask_config
+from mvlp_jax.pretrain import optim
+from mvlp_jax.pretrain import train_step as ts
+from mvlp_jax.runtime import checkpointing, observe, sharding
 
 
 def _micro(**overrides):
@@ -38,8 +38,10 @@ def _micro(**overrides):
 
 def _batch(config, seed=0):
     rng = np.random.default_rng(seed)
-    batch = {k: rng.normal(size=v.shape).astype(np.float32)
-             for k, v in ts.example_batch(config, 0, config.data.batch_size).items()}
+    batch = {
+        k: rng.normal(size=v.shape).astype(np.float32)
+        for k, v in ts.example_batch(config, 0, config.data.batch_size).items()
+    }
     if "box" in batch:
         batch["box"] = rng.uniform(0.2, 0.6, size=batch["box"].shape).astype(np.float32)
     return batch
@@ -58,11 +60,19 @@ def test_dino_loss_and_schedules_match_a_direct_computation():
     pairs = [(t, v) for t in range(2) for v in range(4) if v != t]
     want = np.mean([np.mean(-np.sum(targets[t] * log_probs[v], -1)) for t, v in pairs])
     np.testing.assert_allclose(dino.loss(student, teacher, center, 0.1, 0.04), want, rtol=1e-5)
-    c = _micro(**{"dino.warmup_teacher_temp": 0.02, "dino.teacher_temp": 0.06, "dino.teacher_temp_warmup_steps": 10,
-                  "dino.momentum": 0.99, "total_steps": 20})
+    c = _micro(
+        **{
+            "dino.warmup_teacher_temp": 0.02,
+            "dino.teacher_temp": 0.06,
+            "dino.teacher_temp_warmup_steps": 10,
+            "dino.momentum": 0.99,
+            "total_steps": 20,
+        }
+    )
     assert [round(float(dino.teacher_temperature(c, s)), 6) for s in (0, 5, 10, 15)] == [0.02, 0.04, 0.06, 0.06]
-    np.testing.assert_allclose([dino.teacher_momentum(c, s) for s in (0, 10, 20, 30)], [0.99, 0.995, 1.0, 1.0],
-                               atol=1e-7)
+    np.testing.assert_allclose(
+        [dino.teacher_momentum(c, s) for s in (0, 10, 20, 30)], [0.99, 0.995, 1.0, 1.0], atol=1e-7
+    )
 
 
 def test_teacher_is_an_ema_of_the_student_with_no_gradient_and_the_center_moves(tmp_path):
@@ -74,15 +84,20 @@ def test_teacher_is_an_ema_of_the_student_with_no_gradient_and_the_center_moves(
     loss_fn = combine.make(model, config)
     with_teacher = lambda t: {**state.extra, "teacher": t[0], "center": t[1]}
     grads = jax.grad(lambda t: loss_fn(state.params, batch, jax.random.PRNGKey(0), 0, with_teacher(t))[0])(
-        (state.extra["teacher"], state.extra["center"]))
+        (state.extra["teacher"], state.extra["center"])
+    )
     assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grads))  # nothing flows into the teacher
     shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
     step = ts.compile_train_step(ts.make_train_step(model, tx, config), state, state_sh, mesh, shapes)
     expected, center = jax.device_get(state.extra["teacher"]), None
     for k in range(3):
         views = _batch(config, k)["global_views"]
-        teacher_out = model.apply({"params": {**state.params, **state.extra["teacher"]}},
-                                  views.reshape(-1, *views.shape[2:]), train=False, method=dino.embed)
+        teacher_out = model.apply(
+            {"params": {**state.params, **state.extra["teacher"]}},
+            views.reshape(-1, *views.shape[2:]),
+            train=False,
+            method=dino.embed,
+        )
         # the first step's batch mean becomes the center, later ones move it with momentum 0.8
         mean = np.asarray(teacher_out).mean(0)
         center = mean if center is None else 0.8 * center + 0.2 * mean
@@ -95,13 +110,16 @@ def test_teacher_is_an_ema_of_the_student_with_no_gradient_and_the_center_moves(
             np.testing.assert_allclose(metrics["dino/batch_target_entropy"], entropy(targets.mean(0)), rtol=1e-4)
         m = float(dino.teacher_momentum(config, k))
         student = jax.device_get({n: state.params[n] for n in dino.TEACHER})
-        expected = jax.tree.map(lambda t, s: m * t + (1 - m) * s, expected, student)
+        expected = jax.tree.map(lambda t, s, m=m: m * t + (1 - m) * s, expected, student)
     assert int(state.extra["center_steps"]) == 3
     teacher = jax.tree_util.tree_leaves_with_path(state.extra["teacher"])
     for (path, got), want in zip(teacher, jax.tree.leaves(expected)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
-    moved = jax.tree.map(lambda t, s: float(np.abs(np.asarray(t) - np.asarray(s)).max()), state.extra["teacher"],
-                         {n: state.params[n] for n in dino.TEACHER})
+    moved = jax.tree.map(
+        lambda t, s: float(np.abs(np.asarray(t) - np.asarray(s)).max()),
+        state.extra["teacher"],
+        {n: state.params[n] for n in dino.TEACHER},
+    )
     assert max(jax.tree.leaves(moved)) > 0  # the teacher lags the student
     # the evaluation side restores either network from a checkpoint of this state
     workdir = str(tmp_path)
@@ -160,8 +178,11 @@ def test_multitask_on_a_mesh_equals_one_device(schedule):
         for name in ("dino", "mae", "query_box"):
             np.testing.assert_allclose(ref_means[f"{name}/loss"], sum(s[f"{name}/loss"] for s in ref), rtol=1e-6)
         np.testing.assert_allclose(ref_means["loss"], np.mean([s["loss"] for s in ref]), rtol=1e-6)
-        assert [[k for k, v in step.items() if v and k != "loss"] for step in ref] == \
-            [["dino/loss"], ["mae/loss"], ["query_box/loss"]]
+        assert [[k for k, v in step.items() if v and k != "loss"] for step in ref] == [
+            ["dino/loss"],
+            ["mae/loss"],
+            ["query_box/loss"],
+        ]
     for r, g in zip(ref, got):
         for k in r:
             np.testing.assert_allclose(g[k], r[k], rtol=1e-4, atol=1e-6, err_msg=k)

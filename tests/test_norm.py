@@ -1,4 +1,5 @@
 """The hand-written LayerNorm against flax's nn.LayerNorm: parameters, values and gradients."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

@@ -1,6 +1,7 @@
 """Objectives describe themselves: a new one defined here trains without editing a project file, the input
 pipeline builds only the views of the step's objective, a cyclic step's FLOPs count one objective, and the
 checkpointed state is laid out as before the specs (old checkpoints restore)."""
+
 import json
 import os
 
@@ -11,13 +12,13 @@ import numpy as np
 import pytest
 
 from mvlp_jax import configuration
-from mvlp_jax.pretrain import optim, train
-from mvlp_jax.runtime import sharding
-from mvlp_jax.pretrain import train_step as ts
 from mvlp_jax.data import pipeline, transforms, views
 from mvlp_jax.models.pretrainer import Pretrainer
 from mvlp_jax.objectives import registry
 from mvlp_jax.objectives.spec import Spec
+from mvlp_jax.pretrain import optim, train
+from mvlp_jax.pretrain import train_step as ts
+from mvlp_jax.runtime import sharding
 from tests.pretrain_setup import micro_config
 from tests.test_multitask import _micro
 
@@ -39,18 +40,23 @@ def _predict(model: nn.Module, images: jax.Array, target_views: jax.Array, train
 
 def _make_loss(model, config):
     def objective(params, batch, rng, context):
-        predicted, target = model.apply({"params": params}, batch["image"], batch["target_view"],
-                                        rngs={"dropout": rng}, method=_predict)
+        predicted, target = model.apply(
+            {"params": params}, batch["image"], batch["target_view"], rngs={"dropout": rng}, method=_predict
+        )
         loss = jnp.mean((predicted - target) ** 2)
         return loss, {"loss": loss}
+
     return objective
 
 
-TOY = Spec(name="toy_latent", make_loss=_make_loss,
-           entries=lambda c: {"target_view": ((c.model.image_size, c.model.image_size, 1), np.float32)},
-           views=_target_crop,
-           heads=lambda model, config, dtype: {"latent_predictor": nn.Dense(64, name="latent_predictor")},
-           init=lambda model, images, targets: _predict(model, images, images, train=False))
+TOY = Spec(
+    name="toy_latent",
+    make_loss=_make_loss,
+    entries=lambda c: {"target_view": ((c.model.image_size, c.model.image_size, 1), np.float32)},
+    views=_target_crop,
+    heads=lambda model, config, dtype: {"latent_predictor": nn.Dense(64, name="latent_predictor")},
+    init=lambda model, images, targets: _predict(model, images, images, train=False),
+)
 
 
 @pytest.fixture
@@ -76,8 +82,11 @@ def test_an_objective_defined_in_a_test_trains_on_the_shipped_sample(toy_objecti
 def test_an_unregistered_objective_is_refused_by_name():
     config = _micro()
     config.objectives = {"toy_latent": 1.0}
-    with pytest.raises(ValueError, match="'objectives' .* must map registered objective names .*registered: "
-                                         "llm_contrastive, mae, mflag, dino, query_box"):
+    with pytest.raises(
+        ValueError,
+        match="'objectives' .* must map registered objective names .*registered: "
+        "llm_contrastive, mae, mflag, dino, query_box",
+    ):
         configuration.validate(config)
 
 
@@ -120,10 +129,12 @@ def _views_per_step(config, monkeypatch, steps: int) -> tuple[list[float], list[
 
 def test_a_cyclic_step_builds_only_its_objectives_views(monkeypatch):
     locals_ = 2
-    summed, summed_keys = _views_per_step(_micro(task_schedule="sum", **{"dino.num_local_crops": locals_}),
-                                          monkeypatch, 6)
-    cyclic, cyclic_keys = _views_per_step(_micro(task_schedule="cyclic", **{"dino.num_local_crops": locals_}),
-                                          monkeypatch, 6)
+    summed, summed_keys = _views_per_step(
+        _micro(task_schedule="sum", **{"dino.num_local_crops": locals_}), monkeypatch, 6
+    )
+    cyclic, cyclic_keys = _views_per_step(
+        _micro(task_schedule="cyclic", **{"dino.num_local_crops": locals_}), monkeypatch, 6
+    )
     every = 1 + (2 + locals_) + 1  # training crop, DINO's 2 global + local crops, the query region
     assert summed == [every] * 6
     assert summed_keys == [{"image", "global_views", "local_views", "query", "box"}] * 6
@@ -160,11 +171,13 @@ def test_a_cyclic_steps_flops_are_one_objectives_not_every_branchs():
 
 # sha256 (first 16 hex digits) of every checkpointed array's path, shape and dtype in the train state of each
 # demo config, as the code of commit 4087cb2 (objectives wired in by name) laid it out (target width 24)
-LAYOUT_BEFORE_SPECS = {"configs/pretrain.py:demo": ("f97bf1e08762c18c", 783),
-                       "configs/mae.py:demo": ("b91cb409afb64ac9", 714),
-                       "configs/mflag.py:demo": ("4bba8b5c8eb4f0f0", 633),
-                       "configs/multitask.py:demo": ("672a74fe32626673", 848),
-                       "configs/pretrain.py:demo,vitdet": ("92213f76f31616c2", 672)}
+LAYOUT_BEFORE_SPECS = {
+    "configs/pretrain.py:demo": ("f97bf1e08762c18c", 783),
+    "configs/mae.py:demo": ("b91cb409afb64ac9", 714),
+    "configs/mflag.py:demo": ("4bba8b5c8eb4f0f0", 633),
+    "configs/multitask.py:demo": ("672a74fe32626673", 848),
+    "configs/pretrain.py:demo,vitdet": ("92213f76f31616c2", 672),
+}
 
 
 @pytest.mark.parametrize("name", sorted(LAYOUT_BEFORE_SPECS))
@@ -178,7 +191,9 @@ def test_the_checkpointed_state_is_laid_out_as_before(name):
     target_dim = 24 if registry.needs_targets(config) else 0
     mesh = sharding.make_mesh(config, jax.devices()[:1])
     _, abstract, _ = ts.state_layout(Pretrainer(config, target_dim), optim.make(config), config, mesh)
-    layout = {jax.tree_util.keystr(p): [list(x.shape), str(x.dtype)]
-              for p, x in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    layout = {
+        jax.tree_util.keystr(p): [list(x.shape), str(x.dtype)]
+        for p, x in jax.tree_util.tree_flatten_with_path(abstract)[0]
+    }
     digest = hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()[:16]
     assert (digest, len(layout)) == LAYOUT_BEFORE_SPECS[name]

@@ -1,6 +1,7 @@
 """The package's shape, read from its source with `ast`: no import cycle between its modules, no project import
 hidden inside a function, nothing imported from the offline writers (data_prep) or the config files (configs),
 and only thin command-line entries beside configuration.py at the top of the package."""
+
 import ast
 import os
 
@@ -57,7 +58,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         state[node] = 1
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt] if nxt in path else [node, nxt]
+                return path[path.index(nxt) :] + [nxt] if nxt in path else [node, nxt]
             if nxt not in state:
                 found = visit(nxt, path + [nxt])
                 if found:
@@ -83,14 +84,22 @@ def test_no_module_of_the_package_imports_itself_back():
 
 
 def test_no_project_import_hides_inside_a_function():
-    hidden = [f"{name}:{node.lineno} {target}" for name, tree in MODULES.items() for node, target in _imports(tree)
-              if target.startswith(("mvlp_jax", "data_prep", "configs")) and node.col_offset > 0]
+    hidden = [
+        f"{name}:{node.lineno} {target}"
+        for name, tree in MODULES.items()
+        for node, target in _imports(tree)
+        if target.startswith(("mvlp_jax", "data_prep", "configs")) and node.col_offset > 0
+    ]
     assert not hidden, hidden
 
 
 def test_the_package_never_imports_the_offline_writers_or_the_config_files():
-    found = [f"{name}:{node.lineno} {target}" for name, tree in MODULES.items() for node, target in _imports(tree)
-             if target.split(".")[0] in ("data_prep", "configs")]
+    found = [
+        f"{name}:{node.lineno} {target}"
+        for name, tree in MODULES.items()
+        for node, target in _imports(tree)
+        if target.split(".")[0] in ("data_prep", "configs")
+    ]
     assert not found, found
 
 
@@ -107,3 +116,23 @@ def test_config_files_import_only_the_package():
             tree = ast.parse(open(os.path.join(REPO, "configs", file)).read())
             project = {t.split(".")[0] for _, t in _imports(tree)} - {"os", "ml_collections", "__future__"}
             assert project <= {"mvlp_jax"}, (file, project)
+
+
+def test_every_console_command_names_a_callable_and_runs():
+    import importlib.util
+    import subprocess
+    import sys
+    import tomllib
+
+    scripts = tomllib.load(open(os.path.join(REPO, "pyproject.toml"), "rb"))["project"]["scripts"]
+    assert {"mvlp-train", "mvlp-eval", "mvlp-export", "mvlp-aot", "mvlp-build-dataset", "mvlp-precompute"} <= set(
+        scripts
+    )
+    for target in scripts.values():  # read, not imported: two binaries' absl flags cannot share a process
+        module, _, function = target.partition(":")
+        tree = ast.parse(open(importlib.util.find_spec(module).origin).read())
+        assert any(isinstance(n, ast.FunctionDef) and n.name == function for n in tree.body), target
+    installed = os.path.join(os.path.dirname(sys.executable), "mvlp-eval")
+    if os.path.exists(installed):  # an environment installed from this pyproject (make install)
+        run = subprocess.run([installed, "--output_dir=/nonexistent"], capture_output=True, text=True, timeout=300)
+        assert run.returncode != 0 and "--config" in run.stderr, run.stderr[-1000:]

@@ -1,5 +1,6 @@
 """Reports paired with X-rays by their labels: normal with normal, findings with reports stating them, a new
 report per image while the pool lasts, held-out patients never paired, and the shuffled control."""
+
 import os
 
 import numpy as np
@@ -9,9 +10,22 @@ import pytest
 from data_prep.pair_reports import NIH_LABELS, pair
 from tests.conftest import SHARED_DATA
 
-CHEXPERT = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Lesion", "Lung Opacity", "Edema",
-            "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
-            "Fracture", "Support Devices")
+CHEXPERT = (
+    "No Finding",
+    "Enlarged Cardiomediastinum",
+    "Cardiomegaly",
+    "Lung Lesion",
+    "Lung Opacity",
+    "Edema",
+    "Consolidation",
+    "Pneumonia",
+    "Atelectasis",
+    "Pneumothorax",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Fracture",
+    "Support Devices",
+)
 
 
 def _iu(rows: list[tuple[str, dict]]) -> pd.DataFrame:
@@ -24,15 +38,25 @@ def _iu(rows: list[tuple[str, dict]]) -> pd.DataFrame:
 
 
 def _nih(findings: list[tuple[str, ...]]) -> pd.DataFrame:
-    return pd.DataFrame([{"image": f"{i}.png", "patient_id": i, "view": "PA", **{n: int(n in f) for n in NIH_LABELS}}
-                         for i, f in enumerate(findings)])
+    return pd.DataFrame(
+        [
+            {"image": f"{i}.png", "patient_id": i, "view": "PA", **{n: int(n in f) for n in NIH_LABELS}}
+            for i, f in enumerate(findings)
+        ]
+    )
 
 
 def test_images_get_reports_that_state_their_findings_and_new_ones_while_the_pool_lasts():
-    iu = _iu([("normal a", {"No Finding": 1}), ("normal b", {"No Finding": 1}),
-              ("opacity", {"Lung Opacity": 1}), ("consolidation and effusion", {"Consolidation": 1,
-                                                                               "Pleural Effusion": 1}),
-              ("effusion only", {"Pleural Effusion": 1}), ("fracture", {"Fracture": 1})])
+    iu = _iu(
+        [
+            ("normal a", {"No Finding": 1}),
+            ("normal b", {"No Finding": 1}),
+            ("opacity", {"Lung Opacity": 1}),
+            ("consolidation and effusion", {"Consolidation": 1, "Pleural Effusion": 1}),
+            ("effusion only", {"Pleural Effusion": 1}),
+            ("fracture", {"Fracture": 1}),
+        ]
+    )
     nih = _nih([(), (), (), ("Pneumonia",), ("Pneumonia", "Effusion"), ("Hernia",)])
     paired, heldout, stats = pair(nih, iu, pretrain_fraction=1.0, seed=0, shuffle=False)
     assert heldout.empty and stats["unpaired_images"] == 1  # Hernia: no report states it
@@ -45,8 +69,10 @@ def test_images_get_reports_that_state_their_findings_and_new_ones_while_the_poo
 
 
 def test_held_out_patients_are_never_paired_and_the_control_only_permutes_the_reports():
-    iu = _iu([(f"normal {i}", {"No Finding": 1}) for i in range(30)] +
-             [(f"pneumonia {i}", {"Pneumonia": 1}) for i in range(30)])
+    iu = _iu(
+        [(f"normal {i}", {"No Finding": 1}) for i in range(30)]
+        + [(f"pneumonia {i}", {"Pneumonia": 1}) for i in range(30)]
+    )
     nih = _nih([()] * 40 + [("Pneumonia",)] * 40)
     paired, heldout, stats = pair(nih, iu, pretrain_fraction=0.6, seed=3, shuffle=False)
     control, heldout_again, shuffled = pair(nih, iu, pretrain_fraction=0.6, seed=3, shuffle=True)

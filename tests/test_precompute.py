@@ -1,4 +1,5 @@
 """The LLM embedding job against a direct transformers forward, worker split + verify, kill -9 + resume."""
+
 import csv
 import os
 import signal
@@ -41,12 +42,21 @@ def tiny_llama(tmp_path_factory):
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(words)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
-                            ).save_pretrained(root / "model")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(
+        root / "model"
+    )
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-                     ).save_pretrained(root / "model")
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+        )
+    ).save_pretrained(root / "model")
     csv_path = root / "reports.csv"
     with open(csv_path, "w", newline="") as f:
         writer = csv.writer(f)
@@ -56,9 +66,17 @@ def tiny_llama(tmp_path_factory):
 
 
 def _job_flags(model, csv_path, out) -> list[str]:
-    return [f"--reports_csv={csv_path}", "--id_column=uid", "--text_column=text", f"--model={model}",
-            f"--output_dir={out}", "--store_dtype=float32", "--max_tokens=48", "--token_budget=200",
-            "--records_per_shard=7"]
+    return [
+        f"--reports_csv={csv_path}",
+        "--id_column=uid",
+        "--text_column=text",
+        f"--model={model}",
+        f"--output_dir={out}",
+        "--store_dtype=float32",
+        "--max_tokens=48",
+        "--token_budget=200",
+        "--records_per_shard=7",
+    ]
 
 
 def _run(model, csv_path, out, *extra, check=True):
@@ -81,8 +99,11 @@ def test_stored_vectors_equal_a_direct_unpadded_forward(tiny_llama, tmp_path):
     tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
     nonempty = [t for t in reports.values() if t.strip()]
     truncated = sum(len(tokenizer(t)["input_ids"]) > 48 for t in nonempty)
-    assert manifest["counts"] == {"empty_skipped": len(reports) - len(nonempty), "truncated": truncated,
-                                  "conflicting_duplicate_ids": 0}
+    assert manifest["counts"] == {
+        "empty_skipped": len(reports) - len(nonempty),
+        "truncated": truncated,
+        "conflicting_duplicate_ids": 0,
+    }
     assert truncated >= 1 and manifest["num_records"] == len(nonempty) == len(stored)
     assert manifest["hidden_size"] == 32 and manifest["source"]["kind"] == "csv"
     reference = AutoModel.from_pretrained(model_dir).eval()
@@ -101,10 +122,21 @@ def test_stored_vectors_equal_a_direct_unpadded_forward(tiny_llama, tmp_path):
 def test_three_workers_cover_every_study_once_and_match_one_worker(tiny_llama, tmp_path):
     model_dir, csv_path, _ = tiny_llama
     # the scale-out launcher, for real: 3 local worker processes in parallel, then its --verify pass
-    launched = subprocess.run(["bash", "launch/precompute.sh", "--num_workers=3", "--local",
-                               f"--python={sys.executable}",
-                               "--", *_job_flags(model_dir, csv_path, tmp_path / "multi")],
-                              cwd=REPO, capture_output=True, text=True, timeout=600)
+    launched = subprocess.run(
+        [
+            "bash",
+            "launch/precompute.sh",
+            "--num_workers=3",
+            "--local",
+            f"--python={sys.executable}",
+            "--",
+            *_job_flags(model_dir, csv_path, tmp_path / "multi"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert launched.stdout.count("--num_workers=3 --worker_index=") == 3
     assert "verify: OK:" in launched.stdout and "each exactly once" in launched.stdout
@@ -121,10 +153,20 @@ def test_three_workers_cover_every_study_once_and_match_one_worker(tiny_llama, t
 def test_killed_run_resumes_to_the_same_records(tiny_llama, tmp_path):
     model_dir, csv_path, _ = tiny_llama
     out = tmp_path / "killed"
-    args = [sys.executable, "-m", "data_prep.precompute_text_embeddings", f"--reports_csv={csv_path}",
-            "--id_column=uid",
-            "--text_column=text", f"--model={model_dir}", f"--output_dir={out}", "--store_dtype=float32",
-            "--max_tokens=48", "--token_budget=60", "--records_per_shard=2"]
+    args = [
+        sys.executable,
+        "-m",
+        "data_prep.precompute_text_embeddings",
+        f"--reports_csv={csv_path}",
+        "--id_column=uid",
+        "--text_column=text",
+        f"--model={model_dir}",
+        f"--output_dir={out}",
+        "--store_dtype=float32",
+        "--max_tokens=48",
+        "--token_budget=60",
+        "--records_per_shard=2",
+    ]
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and len(embedding_shards.shard_paths(out)) < 3:
@@ -204,6 +246,7 @@ def test_a_changed_source_or_a_damaged_shard_is_redone_and_verify_names_it(tiny_
     assert failed.returncode == 1 and f"shard {os.path.basename(victim)}: " in failed.stderr
     assert "bytes on disk" in failed.stderr
     from mvlp_jax.data import targets
+
     with pytest.raises(ValueError, match=f"embedding shard .*{os.path.basename(victim)}: .* bytes on disk"):
         targets.load_targets(str(out), "mean")
     rerun = _run(model_dir, source, out)
@@ -235,10 +278,19 @@ def test_images_of_one_study_with_different_reports_are_counted_from_a_dataset_t
     root.mkdir()
     for name in "abc":
         Image.fromarray(np.full((8, 8), 100, np.uint8)).save(root / f"{name}.png")
-    (root / "manifest.csv").write_text("image,study,notes,split\na.png,s1,effusion,train\nb.png,s1,no effusion,train\n"
-                                       "c.png,s2,clear,train\n")
-    build("csv", str(root), str(tmp_path / "tfds"), name="notes", image_size=0, study_column="study",
-          text_column="notes", split_column="split")
+    (root / "manifest.csv").write_text(
+        "image,study,notes,split\na.png,s1,effusion,train\nb.png,s1,no effusion,train\nc.png,s2,clear,train\n"
+    )
+    build(
+        "csv",
+        str(root),
+        str(tmp_path / "tfds"),
+        name="notes",
+        image_size=0,
+        study_column="study",
+        text_column="notes",
+        split_column="split",
+    )
     texts, info = sources.from_dataset(str(tmp_path / "tfds"), "notes", None, sources.DEFAULT_TEMPLATE)
     assert len(texts) == 2 and info["conflicting_duplicate_ids"] == 1 and info["conflicting_examples"] == ["s1"]
     assert "1 ids of notes:1.0.0 have rows with different report texts" in info["notes"][0]

@@ -1,25 +1,27 @@
 """Pretraining parts against references: configs, losses (numpy), sharded == unsharded, input order,
 the LLM-target join, the non-finite guard and the weight-decay mask."""
+
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
-
-from mvlp_jax import configuration
-from mvlp_jax.pretrain import optim, train_step as ts
-from mvlp_jax.runtime import schema, sharding
-from mvlp_jax.data import pipeline
-from mvlp_jax.models.pretrainer import Pretrainer
-from mvlp_jax.objectives import combine
-from mvlp_jax.objectives import contrastive_losses as losses
-from tests.pretrain_setup import HIDDEN, micro_config, write_targets
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from configs import mae as mae_config
 from configs import mflag as mflag_config
 from configs import pretrain as pretrain_config
+from mvlp_jax import configuration
+from mvlp_jax.data import pipeline
+from mvlp_jax.models.pretrainer import Pretrainer
+from mvlp_jax.objectives import combine
+from mvlp_jax.objectives import contrastive_losses as losses
+from mvlp_jax.pretrain import optim
+from mvlp_jax.pretrain import train_step as ts
+from mvlp_jax.runtime import schema, sharding
+from tests.pretrain_setup import HIDDEN, micro_config, write_targets
 
 
 def test_configs_validate_and_bad_values_are_named():
@@ -75,7 +77,7 @@ def test_infonce_over_a_sharded_batch_equals_the_gathered_batch():
     sharded = jax.jit(losses.infonce)(sa, sb, jnp.log(0.07))
     gathered = losses.infonce(np.asarray(sa), np.asarray(sb), jnp.log(0.07))
     np.testing.assert_allclose(sharded, gathered, rtol=1e-6)
-    per_shard_mean = np.mean([losses.infonce(a[i:i + 4], b[i:i + 4], jnp.log(0.07)) for i in range(0, 32, 4)])
+    per_shard_mean = np.mean([losses.infonce(a[i : i + 4], b[i : i + 4], jnp.log(0.07)) for i in range(0, 32, 4)])
     assert abs(float(sharded) - per_shard_mean) > 1e-3  # a per-device loss would differ: negatives are global
 
 
@@ -87,8 +89,10 @@ def _micro(pretrain_data, **overrides):
 def _batch(config, seed=0, n=16):
     rng = np.random.default_rng(seed)
     s = config.model.image_size
-    return {"image": rng.normal(size=(n, s, s, 1)).astype(np.float32),
-            "target": rng.normal(size=(n, HIDDEN)).astype(np.float32)}
+    return {
+        "image": rng.normal(size=(n, s, s, 1)).astype(np.float32),
+        "target": rng.normal(size=(n, HIDDEN)).astype(np.float32),
+    }
 
 
 def _train(config, mesh_devices, batches):
@@ -100,10 +104,10 @@ def _train(config, mesh_devices, batches):
     step = ts.compile_train_step(ts.make_train_step(model, tx, config), state, state_sh, mesh, shapes)
     loss_fn = combine.make(model, config)
     with sharding.active(mesh):
-        grads = jax.jit(jax.grad(lambda p, b: loss_fn(p, b, jax.random.PRNGKey(3), 0)[0]),
-                        in_shardings=(state_sh.params, {k: sharding.batch_sharding(mesh, v.ndim)
-                                                        for k, v in batches[0].items()}))(
-            state.params, sharding.global_batch(batches[0], mesh))
+        grads = jax.jit(
+            jax.grad(lambda p, b: loss_fn(p, b, jax.random.PRNGKey(3), 0)[0]),
+            in_shardings=(state_sh.params, {k: sharding.batch_sharding(mesh, v.ndim) for k, v in batches[0].items()}),
+        )(state.params, sharding.global_batch(batches[0], mesh))
     grads = jax.device_get(grads)
     out = []
     for b in batches:
@@ -155,8 +159,9 @@ def test_nonfinite_guard_skips_a_nan_batch_and_training_goes_on(pretrain_data):
     state, metrics = step(state, sharding.global_batch(good, mesh))
     assert math.isfinite(float(metrics["loss"])) and int(metrics["nonfinite_run"]) == 0
     assert int(state.step) == 3
-    changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), jax.device_get(state.params)["encoder"],
-                           before["encoder"])
+    changed = jax.tree.map(
+        lambda a, b: not np.array_equal(a, b), jax.device_get(state.params)["encoder"], before["encoder"]
+    )
     assert all(jax.tree.leaves(changed))
 
 
@@ -198,15 +203,24 @@ def test_every_image_must_find_its_llm_target(pretrain_data, tmp_path):
 
 def test_weight_decay_only_on_matrices(pretrain_data):
     config = _micro(pretrain_data)
-    params = jax.eval_shape(lambda: Pretrainer(config, HIDDEN).init(
-        {"params": jax.random.PRNGKey(0), "masking": jax.random.PRNGKey(0)},
-        *ts.example_batch(config, HIDDEN).values(), method=Pretrainer.init_all)["params"])
-    mask = {jax.tree_util.keystr(p): m for p, m in
-            jax.tree_util.tree_leaves_with_path(optim.decay_mask(jax.tree.map(lambda x: x, params)))}
+    params = jax.eval_shape(
+        lambda: Pretrainer(config, HIDDEN).init(
+            {"params": jax.random.PRNGKey(0), "masking": jax.random.PRNGKey(0)},
+            *ts.example_batch(config, HIDDEN).values(),
+            method=Pretrainer.init_all,
+        )["params"]
+    )
+    mask = {
+        jax.tree_util.keystr(p): m
+        for p, m in jax.tree_util.tree_leaves_with_path(optim.decay_mask(jax.tree.map(lambda x: x, params)))
+    }
     decayed = {k for k, m in mask.items() if m}
     assert decayed and all(k.endswith("['kernel']") or k.endswith("['kernel'].value") for k in decayed)
-    assert not any(m for k, m in mask.items() if any(n in k for n in ("bias", "scale", "cls", "mask_token",
-                                                                      "probe", "log_temperature")))
+    assert not any(
+        m
+        for k, m in mask.items()
+        if any(n in k for n in ("bias", "scale", "cls", "mask_token", "probe", "log_temperature"))
+    )
 
 
 def test_mflag_losses_match_numpy_and_a_sharded_batch_equals_the_gathered_one():
@@ -219,13 +233,13 @@ def test_mflag_losses_match_numpy_and_a_sharded_batch_equals_the_gathered_one():
     np.testing.assert_allclose(mflag.alignment(a, b), np.mean(2 - 2 * cos), rtol=1e-6)
     c = x.T @ x / 32
     off = c[~np.eye(12, dtype=bool)]
-    want = 0.5 * (np.sum((np.diag(c) - 1) ** 2) + 0.0051 * np.sum(off ** 2))
+    want = 0.5 * (np.sum((np.diag(c) - 1) ** 2) + 0.0051 * np.sum(off**2))
     np.testing.assert_allclose(mflag.orthogonality(x, 0.0051), want, rtol=1e-5)
     mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(8), ("data",))
     sx = jax.device_put(x, NamedSharding(mesh, P("data", None)))
     sharded = jax.jit(mflag.orthogonality, static_argnums=1)(sx, 0.0051)
     np.testing.assert_allclose(sharded, want, rtol=1e-5)
-    per_shard = np.mean([mflag.orthogonality(x[i:i + 4], 0.0051) for i in range(0, 32, 4)])
+    per_shard = np.mean([mflag.orthogonality(x[i : i + 4], 0.0051) for i in range(0, 32, 4)])
     assert abs(float(sharded) - per_shard) > 1e-2  # statistics really are over the global batch
     norm = BatchStatNorm(use_affine=False)
     normed = jax.jit(lambda v: norm.apply({}, v))(sx)
@@ -235,13 +249,16 @@ def test_mflag_losses_match_numpy_and_a_sharded_batch_equals_the_gathered_one():
 def test_embeddings_of_another_source_are_refused_unless_asked_for(pretrain_data, tmp_path):
     data_dir = pretrain_data[0]
     config = _micro(pretrain_data)
-    for made_from, says in (({"kind": "csv", "path": "/data/other_reports.csv"}, "csv /data/other_reports.csv"),
-                            ({"kind": "dataset", "name": "iu_xray", "version": "1.0.0"}, "dataset iu_xray:1.0.0")):
+    for made_from, says in (
+        ({"kind": "csv", "path": "/data/other_reports.csv"}, "csv /data/other_reports.csv"),
+        ({"kind": "dataset", "name": "iu_xray", "version": "1.0.0"}, "dataset iu_xray:1.0.0"),
+    ):
         out = str(tmp_path / made_from["kind"])
         write_targets(data_dir, out, source=made_from)  # the same study ids, another source
         config.data.embeddings_dir = out
-        with pytest.raises(ValueError, match=f"made from the reports of {says}, not of the training dataset "
-                                             f"covid_notes:1.0.0"):
+        with pytest.raises(
+            ValueError, match=f"made from the reports of {says}, not of the training dataset covid_notes:1.0.0"
+        ):
             pipeline.open_records(config)
     config.data.embeddings_any_source = True
     assert len(pipeline.open_records(config).indices) == len(pipeline.open_records(_micro(pretrain_data)).indices)

@@ -1,6 +1,7 @@
 """The pretraining binary end to end, as a user runs it: exact resume after kill -9, SIGTERM saves and
 exits 0, resume onto another mesh, two SLURM tasks (killed, resumed) = one process, bad config and runaway
 loss stop cleanly."""
+
 import os
 import random
 import signal
@@ -24,9 +25,14 @@ from tests.pretrain_setup import micro_config, write_config_file
 def _main(config_file: str, workdir: str, *extra: str, env: dict | None = None) -> subprocess.Popen:
     """The binary in a subprocess; its output goes to a file (a pipe nobody reads would fill and block it)."""
     log = tempfile.TemporaryFile("w+")
-    proc = subprocess.Popen([sys.executable, "-m", "mvlp_jax.main", f"--config={config_file}",
-                             f"--workdir={workdir}", *extra], cwd=REPO, env=env or os.environ.copy(),
-                            stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mvlp_jax.main", f"--config={config_file}", f"--workdir={workdir}", *extra],
+        cwd=REPO,
+        env=env or os.environ.copy(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     proc.log = log
     return proc
 
@@ -49,10 +55,13 @@ def _params(workdir: str, like: dict | None = None) -> tuple:
     mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "data"))
     step = mngr.latest_step()
     one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # whatever mesh saved it
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device),
-                          like if like is not None else mngr.item_metadata(step)["state"])
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                          data=ocp.args.JsonRestore()))
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device),
+        like if like is not None else mngr.item_metadata(step)["state"],
+    )
+    restored = mngr.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
+    )
     if like is None and "params" in restored["state"]:
         _params.last_state = restored["state"]
     return restored["state"]["params"], restored["data"], step
@@ -75,8 +84,9 @@ def _wait_for_step(workdir: str, step: int, proc: subprocess.Popen, timeout: flo
 def config_file(pretrain_data, tmp_path_factory):
     data_dir, emb_dir, _ = pretrain_data
     path = str(tmp_path_factory.mktemp("cfg") / "micro.py")
-    return write_config_file(path, data_dir, emb_dir, **{"model.image_size": 64, "total_steps": 40,
-                                                         "checkpoint.save_interval_steps": 5})
+    return write_config_file(
+        path, data_dir, emb_dir, **{"model.image_size": 64, "total_steps": 40, "checkpoint.save_interval_steps": 5}
+    )
 
 
 ONE_DEVICE = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device: compiles faster
@@ -91,8 +101,9 @@ def test_resume_after_sigkill_mid_cycle_is_bitwise_exact(config_file, tmp_path):
     proc = _main(config_file, interrupted, cyclic, env=ONE_DEVICE)
     deadline = time.time() + 300
     while not os.path.isdir(os.path.join(interrupted, "checkpoints", str(odd_checkpoint))):
-        assert proc.poll() is None and time.time() < deadline, \
+        assert proc.poll() is None and time.time() < deadline, (
             f"no checkpoint {odd_checkpoint}: {_output(proc)[-2000:]}"
+        )
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)  # as soon as the odd checkpoint is complete, before the next one
     proc.wait()
@@ -118,8 +129,9 @@ def test_sigterm_saves_and_exits_zero_then_resumes_on_another_mesh(config_file, 
     assert "SIGTERM received" in out and "preempted: saved" in out
     _, data, step = _params(workdir)
     assert 3 <= step < 100000 and data["next_step"] == step
-    out = _finish(_main(config_file, workdir, f"--config.total_steps={step + 2}", "--config.mesh.data=2",
-                        "--config.mesh.fsdp=4"))
+    out = _finish(
+        _main(config_file, workdir, f"--config.total_steps={step + 2}", "--config.mesh.data=2", "--config.mesh.fsdp=4")
+    )
     assert f"resumed from {workdir}/checkpoints/{step}" in out and "'fsdp': 4" in out
     assert _params(workdir)[2] == step + 2
 
@@ -127,7 +139,7 @@ def test_sigterm_saves_and_exits_zero_then_resumes_on_another_mesh(config_file, 
 def _slurm_job_id() -> int:
     """A job id whose SLURM-derived coordinator port (jax: 61440 + id % 4096) is free now."""
     for _ in range(100):
-        job = random.randrange(4096, 10 ** 6)
+        job = random.randrange(4096, 10**6)
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", 61440 + job % 4096))
@@ -142,8 +154,15 @@ def _srun(config_file: str, workdir: str, steps: list[str], tasks: int = 2) -> l
     job = _slurm_job_id()
     procs = []
     for task in range(tasks):
-        env = dict(ONE_DEVICE, SLURM_JOB_ID=str(job), SLURM_STEP_NODELIST="localhost", SLURM_NTASKS=str(tasks),
-                   SLURM_PROCID=str(task), SLURM_LOCALID=str(task), SLURM_STEP_NUM_NODES="1")
+        env = dict(
+            ONE_DEVICE,
+            SLURM_JOB_ID=str(job),
+            SLURM_STEP_NODELIST="localhost",
+            SLURM_NTASKS=str(tasks),
+            SLURM_PROCID=str(task),
+            SLURM_LOCALID=str(task),
+            SLURM_STEP_NUM_NODES="1",
+        )
         procs.append(_main(config_file, workdir, *steps, env=env))
     return procs
 
@@ -168,8 +187,9 @@ def test_slurm_tasks_train_like_one_process_and_resume_after_a_kill(config_file,
     assert step == 12 and data == {"next_step": 12, "seed": 0}
     single_losses, multi_losses = _losses(single), _losses(multi)
     assert sorted(multi_losses) == sorted(single_losses) == list(range(1, 13))
-    np.testing.assert_allclose([multi_losses[s] for s in range(1, 13)], [single_losses[s] for s in range(1, 13)],
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        [multi_losses[s] for s in range(1, 13)], [single_losses[s] for s in range(1, 13)], rtol=1e-5
+    )
     # gloo's all-reduce sums in another order than one device: ~1e-9 differences, which Adam turns into
     # lr-sized steps on parameters whose gradient is itself ~0, so those are compared at atol 5e-5
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=5e-5), got, ref)
@@ -177,12 +197,34 @@ def test_slurm_tasks_train_like_one_process_and_resume_after_a_kill(config_file,
 
 def test_bad_config_fails_at_start_up_naming_the_key(tmp_path):
     demo = os.path.join(REPO, "configs", "pretrain.py") + ":demo"
-    bad_value = subprocess.run([sys.executable, "-m", "mvlp_jax.main", f"--config={demo}", f"--workdir={tmp_path}",
-                                "--config.contrastive.loss=cosine"], cwd=REPO, capture_output=True, text=True)
+    bad_value = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mvlp_jax.main",
+            f"--config={demo}",
+            f"--workdir={tmp_path}",
+            "--config.contrastive.loss=cosine",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert bad_value.returncode == 2
     assert "'contrastive.loss' = 'cosine'; allowed values: 'infonce', 'sigmoid', 'margin'" in bad_value.stderr
-    unknown = subprocess.run([sys.executable, "-m", "mvlp_jax.main", f"--config={demo}", f"--workdir={tmp_path}",
-                              "--config.model.encodr=vit"], cwd=REPO, capture_output=True, text=True)
+    unknown = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mvlp_jax.main",
+            f"--config={demo}",
+            f"--workdir={tmp_path}",
+            "--config.model.encodr=vit",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert unknown.returncode != 0 and "encodr" in unknown.stderr
     assert not os.listdir(tmp_path)
 

@@ -1,6 +1,7 @@
 """A run is bound to the data and targets it trained on (WORKDIR/inputs.json): a resume on re-embedded targets,
 training on embeddings made before the dataset was rebuilt, and retrieval against changed or other-layer vectors
 are refused by name; the override trains or evaluates and every result then says so."""
+
 import json
 import os
 import shutil
@@ -36,18 +37,23 @@ def _retrieval(data_dir: str, workdir: str, **overrides):
     return c
 
 
-def test_a_resume_and_retrieval_on_re_embedded_targets_are_refused_then_allowed_and_noted(run_and_targets,
-                                                                                           tmp_path):
+def test_a_resume_and_retrieval_on_re_embedded_targets_are_refused_then_allowed_and_noted(run_and_targets, tmp_path):
     data_dir, emb, workdir = run_and_targets
     recorded = json.load(open(os.path.join(workdir, run_inputs.FILE)))
     assert recorded["data"]["dataset"] == "covid_notes:1.0.0" and recorded["data"]["splits"]["train"]["examples"] == 178
     write_targets(data_dir, emb, seed=1)  # the same studies and width, other vectors: rebuilt in place
     config = micro_config(data_dir, emb, objectives={"llm_contrastive": 1.0}, total_steps=4)
-    with pytest.raises(ValueError, match=r"trained on other inputs than it would resume on: LLM embeddings changed "
-                                         r"\(the same settings, other vectors"):
+    with pytest.raises(
+        ValueError,
+        match=r"trained on other inputs than it would resume on: LLM embeddings changed "
+        r"\(the same settings, other vectors",
+    ):
         train.train(config, workdir)
-    with pytest.raises(ValueError, match=r"retrieval reads .*/emb as .*/run's the targets it trained on, but they "
-                                         r"changed since"):
+    with pytest.raises(
+        ValueError,
+        match=r"retrieval reads .*/emb as .*/run's the targets it trained on, but they "
+        r"changed since",
+    ):
         evaluate.evaluate(_retrieval(data_dir, workdir), str(tmp_path / "r1"))
     noted = evaluate.evaluate(_retrieval(data_dir, workdir, allow_changed_inputs=True), str(tmp_path / "r2"))
     assert "retrieval against changed embeddings (allow_changed_inputs)" in noted["notes"][0]
@@ -58,8 +64,10 @@ def test_a_resume_and_retrieval_on_re_embedded_targets_are_refused_then_allowed_
     history = json.load(open(os.path.join(workdir, "config_changes.json")))
     assert history[-1]["resumed_at_step"] == 2 and "LLM embeddings changed" in history[-1]["inputs"][0]
     probe = _retrieval(data_dir, workdir, allow_changed_inputs=True)
-    assert any("resumed at step 2 on changed inputs (data.allow_changed_inputs)" in n
-               for n in evaluate.evaluate(probe, str(tmp_path / "r3"))["notes"])
+    assert any(
+        "resumed at step 2 on changed inputs (data.allow_changed_inputs)" in n
+        for n in evaluate.evaluate(probe, str(tmp_path / "r3"))["notes"]
+    )
 
 
 def test_other_layer_embeddings_and_a_rebuilt_dataset_are_refused(run_and_targets, tmp_path):
@@ -68,8 +76,11 @@ def test_other_layer_embeddings_and_a_rebuilt_dataset_are_refused(run_and_target
     shutil.copytree(emb, other)
     manifest = json.load(open(os.path.join(other, "manifest.json")))
     json.dump({**manifest, "layer": 7}, open(os.path.join(other, "manifest.json"), "w"))
-    with pytest.raises(ValueError, match=r"report vectors, but not of the model and layer it trained on \(layer 7, "
-                                         r"the run's None\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"report vectors, but not of the model and layer it trained on \(layer 7, "
+        r"the run's None\)",
+    ):
         evaluate.evaluate(_retrieval(data_dir, workdir, embeddings=other), str(tmp_path / "r"))
     # embeddings made from the dataset as it was before a rebuild that moved a record out of train
     builder = built.open_builder(data_dir, "covid_notes")[0]
@@ -77,7 +88,11 @@ def test_other_layer_embeddings_and_a_rebuilt_dataset_are_refused(run_and_target
     then["splits"]["train"]["examples"] = 179
     then["sha256"] = "0" * 64
     json.dump({**manifest, "source_fingerprint": then}, open(os.path.join(emb, "manifest.json"), "w"))
-    with pytest.raises(ValueError, match=r"covid_notes:1.0.0 was rebuilt since .* embedded its reports \(train 179 -> "
-                                         r"178 records\)"):
-        train.train(micro_config(data_dir, emb, objectives={"llm_contrastive": 1.0}, total_steps=2),
-                    str(tmp_path / "fresh"))
+    with pytest.raises(
+        ValueError,
+        match=r"covid_notes:1.0.0 was rebuilt since .* embedded its reports \(train 179 -> "
+        r"178 records\)",
+    ):
+        train.train(
+            micro_config(data_dir, emb, objectives={"llm_contrastive": 1.0}, total_steps=2), str(tmp_path / "fresh")
+        )

@@ -1,6 +1,7 @@
 """A run never trusts what it should not: a resume under another layout is refused before anything is
 written, checkpoints of diverged weights leave the run, a damaged checkpoint is caught by its checksums,
 a full disk ends in a message with no half-written checkpoint left behind, and a workdir has one writer."""
+
 import json
 import os
 import subprocess
@@ -10,9 +11,9 @@ import jax
 import numpy as np
 import pytest
 
+from mvlp_jax.pretrain import encoder as encoder_lib
 from mvlp_jax.pretrain import train
 from mvlp_jax.runtime import checkpointing, observe, sharding
-from mvlp_jax.pretrain import encoder as encoder_lib
 from tests.conftest import REPO
 from tests.pretrain_setup import micro_config
 
@@ -73,9 +74,19 @@ def test_diverged_checkpoints_leave_the_run_and_the_guard_names_the_last_good_on
     data_dir, emb_dir, _ = pretrain_data
     workdir = str(tmp_path / "run")
     # lr 1e6 after a warmup: a few sane steps, then weights that are finite but huge, then a non-finite loss
-    config = micro_config(data_dir, emb_dir, **{"optim.lr": 1e6, "optim.warmup_steps": 6, "optim.clip_norm": 0.0,
-                                                "max_nonfinite_steps": 2, "total_steps": 30,
-                                                "checkpoint.save_interval_steps": 1, "checkpoint.max_to_keep": 50})
+    config = micro_config(
+        data_dir,
+        emb_dir,
+        **{
+            "optim.lr": 1e6,
+            "optim.warmup_steps": 6,
+            "optim.clip_norm": 0.0,
+            "max_nonfinite_steps": 2,
+            "total_steps": 30,
+            "checkpoint.save_interval_steps": 1,
+            "checkpoint.max_to_keep": 50,
+        },
+    )
     with pytest.raises(train.NonFiniteError) as caught:
         train.train(config, workdir)
     message = str(caught.value)
@@ -91,9 +102,19 @@ def test_diverged_checkpoints_leave_the_run_and_the_guard_names_the_last_good_on
     assert not np.isfinite(history[first_bad + 1]["grad_norm"]) or not np.isfinite(history[first_bad + 1]["loss"])
     assert sorted(map(int, os.listdir(os.path.join(workdir, "nonfinite_checkpoints"))))[0] == first_bad
     # a rerun at a sane learning rate resumes from the named checkpoint and trains on
-    sane = micro_config(data_dir, emb_dir, **{"optim.lr": 1e-3, "optim.warmup_steps": 6, "optim.clip_norm": 0.0,
-                                              "max_nonfinite_steps": 2, "total_steps": named + 2,
-                                              "checkpoint.save_interval_steps": 1, "checkpoint.max_to_keep": 50})
+    sane = micro_config(
+        data_dir,
+        emb_dir,
+        **{
+            "optim.lr": 1e-3,
+            "optim.warmup_steps": 6,
+            "optim.clip_norm": 0.0,
+            "max_nonfinite_steps": 2,
+            "total_steps": named + 2,
+            "checkpoint.save_interval_steps": 1,
+            "checkpoint.max_to_keep": 50,
+        },
+    )
     assert train.train(sane, workdir).last_step == named + 2
 
 
@@ -119,8 +140,11 @@ def test_a_damaged_checkpoint_is_caught_and_the_previous_good_one_is_offered(pre
     assert "changed since it was saved" in checkpointing.verify(workdir, 4)
     assert checkpointing.verify(workdir, 2) is None
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.AXES)
-    with pytest.raises(ValueError, match=r"checkpoints/4 is damaged: file .* has changed since it was saved .*; "
-                                         r"checkpoint 2 verifies: pass --config.step=2 to use it"):
+    with pytest.raises(
+        ValueError,
+        match=r"checkpoints/4 is damaged: file .* has changed since it was saved .*; "
+        r"checkpoint 2 verifies: pass --config.step=2 to use it",
+    ):
         encoder_lib.load(workdir, -1, mesh)
     assert encoder_lib.load(workdir, 2, mesh).step == 2
     # resuming training falls back to checkpoint 2 with a warning and sets the damaged one aside
@@ -156,7 +180,8 @@ def test_a_full_disk_while_saving_ends_cleanly_without_partial_checkpoints(pretr
 
 
 def test_a_second_start_on_a_live_workdir_refuses_naming_the_holder_and_readers_take_sealed_checkpoints(
-        pretrain_data, trained, tmp_path):
+    pretrain_data, trained, tmp_path
+):
     import signal
     import socket
 
@@ -165,16 +190,23 @@ def test_a_second_start_on_a_live_workdir_refuses_naming_the_holder_and_readers_
     from tests.test_pretrain_runs import ONE_DEVICE, _finish, _main, _wait_for_step
 
     data_dir, emb_dir, _ = pretrain_data
-    config = write_config_file(str(tmp_path / "c.py"), data_dir, emb_dir, total_steps=100000,
-                               **{"checkpoint.save_interval_steps": 3})
+    config = write_config_file(
+        str(tmp_path / "c.py"), data_dir, emb_dir, total_steps=100000, **{"checkpoint.save_interval_steps": 3}
+    )
     workdir = str(tmp_path / "live")
     first = _main(config, workdir, env=ONE_DEVICE)
     _wait_for_step(workdir, 4, first)
     held = lease.holder(workdir)
     assert held is not None and held.pid == first.pid and held.host == socket.gethostname()
     events = sorted(n for n in os.listdir(workdir) if n.startswith("events"))
-    second = subprocess.run([sys.executable, "-m", "mvlp_jax.main", f"--config={config}", f"--workdir={workdir}"],
-                            cwd=REPO, env=ONE_DEVICE, capture_output=True, text=True, timeout=300)
+    second = subprocess.run(
+        [sys.executable, "-m", "mvlp_jax.main", f"--config={config}", f"--workdir={workdir}"],
+        cwd=REPO,
+        env=ONE_DEVICE,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert second.returncode == 2, second.stderr[-2000:]
     assert f"is being trained by process {first.pid} on {socket.gethostname()}" in " ".join(second.stderr.split())
     assert "Traceback" not in second.stderr and "remove" not in second.stderr
@@ -195,7 +227,8 @@ def test_a_second_start_on_a_live_workdir_refuses_naming_the_holder_and_readers_
 
 
 def test_a_lease_left_by_a_dead_run_is_taken_over_and_a_fresh_one_from_another_host_is_not(
-        pretrain_data, trained, tmp_path, capsys):
+    pretrain_data, trained, tmp_path, capsys
+):
     import socket
     import time
 
@@ -206,8 +239,13 @@ def test_a_lease_left_by_a_dead_run_is_taken_over_and_a_fresh_one_from_another_h
     dead = subprocess.Popen(["true"])
     dead.wait()
     path = os.path.join(workdir, lease.FILE)
-    stale = {"host": socket.gethostname(), "pid": dead.pid, "started": "2026-01-01T00:00:00+00:00",
-             "heartbeat": time.time(), "token": "killed-run"}
+    stale = {
+        "host": socket.gethostname(),
+        "pid": dead.pid,
+        "started": "2026-01-01T00:00:00+00:00",
+        "heartbeat": time.time(),
+        "token": "killed-run",
+    }
     with open(path, "w") as f:
         json.dump(stale, f)
     train.train(micro_config(data_dir, emb_dir, total_steps=6), workdir)

@@ -1,18 +1,18 @@
 """M-FLAG's heads normalise by batch statistics; evaluation fixes them to those of a whole set, so retrieval and
 zero-shot scores of an M-FLAG run equal a numpy computation of the heads over the set, whatever the batch size."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from mvlp_jax.evaluation import zero_shot_prompts
-from mvlp_jax.evaluation import evaluate, zero_shot
-from mvlp_jax.runtime import sharding
 from mvlp_jax.data import transforms
+from mvlp_jax.evaluation import evaluate, zero_shot, zero_shot_prompts
 from mvlp_jax.models.heads import BatchStatNorm
 from mvlp_jax.objectives import mflag
 from mvlp_jax.pretrain import encoder as encoder_lib
+from mvlp_jax.runtime import sharding
 from tests.pretrain_setup import micro_config
 from tests.test_retrieval import _probe_config as retrieval_config
 from tests.test_zero_shot import _config as zero_shot_config
@@ -46,8 +46,7 @@ def test_batch_stat_norm_records_a_sets_statistics_and_applies_them_to_any_batch
     np.testing.assert_allclose(fixed(queries), _normalise(queries, reference), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(fixed(queries[:1]), fixed(queries)[:1], rtol=1e-6)
     # without statistics it normalises by the batch it sees (training), and init records nothing
-    np.testing.assert_allclose(norm.apply({}, jnp.asarray(queries)), _normalise(queries, queries), rtol=1e-4,
-                               atol=1e-5)
+    np.testing.assert_allclose(norm.apply({}, jnp.asarray(queries)), _normalise(queries, queries), rtol=1e-4, atol=1e-5)
     assert "set_stats" not in norm.init(jax.random.key(0), jnp.asarray(queries))
 
 
@@ -65,21 +64,29 @@ def mflag_run(pretrain_data, tmp_path_factory):
 
 def _images(encoder, source) -> np.ndarray:
     size = encoder.config.model.image_size
-    return np.stack([transforms.normalise(transforms.center_crop_resize(transforms.decode_png(source[i]["image"]),
-                                                                        size), 0.5, 0.25) for i in range(len(source))])
+    return np.stack(
+        [
+            transforms.normalise(
+                transforms.center_crop_resize(transforms.decode_png(source[i]["image"]), size), 0.5, 0.25
+            )
+            for i in range(len(source))
+        ]
+    )
 
 
 def _pooled_and_params(workdir: str, source):
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.AXES)
     encoder = encoder_lib.load(workdir, -1, mesh)
-    pooled = np.asarray(encoder.model.apply({"params": encoder.params}, jnp.asarray(_images(encoder, source)),
-                                            train=False, method=mflag.pooled))
+    pooled = np.asarray(
+        encoder.model.apply(
+            {"params": encoder.params}, jnp.asarray(_images(encoder, source)), train=False, method=mflag.pooled
+        )
+    )
     return pooled, jax.tree.map(np.asarray, encoder.params)
 
 
 def test_mflag_retrieval_equals_a_numpy_computation_over_the_whole_split(pretrain_data, mflag_run, tmp_path):
-    from mvlp_jax.data import built
-    from mvlp_jax.data import targets
+    from mvlp_jax.data import built, targets
 
     data_dir, emb, _ = pretrain_data
     rows = []
@@ -107,15 +114,15 @@ def test_mflag_retrieval_equals_a_numpy_computation_over_the_whole_split(pretrai
     assert rows[0]["image_to_report"]["median_rank"] == np.median(rank)
 
 
-def test_mflag_zero_shot_normalises_prompts_by_the_training_reports(pretrain_data, nih_and_workdir, mflag_run,
-                                                                      tmp_path, monkeypatch):
-    from mvlp_jax.data import built
-    from mvlp_jax.data import targets
+def test_mflag_zero_shot_normalises_prompts_by_the_training_reports(
+    pretrain_data, nih_and_workdir, mflag_run, tmp_path, monkeypatch
+):
+    from mvlp_jax.data import built, targets
 
     _, emb, _ = pretrain_data
     data_dir, _ = nih_and_workdir
     monkeypatch.setattr(zero_shot, "llm_embedder", lambda manifest, pooling, llm: _planted)
-    row, = evaluate.evaluate(zero_shot_config(data_dir, mflag_run), str(tmp_path))["zero_shot"]
+    (row,) = evaluate.evaluate(zero_shot_config(data_dir, mflag_run), str(tmp_path))["zero_shot"]
 
     source = built.open_split(built.open_builder(data_dir, "nih_sample")[0], "valid")
     pooled, params = _pooled_and_params(mflag_run, source)
@@ -126,8 +133,9 @@ def test_mflag_zero_shot_normalises_prompts_by_the_training_reports(pretrain_dat
     checked = 0
     for j, name in enumerate(row["auc"]):
         positive, negative = zero_shot_prompts.prompts(name, "pair")
-        set_embedding = lambda texts: unit(unit(_head(params["mflag_text_proj"], _planted(list(texts)), reports,
-                                                      out_norm=False)).mean(0))
+        set_embedding = lambda texts: unit(
+            unit(_head(params["mflag_text_proj"], _planted(list(texts)), reports, out_norm=False)).mean(0)
+        )
         margin = z_img @ set_embedding(positive) - z_img @ set_embedding(negative)
         keep = labels[:, j] != -1
         truth = labels[keep, j] == 1

@@ -2,6 +2,7 @@
 killed and resumed in the bucket equals an uninterrupted local run leaf by leaf; evaluation, export, pictures and
 the embedding job read and write there; a changed object is caught; an unreachable store is a clear error. Every
 test here fails if any process it starts contacts a host other than this machine."""
+
 import glob
 import io
 import json
@@ -16,8 +17,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from mvlp_jax.runtime import checkpointing, storage
 from mvlp_jax.pretrain import encoder as encoder_lib
+from mvlp_jax.runtime import checkpointing, storage
 from tests import gcs_server
 from tests.conftest import REPO
 from tests.pretrain_setup import micro_config, write_config_file
@@ -40,8 +41,12 @@ def gcs(tmp_path_factory):
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
-    for key in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "CLOUD_STORAGE_EMULATOR_ENDPOINT",
-                "GOOGLE_AUTH_TOKEN_FOR_TESTING"):
+    for key in (
+        "STORAGE_EMULATOR_HOST",
+        "TENSORSTORE_GCS_HTTP_URL",
+        "CLOUD_STORAGE_EMULATOR_ENDPOINT",
+        "GOOGLE_AUTH_TOKEN_FOR_TESTING",
+    ):
         os.environ.pop(key, None)
     server.stop()
 
@@ -63,16 +68,17 @@ def _env(gcs, **extra) -> dict:
 def remote_data(pretrain_data, gcs):
     """The micro pretraining data in the bucket: the dataset built straight into it (the same records as the
     local build), the embeddings uploaded."""
-    from mvlp_jax.data import built
     from data_prep.build_dataset import build
+    from mvlp_jax.data import built
     from mvlp_jax.tools.demo import DATASETS
 
     data_dir, emb_dir, _ = pretrain_data
     options = dict(DATASETS["covid_notes"], image_size=64)
     report = build("csv", options.pop("input_dir"), gcs.url("tfds"), name="covid_notes", **options)
     assert report["dataset_dir"] == gcs.url("tfds", "covid_notes", "1.0.0")
-    local, remote = (built.open_split(built.open_builder(d, "covid_notes")[0], "train") for d in (data_dir,
-                                                                                                 gcs.url("tfds")))
+    local, remote = (
+        built.open_split(built.open_builder(d, "covid_notes")[0], "train") for d in (data_dir, gcs.url("tfds"))
+    )
     assert len(remote) == len(local) == 178
     for i in (0, 77, 177):
         assert remote[i]["image"] == local[i]["image"] and remote[i]["study_id"] == local[i]["study_id"]
@@ -81,34 +87,52 @@ def remote_data(pretrain_data, gcs):
 
 
 def _two_processes(config_file: str, workdir: str, env: dict, port: int) -> list[subprocess.Popen]:
-    return [_main(config_file, workdir, "--num_processes=2", f"--process_id={i}",
-                  f"--coordinator_address=127.0.0.1:{port}", env=env) for i in range(2)]
+    return [
+        _main(
+            config_file,
+            workdir,
+            "--num_processes=2",
+            f"--process_id={i}",
+            f"--coordinator_address=127.0.0.1:{port}",
+            env=env,
+        )
+        for i in range(2)
+    ]
 
 
 def _newest_state(workdir: str) -> tuple[dict, dict, int]:
     """(train state, data state, step) of the newest checkpoint of `workdir` (local or gs://), on one device,
     whatever mesh of whatever processes saved it."""
-    mngr = ocp.CheckpointManager(storage.join(workdir, "checkpoints"), item_names=("state", "data"),
-                                 item_handlers={"state": ocp.StandardCheckpointHandler(),
-                                                "data": ocp.JsonCheckpointHandler()})
+    mngr = ocp.CheckpointManager(
+        storage.join(workdir, "checkpoints"),
+        item_names=("state", "data"),
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()},
+    )
     step = mngr.latest_step()
     one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device),
-                          mngr.item_metadata(step)["state"])
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                          data=ocp.args.JsonRestore()))
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device), mngr.item_metadata(step)["state"]
+    )
+    restored = mngr.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
+    )
     mngr.close()
     return restored["state"], dict(restored["data"]), step
 
 
 def test_two_processes_train_killed_and_resumed_in_a_bucket_equal_an_uninterrupted_local_run(
-        remote_data, gcs, tmp_path):
+    remote_data, gcs, tmp_path
+):
     data_dir, emb_dir = remote_data
     steps = {"total_steps": 10, "checkpoint.save_interval_steps": 2, "log_every_steps": 1}
     remote_config = write_config_file(str(tmp_path / "remote.py"), data_dir, emb_dir, **steps)
     local_data, local_emb = tmp_path / "local_tfds", tmp_path / "local_emb"
-    local_config = write_config_file(str(tmp_path / "local.py"), os.fspath(_download(data_dir, local_data)),
-                                     os.fspath(_download(emb_dir, local_emb)), **steps)
+    local_config = write_config_file(
+        str(tmp_path / "local.py"),
+        os.fspath(_download(data_dir, local_data)),
+        os.fspath(_download(emb_dir, local_emb)),
+        **steps,
+    )
     env = _env(gcs)
     local = str(tmp_path / "local_run")
     for proc in _two_processes(local_config, local, env, gcs_server._free_port()):
@@ -192,6 +216,7 @@ def test_evaluation_export_and_pictures_read_a_remote_workdir(remote_run, nih_an
     paths = visualize.draw_checkpoint(remote_run, count=2)
     assert paths and all(p.startswith(f"{remote_run}/plots/") for p in paths)
     from PIL import Image
+
     assert Image.open(io.BytesIO(storage.path(paths[0]).read_bytes())).size[0] > 100
 
 
@@ -210,10 +235,13 @@ def test_a_changed_object_in_a_remote_checkpoint_is_caught(remote_run):
     assert checkpointing.verify(remote_run, steps[-1]) == f"file {victim} has changed since it was saved (md5 differs)"
     config, target_dim = configuration.load(remote_run)
     from mvlp_jax.runtime import sharding
+
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.AXES)
     with pytest.raises(ValueError, match=f"checkpoint {remote_run}/checkpoints/{steps[-1]} is damaged: file "):
         encoder_lib.load(remote_run, -1, mesh)
-    target.write_bytes(bytes(data[:len(data) // 2] + bytes([data[len(data) // 2] ^ 0x01]) + data[len(data) // 2 + 1:]))
+    target.write_bytes(
+        bytes(data[: len(data) // 2] + bytes([data[len(data) // 2] ^ 0x01]) + data[len(data) // 2 + 1 :])
+    )
     assert checkpointing.verify(remote_run, steps[-1]) is None  # the original bytes again
     del config, target_dim
 
@@ -224,6 +252,7 @@ def test_the_embedding_job_writes_and_resumes_its_shards_in_a_bucket(tiny_llama,
     flags = [*_job_flags(model_dir, csv_path, out), "--records_per_shard=2", "--token_budget=60"]
     command = [sys.executable, "-m", "data_prep.precompute_text_embeddings", *flags]
     from mvlp_jax.data import embedding_shards
+
     proc = subprocess.Popen(command, cwd=REPO, env=_env(gcs), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and len(embedding_shards.shard_paths(out)) < 3:
@@ -248,9 +277,14 @@ def test_the_embedding_job_writes_and_resumes_its_shards_in_a_bucket(tiny_llama,
 def test_an_unreachable_store_is_a_clear_error_and_no_local_folder(remote_data, gcs, tmp_path, monkeypatch):
     data_dir, emb_dir = remote_data
     config_file = write_config_file(str(tmp_path / "c.py"), data_dir, emb_dir, total_steps=2)
-    run = subprocess.run([sys.executable, "-m", "mvlp_jax.main", f"--config={config_file}",
-                          "--workdir=gs://no-such-bucket/runs/x"], cwd=tmp_path, env=_env(gcs),
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-m", "mvlp_jax.main", f"--config={config_file}", "--workdir=gs://no-such-bucket/runs/x"],
+        cwd=tmp_path,
+        env=_env(gcs),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 2, run.stderr[-3000:]
     assert "--workdir=gs://no-such-bucket/runs/x: bucket gs://no-such-bucket does not exist" in run.stderr
     assert "Traceback" not in run.stderr and not glob.glob(str(tmp_path / "gs:*"))
@@ -265,11 +299,16 @@ def test_an_unreachable_store_is_a_clear_error_and_no_local_folder(remote_data, 
     storage.use_endpoint(down)
     try:
         from mvlp_jax.runtime import cli
-        with pytest.raises(cli.UserError, match=r"--workdir=gs://mvlp-test/x: gs://mvlp-test/x cannot be reached "
-                                                r"\(ClientConnectorError.*check the bucket name"):
+
+        with pytest.raises(
+            cli.UserError,
+            match=r"--workdir=gs://mvlp-test/x: gs://mvlp-test/x cannot be reached "
+            r"\(ClientConnectorError.*check the bucket name",
+        ):
             storage.check_writable_dir(gcs.url("x"), "--workdir")
         with pytest.raises(cli.UserError, match="dataset gs://mvlp-test/tfds/covid_notes cannot be reached"):
             from mvlp_jax.data import built
+
             built.open_builder(data_dir, "covid_notes")
     finally:
         storage.use_endpoint(gcs.endpoint)

@@ -1,5 +1,6 @@
 """A study of several views read as one sequence: set-like over views of one type, deaf to padding, and a
 one-view study is the single-image path."""
+
 import json
 import os
 
@@ -26,14 +27,26 @@ def _model(scan: bool = False, max_views: int = 3) -> tuple[Pretrainer, dict]:
     configuration.validate(c)
     model = Pretrainer(c, TARGET_DIM)
     key = jax.random.PRNGKey(0)
-    params = model.init({"params": key, "masking": key, "dropout": key}, jnp.zeros((2, 32, 32, 1)),
-                        jnp.zeros((2, TARGET_DIM)), method=Pretrainer.init_all)["params"]
+    params = model.init(
+        {"params": key, "masking": key, "dropout": key},
+        jnp.zeros((2, 32, 32, 1)),
+        jnp.zeros((2, TARGET_DIM)),
+        method=Pretrainer.init_all,
+    )["params"]
     return model, nn.unbox(params)
 
 
 def _study(model, params, images, types, present, pooling="map"):
-    return np.asarray(model.apply({"params": params}, jnp.asarray(images), jnp.asarray(types), jnp.asarray(present),
-                                  pooling, method=Pretrainer.study_features))
+    return np.asarray(
+        model.apply(
+            {"params": params},
+            jnp.asarray(images),
+            jnp.asarray(types),
+            jnp.asarray(present),
+            pooling,
+            method=Pretrainer.study_features,
+        )
+    )
 
 
 @pytest.mark.parametrize("pooling", ["map", "mean", "cls"])
@@ -44,8 +57,9 @@ def test_views_of_one_type_are_a_set_and_padding_changes_nothing(pooling):
     frontal = np.zeros((2, 3), np.int32)
     every = np.ones((2, 3), bool)
     base = _study(model, params, images, frontal, every, pooling)
-    np.testing.assert_allclose(_study(model, params, images[:, [2, 0, 1]], frontal, every, pooling), base,
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        _study(model, params, images[:, [2, 0, 1]], frontal, every, pooling), base, rtol=1e-4, atol=1e-5
+    )
     # a padded third view, whatever its pixels, is neither attended to nor pooled
     two = _study(model, params, images[:, :2], frontal[:, :2], every[:, :2], pooling)
     noise = images.copy()
@@ -77,8 +91,10 @@ def test_an_encoder_of_single_images_gives_a_study_the_mean_of_its_present_views
     model, params = _model(max_views=1)
     assert "view_embedding" not in params["encoder"]
     images = np.random.default_rng(4).normal(size=(2, 3, 32, 32, 1)).astype(np.float32)
-    each = [np.asarray(model.apply({"params": params}, jnp.asarray(images[:, v]), "mean", method=Pretrainer.features))
-            for v in range(3)]
+    each = [
+        np.asarray(model.apply({"params": params}, jnp.asarray(images[:, v]), "mean", method=Pretrainer.features))
+        for v in range(3)
+    ]
     present = np.array([[True, True, False], [True, False, False]])
     study = _study(model, params, images, np.zeros((2, 3), np.int32), present, "mean")
     np.testing.assert_allclose(study, np.stack([(each[0][0] + each[1][0]) / 2, each[0][1]]), rtol=1e-4, atol=1e-5)
@@ -94,30 +110,36 @@ def test_a_vitdet_windows_each_view_and_its_global_blocks_span_the_study():
     types, present = np.zeros((2, 2), np.int32), np.ones((2, 2), bool)
 
     def tokens(model, x, mask=present):
-        params = model.init(jax.random.PRNGKey(0), jnp.asarray(images), view_type=jnp.asarray(types),
-                            view_mask=jnp.asarray(present))
-        return np.asarray(model.apply(params, jnp.asarray(x), view_type=jnp.asarray(types),
-                                      view_mask=jnp.asarray(mask)))
+        params = model.init(
+            jax.random.PRNGKey(0), jnp.asarray(images), view_type=jnp.asarray(types), view_mask=jnp.asarray(present)
+        )
+        return np.asarray(
+            model.apply(params, jnp.asarray(x), view_type=jnp.asarray(types), view_mask=jnp.asarray(mask))
+        )
 
     windowed = ViTDet(**tiny, global_blocks=())  # every block windowed: the first view never sees the second
     np.testing.assert_allclose(tokens(windowed, changed)[:, :16], tokens(windowed, images)[:, :16], atol=1e-6)
     mixed = ViTDet(**tiny, global_blocks=(1,))  # a global block: it does
     assert not np.allclose(tokens(mixed, changed)[:, :16], tokens(mixed, images)[:, :16], atol=1e-4)
     padded = np.array([[True, False]] * 2)  # unless the second view is padding
-    np.testing.assert_allclose(tokens(mixed, changed, padded)[:, :16], tokens(mixed, images, padded)[:, :16],
-                               atol=1e-6)
+    np.testing.assert_allclose(tokens(mixed, changed, padded)[:, :16], tokens(mixed, images, padded)[:, :16], atol=1e-6)
     single = ViTDet(**tiny, global_blocks=(1,))
-    params = single.init(jax.random.PRNGKey(0), jnp.asarray(images), view_type=jnp.asarray(types),
-                         view_mask=jnp.asarray(present))
-    np.testing.assert_allclose(np.asarray(single.apply(params, jnp.asarray(images[:, 0]))),
-                               np.asarray(single.apply(params, jnp.asarray(images[:, :1]))), atol=1e-6)
+    params = single.init(
+        jax.random.PRNGKey(0), jnp.asarray(images), view_type=jnp.asarray(types), view_mask=jnp.asarray(present)
+    )
+    np.testing.assert_allclose(
+        np.asarray(single.apply(params, jnp.asarray(images[:, 0]))),
+        np.asarray(single.apply(params, jnp.asarray(images[:, :1]))),
+        atol=1e-6,
+    )
 
 
 def test_studies_group_frontal_first_then_laterals_and_pad_the_rest():
     from mvlp_jax.data.studies import group
 
-    records, types, order = group(["a", "b", "a", "a", "c", "a"], ["LATERAL", "PA", "AP supine", "OBLIQUE", "LL", "PA"],
-                                  max_views=3)
+    records, types, order = group(
+        ["a", "b", "a", "a", "c", "a"], ["LATERAL", "PA", "AP supine", "OBLIQUE", "LL", "PA"], max_views=3
+    )
     assert order == ["a", "b", "c"]
     assert records.tolist() == [[2, 5, 0], [1, -1, -1], [4, -1, -1]]  # a's oblique view (3) is left out
     assert types.tolist() == [[0, 0, 1], [0, 0, 0], [1, 0, 0]]
@@ -145,9 +167,12 @@ def test_max_views_beyond_the_largest_study_is_clamped_and_the_input_memory_esti
     assert "data.max_views=64, but its largest study has 2 images: clamped to 2" in capsys.readouterr().out
     assert json.load(open(tmp_path / "run" / "config.json"))["data"]["max_views"] == 2
     config.data.max_views, config.data.batch_size, config.model.image_size = 64, 1 << 16, 224
-    with pytest.raises(ValueError, match=r"the input pipeline holds ~.* GiB .* of the .* GiB this host has "
-                                         r"available: lower data.batch_size, data.prefetch or data.num_threads, or "
-                                         r"data.max_views"):
+    with pytest.raises(
+        ValueError,
+        match=r"the input pipeline holds ~.* GiB .* of the .* GiB this host has "
+        r"available: lower data.batch_size, data.prefetch or data.num_threads, or "
+        r"data.max_views",
+    ):
         startup.check_host_memory(config, 24, processes=1)
 
 
@@ -172,17 +197,27 @@ def _study_set(root, pixels=_noise) -> str:
             rows.append(f"{name},s{i},{view},{'train' if i < 16 else 'test'},{int(i % 2 == 0)}")
     with open(os.path.join(root, "manifest.csv"), "w") as f:
         f.write("\n".join(rows) + "\n")
-    build("csv", root, os.path.join(root, "tfds"), name="studies", study_column="study", group_column="study",
-          view_column="view", views="all", image_size=0, split_column="split", label_columns="two_views")
+    build(
+        "csv",
+        root,
+        os.path.join(root, "tfds"),
+        name="studies",
+        study_column="study",
+        group_column="study",
+        view_column="view",
+        views="all",
+        image_size=0,
+        split_column="split",
+        label_columns="two_views",
+    )
     return os.path.join(root, "tfds")
 
 
 def test_a_study_batch_holds_its_views_and_training_reads_studies(tmp_path):
-    from mvlp_jax.data import built
+    from mvlp_jax.data import built, pipeline
     from mvlp_jax.evaluation import features
-    from mvlp_jax.pretrain import train
-    from mvlp_jax.data import pipeline
     from mvlp_jax.objectives.mae import masked
+    from mvlp_jax.pretrain import train
     from tests.pretrain_setup import micro_config, write_targets
 
     data_dir = _study_set(str(tmp_path))
@@ -191,8 +226,9 @@ def test_a_study_batch_holds_its_views_and_training_reads_studies(tmp_path):
     config.data.dataset, config.data.max_views, config.data.batch_size = "studies", 2, 8
     records = pipeline.open_records(config)
     source = records.source
-    assert records.indices.shape[1] == 2 and len(records.indices) == len({source[i]["study_id"] for i in
-                                                                          range(len(source))})
+    assert records.indices.shape[1] == 2 and len(records.indices) == len(
+        {source[i]["study_id"] for i in range(len(source))}
+    )
     batch = next(iter(pipeline.TrainIterator(pipeline.local_batches(records, config, 0, 1), config)))
     assert batch["image"].shape == (8, 2, 32, 32, 1) and batch["target"].shape == (8, 24)
     lateral = batch["view_mask"][:, 1]
@@ -201,9 +237,17 @@ def test_a_study_batch_holds_its_views_and_training_reads_studies(tmp_path):
 
     model, params = _model()
     key = jax.random.PRNGKey(3)
-    loss = lambda images: float(model.apply({"params": params}, jnp.asarray(images), False, None,
-                                            jnp.asarray(batch["view_mask"]), rngs={"masking": key},
-                                            method=masked)["loss"])
+    loss = lambda images: float(
+        model.apply(
+            {"params": params},
+            jnp.asarray(images),
+            False,
+            None,
+            jnp.asarray(batch["view_mask"]),
+            rngs={"masking": key},
+            method=masked,
+        )["loss"]
+    )
     noisy = batch["image"].copy()
     noisy[~lateral, 1] = 50.0
     assert loss(noisy) == pytest.approx(loss(batch["image"]), rel=1e-6)  # padded views are not reconstructed
@@ -213,8 +257,9 @@ def test_a_study_batch_holds_its_views_and_training_reads_studies(tmp_path):
     encoder = encoder_lib.load(workdir, -1, _mesh())
     assert encoder.params["encoder"]["view_embedding"].shape[0] == len(VIEW_TYPES)
     builder, _, _ = built.open_builder(data_dir, "studies")
-    single = features.extract(encoder, built.open_split(builder, "train"), "mean", 8, _mesh(), str(tmp_path / "f"),
-                              "studies/train", "x")
+    single = features.extract(
+        encoder, built.open_split(builder, "train"), "mean", 8, _mesh(), str(tmp_path / "f"), "studies/train", "x"
+    )
     assert single.shape[0] == len(built.open_split(builder, "train")) and np.isfinite(single).all()
 
     # the Hugging Face export reads one image as a study of one frontal view, as our single-image path does
@@ -228,11 +273,14 @@ def test_a_study_batch_holds_its_views_and_training_reads_studies(tmp_path):
     export.export(encoder, str(tmp_path / "hf"))
     hf = transformers.ViTMAEModel.from_pretrained(str(tmp_path / "hf")).eval()
     images = np.asarray(batch["image"][:, 0])
-    ours = np.asarray(encoder.model.apply({"params": encoder.params}, jnp.asarray(images),
-                                          method=lambda m, x: m.encoder(x)))
+    ours = np.asarray(
+        encoder.model.apply({"params": encoder.params}, jnp.asarray(images), method=lambda m, x: m.encoder(x))
+    )
     with torch.no_grad():
-        theirs = hf(pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2),
-                    noise=torch.arange(16, dtype=torch.float32).expand(len(images), -1)).last_hidden_state.numpy()
+        theirs = hf(
+            pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2),
+            noise=torch.arange(16, dtype=torch.float32).expand(len(images), -1),
+        ).last_hidden_state.numpy()
     np.testing.assert_allclose(theirs, ours, atol=1e-4)
 
     # probes: one row per test image, or per test study (12 studies, 18 images)
@@ -255,15 +303,25 @@ def test_a_study_batch_holds_its_views_and_training_reads_studies(tmp_path):
 
 def test_dino_on_studies_pairs_crops_of_different_views_and_trains(tmp_path):
     """Each PA is dark and each lateral bright, so a crop's brightness says which view it was cut from."""
-    from mvlp_jax.pretrain import train
     from mvlp_jax.data import pipeline
     from mvlp_jax.objectives import dino, registry
+    from mvlp_jax.pretrain import train
     from tests.pretrain_setup import micro_config
 
     data_dir = _study_set(str(tmp_path), lambda rng, view: np.full((40, 40), 40 if view == "PA" else 200, np.uint8))
-    config = micro_config(data_dir, "", total_steps=2, objectives={"dino": 1.0, "mae": 1.0},
-                          **{"dino.local_size": 16, "dino.num_local_crops": 3, "dino.out_dim": 64,
-                             "dino.hidden_dim": 32, "dino.bottleneck_dim": 16})
+    config = micro_config(
+        data_dir,
+        "",
+        total_steps=2,
+        objectives={"dino": 1.0, "mae": 1.0},
+        **{
+            "dino.local_size": 16,
+            "dino.num_local_crops": 3,
+            "dino.out_dim": 64,
+            "dino.hidden_dim": 32,
+            "dino.bottleneck_dim": 16,
+        },
+    )
     config.data.dataset, config.data.max_views, config.data.batch_size = "studies", 2, 8
     records = pipeline.open_records(config)
     batch = next(iter(pipeline.TrainIterator(pipeline.local_batches(records, config, 0, 1), config)))
@@ -271,8 +329,10 @@ def test_dino_on_studies_pairs_crops_of_different_views_and_trains(tmp_path):
     two_views = batch["view_mask"][:, 1]
     assert two_views.any() and not two_views.all()
     lateral = VIEW_TYPES.index("lateral")
-    for crops, types in ((batch["global_views"], batch["global_view_types"]),
-                         (batch["local_views"], batch["local_view_types"])):
+    for crops, types in (
+        (batch["global_views"], batch["global_view_types"]),
+        (batch["local_views"], batch["local_view_types"]),
+    ):
         bright = crops.mean(axis=(2, 3, 4)) > 0  # normalised: 40 -> about -1.4, 200 -> about +1.1
         np.testing.assert_array_equal(bright, types == lateral)  # each crop carries its own view's type
         assert not bright[~two_views].any()  # a study of one view gives crops of that view only
@@ -282,10 +342,14 @@ def test_dino_on_studies_pairs_crops_of_different_views_and_trains(tmp_path):
     # the student reads a crop's view type: the same crop as a lateral view gives other logits
     crops = jnp.asarray(batch["global_views"][:, 0])
     head = Pretrainer(config, 0)
-    head_params = nn.unbox(head.init({"params": jax.random.PRNGKey(0), "masking": jax.random.PRNGKey(0)},
-                                     crops, method=Pretrainer.init_all)["params"])
-    embed = lambda types: np.asarray(head.apply({"params": head_params}, crops, False, jnp.asarray(types),
-                                                method=dino.embed))
+    head_params = nn.unbox(
+        head.init(
+            {"params": jax.random.PRNGKey(0), "masking": jax.random.PRNGKey(0)}, crops, method=Pretrainer.init_all
+        )["params"]
+    )
+    embed = lambda types: np.asarray(
+        head.apply({"params": head_params}, crops, False, jnp.asarray(types), method=dino.embed)
+    )
     assert head_params["encoder"]["view_embedding"].shape[0] == len(VIEW_TYPES)
     assert not np.allclose(embed(np.zeros(8, np.int32)), embed(np.full(8, lateral, np.int32)), atol=1e-6)
 

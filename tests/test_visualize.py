@@ -1,6 +1,7 @@
 """Pictures of what a run learned: the reconstruction keeps the visible patches and undoes per-patch
 normalisation, nearest reports rank by similarity, training writes the pictures (PNG and TensorBoard) and the
 command draws them for a checkpoint."""
+
 import glob
 import os
 
@@ -28,8 +29,9 @@ def test_the_prediction_shows_visible_patches_of_the_input_and_masked_ones_of_th
     # a model that predicts the per-patch normalised target exactly draws the input back
     mean, var = patches.mean(-1, keepdims=True), patches.var(-1, keepdims=True, ddof=1)
     perfect = (patches - mean) / np.sqrt(var + 1e-6)
-    np.testing.assert_allclose(paste(images[..., None], perfect, np.ones((2, 4), bool), 4, norm_pix=True)[..., 0],
-                               images, atol=1e-5)
+    np.testing.assert_allclose(
+        paste(images[..., None], perfect, np.ones((2, 4), bool), 4, norm_pix=True)[..., 0], images, atol=1e-5
+    )
 
 
 def test_nearest_reports_rank_by_similarity_with_ties_counted_against_the_own_report():
@@ -92,8 +94,9 @@ def test_a_vitdet_multitask_run_gets_query_boxes_and_token_similarity_but_no_rep
     images = ((pixels / 255.0 - config.data.mean) / config.data.std)[..., None].astype(np.float32)
     model = Pretrainer(config, 0)
     key = jax.random.PRNGKey(0)
-    params = nn.unbox(model.init({"params": key, "masking": key, "dropout": key}, images, None,
-                                 method=Pretrainer.init_all)["params"])
+    params = nn.unbox(
+        model.init({"params": key, "masking": key, "dropout": key}, images, None, method=Pretrainer.init_all)["params"]
+    )
     pictures = Painter(config, 0).draw(params, Shown(images, pixels, ["a", "b", "c"]))
     assert set(pictures) == {"reconstruction", "attention", "query_box"}
     assert all(p.dtype == np.uint8 and p.ndim == 3 and p.shape[-1] == 3 for p in pictures.values())
@@ -112,8 +115,11 @@ def test_a_study_encoder_draws_each_image_with_its_view_type():
     pixels = np.random.default_rng(0).integers(0, 256, (2, 32, 32)).astype(np.uint8)
     images = ((pixels / 255.0 - config.data.mean) / config.data.std)[..., None].astype(np.float32)
     key = jax.random.PRNGKey(0)
-    params = nn.unbox(Pretrainer(config, 0).init({"params": key, "masking": key, "dropout": key}, images, None,
-                                                 method=Pretrainer.init_all)["params"])
+    params = nn.unbox(
+        Pretrainer(config, 0).init(
+            {"params": key, "masking": key, "dropout": key}, images, None, method=Pretrainer.init_all
+        )["params"]
+    )
     # the view-type embedding is not drawn at its init scale (0.02), where it would barely move the tokens
     params["encoder"]["view_embedding"] = np.eye(len(VIEW_TYPES), params["encoder"]["view_embedding"].shape[1])
     painter = Painter(config, 0)
@@ -128,8 +134,8 @@ def test_an_mflag_run_without_a_masked_image_model_gets_attention_and_nearest_re
     import jax
 
     from mvlp_jax import configuration
-    from mvlp_jax.pretrain import train_step
     from mvlp_jax.models.pretrainer import Pretrainer
+    from mvlp_jax.pretrain import train_step
     from mvlp_jax.pretrain.visualize import Painter, Shown
     from tests.pretrain_setup import micro_config
 
@@ -138,8 +144,11 @@ def test_an_mflag_run_without_a_masked_image_model_gets_attention_and_nearest_re
     configuration.validate(config)
     batch = train_step.example_batch(config, 24, batch=4)
     key = jax.random.PRNGKey(0)
-    params = nn.unbox(Pretrainer(config, 24).init({"params": key, "masking": key, "dropout": key}, batch["image"],
-                                                  batch["target"], method=Pretrainer.init_all)["params"])
+    params = nn.unbox(
+        Pretrainer(config, 24).init(
+            {"params": key, "masking": key, "dropout": key}, batch["image"], batch["target"], method=Pretrainer.init_all
+        )["params"]
+    )
     assert "masked_model" not in params
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (4, 32, 32)).astype(np.uint8)

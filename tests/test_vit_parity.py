@@ -1,4 +1,5 @@
 """Parity of the Flax ViT / MAE with transformers' PyTorch ViTMAE (an independent reference)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,14 +11,32 @@ from mvlp_jax.models.convert_hf import mae_params_from_hf, vit_params_from_hf
 from mvlp_jax.models.transformer import count_params
 from mvlp_jax.models.vit import MAE, ViT, variant
 
-SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32,
-             patch_size=8, num_channels=1, decoder_hidden_size=32, decoder_num_hidden_layers=2,
-             decoder_num_attention_heads=4, decoder_intermediate_size=64, layer_norm_eps=1e-6, mask_ratio=0.75)
+SMALL = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    image_size=32,
+    patch_size=8,
+    num_channels=1,
+    decoder_hidden_size=32,
+    decoder_num_hidden_layers=2,
+    decoder_num_attention_heads=4,
+    decoder_intermediate_size=64,
+    layer_norm_eps=1e-6,
+    mask_ratio=0.75,
+)
 
 
 def _flax_vit(cfg: ViTMAEConfig) -> ViT:
-    return ViT(width=cfg.hidden_size, depth=cfg.num_hidden_layers, num_heads=cfg.num_attention_heads,
-               mlp_dim=cfg.intermediate_size, patch_size=cfg.patch_size, image_size=cfg.image_size)
+    return ViT(
+        width=cfg.hidden_size,
+        depth=cfg.num_hidden_layers,
+        num_heads=cfg.num_attention_heads,
+        mlp_dim=cfg.intermediate_size,
+        patch_size=cfg.patch_size,
+        image_size=cfg.image_size,
+    )
 
 
 def _reference(model_cls, cfg):
@@ -52,8 +71,15 @@ def test_mae_encoder_output_and_loss_match_transformers(norm_pix):
     images, noise = _inputs(cfg)
     out = ref(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)), noise=torch.from_numpy(noise))
     out.loss.backward()
-    model = MAE(_flax_vit(cfg), decoder_width=32, decoder_depth=2, decoder_heads=4, decoder_mlp_dim=64,
-                mask_ratio=0.75, norm_pix_loss=norm_pix)
+    model = MAE(
+        _flax_vit(cfg),
+        decoder_width=32,
+        decoder_depth=2,
+        decoder_heads=4,
+        decoder_mlp_dim=64,
+        mask_ratio=0.75,
+        norm_pix_loss=norm_pix,
+    )
     params = mae_params_from_hf(ref.state_dict(), 4, 2, 4, 2)
     ours = model.apply({"params": params}, jnp.asarray(images), noise=jnp.asarray(noise))
     # Gradients too (the attention backward and GELU are written by hand): torch's, mapped like the weights.
@@ -63,14 +89,20 @@ def test_mae_encoder_output_and_loss_match_transformers(norm_pix):
     assert jax.tree.structure(grads) == jax.tree.structure(want)
     for (path, got), expected in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(want)):
         # Per-leaf scale, with a floor for leaves whose exact gradient is 0 (key biases: softmax is shift-invariant).
-        np.testing.assert_allclose(np.asarray(got), expected, rtol=0, atol=1e-4 * np.abs(expected).max() + 1e-7,
-                                   err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_allclose(
+            np.asarray(got),
+            expected,
+            rtol=0,
+            atol=1e-4 * np.abs(expected).max() + 1e-7,
+            err_msg=jax.tree_util.keystr(path),
+        )
     np.testing.assert_array_equal(np.asarray(ours["mask"]), out.mask.numpy())
     np.testing.assert_allclose(np.asarray(ours["pred"]), out.logits.detach().numpy(), atol=1e-4)
     np.testing.assert_allclose(float(ours["loss"]), out.loss.item(), rtol=1e-5, atol=1e-6)
     with torch.no_grad():
-        latent = ref.vit(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)),
-                         noise=torch.from_numpy(noise)).last_hidden_state.numpy()
+        latent = ref.vit(
+            pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)), noise=torch.from_numpy(noise)
+        ).last_hidden_state.numpy()
     np.testing.assert_allclose(np.asarray(ours["latent"]), latent, atol=1e-4)
 
 
@@ -80,8 +112,9 @@ def test_vit_unmasked_encoder_matches_transformers():
     ref = _reference(ViTMAEModel, cfg)
     images, noise = _inputs(cfg, seed=1)
     with torch.no_grad():
-        expected = ref(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)),
-                       noise=torch.from_numpy(noise)).last_hidden_state.numpy()
+        expected = ref(
+            pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)), noise=torch.from_numpy(noise)
+        ).last_hidden_state.numpy()
     keep = np.argsort(noise, axis=1)  # HF keeps all tokens, shuffled by the noise
     params = vit_params_from_hf(ref.state_dict(), 4, 2, prefix="")
     ours = _flax_vit(cfg).apply({"params": params}, jnp.asarray(images), keep_ids=jnp.asarray(keep))

@@ -1,17 +1,17 @@
 """Zero-shot classification: with planted prompt vectors the binary's scores equal a direct computation from the
 run's own embedding methods (AUC against sklearn), swapping a label's prompt sets gives 1 - AUC, and an LLM
 other than the targets' is refused."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from mvlp_jax.evaluation import zero_shot_prompts
-from mvlp_jax.evaluation import zero_shot
-from mvlp_jax.runtime import sharding
+from mvlp_jax.evaluation import zero_shot, zero_shot_prompts
 from mvlp_jax.objectives import llm_contrastive
 from mvlp_jax.pretrain import encoder as encoder_lib
+from mvlp_jax.runtime import sharding
 from tests.test_evaluate import _probe_config
 
 
@@ -28,13 +28,12 @@ def _config(data_dir, workdir, prompts="pair"):
 
 @pytest.mark.parametrize("style", ["pair", "ensemble"])
 def test_zero_shot_scores_equal_a_direct_computation(style, nih_and_workdir, tmp_path, monkeypatch):
-    from mvlp_jax.data import built
+    from mvlp_jax.data import built, transforms
     from mvlp_jax.evaluation import evaluate
-    from mvlp_jax.data import transforms
 
     data_dir, workdir = nih_and_workdir
     monkeypatch.setattr(zero_shot, "llm_embedder", lambda manifest, pooling, llm: _planted)
-    row, = evaluate.evaluate(_config(data_dir, workdir, style), str(tmp_path))["zero_shot"]
+    (row,) = evaluate.evaluate(_config(data_dir, workdir, style), str(tmp_path))["zero_shot"]
 
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.AXES)
     encoder = encoder_lib.load(workdir, -1, mesh)
@@ -42,10 +41,13 @@ def test_zero_shot_scores_equal_a_direct_computation(style, nih_and_workdir, tmp
     source = built.open_split(builder, "valid")
     records = [source[i] for i in range(len(source))]
     size = encoder.config.model.image_size
-    images = np.stack([transforms.normalise(transforms.center_crop_resize(transforms.decode_png(r["image"]), size),
-                                            0.5, 0.25) for r in records])
-    apply = lambda x, method: np.asarray(encoder.model.apply({"params": encoder.params}, jnp.asarray(x),
-                                                             method=method))
+    images = np.stack(
+        [
+            transforms.normalise(transforms.center_crop_resize(transforms.decode_png(r["image"]), size), 0.5, 0.25)
+            for r in records
+        ]
+    )
+    apply = lambda x, method: np.asarray(encoder.model.apply({"params": encoder.params}, jnp.asarray(x), method=method))
     unit = lambda z: z / np.linalg.norm(z, axis=-1, keepdims=True)
     z_img = unit(apply(images, lambda m, x: llm_contrastive.embed_images(m, x, train=False)))
     labels = np.stack([r["labels"] for r in records])
@@ -69,10 +71,10 @@ def test_swapped_prompt_sets_give_one_minus_the_auc(nih_and_workdir, tmp_path, m
 
     data_dir, workdir = nih_and_workdir
     monkeypatch.setattr(zero_shot, "llm_embedder", lambda manifest, pooling, llm: _planted)
-    row, = evaluate.evaluate(_config(data_dir, workdir), str(tmp_path / "a"))["zero_shot"]
+    (row,) = evaluate.evaluate(_config(data_dir, workdir), str(tmp_path / "a"))["zero_shot"]
     real = zero_shot_prompts.prompts
     monkeypatch.setattr(zero_shot_prompts, "prompts", lambda label, style: real(label, style)[::-1])
-    swapped, = evaluate.evaluate(_config(data_dir, workdir), str(tmp_path / "b"))["zero_shot"]
+    (swapped,) = evaluate.evaluate(_config(data_dir, workdir), str(tmp_path / "b"))["zero_shot"]
     for name, auc in row["auc"].items():
         if np.isfinite(auc):
             np.testing.assert_allclose(swapped["auc"][name], 1 - auc, atol=1e-6)

@@ -1,7 +1,8 @@
 """Dataset sources: each scans one on-disk layout into `RawRecord`s (no image decoding)."""
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from mvlp_jax.data.records import SourceScan
 

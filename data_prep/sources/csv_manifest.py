@@ -10,12 +10,13 @@ Dense annotations: --mask_column names a mask file per row (relative to the mani
 one row per box: `image` (the manifest's image-column value), `label`, and `x, y, w, h` in the image file's
 pixels. Every record of a dataset built with --boxes_csv carries boxes (none for an image without rows).
 """
+
 from __future__ import annotations
 
 import os
 
-from mvlp_jax.data import records as R
 from data_prep.sources.tables import read_csv
+from mvlp_jax.data import records as R
 
 BOX_COLUMNS = ("image", "label", "x", "y", "w", "h")
 
@@ -39,25 +40,59 @@ def read_boxes(path: str) -> dict[str, list[tuple[str, tuple[float, float, float
         try:
             x, y, w, h = (float(row[c]) for c in "xywh")
         except ValueError:
-            raise R.InputError(f"{path}:{row_number}: x, y, w, h must be numbers, got "
-                               f"{[row[c] for c in 'xywh']}") from None
+            raise R.InputError(
+                f"{path}:{row_number}: x, y, w, h must be numbers, got {[row[c] for c in 'xywh']}"
+            ) from None
         if not row["label"].strip():
-            raise R.InputError(f"{path}:{row_number}: the box has no label: name its class (a blank one would "
-                               f"become a class of its own)")
+            raise R.InputError(
+                f"{path}:{row_number}: the box has no label: name its class (a blank one would "
+                f"become a class of its own)"
+            )
         out.setdefault(row["image"], []).append((row["label"].strip(), (x, y, x + w, y + h)))
     return out
 
 
-def scan(input_dir: str, *, manifest: str = "", image_column: str = "image", image_dir: str = "",
-         text_column: str = "", label_columns: str = "", split_column: str = "", id_column: str = "",
-         group_column: str = "", study_column: str = "", view_column: str = "", mask_column: str = "",
-         mask_dir: str = "", boxes_csv: str = "", views: str = "frontal", seed: int = 0, strict: bool = False,
-         **_) -> R.SourceScan:
+def scan(
+    input_dir: str,
+    *,
+    manifest: str = "",
+    image_column: str = "image",
+    image_dir: str = "",
+    text_column: str = "",
+    label_columns: str = "",
+    split_column: str = "",
+    id_column: str = "",
+    group_column: str = "",
+    study_column: str = "",
+    view_column: str = "",
+    mask_column: str = "",
+    mask_dir: str = "",
+    boxes_csv: str = "",
+    views: str = "frontal",
+    seed: int = 0,
+    strict: bool = False,
+    **_,
+) -> R.SourceScan:
     skips = R.SkipLog(strict)
     labels = tuple(c.strip() for c in label_columns.split(",") if c.strip())
     manifests = _parse_manifests(manifest, input_dir)
-    required = tuple(c for c in (image_column, text_column, split_column, id_column, group_column,
-                                 study_column, view_column, mask_column) if c) + labels
+    required = (
+        tuple(
+            c
+            for c in (
+                image_column,
+                text_column,
+                split_column,
+                id_column,
+                group_column,
+                study_column,
+                view_column,
+                mask_column,
+            )
+            if c
+        )
+        + labels
+    )
     boxes = read_boxes(os.path.join(input_dir, boxes_csv)) if boxes_csv else {}
     unmatched_boxes, manifest_values = set(boxes), []
     out: list[R.RawRecord] = []
@@ -95,21 +130,44 @@ def scan(input_dir: str, *, manifest: str = "", image_column: str = "image", ima
             if text_column and not text:
                 skips.skip(R.REPORT_MISSING, where, f"empty {text_column!r}")
                 continue
-            out.append(R.RawRecord(
-                split=split, image_path=image_path, image_id=image_id,
-                study_id=row[study_column] if study_column else image_id, subject_id=group,
-                view=row[view_column] if view_column else "", report=text, labels=coded, mask_path=mask_path,
-                boxes=tuple(b for _, b in image_boxes), box_labels=tuple(label for label, _ in image_boxes)))
+            out.append(
+                R.RawRecord(
+                    split=split,
+                    image_path=image_path,
+                    image_id=image_id,
+                    study_id=row[study_column] if study_column else image_id,
+                    subject_id=group,
+                    view=row[view_column] if view_column else "",
+                    report=text,
+                    labels=coded,
+                    mask_path=mask_path,
+                    boxes=tuple(b for _, b in image_boxes),
+                    box_labels=tuple(label for label, _ in image_boxes),
+                )
+            )
     notes = []
     if boxes and len(unmatched_boxes) == len(boxes):
         shown = sorted(boxes)[:3]
-        raise R.InputError(f"none of the {len(boxes)} images of {boxes_csv} is a value of the manifest's "
-                           f"{image_column!r} column (e.g. {', '.join(map(repr, shown))}; the manifest has values "
-                           f"like {', '.join(map(repr, manifest_values[:3]))}): name images in the boxes CSV exactly "
-                           f"as the manifest does")
+        raise R.InputError(
+            f"none of the {len(boxes)} images of {boxes_csv} is a value of the manifest's "
+            f"{image_column!r} column (e.g. {', '.join(map(repr, shown))}; the manifest has values "
+            f"like {', '.join(map(repr, manifest_values[:3]))}): name images in the boxes CSV exactly "
+            f"as the manifest does"
+        )
     if unmatched_boxes:
-        notes.append(f"{len(unmatched_boxes)} image(s) of {boxes_csv} match no manifest row, e.g. "
-                     f"{', '.join(sorted(unmatched_boxes)[:5])}")
+        notes.append(
+            f"{len(unmatched_boxes)} image(s) of {boxes_csv} match no manifest row, e.g. "
+            f"{', '.join(sorted(unmatched_boxes)[:5])}"
+        )
     annotations = (("mask",) if mask_column else ()) + (("boxes",) if boxes_csv else ())
-    return R.SourceScan("csv", os.path.basename(manifests[0][1]), labels, out, read, skips, DESCRIPTION,
-                        notes=notes, annotations=annotations)
+    return R.SourceScan(
+        "csv",
+        os.path.basename(manifests[0][1]),
+        labels,
+        out,
+        read,
+        skips,
+        DESCRIPTION,
+        notes=notes,
+        annotations=annotations,
+    )

@@ -5,6 +5,7 @@ Layout: `ecgen-radiology/<uid>.xml` (or `NLMCXR_reports.tgz` holding it) and the
 `iuxray_chexpert_labels.csv` (`subject_id` = report uid, 14 CheXpert columns). The XML has no view
 position, so `--views` cannot filter IU images; a seeded, patient(report)-level split is used.
 """
+
 from __future__ import annotations
 
 import glob
@@ -12,9 +13,9 @@ import os
 import tarfile
 import xml.etree.ElementTree as ET
 
-from mvlp_jax.data import records as R
 from data_prep.report_sections import join_report
 from data_prep.sources.tables import read_csv
+from mvlp_jax.data import records as R
 
 SOURCE_VERSION = "Open-i IU chest X-ray collection (NLMCXR)"
 DESCRIPTION = "Indiana University chest X-rays with radiology reports (Open-i)."
@@ -22,8 +23,7 @@ DESCRIPTION = "Indiana University chest X-rays with radiology reports (Open-i)."
 
 def _parse_report(xml_bytes: bytes) -> tuple[str, str, list[str]]:
     root = ET.fromstring(xml_bytes)
-    texts = {el.get("Label", "").upper(): " ".join((el.text or "").split())
-             for el in root.iter("AbstractText")}
+    texts = {el.get("Label", "").upper(): " ".join((el.text or "").split()) for el in root.iter("AbstractText")}
     image_ids = [el.get("id") for el in root.iter("parentImage") if el.get("id")]
     return texts.get("FINDINGS", ""), texts.get("IMPRESSION", ""), image_ids
 
@@ -45,11 +45,9 @@ def _iter_xml(input_dir: str):
         raise R.InputError(f"{input_dir}: neither ecgen-radiology/ nor NLMCXR_reports.tgz found")
 
 
-def scan(input_dir: str, *, strict: bool = False, labels_csv: str = "", seed: int = 0,
-         **_) -> R.SourceScan:
+def scan(input_dir: str, *, strict: bool = False, labels_csv: str = "", seed: int = 0, **_) -> R.SourceScan:
     skips = R.SkipLog(strict)
-    pngs = {os.path.basename(p)[:-4]: p
-            for p in glob.glob(os.path.join(input_dir, "**", "*.png"), recursive=True)}
+    pngs = {os.path.basename(p)[:-4]: p for p in glob.glob(os.path.join(input_dir, "**", "*.png"), recursive=True)}
     labels_of: dict[str, dict] = {}
     if labels_csv:
         for row in read_csv(labels_csv, ("subject_id",) + R.CHEXPERT_LABELS):
@@ -72,20 +70,39 @@ def scan(input_dir: str, *, strict: bool = False, labels_csv: str = "", seed: in
             if labels_csv:
                 row = labels_of.get(uid)
                 try:
-                    labels = (R.code_labels(row, R.CHEXPERT_LABELS) if row
-                              else (R.NOT_MENTIONED,) * len(R.CHEXPERT_LABELS))
+                    labels = (
+                        R.code_labels(row, R.CHEXPERT_LABELS) if row else (R.NOT_MENTIONED,) * len(R.CHEXPERT_LABELS)
+                    )
                 except ValueError as e:
                     skips.skip(R.BAD_LABEL_VALUE, path, f"report {uid}: {e}")
                     continue
-            out.append(R.RawRecord(
-                split=R.seeded_split(uid, seed), image_path=path, image_id=image_id, study_id=uid,
-                subject_id=uid, report=join_report(findings, impression), findings=findings,
-                impression=impression, labels=labels))
+            out.append(
+                R.RawRecord(
+                    split=R.seeded_split(uid, seed),
+                    image_path=path,
+                    image_id=image_id,
+                    study_id=uid,
+                    subject_id=uid,
+                    report=join_report(findings, impression),
+                    findings=findings,
+                    impression=impression,
+                    labels=labels,
+                )
+            )
     if read and not out and skips.counts.get(R.IMAGE_MISSING, 0) == read:
         raise R.InputError(
             f"IU X-ray: found the reports ({read} images referenced) but none of the images under "
             f"{input_dir}; expected PNGs named like CXR1_1_IM-0001-3001.png (Open-i NLMCXR_png.tgz). "
-            "To embed the reports without images, use precompute_text_embeddings --reports_csv.")
+            "To embed the reports without images, use precompute_text_embeddings --reports_csv."
+        )
     names = R.CHEXPERT_LABELS if labels_csv else ()
-    return R.SourceScan("iu_xray", SOURCE_VERSION, names, out, read, skips, DESCRIPTION,
-                        notes=["IU reports carry no view position: --views does not filter this source."])
+    return R.SourceScan(
+        "iu_xray",
+        SOURCE_VERSION,
+        names,
+        out,
+        read,
+        skips,
+        DESCRIPTION,
+        notes=["IU reports carry no view position: --views does not filter this source."],
+    )

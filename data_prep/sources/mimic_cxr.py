@@ -7,14 +7,15 @@ Layout (PhysioNet):
   mimic-cxr-2.0.0-chexpert.csv.gz   subject_id, study_id, 14 labels (1.0 / 0.0 / -1.0 / blank)
   mimic-cxr-reports.zip             files/pNN/pSUBJECT/sSTUDY.txt   (or the same tree unpacked)
 """
+
 from __future__ import annotations
 
 import os
 import zipfile
 
-from mvlp_jax.data import records as R
 from data_prep.report_sections import extract_findings_impression, join_report
 from data_prep.sources.tables import read_csv, read_text
+from mvlp_jax.data import records as R
 
 SOURCE_VERSION = "MIMIC-CXR-JPG 2.1.0 / MIMIC-CXR 2.0.0 reports"
 DESCRIPTION = "MIMIC-CXR chest radiographs (JPG) with free-text reports and CheXpert labels."
@@ -37,7 +38,7 @@ class _Reports:
             for name in self._zip.namelist():
                 if name.endswith(".txt"):
                     # Tolerate a leading folder inside the zip (e.g. 'mimic-cxr-reports/files/...').
-                    key = name[name.find("files/"):] if "files/" in name else name
+                    key = name[name.find("files/") :] if "files/" in name else name
                     self._names[key] = name
 
     def read(self, subject_id: str, study_id: str) -> str | None:
@@ -54,11 +55,14 @@ class _Reports:
 
 def scan(input_dir: str, *, views: str = "frontal", strict: bool = False, **_) -> R.SourceScan:
     skips = R.SkipLog(strict)
-    meta = read_csv(os.path.join(input_dir, "mimic-cxr-2.0.0-metadata.csv.gz"),
-                    ("dicom_id", "subject_id", "study_id", "ViewPosition"))
+    meta = read_csv(
+        os.path.join(input_dir, "mimic-cxr-2.0.0-metadata.csv.gz"),
+        ("dicom_id", "subject_id", "study_id", "ViewPosition"),
+    )
     split_rows = read_csv(os.path.join(input_dir, "mimic-cxr-2.0.0-split.csv.gz"), ("dicom_id", "split"))
-    label_rows = read_csv(os.path.join(input_dir, "mimic-cxr-2.0.0-chexpert.csv.gz"),
-                          ("subject_id", "study_id") + R.CHEXPERT_LABELS)
+    label_rows = read_csv(
+        os.path.join(input_dir, "mimic-cxr-2.0.0-chexpert.csv.gz"), ("subject_id", "study_id") + R.CHEXPERT_LABELS
+    )
     split_of = {row["dicom_id"]: row["split"] for row in split_rows}
     labels_of = {row["study_id"]: row for row in label_rows}
     reports = _Reports(input_dir)
@@ -89,14 +93,27 @@ def scan(input_dir: str, *, views: str = "frontal", strict: bool = False, **_) -
             continue
         label_row = labels_of.get(study_id)
         try:
-            labels = (R.code_labels(label_row, R.CHEXPERT_LABELS) if label_row
-                      else (R.NOT_MENTIONED,) * len(R.CHEXPERT_LABELS))
+            labels = (
+                R.code_labels(label_row, R.CHEXPERT_LABELS)
+                if label_row
+                else (R.NOT_MENTIONED,) * len(R.CHEXPERT_LABELS)
+            )
         except ValueError as e:
             skips.skip(R.BAD_LABEL_VALUE, image_path, f"study {study_id}: {e}")
             continue
         findings, impression = sections
-        out.append(R.RawRecord(
-            split=split, image_path=image_path, image_id=dicom_id, study_id=study_id,
-            subject_id=subject_id, view=view, report=join_report(findings, impression),
-            findings=findings, impression=impression, labels=labels))
+        out.append(
+            R.RawRecord(
+                split=split,
+                image_path=image_path,
+                image_id=dicom_id,
+                study_id=study_id,
+                subject_id=subject_id,
+                view=view,
+                report=join_report(findings, impression),
+                findings=findings,
+                impression=impression,
+                labels=labels,
+            )
+        )
     return R.SourceScan("mimic_cxr", SOURCE_VERSION, R.CHEXPERT_LABELS, out, len(meta), skips, DESCRIPTION)

@@ -1,4 +1,5 @@
 """Small CSV helpers shared by the sources: (gzipped) CSV reading with required-column checks."""
+
 from __future__ import annotations
 
 import csv
@@ -22,8 +23,10 @@ def read_csv(path: str, required: tuple[str, ...] = ()) -> list[dict[str, str]]:
                 raise InputError(f"{path}: missing required column(s) {missing}; has {reader.fieldnames}")
             return list(reader)
     except UnicodeDecodeError as error:
-        raise InputError(f"{path} is not UTF-8 text (byte {error.start} cannot be decoded): save it as UTF-8, e.g. "
-                         f"iconv -f latin1 -t utf-8 IN > OUT, and rerun") from error
+        raise InputError(
+            f"{path} is not UTF-8 text (byte {error.start} cannot be decoded): save it as UTF-8, e.g. "
+            f"iconv -f latin1 -t utf-8 IN > OUT, and rerun"
+        ) from error
 
 
 def read_text(data: bytes) -> str:

@@ -1,4 +1,5 @@
 """Reports to embed: from a built dataset (one per study) or from a CSV; empty texts are counted."""
+
 from __future__ import annotations
 
 import os
@@ -15,8 +16,7 @@ def render(template: str, fields: dict[str, str]) -> str:
     return text
 
 
-def from_dataset(data_dir: str, dataset: str, splits: list[str] | None, template: str
-                 ) -> tuple[dict[str, str], dict]:
+def from_dataset(data_dir: str, dataset: str, splits: list[str] | None, template: str) -> tuple[dict[str, str], dict]:
     """study_id -> text for the given splits of a dataset built by data_prep.build_dataset."""
     from mvlp_jax.data import built
 
@@ -32,8 +32,14 @@ def from_dataset(data_dir: str, dataset: str, splits: list[str] | None, template
             text = render(template, {k: record[k].decode() for k in ("report", "findings", "impression")})
             if texts.setdefault(study, text) != text:  # the images of a study should share its report
                 conflicting.add(study)
-    info = {"kind": "dataset", "name": name, "version": version, "splits": splits,
-            "fingerprint": built.fingerprint(builder, splits), **_conflicts(conflicting, f"{name}:{version}", "report")}
+    info = {
+        "kind": "dataset",
+        "name": name,
+        "version": version,
+        "splits": splits,
+        "fingerprint": built.fingerprint(builder, splits),
+        **_conflicts(conflicting, f"{name}:{version}", "report"),
+    }
     return texts, info
 
 
@@ -41,8 +47,10 @@ def _conflicts(conflicting: set[str], where: str, what: str) -> dict:
     """The count and first examples of ids whose rows disagree on their text, and a note saying so."""
     info = {"conflicting_duplicate_ids": len(conflicting), "conflicting_examples": sorted(conflicting)[:5]}
     if conflicting:
-        info["notes"] = [f"{len(conflicting)} ids of {where} have rows with different {what} texts (e.g. "
-                         f"{', '.join(sorted(conflicting)[:5])}); the first row of each is embedded"]
+        info["notes"] = [
+            f"{len(conflicting)} ids of {where} have rows with different {what} texts (e.g. "
+            f"{', '.join(sorted(conflicting)[:5])}); the first row of each is embedded"
+        ]
     return info
 
 
@@ -56,6 +64,11 @@ def from_csv(path: str, id_column: str, text_column: str) -> tuple[dict[str, str
         study, text = str(row[id_column]).strip(), " ".join((row[text_column] or "").split())
         if texts.setdefault(study, text) != text:
             conflicting.add(study)
-    info = {"kind": "csv", "path": os.path.abspath(path), "id_column": id_column, "text_column": text_column,
-            **_conflicts(conflicting, path, repr(text_column))}
+    info = {
+        "kind": "csv",
+        "path": os.path.abspath(path),
+        "id_column": id_column,
+        "text_column": text_column,
+        **_conflicts(conflicting, path, repr(text_column)),
+    }
     return texts, info

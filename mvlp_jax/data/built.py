@@ -1,4 +1,5 @@
 """Opening a dataset written by data_prep.build_dataset (`{data_dir}/{name}/{version}/`)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -14,13 +15,16 @@ def open_builder(data_dir: str, dataset: str) -> tuple[Any, str, str]:
     import tensorflow_datasets as tfds
 
     name, _, version = dataset.partition(":")
-    root = storage.check_exists(storage.join(data_dir, name), "dataset",
-                                f"dataset {name!r} not found under data dir {data_dir!r} (build it with python -m "
-                                f"data_prep.build_dataset)")
+    root = storage.check_exists(
+        storage.join(data_dir, name),
+        "dataset",
+        f"dataset {name!r} not found under data dir {data_dir!r} (build it with python -m data_prep.build_dataset)",
+    )
     versions = sorted(v.name for v in root.iterdir() if (v / "dataset_info.json").exists())
     if not versions or (version and version not in versions):
-        raise FileNotFoundError(f"dataset {name!r} has no complete version {version or ''} under {root} "
-                                f"(found {versions})")
+        raise FileNotFoundError(
+            f"dataset {name!r} has no complete version {version or ''} under {root} (found {versions})"
+        )
     version = version or versions[-1]
     return tfds.builder_from_directory(os.fspath(root / version)), name, version
 
@@ -37,8 +41,11 @@ def open_split(builder: Any, split: str, decode_images: bool = False) -> Any:
     available = list(builder.info.splits)
     if split not in available:
         raise ValueError(f"dataset {builder.info.name} has no split {split!r}; it has {available}")
-    decoders = None if decode_images else {key: tfds.decode.SkipDecoding() for key in ("image", "mask")
-                                           if key in builder.info.features}
+    decoders = (
+        None
+        if decode_images
+        else {key: tfds.decode.SkipDecoding() for key in ("image", "mask") if key in builder.info.features}
+    )
     return builder.as_data_source(split, decoders=decoders)
 
 
@@ -49,18 +56,28 @@ def fingerprint(builder: Any, splits: list[str] | None = None) -> dict:
     rebuild (builds are deterministic) does not."""
     info = builder.info
     chosen = sorted(splits or info.splits)
-    per_split = {s: {"examples": int(info.splits[s].num_examples),
-                     "shards": [int(n) for n in info.splits[s].shard_lengths], "bytes": int(info.splits[s].num_bytes)}
-                 for s in chosen}
+    per_split = {
+        s: {
+            "examples": int(info.splits[s].num_examples),
+            "shards": [int(n) for n in info.splits[s].shard_lengths],
+            "bytes": int(info.splits[s].num_bytes),
+        }
+        for s in chosen
+    }
     identity = {"name": info.name, "version": str(info.version), "splits": per_split, "features": repr(info.features)}
-    return {"dataset": f"{info.name}:{info.version}", "splits": per_split,
-            "sha256": hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()}
+    return {
+        "dataset": f"{info.name}:{info.version}",
+        "splits": per_split,
+        "sha256": hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest(),
+    }
 
 
 def describe_change(before: dict, after: dict) -> str:
     """How two fingerprints of a dataset differ, in words."""
-    changes = [f"{split} {before['splits'].get(split, {}).get('examples', 0)} -> "
-               f"{after['splits'].get(split, {}).get('examples', 0)} records"
-               for split in sorted(set(before["splits"]) | set(after["splits"]))
-               if before["splits"].get(split) != after["splits"].get(split)]
+    changes = [
+        f"{split} {before['splits'].get(split, {}).get('examples', 0)} -> "
+        f"{after['splits'].get(split, {}).get('examples', 0)} records"
+        for split in sorted(set(before["splits"]) | set(after["splits"]))
+        if before["splits"].get(split) != after["splits"].get(split)
+    ]
     return ", ".join(changes) or "its features changed"

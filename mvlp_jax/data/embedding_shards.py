@@ -9,6 +9,7 @@ Shards are `embeddings-SSSSS-of-NNNNN.array_record`; `manifest.json` describes t
 `<shard>.json` records what it was made from (its study ids, the sha256 of their texts, the sha256 of the
 settings) and its own size and sha256: a shard without it, or whose bytes or inputs differ, is not complete.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,11 +30,14 @@ SHARD_PATTERN = "embeddings-{index:05d}-of-{count:05d}.array_record"
 _SHARD_RE = re.compile(r"embeddings-(\d{5})-of-(\d{5})\.array_record$")
 
 
-def encode(study_id: str, mean: np.ndarray, last: np.ndarray, dtype: str,
-           tokens: np.ndarray | None = None) -> bytes:
-    record = {"study_id": study_id, "dim": int(mean.shape[-1]), "dtype": dtype,
-              "mean": mean.astype(dtype).astype(np.dtype(dtype).newbyteorder("<")).tobytes(),
-              "last": last.astype(dtype).astype(np.dtype(dtype).newbyteorder("<")).tobytes()}
+def encode(study_id: str, mean: np.ndarray, last: np.ndarray, dtype: str, tokens: np.ndarray | None = None) -> bytes:
+    record = {
+        "study_id": study_id,
+        "dim": int(mean.shape[-1]),
+        "dtype": dtype,
+        "mean": mean.astype(dtype).astype(np.dtype(dtype).newbyteorder("<")).tobytes(),
+        "last": last.astype(dtype).astype(np.dtype(dtype).newbyteorder("<")).tobytes(),
+    }
     if tokens is not None:
         record["tokens"] = tokens.astype(np.dtype(dtype).newbyteorder("<")).tobytes()
         record["num_tokens"] = int(tokens.shape[0])
@@ -43,12 +47,15 @@ def encode(study_id: str, mean: np.ndarray, last: np.ndarray, dtype: str,
 def decode(data: bytes) -> dict:
     record = msgpack.unpackb(data)
     dtype = np.dtype(record["dtype"]).newbyteorder("<")
-    out = {"study_id": record["study_id"],
-           "mean": np.frombuffer(record["mean"], dtype).astype(record["dtype"]),
-           "last": np.frombuffer(record["last"], dtype).astype(record["dtype"])}
+    out = {
+        "study_id": record["study_id"],
+        "mean": np.frombuffer(record["mean"], dtype).astype(record["dtype"]),
+        "last": np.frombuffer(record["last"], dtype).astype(record["dtype"]),
+    }
     if "tokens" in record:
-        out["tokens"] = np.frombuffer(record["tokens"], dtype).astype(record["dtype"]).reshape(
-            record["num_tokens"], record["dim"])
+        out["tokens"] = (
+            np.frombuffer(record["tokens"], dtype).astype(record["dtype"]).reshape(record["num_tokens"], record["dim"])
+        )
     return out
 
 
@@ -127,8 +134,10 @@ def read_shard(path: str) -> list[dict]:
         reader = ArrayRecordReader(path)
         return [decode(r) for r in reader.read_all()]
     except (RuntimeError, ValueError, msgpack.exceptions.ExtraData, msgpack.exceptions.UnpackException) as error:
-        raise ValueError(f"embedding shard {path} cannot be read ({str(error).splitlines()[0][:160]}): rerun "
-                         f"data_prep.precompute_text_embeddings with the same flags to redo it") from error
+        raise ValueError(
+            f"embedding shard {path} cannot be read ({str(error).splitlines()[0][:160]}): rerun "
+            f"data_prep.precompute_text_embeddings with the same flags to redo it"
+        ) from error
     finally:
         if reader is not None:
             reader.close()
@@ -160,8 +169,16 @@ class EmbeddingIndex:
         return decode(self._readers[shard].read([index])[0])
 
 
-FINGERPRINT_KEYS = ("model", "weights_sha256", "layer", "hidden_size", "poolings", "store_dtype", "max_tokens",
-                    "text_template")
+FINGERPRINT_KEYS = (
+    "model",
+    "weights_sha256",
+    "layer",
+    "hidden_size",
+    "poolings",
+    "store_dtype",
+    "max_tokens",
+    "text_template",
+)
 
 
 def fingerprint(output_dir: str) -> dict:
@@ -171,8 +188,10 @@ def fingerprint(output_dir: str) -> dict:
     layer, reports embedded again, shards rewritten by other tools) change it; the same shards moved to another
     folder do not, unless shards without a record move between a disk and a bucket (sha256 against MD5)."""
     manifest = read_manifest(output_dir)
-    shards = {os.path.basename(p): (read_provenance(p) or {}).get("sha256") or storage.file_digest(p)
-              for p in shard_paths(output_dir)}
+    shards = {
+        os.path.basename(p): (read_provenance(p) or {}).get("sha256") or storage.file_digest(p)
+        for p in shard_paths(output_dir)
+    }
     settings = {k: manifest.get(k) for k in FINGERPRINT_KEYS}
     digest = hashlib.sha256(json.dumps({"settings": settings, "shards": shards}, sort_keys=True).encode())
     return {**settings, "shards": len(shards), "sha256": digest.hexdigest()}

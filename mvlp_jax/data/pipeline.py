@@ -5,31 +5,33 @@ NumPy generator seeded by (seed, position in the stream). Process p of P reads l
 `step * P + p` of the stream cut into local batches, so the global batch of a step is the same
 records in the same order on 1 host or on P hosts, and resuming at step s only needs s.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import grain
 import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from mvlp_jax.data import built
-from mvlp_jax.runtime import run_inputs
+from mvlp_jax.data import built, studies, views
 from mvlp_jax.data import targets as targets_lib
-from mvlp_jax.data import studies, views
 from mvlp_jax.objectives import combine, registry
+from mvlp_jax.runtime import run_inputs
 
 
 @dataclass
 class TrainRecords:
     """What the pipeline reads: the split, the examples kept (images, or studies of several), their LLM target
     rows."""
+
     source: Any
-    indices: np.ndarray               # kept record index into `source` per example ((E, max_views), -1 padded,
-                                      # for studies)
-    target_rows: np.ndarray | None    # row in `table.vectors` per example
+    indices: np.ndarray  # kept record index into `source` per example ((E, max_views), -1 padded,
+    # for studies)
+    target_rows: np.ndarray | None  # row in `table.vectors` per example
     table: targets_lib.TargetTable | None
     where: str
     view_types: np.ndarray | None = None  # studies: (E, max_views) vit.VIEW_TYPES index per slot
@@ -43,45 +45,68 @@ def open_records(config: ml_collections.ConfigDict) -> TrainRecords:
     where = f"{name}:{version}/{config.data.train_split}"
     stored = built.channels(builder)
     if config.data.channels not in (0, stored):
-        raise ValueError(f"config.data.channels={config.data.channels}, but {where} stores {stored}-channel images: "
-                         f"set 0 (take the dataset's) or rebuild the dataset with --channels={config.data.channels}")
+        raise ValueError(
+            f"config.data.channels={config.data.channels}, but {where} stores {stored}-channel images: "
+            f"set 0 (take the dataset's) or rebuild the dataset with --channels={config.data.channels}"
+        )
     config.data.channels = stored  # the encoder reads what the dataset stores; config.json records it
     if len(source) == 0:
         raise ValueError(f"{where} has no records")
     grouped = config.data.max_views > 1
     if grouped or registry.needs_targets(config):
-        keys = [(r["study_id"].decode(), r["view"].decode()) for r in
-                (source[i] for i in tqdm(range(len(source)), desc="reading study ids", unit="img",
-                                         disable=len(source) < 10_000))]
+        keys = [
+            (r["study_id"].decode(), r["view"].decode())
+            for r in (
+                source[i]
+                for i in tqdm(range(len(source)), desc="reading study ids", unit="img", disable=len(source) < 10_000)
+            )
+        ]
         study_ids = [study for study, _ in keys]
     if grouped:
         most, blank = studies.largest(study_ids), sum(not s.strip() for s in study_ids)
         if blank:
             print(f"{where}: {blank} images have no study id: each is a study of its own", flush=True)
         if config.data.max_views > max(most, 2):  # padding slots cost memory and compute, and nothing fills them
-            print(f"{where}: data.max_views={config.data.max_views}, but its largest study has {most} images: "
-                  f"clamped to {max(most, 2)}", flush=True)
+            print(
+                f"{where}: data.max_views={config.data.max_views}, but its largest study has {most} images: "
+                f"clamped to {max(most, 2)}",
+                flush=True,
+            )
             config.data.max_views = max(most, 2)
         indices, view_types, study_ids = studies.group(study_ids, [view for _, view in keys], config.data.max_views)
     else:
         indices, view_types = np.arange(len(source)), None
     if not registry.needs_targets(config):
-        return TrainRecords(source, indices, None, None, where, view_types,
-                            run_inputs.current(builder, config.data.train_split, ""))
+        return TrainRecords(
+            source, indices, None, None, where, view_types, run_inputs.current(builder, config.data.train_split, "")
+        )
     if not config.data.embeddings_dir:
         needing = [spec.name for spec in registry.configured(config) if spec.needs_targets]
-        raise ValueError(f"objectives {', '.join(needing)} need config.data.embeddings_dir "
-                         "(the output of data_prep.precompute_text_embeddings)")
+        raise ValueError(
+            f"objectives {', '.join(needing)} need config.data.embeddings_dir "
+            "(the output of data_prep.precompute_text_embeddings)"
+        )
     table = targets_lib.load_targets(config.data.embeddings_dir, config.contrastive.target)
-    targets_lib.check_source(table.manifest, builder, config.data.embeddings_dir,
-                             config.data.get("embeddings_any_source", False), config.data.allow_changed_inputs)
+    targets_lib.check_source(
+        table.manifest,
+        builder,
+        config.data.embeddings_dir,
+        config.data.get("embeddings_any_source", False),
+        config.data.allow_changed_inputs,
+    )
     rows = targets_lib.join(study_ids, table, config.data.allow_missing_embeddings, where)
     keep = rows >= 0
     if not keep.any():
         raise ValueError(f"no image of {where} has an LLM embedding in {config.data.embeddings_dir}")
-    return TrainRecords(source, indices[keep], rows[keep], table, where,
-                        None if view_types is None else view_types[keep],
-                        run_inputs.current(builder, config.data.train_split, config.data.embeddings_dir))
+    return TrainRecords(
+        source,
+        indices[keep],
+        rows[keep],
+        table,
+        where,
+        None if view_types is None else view_types[keep],
+        run_inputs.current(builder, config.data.train_split, config.data.embeddings_dir),
+    )
 
 
 class Preprocess(grain.transforms.RandomMap):
@@ -124,8 +149,9 @@ class Preprocess(grain.transforms.RandomMap):
         and the objectives' own views of the study."""
         records, types = self.records.indices[kept], self.records.view_types[kept]
         present = np.flatnonzero(records >= 0)
-        inputs = [views.ViewInputs.of(self.records.source[int(records[slot])]["image"], self.config, rng)
-                  for slot in present]
+        inputs = [
+            views.ViewInputs.of(self.records.source[int(records[slot])]["image"], self.config, rng) for slot in present
+        ]
         example = {}
         if any(spec.uses_image for spec in specs):
             image = np.zeros(self.zeros["image"].shape, np.float32)
@@ -142,15 +168,20 @@ def _with_position(position: int, kept: int) -> tuple[int, int]:
     return position, kept
 
 
-def local_batches(records: TrainRecords, config: ml_collections.ConfigDict, process_index: int,
-                  process_count: int) -> grain.MapDataset:
+def local_batches(
+    records: TrainRecords, config: ml_collections.ConfigDict, process_index: int, process_count: int
+) -> grain.MapDataset:
     """MapDataset whose element s is this process's share of global batch s (infinite, random access)."""
     if config.data.batch_size % process_count:
         raise ValueError(f"data.batch_size={config.data.batch_size} is not divisible by {process_count} processes")
     local = config.data.batch_size // process_count
-    stream = (grain.MapDataset.range(len(records.indices)).shuffle(seed=config.seed).repeat(None)
-              .map_with_index(_with_position)
-              .random_map(Preprocess(records, config, config.data.batch_size), seed=config.seed))
+    stream = (
+        grain.MapDataset.range(len(records.indices))
+        .shuffle(seed=config.seed)
+        .repeat(None)
+        .map_with_index(_with_position)
+        .random_map(Preprocess(records, config, config.data.batch_size), seed=config.seed)
+    )
     return stream.batch(local, drop_remainder=True)[process_index::process_count]
 
 
@@ -165,13 +196,16 @@ class TrainIterator:
 
     def _open(self, start: int) -> Iterator:
         dataset = self._batches[start:].to_iter_dataset(
-            grain.ReadOptions(num_threads=self._config.data.num_threads,
-                              prefetch_buffer_size=max(self._config.data.prefetch, self._config.data.num_threads)))
+            grain.ReadOptions(
+                num_threads=self._config.data.num_threads,
+                prefetch_buffer_size=max(self._config.data.prefetch, self._config.data.num_threads),
+            )
+        )
         if self._config.data.num_workers:
             dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._config.data.num_workers))
         return iter(dataset)
 
-    def __iter__(self) -> "TrainIterator":
+    def __iter__(self) -> TrainIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:

@@ -5,23 +5,47 @@ decoding images; `tfds_builder` then decodes, resizes and writes them. Anything 
 decoder rejects goes through one `SkipLog`, so `build_report.json` counts every dropped record by
 reason, and `--strict` turns the first one into an error that names the file.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Sequence
+from collections.abc import Sequence
 
 # Label coding shared by every source and by the rest of the project.
 POSITIVE, NEGATIVE, UNCERTAIN, NOT_MENTIONED = 1, 0, -1, -2
 
 CHEXPERT_LABELS = (
-    "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum",
-    "Fracture", "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other",
-    "Pneumonia", "Pneumothorax", "Support Devices",
+    "Atelectasis",
+    "Cardiomegaly",
+    "Consolidation",
+    "Edema",
+    "Enlarged Cardiomediastinum",
+    "Fracture",
+    "Lung Lesion",
+    "Lung Opacity",
+    "No Finding",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Pneumonia",
+    "Pneumothorax",
+    "Support Devices",
 )  # the column order of mimic-cxr-2.0.0-chexpert.csv
 NIH14_LABELS = (
-    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
-    "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
+    "Atelectasis",
+    "Cardiomegaly",
+    "Effusion",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pneumonia",
+    "Pneumothorax",
+    "Consolidation",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Pleural_Thickening",
+    "Hernia",
 )
 
 # Skip reasons, as they appear in build_report.json.
@@ -50,6 +74,7 @@ class InputError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class RawRecord:
     """One image to write, before decoding. Text fields are '' when the source has none."""
+
     split: str
     image_path: str
     image_id: str
@@ -68,12 +93,13 @@ class RawRecord:
 @dataclasses.dataclass
 class SourceScan:
     """A source's scan result: the records per split plus what the builder writes as metadata."""
+
     source: str
     source_version: str
     label_names: tuple[str, ...]
     records: list[RawRecord]
     records_read: int
-    skips: "SkipLog"
+    skips: SkipLog
     description: str = ""
     notes: list[str] = dataclasses.field(default_factory=list)
     annotations: tuple[str, ...] = ()  # dense annotations every record carries: "mask", "boxes"
@@ -119,11 +145,11 @@ class SkipLog:
         if len(shown) < self.max_examples:
             shown.append(message)
 
-    def merge(self, other: "SkipLog") -> None:
+    def merge(self, other: SkipLog) -> None:
         for reason, count in other.counts.items():
             self.counts[reason] = self.counts.get(reason, 0) + count
             room = self.max_examples - len(self.examples.setdefault(reason, []))
-            self.examples[reason].extend(other.examples.get(reason, [])[:max(room, 0)])
+            self.examples[reason].extend(other.examples.get(reason, [])[: max(room, 0)])
 
     @property
     def total(self) -> int:

@@ -1,5 +1,6 @@
 """A split's images grouped into studies for the multi-view encoder: frontal views first, then laterals, then
 the others (vit.VIEW_TYPES), at most `max_views` per study, the rest padding."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -31,8 +32,8 @@ def group(study_ids: list[str], views: list[str], max_views: int) -> tuple[np.nd
     types = np.zeros((len(order), max_views), np.int32)
     for s, key in enumerate(keys):
         ranked = sorted(members[key], key=lambda i: (view_type(views[i]), i))[:max_views]
-        records[s, :len(ranked)] = ranked
-        types[s, :len(ranked)] = [view_type(views[i]) for i in ranked]
+        records[s, : len(ranked)] = ranked
+        types[s, : len(ranked)] = [view_type(views[i]) for i in ranked]
     return records, types, order
 
 

@@ -3,6 +3,7 @@
 Pure functions of (image, numpy Generator), so a grain `random_map` makes them deterministic per record
 position: the same seed and step give the same pixels on any number of hosts or workers.
 """
+
 from __future__ import annotations
 
 import io
@@ -25,9 +26,14 @@ def png_shape(data: bytes) -> tuple[int, int]:
         return image.height, image.width
 
 
-def random_resized_crop_box(height: int, width: int, scale: tuple[float, float], rng: np.random.Generator,
-                            ratio: tuple[float, float] = (3 / 4, 4 / 3), attempts: int = 10
-                            ) -> tuple[int, int, int, int]:
+def random_resized_crop_box(
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    rng: np.random.Generator,
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    attempts: int = 10,
+) -> tuple[int, int, int, int]:
     """(top, left, h, w) of a crop covering a random `scale` fraction of the area with a random aspect
     `ratio` (torchvision's RandomResizedCrop); falls back to the largest centred crop of the ratio range."""
     area = height * width
@@ -49,10 +55,11 @@ def random_resized_crop_box(height: int, width: int, scale: tuple[float, float],
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def crop_resize(image: np.ndarray, box: tuple[int, int, int, int], size: int,
-                resample: Image.Resampling = Image.BILINEAR) -> np.ndarray:
+def crop_resize(
+    image: np.ndarray, box: tuple[int, int, int, int], size: int, resample: Image.Resampling = Image.BILINEAR
+) -> np.ndarray:
     top, left, h, w = box
-    crop = Image.fromarray(image[top:top + h, left:left + w])
+    crop = Image.fromarray(image[top : top + h, left : left + w])
     return np.asarray(crop.resize((size, size), resample, reducing_gap=None))
 
 
@@ -63,8 +70,7 @@ def center_crop_resize(image: np.ndarray, size: int, resample: Image.Resampling 
     return crop_resize(image, ((h - side) // 2, (w - side) // 2, side, side), size, resample)
 
 
-def intensity_jitter(pixels: np.ndarray, brightness: float, contrast: float, rng: np.random.Generator
-                     ) -> np.ndarray:
+def intensity_jitter(pixels: np.ndarray, brightness: float, contrast: float, rng: np.random.Generator) -> np.ndarray:
     """float pixels in [0, 255]: contrast around the image mean, then a brightness shift; clipped."""
     x = pixels.astype(np.float32)
     if contrast:

@@ -1,6 +1,7 @@
 """The views objectives train on, built from one decoded image: the augmented training image, DINO's
 multi-crop, the query-box region with its target box. Pixels stay uint8 until augmented; every draw comes
 from the caller's rng."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,7 +29,7 @@ def eval_study(records: list[dict], types: np.ndarray, config: ml_collections.Co
     for its `records` (at most V = len(types), frontal first)."""
     views = [eval_image(record["image"], config) for record in records]
     image = np.zeros((len(types), *views[0].shape), np.float32)
-    image[:len(views)] = views
+    image[: len(views)] = views
     mask = np.arange(len(types)) < len(views)
     return {"image": image, "view_type": np.asarray(types, np.int32), "view_mask": mask}
 
@@ -37,6 +38,7 @@ def eval_study(records: list[dict], types: np.ndarray, config: ml_collections.Co
 class ViewInputs:
     """What an objective's views are built from, per example: the decoded image (H, W) or (H, W, 3) uint8, and
     the training crop (the random resized crop before intensity jitter, (S, S[, 3]) uint8) made on first use."""
+
     decoded: np.ndarray
     config: ml_collections.ConfigDict
     rng: np.random.Generator
@@ -50,8 +52,9 @@ class ViewInputs:
     @property
     def crop(self) -> np.ndarray:
         if self._crop is None:
-            box = transforms.random_resized_crop_box(*self.decoded.shape[:2], tuple(self.config.data.crop_scale),
-                                                     self.rng)
+            box = transforms.random_resized_crop_box(
+                *self.decoded.shape[:2], tuple(self.config.data.crop_scale), self.rng
+            )
             self._crop = transforms.crop_resize(self.decoded, box, self.config.model.image_size)
         return self._crop
 
@@ -68,12 +71,22 @@ def training_image(inputs: ViewInputs) -> np.ndarray:
     return inputs.normalise(inputs.jitter(inputs.crop))
 
 
-def multi_crop(sources: list[np.ndarray], global_from: tuple[int, int], local_from: list[int], global_size: int,
-               local_size: int, global_scale: tuple[float, float], local_scale: tuple[float, float],
-               brightness: float, contrast: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def multi_crop(
+    sources: list[np.ndarray],
+    global_from: tuple[int, int],
+    local_from: list[int],
+    global_size: int,
+    local_size: int,
+    global_scale: tuple[float, float],
+    local_scale: tuple[float, float],
+    brightness: float,
+    contrast: float,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
     """(2, G, G[, C]) global and (len(local_from), L, L[, C]) local crops, crop i of `sources[global_from[i]]`
     (resp. `local_from`), each source (H, W[, C]) uint8 (one image, or a study's views), each crop with its own
     random resized crop and intensity jitter; float32 in [0, 255]."""
+
     def views(picks: list[int], size: int, scale: tuple[float, float]) -> np.ndarray:
         out = np.zeros((len(picks), size, size, *sources[0].shape[2:]), np.float32)
         for i, pick in enumerate(picks):
@@ -81,11 +94,13 @@ def multi_crop(sources: list[np.ndarray], global_from: tuple[int, int], local_fr
             box = transforms.random_resized_crop_box(*pixels.shape[:2], scale, rng)
             out[i] = transforms.intensity_jitter(transforms.crop_resize(pixels, box, size), brightness, contrast, rng)
         return out
+
     return views(list(global_from), global_size, global_scale), views(list(local_from), local_size, local_scale)
 
 
-def query_region(image: np.ndarray, size: int, scale: tuple[float, float], rng: np.random.Generator
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def query_region(
+    image: np.ndarray, size: int, scale: tuple[float, float], rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """A random region of `image` (S, S[, 3]) uint8 resized to (size, size), and its box (cx, cy, w, h) as
     fractions of the image: the target the model predicts from (image, region)."""
     height, width = image.shape[:2]

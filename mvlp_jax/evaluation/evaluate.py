@@ -7,6 +7,7 @@
 `config.evaluator` picks the evaluator (evaluation/registry.py); each writes DIR/results.json (everything),
 DIR/results.md (its table) and its pictures, and prints its rows as they come.
 """
+
 from __future__ import annotations
 
 from absl import flags

@@ -1,10 +1,12 @@
 """Frozen features of a labelled split: an encoder (pretrain/encoder.py) run once over it, cached on disk."""
+
 from __future__ import annotations
 
 import hashlib
 import io
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import grain
 import jax
@@ -45,31 +47,46 @@ def labelled_split(data_dir: str, dataset: str, split: str):
 def read_labels(source) -> tuple[np.ndarray, np.ndarray]:
     """(labels int8 (N, L) coded 1/0/-1/-2, patient ids (N,)) without decoding images."""
     rows = [source[i] for i in range(len(source))]
-    return (np.stack([r["labels"] for r in rows]).astype(np.int8),
-            np.array([r["subject_id"].decode() for r in rows]))
+    return (np.stack([r["labels"] for r in rows]).astype(np.int8), np.array([r["subject_id"].decode() for r in rows]))
 
 
-def extract(encoder: Encoder, source, pooling: str, batch_size: int, mesh: jax.sharding.Mesh,
-            cache_dir: str, where: str, data_fingerprint: str) -> np.ndarray:
+def extract(
+    encoder: Encoder,
+    source,
+    pooling: str,
+    batch_size: int,
+    mesh: jax.sharding.Mesh,
+    cache_dir: str,
+    where: str,
+    data_fingerprint: str,
+) -> np.ndarray:
     """(N, D) float32 features of every record (centre crop, the training normalisation), cached on disk.
 
     The cache key is what the features depend on: the parameters' fingerprint, the split's fingerprint
     and the preprocessing; a checkpoint retrained under the same name or step never reuses old features."""
     c = encoder.config
-    identity = {"params": encoder.fingerprint, "data": data_fingerprint, "where": where, "pooling": pooling,
-                "image_size": c.model.image_size, "mean": c.data.mean, "std": c.data.std, "records": len(source)}
+    identity = {
+        "params": encoder.fingerprint,
+        "data": data_fingerprint,
+        "where": where,
+        "pooling": pooling,
+        "image_size": c.model.image_size,
+        "mean": c.data.mean,
+        "std": c.data.std,
+        "records": len(source),
+    }
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
     safe_name = encoder.name.replace("/", "_")
     path = storage.path(cache_dir) / f"{safe_name}-{encoder.step}-{pooling}-{key}.npy"
     if encoder.fingerprint and path.exists():
         return np.load(io.BytesIO(path.read_bytes()))
     if isinstance(source, Studies):
-        forward = lambda p, x: encoder.model.apply({"params": p}, x["image"], x["view_type"], x["view_mask"],
-                                                   pooling, method=Pretrainer.study_features)
+        forward = lambda p, x: encoder.model.apply(
+            {"params": p}, x["image"], x["view_type"], x["view_mask"], pooling, method=Pretrainer.study_features
+        )
     else:
         forward = lambda p, x: encoder.model.apply({"params": p}, x, pooling, method=Pretrainer.features)
-    features = apply_to_split(forward, encoder.params, source, c, batch_size, mesh,
-                              f"features {encoder.name} {where}")
+    features = apply_to_split(forward, encoder.params, source, c, batch_size, mesh, f"features {encoder.name} {where}")
     buffer = io.BytesIO()
     np.save(buffer, features)
     storage.write_bytes(path, buffer.getvalue())
@@ -77,15 +94,23 @@ def extract(encoder: Encoder, source, pooling: str, batch_size: int, mesh: jax.s
     return features
 
 
-def apply_to_split(forward: Callable, params: Any, source, config: ml_collections.ConfigDict, batch_size: int,
-                   mesh: jax.sharding.Mesh, desc: str) -> np.ndarray:
+def apply_to_split(
+    forward: Callable,
+    params: Any,
+    source,
+    config: ml_collections.ConfigDict,
+    batch_size: int,
+    mesh: jax.sharding.Mesh,
+    desc: str,
+) -> np.ndarray:
     """`forward(params, images)` over every record of `source` (centre crop at the model's size, the training
     normalisation), batch-sharded over all devices of `mesh`; float32 (N, ...) in record order. Over `Studies`,
     `forward(params, {"image", "view_type", "view_mask"})` (views.eval_study)."""
     per_device = -(-batch_size // mesh.devices.size)
     batch = per_device * mesh.devices.size
-    prep = lambda r: (views.eval_study(r["views"], r["view_types"], config) if "views" in r
-                      else views.eval_image(r["image"], config))
+    prep = lambda r: (
+        views.eval_study(r["views"], r["view_types"], config) if "views" in r else views.eval_image(r["image"], config)
+    )
     n = len(source)
     padded = grain.MapDataset.range(-(-n // batch) * batch).map(lambda i: prep(source[min(i, n - 1)])).batch(batch)
     jitted = jax.jit(forward, out_shardings=sharding.replicated(mesh))
@@ -105,8 +130,9 @@ class Studies:
     def __init__(self, source, max_views: int):
         records = [source[i] for i in range(len(source))]
         self.source, self.max_views = source, max_views
-        self.indices, self.types, self.ids = studies.group([r["study_id"].decode() for r in records],
-                                                           [r["view"].decode() for r in records], max_views)
+        self.indices, self.types, self.ids = studies.group(
+            [r["study_id"].decode() for r in records], [r["view"].decode() for r in records], max_views
+        )
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -143,6 +169,8 @@ def text_features(table, source, where: str) -> np.ndarray:
     study_ids = [source[i]["study_id"].decode() for i in range(len(source))]
     missing = sorted({s for s in study_ids if s not in rows})
     if missing:
-        raise ValueError(f"{len(missing)} studies of {where} have no stored embedding, e.g. {', '.join(missing[:5])}; "
-                         f"embed the dataset with data_prep.precompute_text_embeddings --dataset=...")
+        raise ValueError(
+            f"{len(missing)} studies of {where} have no stored embedding, e.g. {', '.join(missing[:5])}; "
+            f"embed the dataset with data_prep.precompute_text_embeddings --dataset=..."
+        )
     return table.vectors[[rows[s] for s in study_ids]].astype(np.float32)

@@ -1,6 +1,7 @@
 """Multi-label evaluation metrics: ROC AUC (ties averaged, as sklearn), mean AUC, exact-match accuracy and
 average precision (their intervals: statistics.py). NumPy only; a mask marks labels that count (uncertain labels
 under the `ignore` policy are masked out of every metric)."""
+
 from __future__ import annotations
 
 import warnings
@@ -59,8 +60,11 @@ def summary(labels: np.ndarray, probs: np.ndarray, mask: np.ndarray, names: list
     aucs = per_label(labels, probs, mask, roc_auc)
     missing = [n for n, a in zip(names, aucs) if not np.isfinite(a)]
     if missing:
-        warnings.warn(f"left out of mAUC (a class is absent from this set): {', '.join(missing)}")
-    return {"mauc": mean_auc(labels, probs, mask), "accuracy": exact_match_accuracy(labels, probs, mask),
-            "auc": dict(zip(names, map(float, aucs))),
-            "ap": dict(zip(names, map(float, per_label(labels, probs, mask, average_precision)))),
-            "labels_without_both_classes": missing}
+        warnings.warn(f"left out of mAUC (a class is absent from this set): {', '.join(missing)}", stacklevel=2)
+    return {
+        "mauc": mean_auc(labels, probs, mask),
+        "accuracy": exact_match_accuracy(labels, probs, mask),
+        "auc": dict(zip(names, map(float, aucs))),
+        "ap": dict(zip(names, map(float, per_label(labels, probs, mask, average_precision)))),
+        "labels_without_both_classes": missing,
+    }

@@ -3,6 +3,7 @@
 Features are standardised with the training split's statistics. The L2 strength and the learning rate
 are chosen on the validation split, and training stops early at the validation loss minimum.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ def _train(x, y, m, xv, yv, mv, l2: float, lr: float, max_steps: int, eval_every
             updates, state = tx.update(grads, state)
             w, b = optax.apply_updates((w, b), updates)
             return (w, b, state), None
+
         (w, b, state), _ = jax.lax.scan(step, (w, b, state), None, length=eval_every)
         return w, b, state, _masked_bce(w, b, xv, yv, mv)
 
@@ -66,8 +68,18 @@ def _train(x, y, m, xv, yv, mv, l2: float, lr: float, max_steps: int, eval_every
     return best
 
 
-def fit(train_x, train_y, train_m, val_x, val_y, val_m, l2_grid=(0.0, 1e-4, 1e-3, 1e-2, 1e-1),
-        lr_grid=(1e-2, 1e-1), max_steps: int = 2000, eval_every: int = 25) -> Probe:
+def fit(
+    train_x,
+    train_y,
+    train_m,
+    val_x,
+    val_y,
+    val_m,
+    l2_grid=(0.0, 1e-4, 1e-3, 1e-2, 1e-1),
+    lr_grid=(1e-2, 1e-1),
+    max_steps: int = 2000,
+    eval_every: int = 25,
+) -> Probe:
     """Best probe over the (l2, lr) grid by validation mAUC (ties: lower validation loss)."""
     mean = train_x.mean(0)
     std = train_x.std(0) + 1e-6

@@ -1,6 +1,7 @@
 """The evaluators `config.evaluator` may name, and the evaluation binary's config table: the common rows, each
 evaluator's own rows and the `evaluator` key itself. A new evaluator is one module exporting
 `EVALUATOR = common.Evaluator(...)` and one line below (or a `register` call, as tests do)."""
+
 from __future__ import annotations
 
 import ml_collections
@@ -32,9 +33,13 @@ def get(name: str) -> common.Evaluator:
 
 def table() -> schema.Table:
     """Every evaluation key: `evaluator`, the common rows, then each registered evaluator's own."""
-    rows: schema.Table = {"evaluator": (
-        "classification", schema.Rule(lambda v: v in EVALUATORS, lambda: f"must be one of {', '.join(EVALUATORS)}"),
-        "What to evaluate: " + "; ".join(f"'{e.name}': {e.description}" for e in EVALUATORS.values()) + ".")}
+    rows: schema.Table = {
+        "evaluator": (
+            "classification",
+            schema.Rule(lambda v: v in EVALUATORS, lambda: f"must be one of {', '.join(EVALUATORS)}"),
+            "What to evaluate: " + "; ".join(f"'{e.name}': {e.description}" for e in EVALUATORS.values()) + ".",
+        )
+    }
     rows.update(common.ROWS)
     for evaluator in EVALUATORS.values():
         clash = sorted(set(rows) & set(evaluator.config_rows))

@@ -1,4 +1,5 @@
 """Evaluation outputs a user pastes or looks at: the markdown table, ROC curves, per-label AUC bars."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -57,20 +58,32 @@ def markdown(results: dict) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for row in results["checkpoints"]:
         aucs = [f"{row['auc'][n]:.3f}" if np.isfinite(row["auc"][n]) else "n/a" for n in names]
-        lines.append(f"| {row['name']} | {row['step']} | {_labels_cell(row)} | {row['mode']} | {_ci(row, 'mauc')} | "
-                     f"{_ci(row, 'accuracy')} | " + " | ".join(aucs) + " |")
+        lines.append(
+            f"| {row['name']} | {row['step']} | {_labels_cell(row)} | {row['mode']} | {_ci(row, 'mauc')} | "
+            f"{_ci(row, 'accuracy')} | " + " | ".join(aucs) + " |"
+        )
     for c in results["comparisons"]:
         lo, hi = c["interval"]
-        lines.append(f"\n{c['candidate']} vs {c['baseline']} ({percent(c['label_fraction'])} labels): mAUC difference "
-                     f"{c['mauc_difference']:+.4f} [95% CI {lo:+.4f}, {hi:+.4f}], "
-                     f"P(not better) = {c['p_not_better']:.3f}")
+        lines.append(
+            f"\n{c['candidate']} vs {c['baseline']} ({percent(c['label_fraction'])} labels): mAUC difference "
+            f"{c['mauc_difference']:+.4f} [95% CI {lo:+.4f}, {hi:+.4f}], "
+            f"P(not better) = {c['p_not_better']:.3f}"
+        )
     skipped = {percent(row["label_fraction"]): row.get("labels_skipped", {}) for row in results["checkpoints"]}
     for fraction, labels in skipped.items():
         if labels:
-            lines.append(f"\nNot trained or scored at {fraction} of the labels (no positive or no negative training "
-                         f"case): " + ", ".join(f"{n} ({c})" for n, c in labels.items()))
-    missing = sorted({n for row in results["checkpoints"] for n in row["labels_without_both_classes"]
-                      if n not in row.get("labels_skipped", {})})
+            lines.append(
+                f"\nNot trained or scored at {fraction} of the labels (no positive or no negative training "
+                f"case): " + ", ".join(f"{n} ({c})" for n, c in labels.items())
+            )
+    missing = sorted(
+        {
+            n
+            for row in results["checkpoints"]
+            for n in row["labels_without_both_classes"]
+            if n not in row.get("labels_skipped", {})
+        }
+    )
     if missing:
         lines.append(f"\nLeft out of mAUC (a class is absent from the test set): {', '.join(missing)}")
     return "\n".join(lines) + "\n"
@@ -86,6 +99,7 @@ def _roc(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def plots(results: dict, probs_by: dict, labels: np.ndarray, mask: np.ndarray, output_dir: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -108,8 +122,12 @@ def plots(results: dict, probs_by: dict, labels: np.ndarray, mask: np.ndarray, o
     fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.7), 3.5))
     width = 0.8 / max(len(rows), 1)
     for i, row in enumerate(rows):
-        ax.bar(np.arange(len(names)) + i * width, [row["auc"][n] for n in names], width,
-               label=f"{row['name']} ({percent(row['label_fraction'])})")
+        ax.bar(
+            np.arange(len(names)) + i * width,
+            [row["auc"][n] for n in names],
+            width,
+            label=f"{row['name']} ({percent(row['label_fraction'])})",
+        )
     ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, rotation=45, ha="right", fontsize=8)
     ax.set_ylabel("AUC")
     ax.axhline(0.5, color="k", lw=0.8, ls=":")

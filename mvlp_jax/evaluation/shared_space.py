@@ -6,9 +6,10 @@ whole set instead of a batch's, so an item's embedding never depends on how the 
 image head normalises over every evaluated image (label-free, as test-time batch-norm adaptation does), the text
 head over the evaluated reports or, for prompts, over a reference set of the run's training reports.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,14 +26,22 @@ def resolve(encoder: encoder_lib.Encoder) -> SharedSpace:
     """The run's image-text space, or a ValueError naming what the run was trained with."""
     specs = [s for s in registry.configured(encoder.config) if s.shared_space is not None]
     if not specs or not encoder.model.target_dim:
-        raise ValueError(f"{encoder.name} was trained with {', '.join(sorted(encoder.config.objectives))}: none of "
-                         f"its objectives declares an image-report space to evaluate in (those that do: "
-                         f"{', '.join(n for n, s in registry.SPECS.items() if s.shared_space is not None)})")
+        raise ValueError(
+            f"{encoder.name} was trained with {', '.join(sorted(encoder.config.objectives))}: none of "
+            f"its objectives declares an image-report space to evaluate in (those that do: "
+            f"{', '.join(n for n, s in registry.SPECS.items() if s.shared_space is not None)})"
+        )
     return specs[0].shared_space
 
 
-def embed_images(encoder: encoder_lib.Encoder, space: SharedSpace, source, config: ml_collections.ConfigDict,
-                 mesh: jax.sharding.Mesh, desc: str) -> np.ndarray:
+def embed_images(
+    encoder: encoder_lib.Encoder,
+    space: SharedSpace,
+    source,
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    desc: str,
+) -> np.ndarray:
     """(N, E) float32 embeddings of every record of `source`; the image head, if any, over all N at once."""
     forward = lambda p, x: encoder.model.apply({"params": p}, x, train=False, method=space.images)
     out = features.apply_to_split(forward, encoder.params, source, encoder.config, config.batch_size, mesh, desc)
@@ -47,8 +56,12 @@ def image_head_over_set(encoder: encoder_lib.Encoder, space: SharedSpace, pooled
     return np.asarray(head(encoder.params, jnp.asarray(pooled)), np.float32)
 
 
-def embed_texts(encoder: encoder_lib.Encoder, space: SharedSpace, vectors: np.ndarray,
-                reference: Callable[[], np.ndarray] | None = None) -> np.ndarray:
+def embed_texts(
+    encoder: encoder_lib.Encoder,
+    space: SharedSpace,
+    vectors: np.ndarray,
+    reference: Callable[[], np.ndarray] | None = None,
+) -> np.ndarray:
     """(T, E) float32 embeddings of stored-style LLM vectors. A head with set statistics normalises with those
     of `reference()` (called only then), or of `vectors` themselves when no reference is given."""
     model = encoder.model

@@ -6,10 +6,11 @@ A head trained on few cases moves with its seed by more than a patient bootstrap
 draw resamples the test patients *and* picks one seed's head, so the interval covers both; the point estimate is
 the mean over seeds, reported with their spread.
 """
+
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -24,8 +25,10 @@ def require(groups: np.ndarray, where: str) -> None:
     """Refuses (ValueError with the counts) a test split too small to estimate a metric and its interval."""
     patients = len(set(groups.tolist()))
     if len(groups) < MIN_CASES or patients < MIN_PATIENTS:
-        raise ValueError(f"{where} has {len(groups)} test cases of {patients} patients: too few to estimate a metric "
-                         f"and its interval (at least {MIN_CASES} cases of {MIN_PATIENTS} patients)")
+        raise ValueError(
+            f"{where} has {len(groups)} test cases of {patients} patients: too few to estimate a metric "
+            f"and its interval (at least {MIN_CASES} cases of {MIN_PATIENTS} patients)"
+        )
 
 
 def seeds_for(setting: int, fraction: float, training_cases: int, head_is_random: bool) -> int:
@@ -76,22 +79,35 @@ def estimate(statistics: Sequence[Statistic], groups: np.ndarray, num: int, seed
     everything = np.arange(len(groups))
     per_seed = _quiet(lambda: [float(s(everything)) for s in statistics])
     values = _quiet(lambda: [float(statistics[k](d)) for k, d in _draws(groups, num, seed, len(statistics))])
-    out = {"mean": float(np.nanmean(per_seed)) if np.isfinite(per_seed).any() else float("nan"),
-           "ci95": percentile_interval(values, level)}
+    out = {
+        "mean": float(np.nanmean(per_seed)) if np.isfinite(per_seed).any() else float("nan"),
+        "ci95": percentile_interval(values, level),
+    }
     if len(statistics) > 1:
         out.update(seeds=per_seed, spread=[float(np.nanmin(per_seed)), float(np.nanmax(per_seed))])
     return out
 
 
-def paired(baseline: Sequence[Statistic], candidate: Sequence[Statistic], groups: np.ndarray, num: int, seed: int,
-           level: float = 0.95) -> dict:
+def paired(
+    baseline: Sequence[Statistic],
+    candidate: Sequence[Statistic],
+    groups: np.ndarray,
+    num: int,
+    seed: int,
+    level: float = 0.95,
+) -> dict:
     """candidate - baseline (one statistic per seed each, seed i of both trained on the same label subset): the
     mean difference on every case, its interval over the same draws of patients and seed for both, and the
     fraction of draws where the candidate is not better."""
     everything = np.arange(len(groups))
     means = _quiet(lambda: [c(everything) - b(everything) for b, c in zip(baseline, candidate)])
-    diffs = np.asarray(_quiet(lambda: [candidate[k](d) - baseline[k](d)
-                                       for k, d in _draws(groups, num, seed, len(baseline))]), np.float64)
+    diffs = np.asarray(
+        _quiet(lambda: [candidate[k](d) - baseline[k](d) for k, d in _draws(groups, num, seed, len(baseline))]),
+        np.float64,
+    )
     finite = diffs[np.isfinite(diffs)]
-    return {"difference": float(np.nanmean(means)), "interval": percentile_interval(list(diffs), level),
-            "p_not_better": float(np.mean(finite <= 0)) if len(finite) else float("nan")}
+    return {
+        "difference": float(np.nanmean(means)),
+        "interval": percentile_interval(list(diffs), level),
+        "p_not_better": float(np.mean(finite <= 0)) if len(finite) else float("nan"),
+    }

@@ -1,17 +1,17 @@
 """Zero-shot classification from text prompts (`--config.evaluator=zero_shot`).
 
 Each label's prompts (mvlp_jax/evaluation/zero_shot_prompts.py: CheXzero's pair, or BioViL-style ensembles) are read
-by the
-same frozen LLM, layer and pooling the run's report targets came from (the run's embedding manifest; a
+by the same frozen LLM, layer and pooling the run's report targets came from (the run's embedding manifest; a
 different LLM is refused), then through the run's text projection (a head with batch statistics normalises
 prompts with those of the run's training reports, images with those of the whole evaluated split); a prompt
 set's embedding is the renormalised mean of its prompts'. An image's score for a label compares its cosine
 similarities to the positive and the negative set (`label_scores`: ranked and thresholded as CheXzero's softmax
 over the pair).
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -33,16 +33,21 @@ def llm_embedder(manifest: dict, pooling: str, llm: str) -> Embedder:
     """Prompts -> vectors by the LLM of `manifest` (the run's targets'), refusing any other weights."""
     model = llm or ("smollm2" if manifest["model"].startswith("HuggingFaceTB/SmolLM2-135M") else "")
     if not model:
-        raise ValueError(f"the run's report targets came from {manifest['model']}: pass that model as "
-                         f"--config.llm=DIR (its checkpoint directory or .gguf file)")
+        raise ValueError(
+            f"the run's report targets came from {manifest['model']}: pass that model as "
+            f"--config.llm=DIR (its checkpoint directory or .gguf file)"
+        )
     lm = FrozenLM(model, layer=manifest["layer"], dtype=manifest.get("compute_dtype", "float32"))
     if lm.hash != manifest["weights_sha256"]:
-        raise ValueError(f"--config.llm={model} is not the LLM the run's targets came from: weights sha256 "
-                         f"{lm.hash[:12]}..., the targets' {manifest['weights_sha256'][:12]}... ({manifest['model']})")
+        raise ValueError(
+            f"--config.llm={model} is not the LLM the run's targets came from: weights sha256 "
+            f"{lm.hash[:12]}..., the targets' {manifest['weights_sha256'][:12]}... ({manifest['model']})"
+        )
 
     def embed(texts: list[str]) -> np.ndarray:
         out = lm.embed(texts, manifest.get("max_tokens", 512), False)
         return np.stack([mean if pooling == "mean" else last for mean, last, _ in out]).astype(np.float32)
+
     return embed
 
 
@@ -70,15 +75,21 @@ def training_reports(encoder: Encoder, limit: int = 4096) -> np.ndarray:
     return vectors[np.linspace(0, len(vectors) - 1, min(limit, len(vectors))).astype(int)]
 
 
-def evaluate_run(encoder: Encoder, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-                 embed: Embedder | None = None) -> dict:
+def evaluate_run(
+    encoder: Encoder, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, embed: Embedder | None = None
+) -> dict:
     space = shared_space.resolve(encoder)
     source, names, where = features.labelled_split(config.data_dir, config.dataset, config.test_split)
     labels, patients = features.read_labels(source)
     y, mask = common.targets_and_mask(labels, config.uncertain, config.unmentioned)
     statistics.require(patients, where)
-    notes = run_inputs.check_embeddings(encoder.workdir, encoder.config.data.embeddings_dir, own=True,
-                                        allow=config.allow_changed_inputs, purpose="zero-shot")
+    notes = run_inputs.check_embeddings(
+        encoder.workdir,
+        encoder.config.data.embeddings_dir,
+        own=True,
+        allow=config.allow_changed_inputs,
+        purpose="zero-shot",
+    )
     if embed is None:
         manifest = embedding_shards.read_manifest(encoder.config.data.embeddings_dir)
         embed = llm_embedder(manifest, encoder.config.contrastive.target, config.llm)
@@ -91,52 +102,89 @@ def evaluate_run(encoder: Encoder, config: ml_collections.ConfigDict, mesh: jax.
     negative = prompt_set_embeddings(z, [[index[t] for t in prompts[n][1]] for n in names])
     images = shared_space.embed_images(encoder, space, source, config, mesh, f"zero-shot {encoder.name} {where}")
     probs = label_scores(images, positive, negative)
-    return {"name": encoder.name, "workdir": encoder.source, "step": encoder.step, "split": where,
-            "mode": "zero_shot", "prompts": config.prompts, "test_cases": len(probs), "notes": [*encoder.notes, *notes],
-            "prompt_sets": {n: {"positive": list(p), "negative": list(q)} for n, (p, q) in prompts.items()},
-            **metrics.summary(y, probs, mask, names),
-            "ci95": {"mauc": statistics.estimate([lambda i: metrics.mean_auc(y[i], probs[i], mask[i])], patients,
-                                                 config.bootstrap, config.seed)["ci95"],
-                     "accuracy": statistics.estimate([lambda i: metrics.exact_match_accuracy(y[i], probs[i], mask[i])],
-                                                     patients, config.bootstrap, config.seed)["ci95"]}}
+    return {
+        "name": encoder.name,
+        "workdir": encoder.source,
+        "step": encoder.step,
+        "split": where,
+        "mode": "zero_shot",
+        "prompts": config.prompts,
+        "test_cases": len(probs),
+        "notes": [*encoder.notes, *notes],
+        "prompt_sets": {n: {"positive": list(p), "negative": list(q)} for n, (p, q) in prompts.items()},
+        **metrics.summary(y, probs, mask, names),
+        "ci95": {
+            "mauc": statistics.estimate(
+                [lambda i: metrics.mean_auc(y[i], probs[i], mask[i])], patients, config.bootstrap, config.seed
+            )["ci95"],
+            "accuracy": statistics.estimate(
+                [lambda i: metrics.exact_match_accuracy(y[i], probs[i], mask[i])],
+                patients,
+                config.bootstrap,
+                config.seed,
+            )["ci95"],
+        },
+    }
 
 
 def table(rows: list[dict]) -> str:
     names = list(rows[0]["auc"]) if rows else []
-    lines = ["| checkpoint | step | prompts | mAUC [95% CI] | exact-match acc. [95% CI] | " + " | ".join(names) + " |",
-             "| --- " * (5 + len(names)) + "|"]
+    lines = [
+        "| checkpoint | step | prompts | mAUC [95% CI] | exact-match acc. [95% CI] | " + " | ".join(names) + " |",
+        "| --- " * (5 + len(names)) + "|",
+    ]
     for r in rows:
         ci = r["ci95"]
         aucs = " | ".join("n/a" if not np.isfinite(a) else f"{a:.3f}" for a in r["auc"].values())
-        lines.append(f"| {r['name']} | {r['step']} | zero-shot, {r['prompts']} | {r['mauc']:.4f} [{ci['mauc'][0]:.4f}, "
-                     f"{ci['mauc'][1]:.4f}] | {r['accuracy']:.4f} [{ci['accuracy'][0]:.4f}, {ci['accuracy'][1]:.4f}] | "
-                     f"{aucs} |")
+        lines.append(
+            f"| {r['name']} | {r['step']} | zero-shot, {r['prompts']} | {r['mauc']:.4f} [{ci['mauc'][0]:.4f}, "
+            f"{ci['mauc'][1]:.4f}] | {r['accuracy']:.4f} [{ci['accuracy'][0]:.4f}, {ci['accuracy'][1]:.4f}] | "
+            f"{aucs} |"
+        )
     return "\n".join(lines)
 
 
-def run(config: ml_collections.ConfigDict, output_dir: str, mesh: jax.sharding.Mesh,
-        embed: Embedder | None = None) -> dict:
+def run(
+    config: ml_collections.ConfigDict, output_dir: str, mesh: jax.sharding.Mesh, embed: Embedder | None = None
+) -> dict:
     rows = []
     for _, encoder in common.encoders(config, mesh, text_space="zero-shot scores images against embedded prompts"):
         rows.append(evaluate_run(encoder, config, mesh, embed))
         r = rows[-1]
-        print(f"{r['name']} (step {r['step']}), {r['split']}, zero-shot ({r['prompts']} prompts): mAUC "
-              f"{r['mauc']:.4f} [{r['ci95']['mauc'][0]:.4f}, {r['ci95']['mauc'][1]:.4f}]", flush=True)
-    results = {"config": config.to_dict(), "zero_shot": rows,
-               "notes": list(dict.fromkeys(n for r in rows for n in r["notes"]))}
+        print(
+            f"{r['name']} (step {r['step']}), {r['split']}, zero-shot ({r['prompts']} prompts): mAUC "
+            f"{r['mauc']:.4f} [{r['ci95']['mauc'][0]:.4f}, {r['ci95']['mauc'][1]:.4f}]",
+            flush=True,
+        )
+    results = {
+        "config": config.to_dict(),
+        "zero_shot": rows,
+        "notes": list(dict.fromkeys(n for r in rows for n in r["notes"])),
+    }
     report.save(output_dir, results, table(rows))
     return results
 
 
 ROWS: schema.Table = {
-    "prompts": ("pair", ("pair", "ensemble"),
-                "zero_shot: CheXzero's '{label}' vs 'no {label}', or BioViL-style ensembles of phrasings "
-                "(mvlp_jax/evaluation/zero_shot_prompts.py)."),
-    "llm": ("", None, "zero_shot: the frozen LLM that reads the prompts (checkpoint dir, .gguf, or 'smollm2'); '' "
-            "takes the one named in the run's embedding manifest where it can be found (the embedded SmolLM2). A "
-            "model whose weights differ from those the run's targets came from is refused."),
+    "prompts": (
+        "pair",
+        ("pair", "ensemble"),
+        "zero_shot: CheXzero's '{label}' vs 'no {label}', or BioViL-style ensembles of phrasings "
+        "(mvlp_jax/evaluation/zero_shot_prompts.py).",
+    ),
+    "llm": (
+        "",
+        None,
+        "zero_shot: the frozen LLM that reads the prompts (checkpoint dir, .gguf, or 'smollm2'); '' "
+        "takes the one named in the run's embedding manifest where it can be found (the embedded SmolLM2). A "
+        "model whose weights differ from those the run's targets came from is refused.",
+    ),
 }
 
 EVALUATOR = common.Evaluator(
-    name="zero_shot", run=run, config_rows=ROWS, rules=(common.IMAGE_ENCODERS_ONLY,),
-    description="per-label AUC on test_split from text prompts read by the run's LLM, no training")
+    name="zero_shot",
+    run=run,
+    config_rows=ROWS,
+    rules=(common.IMAGE_ENCODERS_ONLY,),
+    description="per-label AUC on test_split from text prompts read by the run's LLM, no training",
+)

@@ -12,18 +12,30 @@ TEMPLATES = (
 )
 
 ENSEMBLES = {
-    "no finding": (("no acute cardiopulmonary process", "normal chest radiograph", "the lungs are clear"),
-                   ("acute cardiopulmonary process", "abnormal chest radiograph", "there is a finding")),
-    "pneumonia": (("pneumonia", "findings consistent with pneumonia", "focal consolidation concerning for pneumonia"),
-                  ("no pneumonia", "no focal consolidation", "no evidence of pneumonia")),
-    "effusion": (("pleural effusion", "small pleural effusion", "there is a pleural effusion"),
-                 ("no pleural effusion", "no effusion", "costophrenic angles are sharp")),
-    "pneumothorax": (("pneumothorax", "there is a pneumothorax", "small apical pneumothorax"),
-                     ("no pneumothorax", "there is no pneumothorax", "no evidence of pneumothorax")),
-    "cardiomegaly": (("cardiomegaly", "the heart is enlarged", "enlarged cardiac silhouette"),
-                     ("no cardiomegaly", "heart size is normal", "normal cardiac silhouette")),
-    "edema": (("pulmonary edema", "interstitial edema", "vascular congestion and edema"),
-              ("no pulmonary edema", "no edema", "no vascular congestion")),
+    "no finding": (
+        ("no acute cardiopulmonary process", "normal chest radiograph", "the lungs are clear"),
+        ("acute cardiopulmonary process", "abnormal chest radiograph", "there is a finding"),
+    ),
+    "pneumonia": (
+        ("pneumonia", "findings consistent with pneumonia", "focal consolidation concerning for pneumonia"),
+        ("no pneumonia", "no focal consolidation", "no evidence of pneumonia"),
+    ),
+    "effusion": (
+        ("pleural effusion", "small pleural effusion", "there is a pleural effusion"),
+        ("no pleural effusion", "no effusion", "costophrenic angles are sharp"),
+    ),
+    "pneumothorax": (
+        ("pneumothorax", "there is a pneumothorax", "small apical pneumothorax"),
+        ("no pneumothorax", "there is no pneumothorax", "no evidence of pneumothorax"),
+    ),
+    "cardiomegaly": (
+        ("cardiomegaly", "the heart is enlarged", "enlarged cardiac silhouette"),
+        ("no cardiomegaly", "heart size is normal", "normal cardiac silhouette"),
+    ),
+    "edema": (
+        ("pulmonary edema", "interstitial edema", "vascular congestion and edema"),
+        ("no pulmonary edema", "no edema", "no vascular congestion"),
+    ),
 }
 
 

@@ -9,10 +9,19 @@ implementation it allows with the same values:
   MKL's GEMMs (`linear.py`, `cpu_blas.py`, `gemm_choice.py`);
 - `compute_dtype`: a config's 'auto' dtype for the platform.
 """
+
 from mvlp_jax.kernels.attention_ops import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from mvlp_jax.kernels.attention_ops import attention, attention_weights
 from mvlp_jax.kernels.backend import compute_dtype
 from mvlp_jax.kernels.linear import dense_dot_general, matmul, patch_conv, patchify
 
-__all__ = ["ATTENTION_IMPLEMENTATIONS", "attention", "attention_weights", "compute_dtype", "dense_dot_general",
-           "matmul", "patch_conv", "patchify"]
+__all__ = [
+    "ATTENTION_IMPLEMENTATIONS",
+    "attention",
+    "attention_weights",
+    "compute_dtype",
+    "dense_dot_general",
+    "matmul",
+    "patch_conv",
+    "patchify",
+]

@@ -24,6 +24,7 @@ Where a kernel cannot take a call (a mask it cannot express, a dtype it does not
 a block), that call runs `xla`: the same values (for an accelerator's kernel, said once per kind of call in the
 log). A kernel named for another platform than the program's is an error.
 """
+
 from __future__ import annotations
 
 import functools
@@ -46,8 +47,9 @@ SPLASH_BLOCK = 512  # the splash tiles mvlp_jax asks for; smaller where a padded
 CUDNN_MAX_HEAD_DIM = 128  # 256 from Hopper on; a traced call does not know its GPU's generation
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,
-              implementation: str = "auto") -> jax.Array:
+def attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, implementation: str = "auto"
+) -> jax.Array:
     """softmax(q k^T / sqrt(D)) v, length-major (see the module docstring), by `implementation`."""
     chosen = choose(implementation, q, k, mask)
     if chosen == "tpu_flash":
@@ -70,8 +72,10 @@ def choose(implementation: str, q: jax.Array, k: jax.Array, mask: jax.Array | No
     if implementation == "auto":
         implementation = AUTO.get(platform, "xla")
     elif implementation in PLATFORM_OF and platform not in (PLATFORM_OF[implementation], "any"):
-        raise ValueError(f"attention={implementation!r} runs on {PLATFORM_OF[implementation]} devices; this "
-                         f"program is for {platform} devices: use 'auto' or 'xla'")
+        raise ValueError(
+            f"attention={implementation!r} runs on {PLATFORM_OF[implementation]} devices; this "
+            f"program is for {platform} devices: use 'auto' or 'xla'"
+        )
     if implementation == "xla":
         return "xla"
     reason = _why_not(implementation, q, k, mask)
@@ -84,8 +88,9 @@ def choose(implementation: str, q: jax.Array, k: jax.Array, mask: jax.Array | No
 
 @functools.cache
 def _say_fallback(kernel: str, reason: str) -> None:
-    logging.warning("attention: %s does not take calls with %s; those run XLA's formula (the same values)", kernel,
-                    reason)
+    logging.warning(
+        "attention: %s does not take calls with %s; those run XLA's formula (the same values)", kernel, reason
+    )
 
 
 def _why_not(implementation: str, q: jax.Array, k: jax.Array, mask: jax.Array | None) -> str:
@@ -130,8 +135,9 @@ def _cudnn(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> 
         mask = jnp.broadcast_to(mask, (b, mask.shape[1], q_len, k_len))
         mask = jnp.pad(mask, ((0, 0), (0, 0), (0, q_pad - q_len), (0, k_pad - k_len)))
     elif (q_pad, k_pad) != (q_len, k_len):
-        lengths = dict(query_seq_lengths=jnp.full((b,), q_len, jnp.int32),
-                       key_value_seq_lengths=jnp.full((b,), k_len, jnp.int32))
+        lengths = dict(
+            query_seq_lengths=jnp.full((b,), q_len, jnp.int32), key_value_seq_lengths=jnp.full((b,), k_len, jnp.int32)
+        )
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn", **lengths)
     return out[:, :q_len]
 
@@ -146,8 +152,9 @@ def _tpu_kernel(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None
     if mesh is None or mesh.size == 1:
         return local(q, k, v, keys)
     spec = logical_axes.activation_spec(q.shape, ("batch", "length", "heads", "kv"), mesh)
-    return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P(spec[0], None)), out_specs=spec,
-                         check_vma=False)(q, k, v, keys)
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(spec, spec, spec, P(spec[0], None)), out_specs=spec, check_vma=False
+    )(q, k, v, keys)
 
 
 def _blocked(q: jax.Array, k: jax.Array, v: jax.Array, keys: jax.Array, masked: bool, segment_ids: type):
@@ -157,8 +164,9 @@ def _blocked(q: jax.Array, k: jax.Array, v: jax.Array, keys: jax.Array, masked: 
     q_pad, k_pad = (-(-n // FLASH_BLOCK) * FLASH_BLOCK for n in (q_len, k_len))
     segments = None
     if masked or k_pad != k_len:
-        segments = segment_ids(q=jnp.ones((b, q_pad), jnp.int32),
-                               kv=jnp.pad(keys, ((0, 0), (0, k_pad - k_len))).astype(jnp.int32))
+        segments = segment_ids(
+            q=jnp.ones((b, q_pad), jnp.int32), kv=jnp.pad(keys, ((0, 0), (0, k_pad - k_len))).astype(jnp.int32)
+        )
     heads_major = lambda x, n: _pad_to_block(x, n).transpose(0, 2, 1, 3)
     return heads_major(q, q_pad), heads_major(k, k_pad), heads_major(v, k_pad), segments
 
@@ -169,7 +177,7 @@ def _tpu_flash_local(q: jax.Array, k: jax.Array, v: jax.Array, keys: jax.Array, 
 
     qh, kh, vh, segments = _blocked(q, k, v, keys, masked, flash.SegmentIds)
     out = flash.flash_attention(qh, kh, vh, segment_ids=segments, sm_scale=1.0 / math.sqrt(q.shape[-1]))
-    return out.transpose(0, 2, 1, 3)[:, :q.shape[1]]
+    return out.transpose(0, 2, 1, 3)[:, : q.shape[1]]
 
 
 def _tpu_splash_local(q: jax.Array, k: jax.Array, v: jax.Array, keys: jax.Array, masked: bool) -> jax.Array:
@@ -181,13 +189,24 @@ def _tpu_splash_local(q: jax.Array, k: jax.Array, v: jax.Array, keys: jax.Array,
     qh, kh, vh, segments = _blocked(q * (1.0 / math.sqrt(q.shape[-1])), k, v, keys, masked, splash.SegmentIds)
     (heads, q_pad), k_pad = qh.shape[1:3], kh.shape[2]
     block_q, block_kv = (math.gcd(n, SPLASH_BLOCK) for n in (q_pad, k_pad))
-    sizes = splash.BlockSizes(block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv, block_q_dkv=block_q,
-                              block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv, block_q_dq=block_q,
-                              block_kv_dq=block_kv)
-    kernel = splash.make_splash_mha(mask=masks.MultiHeadMask([masks.FullMask((q_pad, k_pad))] * heads),
-                                    block_sizes=sizes, head_shards=1, q_seq_shards=1)
+    sizes = splash.BlockSizes(
+        block_q=block_q,
+        block_kv=block_kv,
+        block_kv_compute=block_kv,
+        block_q_dkv=block_q,
+        block_kv_dkv=block_kv,
+        block_kv_dkv_compute=block_kv,
+        block_q_dq=block_q,
+        block_kv_dq=block_kv,
+    )
+    kernel = splash.make_splash_mha(
+        mask=masks.MultiHeadMask([masks.FullMask((q_pad, k_pad))] * heads),
+        block_sizes=sizes,
+        head_shards=1,
+        q_seq_shards=1,
+    )
     out = jax.vmap(lambda a, b, c, s: kernel(a, b, c, segment_ids=s))(qh, kh, vh, segments)
-    return out.transpose(0, 2, 1, 3)[:, :q.shape[1]]
+    return out.transpose(0, 2, 1, 3)[:, : q.shape[1]]
 
 
 def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array | None = None) -> jax.Array:

@@ -9,6 +9,7 @@ On a single CPU device the MKL kernels are loaded (float32 attention and batched
 GEMM library is chosen by timing once per machine (`gemm_choice`). MVLP_JAX_CPU_BLAS=off keeps XLA's ops, =on
 takes MKL whatever the device count (a custom call has no sharding rule: only for single-device tests).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,9 +28,9 @@ PLATFORMS = {"cpu": "cpu", "tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "g
 
 @dataclasses.dataclass(frozen=True)
 class Backend:
-    platform: str           # "cpu", "gpu", "tpu", or "any" (portable: XLA's ops)
+    platform: str  # "cpu", "gpu", "tpu", or "any" (portable: XLA's ops)
     devices: int = 1
-    mkl: bool = False       # MKL's float32 attention and batched GEMMs (a single CPU device)
+    mkl: bool = False  # MKL's float32 attention and batched GEMMs (a single CPU device)
     mkl_gemm: bool = False  # dense-layer GEMMs through MKL too (where it is this machine's faster GEMM)
 
 

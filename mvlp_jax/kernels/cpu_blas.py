@@ -9,6 +9,7 @@ first use with the machine's g++ and cached), on XLA's own thread pool.
 
 When: see `backend`. Any failure to find or build the kernel falls back to XLA, with one warning.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -27,8 +28,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-TARGETS = {"mvlp_gemm": "MvlpGemm", "mvlp_attention_fwd": "MvlpAttentionFwd",
-           "mvlp_attention_bwd": "MvlpAttentionBwd"}  # FFI target -> handler symbol
+TARGETS = {
+    "mvlp_gemm": "MvlpGemm",
+    "mvlp_attention_fwd": "MvlpAttentionFwd",
+    "mvlp_attention_bwd": "MvlpAttentionBwd",
+}  # FFI target -> handler symbol
 SOURCE = pathlib.Path(__file__).with_name("mkl_kernels.cc")
 MKL_SYMBOLS = ("sgemm_", "mkl_set_num_threads_local_", "vsExp")
 MODES = ("auto", "on", "off")
@@ -66,9 +70,23 @@ def build_kernel() -> pathlib.Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # build beside, then rename: races are safe
         built = pathlib.Path(tmp) / target.name
-        subprocess.run([os.environ.get("CXX", "g++"), "-O2", "-std=c++17", "-shared", "-fPIC", "-w",
-                        f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(built)],
-                       check=True, capture_output=True, text=True)
+        subprocess.run(
+            [
+                os.environ.get("CXX", "g++"),
+                "-O2",
+                "-std=c++17",
+                "-shared",
+                "-fPIC",
+                "-w",
+                f"-I{jax.ffi.include_dir()}",
+                str(SOURCE),
+                "-o",
+                str(built),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         os.replace(built, target)
     return target
 
@@ -117,8 +135,11 @@ def blas_matmul(a: jax.Array, b: jax.Array, transpose_a: bool = False, transpose
     for size in batch:
         groups *= size
     out = jax.ffi.ffi_call("mvlp_gemm", jax.ShapeDtypeStruct((groups, m, n), jnp.float32))(
-        a.reshape((groups,) + a.shape[-2:]), b.reshape((groups,) + b.shape[-2:]),
-        transpose_a=transpose_a, transpose_b=transpose_b)
+        a.reshape((groups,) + a.shape[-2:]),
+        b.reshape((groups,) + b.shape[-2:]),
+        transpose_a=transpose_a,
+        transpose_b=transpose_b,
+    )
     return out.reshape(batch + (m, n))
 
 
@@ -133,17 +154,18 @@ def _attention_fwd(q, k, v):
     _require()
     (b, q_len, h, d), k_len = q.shape, k.shape[1]
     out, weights = jax.ffi.ffi_call(
-        "mvlp_attention_fwd", (jax.ShapeDtypeStruct(q.shape, jnp.float32),
-                               jax.ShapeDtypeStruct((b, h, q_len, k_len), jnp.float32)))(
-        q, k, v, scale=np.float32(1.0 / math.sqrt(d)))
+        "mvlp_attention_fwd",
+        (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((b, h, q_len, k_len), jnp.float32)),
+    )(q, k, v, scale=np.float32(1.0 / math.sqrt(d)))
     return out, (q, k, v, weights, out)
 
 
 def _attention_bwd(residuals, d_out):
     q, k, v, weights, out = residuals
     shapes = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
-    return jax.ffi.ffi_call("mvlp_attention_bwd", shapes)(q, k, v, weights, out, d_out,
-                                                          scale=np.float32(1.0 / math.sqrt(q.shape[-1])))
+    return jax.ffi.ffi_call("mvlp_attention_bwd", shapes)(
+        q, k, v, weights, out, d_out, scale=np.float32(1.0 / math.sqrt(q.shape[-1]))
+    )
 
 
 mkl_attention.defvjp(_attention_fwd, _attention_bwd)

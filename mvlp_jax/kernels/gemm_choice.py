@@ -8,6 +8,7 @@ kernel cache (`cpu_blas.cache_dir()`, keyed by CPU, core count, jaxlib and kerne
 process, and a resumed run, takes the same path. MVLP_JAX_CPU_GEMM=mkl or =xla skips the timing.
 Attention's fused kernel is not part of this choice: XLA has no fused CPU attention to weigh it against.
 """
+
 from __future__ import annotations
 
 import functools
@@ -86,5 +87,4 @@ def time_backends(repeats: int = 5) -> dict:
                     run(a, b).block_until_ready()
                     best[name][i] = min(best[name][i], time.perf_counter() - start)
     mkl, xla = sum(best["mkl"]), sum(best["xla"])
-    return {"backend": "mkl" if mkl < MKL_MARGIN * xla else "xla", "seconds": best,
-            "shapes": [list(s) for s in SHAPES]}
+    return {"backend": "mkl" if mkl < MKL_MARGIN * xla else "xla", "seconds": best, "shapes": [list(s) for s in SHAPES]}

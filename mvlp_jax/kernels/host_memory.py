@@ -12,6 +12,7 @@ to come: Makefile, benchmark workers):
   blocks allocated on XLA's worker threads land in per-thread arenas, which are capped at 64 MB and so mmap.
   The price: the process keeps its peak heap, and all threads share one malloc arena.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,12 @@ import platform
 from collections.abc import Mapping
 
 _NEVER = str(1 << 40)  # bytes; larger than any allocation, so "never mmap, never trim"
-TUNABLES = ("glibc.malloc.hugetlb=1", "glibc.malloc.arena_max=1", f"glibc.malloc.mmap_threshold={_NEVER}",
-            f"glibc.malloc.trim_threshold={_NEVER}")
+TUNABLES = (
+    "glibc.malloc.hugetlb=1",
+    "glibc.malloc.arena_max=1",
+    f"glibc.malloc.mmap_threshold={_NEVER}",
+    f"glibc.malloc.trim_threshold={_NEVER}",
+)
 TUNABLE = ":".join(TUNABLES)
 _THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
@@ -55,5 +60,7 @@ def huge_page_malloc_hint() -> str | None:
     present = {_key(t) for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if t}
     if {_key(t) for t in TUNABLES} <= present or not huge_page_malloc_supported():
         return None
-    return (f"hint: on CPU, start with GLIBC_TUNABLES={TUNABLE} (huge pages, reused heap; ~25% faster steps "
-            "here, see mvlp_jax/kernels/host_memory.py)")
+    return (
+        f"hint: on CPU, start with GLIBC_TUNABLES={TUNABLE} (huge pages, reused heap; ~25% faster steps "
+        "here, see mvlp_jax/kernels/host_memory.py)"
+    )

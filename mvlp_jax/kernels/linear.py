@@ -10,6 +10,7 @@ vs 39 ms). On CPU that backward transposes the smaller operand first (a copy of 
 transpose from being folded back into the dot; other platforms take autodiff's form, which their compilers
 handle natively.
 """
+
 from __future__ import annotations
 
 import jax
@@ -61,15 +62,21 @@ def _matmul_bwd(residuals, g: jax.Array):
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
-def dense_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None,
-                      preferred_element_type=None) -> jax.Array:
+def dense_dot_general(
+    lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None, preferred_element_type=None
+) -> jax.Array:
     """`dot_general` for flax's nn.Dense (its contraction: lhs's last axis with kernel's first) via `matmul`;
     any other contraction, precision or result type goes to lax.dot_general unchanged."""
     dense_form = (((lhs.ndim - 1,), (0,)), ((), ()))
-    if (tuple(map(tuple, dimension_numbers[0])), tuple(map(tuple, dimension_numbers[1]))) != dense_form \
-            or rhs.ndim != 2 or precision is not None or preferred_element_type is not None:
-        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                                   preferred_element_type=preferred_element_type)
+    if (
+        (tuple(map(tuple, dimension_numbers[0])), tuple(map(tuple, dimension_numbers[1]))) != dense_form
+        or rhs.ndim != 2
+        or precision is not None
+        or preferred_element_type is not None
+    ):
+        return jax.lax.dot_general(
+            lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=preferred_element_type
+        )
     return matmul(lhs, rhs)
 
 

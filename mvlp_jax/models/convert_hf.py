@@ -4,9 +4,10 @@ From transformers: the parity tests, and users who start from a public MAE check
 (`ViTMAEForPreTraining.from_pretrained(local_dir).state_dict()`; loop layout). To transformers: `mvlp_jax.export`
 (loop or scanned layout; ViTModel and ViTMAEModel share their state-dict names).
 """
+
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 import numpy as np
@@ -17,8 +18,10 @@ def _block(sd: Mapping[str, np.ndarray], prefix: str, heads: int) -> dict:
     head_dim = width // heads
 
     def qkv(name: str) -> dict:
-        return {"kernel": sd[f"{prefix}.attention.{name}.weight"].T.reshape(width, heads, head_dim),
-                "bias": sd[f"{prefix}.attention.{name}.bias"].reshape(heads, head_dim)}
+        return {
+            "kernel": sd[f"{prefix}.attention.{name}.weight"].T.reshape(width, heads, head_dim),
+            "bias": sd[f"{prefix}.attention.{name}.bias"].reshape(heads, head_dim),
+        }
 
     def dense(name: str) -> dict:
         return {"kernel": sd[f"{prefix}.{name}.weight"].T, "bias": sd[f"{prefix}.{name}.bias"]}
@@ -27,10 +30,17 @@ def _block(sd: Mapping[str, np.ndarray], prefix: str, heads: int) -> dict:
         return {"scale": sd[f"{prefix}.{name}.weight"], "bias": sd[f"{prefix}.{name}.bias"]}
 
     return {
-        "norm1": norm("layernorm_before"), "norm2": norm("layernorm_after"),
-        "attention": {"query": qkv("q_proj"), "key": qkv("k_proj"), "value": qkv("v_proj"),
-                      "out": {"kernel": sd[f"{prefix}.attention.o_proj.weight"].T.reshape(heads, head_dim, width),
-                              "bias": sd[f"{prefix}.attention.o_proj.bias"]}},
+        "norm1": norm("layernorm_before"),
+        "norm2": norm("layernorm_after"),
+        "attention": {
+            "query": qkv("q_proj"),
+            "key": qkv("k_proj"),
+            "value": qkv("v_proj"),
+            "out": {
+                "kernel": sd[f"{prefix}.attention.o_proj.weight"].T.reshape(heads, head_dim, width),
+                "bias": sd[f"{prefix}.attention.o_proj.bias"],
+            },
+        },
         "mlp": {"fc1": dense("mlp.fc1"), "fc2": dense("mlp.fc2")},
     }
 
@@ -46,15 +56,18 @@ def vit_params_from_hf(state_dict: Mapping, num_heads: int, depth: int, prefix: 
     sd = {k: np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v) for k, v in state_dict.items()}
     p = f"{prefix}." if prefix else ""
     return {
-        "embedding": {"conv": {"kernel": sd[f"{p}embeddings.patch_embeddings.projection.weight"].transpose(2, 3, 1, 0),
-                               "bias": sd[f"{p}embeddings.patch_embeddings.projection.bias"]}},
+        "embedding": {
+            "conv": {
+                "kernel": sd[f"{p}embeddings.patch_embeddings.projection.weight"].transpose(2, 3, 1, 0),
+                "bias": sd[f"{p}embeddings.patch_embeddings.projection.bias"],
+            }
+        },
         "cls": sd[f"{p}embeddings.cls_token"],
         "encoder": _stack(sd, f"{p}layers", depth, num_heads, f"{p}layernorm"),
     }
 
 
-def mae_params_from_hf(state_dict: Mapping, num_heads: int, depth: int, decoder_heads: int,
-                       decoder_depth: int) -> dict:
+def mae_params_from_hf(state_dict: Mapping, num_heads: int, depth: int, decoder_heads: int, decoder_depth: int) -> dict:
     """Full `MAE` params from a ViTMAEForPreTraining state dict."""
     sd = {k: np.asarray(v.detach().cpu().numpy()) for k, v in state_dict.items()}
     dense = lambda name: {"kernel": sd[f"decoder.{name}.weight"].T, "bias": sd[f"decoder.{name}.bias"]}
@@ -82,11 +95,14 @@ def vit_params_to_hf(params: Mapping, position_embeddings: np.ndarray) -> dict[s
     sin-cos table after a zero CLS row, or the learned one)."""
     p = jax.tree.map(lambda x: np.asarray(x, np.float32), dict(params))
     encoder = unstack_blocks(p["encoder"])
-    sd = {"embeddings.cls_token": p["cls"], "embeddings.position_embeddings": np.asarray(position_embeddings,
-                                                                                          np.float32),
-          "embeddings.patch_embeddings.projection.weight": p["embedding"]["conv"]["kernel"].transpose(3, 2, 0, 1),
-          "embeddings.patch_embeddings.projection.bias": p["embedding"]["conv"]["bias"],
-          "layernorm.weight": encoder["norm"]["scale"], "layernorm.bias": encoder["norm"]["bias"]}
+    sd = {
+        "embeddings.cls_token": p["cls"],
+        "embeddings.position_embeddings": np.asarray(position_embeddings, np.float32),
+        "embeddings.patch_embeddings.projection.weight": p["embedding"]["conv"]["kernel"].transpose(3, 2, 0, 1),
+        "embeddings.patch_embeddings.projection.bias": p["embedding"]["conv"]["bias"],
+        "layernorm.weight": encoder["norm"]["scale"],
+        "layernorm.bias": encoder["norm"]["bias"],
+    }
     depth = sum(k.startswith("block_") for k in encoder)
     for i in range(depth):
         block, prefix = encoder[f"block_{i:02d}"], f"layers.{i}"
@@ -103,4 +119,3 @@ def vit_params_to_hf(params: Mapping, position_embeddings: np.ndarray) -> dict[s
             sd[f"{prefix}.mlp.{fc}.weight"] = block["mlp"][fc]["kernel"].T
             sd[f"{prefix}.mlp.{fc}.bias"] = block["mlp"][fc]["bias"]
     return {k: np.ascontiguousarray(v) for k, v in sd.items()}
-

@@ -1,4 +1,5 @@
 """Loads the frozen causal LM (HF directory, GGUF file, or the embedded SmolLM2) and embeds batches."""
+
 from __future__ import annotations
 
 import hashlib
@@ -6,6 +7,8 @@ import importlib.util
 import os
 
 import numpy as np
+
+from mvlp_jax.runtime import cli
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # What transformers' AutoTokenizer reads from a checkpoint folder (one of them is enough).
@@ -26,9 +29,11 @@ def resolve(model: str) -> tuple[str, str | None, str]:
             raise ValueError(f"--model={model}: no config.json, not a Hugging Face checkpoint directory")
         present = set(os.listdir(model))
         if not present & set(TOKENIZER_FILES):
-            raise ValueError(f"--model={model} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}): copy "
-                             f"the tokenizer of the checkpoint into this folder (e.g. "
-                             f"AutoTokenizer.from_pretrained(...).save_pretrained(DIR))")
+            raise ValueError(
+                f"--model={model} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}): copy "
+                f"the tokenizer of the checkpoint into this folder (e.g. "
+                f"AutoTokenizer.from_pretrained(...).save_pretrained(DIR))"
+            )
         return model, None, os.path.basename(os.path.normpath(model))
     raise FileNotFoundError(f"--model={model}: no such directory or .gguf file (or 'smollm2')")
 
@@ -38,8 +43,9 @@ def weights_hash(directory: str, gguf_file: str | None) -> str:
     if gguf_file:
         files = [os.path.join(directory, gguf_file)]
     else:
-        files = sorted(os.path.join(directory, f) for f in os.listdir(directory)
-                       if f.endswith((".safetensors", ".bin")))
+        files = sorted(
+            os.path.join(directory, f) for f in os.listdir(directory) if f.endswith((".safetensors", ".bin"))
+        )
     digest = hashlib.sha256()
     for path in files:
         with open(path, "rb") as f:
@@ -51,8 +57,10 @@ def weights_hash(directory: str, gguf_file: str | None) -> str:
 class FrozenLM:
     """A causal LM in inference mode returning one layer's hidden states."""
 
-    def __init__(self, model: str, layer: int = -1, dtype: str = "float32", device: str = "auto",
-                 trust_remote_code: bool = False):
+    def __init__(
+        self, model: str, layer: int = -1, dtype: str = "float32", device: str = "auto", trust_remote_code: bool = False
+    ):
+        cli.require_extra("llm", "the frozen LLM (report embeddings, zero-shot prompts)")
         import torch
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
@@ -67,13 +75,20 @@ class FrozenLM:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
         self.tokenizer.padding_side = "right"
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        self.model = AutoModel.from_pretrained(directory, dtype=getattr(torch, dtype),
-                                               trust_remote_code=trust_remote_code, **kwargs).to(self.device).eval()
+        self.model = (
+            AutoModel.from_pretrained(
+                directory, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, **kwargs
+            )
+            .to(self.device)
+            .eval()
+        )
         self.num_layers = self.model.config.num_hidden_layers
         self.hidden_size = self.model.config.hidden_size
         if not -(self.num_layers + 1) <= layer <= self.num_layers:
-            raise ValueError(f"--layer={layer} out of range: the model has {self.num_layers} layers "
-                             f"(hidden states 0..{self.num_layers}, or negative from the end)")
+            raise ValueError(
+                f"--layer={layer} out of range: the model has {self.num_layers} layers "
+                f"(hidden states 0..{self.num_layers}, or negative from the end)"
+            )
         self.layer = layer
         self.hash = weights_hash(directory, gguf_file)
         self.tokenizer_name = type(self.tokenizer).__name__
@@ -83,8 +98,9 @@ class FrozenLM:
         ids = self.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
         return [len(x) for x in ids]
 
-    def embed(self, texts: list[str], max_tokens: int, with_tokens: bool
-              ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+    def embed(
+        self, texts: list[str], max_tokens: int, with_tokens: bool
+    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
         """[(mean, last, per-token states or None)] in float32, one per text (padding never leaks)."""
         torch = self.torch
         batch = self.tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")

@@ -1,4 +1,5 @@
 """Heads on encoder tokens: pooling (MAP, mean, CLS), projections, the DINO head, the box head."""
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -13,6 +14,7 @@ POOLINGS = ("map", "mean", "cls")
 
 class MAPHead(nn.Module):
     """Multi-head attention pooling with a learned probe (big_vision's MAP): (B, L, D) -> (B, D)."""
+
     num_heads: int
     mlp_dim: int | None = None
     dtype: Dtype = jnp.float32
@@ -24,12 +26,21 @@ class MAPHead(nn.Module):
     def __call__(self, tokens: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         """`mask` (B, L): the tokens to pool (a study's padded views are False)."""
         b, _, d = tokens.shape
-        probe = self.param("probe", logical(nn.initializers.xavier_uniform(), None, None, "embed"), (1, 1, d),
-                           self.param_dtype)
-        x = Attention(num_heads=self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
-                      sow_weights=self.sow_attention, attention=self.attention,
-                      name="attention")(jnp.broadcast_to(probe.astype(tokens.dtype), (b, 1, d)), tokens,
-                                        mask=None if mask is None else mask[:, None, None, :])
+        probe = self.param(
+            "probe", logical(nn.initializers.xavier_uniform(), None, None, "embed"), (1, 1, d), self.param_dtype
+        )
+        x = Attention(
+            num_heads=self.num_heads,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            sow_weights=self.sow_attention,
+            attention=self.attention,
+            name="attention",
+        )(
+            jnp.broadcast_to(probe.astype(tokens.dtype), (b, 1, d)),
+            tokens,
+            mask=None if mask is None else mask[:, None, None, :],
+        )
         y = layer_norm("norm", 1e-6, self.dtype, self.param_dtype)(x)
         x = x + MlpBlock(mlp_dim=self.mlp_dim or 4 * d, dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(y)
         return x[:, 0]
@@ -37,6 +48,7 @@ class MAPHead(nn.Module):
 
 class Pool(nn.Module):
     """Pools encoder tokens by `kind`; `has_cls` says whether tokens[:, 0] is a CLS token."""
+
     kind: str = "map"
     has_cls: bool = True
     num_heads: int = 8
@@ -61,8 +73,14 @@ class Pool(nn.Module):
                 return patches.mean(axis=1)
             weights = present[..., None].astype(patches.dtype)
             return (patches * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1)
-        return MAPHead(num_heads=self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
-                       sow_attention=self.sow_attention, attention=self.attention, name="map")(patches, present)
+        return MAPHead(
+            num_heads=self.num_heads,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            sow_attention=self.sow_attention,
+            attention=self.attention,
+            name="map",
+        )(patches, present)
 
 
 class BatchStatNorm(nn.Module):
@@ -72,6 +90,7 @@ class BatchStatNorm(nn.Module):
     Evaluation of a trained head fixes the statistics instead, so an item's output does not depend on what else
     is in its batch: applied with a mutable `set_stats` collection it records the statistics of the set it sees;
     applied with that collection given, it normalises with them (mvlp_jax/evaluation/shared_space.py)."""
+
     use_affine: bool = True
     epsilon: float = 1e-5
 
@@ -89,14 +108,16 @@ class BatchStatNorm(nn.Module):
                 self.put_variable("set_stats", "var", var)
         y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
         if self.use_affine:
-            y = y * self.param("scale", nn.initializers.ones, (x.shape[-1],)) + \
-                self.param("bias", nn.initializers.zeros, (x.shape[-1],))
+            y = y * self.param("scale", nn.initializers.ones, (x.shape[-1],)) + self.param(
+                "bias", nn.initializers.zeros, (x.shape[-1],)
+            )
         return y
 
 
 class ProjectionHead(nn.Module):
     """Linear, or MLP (Dense -> norm -> GELU) x (depth-1) -> Dense; norm 'layer', 'batch' (batch statistics,
     see BatchStatNorm) or 'none'; `out_norm` adds a final batch norm without affine (M-FLAG's image head)."""
+
     out_dim: int
     kind: str = "linear"
     hidden_dim: int = 2048
@@ -123,6 +144,7 @@ class ProjectionHead(nn.Module):
 
 class DINOHead(nn.Module):
     """DINO head: MLP -> L2-normalised bottleneck -> weight-normalised linear layer (no bias)."""
+
     out_dim: int = 65536
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
@@ -132,8 +154,9 @@ class DINOHead(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         for i in range(self.depth - 1):
-            x = nn.gelu(nn.Dense(self.hidden_dim, name=f"hidden_{i}",
-                                 kernel_init=nn.initializers.truncated_normal(0.02))(x))
+            x = nn.gelu(
+                nn.Dense(self.hidden_dim, name=f"hidden_{i}", kernel_init=nn.initializers.truncated_normal(0.02))(x)
+            )
         x = nn.Dense(self.bottleneck_dim, name="bottleneck", kernel_init=nn.initializers.truncated_normal(0.02))(x)
         x = l2_normalise(x, eps=1e-12)
         v = self.param("last_v", nn.initializers.truncated_normal(0.02), (self.bottleneck_dim, self.out_dim))
@@ -145,6 +168,7 @@ class DINOHead(nn.Module):
 
 class BoxHead(nn.Module):
     """Predicts a normalised box (cx, cy, w, h) in [0, 1] from a feature vector."""
+
     hidden_dim: int = 256
     depth: int = 3
 
@@ -161,8 +185,11 @@ def last_block_attention(model: nn.Module, params, images: jax.Array, **kwargs) 
     `model` must be built with sow_attention=True (ViT, ViTDet); scanned stacks return layer -1.
     """
     _, state = model.apply({"params": params}, images, mutable=["intermediates"], **kwargs)
-    leaves = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state.get("intermediates", {}))
-              if "attention_weights" in jax.tree_util.keystr(path)]
+    leaves = [
+        leaf
+        for path, leaf in jax.tree_util.tree_leaves_with_path(state.get("intermediates", {}))
+        if "attention_weights" in jax.tree_util.keystr(path)
+    ]
     if not leaves:
         raise ValueError("no attention weights were sown: build the model with sow_attention=True")
     last = leaves[-1]

@@ -10,6 +10,7 @@ mathematics is the same everywhere).
 Statistics are float32 whatever the compute dtype (as nn.LayerNorm's); the variance is two-pass, as
 PyTorch's, so checkpoints ported from transformers normalise the same way.
 """
+
 from __future__ import annotations
 
 import functools
@@ -42,11 +43,17 @@ def _backward(eps, dtype, residuals, g):
     x_hat = (x.astype(jnp.float32) - mean) * rstd
     g32 = g.astype(jnp.float32)
     g_scaled = g32 * scale.astype(jnp.float32)
-    d_x = rstd * (g_scaled - jnp.mean(g_scaled, axis=-1, keepdims=True)
-                  - x_hat * jnp.mean(g_scaled * x_hat, axis=-1, keepdims=True))
+    d_x = rstd * (
+        g_scaled
+        - jnp.mean(g_scaled, axis=-1, keepdims=True)
+        - x_hat * jnp.mean(g_scaled * x_hat, axis=-1, keepdims=True)
+    )
     rows = tuple(range(x.ndim - 1))
-    return (d_x.astype(x.dtype), jnp.sum(g32 * x_hat, axis=rows).astype(scale.dtype),
-            jnp.sum(g32, axis=rows).astype(bias.dtype))
+    return (
+        d_x.astype(x.dtype),
+        jnp.sum(g32 * x_hat, axis=rows).astype(scale.dtype),
+        jnp.sum(g32, axis=rows).astype(bias.dtype),
+    )
 
 
 layer_norm.defvjp(_forward, _backward)
@@ -55,6 +62,7 @@ layer_norm.defvjp(_forward, _backward)
 class LayerNorm(nn.Module):
     """nn.LayerNorm's parameters ('scale', 'bias', logical axis 'norm') and outputs in `dtype`, with the
     backward of `layer_norm`."""
+
     epsilon: float = 1e-6
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -62,10 +70,12 @@ class LayerNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         features = (x.shape[-1],)
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), features,
-                           self.param_dtype)
-        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), features,
-                          self.param_dtype)
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), features, self.param_dtype
+        )
+        bias = self.param(
+            "bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), features, self.param_dtype
+        )
         return layer_norm(x, scale, bias, self.epsilon, jnp.dtype(self.dtype))
 
 

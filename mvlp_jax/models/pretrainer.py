@@ -2,8 +2,8 @@
 heads and learnable scalars the configured objectives declare (`objectives/spec.py`). The encoder is shared
 (bound once in `setup`), so every objective updates the same weights. Objectives run their own forward
 passes as functions of the bound module (`Pretrainer.apply(..., method=fn)`)."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import flax.linen as nn
 import jax
@@ -28,20 +28,48 @@ class Pretrainer(nn.Module):
         size = variant(m.variant)
         view_types = len(VIEW_TYPES) if self.config.data.get("max_views", 1) > 1 else 0
         if m.encoder == "vit":
-            self.encoder = ViT(**size, image_size=m.image_size, drop_path=m.drop_path, dtype=dtype,
-                               scan=m.scan, remat_policy=m.remat, attention=m.attention,
-                               sow_attention=self.sow_attention, view_types=view_types)
-            self.masked_model = MAE(encoder=self.encoder, decoder_width=m.decoder_width, decoder_depth=m.decoder_depth,
-                                    decoder_heads=m.decoder_heads, decoder_mlp_dim=4 * m.decoder_width,
-                                    mask_ratio=m.mask_ratio, norm_pix_loss=m.norm_pix_loss)
+            self.encoder = ViT(
+                **size,
+                image_size=m.image_size,
+                drop_path=m.drop_path,
+                dtype=dtype,
+                scan=m.scan,
+                remat_policy=m.remat,
+                attention=m.attention,
+                sow_attention=self.sow_attention,
+                view_types=view_types,
+            )
+            self.masked_model = MAE(
+                encoder=self.encoder,
+                decoder_width=m.decoder_width,
+                decoder_depth=m.decoder_depth,
+                decoder_heads=m.decoder_heads,
+                decoder_mlp_dim=4 * m.decoder_width,
+                mask_ratio=m.mask_ratio,
+                norm_pix_loss=m.norm_pix_loss,
+            )
         else:
-            self.encoder = ViTDet(**size, window_size=m.window_size, drop_path=m.drop_path, dtype=dtype,
-                                  scan=m.scan, remat_policy=m.remat, attention=m.attention,
-                                  sow_attention=self.sow_attention, view_types=view_types)
+            self.encoder = ViTDet(
+                **size,
+                window_size=m.window_size,
+                drop_path=m.drop_path,
+                dtype=dtype,
+                scan=m.scan,
+                remat_policy=m.remat,
+                attention=m.attention,
+                sow_attention=self.sow_attention,
+                view_types=view_types,
+            )
             self.masked_model = SimMIM(encoder=self.encoder, mask_ratio=m.mask_ratio, norm_pix_loss=m.norm_pix_loss)
         if self.target_dim:
-            self.pool = Pool(kind=m.pool, has_cls=self.encoder.cls_token, num_heads=m.pool_heads, dtype=dtype,
-                             attention=m.attention, sow_attention=self.sow_attention)
+            self.pool = Pool(
+                kind=m.pool,
+                has_cls=self.encoder.cls_token,
+                num_heads=m.pool_heads,
+                dtype=dtype,
+                attention=m.attention,
+                sow_attention=self.sow_attention,
+            )
         self.plain_pools = {kind: Pool(kind=kind, has_cls=self.encoder.cls_token) for kind in ("cls", "mean")}
         for spec in registry.configured(self.config):
             if spec.heads is not None and (self.target_dim or not spec.needs_targets):
@@ -53,8 +81,9 @@ class Pretrainer(nn.Module):
         """How DINO and the box head summarise an image: the CLS token, or the mean token without one."""
         return "cls" if self.encoder.cls_token else "mean"
 
-    def features(self, images: jax.Array, pooling: str, train: bool = False, view_type: jax.Array | None = None
-                 ) -> jax.Array:
+    def features(
+        self, images: jax.Array, pooling: str, train: bool = False, view_type: jax.Array | None = None
+    ) -> jax.Array:
         """Features for probes and fine-tuning: 'cls', 'mean' (patch tokens) or 'map' (the trained attention
         pooling); `train` turns on the encoder's dropout and stochastic depth (fine-tuning); `view_type` (B,)
         gives a study encoder each image's vit.VIEW_TYPES (default: frontal)."""
@@ -64,14 +93,20 @@ class Pretrainer(nn.Module):
         if pooling not in POOLINGS:
             raise ValueError(f"pooling {pooling!r}; choose one of {POOLINGS}")
         if pooling == "map" and not self.target_dim:
-            raise ValueError("pooling 'map' needs a checkpoint trained with an LLM-target objective (it has no MAP "
-                             "head)")
+            raise ValueError(
+                "pooling 'map' needs a checkpoint trained with an LLM-target objective (it has no MAP head)"
+            )
         if pooling == "cls" and not self.encoder.cls_token:
             raise ValueError("pooling 'cls' needs an encoder with a CLS token (ViTDet has none)")
         return self.pool if pooling == "map" else self.plain_pools[pooling]
 
-    def pooled(self, images: jax.Array, train: bool = False, view_type: jax.Array | None = None,
-               view_mask: jax.Array | None = None) -> jax.Array:
+    def pooled(
+        self,
+        images: jax.Array,
+        train: bool = False,
+        view_type: jax.Array | None = None,
+        view_mask: jax.Array | None = None,
+    ) -> jax.Array:
         """The LLM-target objectives' pooling (`model.pool`) of an image, or of a study's present views."""
         if images.ndim == 4:
             return self.pool(self.encoder(images, train=train)).astype(jnp.float32)
@@ -79,8 +114,9 @@ class Pretrainer(nn.Module):
         mask = None if view_mask is None else study_token_mask(view_mask, tokens.shape[1], self.encoder.cls_token)
         return self.pool(tokens, mask).astype(jnp.float32)
 
-    def study_features(self, images: jax.Array, view_type: jax.Array, view_mask: jax.Array, pooling: str,
-                       train: bool = False) -> jax.Array:
+    def study_features(
+        self, images: jax.Array, view_type: jax.Array, view_mask: jax.Array, pooling: str, train: bool = False
+    ) -> jax.Array:
         """One feature per study: its views (B, V, H, W, C) read as one sequence (vit.ViT), `view_type` (B, V)
         indices of vit.VIEW_TYPES, `view_mask` (B, V) False for padding; pooled over the present views only. An
         encoder trained on single images (no view-type embedding) gives the mean of its present views' features."""

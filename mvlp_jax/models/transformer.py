@@ -3,6 +3,7 @@
 Parameters and activations carry logical axis names ('embed', 'mlp', 'heads', 'kv', 'batch',
 'length', 'layers'), so `mvlp_jax.runtime.sharding` maps them onto a mesh by rules instead of per-model code.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,8 +34,10 @@ def logical(init, *names: str | None):
 def flat_init(init, in_dims: int):
     """`init` on the kernel seen as a (prod(shape[:in_dims]), rest) matrix, as nn.DenseGeneral draws it: fan-in
     and fan-out (and so xavier's scale) are those of the matrix, not of the multi-axis shape."""
+
     def draw(key, shape, dtype=jnp.float32):
         return init(key, (math.prod(shape[:in_dims]), math.prod(shape[in_dims:])), dtype).reshape(shape)
+
     return draw
 
 
@@ -53,8 +56,7 @@ def sincos_2d(height: int, width: int, dim: int, temperature: float = 10_000.0) 
     if dim % 4:
         raise ValueError(f"sin-cos position embeddings need a width divisible by 4, got {dim}")
     omega = 1.0 / temperature ** (np.arange(dim // 4, dtype=np.float64) / (dim // 4))
-    grid_h, grid_w = np.meshgrid(np.arange(height, dtype=np.float64), np.arange(width, dtype=np.float64),
-                                 indexing="ij")
+    grid_h, grid_w = np.meshgrid(np.arange(height, dtype=np.float64), np.arange(width, dtype=np.float64), indexing="ij")
     emb_h = np.outer(grid_h.ravel(), omega)
     emb_w = np.outer(grid_w.ravel(), omega)
     return np.concatenate([np.sin(emb_w), np.cos(emb_w), np.sin(emb_h), np.cos(emb_h)], axis=1).astype(np.float32)
@@ -69,6 +71,7 @@ def gelu(x: jax.Array) -> jax.Array:
 
 class HeadsProjection(nn.Module):
     """x (B, L, width) -> (B, L, heads, head_dim); kernel (width, heads, head_dim) as nn.DenseGeneral's."""
+
     num_heads: int
     head_dim: int
     use_bias: bool = True
@@ -77,10 +80,19 @@ class HeadsProjection(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", logical(flat_init(nn.initializers.xavier_uniform(), 1), "embed", "heads", "kv"),
-                            (x.shape[-1], self.num_heads, self.head_dim), self.param_dtype)
-        bias = (self.param("bias", logical(nn.initializers.zeros, "heads", "kv"), (self.num_heads, self.head_dim),
-                           self.param_dtype) if self.use_bias else None)
+        kernel = self.param(
+            "kernel",
+            logical(flat_init(nn.initializers.xavier_uniform(), 1), "embed", "heads", "kv"),
+            (x.shape[-1], self.num_heads, self.head_dim),
+            self.param_dtype,
+        )
+        bias = (
+            self.param(
+                "bias", logical(nn.initializers.zeros, "heads", "kv"), (self.num_heads, self.head_dim), self.param_dtype
+            )
+            if self.use_bias
+            else None
+        )
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         y = kernels.matmul(x, kernel.reshape(kernel.shape[0], -1)).reshape(x.shape[:-1] + kernel.shape[1:])
         return y if bias is None else y + bias
@@ -88,6 +100,7 @@ class HeadsProjection(nn.Module):
 
 class HeadsMerge(nn.Module):
     """(B, L, heads, head_dim) -> (B, L, width); kernel (heads, head_dim, width) as nn.DenseGeneral's."""
+
     width: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -95,8 +108,12 @@ class HeadsMerge(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         heads, head_dim = x.shape[2:]
-        kernel = self.param("kernel", logical(flat_init(nn.initializers.xavier_uniform(), 2), "heads", "kv", "embed"),
-                            (heads, head_dim, self.width), self.param_dtype)
+        kernel = self.param(
+            "kernel",
+            logical(flat_init(nn.initializers.xavier_uniform(), 2), "heads", "kv", "embed"),
+            (heads, head_dim, self.width),
+            self.param_dtype,
+        )
         bias = self.param("bias", logical(nn.initializers.zeros, "embed"), (self.width,), self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         merged = x.reshape(x.shape[:2] + (heads * head_dim,))
@@ -106,6 +123,7 @@ class HeadsMerge(nn.Module):
 class Attention(nn.Module):
     """Multi-head attention (self, or cross with `inputs_kv`); sows its weights when asked. `attention` names
     the implementation (`kernels.ATTENTION_IMPLEMENTATIONS`; 'auto' takes the platform's fastest)."""
+
     num_heads: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -114,16 +132,23 @@ class Attention(nn.Module):
     attention: str = "auto"
 
     @nn.compact
-    def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array | None = None,
-                 mask: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, inputs_q: jax.Array, inputs_kv: jax.Array | None = None, mask: jax.Array | None = None
+    ) -> jax.Array:
         inputs_kv = inputs_q if inputs_kv is None else inputs_kv
         width = inputs_q.shape[-1]
         if width % self.num_heads:
             raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
 
         def project(name: str, x: jax.Array) -> jax.Array:
-            y = HeadsProjection(num_heads=self.num_heads, head_dim=width // self.num_heads, use_bias=self.qkv_bias,
-                                dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x)
+            y = HeadsProjection(
+                num_heads=self.num_heads,
+                head_dim=width // self.num_heads,
+                use_bias=self.qkv_bias,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name=name,
+            )(x)
             return constrain(y, "batch", "length", "heads", "kv")
 
         q, k, v = project("query", inputs_q), project("key", inputs_kv), project("value", inputs_kv)
@@ -142,16 +167,26 @@ class MlpBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         width = x.shape[-1]
-        h = nn.Dense(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1",
-                     dot_general=kernels.dense_dot_general,
-                     kernel_init=logical(nn.initializers.xavier_uniform(), "embed", "mlp"),
-                     bias_init=logical(nn.initializers.normal(1e-6), "mlp"))(x)
+        h = nn.Dense(
+            self.mlp_dim,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="fc1",
+            dot_general=kernels.dense_dot_general,
+            kernel_init=logical(nn.initializers.xavier_uniform(), "embed", "mlp"),
+            bias_init=logical(nn.initializers.normal(1e-6), "mlp"),
+        )(x)
         h = gelu(constrain(h, "batch", "length", "mlp"))
         h = nn.Dropout(self.dropout)(h, deterministic=not train)
-        return nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2",
-                        dot_general=kernels.dense_dot_general,
-                        kernel_init=logical(nn.initializers.xavier_uniform(), "mlp", "embed"),
-                        bias_init=logical(nn.initializers.normal(1e-6), "embed"))(h)
+        return nn.Dense(
+            width,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="fc2",
+            dot_general=kernels.dense_dot_general,
+            kernel_init=logical(nn.initializers.xavier_uniform(), "mlp", "embed"),
+            bias_init=logical(nn.initializers.normal(1e-6), "embed"),
+        )(h)
 
 
 def layer_norm(name: str, eps: float, dtype: Dtype, param_dtype: Dtype) -> LayerNorm:
@@ -190,6 +225,7 @@ class Block(nn.Module):
     sequence of `views` grids (a study) is windowed view by view: no window spans two views.
     Returns (x, None) so the same module can be scanned over layers.
     """
+
     num_heads: int
     mlp_dim: int
     dropout: float = 0.0
@@ -211,34 +247,48 @@ class Block(nn.Module):
         return jnp.where(keep, y / (1.0 - rate), 0.0).astype(y.dtype)
 
     def _attend(self, y: jax.Array, mask: jax.Array | None, windowed: jax.Array | None) -> jax.Array:
-        attention = lambda: Attention(num_heads=self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
-                                      sow_weights=self.sow_attention, attention=self.attention, name="attention")
+        attention = lambda: Attention(
+            num_heads=self.num_heads,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            sow_weights=self.sow_attention,
+            attention=self.attention,
+            name="attention",
+        )
 
         def within_windows(y: jax.Array) -> jax.Array:
             b, length, d = y.shape
             per_view = y.reshape(b * self.views, length // self.views, d)
             windows, window_mask = window_partition(per_view, self.grid, self.window_size)
-            out = window_unpartition(attention()(windows, mask=window_mask), b * self.views, self.grid,
-                                     self.window_size)
+            out = window_unpartition(
+                attention()(windows, mask=window_mask), b * self.views, self.grid, self.window_size
+            )
             return out.reshape(b, length, d)
 
         if not self.window_size:
             return attention()(y, mask=mask)
         if windowed is None:
             return within_windows(y)
-        return nn.cond(windowed, lambda module, y: within_windows(y), lambda module, y: attention()(y, mask=mask),
-                       self, y)
+        return nn.cond(
+            windowed, lambda module, y: within_windows(y), lambda module, y: attention()(y, mask=mask), self, y
+        )
 
     @nn.compact
-    def __call__(self, x: jax.Array, drop_rate: jax.Array | float = 0.0, mask: jax.Array | None = None,
-                 windowed: jax.Array | None = None) -> tuple[jax.Array, None]:
+    def __call__(
+        self,
+        x: jax.Array,
+        drop_rate: jax.Array | float = 0.0,
+        mask: jax.Array | None = None,
+        windowed: jax.Array | None = None,
+    ) -> tuple[jax.Array, None]:
         x = constrain(x, "batch", "length", "embed")
         norm = lambda name: layer_norm(name, self.layer_norm_eps, self.dtype, self.param_dtype)
         y = self._attend(norm("norm1")(x), mask, windowed)
         y = nn.Dropout(self.dropout)(y, deterministic=not self.train)
         x = x + self._drop_path(y, drop_rate)
-        y = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout, dtype=self.dtype, param_dtype=self.param_dtype,
-                     name="mlp")(norm("norm2")(x), self.train)
+        y = MlpBlock(
+            mlp_dim=self.mlp_dim, dropout=self.dropout, dtype=self.dtype, param_dtype=self.param_dtype, name="mlp"
+        )(norm("norm2")(x), self.train)
         y = nn.Dropout(self.dropout)(y, deterministic=not self.train)
         x = x + self._drop_path(y, drop_rate)
         return constrain(x, "batch", "length", "embed"), None
@@ -247,6 +297,7 @@ class Block(nn.Module):
 class Encoder(nn.Module):
     """`depth` blocks (looped or scanned, optionally rematerialised) then a final LayerNorm. With
     `window_size` (ViTDet) blocks attend within windows of the patch grid, except `global_blocks`."""
+
     depth: int
     num_heads: int
     mlp_dim: int
@@ -263,8 +314,14 @@ class Encoder(nn.Module):
     global_blocks: tuple[int, ...] = ()
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False, grid: tuple[int, int] = (0, 0),
-                 mask: jax.Array | None = None, views: int = 1) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        train: bool = False,
+        grid: tuple[int, int] = (0, 0),
+        mask: jax.Array | None = None,
+        views: int = 1,
+    ) -> jax.Array:
         """`mask` (B, 1, 1, L): the keys every token may attend to (a study's padded views are False); `views`:
         x holds that many grids of one study, one after the other (windows stay within each)."""
         if self.remat_policy not in REMAT_POLICIES:
@@ -272,16 +329,31 @@ class Encoder(nn.Module):
         block_cls = Block
         if self.remat_policy != "none":
             block_cls = nn.remat(Block, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=not self.scan)
-        kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout=self.dropout,
-                      use_drop_path=self.drop_path > 0, layer_norm_eps=self.layer_norm_eps, dtype=self.dtype,
-                      param_dtype=self.param_dtype, train=train, sow_attention=self.sow_attention,
-                      attention=self.attention, grid=tuple(grid), views=views)
+        kwargs = dict(
+            num_heads=self.num_heads,
+            mlp_dim=self.mlp_dim,
+            dropout=self.dropout,
+            use_drop_path=self.drop_path > 0,
+            layer_norm_eps=self.layer_norm_eps,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            train=train,
+            sow_attention=self.sow_attention,
+            attention=self.attention,
+            grid=tuple(grid),
+            views=views,
+        )
         rates = jnp.linspace(0.0, self.drop_path, self.depth)  # stochastic depth grows with depth
         windowed = [bool(self.window_size) and i not in self.global_blocks for i in range(self.depth)]
         if self.scan:
-            stack = nn.scan(block_cls, variable_axes={"params": 0, "intermediates": 0},
-                            split_rngs={"params": True, "dropout": True}, in_axes=(0, nn.broadcast, 0),
-                            length=self.depth, metadata_params={nn.PARTITION_NAME: "layers"})
+            stack = nn.scan(
+                block_cls,
+                variable_axes={"params": 0, "intermediates": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(0, nn.broadcast, 0),
+                length=self.depth,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
             flags = jnp.asarray(windowed) if any(windowed) and not all(windowed) else None
             window = self.window_size if any(windowed) else 0
             x, _ = stack(**kwargs, window_size=window, name="blocks")(x, rates, mask, flags)

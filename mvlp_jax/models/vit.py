@@ -5,6 +5,7 @@ position embeddings, optional CLS token, pre-LN blocks. `MAE` masks per sample b
 uniform noise, runs the encoder on the visible tokens only, and reconstructs the masked patches
 with its own decoder; with the same noise it reproduces transformers' ViTMAEForPreTraining.
 """
+
 from __future__ import annotations
 
 import re
@@ -74,6 +75,7 @@ def reconstruction_loss(pred: jax.Array, target: jax.Array, mask: jax.Array, nor
 
 class PatchConv(nn.Module):
     """nn.Conv with kernel = stride = patch, VALID padding: its parameters and values (`kernels.patch_conv`)."""
+
     features: int
     patch_size: int
     dtype: Dtype = jnp.float32
@@ -82,8 +84,12 @@ class PatchConv(nn.Module):
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
         p, channels = self.patch_size, images.shape[-1]
-        kernel = self.param("kernel", logical(nn.initializers.lecun_normal(), None, None, None, "embed"),
-                            (p, p, channels, self.features), self.param_dtype)
+        kernel = self.param(
+            "kernel",
+            logical(nn.initializers.lecun_normal(), None, None, None, "embed"),
+            (p, p, channels, self.features),
+            self.param_dtype,
+        )
         bias = self.param("bias", logical(nn.initializers.zeros, "embed"), (self.features,), self.param_dtype)
         images, kernel, bias = nn.dtypes.promote_dtype(images, kernel, bias, dtype=self.dtype)
         return kernels.patch_conv(images, kernel) + bias
@@ -94,6 +100,7 @@ class PatchEmbed(nn.Module):
 
     Returned apart, so masked-image modelling can replace tokens before position is added.
     """
+
     width: int
     patch_size: int
     posemb: str = "sincos2d"
@@ -103,13 +110,13 @@ class PatchEmbed(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, images: jax.Array
-                 ) -> tuple[jax.Array, jax.Array, jax.Array | None, tuple[int, int]]:
+    def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array | None, tuple[int, int]]:
         """Returns (patch tokens, their position embeddings, cls position embedding or None, grid)."""
         if self.posemb not in POSEMB:
             raise ValueError(f"posemb={self.posemb!r}; choose one of {POSEMB}")
-        x = PatchConv(features=self.width, patch_size=self.patch_size, dtype=self.dtype, param_dtype=self.param_dtype,
-                      name="conv")(images)
+        x = PatchConv(
+            features=self.width, patch_size=self.patch_size, dtype=self.dtype, param_dtype=self.param_dtype, name="conv"
+        )(images)
         b, gh, gw, d = x.shape
         x = x.reshape(b, gh * gw, d)
         cls_pos = None
@@ -119,8 +126,12 @@ class PatchEmbed(nn.Module):
                 cls_pos = jnp.zeros((1, 1, d), jnp.float32)
         else:
             g = self.image_size // self.patch_size
-            table = self.param("pos_embedding", logical(nn.initializers.normal(0.02), None, "length", "embed"),
-                               (1, g * g + int(self.cls_token), d), self.param_dtype)
+            table = self.param(
+                "pos_embedding",
+                logical(nn.initializers.normal(0.02), None, "length", "embed"),
+                (1, g * g + int(self.cls_token), d),
+                self.param_dtype,
+            )
             if self.cls_token:
                 cls_pos, table = table[:, :1], table[:, 1:]
             pos = table.reshape(1, g, g, d)
@@ -140,6 +151,7 @@ class ViT(nn.Module):
     position embedding and a learned view-type embedding (`view_types` > 0 creates it), and every token attends
     to the tokens of all the study's views, padded views (`view_mask` False) excepted; returns (B, [1+]V*N,
     width). A single image is a study of one frontal view."""
+
     width: int = 768
     depth: int = 12
     num_heads: int = 12
@@ -160,12 +172,26 @@ class ViT(nn.Module):
     view_types: int = 0  # > 0: a learned embedding per view type (multi-view studies)
 
     @nn.compact
-    def __call__(self, images: jax.Array, *, keep_ids: jax.Array | None = None, train: bool = False,
-                 view_type: jax.Array | None = None, view_mask: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        images: jax.Array,
+        *,
+        keep_ids: jax.Array | None = None,
+        train: bool = False,
+        view_type: jax.Array | None = None,
+        view_mask: jax.Array | None = None,
+    ) -> jax.Array:
         flat, b, views = flatten_study(images, keep_ids, "keep_ids")
-        x, pos, cls_pos, _ = PatchEmbed(width=self.width, patch_size=self.patch_size, posemb=self.posemb,
-                                        image_size=self.image_size, cls_token=self.cls_token, dtype=self.dtype,
-                                        param_dtype=self.param_dtype, name="embedding")(flat)
+        x, pos, cls_pos, _ = PatchEmbed(
+            width=self.width,
+            patch_size=self.patch_size,
+            posemb=self.posemb,
+            image_size=self.image_size,
+            cls_token=self.cls_token,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="embedding",
+        )(flat)
         x = x + pos
         if self.view_types:
             x = x + view_embedding(self, b * views, view_type)
@@ -173,17 +199,28 @@ class ViT(nn.Module):
             x = jnp.take_along_axis(x, keep_ids[..., None], axis=1)
         x = x.reshape(b, -1, self.width)
         if self.cls_token:
-            cls = self.param("cls", logical(nn.initializers.normal(0.02), None, None, "embed"),
-                             (1, 1, self.width), self.param_dtype)
+            cls = self.param(
+                "cls", logical(nn.initializers.normal(0.02), None, None, "embed"), (1, 1, self.width), self.param_dtype
+            )
             cls = jnp.broadcast_to((cls + cls_pos).astype(x.dtype), (x.shape[0], 1, self.width))
             x = jnp.concatenate([cls, x], axis=1)
         mask = None if view_mask is None else study_token_mask(view_mask, x.shape[1], self.cls_token)[:, None, None]
         x = nn.Dropout(self.dropout)(constrain(x, "batch", "length", "embed"), deterministic=not train)
-        return Encoder(depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout=self.dropout,
-                       drop_path=self.drop_path, layer_norm_eps=self.layer_norm_eps, dtype=self.dtype,
-                       param_dtype=self.param_dtype, scan=self.scan, remat_policy=self.remat_policy,
-                       sow_attention=self.sow_attention, attention=self.attention, name="encoder")(x, train,
-                                                                                                   mask=mask)
+        return Encoder(
+            depth=self.depth,
+            num_heads=self.num_heads,
+            mlp_dim=self.mlp_dim,
+            dropout=self.dropout,
+            drop_path=self.drop_path,
+            layer_norm_eps=self.layer_norm_eps,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            scan=self.scan,
+            remat_policy=self.remat_policy,
+            sow_attention=self.sow_attention,
+            attention=self.attention,
+            name="encoder",
+        )(x, train, mask=mask)
 
 
 def flatten_study(images: jax.Array, patch_selection: jax.Array | None, name: str) -> tuple[jax.Array, int, int]:
@@ -199,8 +236,12 @@ def flatten_study(images: jax.Array, patch_selection: jax.Array | None, name: st
 def view_embedding(module: nn.Module, images: int, view_type: jax.Array | None) -> jax.Array:
     """(images, 1, width): each image's learned view-type embedding, a parameter of `module` (its `view_types`
     rows); without `view_type` every image is a frontal view (a single image is a study of one)."""
-    table = module.param("view_embedding", logical(nn.initializers.normal(0.02), None, "embed"),
-                         (module.view_types, module.width), module.param_dtype)
+    table = module.param(
+        "view_embedding",
+        logical(nn.initializers.normal(0.02), None, "embed"),
+        (module.view_types, module.width),
+        module.param_dtype,
+    )
     types = jnp.zeros((images,), jnp.int32) if view_type is None else view_type.reshape(-1)
     return table[types][:, None, :].astype(module.dtype)
 
@@ -214,6 +255,7 @@ def study_token_mask(view_mask: jax.Array, length: int, cls_token: bool) -> jax.
 
 class MAE(nn.Module):
     """Masked autoencoder: ViT encoder on visible patches, a lighter decoder reconstructs the masked ones."""
+
     encoder: ViT
     decoder_width: int = 512
     decoder_depth: int = 8
@@ -223,8 +265,14 @@ class MAE(nn.Module):
     norm_pix_loss: bool = False
 
     @nn.compact
-    def __call__(self, images: jax.Array, *, noise: jax.Array | None = None, train: bool = False,
-                 present: jax.Array | None = None) -> dict[str, Any]:
+    def __call__(
+        self,
+        images: jax.Array,
+        *,
+        noise: jax.Array | None = None,
+        train: bool = False,
+        present: jax.Array | None = None,
+    ) -> dict[str, Any]:
         """images (B,H,W,C) -> dict(loss, pred (B,N,p*p*C), mask (B,N), latent, ids_restore).
 
         `noise` (B, N) fixes the masking (for parity tests); otherwise drawn from the 'masking' rng. `present`
@@ -240,21 +288,39 @@ class MAE(nn.Module):
         latent = enc(images, keep_ids=keep_ids, train=train)
 
         dense = lambda features, name, axes: nn.Dense(
-            features, dtype=enc.dtype, param_dtype=enc.param_dtype, name=name, dot_general=kernels.dense_dot_general,
+            features,
+            dtype=enc.dtype,
+            param_dtype=enc.param_dtype,
+            name=name,
+            dot_general=kernels.dense_dot_general,
             kernel_init=logical(nn.initializers.xavier_uniform(), *axes),
-            bias_init=logical(nn.initializers.zeros, axes[1]))
+            bias_init=logical(nn.initializers.zeros, axes[1]),
+        )
         x = dense(self.decoder_width, "decoder_embed", ("embed", "decoder_embed"))(latent)
         cls, visible = (x[:, :1], x[:, 1:]) if enc.cls_token else (None, x)
-        mask_token = self.param("mask_token", logical(nn.initializers.normal(0.02), None, None, "decoder_embed"),
-                                (1, 1, self.decoder_width), enc.param_dtype)
+        mask_token = self.param(
+            "mask_token",
+            logical(nn.initializers.normal(0.02), None, None, "decoder_embed"),
+            (1, 1, self.decoder_width),
+            enc.param_dtype,
+        )
         filler = jnp.broadcast_to(mask_token.astype(x.dtype), (b, n - visible.shape[1], self.decoder_width))
         x = jnp.take_along_axis(jnp.concatenate([visible, filler], axis=1), ids_restore[..., None], axis=1)
         x = x + jnp.asarray(sincos_2d(*grid, self.decoder_width))[None].astype(x.dtype)
         if cls is not None:
             x = jnp.concatenate([cls, x], axis=1)  # decoder cls position is zero, as in MAE
-        x = Encoder(depth=self.decoder_depth, num_heads=self.decoder_heads, mlp_dim=self.decoder_mlp_dim,
-                    layer_norm_eps=enc.layer_norm_eps, dtype=enc.dtype, param_dtype=enc.param_dtype, scan=enc.scan,
-                    remat_policy=enc.remat_policy, attention=enc.attention, name="decoder")(x, train)
+        x = Encoder(
+            depth=self.decoder_depth,
+            num_heads=self.decoder_heads,
+            mlp_dim=self.decoder_mlp_dim,
+            layer_norm_eps=enc.layer_norm_eps,
+            dtype=enc.dtype,
+            param_dtype=enc.param_dtype,
+            scan=enc.scan,
+            remat_policy=enc.remat_policy,
+            attention=enc.attention,
+            name="decoder",
+        )(x, train)
         pred = dense(p * p * c, "decoder_pred", ("decoder_embed", None))(x)
         pred = pred[:, 1:] if cls is not None else pred
         scored = mask if present is None else mask * present[:, None].astype(mask.dtype)

@@ -7,18 +7,26 @@ window's output is exactly global attention restricted to its own tokens. Blocks
 Masked image modelling cannot drop tokens from windows, so
 `SimMIM` replaces masked patches by a learned token and reconstructs them.
 """
+
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mvlp_jax.models.transformer import Dtype, Encoder, constrain, logical
-from mvlp_jax.models.transformer import window_partition, window_unpartition  # noqa: F401 - part of this API
-from mvlp_jax.models.vit import (PatchEmbed, flatten_study, patchify, random_masking, reconstruction_loss,
-                                  study_token_mask, view_embedding)
+from mvlp_jax.models.transformer import Dtype, Encoder, constrain, logical, window_partition, window_unpartition  # noqa: F401 - part of this API
+from mvlp_jax.models.vit import (
+    PatchEmbed,
+    flatten_study,
+    patchify,
+    random_masking,
+    reconstruction_loss,
+    study_token_mask,
+    view_embedding,
+)
 
 
 def default_global_blocks(depth: int, every: int = 3) -> tuple[int, ...]:
@@ -32,6 +40,7 @@ class ViTDet(nn.Module):
     A study (B, V, H, W, C) is one sequence (B, V*N, width), as vit.ViT reads it (position and view-type
     embeddings per view, padded views masked): windowed blocks attend within each view's windows, global blocks
     across all the study's views."""
+
     width: int = 768
     depth: int = 12
     num_heads: int = 12
@@ -52,15 +61,32 @@ class ViTDet(nn.Module):
     cls_token = False  # read by heads and objectives
 
     @nn.compact
-    def __call__(self, images: jax.Array, *, token_mask: jax.Array | None = None, train: bool = False,
-                 view_type: jax.Array | None = None, view_mask: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        images: jax.Array,
+        *,
+        token_mask: jax.Array | None = None,
+        train: bool = False,
+        view_type: jax.Array | None = None,
+        view_mask: jax.Array | None = None,
+    ) -> jax.Array:
         flat, b, views = flatten_study(images, token_mask, "token_mask")
-        x, pos, _, grid = PatchEmbed(width=self.width, patch_size=self.patch_size, posemb="sincos2d",
-                                     cls_token=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                                     name="embedding")(flat)
+        x, pos, _, grid = PatchEmbed(
+            width=self.width,
+            patch_size=self.patch_size,
+            posemb="sincos2d",
+            cls_token=False,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="embedding",
+        )(flat)
         if token_mask is not None:
-            mask_token = self.param("mask_token", logical(nn.initializers.normal(0.02), None, None, "embed"),
-                                    (1, 1, self.width), self.param_dtype)
+            mask_token = self.param(
+                "mask_token",
+                logical(nn.initializers.normal(0.02), None, None, "embed"),
+                (1, 1, self.width),
+                self.param_dtype,
+            )
             x = jnp.where(token_mask[..., None].astype(bool), mask_token.astype(x.dtype), x)
         x = x + pos
         if self.view_types:
@@ -68,24 +94,42 @@ class ViTDet(nn.Module):
         x = x.reshape(b, -1, self.width)
         mask = None if view_mask is None else study_token_mask(view_mask, x.shape[1], False)[:, None, None]
         x = nn.Dropout(self.dropout)(constrain(x, "batch", "length", "embed"), deterministic=not train)
-        global_blocks = (default_global_blocks(self.depth) if self.global_blocks is None
-                         else tuple(self.global_blocks))
-        return Encoder(depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout=self.dropout,
-                       drop_path=self.drop_path, layer_norm_eps=self.layer_norm_eps, dtype=self.dtype,
-                       param_dtype=self.param_dtype, scan=self.scan, remat_policy=self.remat_policy,
-                       sow_attention=self.sow_attention, attention=self.attention, window_size=self.window_size,
-                       global_blocks=global_blocks, name="encoder")(x, train, grid, mask=mask, views=views)
+        global_blocks = default_global_blocks(self.depth) if self.global_blocks is None else tuple(self.global_blocks)
+        return Encoder(
+            depth=self.depth,
+            num_heads=self.num_heads,
+            mlp_dim=self.mlp_dim,
+            dropout=self.dropout,
+            drop_path=self.drop_path,
+            layer_norm_eps=self.layer_norm_eps,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            scan=self.scan,
+            remat_policy=self.remat_policy,
+            sow_attention=self.sow_attention,
+            attention=self.attention,
+            window_size=self.window_size,
+            global_blocks=global_blocks,
+            name="encoder",
+        )(x, train, grid, mask=mask, views=views)
 
 
 class SimMIM(nn.Module):
     """Masked image modelling on a windowed encoder: masked patches become a learned token."""
+
     encoder: ViTDet
     mask_ratio: float = 0.75
     norm_pix_loss: bool = False
 
     @nn.compact
-    def __call__(self, images: jax.Array, *, noise: jax.Array | None = None, train: bool = False,
-                 present: jax.Array | None = None) -> dict[str, Any]:
+    def __call__(
+        self,
+        images: jax.Array,
+        *,
+        noise: jax.Array | None = None,
+        train: bool = False,
+        present: jax.Array | None = None,
+    ) -> dict[str, Any]:
         """images (B,H,W,C) -> dict(loss, pred, mask, latent, grid); `present` (B,) leaves the images where it is
         False (a study's padded views) out of the loss."""
         p = self.encoder.patch_size
@@ -95,9 +139,14 @@ class SimMIM(nn.Module):
             noise = jax.random.uniform(self.make_rng("masking"), (b, n))
         _, mask, _ = random_masking(noise, self.mask_ratio)
         latent = self.encoder(images, token_mask=mask, train=train)
-        pred = nn.Dense(p * p * c, dtype=self.encoder.dtype, param_dtype=self.encoder.param_dtype, name="pred",
-                        kernel_init=logical(nn.initializers.xavier_uniform(), "embed", None),
-                        bias_init=logical(nn.initializers.zeros, None))(latent)
+        pred = nn.Dense(
+            p * p * c,
+            dtype=self.encoder.dtype,
+            param_dtype=self.encoder.param_dtype,
+            name="pred",
+            kernel_init=logical(nn.initializers.xavier_uniform(), "embed", None),
+            bias_init=logical(nn.initializers.zeros, None),
+        )(latent)
         scored = mask if present is None else mask * present[:, None].astype(mask.dtype)
         loss = reconstruction_loss(pred, patchify(images, p), scored, self.norm_pix_loss)
         return dict(loss=loss, pred=pred, mask=mask, latent=latent, grid=(h // p, w // p))

@@ -1,7 +1,9 @@
 """Objectives combined per step: a weighted sum, or one objective per step in turn (cyclic)."""
+
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -22,8 +24,9 @@ def active(config: ml_collections.ConfigDict, step: int) -> list[str]:
     return [names[step % len(names)]] if cyclic(config) else names
 
 
-def make(model: nn.Module, config: ml_collections.ConfigDict, only: Iterable[str] | None = None
-         ) -> Callable[..., tuple[jax.Array, dict]]:
+def make(
+    model: nn.Module, config: ml_collections.ConfigDict, only: Iterable[str] | None = None
+) -> Callable[..., tuple[jax.Array, dict]]:
     """(params, batch, rng, step, extra={}) -> (total loss, metrics named 'objective/metric'); `extra` is the
     train state's non-gradient part (DINO's teacher and center), handed to objectives with the step. `only`
     restricts a weighted sum to some objectives (to measure one objective's share of a cyclic step)."""
@@ -36,8 +39,9 @@ def make(model: nn.Module, config: ml_collections.ConfigDict, only: Iterable[str
         metrics = {**metrics, "active": jnp.ones((), jnp.float32)}  # 0 on the steps a cyclic schedule skips it
         return weights[name] * loss, {f"{name}/{k}": v for k, v in metrics.items()}
 
-    def weighted_sum(params: Any, batch: dict, rng: jax.Array, step: jax.Array, extra: Any = None
-                     ) -> tuple[jax.Array, dict]:
+    def weighted_sum(
+        params: Any, batch: dict, rng: jax.Array, step: jax.Array, extra: Any = None
+    ) -> tuple[jax.Array, dict]:
         context = {"step": step, "extra": extra}
         total, metrics = jnp.zeros((), jnp.float32), {}
         for name in names if only is None else sorted(only):
@@ -45,20 +49,22 @@ def make(model: nn.Module, config: ml_collections.ConfigDict, only: Iterable[str
             total, metrics = total + loss, {**metrics, **m}
         return total, metrics
 
-    def one_per_step(params: Any, batch: dict, rng: jax.Array, step: jax.Array, extra: Any = None
-                     ) -> tuple[jax.Array, dict]:
+    def one_per_step(
+        params: Any, batch: dict, rng: jax.Array, step: jax.Array, extra: Any = None
+    ) -> tuple[jax.Array, dict]:
         context = {"step": step, "extra": extra}
-        shapes = {n: jax.eval_shape(lambda p, b, r, n=n: run(n, p, b, r, context)[1], params, batch, rng)
-                  for n in names}
+        shapes = {
+            n: jax.eval_shape(lambda p, b, r, n=n: run(n, p, b, r, context)[1], params, batch, rng) for n in names
+        }
         zeros = {k: jnp.zeros(v.shape, v.dtype) for s in shapes.values() for k, v in s.items()}
 
         def branch(name: str) -> Callable:
             def f(p, b, r):
                 loss, m = run(name, p, b, r, context)
                 return loss, {**zeros, **m}
+
             return f
 
         return jax.lax.switch(step % len(names), [branch(n) for n in names], params, batch, rng)
 
     return one_per_step if only is None and cyclic(config) else weighted_sum
-

@@ -1,5 +1,6 @@
 """Batch-wide image-text losses. Under `jax.jit` with a sharded batch the (B, B) similarity is formed
 over the global batch, so every image sees every report of the step as a negative, on any mesh."""
+
 from __future__ import annotations
 
 import jax
@@ -13,8 +14,10 @@ def infonce(images: jax.Array, texts: jax.Array, log_temperature: jax.Array) -> 
     """Symmetric CLIP loss on cosine similarities / temperature (matching pairs on the diagonal)."""
     logits = l2_normalise(images) @ l2_normalise(texts).T / jnp.exp(log_temperature)
     labels = jnp.arange(logits.shape[0])
-    return 0.5 * (optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-                  + optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean())
+    return 0.5 * (
+        optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        + optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean()
+    )
 
 
 def sigmoid(images: jax.Array, texts: jax.Array, log_temperature: jax.Array, bias: jax.Array) -> jax.Array:
@@ -29,7 +32,7 @@ def margin(images: jax.Array, texts: jax.Array, eps: float) -> jax.Array:
     1[i=j] d_ij^2 + 1[i!=j] max(0, eps - d_ij)^2, with matching and non-matching pairs averaged apart
     (so the B^2 - B negatives do not drown the B positives)."""
     a, b = l2_normalise(images), l2_normalise(texts)
-    sq = jnp.maximum(jnp.sum(a ** 2, -1)[:, None] + jnp.sum(b ** 2, -1)[None, :] - 2 * a @ b.T, 0.0)
+    sq = jnp.maximum(jnp.sum(a**2, -1)[:, None] + jnp.sum(b**2, -1)[None, :] - 2 * a @ b.T, 0.0)
     d = jnp.sqrt(sq + 1e-12)
     eye = jnp.eye(sq.shape[0])
     n = sq.shape[0]

@@ -1,4 +1,5 @@
 """Masked image modelling objective: MAE on the ViT, SimMIM on the windowed ViTDet."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -10,8 +11,13 @@ import ml_collections
 from mvlp_jax.objectives.spec import LossFn, Spec, study_inputs
 
 
-def masked(model: nn.Module, images: jax.Array, train: bool = True, view_type: jax.Array | None = None,
-           view_mask: jax.Array | None = None) -> dict[str, Any]:
+def masked(
+    model: nn.Module,
+    images: jax.Array,
+    train: bool = True,
+    view_type: jax.Array | None = None,
+    view_mask: jax.Array | None = None,
+) -> dict[str, Any]:
     """MAE (ViT) or SimMIM (ViTDet) on a batch: dict with 'loss' and the reconstruction. A study's views (B, V,
     H, W, C) are masked and reconstructed one by one; padded views count for nothing."""
     del view_type  # each view is reconstructed from its own visible patches
@@ -27,8 +33,9 @@ def make(model: nn.Module, config: ml_collections.ConfigDict) -> LossFn:
     def objective(params: Any, batch: dict, rng: jax.Array, context: dict) -> tuple[jax.Array, dict]:
         del context  # train-state extras and step: unused here
         rngs = {"masking": jax.random.fold_in(rng, 0), "dropout": jax.random.fold_in(rng, 1)}
-        out = model.apply({"params": params}, batch["image"], train=True, rngs=rngs, method=masked,
-                          **study_inputs(batch))
+        out = model.apply(
+            {"params": params}, batch["image"], train=True, rngs=rngs, method=masked, **study_inputs(batch)
+        )
         return out["loss"], {"loss": out["loss"]}
 
     return objective

@@ -1,5 +1,6 @@
 """Query-box localization (UP-DETR-style): given an image and an augmented crop of a random region of it,
 predict the region's box (cx, cy, w, h, fractions of the image). Loss: L1 + generalised IoU."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -13,15 +14,17 @@ import numpy as np
 from mvlp_jax.data import transforms
 from mvlp_jax.data import views as views_lib
 from mvlp_jax.models.heads import BoxHead
-from mvlp_jax.runtime import figures, schema
 from mvlp_jax.objectives.spec import LossFn, Spec, ViewInputs, check_patch_multiple
+from mvlp_jax.runtime import figures, schema
 
 
 def locate(model: nn.Module, images: jax.Array, queries: jax.Array, train: bool = True) -> jax.Array:
     """(image, augmented region of it) -> predicted normalised box (cx, cy, w, h) of the region; a `method`
     of `Pretrainer.apply`."""
-    pooled = jnp.concatenate([model.features(images, model.global_pooling, train),
-                              model.features(queries, model.global_pooling, train)], axis=-1)
+    pooled = jnp.concatenate(
+        [model.features(images, model.global_pooling, train), model.features(queries, model.global_pooling, train)],
+        axis=-1,
+    )
     return model.box_head(pooled).astype(jnp.float32)
 
 
@@ -60,8 +63,9 @@ def make(model: nn.Module, config: ml_collections.ConfigDict) -> LossFn:
 
     def objective(params: Any, batch: dict, rng: jax.Array, context: dict) -> tuple[jax.Array, dict]:
         del context
-        predicted = model.apply({"params": params}, batch["image"], batch["query"], train=True,
-                                rngs={"dropout": rng}, method=locate)
+        predicted = model.apply(
+            {"params": params}, batch["image"], batch["query"], train=True, rngs={"dropout": rng}, method=locate
+        )
         l1 = jnp.mean(jnp.sum(jnp.abs(predicted - batch["box"]), axis=-1))
         iou, giou = iou_and_giou(predicted, batch["box"])
         value = q.l1_weight * l1 + q.giou_weight * jnp.mean(1 - giou)
@@ -78,15 +82,23 @@ def pictures(painter: Any, params: Any, shown: Any) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(painter.seed)
     regions, boxes = zip(*[views_lib.query_region(img, q.size, tuple(q.scale), rng) for img in shown.pixels])
     queries = transforms.normalise(np.stack(regions), config.data.mean, config.data.std, views_lib.channels(config))
-    find = painter.jitted("query_box.locate", lambda p, x, r: painter.model.apply({"params": p}, x, r, train=False,
-                                                                                   method=locate))
+    find = painter.jitted(
+        "query_box.locate", lambda p, x, r: painter.model.apply({"params": p}, x, r, train=False, method=locate)
+    )
     predicted = np.asarray(find(params, jnp.asarray(shown.images), jnp.asarray(queries)))
     iou, _ = iou_and_giou(jnp.asarray(predicted), jnp.asarray(np.stack(boxes)))
-    located = [{"image": figures.rgb(pixels), "boxes": [(true, "red"), (guess, "blue")], "title": f"IoU {float(v):.2f}"}
-               for pixels, true, guess, v in zip(shown.pixels, boxes, predicted, np.asarray(iou))]
-    return {"query_box": figures.grid_figure([located, [figures.rgb(r) for r in regions]], [],
-                                             f"query-box localisation: the region (below) located in its image, true "
-                                             f"box red, predicted blue; mean IoU {float(np.mean(iou)):.2f}")}
+    located = [
+        {"image": figures.rgb(pixels), "boxes": [(true, "red"), (guess, "blue")], "title": f"IoU {float(v):.2f}"}
+        for pixels, true, guess, v in zip(shown.pixels, boxes, predicted, np.asarray(iou))
+    ]
+    return {
+        "query_box": figures.grid_figure(
+            [located, [figures.rgb(r) for r in regions]],
+            [],
+            f"query-box localisation: the region (below) located in its image, true "
+            f"box red, predicted blue; mean IoU {float(np.mean(iou)):.2f}",
+        )
+    }
 
 
 # Its config keys (docs/config.md): key -> (default, check, description)
@@ -98,8 +110,14 @@ CONFIG_ROWS: schema.Table = {
 }
 
 
-SPEC = Spec(name="query_box", make_loss=make, entries=entries, views=views,
-            heads=lambda model, config, dtype: {"box_head": BoxHead()},
-            init=lambda model, images, targets: locate(model, images, images, train=False),
-            check=lambda config: check_patch_multiple(config, "query_box.size"),
-            pictures=pictures, config_rows=CONFIG_ROWS)
+SPEC = Spec(
+    name="query_box",
+    make_loss=make,
+    entries=entries,
+    views=views,
+    heads=lambda model, config, dtype: {"box_head": BoxHead()},
+    init=lambda model, images, targets: locate(model, images, images, train=False),
+    check=lambda config: check_patch_multiple(config, "query_box.size"),
+    pictures=pictures,
+    config_rows=CONFIG_ROWS,
+)

@@ -1,7 +1,9 @@
 """The objectives a config may name, by name; what the configured ones need, asked of their specs."""
+
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import ml_collections
 
@@ -57,10 +59,12 @@ def entries(config: ml_collections.ConfigDict, target_dim: int = 0) -> dict[str,
     views = config.data.get("max_views", 1)
     if views > 1 and out:  # a study: its views, their types and which slots are padding
         import numpy as np
+
         shape, dtype = out["image"]
         out.update(image=((views, *shape), dtype), view_type=((views,), np.int32), view_mask=((views,), np.bool_))
     if target_dim and any(s.needs_targets for s in specs):
         import numpy as np
+
         out["target"] = ((target_dim,), np.float32)
     for s in specs:
         out.update(s.entries(config))
@@ -74,5 +78,7 @@ def check(config: ml_collections.ConfigDict) -> None:
     single = [s.name for s in configured(config) if s.views is not None and s.study_views is None]
     if config.data.get("max_views", 1) > 1 and single:
         study_ready = [s.name for s in SPECS.values() if s.views is None or s.study_views is not None]
-        raise ValueError(f"objectives {', '.join(single)} build their own views of one image; with "
-                         f"data.max_views={config.data.max_views} (studies) use {', '.join(sorted(study_ready))}")
+        raise ValueError(
+            f"objectives {', '.join(single)} build their own views of one image; with "
+            f"data.max_views={config.data.max_views} (studies) use {', '.join(sorted(study_ready))}"
+        )

@@ -4,10 +4,12 @@ checks can ask instead of naming it.
 An objective is one module exporting `SPEC = Spec(...)` and one line in `registry.py` (or a call to
 `registry.register` from anywhere, tests included).
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import ml_collections
@@ -35,8 +37,10 @@ def check_patch_multiple(config: ml_collections.ConfigDict, key: str) -> None:
     group, leaf = key.split(".")
     size, patch = config[group][leaf], variant(config.model.variant)["patch_size"]
     if size % patch:
-        raise ValueError(f"config key {key!r} = {size} must be a multiple of the patch size {patch} "
-                         f"(model.variant={config.model.variant!r})")
+        raise ValueError(
+            f"config key {key!r} = {size} must be a multiple of the patch size {patch} "
+            f"(model.variant={config.model.variant!r})"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +52,7 @@ class SharedSpace:
     image_head: (model, features) -> image embeddings, or None when `images` already gives them; applied to a
       whole evaluated set at once, so heads that normalise by set statistics (BatchStatNorm) see all of it.
     """
+
     images: Callable[..., jax.Array]
     text: Callable[..., jax.Array]
     image_head: Callable[..., jax.Array] | None = None
@@ -83,6 +88,7 @@ class Spec:
     config_rows: its own config keys, {dotted key: (default, check, description)} (runtime/schema.py): part of
       every pretraining config once registered, documented in docs/config.md.
     """
+
     name: str
     make_loss: Callable[[Any, ml_collections.ConfigDict], LossFn]
     needs_targets: bool = False

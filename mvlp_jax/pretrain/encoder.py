@@ -1,5 +1,6 @@
 """A pretraining run's image encoder as evaluation and export read it: the parameters of one checkpoint (or of
 an untrained model of the same architecture), restored without the optimizer state or the train state."""
+
 from __future__ import annotations
 
 import hashlib
@@ -27,9 +28,9 @@ class Encoder:
     model: Pretrainer
     params: dict
     step: int
-    source: str = ""       # the resolved checkpoint path (or random_init@architecture)
+    source: str = ""  # the resolved checkpoint path (or random_init@architecture)
     fingerprint: str = ""  # sha256 of the restored parameters: what the feature cache is keyed on
-    workdir: str = ""      # the run's folder as listed ('' for random_init)
+    workdir: str = ""  # the run's folder as listed ('' for random_init)
     notes: tuple[str, ...] = ()  # what every result of this encoder must say (run_inputs.notes)
 
 
@@ -46,11 +47,13 @@ def params_fingerprint(params: Any) -> str:
 def display_names(locations: list[str]) -> dict[str, str]:
     """A label per listed workdir (or embeddings dir) that no other shares: its folder name, or as many of its
     trailing path components as tell it apart (`A/run`, `B/run`); results are keyed by the location itself."""
-    parts = {loc: storage.canonical(loc).rstrip("/").split("/") if loc != RANDOM_INIT else [RANDOM_INIT]
-             for loc in dict.fromkeys(locations)}
+    parts = {
+        loc: storage.canonical(loc).rstrip("/").split("/") if loc != RANDOM_INIT else [RANDOM_INIT]
+        for loc in dict.fromkeys(locations)
+    }
     depth = {loc: 1 for loc in parts}
     while True:
-        label = {loc: "/".join(p[-depth[loc]:]) for loc, p in parts.items()}
+        label = {loc: "/".join(p[-depth[loc] :]) for loc, p in parts.items()}
         clashing = [loc for loc in parts if list(label.values()).count(label[loc]) > 1 and depth[loc] < len(parts[loc])]
         if not clashing:
             return label
@@ -58,8 +61,15 @@ def display_names(locations: list[str]) -> dict[str, str]:
             depth[loc] += 1
 
 
-def load(workdir: str, step: int, mesh: jax.sharding.Mesh, like: str = "", teacher: bool = False,
-         step_flag: str = "--config.step", name: str = "") -> Encoder:
+def load(
+    workdir: str,
+    step: int,
+    mesh: jax.sharding.Mesh,
+    like: str = "",
+    teacher: bool = False,
+    step_flag: str = "--config.step",
+    name: str = "",
+) -> Encoder:
     """The params of `workdir`'s checkpoint `step` (-1: newest) on `mesh`, read without the optimizer state.
     `random_init` gives the architecture of `like` (a workdir) at its initialisation: the floor. `teacher`
     swaps in a DINO run's EMA teacher encoder (the network DINO evaluates) for the student's. `step_flag`: the
@@ -74,10 +84,18 @@ def load(workdir: str, step: int, mesh: jax.sharding.Mesh, like: str = "", teach
     init_params, abstract, param_sh = train_step.param_layout(model, config, mesh)
     if workdir == RANDOM_INIT:
         with sharding.active(mesh):
-            params = jax.jit(lambda k: nn.unbox(init_params(k)),
-            out_shardings=param_sh)(jax.random.PRNGKey(config.seed))
-        return Encoder(RANDOM_INIT, config, model, params, 0, f"{RANDOM_INIT}@{storage.canonical(source)}",
-                       params_fingerprint(params))
+            params = jax.jit(lambda k: nn.unbox(init_params(k)), out_shardings=param_sh)(
+                jax.random.PRNGKey(config.seed)
+            )
+        return Encoder(
+            RANDOM_INIT,
+            config,
+            model,
+            params,
+            0,
+            f"{RANDOM_INIT}@{storage.canonical(source)}",
+            params_fingerprint(params),
+        )
     wanted = {"step": jax.ShapeDtypeStruct((), np.int32), "params": abstract}
     shardings = {"step": sharding.replicated(mesh), "params": param_sh}
     if teacher:
@@ -101,5 +119,14 @@ def load(workdir: str, step: int, mesh: jax.sharding.Mesh, like: str = "", teach
     if teacher:
         params, name = {**params, "encoder": state["extra"]["teacher"]["encoder"]}, f"{name}/teacher"
     where = f"{storage.canonical(workdir)}/checkpoints/{int(state['step'])}" + ("/teacher" if teacher else "")
-    return Encoder(name, config, model, params, int(state["step"]), where, params_fingerprint(params), workdir,
-                   tuple(run_inputs.notes(workdir)))
+    return Encoder(
+        name,
+        config,
+        model,
+        params,
+        int(state["step"]),
+        where,
+        params_fingerprint(params),
+        workdir,
+        tuple(run_inputs.notes(workdir)),
+    )

@@ -7,6 +7,7 @@ Resumes from the newest checkpoint in DIR; SIGTERM saves and exits 0. Multi-host
 jax.distributed by itself; elsewhere pass --coordinator_address, --num_processes and --process_id (CPU
 collectives over gloo), or --distributed for jax's own detection (MPI, Kubernetes). One host: a no-op.
 """
+
 from __future__ import annotations
 
 import sys
@@ -15,8 +16,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from mvlp_jax import configuration
-from mvlp_jax.runtime import cli, distributed
 from mvlp_jax.pretrain import train
+from mvlp_jax.runtime import cli, distributed
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/pretrain.py:demo.", lock_config=True)
@@ -30,13 +31,15 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv: list[str]) -> int:
     del argv
-    method = distributed.initialize(FLAGS.num_processes, FLAGS.process_id, FLAGS.coordinator_address,
-                                    FLAGS.distributed)
+    method = distributed.initialize(FLAGS.num_processes, FLAGS.process_id, FLAGS.coordinator_address, FLAGS.distributed)
     if method != "none":
         import jax
+
         if jax.process_index() == 0:
-            print(f"distributed start-up: {method}, {jax.process_count()} processes, "
-                  f"{jax.device_count()} devices", flush=True)
+            print(
+                f"distributed start-up: {method}, {jax.process_count()} processes, {jax.device_count()} devices",
+                flush=True,
+            )
 
     configuration.validate(FLAGS.config)
     try:

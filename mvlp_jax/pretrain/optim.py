@@ -1,4 +1,5 @@
 """AdamW with linear warmup and cosine decay, global-norm clipping, and no decay where it hurts."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -20,8 +21,7 @@ def learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
 
 def decay_mask(params: Any) -> Any:
     """True for weight matrices only (leaf names in DECAYED_LEAVES)."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: getattr(path[-1], "key", None) in DECAYED_LEAVES, params)
+    return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) in DECAYED_LEAVES, params)
 
 
 def make(config: ml_collections.ConfigDict) -> optax.GradientTransformation:

@@ -1,4 +1,5 @@
 """The pretraining loop: build everything from the config, resume, step, log, checkpoint, stop cleanly."""
+
 from __future__ import annotations
 
 import errno
@@ -12,14 +13,11 @@ import ml_collections
 import numpy as np
 
 from mvlp_jax import configuration
-from mvlp_jax.kernels import host_memory
-from mvlp_jax.pretrain import optim, startup
-from mvlp_jax.runtime import checkpointing, distributed, observe, sharding
-from mvlp_jax.pretrain import train_step
-from mvlp_jax.runtime import cli, lease, run_inputs, storage
 from mvlp_jax.data import pipeline
+from mvlp_jax.kernels import host_memory
 from mvlp_jax.models.pretrainer import Pretrainer
-from mvlp_jax.pretrain import visualize
+from mvlp_jax.pretrain import optim, startup, train_step, visualize
+from mvlp_jax.runtime import checkpointing, cli, distributed, lease, observe, run_inputs, sharding, storage
 
 
 class NonFiniteError(RuntimeError):
@@ -46,6 +44,7 @@ class Preemption:
         if jax.process_count() == 1:
             return self.requested
         from jax.experimental import multihost_utils
+
         return bool(np.max(multihost_utils.process_allgather(np.int32(self.requested))))
 
     def restore(self) -> None:
@@ -65,8 +64,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Outcome:
     configuration.validate(config)
     workdir = os.fspath(storage.check_writable_dir(workdir, "--workdir"))
     if jax.process_index() == 0 and (holder := lease.holder(workdir)) is not None:
-        raise cli.UserError(f"{workdir} is being trained by {holder.describe()}: wait for it to finish or stop it "
-                            f"(SIGTERM saves and exits), or choose another --workdir")
+        raise cli.UserError(
+            f"{workdir} is being trained by {holder.describe()}: wait for it to finish or stop it "
+            f"(SIGTERM saves and exits), or choose another --workdir"
+        )
     cache = observe.use_compilation_cache(config.compilation_cache_dir, workdir)
     mesh = sharding.make_mesh(config)
     startup.check_batch(config, mesh)
@@ -91,8 +92,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Outcome:
             held.release()
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh, records: pipeline.TrainRecords,
-           target_dim: int, changes: dict, changed_inputs: list[str], cache: str | None) -> Outcome:
+def _train(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    mesh: jax.sharding.Mesh,
+    records: pipeline.TrainRecords,
+    target_dim: int,
+    changes: dict,
+    changed_inputs: list[str],
+    cache: str | None,
+) -> Outcome:
     if jax.process_index() == 0:
         startup.record(config, workdir, target_dim, changes, records.inputs, changed_inputs)
     for change in changed_inputs:
@@ -116,25 +125,37 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.M
     batches = pipeline.local_batches(records, config, jax.process_index(), jax.process_count())
     data = pipeline.TrainIterator(batches, config)
     data.set_state(data_state)
-    shapes = {k: jax.ShapeDtypeStruct((config.data.batch_size, *v.shape[1:]), v.dtype)
-              for k, v in batches[0].items()}
+    shapes = {k: jax.ShapeDtypeStruct((config.data.batch_size, *v.shape[1:]), v.dtype) for k, v in batches[0].items()}
     hint = host_memory.huge_page_malloc_hint() if jax.default_backend() == "cpu" else None
     if hint:
         _log(hint)
     if storage.is_remote(config.data.data_dir) and config.data.num_threads < 32:
-        _log(f"hint: data.data_dir is on {config.data.data_dir.split('/')[0]}//, read one request per record: "
-             f"--config.data.num_threads=64 (now {config.data.num_threads}) keeps more requests in flight")
+        _log(
+            f"hint: data.data_dir is on {config.data.data_dir.split('/')[0]}//, read one request per record: "
+            f"--config.data.num_threads=64 (now {config.data.num_threads}) keeps more requests in flight"
+        )
     examples = "studies" if config.data.max_views > 1 else "images"
-    _log(f"{records.where}: {len(records.indices)} training {examples}; mesh {dict(mesh.shape)}; "
-         f"{configuration_summary(config)}; compiling the train step...")
+    _log(
+        f"{records.where}: {len(records.indices)} training {examples}; mesh {dict(mesh.shape)}; "
+        f"{configuration_summary(config)}; compiling the train step..."
+    )
     with observe.CompileTimer() as timer:
-        compiled = train_step.compile_train_step(train_step.make_train_step(model, tx, config), state, state_sh,
-                                                 mesh, shapes)
+        compiled = train_step.compile_train_step(
+            train_step.make_train_step(model, tx, config), state, state_sh, mesh, shapes
+        )
     _log(f"train step ready in {timer.seconds:.1f} s ({timer.describe(cache)})")
-    flops = observe.step_flops(compiled) * train_step.cyclic_flops_share(model, tx, config, state, state_sh, mesh,
-                                                                         shapes)
-    reporter = observe.Reporter(workdir, config.total_steps, config.data.batch_size, flops,
-                                observe.peak_flops_per_device(config.peak_flops_per_device), start, examples)
+    flops = observe.step_flops(compiled) * train_step.cyclic_flops_share(
+        model, tx, config, state, state_sh, mesh, shapes
+    )
+    reporter = observe.Reporter(
+        workdir,
+        config.total_steps,
+        config.data.batch_size,
+        flops,
+        observe.peak_flops_per_device(config.peak_flops_per_device),
+        start,
+        examples,
+    )
     if start == 0:
         reporter.write_hparams(configuration.flatten(config))
     draw = _image_logger(config, target_dim, records, workdir, reporter, mesh)
@@ -165,8 +186,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.M
             _check_finite(pending, config)
         store.seal()
     except NonFiniteError as error:
-        raise NonFiniteError(_set_aside_diverged(store, error.first_bad_step, str(error)),
-                             error.first_bad_step) from None
+        raise NonFiniteError(
+            _set_aside_diverged(store, error.first_bad_step, str(error)), error.first_bad_step
+        ) from None
     except OSError as error:
         if error.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
@@ -175,10 +197,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.M
         what = os.strerror(error.errno) if error.errno else str(error)
         if error.strerror and error.strerror != what:
             what += f" ({error.strerror})"
-        raise OSError(error.errno, f"{what} while saving a checkpoint; removed {len(partial)} unfinished "
-                      f"checkpoint folder(s); the last complete checkpoint is "
-                      f"{checkpointing.describe_latest(workdir)}: free space (or choose another --workdir), then "
-                      f"rerun to resume from it", error.filename) from error
+        raise OSError(
+            error.errno,
+            f"{what} while saving a checkpoint; removed {len(partial)} unfinished "
+            f"checkpoint folder(s); the last complete checkpoint is "
+            f"{checkpointing.describe_latest(workdir)}: free space (or choose another --workdir), then "
+            f"rerun to resume from it",
+            error.filename,
+        ) from error
     finally:
         _wait_quietly(store)
         preemption.restore()
@@ -186,21 +212,32 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.M
         reporter.close()
     if jax.process_index() == 0:
         plot = observe.plot_losses(workdir)
-        _log(("preempted: saved" if stopped else "done: saved") + f" step {step} in {workdir}/checkpoints"
-             + (f"; loss curve {plot}" if plot else ""))
+        _log(
+            ("preempted: saved" if stopped else "done: saved")
+            + f" step {step} in {workdir}/checkpoints"
+            + (f"; loss curve {plot}" if plot else "")
+        )
     store.close()
     return Outcome(state, stopped, step)
 
 
-def _image_logger(config: ml_collections.ConfigDict, target_dim: int, records: pipeline.TrainRecords, workdir: str,
-                  reporter: observe.Reporter, mesh: jax.sharding.Mesh):
+def _image_logger(
+    config: ml_collections.ConfigDict,
+    target_dim: int,
+    records: pipeline.TrainRecords,
+    workdir: str,
+    reporter: observe.Reporter,
+    mesh: jax.sharding.Mesh,
+):
     """(step, params) -> draws visualize.py's pictures; None when log_images_every_steps is 0 or several
     processes train (the pictures are drawn by one process from whole arrays: use the visualize command)."""
     if not config.log_images_every_steps:
         return None
     if jax.process_count() > 1:
-        _log("log_images_every_steps: pictures are drawn in single-process runs only; run python -m "
-             "mvlp_jax.visualize --workdir=... on a checkpoint instead")
+        _log(
+            "log_images_every_steps: pictures are drawn in single-process runs only; run python -m "
+            "mvlp_jax.visualize --workdir=... on a checkpoint instead"
+        )
         return None
 
     painter = visualize.Painter(config, target_dim)
@@ -209,6 +246,7 @@ def _image_logger(config: ml_collections.ConfigDict, target_dim: int, records: p
     def draw(step: int, params) -> None:
         with sharding.active(mesh):
             visualize.save(painter.draw(params, shown), workdir, step, reporter.writer)
+
     return draw
 
 
@@ -218,9 +256,11 @@ def _check_finite(pending: tuple, config: ml_collections.ConfigDict) -> None:
     if run >= config.max_nonfinite_steps:
         # Step `step - run + 1` was the first with a non-finite loss, computed on the weights of step `step - run`:
         # those weights, and every checkpoint from them on, are bad.
-        raise NonFiniteError(f"{run} updates in a row up to step {step} had a non-finite loss or gradient and were "
-                             f"skipped (max_nonfinite_steps={config.max_nonfinite_steps})",
-                             first_bad_step=step - run)
+        raise NonFiniteError(
+            f"{run} updates in a row up to step {step} had a non-finite loss or gradient and were "
+            f"skipped (max_nonfinite_steps={config.max_nonfinite_steps})",
+            first_bad_step=step - run,
+        )
 
 
 def _set_aside_diverged(store: checkpointing.Store, first_bad: int, what: str) -> str:
@@ -230,14 +270,22 @@ def _set_aside_diverged(store: checkpointing.Store, first_bad: int, what: str) -
     moved = store.set_aside([s for s in store.mngr.all_steps() if s >= first_bad], "nonfinite_checkpoints")
     good = [s for s in store.mngr.all_steps() if s < first_bad]
     store.seal()
-    aside = f"; checkpoints from step {first_bad} on hold the diverged weights and were moved to " \
-            f"{moved[0].rsplit('/', 1)[0]}" if moved else ""
+    aside = (
+        f"; checkpoints from step {first_bad} on hold the diverged weights and were moved to "
+        f"{moved[0].rsplit('/', 1)[0]}"
+        if moved
+        else ""
+    )
     if good:
-        return (f"{what}{aside}. The last checkpoint written before the loss went bad is "
-                f"{checkpointing.checkpoints_dir(store.workdir)}/{good[-1]}: lower --config.optim.lr (or check the "
-                f"data), then rerun with the same --workdir to resume from it")
-    return (f"{what}{aside}. No checkpoint was written before the loss went bad: lower --config.optim.lr (or check "
-            f"the data) and start again")
+        return (
+            f"{what}{aside}. The last checkpoint written before the loss went bad is "
+            f"{checkpointing.checkpoints_dir(store.workdir)}/{good[-1]}: lower --config.optim.lr (or check the "
+            f"data), then rerun with the same --workdir to resume from it"
+        )
+    return (
+        f"{what}{aside}. No checkpoint was written before the loss went bad: lower --config.optim.lr (or check "
+        f"the data) and start again"
+    )
 
 
 def _wait_quietly(store: checkpointing.Store) -> None:
@@ -250,8 +298,10 @@ def _wait_quietly(store: checkpointing.Store) -> None:
 def configuration_summary(config: ml_collections.ConfigDict) -> str:
     weights = ", ".join(f"{k} x{v}" for k, v in sorted(config.objectives.items()))
     schedule = f" ({config.task_schedule})" if len(config.objectives) > 1 else ""  # one objective: no schedule
-    return (f"{config.model.encoder} {config.model.variant} @ {config.model.image_size}, {weights}{schedule}, "
-            f"batch {config.data.batch_size}, {config.total_steps} steps")
+    return (
+        f"{config.model.encoder} {config.model.variant} @ {config.model.image_size}, {weights}{schedule}, "
+        f"batch {config.data.batch_size}, {config.total_steps} steps"
+    )
 
 
 def _log(message: str) -> None:

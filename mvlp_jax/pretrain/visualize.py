@@ -16,6 +16,7 @@ and to TensorBoard (`images/{name}`):
 The images are the first `images` of a split (validate when the dataset has one), centre-cropped as evaluation sees
 them, so pictures of successive steps show the same images.
 """
+
 from __future__ import annotations
 
 import io
@@ -47,6 +48,7 @@ class Shown:
     """The images pictures are drawn on: normalised (N, S, S, C), as uint8 for display, their study ids,
     where the run has LLM targets their studies' stored vectors (N, D), and their vit.VIEW_TYPES (N,) (a study
     encoder reads a lateral view with its view type; None: all frontal)."""
+
     images: np.ndarray
     pixels: np.ndarray
     study_ids: list[str]
@@ -72,16 +74,22 @@ def shown_images(config: ml_collections.ConfigDict, count: int, split: str = "",
     if not records:
         raise ValueError(f"{name}:{version}/{split} has no images to draw")
     size, channels = config.model.image_size, views_lib.channels(config)
-    pixels = np.stack([transforms.center_crop_resize(transforms.decode_png(r["image"], channels), size)
-                       for r in records])
+    pixels = np.stack(
+        [transforms.center_crop_resize(transforms.decode_png(r["image"], channels), size) for r in records]
+    )
     study_ids = [r["study_id"].decode() for r in records]
     vectors = None
     if table is not None:
         rows = targets_lib.join(study_ids, table, True, f"{name}:{version}/{split}")
         vectors = np.where(rows[:, None] >= 0, table.vectors[np.maximum(rows, 0)], np.nan).astype(np.float32)
     view_types = np.array([view_type(r["view"].decode()) for r in records], np.int32)
-    return Shown(transforms.normalise(pixels, config.data.mean, config.data.std, channels), pixels, study_ids, vectors,
-                 view_types)
+    return Shown(
+        transforms.normalise(pixels, config.data.mean, config.data.std, channels),
+        pixels,
+        study_ids,
+        vectors,
+        view_types,
+    )
 
 
 class Painter:
@@ -91,11 +99,17 @@ class Painter:
         self.config, self.seed = config, seed
         self.model = Pretrainer(config, target_dim, sow_attention=True)
         model = self.model
-        self._masked = jax.jit(lambda p, x, noise: model.apply(
-            {"params": p}, x, method=lambda m, x: m.masked_model(x, noise=noise, train=False)))
+        self._masked = jax.jit(
+            lambda p, x, noise: model.apply(
+                {"params": p}, x, method=lambda m, x: m.masked_model(x, noise=noise, train=False)
+            )
+        )
         pooling = pooling_name(config, self.model)
-        self._attention = jax.jit(lambda p, x, t: model.apply({"params": p}, x, pooling, False, t,
-                                                              method=Pretrainer.features, mutable=["intermediates"]))
+        self._attention = jax.jit(
+            lambda p, x, t: model.apply(
+                {"params": p}, x, pooling, False, t, method=Pretrainer.features, mutable=["intermediates"]
+            )
+        )
         self._tokens = jax.jit(lambda p, x, t: model.apply({"params": p}, x, False, t, method=Pretrainer.patch_grid))
         self._jitted: dict[str, Any] = {}
 
@@ -124,16 +138,19 @@ class Painter:
         noise = jax.random.uniform(jax.random.PRNGKey(self.seed), (n, grid[0] * grid[1]))
         out = self._masked(params, jnp.asarray(shown.images), noise)
         mask = np.asarray(out["mask"]) > 0
-        predicted = paste(shown.images, np.asarray(out["pred"], np.float32), mask, p,
-                          self.config.model.norm_pix_loss)
+        predicted = paste(shown.images, np.asarray(out["pred"], np.float32), mask, p, self.config.model.norm_pix_loss)
         hidden = np.kron(mask.reshape(n, *grid), np.ones((1, p, p))).astype(bool)
-        display = lambda x: np.clip((x * self.config.data.std + self.config.data.mean) * 255.0, 0, 255
-                                    ).astype(np.uint8)
-        rows = [[figures.rgb(shown.pixels[i], hidden[i]), figures.rgb(display(predicted[i])),
-                 figures.rgb(shown.pixels[i])] for i in range(n)]
+        display = lambda x: np.clip((x * self.config.data.std + self.config.data.mean) * 255.0, 0, 255).astype(np.uint8)
+        rows = [
+            [figures.rgb(shown.pixels[i], hidden[i]), figures.rgb(display(predicted[i])), figures.rgb(shown.pixels[i])]
+            for i in range(n)
+        ]
         m = self.config.model
-        return figures.grid_figure(rows, ["masked input", "prediction", "original"],
-                                   f"{m.encoder} masked-image model, mask ratio {m.mask_ratio}")
+        return figures.grid_figure(
+            rows,
+            ["masked input", "prediction", "original"],
+            f"{m.encoder} masked-image model, mask ratio {m.mask_ratio}",
+        )
 
     def attention(self, params: Any, shown: Shown) -> np.ndarray:
         images = jnp.asarray(shown.images)
@@ -142,8 +159,11 @@ class Painter:
         tokens = np.asarray(self._tokens(params, images, types))
         grid = tokens.shape[1]
         unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-        maps = {"tokens vs embedding (cosine)": np.einsum("bhwd,bd->bhw", unit(tokens), unit(np.asarray(embedding))
-                                                          ).reshape(len(tokens), -1)}
+        maps = {
+            "tokens vs embedding (cosine)": np.einsum(
+                "bhwd,bd->bhw", unit(tokens), unit(np.asarray(embedding))
+            ).reshape(len(tokens), -1)
+        }
         for path, leaf in jax.tree_util.tree_leaves_with_path(state["intermediates"]):
             key = jax.tree_util.keystr(path)
             if "attention_weights" not in key:
@@ -154,11 +174,17 @@ class Painter:
             elif weights.shape[-1] == grid * grid + 1:  # global block with CLS; the last one wins
                 weights = weights[-1] if weights.ndim == 5 else weights
                 maps["CLS, last block"] = weights[:, :, 0, 1:].mean(1)
-        rows = [[figures.overlay(shown.pixels[i], m[i].reshape(grid, grid)) for m in maps.values()]
-                + [figures.rgb(shown.pixels[i])] for i in range(len(shown.pixels))]
+        rows = [
+            [figures.overlay(shown.pixels[i], m[i].reshape(grid, grid)) for m in maps.values()]
+            + [figures.rgb(shown.pixels[i])]
+            for i in range(len(shown.pixels))
+        ]
         pooled = POOLING_LABELS[pooling_name(self.config, self.model)]
-        return figures.grid_figure(rows, list(maps) + ["image"], f"where the {pooled} embedding looks: attention "
-                                   "(mean over heads) and each patch token's similarity to it")
+        return figures.grid_figure(
+            rows,
+            list(maps) + ["image"],
+            f"where the {pooled} embedding looks: attention (mean over heads) and each patch token's similarity to it",
+        )
 
     def nearest_reports(self, params: Any, shown: Shown) -> np.ndarray | None:
         keep = ~np.isnan(shown.targets).any(axis=1)
@@ -177,10 +203,12 @@ class Painter:
         rows = []
         for pixels, row, mine, (best, rank) in zip(shown.pixels[keep], similarity, own, nearest(similarity, own)):
             lines = [f"{'*' if j == mine else ' '} {studies[j]}  {row[j]:+.2f}" for j in best]
-            rows.append([figures.rgb(pixels),
-                         figures.text_panel(lines + [f"own report: rank {rank} of {len(studies)}"])])
-        return figures.grid_figure(rows, ["image", "nearest reports (study id, cosine; * its own)"],
-                                   "nearest reports among the shown studies")
+            rows.append(
+                [figures.rgb(pixels), figures.text_panel(lines + [f"own report: rank {rank} of {len(studies)}"])]
+            )
+        return figures.grid_figure(
+            rows, ["image", "nearest reports (study id, cosine; * its own)"], "nearest reports among the shown studies"
+        )
 
 
 def paste(images: np.ndarray, pred: np.ndarray, mask: np.ndarray, patch: int, norm_pix: bool) -> np.ndarray:
@@ -235,12 +263,12 @@ def save(pictures: dict[str, np.ndarray], workdir: str, step: int, writer: Any =
     return paths
 
 
-def draw_checkpoint(workdir: str, step: int = -1, split: str = "", count: int = 8, data_dir: str = "",
-                    dataset: str = "") -> list[str]:
+def draw_checkpoint(
+    workdir: str, step: int = -1, split: str = "", count: int = 8, data_dir: str = "", dataset: str = ""
+) -> list[str]:
     """Draws the pictures of `workdir`'s checkpoint `step` (-1: the newest) into WORKDIR/plots/ and TensorBoard,
     on the run's dataset or on `dataset` in `data_dir` (when the run's data have moved)."""
     from clu import metric_writers
-
 
     mesh = sharding.make_mesh(ml_collections.ConfigDict({"mesh": {"data": -1, "fsdp": 1, "model": 1}}))
     encoder = encoder_lib.load(workdir, step, mesh, step_flag="--step")
@@ -265,8 +293,9 @@ def define_flags() -> None:
 
     flags.DEFINE_string("workdir", None, "Pretraining workdir (its config says where its data are).")
     flags.DEFINE_integer("step", -1, "Checkpoint step (-1: the newest).")
-    flags.DEFINE_string("split", "", "Split whose first images are drawn ('': validate if the dataset has it, "
-                        "else the training split).")
+    flags.DEFINE_string(
+        "split", "", "Split whose first images are drawn ('': validate if the dataset has it, else the training split)."
+    )
     flags.DEFINE_integer("images", 8, "How many images.")
     flags.DEFINE_string("data_dir", "", "TFDS data dir ('': the run's data.data_dir).")
     flags.DEFINE_string("dataset", "", "Dataset ('': the run's data.dataset).")

@@ -10,12 +10,13 @@ One rule for every launcher, checked in this order:
   forced     --distributed: jax's own detection (MPI, Kubernetes, ...)
   none       one host: nothing to initialise
 """
+
 from __future__ import annotations
 
 import glob
 import os
 import sys
-from typing import Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping
 
 SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
 
@@ -33,16 +34,14 @@ def choose_platforms(environ: MutableMapping[str, str] = os.environ) -> str:
 
     if environ.get("JAX_PLATFORMS") or on_tpu_vm(environ) or os.path.exists("/dev/kfd"):
         return environ.get("JAX_PLATFORMS", "")
-    cuda = glob.glob("/dev/nvidia[0-9]*") and any(importlib.util.find_spec(f"jax_cuda{v}_plugin")
-                                                   for v in (12, 13))
+    cuda = glob.glob("/dev/nvidia[0-9]*") and any(importlib.util.find_spec(f"jax_cuda{v}_plugin") for v in (12, 13))
     environ["JAX_PLATFORMS"] = "cuda,cpu" if cuda else "cpu"
     if "jax" in sys.modules:  # imported before us: its config read the environment already
         sys.modules["jax"].config.update("jax_platforms", environ["JAX_PLATFORMS"])
     return environ["JAX_PLATFORMS"]
 
 
-def detect(num_processes: int, force: bool, environ: Mapping[str, str] = os.environ,
-           tpu: bool | None = None) -> str:
+def detect(num_processes: int, force: bool, environ: Mapping[str, str] = os.environ, tpu: bool | None = None) -> str:
     """Which start-up applies: 'explicit', 'slurm', 'tpu', 'forced' or 'none' (see the module docstring)."""
     if num_processes > 1:
         return "explicit"
@@ -53,8 +52,7 @@ def detect(num_processes: int, force: bool, environ: Mapping[str, str] = os.envi
     return "forced" if force else "none"
 
 
-def initialize(num_processes: int = 1, process_id: int = 0, coordinator_address: str = "",
-               force: bool = False) -> str:
+def initialize(num_processes: int = 1, process_id: int = 0, coordinator_address: str = "", force: bool = False) -> str:
     """Initialises the multi-controller runtime when the environment asks for it; returns the method used.
     CPU collectives go over gloo (used only when the devices are CPUs, e.g. local multi-process runs)."""
     import jax
@@ -66,8 +64,9 @@ def initialize(num_processes: int = 1, process_id: int = 0, coordinator_address:
     if method == "explicit":
         if not coordinator_address:
             raise ValueError("--num_processes > 1 needs --coordinator_address=host:port of process 0")
-        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                                   process_id=process_id)
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+        )
     else:
         jax.distributed.initialize()
     return method

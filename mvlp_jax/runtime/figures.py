@@ -1,5 +1,6 @@
 """Pictures as RGB arrays for a person to look at: panels laid out in a grid with titles, boxes and text (what
 pretrain/visualize.py and each objective's `pictures` draw with), written by runtime/observe to PNG and TensorBoard."""
+
 from __future__ import annotations
 
 import textwrap
@@ -39,8 +40,13 @@ def grid_figure(rows: list[list[Any]], columns: list[str], title: str) -> np.nda
     from matplotlib.patches import Rectangle
 
     width = [2.8 if isinstance(panel, dict) and "text" in panel else 1.6 for panel in rows[0]]
-    fig, axes = plt.subplots(len(rows), len(rows[0]), figsize=(sum(width), 1.7 * len(rows) + 0.4), squeeze=False,
-                             gridspec_kw={"width_ratios": width})
+    fig, axes = plt.subplots(
+        len(rows),
+        len(rows[0]),
+        figsize=(sum(width), 1.7 * len(rows) + 0.4),
+        squeeze=False,
+        gridspec_kw={"width_ratios": width},
+    )
     for r, row in enumerate(rows):
         for c, panel in enumerate(row):
             ax = axes[r, c]
@@ -53,8 +59,16 @@ def grid_figure(rows: list[list[Any]], columns: list[str], title: str) -> np.nda
                 ax.imshow(panel["image"])
                 size = panel["image"].shape[0]
                 for (cx, cy, w, h), color in panel.get("boxes", []):
-                    ax.add_patch(Rectangle(((cx - w / 2) * size, (cy - h / 2) * size), w * size, h * size,
-                                           fill=False, edgecolor=color, linewidth=1.2))
+                    ax.add_patch(
+                        Rectangle(
+                            ((cx - w / 2) * size, (cy - h / 2) * size),
+                            w * size,
+                            h * size,
+                            fill=False,
+                            edgecolor=color,
+                            linewidth=1.2,
+                        )
+                    )
             heading = [columns[c]] if r == 0 and c < len(columns) else []
             if heading or "title" in panel:
                 ax.set_title("\n".join(heading + ([panel["title"]] if "title" in panel else [])), fontsize=7)

@@ -7,6 +7,7 @@ another host (a shared or gs:// workdir), when its heartbeat is older than `STAL
 the store allows it (an exclusive create: O_EXCL locally, a create-only upload on gs://), so of two starts at once
 one wins. Readers (evaluation, export, pictures) ask `holder()` and then read only sealed checkpoints.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -35,8 +36,10 @@ class Holder:
     token: str
 
     def describe(self) -> str:
-        return (f"process {self.pid} on {self.host} (started {self.started}, last heartbeat "
-                f"{max(time.time() - self.heartbeat, 0):.0f} s ago)")
+        return (
+            f"process {self.pid} on {self.host} (started {self.started}, last heartbeat "
+            f"{max(time.time() - self.heartbeat, 0):.0f} s ago)"
+        )
 
 
 def _read(location: Any) -> Holder | None:
@@ -72,13 +75,17 @@ class Lease:
         self.path = storage.join(workdir, FILE)
         self.workdir = workdir
         now = time.time()
-        self.mine = Holder(socket.gethostname(), os.getpid(),
-                           datetime.datetime.fromtimestamp(now, datetime.timezone.utc).isoformat(timespec="seconds"),
-                           now, uuid.uuid4().hex)
+        self.mine = Holder(
+            socket.gethostname(),
+            os.getpid(),
+            datetime.datetime.fromtimestamp(now, datetime.UTC).isoformat(timespec="seconds"),
+            now,
+            uuid.uuid4().hex,
+        )
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def take(self) -> "Lease":
+    def take(self) -> Lease:
         """Takes the lease, or raises UserError naming the live holder. Returns self."""
         for _ in range(3):
             if storage.create_exclusive(self.path, self._bytes(self.mine)):
@@ -88,14 +95,15 @@ class Lease:
                 raise cli.UserError(
                     f"{self.workdir} is being trained by {current.describe()}: two runs in one workdir would mix "
                     f"their checkpoints and curves. Wait for it to finish or stop it (SIGTERM saves and exits), or "
-                    f"choose another --workdir")
+                    f"choose another --workdir"
+                )
             if current is not None:
-                print(f"taking over the lease of {self.workdir} from {current.describe()}, which is gone",
-                      flush=True)
+                print(f"taking over the lease of {self.workdir} from {current.describe()}, which is gone", flush=True)
             storage.path(self.path).unlink(missing_ok=True)
         else:
-            raise cli.UserError(f"{self.path}: another start keeps taking this workdir's lease; choose another "
-                                f"--workdir")
+            raise cli.UserError(
+                f"{self.path}: another start keeps taking this workdir's lease; choose another --workdir"
+            )
         self._thread = threading.Thread(target=self._beat, name="lease-heartbeat", daemon=True)
         self._thread.start()
         return self
@@ -107,8 +115,11 @@ class Lease:
         while not self._stop.wait(HEARTBEAT_S):
             current = _read(self.path)
             if current is None or current.token != self.mine.token:
-                print(f"WARNING: {self.path} is no longer this run's lease (now: "
-                      f"{current.describe() if current else 'none'})", flush=True)
+                print(
+                    f"WARNING: {self.path} is no longer this run's lease (now: "
+                    f"{current.describe() if current else 'none'})",
+                    flush=True,
+                )
                 return
             try:
                 storage.write_bytes(self.path, self._bytes(Holder(**{**asdict(self.mine), "heartbeat": time.time()})))

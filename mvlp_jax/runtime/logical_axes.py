@@ -1,6 +1,7 @@
 """Logical axis names of activations and parameters -> mesh axes (MaxText-style RULES), and the mesh a program
 is being traced for: what model code and kernels read to lay activations out, below everything that builds
 meshes (runtime/sharding.py)."""
+
 from __future__ import annotations
 
 import contextvars
@@ -9,7 +10,8 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 AXES = ("data", "fsdp", "model")
 BATCH = ("data", "fsdp")

@@ -1,5 +1,6 @@
 """What a run reports: clu scalars (TensorBoard + console), a metrics.jsonl history, a progress line
 with throughput and ETA, model FLOPs utilisation, and the loss-curve PNG. Never report text."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,17 @@ import numpy as np
 from mvlp_jax.runtime import storage
 
 # Dense bf16 peak FLOP/s per chip of accelerators we know (for the MFU estimate).
-PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,
-              "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "L4": 121e12,
+}
 
 
 def peak_flops_per_device(configured: float) -> float:
@@ -36,7 +46,7 @@ def peak_flops_per_device(configured: float) -> float:
         start = time.perf_counter()
         f(a).block_until_ready()
         fastest = min(fastest, time.perf_counter() - start)
-    return 2 * n ** 3 / fastest / jax.local_device_count()
+    return 2 * n**3 / fastest / jax.local_device_count()
 
 
 def step_flops(compiled) -> float:
@@ -93,16 +103,25 @@ class Reporter:
     """Accumulates step timings; every `log_every` steps writes scalars and prints one progress line. The rate
     counts what a batch holds: `examples` "images", or "studies" (data.max_views > 1)."""
 
-    def __init__(self, workdir: str, total_steps: int, global_batch: int, flops_per_step: float, peak: float,
-                 start_step: int, examples: str = "images"):
+    def __init__(
+        self,
+        workdir: str,
+        total_steps: int,
+        global_batch: int,
+        flops_per_step: float,
+        peak: float,
+        start_step: int,
+        examples: str = "images",
+    ):
         from clu import metric_writers
 
         self.is_main = jax.process_index() == 0
         # TensorBoard events and metrics.jsonl grow by appends: process 0 spools them (uploaded at each report
         # when the workdir is remote); the other processes only log
         self.spool = storage.Spool(workdir, carried=(HISTORY,)) if self.is_main else None
-        self.writer = metric_writers.create_default_writer(self.spool.local if self.spool else os.fspath(workdir),
-                                                           just_logging=not self.is_main)
+        self.writer = metric_writers.create_default_writer(
+            self.spool.local if self.spool else os.fspath(workdir), just_logging=not self.is_main
+        )
         self.history = os.path.join(self.spool.local, HISTORY) if self.spool else None
         self.total, self.batch, self.examples = total_steps, global_batch, examples
         self.flops, self.peak = flops_per_step, peak
@@ -110,8 +129,9 @@ class Reporter:
         self.last_step, self.last_time = start_step, self.start_time
 
     def write_hparams(self, flat_config: dict) -> None:
-        self.writer.write_hparams({k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                                   for k, v in flat_config.items()})
+        self.writer.write_hparams(
+            {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat_config.items()}
+        )
 
     def report(self, step: int, metrics: dict[str, float]) -> None:
         """metrics: the interval's means (IntervalMeans.means())."""
@@ -131,9 +151,13 @@ class Reporter:
             eta = (self.total - step) / max(rate, 1e-9)
             losses = " ".join(f"{k}={v:.4f}" for k, v in scalars.items() if k.endswith("loss"))
             unit = "img" if self.examples == "images" else self.examples
-            print(f"step {step}/{self.total} | {losses} | {scalars[throughput]:.1f} {unit}/s | "
-                  f"{step_time * 1e3:.0f} ms/step" + (f" | MFU {scalars['mfu']:.1%}" if "mfu" in scalars else "")
-                  + f" | ETA {_duration(eta)}", flush=True)
+            print(
+                f"step {step}/{self.total} | {losses} | {scalars[throughput]:.1f} {unit}/s | "
+                f"{step_time * 1e3:.0f} ms/step"
+                + (f" | MFU {scalars['mfu']:.1%}" if "mfu" in scalars else "")
+                + f" | ETA {_duration(eta)}",
+                flush=True,
+            )
             self.flush()
         self.last_step, self.last_time = step, now
 
@@ -174,6 +198,7 @@ def plot_losses(workdir: str) -> str | None:
     if not history:
         return None
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -210,7 +235,7 @@ def use_compilation_cache(setting: str, workdir: str) -> str | None:
 class CompileTimer:
     """Times a block that compiles and counts JAX's persistent-cache hits inside it."""
 
-    def __enter__(self) -> "CompileTimer":
+    def __enter__(self) -> CompileTimer:
         self.hits, self.seconds = 0, 0.0
         self._start = time.perf_counter()
         jax.monitoring.register_event_listener(self._event)
@@ -241,8 +266,7 @@ class ProfileWindow:
 
     def before(self, step: int) -> None:
         if step == self.first:
-            self.local = (tempfile.mkdtemp(prefix="mvlp-profile-") if storage.is_remote(self.workdir)
-                          else self.workdir)
+            self.local = tempfile.mkdtemp(prefix="mvlp-profile-") if storage.is_remote(self.workdir) else self.workdir
             jax.profiler.start_trace(self.local)
             self.running = True
 
@@ -260,6 +284,8 @@ class ProfileWindow:
             storage.copy_tree(self.local, self.workdir)
             shutil.rmtree(self.local, ignore_errors=True)
         if jax.process_index() == 0:
-            print(f"profile of steps {self.first}-{self.last} written to {self.workdir}/plugins/profile "
-                  f"(TensorBoard's profile tab)", flush=True)
-
+            print(
+                f"profile of steps {self.first}-{self.last} written to {self.workdir}/plugins/profile "
+                f"(TensorBoard's profile tab)",
+                flush=True,
+            )

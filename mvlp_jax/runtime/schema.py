@@ -5,12 +5,14 @@ A table is `{dotted key: (default, check, description)}`. Pretraining's is assem
 (its core rows and each objective Spec's), the evaluation binary's in mvlp_jax/evaluation/registry.py (its common
 rows and each evaluator's): one table per program, so code, checks and docs cannot drift.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import ml_collections
 
@@ -19,6 +21,7 @@ import ml_collections
 class Rule:
     """A predicate on a value and the rule it states, shown when a value breaks it (a callable text is asked
     when shown: a rule over a registry names what is registered then)."""
+
     holds: Callable[[Any], bool]
     text: str | Callable[[], str]
 
@@ -112,8 +115,13 @@ def describe(table: Table) -> str:
     """Markdown table of every key of `table` (docs/config.md)."""
     rows = ["| key | default | meaning |", "| --- | --- | --- |"]
     for key, (default, check, doc) in table.items():
-        allowed = (f" One of {', '.join(map(repr, check))}." if isinstance(check, tuple) else
-                   f" Value {check.says()}." if isinstance(check, Rule) else "")
+        allowed = (
+            f" One of {', '.join(map(repr, check))}."
+            if isinstance(check, tuple)
+            else f" Value {check.says()}."
+            if isinstance(check, Rule)
+            else ""
+        )
         rows.append(f"| `{key}` | `{default!r}` | {doc}{allowed} |")
     return "\n".join(rows)
 

@@ -5,22 +5,25 @@ Mesh axes: `data` (pure data parallel), `fsdp` (batch split and parameters shard
 models (`embed`, `mlp`, `heads`, ...); RULES map them to mesh axes, MaxText-style. A dimension not
 divisible by its mesh axes is replicated instead, so any model runs on any mesh.
 """
+
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
 from jax.experimental import mesh_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mvlp_jax.kernels import backend
-from mvlp_jax.runtime.logical_axes import (ACTIVE_MESH, AXES, BATCH, RULES, active_mesh, activation_spec,  # noqa: F401
-                                           constrain, fit)
+from mvlp_jax.runtime.logical_axes import ACTIVE_MESH, AXES, BATCH, RULES, activation_spec, active_mesh, constrain, fit  # noqa: F401
+
 
 def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
     """config.mesh {data, fsdp, model} with one -1 filled by the remaining devices."""
@@ -50,8 +53,12 @@ def param_shardings(boxed_tree: Any, mesh: Mesh) -> Any:
     specs = nn.get_partition_spec(boxed_tree)
     logical_free = nn.logical_to_mesh(specs, RULES)
     shapes = nn.unbox(boxed_tree)
-    return jax.tree.map(lambda spec, x: NamedSharding(mesh, fit(spec, x.shape, mesh)), logical_free, shapes,
-                        is_leaf=lambda s: isinstance(s, P))
+    return jax.tree.map(
+        lambda spec, x: NamedSharding(mesh, fit(spec, x.shape, mesh)),
+        logical_free,
+        shapes,
+        is_leaf=lambda s: isinstance(s, P),
+    )
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
@@ -82,5 +89,3 @@ def active(mesh: Mesh) -> Iterator[None]:
             yield
     finally:
         ACTIVE_MESH.reset(token)
-
-

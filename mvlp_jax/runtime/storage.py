@@ -14,6 +14,7 @@ events) live in a local `Spool` uploaded whole at each flush; outputs that other
 folders (Hugging Face `save_pretrained`, profiler traces, TFDS builds) are made in a local folder and copied
 when complete (`copy_tree`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -43,11 +44,11 @@ def use_endpoint(endpoint: str) -> None:
     """Sends every client's gs:// requests to the GCS-protocol server at `endpoint` (http://HOST:PORT), with no
     credential lookups; call it before the first gs:// access of the process (child processes inherit it)."""
     os.environ[ENDPOINT_ENV] = endpoint
-    os.environ["STORAGE_EMULATOR_HOST"] = endpoint            # gcsfs
-    os.environ["TENSORSTORE_GCS_HTTP_URL"] = endpoint         # orbax's TensorStore
+    os.environ["STORAGE_EMULATOR_HOST"] = endpoint  # gcsfs
+    os.environ["TENSORSTORE_GCS_HTTP_URL"] = endpoint  # orbax's TensorStore
     os.environ["CLOUD_STORAGE_EMULATOR_ENDPOINT"] = endpoint  # ArrayRecord's GCS reader (google-cloud-cpp)
-    os.environ["GOOGLE_AUTH_TOKEN_FOR_TESTING"] = "none"      # TensorStore: no credential lookup
-    fsspec.config.conf["gs"]["token"] = "anon"                # gcsfs: likewise
+    os.environ["GOOGLE_AUTH_TOKEN_FOR_TESTING"] = "none"  # TensorStore: no credential lookup
+    fsspec.config.conf["gs"]["token"] = "anon"  # gcsfs: likewise
     fsspec.get_filesystem_class("gs").clear_instance_cache()  # made anew with these settings
 
 
@@ -79,7 +80,7 @@ def _gcs() -> fsspec.AbstractFileSystem:
 
 
 def _bucket(location: Any) -> str:
-    return str(location)[len("gs://"):].split("/", 1)[0]
+    return str(location)[len("gs://") :].split("/", 1)[0]
 
 
 def describe_failure(location: Any, error: BaseException) -> str:
@@ -87,9 +88,11 @@ def describe_failure(location: Any, error: BaseException) -> str:
     if is_remote(location):
         server = os.environ.get(ENDPOINT_ENV) or "storage.googleapis.com"
         reason = (str(error).splitlines() or [""])[0][:160]
-        return (f"{location} cannot be reached ({type(error).__name__}: {reason}): check the bucket name "
-                f"({_bucket(location)}), your credentials (gcloud auth application-default login) and the network "
-                f"to {server}")
+        return (
+            f"{location} cannot be reached ({type(error).__name__}: {reason}): check the bucket name "
+            f"({_bucket(location)}), your credentials (gcloud auth application-default login) and the network "
+            f"to {server}"
+        )
     return f"{location}: {error}"
 
 
@@ -103,8 +106,10 @@ def check_writable_dir(location: Any, flag: str) -> epath.Path:
     probe = where / f".write-probe-{socket.gethostname()}-{os.getpid()}"
     try:
         if not _gcs().exists(_bucket(where)):
-            raise cli.UserError(f"{flag}={location}: bucket gs://{_bucket(where)} does not exist (or is not "
-                                f"visible to these credentials): create it or choose another {flag}")
+            raise cli.UserError(
+                f"{flag}={location}: bucket gs://{_bucket(where)} does not exist (or is not "
+                f"visible to these credentials): create it or choose another {flag}"
+            )
         probe.write_bytes(b"")
         probe.unlink()
     except cli.UserError:
@@ -211,7 +216,7 @@ def file_digest(location: Any) -> str:
     computed it when it was written (no download)."""
     where = path(location)
     if is_remote(where):
-        info = _gcs().info(os.fspath(where)[len("gs://"):])
+        info = _gcs().info(os.fspath(where)[len("gs://") :])
         return f"md5:{info['md5Hash']}" if info.get("md5Hash") else f"crc32c:{info.get('crc32c')}"
     return sha256(where)
 
@@ -231,16 +236,27 @@ def file_versions(folder: Any) -> dict[str, list]:
     root = path(folder)
     if is_remote(root):
         return _object_checksums(root, recursive=False)
-    return {entry.name: [entry.stat().st_size, entry.stat().st_mtime_ns]
-            for entry in sorted(os.scandir(root), key=lambda e: e.name) if entry.is_file()}
+    return {
+        entry.name: [entry.stat().st_size, entry.stat().st_mtime_ns]
+        for entry in sorted(os.scandir(root), key=lambda e: e.name)
+        if entry.is_file()
+    }
 
 
 def _object_checksums(root: epath.Path, recursive: bool) -> dict[str, list]:
-    prefix = os.fspath(root)[len("gs://"):].rstrip("/") + "/"
-    infos = (_gcs().find(prefix, detail=True) if recursive else
-             {info["name"]: info for info in _gcs().ls(prefix, detail=True) if info["type"] == "file"})
-    return {name[len(prefix):]: [int(info["size"]), f"md5:{info['md5Hash']}" if info.get("md5Hash")
-                                 else f"crc32c:{info.get('crc32c')}"] for name, info in sorted(infos.items())}
+    prefix = os.fspath(root)[len("gs://") :].rstrip("/") + "/"
+    infos = (
+        _gcs().find(prefix, detail=True)
+        if recursive
+        else {info["name"]: info for info in _gcs().ls(prefix, detail=True) if info["type"] == "file"}
+    )
+    return {
+        name[len(prefix) :]: [
+            int(info["size"]),
+            f"md5:{info['md5Hash']}" if info.get("md5Hash") else f"crc32c:{info.get('crc32c')}",
+        ]
+        for name, info in sorted(infos.items())
+    }
 
 
 def canonical(location: Any) -> str:

@@ -11,6 +11,7 @@ prompts (runs/demo/eval_retrieval, eval_zero_shot_{pair,ensemble}); lung segment
 encoder at 100% and 10% of the masks (runs/demo/eval_segmentation). Each stage is skipped (and says so) when
 its output is already complete; an interrupted training stage resumes from its last checkpoint.
 """
+
 from __future__ import annotations
 
 import glob
@@ -31,13 +32,30 @@ RUNS = os.path.join(REPO, "runs", "demo")
 DATA_DIR = os.path.join(RUNS, "tfds")
 
 DATASETS = {
-    "covid_notes": dict(input_dir=os.path.join(SAMPLE, "covid_notes"), text_column="notes",
-                        group_column="patient_id", view_column="view", image_size=256),
-    "nih_sample": dict(input_dir=os.path.join(SAMPLE, "nih14"), split_column="split",
-                       label_columns=",".join(NIH14_LABELS), group_column="patient_id",
-                       view_column="view", views="all", image_size=0),
-    "covid_lungs": dict(input_dir=os.path.join(SAMPLE, "covid_lungs"), mask_column="mask", group_column="patient_id",
-                        view_column="view", views="all", image_size=0),
+    "covid_notes": dict(
+        input_dir=os.path.join(SAMPLE, "covid_notes"),
+        text_column="notes",
+        group_column="patient_id",
+        view_column="view",
+        image_size=256,
+    ),
+    "nih_sample": dict(
+        input_dir=os.path.join(SAMPLE, "nih14"),
+        split_column="split",
+        label_columns=",".join(NIH14_LABELS),
+        group_column="patient_id",
+        view_column="view",
+        views="all",
+        image_size=0,
+    ),
+    "covid_lungs": dict(
+        input_dir=os.path.join(SAMPLE, "covid_lungs"),
+        mask_column="mask",
+        group_column="patient_id",
+        view_column="view",
+        views="all",
+        image_size=0,
+    ),
 }
 
 
@@ -51,9 +69,20 @@ def build_datasets() -> None:
         options = dict(options)
         input_dir = options.pop("input_dir")
         print(f"[demo] building dataset {name} from {input_dir}", flush=True)
-        subprocess.run([sys.executable, "-m", "data_prep.build_dataset", "--source=csv", f"--input_dir={input_dir}",
-                        f"--output_dir={DATA_DIR}", f"--name={name}", "--num_workers=2",
-                        *(f"--{k}={v}" for k, v in options.items())], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "data_prep.build_dataset",
+                "--source=csv",
+                f"--input_dir={input_dir}",
+                f"--output_dir={DATA_DIR}",
+                f"--name={name}",
+                "--num_workers=2",
+                *(f"--{k}={v}" for k, v in options.items()),
+            ],
+            check=True,
+        )
 
 
 EMBEDDINGS = os.path.join(RUNS, "emb", "covid_notes")
@@ -64,8 +93,18 @@ def embed_reports() -> None:
         print(f"[demo] embeddings: already computed, reusing {EMBEDDINGS}")
         return
     print("[demo] embedding the COVID notes with SmolLM2-135M (frozen, offline)")
-    subprocess.run([sys.executable, "-m", "data_prep.precompute_text_embeddings", f"--data_dir={DATA_DIR}",
-                    "--dataset=covid_notes", "--model=smollm2", f"--output_dir={EMBEDDINGS}"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data_prep.precompute_text_embeddings",
+            f"--data_dir={DATA_DIR}",
+            "--dataset=covid_notes",
+            "--model=smollm2",
+            f"--output_dir={EMBEDDINGS}",
+        ],
+        check=True,
+    )
 
 
 def load_config(name: str, arg: str | None):
@@ -74,8 +113,10 @@ def load_config(name: str, arg: str | None):
 
 
 # the demo's pretraining recipes, by config file; the first is the baseline the others are compared with
-RECIPES = tuple(os.path.splitext(os.path.basename(path))[0]
-                for path in ("configs/mae.py", "configs/pretrain.py", "configs/mflag.py", "configs/multitask.py"))
+RECIPES = tuple(
+    os.path.splitext(os.path.basename(path))[0]
+    for path in ("configs/mae.py", "configs/pretrain.py", "configs/mflag.py", "configs/multitask.py")
+)
 
 
 def pretrain(config_name: str) -> None:
@@ -108,23 +149,34 @@ def _every_recipe_and_random_init(config):
 
 
 def evaluate_probes() -> None:
-    _evaluate_once("eval", "linear probes on the NIH sample",
-                   _every_recipe_and_random_init(load_config("linear_probe", "nih_sample")))
+    _evaluate_once(
+        "eval",
+        "linear probes on the NIH sample",
+        _every_recipe_and_random_init(load_config("linear_probe", "nih_sample")),
+    )
 
 
 def evaluate_segmentation() -> None:
     """Lung segmentation on every recipe's frozen encoder and an untrained one, at 100% and 10% of the masks."""
-    _evaluate_once("eval_segmentation", "lung segmentation on the frozen encoders",
-                   _every_recipe_and_random_init(load_config("segmentation", "demo")))
+    _evaluate_once(
+        "eval_segmentation",
+        "lung segmentation on the frozen encoders",
+        _every_recipe_and_random_init(load_config("segmentation", "demo")),
+    )
 
 
 def evaluate_text_space() -> None:
     """Retrieval and zero-shot rows for every recipe whose objectives declare an image-text space."""
-    spaced = [name for name in RECIPES
-              if any(s.shared_space is not None for s in registry.configured(load_config(name, "demo")))]
-    modes = {"eval_retrieval": ("retrieval", "covid_notes", "test", "pair"),
-             "eval_zero_shot_pair": ("zero_shot", "nih_sample", "valid", "pair"),
-             "eval_zero_shot_ensemble": ("zero_shot", "nih_sample", "valid", "ensemble")}
+    spaced = [
+        name
+        for name in RECIPES
+        if any(s.shared_space is not None for s in registry.configured(load_config(name, "demo")))
+    ]
+    modes = {
+        "eval_retrieval": ("retrieval", "covid_notes", "test", "pair"),
+        "eval_zero_shot_pair": ("zero_shot", "nih_sample", "valid", "pair"),
+        "eval_zero_shot_ensemble": ("zero_shot", "nih_sample", "valid", "ensemble"),
+    }
     for folder, (mode, dataset, split, prompts) in modes.items():
         config = load_config("linear_probe", "nih_sample")
         config.evaluator, config.dataset, config.test_split, config.prompts = mode, dataset, split, prompts
@@ -143,13 +195,20 @@ def _timed(stage: str, run, *args) -> float:
 
 def main() -> None:
     os.makedirs(RUNS, exist_ok=True)
-    stages = [("datasets", build_datasets), ("embeddings", embed_reports),
-              *((f"pretraining {name}", pretrain, name) for name in RECIPES),
-              ("linear probes", evaluate_probes), ("segmentation", evaluate_segmentation),
-              ("retrieval and zero-shot", evaluate_text_space)]
+    stages = [
+        ("datasets", build_datasets),
+        ("embeddings", embed_reports),
+        *((f"pretraining {name}", pretrain, name) for name in RECIPES),
+        ("linear probes", evaluate_probes),
+        ("segmentation", evaluate_segmentation),
+        ("retrieval and zero-shot", evaluate_text_space),
+    ]
     seconds = {stage[0]: _timed(*stage) for stage in stages}
-    print(f"[demo] done in {sum(seconds.values()):.0f}s ("
-          + ", ".join(f"{stage} {s:.0f}s" for stage, s in seconds.items()) + f"); outputs under {RUNS}")
+    print(
+        f"[demo] done in {sum(seconds.values()):.0f}s ("
+        + ", ".join(f"{stage} {s:.0f}s" for stage, s in seconds.items())
+        + f"); outputs under {RUNS}"
+    )
 
 
 if __name__ == "__main__":

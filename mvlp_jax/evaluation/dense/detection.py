@@ -4,6 +4,7 @@ to a quarter of the patch (SETR upsampling or the simple feature pyramid) learns
 and 1); its 100 highest 3x3 peaks per test image are scored by mean average precision over IoU 0.40 to 0.75 in
 steps of 0.05 (the RSNA mAP M-FLAG reports; COCO's 101-point AP, metrics.py). The loop around it is
 task.py."""
+
 from __future__ import annotations
 
 import math
@@ -14,12 +15,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mvlp_jax.evaluation.dense import metrics
 from mvlp_jax.data import transforms
+from mvlp_jax.evaluation.dense import metrics
 from mvlp_jax.evaluation.dense import task as task_lib
 from mvlp_jax.evaluation.dense.task import Truth
-from mvlp_jax.runtime import schema
 from mvlp_jax.models.dense_heads import DECODERS, CenterNet
+from mvlp_jax.runtime import schema
 
 SIZE_WEIGHT, OFFSET_WEIGHT, MIN_OVERLAP = 0.1, 1.0, 0.7
 
@@ -38,22 +39,27 @@ def gaussian_radius(height: float, width: float, min_overlap: float = MIN_OVERLA
     """CornerNet / CenterNet's radius: the largest shift of the box's corners that keeps IoU >= min_overlap
     with the true box (the smallest of the three cases' quadratic roots)."""
     hw, s, o = height * width, height + width, min_overlap
-    r1 = (s - math.sqrt(s ** 2 - 4 * hw * (1 - o) / (1 + o))) / 2  # one corner inside, one outside
-    r2 = (2 * s - math.sqrt(4 * s ** 2 - 16 * (1 - o) * hw)) / 8  # both corners inside
-    r3 = (2 * o * s + math.sqrt(4 * o ** 2 * s ** 2 + 16 * o * (1 - o) * hw)) / (8 * o)  # both outside
+    r1 = (s - math.sqrt(s**2 - 4 * hw * (1 - o) / (1 + o))) / 2  # one corner inside, one outside
+    r2 = (2 * s - math.sqrt(4 * s**2 - 16 * (1 - o) * hw)) / 8  # both corners inside
+    r3 = (2 * o * s + math.sqrt(4 * o**2 * s**2 + 16 * o * (1 - o) * hw)) / (8 * o)  # both outside
     return min(r1, r2, r3)
 
 
-def targets(boxes: list[np.ndarray], labels: list[np.ndarray], size: int, stride: int, classes: int
-            ) -> dict[str, np.ndarray]:
+def targets(
+    boxes: list[np.ndarray], labels: list[np.ndarray], size: int, stride: int, classes: int
+) -> dict[str, np.ndarray]:
     """CenterNet training targets at `size // stride` cells: heatmap (N, S, S, classes) with a Gaussian peak of
     1 at each centre cell; per image up to K boxes (the most any image has): size and offset in cells, flat
     centre index and a mask of the real ones."""
     cells = size // stride
     k = max(1, max(len(b) for b in boxes))
-    out = {"heatmap": np.zeros((len(boxes), cells, cells, classes), np.float32),
-           "size": np.zeros((len(boxes), k, 2), np.float32), "offset": np.zeros((len(boxes), k, 2), np.float32),
-           "index": np.zeros((len(boxes), k), np.int32), "box_mask": np.zeros((len(boxes), k), np.float32)}
+    out = {
+        "heatmap": np.zeros((len(boxes), cells, cells, classes), np.float32),
+        "size": np.zeros((len(boxes), k, 2), np.float32),
+        "offset": np.zeros((len(boxes), k, 2), np.float32),
+        "index": np.zeros((len(boxes), k), np.int32),
+        "box_mask": np.zeros((len(boxes), k), np.float32),
+    }
     ys, xs = np.mgrid[0:cells, 0:cells]
     for n, (image_boxes, image_labels) in enumerate(zip(boxes, labels)):
         for j, (box, label) in enumerate(zip(image_boxes / stride, image_labels)):
@@ -61,7 +67,7 @@ def targets(boxes: list[np.ndarray], labels: list[np.ndarray], size: int, stride
             center = np.array([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2])
             cx, cy = np.minimum(center.astype(int), cells - 1)
             sigma = (2 * max(0, int(gaussian_radius(h, w))) + 1) / 6
-            peak = np.exp(-((xs - cx) ** 2 + (ys - cy) ** 2) / (2 * sigma ** 2))
+            peak = np.exp(-((xs - cx) ** 2 + (ys - cy) ** 2) / (2 * sigma**2))
             out["heatmap"][n, :, :, label] = np.maximum(out["heatmap"][n, :, :, label], peak)
             out["size"][n, j], out["offset"][n, j] = (w, h), center - (cx, cy)
             out["index"][n, j], out["box_mask"][n, j] = cy * cells + cx, 1.0
@@ -75,22 +81,29 @@ def loss_fn(outputs: tuple[jax.Array, jax.Array, jax.Array], t: dict[str, jax.Ar
     p = jnp.clip(jax.nn.sigmoid(logits.astype(jnp.float32)), 1e-4, 1 - 1e-4)
     positive = (t["heatmap"] >= 1.0 - 1e-6).astype(jnp.float32)
     boxes = jnp.maximum(jnp.sum(t["box_mask"]), 1.0)
-    focal = -(jnp.sum(jnp.log(p) * (1 - p) ** 2 * positive)
-              + jnp.sum(jnp.log(1 - p) * p ** 2 * (1 - t["heatmap"]) ** 4 * (1 - positive)))
+    focal = -(
+        jnp.sum(jnp.log(p) * (1 - p) ** 2 * positive)
+        + jnp.sum(jnp.log(1 - p) * p**2 * (1 - t["heatmap"]) ** 4 * (1 - positive))
+    )
     at_centres = lambda x: jnp.take_along_axis(x.reshape(x.shape[0], -1, 2), t["index"][..., None], axis=1)
     l1 = lambda x, y: jnp.sum(jnp.abs(at_centres(x) - y) * t["box_mask"][..., None]) / (2 * boxes)
-    return (focal / jnp.maximum(jnp.sum(positive), 1.0) + SIZE_WEIGHT * l1(size, t["size"])
-            + OFFSET_WEIGHT * l1(offset, t["offset"]))
+    return (
+        focal / jnp.maximum(jnp.sum(positive), 1.0)
+        + SIZE_WEIGHT * l1(size, t["size"])
+        + OFFSET_WEIGHT * l1(offset, t["offset"])
+    )
 
 
-def decode(outputs: tuple[np.ndarray, np.ndarray, np.ndarray], stride: int, top: int = metrics.MAX_DETECTIONS
-           ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def decode(
+    outputs: tuple[np.ndarray, np.ndarray, np.ndarray], stride: int, top: int = metrics.MAX_DETECTIONS
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Per image (boxes (k, 4) in pixels, scores, labels) of the `top` highest local maxima (3x3) of the
     heatmap."""
     logits, size, offset = outputs
     heat = np.asarray(jax.nn.sigmoid(jnp.asarray(logits, jnp.float32)))
-    pooled = np.asarray(jax.lax.reduce_window(jnp.asarray(heat), -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 1, 1, 1),
-                                              "SAME"))  # same dtype as `heat`: a peak equals its own maximum
+    pooled = np.asarray(
+        jax.lax.reduce_window(jnp.asarray(heat), -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 1, 1, 1), "SAME")
+    )  # same dtype as `heat`: a peak equals its own maximum
     peaks = np.where(heat == pooled, heat, 0.0)
     out = []
     for n in range(len(heat)):
@@ -112,8 +125,12 @@ class Detection:
 
     def context(self, sources: dict, c: ml_collections.ConfigDict) -> dict:
         """Class names (every box label of every split, sorted) and which images count."""
-        names = {label.decode() for source in sources.values() for i in range(len(source))
-                 for label in source[i]["box_labels"]}
+        names = {
+            label.decode()
+            for source in sources.values()
+            for i in range(len(source))
+            for label in source[i]["box_labels"]
+        }
         if not names:
             raise ValueError("the dataset's splits hold no boxes")
         return {"classes": sorted(names), "images": c.images}
@@ -136,12 +153,16 @@ class Detection:
         if not records:
             raise ValueError("no image of this split has a box")
         stride = CenterNet(patch_size=patch).stride()
-        return {"records": np.asarray(records), "boxes": boxes, "labels": labels, "patients": np.asarray(patients),
-                "targets": targets(boxes, labels, size, stride, len(index))}
+        return {
+            "records": np.asarray(records),
+            "boxes": boxes,
+            "labels": labels,
+            "patients": np.asarray(patients),
+            "targets": targets(boxes, labels, size, stride, len(index)),
+        }
 
     def head(self, patch: int, c: ml_collections.ConfigDict, context: dict, decoder: str) -> CenterNet:
-        return CenterNet(patch_size=patch, classes=len(context["classes"]), channels=tuple(c.channels),
-                         decoder=decoder)
+        return CenterNet(patch_size=patch, classes=len(context["classes"]), channels=tuple(c.channels), decoder=decoder)
 
     def loss(self, outputs: Any, targets: dict) -> jax.Array:
         return loss_fn(outputs, targets)
@@ -149,21 +170,25 @@ class Detection:
     def score(self, outputs: Any, truth: Truth, patch: int, context: dict):
         stride = CenterNet(patch_size=patch).stride()
         detections = decode(outputs, stride)
-        matches = [metrics.match_image(b, s, lab, tb, tl, len(context["classes"]))
-                   for (b, s, lab), tb, tl in zip(detections, truth["boxes"], truth["labels"])]
+        matches = [
+            metrics.match_image(b, s, lab, tb, tl, len(context["classes"]))
+            for (b, s, lab), tb, tl in zip(detections, truth["boxes"], truth["labels"])
+        ]
         return {"map": lambda images: metrics.mean_average_precision(matches, images)}, detections
 
     def check(self, truth: Truth, where: str) -> None:
         if not any(len(b) for b in truth["boxes"]):
-            raise ValueError(f"no test image of {where} has a box ({len(truth['boxes'])} images): there is nothing "
-                             f"to detect, and mAP is not defined")
+            raise ValueError(
+                f"no test image of {where} has a box ({len(truth['boxes'])} images): there is nothing "
+                f"to detect, and mAP is not defined"
+            )
 
     def draw(self, ax: Any, image: np.ndarray, truth: Truth, detections: Any, i: int) -> str:
         from matplotlib.patches import Rectangle
 
         ax.imshow(image)
         boxes, scores, _ = detections[i]
-        shown = boxes[:max(1, len(truth["boxes"][i]))]  # as many of the best detections as true boxes
+        shown = boxes[: max(1, len(truth["boxes"][i]))]  # as many of the best detections as true boxes
         for colour, drawn in (((1.0, 0.1, 0.1), truth["boxes"][i]), ((0.2, 0.4, 1.0), shown)):
             for x0, y0, x1, y1 in drawn:
                 ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=colour, linewidth=1))
@@ -179,17 +204,27 @@ ROWS: schema.Table = {
     "detection.lr": (5e-4, schema.POSITIVE, "Detection: AdamW learning rate."),
     "detection.weight_decay": (0.05, schema.NON_NEGATIVE, "Detection: AdamW decay."),
     "detection.patience": (15, schema.POSITIVE, "Detection: epochs without a lower validation loss before stopping."),
-    "detection.channels": ((256, 128), schema.WIDTHS,
-                           "Detection: widths of the two upsampling stages before the CenterNet branches (the "
-                           "pyramid's levels take the first)."),
-    "detection.decoder": ("auto", ("auto",) + DECODERS,
-                          "Detection: as segmentation.decoder, before the CenterNet branches."),
-    "detection.images": ("boxed", ("boxed", "all"),
-                         "Detection: images with at least one box (an image without one may be unannotated, as most "
-                         "of NIH's), or every image (a box-free image then counts as normal: false alarms on it "
-                         "count)."),
+    "detection.channels": (
+        (256, 128),
+        schema.WIDTHS,
+        "Detection: widths of the two upsampling stages before the CenterNet branches (the "
+        "pyramid's levels take the first).",
+    ),
+    "detection.decoder": (
+        "auto",
+        ("auto",) + DECODERS,
+        "Detection: as segmentation.decoder, before the CenterNet branches.",
+    ),
+    "detection.images": (
+        "boxed",
+        ("boxed", "all"),
+        "Detection: images with at least one box (an image without one may be unannotated, as most "
+        "of NIH's), or every image (a box-free image then counts as normal: false alarms on it "
+        "count).",
+    ),
     "detection.plot_images": (6, schema.NON_NEGATIVE, "Detection: test images drawn in detection.png."),
 }
 
-EVALUATOR = task_lib.evaluator(TASK, ROWS, "a CenterNet head learns the dataset's boxes (--boxes_csv), test mAP "
-                                           "over IoU 0.40:0.75")
+EVALUATOR = task_lib.evaluator(
+    TASK, ROWS, "a CenterNet head learns the dataset's boxes (--boxes_csv), test mAP over IoU 0.40:0.75"
+)

@@ -4,6 +4,7 @@ patch-token grid feeds the task's head, and both learn from the images. The clas
 (`finetune.drop_path`), gradient clipping at norm 1 and a linear warmup (`finetune.warmup_epochs`); the task's own
 lr, weight decay, batch, epochs and early stopping on the validation loss. Images are the evaluation view (centre
 crop at the run's size), without augmentation: masks and boxes would have to follow every random crop."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -15,13 +16,14 @@ import ml_collections
 import optax
 
 from mvlp_jax.evaluation import finetune
-from mvlp_jax.pretrain import optim
 from mvlp_jax.evaluation.features import Encoder
 from mvlp_jax.models.pretrainer import Pretrainer
+from mvlp_jax.pretrain import optim
 
 
 class EncoderWithHead(nn.Module):
     """Images -> the encoder's patch-token grid -> the head; params {'model': {'encoder': ...}, 'head': ...}."""
+
     config: ml_collections.ConfigDict
     head: nn.Module
 
@@ -49,9 +51,14 @@ def optimizer(task: ml_collections.ConfigDict, settings: ml_collections.ConfigDi
 
     def make(params: Any) -> optax.GradientTransformation:
         depth = finetune.depth(params["model"])
-        scales = {"model": finetune.layer_scales(params["model"], depth, settings.layer_decay),
-                  "head": jax.tree.map(lambda _: jnp.ones(()), params["head"])}
-        return optax.chain(optax.clip_by_global_norm(1.0),
-                           optax.adamw(schedule, weight_decay=task.weight_decay, mask=optim.decay_mask),
-                           finetune.scale_by_tree(scales))
+        scales = {
+            "model": finetune.layer_scales(params["model"], depth, settings.layer_decay),
+            "head": jax.tree.map(lambda _: jnp.ones(()), params["head"]),
+        }
+        return optax.chain(
+            optax.clip_by_global_norm(1.0),
+            optax.adamw(schedule, weight_decay=task.weight_decay, mask=optim.decay_mask),
+            finetune.scale_by_tree(scales),
+        )
+
     return make

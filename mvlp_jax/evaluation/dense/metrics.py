@@ -1,10 +1,9 @@
 """Dense-task metrics: per-image Dice of binary masks and COCO-style mean average precision of boxes (their
 intervals: statistics.py). NumPy only."""
+
 from __future__ import annotations
 
-
 import numpy as np
-
 
 
 def dice_per_image(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -28,9 +27,15 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / np.maximum(area(a)[:, None] + area(b)[None, :] - inter, 1e-12)
 
 
-def match_image(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, true_boxes: np.ndarray,
-                true_labels: np.ndarray, num_classes: int,
-                thresholds: tuple[float, ...] = IOU_THRESHOLDS) -> list[tuple[np.ndarray, np.ndarray, int]]:
+def match_image(
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    labels: np.ndarray,
+    true_boxes: np.ndarray,
+    true_labels: np.ndarray,
+    num_classes: int,
+    thresholds: tuple[float, ...] = IOU_THRESHOLDS,
+) -> list[tuple[np.ndarray, np.ndarray, int]]:
     """Per class: (scores of its best MAX_DETECTIONS detections, high first; true-positive flags (thresholds,
     detections); number of true boxes). COCO's greedy matching: each detection, in score order, takes the
     unmatched true box of highest IoU at or above the threshold."""

@@ -3,6 +3,7 @@ progressive-upsampling head (models/dense_heads.py) learns the masks from the fr
 10 x focal(gamma 2) - log(soft Dice), AdamW; scored by Dice per test image at threshold 0.5 (an empty mask
 predicted empty scores 1), averaged over all test images and, beside it, over those with a non-empty mask. A
 test split whose masks are all empty is refused. The loop around it is task.py."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -14,12 +15,12 @@ import numpy as np
 import optax
 from PIL import Image
 
-from mvlp_jax.evaluation.dense import metrics
 from mvlp_jax.data import transforms
+from mvlp_jax.evaluation.dense import metrics
 from mvlp_jax.evaluation.dense import task as task_lib
 from mvlp_jax.evaluation.dense.task import Truth
-from mvlp_jax.runtime import schema
 from mvlp_jax.models.dense_heads import DECODERS, ProgressiveUpsampling
+from mvlp_jax.runtime import schema
 
 FOCAL_WEIGHT, FOCAL_GAMMA = 10.0, 2.0
 
@@ -54,10 +55,17 @@ class Segmentation:
     def read(self, source, size: int, patch: int, context: dict) -> Truth:
         """Every record: its mask cropped and resized as the image is (nearest-neighbour), bool (N, size, size)."""
         records = [source[i] for i in range(len(source))]
-        masks = np.stack([transforms.center_crop_resize(transforms.decode_png(r["mask"]), size, Image.NEAREST)
-                          for r in records]) > 0
-        return {"records": np.arange(len(records)), "targets": {"mask": masks},
-                "patients": np.array([r["subject_id"].decode() for r in records])}
+        masks = (
+            np.stack(
+                [transforms.center_crop_resize(transforms.decode_png(r["mask"]), size, Image.NEAREST) for r in records]
+            )
+            > 0
+        )
+        return {
+            "records": np.arange(len(records)),
+            "targets": {"mask": masks},
+            "patients": np.array([r["subject_id"].decode() for r in records]),
+        }
 
     def head(self, patch: int, c: ml_collections.ConfigDict, context: dict, decoder: str) -> ProgressiveUpsampling:
         return ProgressiveUpsampling(patch_size=patch, channels=tuple(c.channels), decoder=decoder)
@@ -68,9 +76,11 @@ class Segmentation:
     def check(self, truth: Truth, where: str) -> None:
         empty = ~truth["targets"]["mask"].reshape(len(truth["patients"]), -1).any(1)
         if empty.all():
-            raise ValueError(f"every mask of {where} is empty ({len(empty)} images): Dice would score an untrained "
-                             f"head's empty prediction 1. Check how the masks were read (data_prep.build_dataset "
-                             f"--mask_values; build_report.json counts empty masks per split)")
+            raise ValueError(
+                f"every mask of {where} is empty ({len(empty)} images): Dice would score an untrained "
+                f"head's empty prediction 1. Check how the masks were read (data_prep.build_dataset "
+                f"--mask_values; build_report.json counts empty masks per split)"
+            )
 
     def score(self, outputs: np.ndarray, truth: Truth, patch: int, context: dict):
         """Dice per image averaged over all test images (an empty mask predicted empty scores 1), and over the
@@ -92,7 +102,7 @@ class Segmentation:
         rgb[_outline(true_mask)] = (1.0, 0.1, 0.1)
         rgb[_outline(predicted[i])] = (0.2, 0.4, 1.0)
         ax.imshow(rgb)
-        return f"Dice {metrics.dice_per_image(predicted[i:i + 1], true_mask[None])[0]:.2f}"
+        return f"Dice {metrics.dice_per_image(predicted[i : i + 1], true_mask[None])[0]:.2f}"
 
 
 TASK = Segmentation()
@@ -103,17 +113,30 @@ ROWS: schema.Table = {
     "segmentation.batch_size": (16, schema.POSITIVE, "Segmentation: head training batch."),
     "segmentation.lr": (5e-4, schema.POSITIVE, "Segmentation: AdamW learning rate (MGCA's)."),
     "segmentation.weight_decay": (0.05, schema.NON_NEGATIVE, "Segmentation: AdamW decay."),
-    "segmentation.patience": (10, schema.POSITIVE, "Segmentation: epochs without a lower validation loss before "
-                                                   "stopping."),
-    "segmentation.channels": ((512, 256, 128, 64), schema.WIDTHS,
-                              "Segmentation: widths of the decoder's upsampling stages (SETR-PUP / MGCA's)."),
-    "segmentation.decoder": ("auto", ("auto",) + DECODERS,
-                             "Segmentation: from the stride-patch token grid to a quarter of the patch by SETR's "
-                             "'upsampling' stages or ViTDet's simple feature 'pyramid'; 'auto': upsampling for a ViT, "
-                             "the pyramid for a ViTDet. The pyramid's levels take the first width of channels."),
+    "segmentation.patience": (
+        10,
+        schema.POSITIVE,
+        "Segmentation: epochs without a lower validation loss before stopping.",
+    ),
+    "segmentation.channels": (
+        (512, 256, 128, 64),
+        schema.WIDTHS,
+        "Segmentation: widths of the decoder's upsampling stages (SETR-PUP / MGCA's).",
+    ),
+    "segmentation.decoder": (
+        "auto",
+        ("auto",) + DECODERS,
+        "Segmentation: from the stride-patch token grid to a quarter of the patch by SETR's "
+        "'upsampling' stages or ViTDet's simple feature 'pyramid'; 'auto': upsampling for a ViT, "
+        "the pyramid for a ViTDet. The pyramid's levels take the first width of channels.",
+    ),
     "segmentation.plot_images": (6, schema.NON_NEGATIVE, "Segmentation: test images drawn in segmentation.png."),
 }
 
-EVALUATOR = task_lib.evaluator(TASK, ROWS, "a SETR progressive-upsampling head (or ViTDet's simple pyramid) on the "
-                                           "encoder's patch tokens learns the dataset's masks (built with "
-                                           "--mask_column), test Dice per image")
+EVALUATOR = task_lib.evaluator(
+    TASK,
+    ROWS,
+    "a SETR progressive-upsampling head (or ViTDet's simple pyramid) on the "
+    "encoder's patch tokens learns the dataset's masks (built with "
+    "--mask_column), test Dice per image",
+)

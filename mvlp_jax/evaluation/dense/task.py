@@ -11,9 +11,11 @@ difference against the first on the same resamples. The head's decoder is the ta
 SETR's upsampling for a ViT and the simple feature pyramid for a ViTDet. Writes results.json, results.md and
 `{task}.png` (truth red, prediction blue, on test images).
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import flax.linen as nn
 import jax
@@ -47,8 +49,10 @@ class DenseTask(Protocol):
 
     def loss(self, outputs: Any, targets: dict) -> jax.Array: ...
 
-    def score(self, outputs: Any, truth: Truth, patch: int, context: dict
-              ) -> tuple[dict[str, Callable[[np.ndarray], float]], Any]: ...  # ({metric: statistic of image
+    def score(
+        self, outputs: Any, truth: Truth, patch: int, context: dict
+    ) -> tuple[dict[str, Callable[[np.ndarray], float]], Any]: ...  # ({metric: statistic of image
+
     # indices}, predictions)
 
     def check(self, truth: Truth, where: str) -> None: ...  # refuses a test split it cannot score meaningfully
@@ -60,8 +64,9 @@ def open_split(data_dir: str, dataset: str, split: str, task: DenseTask):
     """(random-access source, 'name:version/split') of a split whose records carry the task's feature."""
     builder, name, version = built.open_builder(data_dir, dataset)
     if task.feature not in builder.info.features:
-        raise ValueError(f"dataset {name}:{version} has no {task.feature!r} feature, which {task.name} needs: "
-                         f"{task.build_hint}")
+        raise ValueError(
+            f"dataset {name}:{version} has no {task.feature!r} feature, which {task.name} needs: {task.build_hint}"
+        )
     source = built.open_split(builder, split)
     if len(source) == 0:
         raise ValueError(f"split {split!r} of {name}:{version} is empty")
@@ -96,8 +101,9 @@ def run(task: DenseTask, config: ml_collections.ConfigDict, output_dir: str, mes
         encoders.append(encoder)
         size, patch = encoder.config.model.image_size, variant(encoder.config.model.variant)["patch_size"]
         if (size, patch) not in truth_by_view:
-            truth_by_view[(size, patch)] = {role: task.read(src, size, patch, context)
-                                            for role, (src, _) in sources.items()}
+            truth_by_view[(size, patch)] = {
+                role: task.read(src, size, patch, context) for role, (src, _) in sources.items()
+            }
             statistics.require(truth_by_view[(size, patch)]["test"]["patients"], sources["test"][1])
             task.check(truth_by_view[(size, patch)]["test"], sources["test"][1])
         truth = dict(truth_by_view[(size, patch)])
@@ -105,11 +111,20 @@ def run(task: DenseTask, config: ml_collections.ConfigDict, output_dir: str, mes
         if tuned:  # the encoder learns: its inputs are the images
             forward, desc = (lambda p, x: x), "images"
         else:
-            forward = lambda p, x: encoder.model.apply({"params": p}, x, method=Pretrainer.patch_grid)
+            forward = lambda p, x, model=encoder.model: model.apply({"params": p}, x, method=Pretrainer.patch_grid)
             desc = f"tokens {encoder.name}"
-        inputs = {role: features.apply_to_split(forward, encoder.params, features.Subset(src, truth[role]["records"]),
-                                                encoder.config, config.batch_size, mesh, f"{desc} {where}")
-                  for role, (src, where) in sources.items()}
+        inputs = {
+            role: features.apply_to_split(
+                forward,
+                encoder.params,
+                features.Subset(src, truth[role]["records"]),
+                encoder.config,
+                config.batch_size,
+                mesh,
+                f"{desc} {where}",
+            )
+            for role, (src, where) in sources.items()
+        }
         if "val" not in sources:  # carve 10% of the training patients out for early stopping
             carved = common.patient_fraction(truth["train"]["patients"], 0.1, config.seed, salt="validation")
             truth["val"], inputs["val"] = select(truth["train"], carved), inputs["train"][carved]
@@ -117,24 +132,39 @@ def run(task: DenseTask, config: ml_collections.ConfigDict, output_dir: str, mes
         patients = truth["train"]["patients"]
         decoder = decoder_for(settings.decoder, encoder.config.model.encoder)
         for fraction in config.label_fractions:
-            seeds = statistics.seeds_for(config.seeds, fraction,
-                                         int(common.patient_fraction(patients, fraction, config.seed).sum()),
-                                         head_is_random=True)
+            seeds = statistics.seeds_for(
+                config.seeds,
+                fraction,
+                int(common.patient_fraction(patients, fraction, config.seed).sum()),
+                head_is_random=True,
+            )
             runs = []
             for seed in range(config.seed, config.seed + seeds):  # a subset of the training patients, a head
                 keep = common.patient_fraction(patients, fraction, seed)
                 head_module = task.head(patch, settings, context, decoder)
-                trained = dict(module=finetune.model(encoder, head_module, config.finetune),
-                               pretrained=finetune.pretrained(encoder),
-                               optimizer=finetune.optimizer(settings, config.finetune,
-                                                                  training.steps_per_epoch(int(keep.sum()),
-                                                                                                 settings, mesh))
-                               ) if tuned else dict(module=head_module)
-                head = training.fit(loss_fn=task.loss, inputs=inputs["train"][keep],
-                                          targets=select(truth["train"], keep)["targets"], val_inputs=inputs["val"],
-                                          val_targets=truth["val"]["targets"], c=settings, seed=seed,
-                                          desc=f"{encoder.name} {report.percent(fraction)} seed {seed}", mesh=mesh,
-                                          **trained)
+                trained = (
+                    dict(
+                        module=finetune.model(encoder, head_module, config.finetune),
+                        pretrained=finetune.pretrained(encoder),
+                        optimizer=finetune.optimizer(
+                            settings, config.finetune, training.steps_per_epoch(int(keep.sum()), settings, mesh)
+                        ),
+                    )
+                    if tuned
+                    else dict(module=head_module)
+                )
+                head = training.fit(
+                    loss_fn=task.loss,
+                    inputs=inputs["train"][keep],
+                    targets=select(truth["train"], keep)["targets"],
+                    val_inputs=inputs["val"],
+                    val_targets=truth["val"]["targets"],
+                    c=settings,
+                    seed=seed,
+                    desc=f"{encoder.name} {report.percent(fraction)} seed {seed}",
+                    mesh=mesh,
+                    **trained,
+                )
                 scores, predictions = task.score(head.outputs(inputs["test"]), truth["test"], patch, context)
                 runs.append({"keep": keep, "head": head, "scores": scores, "predictions": predictions})
             statistic_by[(subject, fraction)] = {m: [r["scores"][m] for r in runs] for m in task.metrics}
@@ -142,49 +172,78 @@ def run(task: DenseTask, config: ml_collections.ConfigDict, output_dir: str, mes
             if fraction == max(config.label_fractions):
                 shown[encoder.name] = runs[0]["predictions"]
             keep, head = runs[0]["keep"], runs[0]["head"]
-            row = {"name": encoder.name, "workdir": subject, "step": encoder.step, "label_fraction": fraction,
-                   "train_images": int(keep.sum()), "train_patients": len(set(patients[keep])),
-                   "test_images": len(truth["test"]["patients"]), "split": sources["test"][1], "task": task.name,
-                   "mode": config.mode,
-                   "head": {"kind": task.head_labels[decoder], "decoder": decoder,
-                            "encoder": "fine-tuned" if tuned else "frozen", "epoch": head.epoch,
-                            "val_loss": head.val_loss},
-                   "seeds": {"count": seeds, "first": config.seed, "train_images": [int(r["keep"].sum()) for r in runs],
-                             "epochs": [r["head"].epoch for r in runs]},
-                   **{m: statistics.estimate(stats, truth["test"]["patients"], config.bootstrap, config.seed)
-                      for m, stats in statistic_by[(subject, fraction)].items()}}
+            row = {
+                "name": encoder.name,
+                "workdir": subject,
+                "step": encoder.step,
+                "label_fraction": fraction,
+                "train_images": int(keep.sum()),
+                "train_patients": len(set(patients[keep])),
+                "test_images": len(truth["test"]["patients"]),
+                "split": sources["test"][1],
+                "task": task.name,
+                "mode": config.mode,
+                "head": {
+                    "kind": task.head_labels[decoder],
+                    "decoder": decoder,
+                    "encoder": "fine-tuned" if tuned else "frozen",
+                    "epoch": head.epoch,
+                    "val_loss": head.val_loss,
+                },
+                "seeds": {
+                    "count": seeds,
+                    "first": config.seed,
+                    "train_images": [int(r["keep"].sum()) for r in runs],
+                    "epochs": [r["head"].epoch for r in runs],
+                },
+                **{
+                    m: statistics.estimate(stats, truth["test"]["patients"], config.bootstrap, config.seed)
+                    for m, stats in statistic_by[(subject, fraction)].items()
+                },
+            }
             results[task.name].append(row)
             value, (lo, hi) = row[task.metric]["mean"], row[task.metric]["ci95"]
-            print(f"{encoder.name} (step {encoder.step}), {report.percent(fraction)} of the training images = "
-                  f"{row['train_images']} of {row['train_patients']} patients, {row['head']['encoder']} encoder: "
-                  f"test {task.metric_label} {value:.4f} [{lo:.4f}, {hi:.4f}]"
-                  f"{report.seeds_note(row[task.metric].get('seeds', []))} ({row['test_images']} images; best "
-                  f"epoch {head.epoch})", flush=True)
+            print(
+                f"{encoder.name} (step {encoder.step}), {report.percent(fraction)} of the training images = "
+                f"{row['train_images']} of {row['train_patients']} patients, {row['head']['encoder']} encoder: "
+                f"test {task.metric_label} {value:.4f} [{lo:.4f}, {hi:.4f}]"
+                f"{report.seeds_note(row[task.metric].get('seeds', []))} ({row['test_images']} images; best "
+                f"epoch {head.epoch})",
+                flush=True,
+            )
     test = truth_by_view[(size, patch)]["test"]
     results["comparisons"] = common.compare_to_first(
-        {key: by_metric[task.metric] for key, by_metric in statistic_by.items()}, name_of, test["patients"], config)
+        {key: by_metric[task.metric] for key, by_metric in statistic_by.items()}, name_of, test["patients"], config
+    )
     results["notes"] = report.notes_of(encoders)
     report.save(output_dir, results, table(task, results))
-    plot(task, sources["test"][0], test, shown, size, settings.plot_images,
-         storage.join(output_dir, f"{task.name}.png"))
+    plot(
+        task, sources["test"][0], test, shown, size, settings.plot_images, storage.join(output_dir, f"{task.name}.png")
+    )
     return results
 
 
 def table(task: DenseTask, results: dict) -> str:
     labels = [f"{label} [95% CI]" for label in task.metrics.values()]
-    lines = ["| checkpoint | step | training images | head | " + " | ".join(labels) + " | test images |",
-             "| --- " * (5 + len(labels)) + "|"]
+    lines = [
+        "| checkpoint | step | training images | head | " + " | ".join(labels) + " | test images |",
+        "| --- " * (5 + len(labels)) + "|",
+    ]
     for r in results[task.name]:
-        cells = [report.interval(r[m]["mean"], r[m]["ci95"]) + report.seeds_note(r[m].get("seeds", []))
-                 for m in task.metrics]
-        lines.append(f"| {r['name']} | {r['step']} | {report.percent(r['label_fraction'])} ({r['train_images']}) | "
-                     f"{r['head']['kind']}, {r['head']['encoder']} encoder | " + " | ".join(cells) +
-                     f" | {r['test_images']} |")
+        cells = [
+            report.interval(r[m]["mean"], r[m]["ci95"]) + report.seeds_note(r[m].get("seeds", [])) for m in task.metrics
+        ]
+        lines.append(
+            f"| {r['name']} | {r['step']} | {report.percent(r['label_fraction'])} ({r['train_images']}) | "
+            f"{r['head']['kind']}, {r['head']['encoder']} encoder | " + " | ".join(cells) + f" | {r['test_images']} |"
+        )
     for c in results["comparisons"]:
         lo, hi = c["interval"]
-        lines.append(f"\n{c['candidate']} vs {c['baseline']} ({report.percent(c['label_fraction'])} of the training "
-                     f"images): {task.metric_label} difference {c['difference']:+.4f} [95% CI {lo:+.4f}, {hi:+.4f}], "
-                     f"P(not better) = {c['p_not_better']:.3f}")
+        lines.append(
+            f"\n{c['candidate']} vs {c['baseline']} ({report.percent(c['label_fraction'])} of the training "
+            f"images): {task.metric_label} difference {c['difference']:+.4f} [95% CI {lo:+.4f}, {hi:+.4f}], "
+            f"P(not better) = {c['p_not_better']:.3f}"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -216,5 +275,10 @@ def plot(task: DenseTask, source, truth: Truth, shown: dict[str, Any], size: int
 
 def evaluator(task: DenseTask, rows: schema.Table, description: str) -> common.Evaluator:
     """The evaluator of a dense task: `run` on it, its config rows, the rule that it reads image encoders."""
-    return common.Evaluator(name=task.name, run=lambda config, output_dir, mesh: run(task, config, output_dir, mesh),
-                            description=description, config_rows=rows, rules=(common.IMAGE_ENCODERS_ONLY,))
+    return common.Evaluator(
+        name=task.name,
+        run=lambda config, output_dir, mesh: run(task, config, output_dir, mesh),
+        description=description,
+        config_rows=rows,
+        rules=(common.IMAGE_ENCODERS_ONLY,),
+    )

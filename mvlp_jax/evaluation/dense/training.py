@@ -1,11 +1,13 @@
 """Training a dense model (a segmentation or detection head on frozen patch tokens, or an encoder and head on
 images): AdamW, full batches drawn from a fresh permutation every epoch and sharded over the mesh's devices,
 early stopping on the validation loss; the variables of the best epoch."""
+
 from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -29,16 +31,19 @@ def _context(mesh: jax.sharding.Mesh | None):
 class Head:
     """A trained model: its module and variables (params and BatchNorm statistics) at `epoch`."""
 
-    def __init__(self, module: nn.Module, variables: dict, epoch: int, val_loss: float,
-                 mesh: jax.sharding.Mesh | None = None):
+    def __init__(
+        self, module: nn.Module, variables: dict, epoch: int, val_loss: float, mesh: jax.sharding.Mesh | None = None
+    ):
         self.module, self.variables, self.epoch, self.val_loss, self.mesh = module, variables, epoch, val_loss, mesh
         self._apply = _inference(module)
 
     def outputs(self, inputs: np.ndarray, batch: int = 32) -> Any:
         """The model's outputs (an array or a tuple of arrays) for every input, as numpy."""
         with _context(self.mesh):
-            parts = [jax.tree.map(np.asarray, self._apply(self.variables, jnp.asarray(inputs[i:i + batch])))
-                     for i in range(0, len(inputs), batch)]
+            parts = [
+                jax.tree.map(np.asarray, self._apply(self.variables, jnp.asarray(inputs[i : i + batch])))
+                for i in range(0, len(inputs), batch)
+            ]
         return jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
 
 
@@ -91,6 +96,7 @@ def _compiled_once(factory: Callable) -> Callable:
         except TypeError:
             return factory(*args)
         return cached(*args)
+
     return get
 
 
@@ -107,26 +113,41 @@ def _validation_loss(module: nn.Module, loss_fn: LossFn) -> Callable:
 def _train_step(module: nn.Module, loss_fn: LossFn, tx: optax.GradientTransformation) -> Callable:
     def step(variables: dict, opt_state: Any, x: jax.Array, y: dict, rng: jax.Array):
         def loss(params):
-            out, updated = module.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"],
-                                        rngs={"dropout": rng})
+            out, updated = module.apply(
+                {**variables, "params": params}, x, train=True, mutable=["batch_stats"], rngs={"dropout": rng}
+            )
             return loss_fn(out, y), updated
+
         (value, updated), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
         updates, opt_state = tx.update(grads, opt_state, variables["params"])
         return {**variables, "params": optax.apply_updates(variables["params"], updates), **updated}, opt_state, value
+
     return jax.jit(step)
 
 
 @_compiled_once
-def _adamw(module: nn.Module, loss_fn: LossFn, lr: float, weight_decay: float
-           ) -> tuple[optax.GradientTransformation, Callable]:
+def _adamw(
+    module: nn.Module, loss_fn: LossFn, lr: float, weight_decay: float
+) -> tuple[optax.GradientTransformation, Callable]:
     tx = optax.adamw(lr, weight_decay=weight_decay)
     return tx, _train_step(module, loss_fn, tx)
 
 
-def fit(module: nn.Module, loss_fn: LossFn, inputs: np.ndarray, targets: Targets, val_inputs: np.ndarray,
-        val_targets: Targets, c: ml_collections.ConfigDict, seed: int, desc: str, *,
-        mesh: jax.sharding.Mesh | None = None, pretrained: dict | None = None,
-        optimizer: Optimizer | None = None) -> Head:
+def fit(
+    module: nn.Module,
+    loss_fn: LossFn,
+    inputs: np.ndarray,
+    targets: Targets,
+    val_inputs: np.ndarray,
+    val_targets: Targets,
+    c: ml_collections.ConfigDict,
+    seed: int,
+    desc: str,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    pretrained: dict | None = None,
+    optimizer: Optimizer | None = None,
+) -> Head:
     """Trains `module` on (inputs, targets) with `c.batch_size`, `c.epochs` and `c.patience` (and by default
     AdamW at `c.lr`, `c.weight_decay`); `pretrained` replaces the named parameter subtrees after init. Batches
     are a multiple of the mesh's devices and split over them. Returns the model at the epoch of the lowest
@@ -141,12 +162,19 @@ def fit(module: nn.Module, loss_fn: LossFn, inputs: np.ndarray, targets: Targets
     else:
         tx, step = _adamw(module, loss_fn, c.lr, c.weight_decay)
     batch = batch_size(len(inputs), c, mesh)
-    put = ((lambda a: jax.device_put(a, sharding.batch_sharding(mesh, a.ndim)))
-           if mesh is not None and mesh.devices.size > 1 else jnp.asarray)
+    put = (
+        (lambda a: jax.device_put(a, sharding.batch_sharding(mesh, a.ndim)))
+        if mesh is not None and mesh.devices.size > 1
+        else jnp.asarray
+    )
     evaluate = _validation_loss(module, loss_fn)
     chunks = [slice(i, i + batch) for i in range(0, len(val_inputs), batch)]
-    val_loss = lambda v: float(np.average([evaluate(v, jnp.asarray(val_inputs[s]), _rows(val_targets, s, jnp.asarray))
-                                           for s in chunks], weights=[len(val_inputs[s]) for s in chunks]))
+    val_loss = lambda v: float(
+        np.average(
+            [evaluate(v, jnp.asarray(val_inputs[s]), _rows(val_targets, s, jnp.asarray)) for s in chunks],
+            weights=[len(val_inputs[s]) for s in chunks],
+        )
+    )
     rng = np.random.default_rng(seed)
     steps = steps_per_epoch(len(inputs), c, mesh)
     permutations = max(2, -(-batch // len(inputs)))  # enough for full batches that see every input
@@ -157,9 +185,14 @@ def fit(module: nn.Module, loss_fn: LossFn, inputs: np.ndarray, targets: Targets
         for epoch in bar:
             order = np.concatenate([rng.permutation(len(inputs)) for _ in range(permutations)])
             for s in range(steps):
-                idx = order[s * batch:(s + 1) * batch]
-                variables, opt_state, _ = step(variables, opt_state, put(inputs[idx]), _rows(targets, idx, put),
-                                               jax.random.fold_in(key, epoch * steps + s))
+                idx = order[s * batch : (s + 1) * batch]
+                variables, opt_state, _ = step(
+                    variables,
+                    opt_state,
+                    put(inputs[idx]),
+                    _rows(targets, idx, put),
+                    jax.random.fold_in(key, epoch * steps + s),
+                )
             loss = val_loss(variables)
             if loss < best.val_loss:
                 best, since_best = Head(module, variables, epoch, loss, mesh), 0
