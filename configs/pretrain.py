@@ -5,7 +5,7 @@
 Variants by argument, comma-separated (as big_vision does):
   :demo    the shipped real sample (covid notes + SmolLM2 embeddings) on a CPU in minutes
   :vitdet  the windowed ViTDet encoder (SimMIM masking instead of MAE token dropping)
-Every key is documented in mvlp_jax/configuration.py (and the README's config table).
+Every key is documented in docs/config.md (generated from mvlp_jax/configuration.py and the objectives).
 """
 
 from mvlp_jax import configuration

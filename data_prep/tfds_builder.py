@@ -19,7 +19,7 @@ from tqdm import tqdm
 from data_prep.images import decode_task
 from mvlp_jax.data import records as R
 
-VERSION = "1.0.0"
+VERSION = R.BUILDER_VERSION
 SCHEMA_NOTE = (
     "labels: int8[num_labels], 1 positive, 0 negative, -1 uncertain, -2 not mentioned; "
     "label names in metadata['label_names']"

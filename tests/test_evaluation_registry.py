@@ -103,3 +103,14 @@ def test_an_evaluator_cannot_take_a_key_another_one_owns(toy_evaluator):
             registry.table()
     finally:
         del registry.EVALUATORS["clash"]
+
+
+def test_an_older_configs_task_or_mode_is_named_with_the_evaluator_it_is_now(tmp_path):
+    config = _config(str(tmp_path), "random_init")
+    config.unlock()
+    config.mode = "retrieval"
+    with pytest.raises(ValueError, match="config.mode='retrieval' is now config.evaluator='retrieval'"):
+        evaluate.evaluate(config, str(tmp_path / "out"))
+    config.mode, config.evaluator = "finetune", "zero_shot"
+    with pytest.raises(ValueError, match="trains no head and tunes no encoder"):
+        evaluate.evaluate(config, str(tmp_path / "out"))

@@ -15,6 +15,9 @@ from collections.abc import Sequence
 # Label coding shared by every source and by the rest of the project.
 POSITIVE, NEGATIVE, UNCERTAIN, NOT_MENTIONED = 1, 0, -1, -2
 
+# The version every dataset is built at (TFDS folder NAME/VERSION); a change to the record schema bumps it.
+BUILDER_VERSION = "1.0.0"
+
 CHEXPERT_LABELS = (
     "Atelectasis",
     "Cardiomegaly",

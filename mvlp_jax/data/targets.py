@@ -32,7 +32,7 @@ def check_manifest(manifest: dict, pooling: str, hidden_size: int = 0) -> None:
     version = manifest.get("schema_version", embedding_shards.SCHEMA_VERSION)
     if version != embedding_shards.SCHEMA_VERSION:
         raise ValueError(
-            f"embedding schema version {version}; this code reads version {{embedding_shards.SCHEMA_VERSION}}"
+            f"embedding schema version {version}; this code reads version {embedding_shards.SCHEMA_VERSION}"
         )
     stored = manifest.get("poolings", ["mean", "last"])
     if pooling not in stored:

@@ -109,6 +109,12 @@ IMAGE_ENCODERS_ONLY: schema.Between = (
     "study_views=0 (both are classification's)",
 )
 
+# The rule of the evaluators that train no head (retrieval, zero-shot): mode='finetune' would mean nothing there
+TRAINS_NOTHING: schema.Between = (
+    lambda c: c.mode == "linear",
+    "this evaluator trains no head and tunes no encoder: mode='finetune' does not apply to it",
+)
+
 Run = Callable[[ml_collections.ConfigDict, str, jax.sharding.Mesh], dict]  # (config, output_dir, mesh) -> results
 
 

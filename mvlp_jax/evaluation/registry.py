@@ -60,6 +60,23 @@ def rules(name: str) -> tuple[schema.Between, ...]:
     return common.RULES + (get(name).rules if name in EVALUATORS else ())
 
 
+# Evaluation configs written before the registry chose the evaluation by task x mode: what each now is
+_RENAMED = {
+    ("mode", "retrieval"): "evaluator='retrieval'",
+    ("mode", "zero_shot"): "evaluator='zero_shot'",
+    ("task", "classification"): "evaluator='classification'",
+    ("task", "segmentation"): "evaluator='segmentation'",
+    ("task", "detection"): "evaluator='detection'",
+}
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError naming the first unknown key, bad value or broken rule of an evaluation config."""
+    """Raises ValueError naming the first unknown key, bad value or broken rule of an evaluation config (and what
+    an older config's task or mode is called now)."""
+    for (key, value), now in _RENAMED.items():
+        if config.get(key) == value:
+            raise ValueError(
+                f"config.{key}={value!r} is now config.{now} (the evaluator registry picks the "
+                f"evaluation; mode stays 'linear' or 'finetune')"
+            )
     schema.validate(config, table(), rules(config.get("evaluator", "")))

@@ -148,7 +148,7 @@ def run(config: ml_collections.ConfigDict, output_dir: str, mesh: jax.sharding.M
 EVALUATOR = common.Evaluator(
     name="retrieval",
     run=run,
-    rules=(common.IMAGE_ENCODERS_ONLY,),
+    rules=(common.IMAGE_ENCODERS_ONLY, common.TRAINS_NOTHING),
     description="image <-> report Recall@k and median rank on test_split, in the run's image-text space (reports "
     "from `embeddings`, default the run's own)",
 )

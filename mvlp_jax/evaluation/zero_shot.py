@@ -185,6 +185,6 @@ EVALUATOR = common.Evaluator(
     name="zero_shot",
     run=run,
     config_rows=ROWS,
-    rules=(common.IMAGE_ENCODERS_ONLY,),
+    rules=(common.IMAGE_ENCODERS_ONLY, common.TRAINS_NOTHING),
     description="per-label AUC on test_split from text prompts read by the run's LLM, no training",
 )

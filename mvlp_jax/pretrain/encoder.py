@@ -98,20 +98,20 @@ def load(
         )
     wanted = {"step": jax.ShapeDtypeStruct((), np.int32), "params": abstract}
     shardings = {"step": sharding.replicated(mesh), "params": param_sh}
-    if teacher:
-        extra: dict = {}  # the shape of the state its objectives keep outside the optimizer
-        for spec in registry.configured(config):
-            if spec.init_extra is not None:
-                extra.update(jax.eval_shape(lambda p, s=spec: s.init_extra(p, config), abstract))
-        if "encoder" not in extra.get("teacher", {}):
-            raise ValueError(f"{workdir} has no DINO teacher (its objectives: {dict(config.objectives)})")
-        wanted["extra"] = {"teacher": {"encoder": abstract["encoder"]}}
-        shardings["extra"] = {"teacher": {"encoder": param_sh["encoder"]}}
     store = checkpointing.Store(workdir, config, writer=False)
     if store.latest_step() is None:
         store.close()
         raise FileNotFoundError(f"{workdir} has no checkpoints (looked in {workdir}/checkpoints)")
     try:
+        if teacher:
+            extra: dict = {}  # the shape of the state its objectives keep outside the optimizer
+            for spec in registry.configured(config):
+                if spec.init_extra is not None:
+                    extra.update(jax.eval_shape(lambda p, s=spec: s.init_extra(p, config), abstract))
+            if "encoder" not in extra.get("teacher", {}):
+                raise ValueError(f"{workdir} has no DINO teacher (its objectives: {dict(config.objectives)})")
+            wanted["extra"] = {"teacher": {"encoder": abstract["encoder"]}}
+            shardings["extra"] = {"teacher": {"encoder": param_sh["encoder"]}}
         state = store.restore(wanted, shardings, None if step < 0 else step, step_flag=step_flag, partial=True)[0]
     finally:
         store.close()

@@ -14,13 +14,12 @@ its output is already complete; an interrupted training stage resumes from its l
 
 from __future__ import annotations
 
-import glob
 import os
 import subprocess
 import sys
 import time
 
-from mvlp_jax.data.records import NIH14_LABELS
+from mvlp_jax.data.records import BUILDER_VERSION, NIH14_LABELS
 from mvlp_jax.evaluation import evaluate
 from mvlp_jax.objectives import registry
 from mvlp_jax.pretrain import train
@@ -62,9 +61,9 @@ DATASETS = {
 def build_datasets() -> None:
     """The demo's datasets, each by the builder's command line (data_prep writes, the package only reads)."""
     for name, options in DATASETS.items():
-        built = sorted(glob.glob(os.path.join(DATA_DIR, name, "*", "build_report.json")))
-        if built:
-            print(f"[demo] dataset {name}: already built, reusing {os.path.dirname(built[-1])}")
+        folder = os.path.join(DATA_DIR, name, BUILDER_VERSION)
+        if os.path.exists(os.path.join(folder, "build_report.json")):
+            print(f"[demo] dataset {name}: already built, reusing {folder}")
             continue
         options = dict(options)
         input_dir = options.pop("input_dir")

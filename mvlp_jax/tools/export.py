@@ -115,7 +115,7 @@ def check_output_dir(output_dir: str, workdir: str, overwrite: bool) -> None:
 
 
 def export(encoder: Encoder, output_dir: str, results: str = "", workdir: str = "") -> str:
-    """Writes the export of `encoder` (features.load_encoder of `workdir`) into `output_dir` (local or gs://: made
+    """Writes the export of `encoder` (pretrain/encoder.load of `workdir`) into `output_dir` (local or gs://: made
     in a local folder, then uploaded) with `export.json` naming the run; returns the card's path. The files an
     earlier export of the folder wrote and this one does not are removed."""
     cli.require_extra("export", "exporting to Hugging Face")
@@ -197,8 +197,7 @@ def hub_metadata(encoder: Encoder, results: str) -> str:
     dataset = c.data.dataset.split(":")[0]
     licence, licence_name = HUB_LICENCES.get(dataset, ("other", "see-the-training-data-licence"))
     tags = ["mvlp_jax", "jax", "medical-imaging", "vision-language-pretraining", c.model.encoder, *sorted(c.objectives)]
-    written = storage.read_json(results) if results else {}
-    metrics = sorted({metric for key, metric in HUB_METRICS.items() if written.get(key)})
+    metrics = sorted({HUB_METRICS[kind] for kind in _rows_of(encoder, results)[0]})
     quoted = lambda values: "[" + ", ".join(json.dumps(v) for v in values) + "]"
     lines = [
         "---",
@@ -274,17 +273,23 @@ def model_card(encoder: Encoder, kind: str, heads: list[str], results: str) -> s
     return "\n".join(lines)
 
 
-def _evaluation_rows(encoder: Encoder, results: str) -> list[str]:
-    """The rows of an evaluation binary's results.json that belong to this checkpoint, whichever evaluator wrote
-    it (probes, fine-tuning, segmentation, detection, retrieval, zero-shot), and the notes it carries."""
+def _rows_of(encoder: Encoder, results: str) -> tuple[dict[str, list[dict]], list[str]]:
+    """({results.json key: its rows that belong to this checkpoint}, the notes) of an evaluation binary's
+    results.json, whichever evaluator wrote it (probes, fine-tuning, segmentation, detection, retrieval,
+    zero-shot); nothing without `results`."""
     if not results:
-        return []
+        return {}, []
     written = storage.read_json(results)
     mine = lambda r: encoder.source in (r.get("workdir"), f"{storage.canonical(r['workdir'])}/checkpoints/{r['step']}")
-    lines = []
-    for kind, describe in ROW_LINES.items():
-        lines += [describe(r) for r in written.get(kind, []) if mine(r)]
-    return lines + [f"- Note: {note}" for note in written.get("notes", [])] if lines else []
+    rows = {kind: [r for r in written.get(kind, []) if mine(r)] for kind in ROW_LINES}
+    return {kind: found for kind, found in rows.items() if found}, written.get("notes", [])
+
+
+def _evaluation_rows(encoder: Encoder, results: str) -> list[str]:
+    """The card's lines for this checkpoint's evaluation rows, and the notes they carry."""
+    rows, notes = _rows_of(encoder, results)
+    lines = [ROW_LINES[kind](r) for kind, found in rows.items() for r in found]
+    return lines + [f"- Note: {note}" for note in notes] if lines else []
 
 
 def _interval(value: float, ci: list | None) -> str:
@@ -342,6 +347,7 @@ def main(argv: list[str]) -> int:
 
     del argv
     f = flags.FLAGS
+    cli.require_extra("export", "exporting to Hugging Face")  # before a checkpoint is read
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.AXES)
     storage.check_writable_dir(f.output_dir, "--output_dir")
     check_output_dir(f.output_dir, f.workdir, f.overwrite)

@@ -1,4 +1,4 @@
-"""Fine-tuning an encoder for a dense task (`mode=finetune` with task=segmentation|detection): the encoder's
+"""Fine-tuning an encoder for a dense task (`mode=finetune` with evaluator=segmentation|detection): the encoder's
 patch-token grid feeds the task's head, and both learn from the images. The classification fine-tuning recipe
 (finetune.py) carries over: layer-wise lr decay over the encoder (`finetune.layer_decay`), stochastic depth
 (`finetune.drop_path`), gradient clipping at norm 1 and a linear warmup (`finetune.warmup_epochs`); the task's own
