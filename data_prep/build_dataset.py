@@ -36,7 +36,16 @@ flags.DEFINE_string(
     "window",
     "",
     "16-bit files: '' stretches each image's range; 'L,W' a level/width window in "
-    "the file's pixel units ('2048,4096'); 'pLO,HI' each image's percentiles ('p0.5,99.5').",
+    "the file's pixel units less --intensity_offset ('2048,4096'); 'pLO,HI' each image's percentiles "
+    "('p0.5,99.5'); several separated by ';', one channel each (--channels=3: '40,400;-600,1500;400,1800'); or a "
+    "CT preset in Hounsfield units: ct_soft (40,400), ct_lung (-600,1500), ct_bone (400,1800), ct_brain (40,80), "
+    "ct_soft_lung_bone (the three as channels).",
+)
+flags.DEFINE_float(
+    "intensity_offset",
+    0.0,
+    "16-bit files: subtracted from the stored values before the window (a PNG holding Hounsfield units + 32768: "
+    "32768).",
 )
 flags.DEFINE_string(
     "mask_values",
@@ -84,6 +93,7 @@ def build(
     overwrite: bool = False,
     channels: int = 1,
     window: str = "",
+    intensity_offset: float = 0.0,
     mask_values: str = "auto",
     **source_options,
 ) -> dict:
@@ -108,10 +118,19 @@ def build(
     if channels not in (1, 3):
         raise R.InputError(f"--channels={channels}: 1 (grayscale) or 3 (colour)")
     try:
-        parse_window(window)
+        windowing = parse_window(window, intensity_offset)
         parse_mask_values(mask_values)
     except ValueError as error:
         raise R.InputError(str(error)) from None
+    if len(windowing.windows) > 1 and channels != len(windowing.windows):
+        raise R.InputError(
+            f"--window={window} gives {len(windowing.windows)} windows, one channel each: pass "
+            f"--channels={len(windowing.windows)} (--channels={channels})"
+        )
+    if intensity_offset and not window:
+        raise R.InputError(
+            f"--intensity_offset={intensity_offset:g} shifts the values a --window is given in: give one"
+        )
     remote = storage.is_remote(output_dir)
     if not remote and os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise R.InputError(f"--output_dir={output_dir} is a file, not a folder: choose another --output_dir")
@@ -152,6 +171,7 @@ def build(
             decode_skips=decode_skips,
             channels=channels,
             window=window,
+            intensity_offset=intensity_offset,
             mask_values=mask_values,
             data_dir=staging,
             file_format="array_record",
@@ -189,6 +209,8 @@ def build(
             "views": views,
             "channels": channels,
             "window": window,
+            "windows": windowing.describe(),
+            "intensity_offset": intensity_offset,
             **({"masks": masks} if masks else {}),
             **({"boxes_fixed": dict(builder.box_fixes)} if "boxes" in scan.annotations else {}),
             "source_bit_depths": {str(bits): n for bits, n in sorted(builder.bit_depths.items())},
@@ -238,7 +260,7 @@ def check_window(builder, window: str, written: int) -> None:
         print(
             f"WARNING: --window={window} put more than {SATURATED:.0%} of the pixels at one end (all black or all "
             f"white) in {builder.saturated} of {deep} images: is the window in the files' units? (a CT stored as "
-            f"Hounsfield units + 32768 needs its level shifted by 32768)",
+            f"Hounsfield units + 32768 needs --intensity_offset=32768)",
             flush=True,
         )
     if deep < written:
@@ -338,6 +360,7 @@ def main(argv: list[str]) -> None:
         overwrite=FLAGS.overwrite,
         channels=FLAGS.channels,
         window=FLAGS.window,
+        intensity_offset=FLAGS.intensity_offset,
         mask_values=FLAGS.mask_values,
         **options,
     )

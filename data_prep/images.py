@@ -6,6 +6,7 @@ Kept free of TensorFlow/JAX imports so spawned decode workers start fast.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import numpy as np
@@ -16,23 +17,60 @@ from mvlp_jax.data.records import IMAGE_UNREADABLE, MASK_ENCODING, MASK_UNREADAB
 HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
 
 
-def parse_window(window: str) -> tuple[str, float, float] | None:
-    """--window: '' (stretch each image's used range), 'L,W' (level and width in the file's units) or 'pLO,HI'
-    (each image's LO and HI percentiles) -> (kind, a, b) or None; ValueError naming the bad text."""
-    if not window:
-        return None
-    kind, text = ("percentile", window[1:]) if window.startswith("p") else ("level_width", window)
+# Windows in Hounsfield units that radiologists read CT with, (level, width); a preset names one or several (each
+# then a channel, the usual practice for CT with image encoders: --channels=3)
+CT_WINDOWS = {
+    "ct_soft": "40,400",
+    "ct_lung": "-600,1500",
+    "ct_bone": "400,1800",
+    "ct_brain": "40,80",
+    "ct_soft_lung_bone": "40,400;-600,1500;400,1800",
+}
+Window = tuple[str, float, float]  # ("level_width", level, width) or ("percentile", low, high)
+
+
+@dataclasses.dataclass(frozen=True)
+class Windowing:
+    """How a high-bit-depth file becomes 8 bits: `windows` (none: each image's used range; several: one channel
+    each) applied to the stored values minus `offset` (a PNG holding HU + 32768 has offset 32768)."""
+
+    windows: tuple[Window, ...] = ()
+    offset: float = 0.0
+
+    def describe(self) -> list[dict]:
+        """The windows as the build report and the dataset's metadata record them."""
+        return [
+            {"level": a, "width": b} if kind == "level_width" else {"percentiles": [a, b]}
+            for kind, a, b in self.windows
+        ]
+
+
+def _parse_one(text: str, given: str) -> Window:
+    kind, numbers = ("percentile", text[1:]) if text.startswith("p") else ("level_width", text)
     try:
-        a, b = (float(v) for v in text.split(","))
+        a, b = (float(v) for v in numbers.split(","))
     except ValueError:
-        raise ValueError(f"--window={window!r}: give L,W (level, width) or pLO,HI (percentiles)") from None
+        raise ValueError(
+            f"--window={given!r}: give L,W (level, width), pLO,HI (percentiles), several separated by ';', or a "
+            f"preset ({', '.join(CT_WINDOWS)})"
+        ) from None
     if not (np.isfinite(a) and np.isfinite(b)):
-        raise ValueError(f"--window={window!r}: both numbers must be finite")
+        raise ValueError(f"--window={given!r}: both numbers must be finite")
     if kind == "level_width" and b <= 0:
-        raise ValueError(f"--window={window!r}: the width must be > 0")
+        raise ValueError(f"--window={given!r}: the width must be > 0")
     if kind == "percentile" and not 0 <= a < b <= 100:
-        raise ValueError(f"--window={window!r}: percentiles need 0 <= LO < HI <= 100")
+        raise ValueError(f"--window={given!r}: percentiles need 0 <= LO < HI <= 100")
     return kind, a, b
+
+
+def parse_window(window: str, offset: float = 0.0) -> Windowing:
+    """--window: '' (stretch each image's used range), 'L,W' (level and width in the file's units after
+    --intensity_offset), 'pLO,HI' (each image's percentiles), several of those separated by ';' (one channel each),
+    or a preset name (CT_WINDOWS); ValueError naming the bad text."""
+    if not np.isfinite(offset):
+        raise ValueError(f"--intensity_offset={offset}: must be finite")
+    text = CT_WINDOWS.get(window, window)
+    return Windowing(tuple(_parse_one(part.strip(), window) for part in text.split(";")) if text else (), offset)
 
 
 def bit_depth(image: Image.Image) -> int:
@@ -50,10 +88,9 @@ def saturated(image: Image.Image) -> bool:
     return bool(max(np.mean(pixels == 0), np.mean(pixels == 255)) > SATURATED)
 
 
-def _window_to_uint8(image: Image.Image, window: tuple[str, float, float] | None) -> Image.Image:
-    """A high-bit-depth scan -> 8 bits: the window (level/width or percentiles) mapped to 0..255 and clipped;
-    without one, the image's used range (bit depths vary by vendor, so no fixed range fits all)."""
-    pixels = np.asarray(image, dtype=np.float64)
+def _window_to_uint8(pixels: np.ndarray, window: Window | None, full: float) -> np.ndarray:
+    """Stored values (offset removed) -> uint8 by one window (level/width or percentiles) mapped to 0..255 and
+    clipped; without one, the image's used range (bit depths vary by vendor, so no fixed range fits all)."""
     if window is None:
         low, high = float(pixels.min()), float(pixels.max())
     elif window[0] == "level_width":
@@ -61,18 +98,25 @@ def _window_to_uint8(image: Image.Image, window: tuple[str, float, float] | None
     else:
         low, high = (float(v) for v in np.percentile(pixels, window[1:]))
     if high > low:
-        scaled = (pixels - low) * (255.0 / (high - low))
+        scaled = (pixels - low) / (high - low) * 255.0
     else:  # a constant image has no range to stretch: scale by its type's (16 bits, or [0, 1] floats)
-        full = 1.0 if image.mode == "F" and high <= 1.0 else 65535.0
         scaled = pixels * (255.0 / full)
-    return Image.fromarray(np.round(np.clip(scaled, 0, 255)).astype(np.uint8), mode="L")
+    return np.round(np.clip(scaled, 0, 255)).astype(np.uint8)
 
 
-def to_uint8(image: Image.Image, channels: int = 1, window: tuple[str, float, float] | None = None) -> Image.Image:
+def to_uint8(image: Image.Image, channels: int = 1, windowing: Windowing = Windowing()) -> Image.Image:
     """Any decoded file -> uint8 grayscale ('L', channels=1) or colour ('RGB', channels=3); high-bit-depth
-    files go through the window first (a 16-bit scan kept in colour is its grey replicated)."""
+    files go through the windowing first: one window (a scan kept in colour is its grey replicated), or one per
+    channel."""
     if image.mode in HIGH_BIT_MODES:
-        image = _window_to_uint8(image, window)
+        full = 1.0 if image.mode == "F" and float(np.asarray(image).max()) <= 1.0 else 65535.0
+        pixels = np.asarray(image, dtype=np.float64) - windowing.offset
+        planes = [_window_to_uint8(pixels, w, full) for w in windowing.windows or (None,)]
+        if len(planes) > 1:
+            if len(planes) != channels:
+                raise ValueError(f"{len(planes)} windows make {len(planes)} channels; --channels={channels}")
+            return Image.fromarray(np.stack(planes, axis=-1), mode="RGB")
+        image = Image.fromarray(planes[0], mode="L")
     return image.convert("L" if channels == 1 else "RGB")
 
 
@@ -86,7 +130,7 @@ def resized_size(width: int, height: int, shorter_side: int) -> tuple[int, int]:
 
 
 def _load(
-    path: str, shorter_side: int, channels: int = 1, window: tuple[str, float, float] | None = None
+    path: str, shorter_side: int, channels: int = 1, windowing: Windowing = Windowing()
 ) -> tuple[Image.Image, tuple[int, int], int, bool]:
     """(uint8 image of `channels` resized to the shorter side, the file's own (width, height), its bit depth,
     whether the window put nearly all its pixels at one end: `saturated`)."""
@@ -99,8 +143,8 @@ def _load(
             image.draft("L" if channels == 1 else "RGB", target)
         image.load()  # forces a full decode, so truncated files fail here, not later
         bits = bit_depth(image)
-        out = to_uint8(image, channels, window)
-        washed_out = window is not None and bits > 8 and saturated(out)
+        out = to_uint8(image, channels, windowing)
+        washed_out = bool(windowing.windows) and bits > 8 and saturated(out.convert("L"))
     if out.size != target:
         out = out.resize(target, Image.Resampling.LANCZOS)
     return out, source_size, bits, washed_out
@@ -112,12 +156,14 @@ def _png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def load_png(path: str, shorter_side: int, channels: int = 1, window: str = "") -> tuple[bytes, tuple[int, int]]:
+def load_png(
+    path: str, shorter_side: int, channels: int = 1, window: str = "", offset: float = 0.0
+) -> tuple[bytes, tuple[int, int]]:
     """Reads an image file, returns (PNG bytes of the uint8 resized image of `channels`, (height, width)).
 
     Raises OSError/ValueError on unreadable or truncated files (the caller counts them).
     """
-    image, _, _, _ = _load(path, shorter_side, channels, parse_window(window))
+    image, _, _, _ = _load(path, shorter_side, channels, parse_window(window, offset))
     return _png(image), (image.height, image.width)
 
 
@@ -212,14 +258,14 @@ def scale_boxes(
 
 
 def decode_task(args: tuple) -> tuple[int, dict | None, str, str]:
-    """Pool-friendly: (index, path, size, mask path or '', boxes, channels, window, mask values) -> (index,
-    {"image": png[, "mask": png, "mask_values": the file's non-zero values, "mask_empty"], "boxes": float32 (N, 4),
-    "box_fixes", "box_kept": scale_boxes's counts and kept boxes, "bit_depth": the file's, "saturated": by the
-    window} or None, skip reason,
+    """Pool-friendly: (index, path, size, mask path or '', boxes, channels, window, intensity offset, mask values)
+    -> (index, {"image": png[, "mask": png, "mask_values": the file's non-zero values, "mask_empty"], "boxes":
+    float32 (N, 4), "box_fixes", "box_kept": scale_boxes's counts and kept boxes, "bit_depth": the file's,
+    "saturated": by the window} or None, skip reason,
     error message)."""
-    index, path, shorter_side, mask_path, boxes, channels, window, mask_values = args
+    index, path, shorter_side, mask_path, boxes, channels, window, offset, mask_values = args
     try:
-        image, source_size, bits, washed_out = _load(path, shorter_side, channels, parse_window(window))
+        image, source_size, bits, washed_out = _load(path, shorter_side, channels, parse_window(window, offset))
         out = {"image": _png(image), "bit_depth": bits, "saturated": washed_out}
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         return index, None, IMAGE_UNREADABLE, f"{type(e).__name__}: {e}"

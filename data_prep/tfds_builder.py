@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tqdm import tqdm
 
-from data_prep.images import decode_task
+from data_prep.images import decode_task, parse_window
 from mvlp_jax.data import records as R
 
 VERSION = R.BUILDER_VERSION
@@ -66,12 +66,14 @@ class ChestXrayBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         decode_skips: R.SkipLog,
         channels: int = 1,
         window: str = "",
+        intensity_offset: float = 0.0,
         mask_values: str = "auto",
         **kwargs,
     ):
         self._scan = scan
         self._image_size = image_size
         self._channels, self._window, self._mask_values = channels, window, mask_values
+        self._offset = intensity_offset
         self.bit_depths: Counter = Counter()  # the source files' bits per sample -> images
         self.masks: dict[str, Counter] = {}  # split -> {"masks": n, "empty": n}
         self.mask_values: Counter = Counter()  # a non-zero stored mask value -> masks holding it
@@ -94,6 +96,8 @@ class ChestXrayBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 channels=self._channels,
                 bit_depth=8,
                 window=self._window,
+                windows=parse_window(self._window, self._offset).describe(),
+                intensity_offset=self._offset,
                 mask_values=self._mask_values,
             ),
         )
@@ -111,6 +115,7 @@ class ChestXrayBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 rec.boxes,
                 self._channels,
                 self._window,
+                self._offset,
                 self._mask_values,
             )
             for i, rec in enumerate(recs)

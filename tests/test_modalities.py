@@ -3,6 +3,7 @@ the encoder reading the channel count its dataset stores, through training, eval
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
@@ -47,13 +48,16 @@ def _sixteen_bit_set(root: str, count: int = 20, size: int = 40) -> None:
         f.write("\n".join(rows) + "\n")
 
 
-def _stored(dataset_dir: str, split: str = "train") -> Image.Image:
+def _built(dataset_dir: str, split: str = "train"):
+    """(builder, random-access source of `split` with images as stored PNG bytes)."""
     import tensorflow_datasets as tfds
 
-    source = tfds.builder_from_directory(dataset_dir).as_data_source(
-        split, decoders={"image": tfds.decode.SkipDecoding()}
-    )
-    return Image.open(io.BytesIO(source[0]["image"]))
+    builder = tfds.builder_from_directory(dataset_dir)
+    return builder, builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
+
+
+def _stored(dataset_dir: str, split: str = "train") -> Image.Image:
+    return Image.open(io.BytesIO(_built(dataset_dir, split)[1][0]["image"]))
 
 
 def test_windows_map_sixteen_bits_to_eight():
@@ -61,15 +65,41 @@ def test_windows_map_sixteen_bits_to_eight():
 
     scan = Image.fromarray(np.array([[1000, 2000, 3000, 5000]], np.uint16))
     assert np.asarray(to_uint8(scan, 1, parse_window("2000,2000"))).tolist() == [[0, 128, 255, 255]]
-    assert np.asarray(to_uint8(scan, 1, None)).tolist() == [[0, 64, 128, 255]]  # each image's own range
+    assert np.asarray(to_uint8(scan, 1)).tolist() == [[0, 64, 128, 255]]  # each image's own range
     low, high = np.percentile([1000, 2000, 3000, 5000], (0, 50))
     assert np.asarray(to_uint8(scan, 1, parse_window("p0,50"))).tolist() == [
         [0, round((2000 - low) * 255 / (high - low)), 255, 255]
     ]
     assert np.asarray(to_uint8(scan, 3, parse_window("2000,2000"))).shape == (1, 4, 3)  # grey kept as colour
-    for bad in ("2000", "2000,0", "p50,10", "level,width", "nan,100", "100,inf"):
+    for bad in ("2000", "2000,0", "p50,10", "level,width", "nan,100", "100,inf", "40,400;2000", "ct_liver"):
         with pytest.raises(ValueError, match="--window"):
             parse_window(bad)
+
+
+def _hu_window(hu: np.ndarray, level: float, width: float) -> np.ndarray:
+    """A radiologist's window as the formula reads: [level - width/2, level + width/2] -> 0..255, rounded."""
+    return np.round(np.clip((hu - (level - width / 2)) / width * 255.0, 0, 255)).astype(np.uint8)
+
+
+def test_several_hounsfield_windows_become_the_channels_of_one_image():
+    from data_prep.images import CT_WINDOWS, parse_window, to_uint8
+
+    hu = np.array([[-1000, -600, -100, 0, 40, 240, 400, 1300]], np.float64)
+    stored = Image.fromarray((hu + 32768).astype(np.uint16))  # how the CT PNGs hold Hounsfield units
+    windowing = parse_window("ct_soft_lung_bone", offset=32768)
+    assert CT_WINDOWS["ct_soft_lung_bone"] == "40,400;-600,1500;400,1800" and windowing.describe() == [
+        {"level": 40.0, "width": 400.0},
+        {"level": -600.0, "width": 1500.0},
+        {"level": 400.0, "width": 1800.0},
+    ]
+    rgb = np.asarray(to_uint8(stored, 3, windowing))
+    for channel, (level, width) in enumerate([(40, 400), (-600, 1500), (400, 1800)]):
+        np.testing.assert_array_equal(rgb[..., channel], _hu_window(hu, level, width))
+    np.testing.assert_array_equal(
+        np.asarray(to_uint8(stored, 1, parse_window("ct_soft", 32768))), _hu_window(hu, 40, 400)
+    )
+    with pytest.raises(ValueError, match="3 windows make 3 channels; --channels=1"):
+        to_uint8(stored, 1, windowing)
 
 
 def test_colour_and_sixteen_bit_builds_record_what_they_kept(tmp_path):
@@ -266,6 +296,7 @@ def test_a_hounsfield_window_on_ct_stored_with_an_offset_is_caught(tmp_path, cap
     """The real CT slices store HU + 32768: a soft-tissue window given in HU (40, 400) turns every slice white,
     which the build once reported as 'skipped: none'."""
     from data_prep.build_dataset import build
+    from mvlp_jax.data.records import InputError
     from tests.conftest import SHARED_DATA
 
     report = build(
@@ -291,3 +322,29 @@ def test_a_hounsfield_window_on_ct_stored_with_an_offset_is_caught(tmp_path, cap
         image_size=32,
     )
     assert shifted["window_saturated"] < 158 // 4
+    with pytest.raises(InputError, match="3 windows, one channel each: pass --channels=3"):
+        build("csv", os.path.join(SHARED_DATA, "sts_ct"), str(tmp_path / "tfds"), name="x", window="ct_soft_lung_bone")
+    ct = build(
+        "csv",
+        os.path.join(SHARED_DATA, "sts_ct"),
+        str(tmp_path / "tfds"),
+        name="ct_windows",
+        window="ct_soft_lung_bone",
+        intensity_offset=32768,
+        channels=3,
+        group_column="patient_id",
+        split_column="split",
+        mask_column="mask",
+        image_size=0,
+    )
+    assert ct["windows"][1] == {"level": -600.0, "width": 1500.0} and ct["intensity_offset"] == 32768
+    assert ct["source_bit_depths"] == {"16": 158} and ct["window_saturated"] < 158 // 4
+    builder, source = _built(ct["dataset_dir"], "test")
+    assert builder.info.metadata["windows"] == ct["windows"] and builder.info.metadata["intensity_offset"] == 32768
+    manifest = {row["image"]: row for row in csv.DictReader(open(os.path.join(SHARED_DATA, "sts_ct", "manifest.csv")))}
+    record = source[0]
+    row = next(r for r in manifest.values() if r["image"].endswith(record["image_id"].decode() + ".png"))
+    hu = np.asarray(Image.open(os.path.join(SHARED_DATA, "sts_ct", row["image"])), np.float64) - 32768
+    stored = np.asarray(Image.open(io.BytesIO(record["image"])))
+    for channel, (level, width) in enumerate([(40, 400), (-600, 1500), (400, 1800)]):
+        np.testing.assert_array_equal(stored[..., channel], _hu_window(hu, level, width))
