@@ -25,7 +25,7 @@ class UserError(Exception):
     """Bad input or a refused action, with a message written for the user."""
 
 
-EXTRAS = {"llm": ("torch", "transformers", "gguf"), "export": ("torch", "transformers", "safetensors")}
+EXTRAS = {"llm": ("torch", "transformers", "gguf", "accelerate"), "export": ("torch", "transformers", "safetensors")}
 
 
 def require_extra(extra: str, purpose: str) -> None:
