@@ -25,22 +25,9 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 
-NIH_LABELS = (
-    "Atelectasis",
-    "Cardiomegaly",
-    "Effusion",
-    "Infiltration",
-    "Mass",
-    "Nodule",
-    "Pneumonia",
-    "Pneumothorax",
-    "Consolidation",
-    "Edema",
-    "Emphysema",
-    "Fibrosis",
-    "Pleural_Thickening",
-    "Hernia",
-)
+from mvlp_jax.data.records import NIH14_LABELS
+
+NIH_LABELS = NIH14_LABELS  # the NIH findings, in the dataset's order
 # NIH finding -> the CheXpert labels of a report that state it (Emphysema, Fibrosis and Hernia have none)
 NIH_TO_CHEXPERT = {
     "Atelectasis": ("Atelectasis",),
