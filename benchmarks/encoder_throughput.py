@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -215,6 +216,16 @@ def run_worker(framework: str, name: str, batch: int, steps: int, huge_page_mall
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def cpu_model() -> str:
+    """The CPU this ran on (/proc/cpuinfo's model name) and its cores: the ratio differs between CPU families."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        name = ""
+    return f"{name or platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--variants", default="S/16,B/16")
@@ -231,6 +242,7 @@ def main() -> None:
     if args.blocks:
         compare_blocks(args)
         return
+    print(f"CPU: {cpu_model()}", flush=True)
     ratio = 0.0
     for name in args.variants.split(","):
         jax_times, torch_times, flops, peaks, gemm = [], [], 0.0, [], ""
@@ -249,7 +261,7 @@ def main() -> None:
             f"ratio {ratio:.2f}x",
             flush=True,
         )
-    print(f"encoder_throughput: JAX/PyTorch MAE train-step images/s ratio ({name}): {ratio:.2f}x")
+    print(f"encoder_throughput: JAX/PyTorch MAE train-step images/s ratio ({name}, {cpu_model()}): {ratio:.2f}x")
 
 
 def compare_blocks(args: argparse.Namespace) -> None:
@@ -266,7 +278,7 @@ def compare_blocks(args: argparse.Namespace) -> None:
             f"JAX {jax_s * 1e3:.0f} ms, PyTorch {torch_s * 1e3:.0f} ms, ratio {ratio:.2f}x",
             flush=True,
         )
-    print(f"encoder_throughput --blocks: JAX/PyTorch speed ratio of the decoder block: {ratio:.2f}x")
+    print(f"encoder_throughput --blocks: JAX/PyTorch speed ratio of the decoder block ({cpu_model()}): {ratio:.2f}x")
 
 
 if __name__ == "__main__":
