@@ -364,5 +364,28 @@ class Encoder(nn.Module):
         return layer_norm("norm", self.layer_norm_eps, self.dtype, self.param_dtype)(x)
 
 
+# The Encoder settings a ViT and a ViTDet carry under the same names
+ENCODER_FIELDS = (
+    "depth",
+    "num_heads",
+    "mlp_dim",
+    "dropout",
+    "drop_path",
+    "layer_norm_eps",
+    "dtype",
+    "param_dtype",
+    "scan",
+    "remat_policy",
+    "sow_attention",
+    "attention",
+)
+
+
+def encoder_of(model: nn.Module, **extra) -> Encoder:
+    """The Encoder (parameters under "encoder") with `model`'s settings of ENCODER_FIELDS, and `extra` (a ViTDet's
+    window_size and global_blocks)."""
+    return Encoder(**{field: getattr(model, field) for field in ENCODER_FIELDS}, **extra, name="encoder")
+
+
 def count_params(params) -> int:
     return int(sum(math.prod(p.shape) for p in jax.tree_util.tree_leaves(nn.unbox(params))))

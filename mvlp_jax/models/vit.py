@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from mvlp_jax import kernels
 from mvlp_jax.kernels import patchify
-from mvlp_jax.models.transformer import Dtype, Encoder, constrain, logical, sincos_2d
+from mvlp_jax.models.transformer import Dtype, Encoder, constrain, encoder_of, logical, sincos_2d
 
 # name -> (width, depth, num_heads, mlp_dim); the patch comes from the name ('B/16').
 VARIANTS = {
@@ -206,21 +206,7 @@ class ViT(nn.Module):
             x = jnp.concatenate([cls, x], axis=1)
         mask = None if view_mask is None else study_token_mask(view_mask, x.shape[1], self.cls_token)[:, None, None]
         x = nn.Dropout(self.dropout)(constrain(x, "batch", "length", "embed"), deterministic=not train)
-        return Encoder(
-            depth=self.depth,
-            num_heads=self.num_heads,
-            mlp_dim=self.mlp_dim,
-            dropout=self.dropout,
-            drop_path=self.drop_path,
-            layer_norm_eps=self.layer_norm_eps,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            scan=self.scan,
-            remat_policy=self.remat_policy,
-            sow_attention=self.sow_attention,
-            attention=self.attention,
-            name="encoder",
-        )(x, train, mask=mask)
+        return encoder_of(self)(x, train, mask=mask)
 
 
 def flatten_study(images: jax.Array, patch_selection: jax.Array | None, name: str) -> tuple[jax.Array, int, int]:

@@ -17,7 +17,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mvlp_jax.models.transformer import Dtype, Encoder, constrain, logical, window_partition, window_unpartition  # noqa: F401 - part of this API
+from mvlp_jax.models.transformer import (  # noqa: F401 - window_partition, window_unpartition: part of this API
+    Dtype,
+    constrain,
+    encoder_of,
+    logical,
+    window_partition,
+    window_unpartition,
+)
 from mvlp_jax.models.vit import (
     PatchEmbed,
     flatten_study,
@@ -95,23 +102,9 @@ class ViTDet(nn.Module):
         mask = None if view_mask is None else study_token_mask(view_mask, x.shape[1], False)[:, None, None]
         x = nn.Dropout(self.dropout)(constrain(x, "batch", "length", "embed"), deterministic=not train)
         global_blocks = default_global_blocks(self.depth) if self.global_blocks is None else tuple(self.global_blocks)
-        return Encoder(
-            depth=self.depth,
-            num_heads=self.num_heads,
-            mlp_dim=self.mlp_dim,
-            dropout=self.dropout,
-            drop_path=self.drop_path,
-            layer_norm_eps=self.layer_norm_eps,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            scan=self.scan,
-            remat_policy=self.remat_policy,
-            sow_attention=self.sow_attention,
-            attention=self.attention,
-            window_size=self.window_size,
-            global_blocks=global_blocks,
-            name="encoder",
-        )(x, train, grid, mask=mask, views=views)
+        return encoder_of(self, window_size=self.window_size, global_blocks=global_blocks)(
+            x, train, grid, mask=mask, views=views
+        )
 
 
 class SimMIM(nn.Module):
