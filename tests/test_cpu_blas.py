@@ -113,16 +113,31 @@ def test_without_mkl_it_falls_back_with_a_warning(monkeypatch, caplog):
     backend._select.cache_clear()
     try:
         assert backend.select(jax.devices()[:1]) == backend.Backend("cpu", 1)
-        assert "no MKL found" in caplog.text
+        assert "no MKL found: pip install 'mvlp_jax[cpu]'" in caplog.text
     finally:
         cpu_blas.load.cache_clear()
         backend._select.cache_clear()
 
 
-def test_kernel_builds_into_the_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MVLP_JAX_CACHE", str(tmp_path))
-    built = cpu_blas.build_kernel()
-    assert built.parent == tmp_path and built.stat().st_size > 0 and cpu_blas.build_kernel() == built
+def test_kernels_were_built_at_install_and_take_mkl_from_the_mkl_package():
+    """No compiler call at run time and nothing from torch: the library setup.py built, MKL from `mvlp_jax[cpu]`."""
+    library = cpu_blas.kernel_library()
+    assert library is not None and library.parent == cpu_blas.SOURCE.parent and library.stat().st_size > 0
+    assert all(p.name.startswith("libmkl_rt.so") for p in cpu_blas.mkl_candidates())
+    assert not any("torch" in str(p) for p in cpu_blas.mkl_candidates())
+
+
+def test_without_the_built_kernels_it_falls_back_naming_the_fix(monkeypatch, caplog):
+    monkeypatch.setenv("MVLP_JAX_CPU_BLAS", "on")
+    monkeypatch.setattr(cpu_blas, "kernel_library", lambda: None)
+    cpu_blas.load.cache_clear()
+    backend._select.cache_clear()
+    try:
+        assert backend.select(jax.devices()[:1]) == backend.Backend("cpu", 1)
+        assert "was not built at install time" in caplog.text
+    finally:
+        cpu_blas.load.cache_clear()
+        backend._select.cache_clear()
 
 
 @pytest.mark.parametrize("mkl", [True, False])

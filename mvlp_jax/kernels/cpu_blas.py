@@ -4,25 +4,22 @@
 XLA:CPU runs the (batch x heads)-batched small matmuls of attention on one thread, and its softmax makes
 four passes over a (B, H, Q, K) tensor; on some machines its GEMMs also trail MKL's (800x768 @ 768x3072:
 325 vs 390 GFLOP/s on one 2-core AVX-512 machine; on another XLA's were the faster, so `gemm_choice`
-times the two for dense layers). These go to MKL through XLA FFI custom calls (mkl_kernels.cc, compiled on
-first use with the machine's g++ and cached), on XLA's own thread pool.
+times the two for dense layers). These go to MKL through XLA FFI custom calls (mkl_kernels.cc, built when the
+package is installed), on XLA's own thread pool; MKL itself comes from the `mkl` package (the `cpu` extra).
 
-When: see `backend`. Any failure to find or build the kernel falls back to XLA, with one warning.
+When: see `backend`. Without the built kernels or MKL, programs run on XLA's ops, after one warning.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import importlib.util
 import logging
 import math
 import os
 import pathlib
-import subprocess
 import sys
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +31,7 @@ TARGETS = {
     "mvlp_attention_bwd": "MvlpAttentionBwd",
 }  # FFI target -> handler symbol
 SOURCE = pathlib.Path(__file__).with_name("mkl_kernels.cc")
+KERNEL_MODULE = "mvlp_jax.kernels._mkl_kernels"  # built from SOURCE by setup.py
 MKL_SYMBOLS = ("sgemm_", "mkl_set_num_threads_local_", "vsExp")
 MODES = ("auto", "on", "off")
 
@@ -46,12 +44,10 @@ def mode() -> str:
 
 
 def mkl_candidates() -> list[pathlib.Path]:
-    """Libraries that may export MKL_SYMBOLS, most explicit first."""
+    """Libraries that may export MKL_SYMBOLS, most explicit first: MVLP_JAX_BLAS_LIB, then the `mkl` package of
+    the `cpu` extra (libmkl_rt in the environment's lib/, newest soname first)."""
     paths = [pathlib.Path(p) for p in [os.environ.get("MVLP_JAX_BLAS_LIB")] if p]
-    paths.append(pathlib.Path(sys.prefix) / "lib" / "libmkl_rt.so.2")  # PyPI's `mkl`
-    torch_spec = importlib.util.find_spec("torch")
-    if torch_spec and torch_spec.submodule_search_locations:  # found without importing torch
-        paths += [pathlib.Path(p) / "lib" / "libtorch_cpu.so" for p in torch_spec.submodule_search_locations]
+    paths += sorted((pathlib.Path(sys.prefix) / "lib").glob("libmkl_rt.so.*"), reverse=True)
     return [p for p in paths if p.exists()]
 
 
@@ -59,53 +55,33 @@ def cache_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("MVLP_JAX_CACHE", pathlib.Path.home() / ".cache" / "mvlp_jax"))
 
 
-def build_kernel() -> pathlib.Path:
-    """Compile mkl_kernels.cc against the installed jaxlib's FFI headers (once per source and jaxlib version)."""
-    import jaxlib
-
-    key = hashlib.sha256(SOURCE.read_bytes() + jaxlib.__version__.encode()).hexdigest()[:16]
-    target = cache_dir() / f"mkl_kernels-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # build beside, then rename: races are safe
-        built = pathlib.Path(tmp) / target.name
-        subprocess.run(
-            [
-                os.environ.get("CXX", "g++"),
-                "-O2",
-                "-std=c++17",
-                "-shared",
-                "-fPIC",
-                "-w",
-                f"-I{jax.ffi.include_dir()}",
-                str(SOURCE),
-                "-o",
-                str(built),
-            ],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        os.replace(built, target)
-    return target
+def kernel_library() -> pathlib.Path | None:
+    """The kernels built from mkl_kernels.cc when the package was installed (setup.py), or None."""
+    spec = importlib.util.find_spec(KERNEL_MODULE)
+    return pathlib.Path(spec.origin) if spec and spec.origin else None
 
 
 @functools.cache
 def load() -> bool:
-    """Build and register the FFI targets once per process; False (and one warning) when that is impossible."""
+    """Register the FFI targets once per process; False (and one warning naming the fix) when impossible."""
     try:
+        library = kernel_library()
+        if library is None:
+            raise RuntimeError(
+                f"{KERNEL_MODULE} was not built at install time (no C++ compiler then?): reinstall with one"
+            )
         provider = next((ctypes.CDLL(str(p)) for p in mkl_candidates() if _exports_mkl(p)), None)
         if provider is None:
-            raise RuntimeError("no MKL found (install torch or `mkl`, or set MVLP_JAX_BLAS_LIB)")
-        kernel = ctypes.CDLL(str(build_kernel()))
+            raise RuntimeError(
+                "no MKL found: pip install 'mvlp_jax[cpu]' (or set MVLP_JAX_BLAS_LIB=/path/libmkl_rt.so)"
+            )
+        kernel = ctypes.CDLL(str(library))
         kernel.mvlp_mkl_init(*(ctypes.cast(getattr(provider, name), ctypes.c_void_p) for name in MKL_SYMBOLS))
         for target, symbol in TARGETS.items():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(kernel, symbol)), platform="cpu")
         return True
-    except (OSError, RuntimeError, subprocess.CalledProcessError) as error:
-        detail = getattr(error, "stderr", "") or error
-        logging.warning("CPU GEMMs stay on XLA's own kernels (MKL path unavailable: %s)", detail)
+    except (OSError, RuntimeError) as error:
+        logging.warning("CPU programs run on XLA's own ops (MKL kernels unavailable: %s)", error)
         return False
 
 
