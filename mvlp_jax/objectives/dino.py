@@ -139,12 +139,13 @@ def update_extra(
     config: ml_collections.ConfigDict,
 ) -> dict:
     """EMA of the student into the teacher; EMA of the teacher's batch mean into the center (only on steps
-    where the DINO objective ran: `active` is 0 on the other steps of a cyclic schedule)."""
+    where the DINO objective ran: `active` is 0 on the other steps of a cyclic schedule). Other objectives' extra
+    state passes through."""
     m = teacher_momentum(config, step)
     teacher = jax.tree.map(lambda t, s: m * t + (1 - m) * s, extra["teacher"], {k: params[k] for k in TEACHER})
     c = jnp.where(extra["center_steps"] > 0, config.dino.center_momentum, 0.0)  # the first DINO step sets it
     center = jnp.where(active > 0, c * extra["center"] + (1 - c) * batch_center, extra["center"])
-    return {"teacher": teacher, "center": center, "center_steps": extra["center_steps"] + (active > 0)}
+    return {**extra, "teacher": teacher, "center": center, "center_steps": extra["center_steps"] + (active > 0)}
 
 
 def update_after_step(

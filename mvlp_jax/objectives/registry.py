@@ -7,7 +7,7 @@ from typing import Any
 
 import ml_collections
 
-from mvlp_jax.objectives import dino, llm_contrastive, mae, mflag, query_box
+from mvlp_jax.objectives import dino, ijepa, llm_contrastive, mae, mflag, query_box
 from mvlp_jax.objectives.spec import Spec, image_shape
 
 SPECS: dict[str, Spec] = {}
@@ -22,7 +22,7 @@ def register(spec: Spec) -> Spec:
     return spec
 
 
-for _module in (llm_contrastive, mae, mflag, dino, query_box):
+for _module in (llm_contrastive, mae, mflag, dino, query_box, ijepa):
     register(_module.SPEC)
 
 
