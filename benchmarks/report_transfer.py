@@ -8,7 +8,8 @@
    other 30% of the patients are never paired: the probes' data, split 60/40 by patient into train / test.
 2. Three datasets are built (paired, shuffled, held-out) and both report sets are embedded by SmolLM2-135M.
 3. The same encoder (configs/*.py:demo, ViT-Ti/16 at 128 px, batch 32, seed 0) is pretrained at each budget as
-   (a) MAE alone, (b) LLM contrastive + MAE, (c) M-FLAG, (d) (b) on the shuffled pairing.
+   (a) MAE alone, (b) LLM contrastive + MAE, (g) (b) + local report-word / image-region alignment, (c) M-FLAG,
+   (e) I-JEPA, (f) I-JEPA + LLM contrastive, (d) (b) on the shuffled pairing.
 4. Each budget's checkpoints and an untrained encoder get linear probes on the held-out images at 100% and 10%
    of the training labels (the five findings that reports state and that at least 50 of the 993 images carry),
    with bootstrap CIs over patients and paired differences against (b); the image-text heads get image->report
@@ -32,6 +33,7 @@ import pandas as pd
 
 from data_prep import pair_reports
 from mvlp_jax.data.records import seeded_split
+from mvlp_jax.objectives import registry
 from mvlp_jax.pretrain import encoder as encoder_lib
 from mvlp_jax.tools import demo
 
@@ -41,12 +43,15 @@ IU_LABELS = os.path.join(SHARED, "iu_xray_reports", "iuxray_chexpert_labels.csv"
 # findings a report can state (pair_reports.NIH_TO_CHEXPERT) carried by >= 50 of the 993 images; fixed up front
 PROBE_LABELS = ("Atelectasis", "Effusion", "Infiltration", "Pneumonia", "Edema")
 PAIRINGS = {"paired": False, "shuffled": True}
-# recipe -> (config file, pairing); the first is the baseline the probes' paired differences are taken against
+# recipe -> (config file, its variants, pairing); the first is the baseline of the probes' paired differences
 RECIPES = {
-    "llm_mae": ("pretrain", "paired"),
-    "mae": ("mae", "paired"),
-    "mflag": ("mflag", "paired"),
-    "llm_mae_shuffled": ("pretrain", "shuffled"),
+    "llm_mae": ("pretrain", "demo", "paired"),
+    "mae": ("mae", "demo", "paired"),
+    "llm_mae_local": ("pretrain", "demo,local", "paired"),
+    "mflag": ("mflag", "demo", "paired"),
+    "ijepa": ("ijepa", "demo", "paired"),
+    "ijepa_llm": ("ijepa", "demo,llm", "paired"),
+    "llm_mae_shuffled": ("pretrain", "demo", "shuffled"),
 }
 IMAGE_SIZE, BATCH, SEED = 128, 32, 0
 
@@ -108,6 +113,7 @@ def embed(out: str, data_dir: str) -> None:
                     f"--data_dir={data_dir}",
                     f"--dataset={name}",
                     "--model=smollm2",
+                    "--store_tokens",  # per-token states too: what local report-region alignment reads
                     f"--output_dir={target}",
                 ],
                 check=True,
@@ -117,8 +123,8 @@ def embed(out: str, data_dir: str) -> None:
 def pretrain(out: str, data_dir: str, recipe: str, steps: int) -> str:
     from mvlp_jax.pretrain import train
 
-    config_name, pairing = RECIPES[recipe]
-    config = demo.load_config(config_name, "demo")
+    config = recipe_config(recipe)
+    config_name, variants, pairing = RECIPES[recipe]
     config.data.data_dir, config.data.dataset = data_dir, pairing
     config.data.embeddings_dir = os.path.join(out, "emb", pairing)
     config.data.batch_size, config.model.image_size, config.seed = BATCH, IMAGE_SIZE, SEED
@@ -129,7 +135,7 @@ def pretrain(out: str, data_dir: str, recipe: str, steps: int) -> str:
     timing = os.path.join(workdir, "pretraining_seconds.json")
     if not os.path.isdir(os.path.join(workdir, "checkpoints", str(steps))):
         print(
-            f"[report_transfer] pretraining {recipe} (configs/{config_name}.py:demo on the {pairing} pairing) "
+            f"[report_transfer] pretraining {recipe} (configs/{config_name}.py:{variants} on the {pairing} pairing) "
             f"for {steps} steps -> {workdir}",
             flush=True,
         )
@@ -138,6 +144,11 @@ def pretrain(out: str, data_dir: str, recipe: str, steps: int) -> str:
         with open(timing, "w") as f:
             json.dump({"seconds": time.perf_counter() - began}, f)
     return workdir
+
+
+def recipe_config(recipe: str):
+    config_name, variants, _ = RECIPES[recipe]
+    return demo.load_config(config_name, variants)
 
 
 def pretraining_seconds(workdir: str) -> float:
@@ -237,7 +248,8 @@ def main() -> None:
         for recipe in RECIPES:
             workdirs.append(pretrain(args.workdir, data_dir, recipe, steps))
             seconds[(recipe, steps)] = pretraining_seconds(workdirs[-1])
-        spaced = [w for w in workdirs if not w.endswith(os.sep + "mae")]
+        # the recipes with an image-text space (an LLM-target objective): retrieval and the nearest-report check
+        spaced = [w for w, r in zip(workdirs, RECIPES) if registry.needs_targets(recipe_config(r))]
         agreement = {os.path.basename(w): report_agreement(args.workdir, data_dir, w) for w in spaced}
         tables[steps] = (
             probe(args.workdir, data_dir, workdirs, steps),

@@ -5,6 +5,8 @@
 Variants by argument, comma-separated (as big_vision does):
   :demo    the shipped real sample (covid notes + SmolLM2 embeddings) on a CPU in minutes
   :vitdet  the windowed ViTDet encoder (SimMIM masking instead of MAE token dropping)
+  :local   + local report-word / image-region alignment (objective local_alignment; needs embeddings made
+           with --store_tokens)
 Every key is documented in docs/config.md (generated from mvlp_jax/configuration.py and the objectives).
 """
 
@@ -12,7 +14,7 @@ from mvlp_jax import configuration
 from mvlp_jax.objectives import registry
 from mvlp_jax.runtime import schema
 
-VARIANTS = ("demo", "vitdet")
+VARIANTS = ("demo", "vitdet", "local")
 
 
 def parse_variants(arg: str | None) -> set[str]:
@@ -53,6 +55,8 @@ def get_config(arg: str | None = None):
     if "vitdet" in variants:
         c.model.encoder = "vitdet"
         c.model.pool = "map"
+    if "local" in variants:
+        c.objectives["local_alignment"] = 1.0
     if "demo" in variants:
         apply_demo(c)
     return c

@@ -244,10 +244,12 @@ def main(argv: list[str]) -> None:
         for batch in plan.token_budget_batches(
             {i: lengths[i] for i in shard_ids[s]}, FLAGS.token_budget, FLAGS.max_batch, FLAGS.max_padding
         ):
-            for study, (mean, last, tokens) in zip(
-                batch, lm.embed([texts[i] for i in batch], FLAGS.max_tokens, FLAGS.store_tokens)
+            reports = [texts[i] for i in batch]
+            words = lm.token_words(reports, FLAGS.max_tokens) if FLAGS.store_tokens else [None] * len(batch)
+            for study, (mean, last, tokens), said in zip(
+                batch, lm.embed(reports, FLAGS.max_tokens, FLAGS.store_tokens), words
             ):
-                records[study] = embedding_shards.encode(study, mean, last, FLAGS.store_dtype, tokens)
+                records[study] = embedding_shards.encode(study, mean, last, FLAGS.store_dtype, tokens, said)
             real_tokens += sum(lengths[i] for i in batch)
             padded_tokens += max(lengths[i] for i in batch) * len(batch)
             bar.update(len(batch))

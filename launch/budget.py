@@ -83,6 +83,35 @@ def train_flops_per_image() -> float:
     return observe.step_flops(compiled) / config.data.batch_size
 
 
+def local_alignment_table(record_with_tokens: int, batch: int, length: int) -> None:
+    """What reading per-token states costs the hosts (objective local_alignment, data/report_tokens.py): the
+    batch entries it adds (float16 states + mask, from report_tokens.entries) and the index kept per study."""
+    from mvlp_jax.data import report_tokens
+
+    entry = sum(
+        int(np.prod(shape)) * np.dtype(dtype).itemsize
+        for shape, dtype in report_tokens.entries(length, LLAMA2_7B_HIDDEN).values()
+    )
+    index = 2 * np.dtype(np.int32).itemsize  # one study's row of TargetTable.locations
+    print(
+        f"\nLocal alignment (objective local_alignment, local_alignment.max_tokens={length}): states are read record "
+        "by record as examples are made, never held whole\n"
+    )
+    print("| cost | per study / example | arithmetic | MIMIC-CXR / global batch |\n| --- | --- | --- | --- |")
+    print(
+        f"| host memory: record index | {index} B | (shard, record) int32 | "
+        f"{index * MIMIC_STUDIES / 2**20:,.1f} MiB per host |"
+    )
+    print(
+        f"| batch entries | {entry:,} B | {length} x {LLAMA2_7B_HIDDEN} x 2 B + {length} B mask | "
+        f"{entry * batch / 2**20:,.0f} MiB per global batch of {batch} (split over the hosts) |"
+    )
+    print(
+        f"| start-up read (every record once, with the pooled vectors) | {record_with_tokens:,} B | the record "
+        f"with tokens, mean report | {gib(record_with_tokens * MIMIC_STUDIES)} per host |"
+    )
+
+
 def gib(n: float) -> str:
     return f"{n / 2**30:,.1f} GiB"
 
@@ -93,6 +122,8 @@ def main() -> None:
     parser.add_argument("--mfu", type=float, default=0.4, help="assumed model-FLOPs utilisation")
     parser.add_argument("--mean_tokens", type=float, default=0, help="skip measuring on the IU reports")
     parser.add_argument("--flops_per_image", type=float, default=0, help="skip compiling the step")
+    parser.add_argument("--batch", type=int, default=256, help="global batch (configs/pretrain.py)")
+    parser.add_argument("--report_tokens", type=int, default=128, help="local_alignment.max_tokens")
     args = parser.parse_args()
     tokens = args.mean_tokens or mean_report_tokens()
     pooled = record_bytes(LLAMA2_7B_HIDDEN)
@@ -115,6 +146,7 @@ def main() -> None:
         f"| + tokens, every report at --max_tokens | {with_tokens_max:,} | + {MAX_TOKENS} x {LLAMA2_7B_HIDDEN} "
         f"x 2 B | {gib(with_tokens_max * MIMIC_STUDIES)} |"
     )
+    local_alignment_table(with_tokens_mean, args.batch, args.report_tokens)
     flops = args.flops_per_image or train_flops_per_image()
     print(
         f"\nThroughput: one training image (B/16 at 224, LLM contrastive + MAE) = {flops / 1e9:,.1f} GFLOP "

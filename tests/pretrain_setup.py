@@ -35,9 +35,11 @@ def write_targets(
     source: dict | None = None,
     dataset: str = "covid_notes",
     seed: int = 0,
+    tokens: bool = False,
 ) -> list[str]:
     """One random `mean`/`last` record per study of every split (minus `drop`, vectors drawn with `seed`), in the
-    stored schema; the manifest names the dataset as its source (or `source`)."""
+    stored schema; the manifest names the dataset as its source (or `source`). `tokens`: also 3-12 random
+    per-token states per study, with words, as --store_tokens writes them."""
     from mvlp_jax.data import built
 
     builder, _, _ = built.open_builder(data_dir, dataset)
@@ -51,14 +53,19 @@ def write_targets(
     kept = [s for s in studies if s not in drop]
     rng = np.random.default_rng(seed)
     os.makedirs(out, exist_ok=True)
-    records = [embedding_shards.encode(s, rng.normal(size=hidden), rng.normal(size=hidden), "float32") for s in kept]
+    records = []
+    for s in kept:
+        mean, last = rng.normal(size=hidden), rng.normal(size=hidden)
+        states = rng.normal(size=(rng.integers(3, 13), hidden)) if tokens else None
+        words = [f" w{i}" for i in range(len(states))] if tokens else None
+        records.append(embedding_shards.encode(s, mean, last, "float32", states, words))
     embedding_shards.write_shard(os.path.join(out, embedding_shards.SHARD_PATTERN.format(index=0, count=1)), records)
     with open(os.path.join(out, "manifest.json"), "w") as f:
         json.dump(
             {
                 "schema_version": embedding_shards.SCHEMA_VERSION,
                 "hidden_size": hidden,
-                "poolings": ["mean", "last"],
+                "poolings": ["mean", "last"] + (["tokens"] if tokens else []),
                 "num_records": len(kept),
                 "model": "random-test-targets",
                 "source": source

@@ -85,7 +85,7 @@ def test_an_unregistered_objective_is_refused_by_name():
     with pytest.raises(
         ValueError,
         match="'objectives' .* must map registered objective names .*registered: "
-        "llm_contrastive, mae, mflag, dino, query_box, ijepa",
+        "llm_contrastive, mae, mflag, dino, query_box, ijepa, local_alignment",
     ):
         configuration.validate(config)
 

@@ -117,6 +117,7 @@ def test_stored_vectors_equal_a_direct_unpadded_forward(tiny_llama, tmp_path):
         np.testing.assert_allclose(stored[study]["mean"], states.mean(0), atol=1e-5)
         np.testing.assert_allclose(stored[study]["last"], states[-1], atol=1e-5)
         np.testing.assert_allclose(stored[study]["tokens"], states, atol=1e-5)
+        assert stored[study]["words"] == [tokenizer.decode([i]) for i in ids["input_ids"][0].tolist()]
 
 
 def test_three_workers_cover_every_study_once_and_match_one_worker(tiny_llama, tmp_path):

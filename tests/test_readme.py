@@ -243,5 +243,5 @@ def test_scaling_budget_tables_are_what_the_budget_script_computes():
     )
     assert out.returncode == 0, out.stderr
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ")]
-    assert len(rows) == 10 and all(row in text for row in rows), [r for r in rows if r not in text]
+    assert len(rows) == 15 and all(row in text for row in rows), [r for r in rows if r not in text]
     assert "| `mean` + `last` | 16,441 |" in text  # 2 x 4096 float16 values + the record's keys and id

@@ -2,7 +2,7 @@
 
 One ArrayRecord record per study: a msgpack map
   {"study_id": str, "mean": bytes, "last": bytes, "dim": int, "dtype": str,
-   ["tokens": bytes (num_tokens x dim), "num_tokens": int]}
+   ["tokens": bytes (num_tokens x dim), "num_tokens": int, ["words": [str] (each token as text)]]}
 `mean` is the masked mean of the chosen layer's hidden states over the report's tokens, `last` the
 state of its last real token; vectors are stored little-endian in `dtype` (default float16).
 Shards are `embeddings-SSSSS-of-NNNNN.array_record`; `manifest.json` describes them. Beside each shard,
@@ -18,6 +18,8 @@ import os
 import re
 import shutil
 import tempfile
+import threading
+from collections.abc import Sequence
 
 import msgpack
 import numpy as np
@@ -30,7 +32,15 @@ SHARD_PATTERN = "embeddings-{index:05d}-of-{count:05d}.array_record"
 _SHARD_RE = re.compile(r"embeddings-(\d{5})-of-(\d{5})\.array_record$")
 
 
-def encode(study_id: str, mean: np.ndarray, last: np.ndarray, dtype: str, tokens: np.ndarray | None = None) -> bytes:
+def encode(
+    study_id: str,
+    mean: np.ndarray,
+    last: np.ndarray,
+    dtype: str,
+    tokens: np.ndarray | None = None,
+    words: list[str] | None = None,
+) -> bytes:
+    """One record; `words` (optional, with `tokens`) are the tokens as text, for pictures of what each one matched."""
     record = {
         "study_id": study_id,
         "dim": int(mean.shape[-1]),
@@ -41,6 +51,10 @@ def encode(study_id: str, mean: np.ndarray, last: np.ndarray, dtype: str, tokens
     if tokens is not None:
         record["tokens"] = tokens.astype(np.dtype(dtype).newbyteorder("<")).tobytes()
         record["num_tokens"] = int(tokens.shape[0])
+        if words is not None:
+            if len(words) != tokens.shape[0]:
+                raise ValueError(f"study {study_id}: {len(words)} words for {tokens.shape[0]} token states")
+            record["words"] = list(words)
     return msgpack.packb(record)
 
 
@@ -56,6 +70,8 @@ def decode(data: bytes) -> dict:
         out["tokens"] = (
             np.frombuffer(record["tokens"], dtype).astype(record["dtype"]).reshape(record["num_tokens"], record["dim"])
         )
+    if "words" in record:
+        out["words"] = record["words"]
     return out
 
 
@@ -147,26 +163,25 @@ def read_manifest(output_dir: str) -> dict:
     return storage.read_json(storage.join(output_dir, "manifest.json"))
 
 
-class EmbeddingIndex:
-    """Random access to the stored vectors by study id (index built once at start-up)."""
+class RecordReader:
+    """Random access to stored records by (shard number, record number in the shard). Each thread, and each
+    worker process it is pickled to, opens its own readers on first use."""
 
-    def __init__(self, output_dir: str):
-        self.manifest = read_manifest(output_dir)
-        self._readers = [ArrayRecordReader(p) for p in shard_paths(output_dir)]
-        self._where: dict[str, tuple[int, int]] = {}
-        for s, reader in enumerate(self._readers):
-            for i, record in enumerate(reader.read_all()):
-                self._where[msgpack.unpackb(record)["study_id"]] = (s, i)
+    def __init__(self, shards: Sequence[str]):
+        self.shards = tuple(shards)
+        self._local = threading.local()
 
-    def __contains__(self, study_id: str) -> bool:
-        return study_id in self._where
+    def __getstate__(self) -> dict:
+        return {"shards": self.shards}
 
-    def __len__(self) -> int:
-        return len(self._where)
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["shards"])
 
-    def get(self, study_id: str) -> dict:
-        shard, index = self._where[study_id]
-        return decode(self._readers[shard].read([index])[0])
+    def read(self, shard: int, index: int) -> dict:
+        readers = self._local.__dict__.setdefault("readers", {})
+        if shard not in readers:
+            readers[shard] = ArrayRecordReader(self.shards[shard])
+        return decode(readers[shard].read([index])[0])
 
 
 FINGERPRINT_KEYS = (

@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from mvlp_jax.data import built, studies, views
+from mvlp_jax.data import built, report_tokens, studies, views
 from mvlp_jax.data import targets as targets_lib
 from mvlp_jax.objectives import combine, registry
 from mvlp_jax.runtime import run_inputs
@@ -36,6 +36,7 @@ class TrainRecords:
     where: str
     view_types: np.ndarray | None = None  # studies: (E, max_views) vit.VIEW_TYPES index per slot
     inputs: dict | None = None  # run_inputs.current: fingerprints of the split and the embeddings
+    tokens: report_tokens.ReportTokens | None = None  # per-token report states, where an objective reads them
 
 
 def open_records(config: ml_collections.ConfigDict) -> TrainRecords:
@@ -98,6 +99,8 @@ def open_records(config: ml_collections.ConfigDict) -> TrainRecords:
     keep = rows >= 0
     if not keep.any():
         raise ValueError(f"no image of {where} has an LLM embedding in {config.data.embeddings_dir}")
+    length = registry.report_tokens(config)
+    needing = [spec.name for spec in registry.configured(config) if spec.report_tokens is not None]
     return TrainRecords(
         source,
         indices[keep],
@@ -106,6 +109,7 @@ def open_records(config: ml_collections.ConfigDict) -> TrainRecords:
         where,
         None if view_types is None else view_types[keep],
         run_inputs.current(builder, config.data.train_split, config.data.embeddings_dir),
+        report_tokens.ReportTokens(table, length, needing, config.data.embeddings_dir) if length else None,
     )
 
 
@@ -132,6 +136,8 @@ class Preprocess(grain.transforms.RandomMap):
         if self.records.table is not None:
             row = self.records.target_rows[kept]
             example["target"] = self.records.table.vectors[row].astype(np.float32)
+            if self.records.tokens is not None:
+                example.update(self.records.tokens.example(row))
         return example
 
     def _image(self, index: int, specs: list, rng: np.random.Generator) -> dict[str, np.ndarray]:

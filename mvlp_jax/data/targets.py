@@ -13,11 +13,14 @@ from mvlp_jax.runtime import storage
 
 @dataclass(frozen=True)
 class TargetTable:
-    """Row i of `vectors` is the target of `study_ids[i]` (float16 or float32 as stored)."""
+    """Row i of `vectors` is the target of `study_ids[i]` (float16 or float32 as stored); its record is number
+    `locations[i][1]` of shard `shards[locations[i][0]]` (where per-token states are read from)."""
 
     study_ids: tuple[str, ...]
     vectors: np.ndarray
     manifest: dict
+    shards: tuple[str, ...] = ()
+    locations: np.ndarray | None = None  # (studies, 2) int32: shard number, record number
 
     @property
     def dim(self) -> int:
@@ -58,19 +61,20 @@ def load_targets(embeddings_dir: str, pooling: str) -> TargetTable:
     paths = embedding_shards.shard_paths(embeddings_dir)
     if not paths:
         raise FileNotFoundError(f"no embedding shards in {embeddings_dir}")
-    ids, vectors = [], []
-    for path in tqdm(paths, desc="loading LLM targets", unit="shard", disable=len(paths) < 4):
+    ids, vectors, locations = [], [], []
+    for shard, path in enumerate(tqdm(paths, desc="loading LLM targets", unit="shard", disable=len(paths) < 4)):
         if embedding_shards.read_provenance(path) is not None and (problem := embedding_shards.shard_problem(path)):
             raise ValueError(
                 f"embedding shard {path}: {problem}; rerun data_prep.precompute_text_embeddings with "
                 f"the same flags to redo it (--verify names every such shard)"
             )
-        for record in embedding_shards.read_shard(path):
+        for index, record in enumerate(embedding_shards.read_shard(path)):
             ids.append(record["study_id"])
             vectors.append(record[pooling])
+            locations.append((shard, index))
     if len(set(ids)) != len(ids):
         raise ValueError(f"{embeddings_dir}: a study appears in more than one record (run --verify)")
-    return TargetTable(tuple(ids), np.stack(vectors), manifest)
+    return TargetTable(tuple(ids), np.stack(vectors), manifest, tuple(paths), np.asarray(locations, np.int32))
 
 
 def check_source(manifest: dict, builder, embeddings_dir: str, allow_other: bool, allow_changed: bool) -> None:

@@ -98,6 +98,12 @@ class FrozenLM:
         ids = self.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
         return [len(x) for x in ids]
 
+    def token_words(self, texts: list[str], max_tokens: int) -> list[list[str]]:
+        """Each text's tokens (as `embed` reads them, truncated alike) decoded one by one: the words that
+        per-token states stand for."""
+        ids = self.tokenizer(texts, truncation=True, max_length=max_tokens)["input_ids"]
+        return [[self.tokenizer.decode([i]) for i in row] for row in ids]
+
     def embed(
         self, texts: list[str], max_tokens: int, with_tokens: bool
     ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:

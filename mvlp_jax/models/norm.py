@@ -80,5 +80,6 @@ class LayerNorm(nn.Module):
 
 
 def l2_normalise(x: jax.Array, eps: float = 1e-6) -> jax.Array:
-    """x / max(|x|, eps) along the last axis."""
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+    """x / max(|x|, eps) along the last axis, with a finite gradient at x = 0 (|x|'s is 0/0 there: a zero vector,
+    such as a padding token's, would turn every gradient it touches into NaN)."""
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))

@@ -12,7 +12,12 @@ from mvlp_jax.models.norm import l2_normalise
 
 def infonce(images: jax.Array, texts: jax.Array, log_temperature: jax.Array) -> jax.Array:
     """Symmetric CLIP loss on cosine similarities / temperature (matching pairs on the diagonal)."""
-    logits = l2_normalise(images) @ l2_normalise(texts).T / jnp.exp(log_temperature)
+    return symmetric_cross_entropy(l2_normalise(images) @ l2_normalise(texts).T / jnp.exp(log_temperature))
+
+
+def symmetric_cross_entropy(logits: jax.Array) -> jax.Array:
+    """Cross-entropy of a (B, B) logit matrix whose matching pairs are on the diagonal, over rows and over columns,
+    averaged."""
     labels = jnp.arange(logits.shape[0])
     return 0.5 * (
         optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()

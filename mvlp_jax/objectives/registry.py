@@ -7,7 +7,8 @@ from typing import Any
 
 import ml_collections
 
-from mvlp_jax.objectives import dino, ijepa, llm_contrastive, mae, mflag, query_box
+from mvlp_jax.data import report_tokens as report_tokens_lib
+from mvlp_jax.objectives import dino, ijepa, llm_contrastive, local_alignment, mae, mflag, query_box
 from mvlp_jax.objectives.spec import Spec, image_shape
 
 SPECS: dict[str, Spec] = {}
@@ -22,7 +23,7 @@ def register(spec: Spec) -> Spec:
     return spec
 
 
-for _module in (llm_contrastive, mae, mflag, dino, query_box, ijepa):
+for _module in (llm_contrastive, mae, mflag, dino, query_box, ijepa, local_alignment):
     register(_module.SPEC)
 
 
@@ -52,6 +53,11 @@ def needs_targets(config: ml_collections.ConfigDict) -> bool:
     return any(s.needs_targets for s in configured(config))
 
 
+def report_tokens(config: ml_collections.ConfigDict) -> int:
+    """How many per-token report states per example the configured objectives read (0: none)."""
+    return max([s.report_tokens(config) for s in configured(config) if s.report_tokens is not None], default=0)
+
+
 def entries(config: ml_collections.ConfigDict, target_dim: int = 0) -> dict[str, tuple[tuple[int, ...], Any]]:
     """Every batch entry the configured objectives read: {key: (per-example shape, dtype)}."""
     specs = configured(config)
@@ -66,6 +72,8 @@ def entries(config: ml_collections.ConfigDict, target_dim: int = 0) -> dict[str,
         import numpy as np
 
         out["target"] = ((target_dim,), np.float32)
+        if report_tokens(config):
+            out.update(report_tokens_lib.entries(report_tokens(config), target_dim))
     for s in specs:
         out.update(s.entries(config))
     return out

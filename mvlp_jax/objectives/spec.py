@@ -87,6 +87,8 @@ class Spec:
       every run gets.
     config_rows: its own config keys, {dotted key: (default, check, description)} (runtime/schema.py): part of
       every pretraining config once registered, documented in docs/config.md.
+    report_tokens: config -> L: it reads the first L per-token LLM states of each report (stored with the
+      precompute job's --store_tokens): the pipeline adds data/report_tokens.ENTRIES (needs_targets too).
     """
 
     name: str
@@ -104,3 +106,4 @@ class Spec:
     shared_space: SharedSpace | None = None
     pictures: Callable[[Any, Any, Any], dict[str, np.ndarray]] | None = None
     config_rows: dict[str, tuple] = dataclasses.field(default_factory=dict)
+    report_tokens: Callable[[ml_collections.ConfigDict], int] | None = None
