@@ -12,6 +12,7 @@ import io
 import numpy as np
 from PIL import Image
 
+from data_prep import dicom
 from mvlp_jax.data.records import IMAGE_UNREADABLE, MASK_ENCODING, MASK_UNREADABLE
 
 HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
@@ -133,8 +134,9 @@ def _load(
     path: str, shorter_side: int, channels: int = 1, windowing: Windowing = Windowing()
 ) -> tuple[Image.Image, tuple[int, int], int, bool]:
     """(uint8 image of `channels` resized to the shorter side, the file's own (width, height), its bit depth,
-    whether the window put nearly all its pixels at one end: `saturated`)."""
-    with Image.open(path) as image:
+    whether the window put nearly all its pixels at one end: `saturated`). DICOM files are read in their
+    modality's units (data_prep/dicom.py)."""
+    with dicom.read(path) if dicom.is_dicom(path) else Image.open(path) as image:
         source_size = image.size
         target = resized_size(image.width, image.height, shorter_side)
         if image.format == "JPEG" and target != image.size:
