@@ -1,8 +1,10 @@
 """MAE-only baseline: the same encoder, data and schedule as configs/pretrain.py, without the LLM target.
 
-  python -m mvlp_jax.main --config=configs/mae.py[:demo|:vitdet] --workdir=DIR
+  python -m mvlp_jax.main --config=configs/mae.py[:demo|:vitdet|:fundus] --workdir=DIR
 
 The side-by-side comparison the evaluation binary reports (MAE alone vs LLM contrastive + MAE).
+  :fundus  the demo's encoder and budget on colour fundus photographs (hrf_fundus, 3 channels; build it as
+           benchmarks/modalities.py does, into runs/modalities/tfds)
 """
 
 import os
@@ -10,9 +12,22 @@ import os
 from mvlp_jax.runtime import schema
 
 pretrain = schema.config_module(os.path.join(os.path.dirname(__file__), "pretrain.py"))
+VARIANTS = (*pretrain.VARIANTS, "fundus")
+
+
+def apply_fundus(c) -> None:
+    """45 colour photographs (27 for training): the demo's Ti/16, at 128 px for the vessels, 300 steps of 16."""
+    pretrain.apply_demo(c)
+    c.data.data_dir, c.data.dataset, c.data.embeddings_dir = "runs/modalities/tfds", "hrf_fundus", ""
+    c.model.image_size = 128
+    c.total_steps, c.optim.warmup_steps = 300, 30
+    c.checkpoint.save_interval_steps, c.log_images_every_steps = 100, 150
 
 
 def get_config(arg: str | None = None):
-    c = pretrain.get_config(arg)
+    variants = schema.parse_arg(arg, VARIANTS, "configs/mae.py")
+    c = pretrain.get_config(",".join(sorted(variants - {"fundus"})))
     c.objectives = {"mae": 1.0}
+    if "fundus" in variants:
+        apply_fundus(c)
     return c

@@ -145,3 +145,14 @@ def test_mflag_zero_shot_normalises_prompts_by_the_training_reports(
         np.testing.assert_allclose(row["auc"][name], roc_auc_score(truth, margin[keep]), atol=one_pair + 1e-9)
         checked += 1
     assert checked >= 5
+
+
+def test_a_split_of_few_patients_is_scored_only_without_intervals():
+    from mvlp_jax.evaluation import statistics
+
+    one_patient = np.array(["p1"] * 48)  # a CT test patient's slices
+    with pytest.raises(ValueError, match="48 test cases of 1 patients.*bootstrap=0 reports the metric"):
+        statistics.require(one_patient, "sts_ct/test")
+    statistics.require(one_patient, "sts_ct/test", intervals=False)
+    with pytest.raises(ValueError, match=r"3 test cases of 1 patients.*5 patients\)$"):
+        statistics.require(one_patient[:3], "sts_ct/test", intervals=False)

@@ -90,7 +90,7 @@ def run(config: ml_collections.ConfigDict, output_dir: str, mesh: jax.sharding.M
     vy, vm = common.targets_and_mask(val_labels, config.uncertain, config.unmentioned)
     test_y, test_m = common.targets_and_mask(labels["test"][0], config.uncertain, config.unmentioned)
     test_groups = labels["test"][1]
-    statistics.require(test_groups, splits["test"][2])
+    statistics.require(test_groups, splits["test"][2], config.bootstrap > 0)
     if not any(len(set(test_y[test_m[:, j], j])) == 2 for j in range(len(names))):
         raise ValueError(
             f"no label of {splits['test'][2]} has both a positive and a negative test case: AUC is not defined for any"

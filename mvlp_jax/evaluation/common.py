@@ -65,7 +65,12 @@ ROWS: schema.Table = {
         "it trained on them (another layer, re-embedded reports); refused by default, and "
         "printed in every result when allowed.",
     ),
-    "bootstrap": (1000, schema.NON_NEGATIVE, "Patient-level resamples for the 95% intervals."),
+    "bootstrap": (
+        1000,
+        schema.NON_NEGATIVE,
+        "Patient-level resamples for the 95% intervals; 0: no intervals, which lets a test split of fewer than 5 "
+        "patients be scored (a plumbing check).",
+    ),
     "seed": (0, None, "Seed of label fractions, probes and bootstrap."),
     "seeds": (
         0,

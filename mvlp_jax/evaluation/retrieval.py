@@ -83,7 +83,7 @@ def evaluate_run(encoder: Encoder, config: ml_collections.ConfigDict, mesh: jax.
     column = {s: i for i, s in enumerate(studies)}
     image_study = np.array([column[s] for s in image_studies])
     patients = np.array([r["subject_id"].decode() for r in records])
-    statistics.require(patients, where)
+    statistics.require(patients, where, config.bootstrap > 0)
 
     images = shared_space.embed_images(encoder, space, source, config, mesh, f"retrieval {encoder.name} {where}")
     texts = shared_space.embed_texts(encoder, space, table.vectors[rows])

@@ -21,13 +21,19 @@ SEEDS_WHEN_SMALL = 3
 MIN_CASES, MIN_PATIENTS = 10, 5  # a test split smaller than this is refused: no metric or interval means much
 
 
-def require(groups: np.ndarray, where: str) -> None:
-    """Refuses (ValueError with the counts) a test split too small to estimate a metric and its interval."""
+def require(groups: np.ndarray, where: str, intervals: bool = True) -> None:
+    """Refuses (ValueError with the counts) a test split too small to estimate a metric and its interval; without
+    intervals (bootstrap=0: a plumbing check on a set of a few patients) only too few cases."""
     patients = len(set(groups.tolist()))
-    if len(groups) < MIN_CASES or patients < MIN_PATIENTS:
+    if len(groups) < MIN_CASES or (intervals and patients < MIN_PATIENTS):
         raise ValueError(
             f"{where} has {len(groups)} test cases of {patients} patients: too few to estimate a metric "
-            f"and its interval (at least {MIN_CASES} cases of {MIN_PATIENTS} patients)"
+            f"and its interval (at least {MIN_CASES} cases of {MIN_PATIENTS} patients"
+            + (
+                "; bootstrap=0 reports the metric of at least that many cases without an interval)"
+                if len(groups) >= MIN_CASES
+                else ")"
+            )
         )
 
 

@@ -82,7 +82,7 @@ def evaluate_run(
     source, names, where = features.labelled_split(config.data_dir, config.dataset, config.test_split)
     labels, patients = features.read_labels(source)
     y, mask = common.targets_and_mask(labels, config.uncertain, config.unmentioned)
-    statistics.require(patients, where)
+    statistics.require(patients, where, config.bootstrap > 0)
     notes = run_inputs.check_embeddings(
         encoder.workdir,
         encoder.config.data.embeddings_dir,

@@ -58,10 +58,11 @@ DATASETS = {
 }
 
 
-def build_datasets() -> None:
-    """The demo's datasets, each by the builder's command line (data_prep writes, the package only reads)."""
-    for name, options in DATASETS.items():
-        folder = os.path.join(DATA_DIR, name, BUILDER_VERSION)
+def build_datasets(datasets: dict[str, dict] = DATASETS, data_dir: str = DATA_DIR) -> None:
+    """The demo's datasets (or `datasets` into `data_dir`), each by the builder's command line (data_prep writes,
+    the package only reads); a dataset built before is reused."""
+    for name, options in datasets.items():
+        folder = os.path.join(data_dir, name, BUILDER_VERSION)
         if os.path.exists(os.path.join(folder, "build_report.json")):
             print(f"[demo] dataset {name}: already built, reusing {folder}")
             continue
@@ -75,7 +76,7 @@ def build_datasets() -> None:
                 "data_prep.build_dataset",
                 "--source=csv",
                 f"--input_dir={input_dir}",
-                f"--output_dir={DATA_DIR}",
+                f"--output_dir={data_dir}",
                 f"--name={name}",
                 "--num_workers=2",
                 *(f"--{k}={v}" for k, v in options.items()),

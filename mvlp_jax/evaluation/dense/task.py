@@ -104,7 +104,9 @@ def run(task: DenseTask, config: ml_collections.ConfigDict, output_dir: str, mes
             truth_by_view[(size, patch)] = {
                 role: task.read(src, size, patch, context) for role, (src, _) in sources.items()
             }
-            statistics.require(truth_by_view[(size, patch)]["test"]["patients"], sources["test"][1])
+            statistics.require(
+                truth_by_view[(size, patch)]["test"]["patients"], sources["test"][1], config.bootstrap > 0
+            )
             task.check(truth_by_view[(size, patch)]["test"], sources["test"][1])
         truth = dict(truth_by_view[(size, patch)])
         tuned = config.mode == "finetune"
