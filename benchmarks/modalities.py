@@ -44,6 +44,7 @@ DATASETS = {
         split_column="split",
         label_columns="tumor",
         group_column="patient_id",
+        study_column="patient_id",  # a patient's slices are one series: a volume for the 3D encoder
         mask_column="mask",
         window="ct_soft_lung_bone",
         intensity_offset=32768,

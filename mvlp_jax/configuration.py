@@ -45,7 +45,11 @@ CORE: schema.Table = {
         ("sum", "cyclic"),
         "'sum': every step optimises the weighted sum; 'cyclic': step s trains objective s mod n only.",
     ),
-    "model.encoder": ("vit", ("vit", "vitdet"), "Image encoder: plain ViT (MAE) or windowed ViTDet (SimMIM)."),
+    "model.encoder": (
+        "vit",
+        ("vit", "vitdet", "vit3d"),
+        "Image encoder: plain ViT (MAE), windowed ViTDet (SimMIM), or ViT3D over volumes (3D MAE; tubelets).",
+    ),
     "model.variant": ("B/16", None, "Encoder size/patch, e.g. 'S/16', 'B/16', 'L/16'."),
     "model.image_size": (224, schema.POSITIVE, "Training resolution (square crops)."),
     "model.dtype": (
@@ -64,6 +68,12 @@ CORE: schema.Table = {
     "model.scan": (False, None, "Scan the encoder blocks (faster compile for deep models)."),
     "model.drop_path": (0.0, schema.FRACTION, "Stochastic depth rate of the last block."),
     "model.window_size": (14, schema.POSITIVE, "ViTDet window (in patches)."),
+    "model.tubelet": (2, schema.POSITIVE, "ViT3D: slices per tubelet (the depth of its patches)."),
+    "model.volume_depth": (
+        16,
+        schema.POSITIVE,
+        "ViT3D: slices per training volume (consecutive slices of a series; a multiple of model.tubelet).",
+    ),
     "model.mask_ratio": (0.75, schema.FRACTION, "Fraction of patches masked for MAE / SimMIM."),
     "model.norm_pix_loss": (False, None, "Per-patch normalised MAE targets (noise-like reconstructions on X-rays)."),
     "model.decoder_width": (512, schema.POSITIVE, "MAE decoder width."),
@@ -203,6 +213,23 @@ def validate(config: ml_collections.ConfigDict) -> None:
     configured objectives cannot train with (their own checks)."""
     schema.validate(config, spec())
     registry.check(config)
+    if config.model.encoder == "vit3d":
+        check_volumes(config)
+
+
+VOLUME_OBJECTIVES = ("mae",)  # what a ViT3D trains with so far
+
+
+def check_volumes(config: ml_collections.ConfigDict) -> None:
+    """What a volume encoder (model.encoder=vit3d) needs of the rest of the config."""
+    m = config.model
+    if m.volume_depth % m.tubelet:
+        raise ValueError(f"model.volume_depth={m.volume_depth} must be a multiple of model.tubelet={m.tubelet}")
+    other = sorted(set(config.objectives) - set(VOLUME_OBJECTIVES))
+    if other:
+        raise ValueError(f"model.encoder=vit3d trains with objectives {VOLUME_OBJECTIVES} so far, not {other}")
+    if config.data.get("max_views", 1) > 1:
+        raise ValueError("model.encoder=vit3d reads volumes, not studies of views: set data.max_views=1")
 
 
 def save(config: ml_collections.ConfigDict, workdir: Any, target_dim: int) -> str:

@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from mvlp_jax.data import built, report_tokens, studies, views
+from mvlp_jax.data import built, report_tokens, studies, transforms, views
 from mvlp_jax.data import targets as targets_lib
 from mvlp_jax.objectives import combine, registry
 from mvlp_jax.runtime import run_inputs
@@ -37,6 +37,7 @@ class TrainRecords:
     view_types: np.ndarray | None = None  # studies: (E, max_views) vit.VIEW_TYPES index per slot
     inputs: dict | None = None  # run_inputs.current: fingerprints of the split and the embeddings
     tokens: report_tokens.ReportTokens | None = None  # per-token report states, where an objective reads them
+    volumes: bool = False  # `indices` (E, longest series) are the slices of volumes (model.encoder=vit3d)
 
 
 def open_records(config: ml_collections.ConfigDict) -> TrainRecords:
@@ -54,15 +55,29 @@ def open_records(config: ml_collections.ConfigDict) -> TrainRecords:
     if len(source) == 0:
         raise ValueError(f"{where} has no records")
     grouped = config.data.max_views > 1
-    if grouped or registry.needs_targets(config):
+    volumetric = config.model.encoder == "vit3d"
+    if grouped or volumetric or registry.needs_targets(config):
         keys = [
-            (r["study_id"].decode(), r["view"].decode())
+            (r["study_id"].decode(), r["view"].decode(), r["image_id"].decode())
             for r in (
                 source[i]
                 for i in tqdm(range(len(source)), desc="reading study ids", unit="img", disable=len(source) < 10_000)
             )
         ]
-        study_ids = [study for study, _ in keys]
+        study_ids = [study for study, _, _ in keys]
+    if volumetric:
+        indices, short = studies.volumes(study_ids, [image for _, _, image in keys], config.model.volume_depth)
+        if short:
+            print(f"{where}: {short} series have fewer than {config.model.volume_depth} slices: left out", flush=True)
+        if not len(indices):
+            raise ValueError(
+                f"{where} has no series of model.volume_depth={config.model.volume_depth} slices (a series is a "
+                "study id: build the dataset with --study_column naming the series, or the patient)"
+            )
+        if registry.needs_targets(config):
+            raise ValueError("model.encoder=vit3d reads no LLM targets yet")
+        inputs = run_inputs.current(builder, config.data.train_split, "")
+        return TrainRecords(source, indices, None, None, where, None, inputs, None, volumes=True)
     if grouped:
         most, blank = studies.largest(study_ids), sum(not s.strip() for s in study_ids)
         if blank:
@@ -74,7 +89,7 @@ def open_records(config: ml_collections.ConfigDict) -> TrainRecords:
                 flush=True,
             )
             config.data.max_views = max(most, 2)
-        indices, view_types, study_ids = studies.group(study_ids, [view for _, view in keys], config.data.max_views)
+        indices, view_types, study_ids = studies.group(study_ids, [view for _, view, _ in keys], config.data.max_views)
     else:
         indices, view_types = np.arange(len(source)), None
     if not registry.needs_targets(config):
@@ -129,7 +144,9 @@ class Preprocess(grain.transforms.RandomMap):
         position, kept = element
         specs = registry.configured(self.config, combine.active(self.config, position // self.examples_per_step))
         example = dict(self.zeros)
-        if self.records.view_types is not None:
+        if self.records.volumes:
+            example.update(image=self._volume(kept, rng))
+        elif self.records.view_types is not None:
             example.update(self._study(kept, specs, rng))
         else:
             example.update(self._image(int(self.records.indices[kept]), specs, rng))
@@ -149,6 +166,21 @@ class Preprocess(grain.transforms.RandomMap):
             if spec.views is not None:
                 example.update(spec.views(inputs))
         return example
+
+    def _volume(self, kept: int, rng: np.random.Generator) -> np.ndarray:
+        """`model.volume_depth` consecutive slices of the series from a random start, all cut by one random
+        resized crop (a 3D crop) with one intensity jitter: (D, S, S, channels)."""
+        series = self.records.indices[kept]
+        length, depth = int((series >= 0).sum()), self.config.model.volume_depth
+        start = int(rng.integers(0, length - depth + 1))
+        inputs = [
+            views.ViewInputs.of(self.records.source[int(i)]["image"], self.config, rng)
+            for i in series[start : start + depth]
+        ]
+        box = transforms.random_resized_crop_box(*inputs[0].decoded.shape[:2], tuple(self.config.data.crop_scale), rng)
+        size = self.config.model.image_size
+        stack = np.stack([transforms.crop_resize(view.decoded, box, size) for view in inputs])
+        return inputs[0].normalise(inputs[0].jitter(stack))
 
     def _study(self, kept: int, specs: list, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """A study's augmented views (V, S, S, C), each with its own crop and jitter (padding slots are zeros),

@@ -44,3 +44,17 @@ def largest(study_ids: list[str]) -> int:
         if study.strip():
             sizes[study] = sizes.get(study, 0) + 1
     return max(sizes.values(), default=1)
+
+
+def volumes(series_ids: list[str], image_ids: list[str], depth: int) -> tuple[np.ndarray, int]:
+    """A split's slices as volumes: (record index per series and slice (S, longest), -1 for padding, slices ordered
+    by image id: name slices so that this is their order, e.g. '..._z007'), and how many series were left out for
+    having fewer than `depth` slices. Each series is one study id (a CT series, a patient's scan)."""
+    members: dict[str, list[int]] = {}
+    for index, series in enumerate(series_ids):
+        members.setdefault(series, []).append(index)
+    kept = [sorted(m, key=lambda i: image_ids[i]) for m in members.values() if len(m) >= depth]
+    records = np.full((len(kept), max((len(m) for m in kept), default=depth)), -1, np.int64)
+    for s, slices in enumerate(kept):
+        records[s, : len(slices)] = slices
+    return records, len(members) - len(kept)

@@ -13,6 +13,7 @@ import ml_collections
 from mvlp_jax import kernels
 from mvlp_jax.models.heads import POOLINGS, Pool
 from mvlp_jax.models.vit import MAE, VIEW_TYPES, ViT, study_token_mask, variant
+from mvlp_jax.models.vit3d import MAE3D, ViT3D
 from mvlp_jax.models.vitdet import SimMIM, ViTDet
 from mvlp_jax.objectives import registry
 
@@ -40,6 +41,26 @@ class Pretrainer(nn.Module):
                 view_types=view_types,
             )
             self.masked_model = MAE(
+                encoder=self.encoder,
+                decoder_width=m.decoder_width,
+                decoder_depth=m.decoder_depth,
+                decoder_heads=m.decoder_heads,
+                decoder_mlp_dim=4 * m.decoder_width,
+                mask_ratio=m.mask_ratio,
+                norm_pix_loss=m.norm_pix_loss,
+            )
+        elif m.encoder == "vit3d":
+            self.encoder = ViT3D(
+                **size,
+                tubelet=m.tubelet,
+                drop_path=m.drop_path,
+                dtype=dtype,
+                scan=m.scan,
+                remat_policy=m.remat,
+                attention=m.attention,
+                sow_attention=self.sow_attention,
+            )
+            self.masked_model = MAE3D(
                 encoder=self.encoder,
                 decoder_width=m.decoder_width,
                 decoder_depth=m.decoder_depth,

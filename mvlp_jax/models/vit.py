@@ -14,6 +14,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mvlp_jax import kernels
 from mvlp_jax.kernels import patchify
@@ -239,6 +240,53 @@ def study_token_mask(view_mask: jax.Array, length: int, cls_token: bool) -> jax.
     return jnp.concatenate([jnp.ones((b, 1), bool), tokens], axis=1) if cls_token else tokens
 
 
+def decode_masked(
+    mae: nn.Module, latent: jax.Array, ids_restore: jax.Array, positions: np.ndarray, outputs: int, train: bool
+) -> jax.Array:
+    """MAE's decoder, called inside a masked autoencoder's compact `__call__` (its parameters are the caller's:
+    decoder_embed, mask_token, decoder, decoder_pred): the visible tokens `latent` (B, [1+]K, width) and a mask
+    token for every hidden patch, put back in patch order (`ids_restore`), plus the fixed `positions` (N,
+    decoder_width), through `decoder_depth` blocks -> (B, N, `outputs`) predicted pixels per patch."""
+    enc = mae.encoder
+    b, n = ids_restore.shape
+    dense = lambda features, name, axes: nn.Dense(
+        features,
+        dtype=enc.dtype,
+        param_dtype=enc.param_dtype,
+        name=name,
+        dot_general=kernels.dense_dot_general,
+        kernel_init=logical(nn.initializers.xavier_uniform(), *axes),
+        bias_init=logical(nn.initializers.zeros, axes[1]),
+    )
+    x = dense(mae.decoder_width, "decoder_embed", ("embed", "decoder_embed"))(latent)
+    cls, visible = (x[:, :1], x[:, 1:]) if enc.cls_token else (None, x)
+    mask_token = mae.param(
+        "mask_token",
+        logical(nn.initializers.normal(0.02), None, None, "decoder_embed"),
+        (1, 1, mae.decoder_width),
+        enc.param_dtype,
+    )
+    filler = jnp.broadcast_to(mask_token.astype(x.dtype), (b, n - visible.shape[1], mae.decoder_width))
+    x = jnp.take_along_axis(jnp.concatenate([visible, filler], axis=1), ids_restore[..., None], axis=1)
+    x = x + jnp.asarray(positions)[None].astype(x.dtype)
+    if cls is not None:
+        x = jnp.concatenate([cls, x], axis=1)  # decoder cls position is zero, as in MAE
+    x = Encoder(
+        depth=mae.decoder_depth,
+        num_heads=mae.decoder_heads,
+        mlp_dim=mae.decoder_mlp_dim,
+        layer_norm_eps=enc.layer_norm_eps,
+        dtype=enc.dtype,
+        param_dtype=enc.param_dtype,
+        scan=enc.scan,
+        remat_policy=enc.remat_policy,
+        attention=enc.attention,
+        name="decoder",
+    )(x, train)
+    pred = dense(outputs, "decoder_pred", ("decoder_embed", None))(x)
+    return pred[:, 1:] if cls is not None else pred
+
+
 class MAE(nn.Module):
     """Masked autoencoder: ViT encoder on visible patches, a lighter decoder reconstructs the masked ones."""
 
@@ -272,43 +320,7 @@ class MAE(nn.Module):
             noise = jax.random.uniform(self.make_rng("masking"), (b, n))
         keep_ids, mask, ids_restore = random_masking(noise, self.mask_ratio)
         latent = enc(images, keep_ids=keep_ids, train=train)
-
-        dense = lambda features, name, axes: nn.Dense(
-            features,
-            dtype=enc.dtype,
-            param_dtype=enc.param_dtype,
-            name=name,
-            dot_general=kernels.dense_dot_general,
-            kernel_init=logical(nn.initializers.xavier_uniform(), *axes),
-            bias_init=logical(nn.initializers.zeros, axes[1]),
-        )
-        x = dense(self.decoder_width, "decoder_embed", ("embed", "decoder_embed"))(latent)
-        cls, visible = (x[:, :1], x[:, 1:]) if enc.cls_token else (None, x)
-        mask_token = self.param(
-            "mask_token",
-            logical(nn.initializers.normal(0.02), None, None, "decoder_embed"),
-            (1, 1, self.decoder_width),
-            enc.param_dtype,
-        )
-        filler = jnp.broadcast_to(mask_token.astype(x.dtype), (b, n - visible.shape[1], self.decoder_width))
-        x = jnp.take_along_axis(jnp.concatenate([visible, filler], axis=1), ids_restore[..., None], axis=1)
-        x = x + jnp.asarray(sincos_2d(*grid, self.decoder_width))[None].astype(x.dtype)
-        if cls is not None:
-            x = jnp.concatenate([cls, x], axis=1)  # decoder cls position is zero, as in MAE
-        x = Encoder(
-            depth=self.decoder_depth,
-            num_heads=self.decoder_heads,
-            mlp_dim=self.decoder_mlp_dim,
-            layer_norm_eps=enc.layer_norm_eps,
-            dtype=enc.dtype,
-            param_dtype=enc.param_dtype,
-            scan=enc.scan,
-            remat_policy=enc.remat_policy,
-            attention=enc.attention,
-            name="decoder",
-        )(x, train)
-        pred = dense(p * p * c, "decoder_pred", ("decoder_embed", None))(x)
-        pred = pred[:, 1:] if cls is not None else pred
+        pred = decode_masked(self, latent, ids_restore, sincos_2d(*grid, self.decoder_width), p * p * c, train)
         scored = mask if present is None else mask * present[:, None].astype(mask.dtype)
         loss = reconstruction_loss(pred, patchify(images, p), scored, self.norm_pix_loss)
         return dict(loss=loss, pred=pred, mask=mask, latent=latent, ids_restore=ids_restore, grid=grid)

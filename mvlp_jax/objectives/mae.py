@@ -18,10 +18,11 @@ def masked(
     view_type: jax.Array | None = None,
     view_mask: jax.Array | None = None,
 ) -> dict[str, Any]:
-    """MAE (ViT) or SimMIM (ViTDet) on a batch: dict with 'loss' and the reconstruction. A study's views (B, V,
-    H, W, C) are masked and reconstructed one by one; padded views count for nothing."""
+    """MAE (ViT), SimMIM (ViTDet) or MAE in 3D (ViT3D's volumes) on a batch: dict with 'loss' and the
+    reconstruction. A study's views (B, V, H, W, C) are masked and reconstructed one by one; padded views count
+    for nothing."""
     del view_type  # each view is reconstructed from its own visible patches
-    if images.ndim == 5:
+    if images.ndim == 5 and not getattr(model.encoder, "volumetric", False):
         present = None if view_mask is None else view_mask.reshape(-1)
         return model.masked_model(images.reshape(-1, *images.shape[2:]), train=train, present=present)
     return model.masked_model(images, train=train)

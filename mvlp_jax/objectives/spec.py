@@ -23,7 +23,10 @@ LossFn = Callable[[Any, dict, jax.Array, dict], tuple[jax.Array, dict]]
 
 
 def image_shape(config: ml_collections.ConfigDict) -> tuple[tuple[int, ...], Any]:
+    """One training example's image: (S, S, C), or a volume (D, S, S, C) for the volume encoder."""
     s = config.model.image_size
+    if config.model.encoder == "vit3d":
+        return (config.model.volume_depth, s, s, channels(config)), np.float32
     return (s, s, channels(config)), np.float32
 
 

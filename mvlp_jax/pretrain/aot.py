@@ -558,7 +558,7 @@ def _lower_features(parts: _Parts):
     forward = lambda p, x: parts.model.apply({"params": p}, x, pooling, method=Pretrainer.features)
     jitted = jax.jit(
         forward,
-        in_shardings=(parts.state_sh.params, sharding.batch_sharding(parts.mesh, 4)),
+        in_shardings=(parts.state_sh.params, sharding.batch_sharding(parts.mesh, len(images.shape))),
         out_shardings=sharding.replicated(parts.mesh),
     )
     with sharding.active(parts.mesh):

@@ -1,0 +1,150 @@
+"""3D volumes: tubelets and 3D positions reduce to the 2D path for one slice, a one-slice volume through ViT3D is
+the 2D ViT, MAE in 3D overfits a single volume, the pipeline cuts consecutive slices of a series with one 3D
+crop and trains on the 8-device mesh, and the train step compiles for a TPU slice."""
+
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from PIL import Image
+
+from mvlp_jax import configuration
+from mvlp_jax.kernels import patchify
+from mvlp_jax.models.transformer import sincos_2d
+from mvlp_jax.models.vit import ViT
+from mvlp_jax.models.vit3d import MAE3D, ViT3D, sincos_3d, tubelets
+from mvlp_jax.tools.demo import load_config
+
+MICRO = dict(width=64, depth=2, num_heads=2, mlp_dim=128, patch_size=8)
+
+
+def test_one_slice_tubelets_and_positions_are_the_2d_ones():
+    volume = np.random.default_rng(0).normal(size=(2, 3, 32, 32, 1)).astype(np.float32)
+    per_slice = np.concatenate([patchify(jnp.asarray(volume[:, z]), 8) for z in range(3)], axis=1)
+    np.testing.assert_array_equal(tubelets(jnp.asarray(volume), 1, 8), per_slice)
+    np.testing.assert_allclose(sincos_3d(1, 4, 4, 64), sincos_2d(4, 4, 64), atol=1e-7)
+    depth = sincos_3d(3, 4, 4, 64).reshape(3, 16, 64)
+    assert np.abs(depth[1] - depth[0]).max() > 0.1 and np.abs(depth[2] - depth[1]).max() > 0.1  # depth is seen
+    with pytest.raises(ValueError, match="not divisible into tubelets of 2x8x8"):
+        tubelets(jnp.asarray(volume), 2, 8)
+
+
+def test_a_one_slice_volume_is_the_2d_vit_with_the_same_parameters():
+    images = np.random.default_rng(1).normal(size=(2, 32, 32, 1)).astype(np.float32)
+    vit, vit3d = ViT(**MICRO, attention="xla"), ViT3D(**MICRO, tubelet=1, attention="xla")
+    params = nn.unbox(vit.init(jax.random.PRNGKey(0), images)["params"])
+    conv = params["embedding"]["conv"]
+    mapped = {
+        "embedding": {"kernel": conv["kernel"].reshape(-1, MICRO["width"]), "bias": conv["bias"]},
+        "cls": params["cls"],
+        "encoder": params["encoder"],
+    }
+    own = nn.unbox(vit3d.init(jax.random.PRNGKey(0), images[:, None])["params"])
+    assert jax.tree.structure(own) == jax.tree.structure(mapped)  # the same parameters, the patch kernel reshaped
+    np.testing.assert_allclose(
+        vit3d.apply({"params": mapped}, images[:, None]), vit.apply({"params": params}, images), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_mae_in_3d_overfits_a_single_volume():
+    z, y, x = np.meshgrid(np.linspace(-1, 1, 8), np.linspace(-1, 1, 32), np.linspace(-1, 1, 32), indexing="ij")
+    volume = (np.exp(-4 * (x**2 + y**2 + z**2)) + 0.3 * np.sin(3 * x + 2 * z))[None, ..., None].astype(np.float32)
+    model = MAE3D(encoder=ViT3D(**MICRO, tubelet=2), decoder_width=64, decoder_depth=1, decoder_heads=2,
+                  decoder_mlp_dim=128, mask_ratio=0.5)  # fmt: skip
+    key = jax.random.PRNGKey(0)
+    params = model.init({"params": key, "masking": key}, volume)["params"]
+    tx = optax.adam(2e-3)
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state, k):
+        loss, grads = jax.value_and_grad(lambda p: model.apply({"params": p}, volume, rngs={"masking": k})["loss"])(
+            params
+        )
+        updates, state = tx.update(grads, state)
+        return optax.apply_updates(params, updates), state, loss
+
+    losses = []
+    for i in range(150):
+        params, state, loss = step(params, state, jax.random.fold_in(key, i))
+        losses.append(float(loss))
+    out = model.apply({"params": params}, volume, rngs={"masking": key})
+    assert out["pred"].shape == (1, 4 * 4 * 4, 2 * 8 * 8) and out["grid"] == (4, 4, 4)
+    assert np.mean(losses[-10:]) < 0.2 * np.mean(losses[:10]), (losses[:10], losses[-10:])
+
+
+def _series(root: str, patients: int = 3, slices: int = 12, size: int = 32) -> None:
+    """CT-like series: slice z of patient p holds a disc whose radius grows with z (so order is visible)."""
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    rows = ["image,patient_id,split"]
+    yy, xx = np.mgrid[:size, :size] - size / 2
+    for p in range(patients):
+        for z in range(slices):
+            disc = (np.hypot(yy, xx) < 2 + z).astype(np.uint8) * (100 + 40 * p)
+            name = f"images/p{p}_z{z:03d}.png"
+            Image.fromarray(disc).save(os.path.join(root, name))
+            rows.append(f"{name},p{p},train")
+    with open(os.path.join(root, "manifest.csv"), "w") as f:
+        f.write("\n".join(rows) + "\n")
+
+
+def _volume_config(data_dir: str, **overrides):
+    config = load_config("mae", "demo,volume")
+    config.data.data_dir, config.data.dataset = data_dir, "series"
+    config.model.variant, config.model.image_size, config.model.volume_depth = "mu/8", 32, 4
+    config.model.decoder_width, config.model.decoder_depth, config.model.decoder_heads = 32, 1, 2
+    config.data.batch_size, config.total_steps, config.log_images_every_steps = 8, 6, 0
+    config.checkpoint.save_interval_steps, config.optim.warmup_steps, config.log_every_steps = 6, 1, 1
+    config.data.crop_scale = (1.0, 1.0)
+    return configuration.override(config, overrides)
+
+
+def test_volumes_are_consecutive_slices_with_one_crop_and_train_on_the_mesh(tmp_path):
+    from data_prep.build_dataset import build
+    from mvlp_jax.data import pipeline
+    from mvlp_jax.pretrain import train
+
+    _series(str(tmp_path / "raw"))
+    build("csv", str(tmp_path / "raw"), str(tmp_path / "tfds"), name="series", split_column="split",
+          group_column="patient_id", study_column="patient_id", image_size=0)  # fmt: skip
+    config = _volume_config(str(tmp_path / "tfds"))
+    configuration.validate(config)
+    records = pipeline.open_records(config)
+    assert records.volumes and records.indices.shape == (3, 12)
+    preprocess = pipeline.Preprocess(records, config, 8)
+    example = preprocess.random_map((0, 0), np.random.default_rng(0))
+    volume = example["image"]
+    assert volume.shape == (4, 32, 32, 1)
+    bright = (volume[..., 0] > volume.min() + 1e-3).sum(axis=(1, 2))
+    assert np.all(np.diff(bright) > 0)  # consecutive slices, in z order: the disc grows slice by slice
+    train.train(config, str(tmp_path / "run"))  # on the 8-device mesh (data.batch_size 8)
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert len(rows) == 6 and all(np.isfinite(r["mae/loss"]) for r in rows)
+    config.model.volume_depth = 16
+    with pytest.raises(ValueError, match="no series of model.volume_depth=16 slices"):
+        pipeline.open_records(config)
+
+
+def test_volume_config_refusals():
+    config = _volume_config("")
+    config.model.volume_depth = 5
+    with pytest.raises(ValueError, match="volume_depth=5 must be a multiple of model.tubelet=2"):
+        configuration.validate(config)
+    config.model.volume_depth, config.objectives = 4, {"mae": 1.0, "dino": 1.0}
+    with pytest.raises(ValueError, match="vit3d trains with objectives"):
+        configuration.validate(config)
+
+
+def test_the_3d_train_step_compiles_for_a_tpu_slice():
+    pytest.importorskip("libtpu")
+    from mvlp_jax.pretrain import aot
+
+    config = _volume_config("", **{"mesh.data": 2, "mesh.fsdp": 2, "model.image_size": 64, "model.volume_depth": 8})
+    (report,) = aot.compile_programs(config, "v4-8", target_dim=0, programs=("train",))
+    assert report.fits and report.chips == 4 and report.flops > 0
+    assert report.collectives["all-gather"]["count"] > 0  # fsdp gathers the sharded parameters
