@@ -28,59 +28,31 @@ class Pretrainer(nn.Module):
         dtype = kernels.compute_dtype(m.dtype)
         size = variant(m.variant)
         view_types = len(VIEW_TYPES) if self.config.data.get("max_views", 1) > 1 else 0
+        shared = dict(  # the encoder settings every kind takes
+            **size,
+            drop_path=m.drop_path,
+            dtype=dtype,
+            scan=m.scan,
+            remat_policy=m.remat,
+            attention=m.attention,
+            sow_attention=self.sow_attention,
+        )
+        decoder = dict(  # MAE's decoder, in 2D and 3D
+            decoder_width=m.decoder_width,
+            decoder_depth=m.decoder_depth,
+            decoder_heads=m.decoder_heads,
+            decoder_mlp_dim=4 * m.decoder_width,
+            mask_ratio=m.mask_ratio,
+            norm_pix_loss=m.norm_pix_loss,
+        )
         if m.encoder == "vit":
-            self.encoder = ViT(
-                **size,
-                image_size=m.image_size,
-                drop_path=m.drop_path,
-                dtype=dtype,
-                scan=m.scan,
-                remat_policy=m.remat,
-                attention=m.attention,
-                sow_attention=self.sow_attention,
-                view_types=view_types,
-            )
-            self.masked_model = MAE(
-                encoder=self.encoder,
-                decoder_width=m.decoder_width,
-                decoder_depth=m.decoder_depth,
-                decoder_heads=m.decoder_heads,
-                decoder_mlp_dim=4 * m.decoder_width,
-                mask_ratio=m.mask_ratio,
-                norm_pix_loss=m.norm_pix_loss,
-            )
+            self.encoder = ViT(**shared, image_size=m.image_size, view_types=view_types)
+            self.masked_model = MAE(encoder=self.encoder, **decoder)
         elif m.encoder == "vit3d":
-            self.encoder = ViT3D(
-                **size,
-                tubelet=m.tubelet,
-                drop_path=m.drop_path,
-                dtype=dtype,
-                scan=m.scan,
-                remat_policy=m.remat,
-                attention=m.attention,
-                sow_attention=self.sow_attention,
-            )
-            self.masked_model = MAE3D(
-                encoder=self.encoder,
-                decoder_width=m.decoder_width,
-                decoder_depth=m.decoder_depth,
-                decoder_heads=m.decoder_heads,
-                decoder_mlp_dim=4 * m.decoder_width,
-                mask_ratio=m.mask_ratio,
-                norm_pix_loss=m.norm_pix_loss,
-            )
+            self.encoder = ViT3D(**shared, tubelet=m.tubelet)
+            self.masked_model = MAE3D(encoder=self.encoder, **decoder)
         else:
-            self.encoder = ViTDet(
-                **size,
-                window_size=m.window_size,
-                drop_path=m.drop_path,
-                dtype=dtype,
-                scan=m.scan,
-                remat_policy=m.remat,
-                attention=m.attention,
-                sow_attention=self.sow_attention,
-                view_types=view_types,
-            )
+            self.encoder = ViTDet(**shared, window_size=m.window_size, view_types=view_types)
             self.masked_model = SimMIM(encoder=self.encoder, mask_ratio=m.mask_ratio, norm_pix_loss=m.norm_pix_loss)
         if self.target_dim:
             self.pool = Pool(

@@ -287,6 +287,30 @@ def decode_masked(
     return pred[:, 1:] if cls is not None else pred
 
 
+def masked_autoencode(
+    mae: nn.Module,
+    inputs: jax.Array,
+    grid: tuple[int, ...],
+    positions: np.ndarray,
+    patches: jax.Array,
+    noise: jax.Array | None,
+    train: bool,
+    present: jax.Array | None,
+) -> dict[str, Any]:
+    """MAE's forward for any patch geometry (images, volumes): mask per sample, encode the visible patches of
+    `inputs`, decode every patch (`positions` (N, decoder_width) on the `grid`), score the masked ones against
+    their pixels `patches` (B, N, pixels per patch). `present` (B,) leaves inputs where it is False out of the
+    loss. -> dict(loss, pred, mask (B, N) 1 = masked, latent, ids_restore, grid)."""
+    if noise is None:
+        noise = jax.random.uniform(mae.make_rng("masking"), patches.shape[:2])
+    keep_ids, mask, ids_restore = random_masking(noise, mae.mask_ratio)
+    latent = mae.encoder(inputs, keep_ids=keep_ids, train=train)
+    pred = decode_masked(mae, latent, ids_restore, positions, patches.shape[-1], train)
+    scored = mask if present is None else mask * present[:, None].astype(mask.dtype)
+    loss = reconstruction_loss(pred, patches, scored, mae.norm_pix_loss)
+    return dict(loss=loss, pred=pred, mask=mask, latent=latent, ids_restore=ids_restore, grid=grid)
+
+
 class MAE(nn.Module):
     """Masked autoencoder: ViT encoder on visible patches, a lighter decoder reconstructs the masked ones."""
 
@@ -312,15 +336,7 @@ class MAE(nn.Module):
         `noise` (B, N) fixes the masking (for parity tests); otherwise drawn from the 'masking' rng. `present`
         (B,) leaves the images where it is False (a study's padded views) out of the loss.
         """
-        enc, p = self.encoder, self.encoder.patch_size
-        b, h, w, c = images.shape
-        grid = (h // p, w // p)
-        n = grid[0] * grid[1]
-        if noise is None:
-            noise = jax.random.uniform(self.make_rng("masking"), (b, n))
-        keep_ids, mask, ids_restore = random_masking(noise, self.mask_ratio)
-        latent = enc(images, keep_ids=keep_ids, train=train)
-        pred = decode_masked(self, latent, ids_restore, sincos_2d(*grid, self.decoder_width), p * p * c, train)
-        scored = mask if present is None else mask * present[:, None].astype(mask.dtype)
-        loss = reconstruction_loss(pred, patchify(images, p), scored, self.norm_pix_loss)
-        return dict(loss=loss, pred=pred, mask=mask, latent=latent, ids_restore=ids_restore, grid=grid)
+        p = self.encoder.patch_size
+        grid = (images.shape[1] // p, images.shape[2] // p)
+        positions = sincos_2d(*grid, self.decoder_width)
+        return masked_autoencode(self, images, grid, positions, patchify(images, p), noise, train, present)

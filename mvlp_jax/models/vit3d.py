@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mvlp_jax.models.transformer import Dtype, constrain, encoder_of, logical, sincos_2d
-from mvlp_jax.models.vit import decode_masked, random_masking, reconstruction_loss
+from mvlp_jax.models.vit import MAE, masked_autoencode
 
 
 def tubelets(volumes: jax.Array, tubelet: int, patch: int) -> jax.Array:
@@ -100,16 +100,9 @@ class ViT3D(nn.Module):
         return encoder_of(self)(x, train)
 
 
-class MAE3D(nn.Module):
-    """Masked autoencoder of volumes: ViT3D on the visible tubelets, MAE's decoder reconstructs the masked ones."""
-
-    encoder: ViT3D
-    decoder_width: int = 512
-    decoder_depth: int = 8
-    decoder_heads: int = 16
-    decoder_mlp_dim: int = 2048
-    mask_ratio: float = 0.75
-    norm_pix_loss: bool = False
+class MAE3D(MAE):
+    """Masked autoencoder of volumes: ViT3D on the visible tubelets, MAE's decoder reconstructs the masked ones
+    (MAE's fields and parameters, with `encoder` a ViT3D)."""
 
     @nn.compact
     def __call__(
@@ -121,15 +114,7 @@ class MAE3D(nn.Module):
         present: jax.Array | None = None,
     ) -> dict[str, Any]:
         """volumes (B, D, H, W, C) -> dict(loss, pred (B, N, t*p*p*C), mask (B, N), latent, ids_restore, grid)."""
-        del present  # every volume is scored
-        enc, p, t = self.encoder, self.encoder.patch_size, self.encoder.tubelet
-        b, d, h, w, c = volumes.shape
-        grid = (d // t, h // p, w // p)
-        n = grid[0] * grid[1] * grid[2]
-        if noise is None:
-            noise = jax.random.uniform(self.make_rng("masking"), (b, n))
-        keep_ids, mask, ids_restore = random_masking(noise, self.mask_ratio)
-        latent = enc(volumes, keep_ids=keep_ids, train=train)
-        pred = decode_masked(self, latent, ids_restore, sincos_3d(*grid, self.decoder_width), t * p * p * c, train)
-        loss = reconstruction_loss(pred, tubelets(volumes, t, p), mask, self.norm_pix_loss)
-        return dict(loss=loss, pred=pred, mask=mask, latent=latent, ids_restore=ids_restore, grid=grid)
+        p, t = self.encoder.patch_size, self.encoder.tubelet
+        grid = (volumes.shape[1] // t, volumes.shape[2] // p, volumes.shape[3] // p)
+        positions = sincos_3d(*grid, self.decoder_width)
+        return masked_autoencode(self, volumes, grid, positions, tubelets(volumes, t, p), noise, train, present)
