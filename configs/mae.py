@@ -30,6 +30,7 @@ def apply_volume(c, demo: bool) -> None:
     """Volumes of a CT series: 16 consecutive slices, one 3D crop each; sts_ct's 3 patients are 3 series."""
     c.model.encoder, c.model.volume_depth, c.model.tubelet = "vit3d", 16, 2
     c.data.dataset, c.data.embeddings_dir = "sts_ct", ""
+    c.log_images_every_steps = 0  # the run's pictures are 2D ones
     if demo:
         c.data.data_dir, c.model.image_size, c.data.batch_size = "runs/modalities/tfds", 64, 4
 

@@ -230,6 +230,8 @@ def check_volumes(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"model.encoder=vit3d trains with objectives {VOLUME_OBJECTIVES} so far, not {other}")
     if config.data.get("max_views", 1) > 1:
         raise ValueError("model.encoder=vit3d reads volumes, not studies of views: set data.max_views=1")
+    if config.log_images_every_steps:
+        raise ValueError("pictures of volumes are not drawn yet: set log_images_every_steps=0 for model.encoder=vit3d")
 
 
 def save(config: ml_collections.ConfigDict, workdir: Any, target_dim: int) -> str:
