@@ -34,6 +34,7 @@ SOURCE = pathlib.Path(__file__).with_name("mkl_kernels.cc")
 KERNEL_MODULE = "mvlp_jax.kernels._mkl_kernels"  # built from SOURCE by setup.py
 MKL_SYMBOLS = ("sgemm_", "mkl_set_num_threads_local_", "vsExp")
 MODES = ("auto", "on", "off")
+_provider = ""  # the file name of the MKL library `load` took
 
 
 def mode() -> str:
@@ -70,19 +71,27 @@ def load() -> bool:
             raise RuntimeError(
                 f"{KERNEL_MODULE} was not built at install time (no C++ compiler then?): reinstall with one"
             )
-        provider = next((ctypes.CDLL(str(p)) for p in mkl_candidates() if _exports_mkl(p)), None)
-        if provider is None:
+        found = next((p for p in mkl_candidates() if _exports_mkl(p)), None)
+        mkl = None if found is None else ctypes.CDLL(str(found))
+        if mkl is None:
             raise RuntimeError(
                 "no MKL found: pip install 'mvlp_jax[cpu]' (or set MVLP_JAX_BLAS_LIB=/path/libmkl_rt.so)"
             )
         kernel = ctypes.CDLL(str(library))
-        kernel.mvlp_mkl_init(*(ctypes.cast(getattr(provider, name), ctypes.c_void_p) for name in MKL_SYMBOLS))
+        kernel.mvlp_mkl_init(*(ctypes.cast(getattr(mkl, name), ctypes.c_void_p) for name in MKL_SYMBOLS))
         for target, symbol in TARGETS.items():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(kernel, symbol)), platform="cpu")
+        global _provider
+        _provider = found.resolve().name
         return True
     except (OSError, RuntimeError) as error:
         logging.warning("CPU programs run on XLA's own ops (MKL kernels unavailable: %s)", error)
         return False
+
+
+def provider() -> str:
+    """The MKL library the kernels call (its file name, e.g. libmkl_rt.so.3); '' until `load` found one."""
+    return _provider
 
 
 def _exports_mkl(path: pathlib.Path) -> bool:

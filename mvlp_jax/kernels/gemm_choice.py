@@ -4,7 +4,7 @@ Neither wins everywhere. On one 2-core AVX-512 machine MKL's sgemm ran 800x768 @
 against XLA's 325; on another (AMD EPYC, Zen 4) XLA's dots ran the MAE B/16 shapes at 176-202 GFLOP/s and
 MKL's at 111-182. So `backend.select`, for a single CPU device, times both on two of MAE's shapes and keeps
 the faster, once per machine: the choice and its timings are stored in the
-kernel cache (`cpu_blas.cache_dir()`, keyed by CPU, core count, jaxlib and kernel source), so every later
+kernel cache (`cpu_blas.cache_dir()`, keyed by CPU, core count, jaxlib, kernel source and MKL library), so every later
 process, and a resumed run, takes the same path. MVLP_JAX_CPU_GEMM=mkl or =xla skips the timing.
 Attention's fused kernel is not part of this choice: XLA has no fused CPU attention to weigh it against.
 """
@@ -60,7 +60,7 @@ def machine_key() -> str:
     cpu = next((line for line in _cpuinfo().splitlines() if line.startswith("model name")), platform.processor())
     import jaxlib
 
-    identity = [cpu, str(os.cpu_count()), jaxlib.__version__, cpu_blas.SOURCE.read_text()]
+    identity = [cpu, str(os.cpu_count()), jaxlib.__version__, cpu_blas.SOURCE.read_text(), cpu_blas.provider()]
     return hashlib.sha256("\n".join(identity).encode()).hexdigest()[:16]
 
 
