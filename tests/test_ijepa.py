@@ -152,7 +152,9 @@ def test_the_target_encoder_is_an_ema_of_the_encoder():
 @pytest.mark.parametrize("encoder", ["vit", "vitdet"])
 def test_training_on_the_sample_lowers_the_loss_without_collapse(tmp_path, encoder):
     data_dir = build_sample(str(tmp_path), image_size=64)
-    config = _config(encoder, one_device=False, total_steps=20, **{"optim.warmup_steps": 4})  # on the 8-device mesh
+    config = _config(  # on the 8-device mesh; one checkpoint, at the end
+        encoder, one_device=False, total_steps=20, **{"optim.warmup_steps": 4, "checkpoint.save_interval_steps": 20}
+    )
     config.data.data_dir = data_dir
     config.objectives = {"ijepa": 1.0, "mae": 1.0}  # beside another objective, in turn
     config.task_schedule = "cyclic"

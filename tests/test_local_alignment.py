@@ -111,7 +111,7 @@ def test_embeddings_without_token_states_are_refused_by_name(sample):
 
 def test_training_on_the_sample_lowers_it_and_draws_words_on_regions(sample, tmp_path):
     data_dir, with_tokens, _ = sample
-    config = _config(data_dir, with_tokens, total_steps=16)
+    config = _config(data_dir, with_tokens, total_steps=16, **{"checkpoint.save_interval_steps": 16})
     config.log_images_every_steps = 16
     train.train(config, str(tmp_path))
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
