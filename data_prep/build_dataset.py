@@ -75,6 +75,12 @@ flags.DEFINE_string("study_column", "", "csv: study column (text embeddings join
 flags.DEFINE_string("view_column", "", "csv: view position column (filtered by --views).")
 flags.DEFINE_string("mask_column", "", "csv: column with a segmentation mask path (0 / 255, the image's size).")
 flags.DEFINE_string("mask_dir", "", "csv: folder (relative to the manifest's) the mask paths are relative to.")
+flags.DEFINE_string(
+    "slice_position_column",
+    "",
+    "csv: column with each slice's position in its series (z in mm or an index): the order in which the 3D "
+    "encoder stacks a series' slices (default: by image id).",
+)
 flags.DEFINE_string("boxes_csv", "", "csv: boxes table (relative to --input_dir): image, label, x, y, w, h.")
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -347,6 +353,7 @@ def main(argv: list[str]) -> None:
         mask_column=FLAGS.mask_column,
         mask_dir=FLAGS.mask_dir,
         boxes_csv=FLAGS.boxes_csv,
+        slice_position_column=FLAGS.slice_position_column,
     )
     report = build(
         FLAGS.source,

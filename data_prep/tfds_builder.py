@@ -29,13 +29,15 @@ SCHEMA_NOTE = (
 def features(num_labels: int, annotations: tuple[str, ...] = (), channels: int = 1) -> tfds.features.FeaturesDict:
     """The record schema (images of 1 channel, or 3 for colour); datasets built with masks or boxes add `mask`
     (uint8 0/1, the image's size) or `boxes` (float32 [N, 4] x0, y0, x1, y1 in the stored image's pixels) with
-    `box_labels` (N names)."""
+    `box_labels` (N names); with slice positions, `slice_position` (float32, orders a series' slices)."""
     dense = {}
     if "mask" in annotations:
         dense["mask"] = tfds.features.Image(shape=(None, None, 1), dtype=np.uint8, encoding_format="png")
     if "boxes" in annotations:
         dense["boxes"] = tfds.features.Tensor(shape=(None, 4), dtype=np.float32)
         dense["box_labels"] = tfds.features.Sequence(tfds.features.Text())
+    if "slice_position" in annotations:
+        dense["slice_position"] = tfds.features.Scalar(dtype=np.float32)
     return tfds.features.FeaturesDict(
         {
             **dense,
@@ -145,6 +147,8 @@ class ChestXrayBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                     dense["boxes"] = decoded["boxes"]
                     dense["box_labels"] = [rec.box_labels[i] for i in decoded["box_kept"]]
                     self.box_fixes.update(decoded["box_fixes"])
+                if "slice_position" in annotations:
+                    dense["slice_position"] = np.float32(rec.slice_position)
                 yield (
                     rec.image_id,
                     {

@@ -79,16 +79,18 @@ def test_mae_in_3d_overfits_a_single_volume():
 
 
 def _series(root: str, patients: int = 3, slices: int = 12, size: int = 32) -> None:
-    """CT-like series: slice z of patient p holds a disc whose radius grows with z (so order is visible)."""
+    """CT-like series: slice z of patient p holds a disc whose radius grows with z (so order is visible); the
+    file names are in another order (only the z_mm column gives the slices' order)."""
     os.makedirs(os.path.join(root, "images"), exist_ok=True)
-    rows = ["image,patient_id,split"]
+    rows = ["image,patient_id,split,z_mm"]
     yy, xx = np.mgrid[:size, :size] - size / 2
+    scrambled = np.random.default_rng(0).permutation(slices)
     for p in range(patients):
         for z in range(slices):
             disc = (np.hypot(yy, xx) < 2 + z).astype(np.uint8) * (100 + 40 * p)
-            name = f"images/p{p}_z{z:03d}.png"
+            name = f"images/p{p}_s{scrambled[z]:03d}.png"
             Image.fromarray(disc).save(os.path.join(root, name))
-            rows.append(f"{name},p{p},train")
+            rows.append(f"{name},p{p},train,{-880.0 + 3.27 * z:.2f}")
     with open(os.path.join(root, "manifest.csv"), "w") as f:
         f.write("\n".join(rows) + "\n")
 
@@ -111,7 +113,8 @@ def test_volumes_are_consecutive_slices_with_one_crop_and_train_on_the_mesh(tmp_
 
     _series(str(tmp_path / "raw"))
     build("csv", str(tmp_path / "raw"), str(tmp_path / "tfds"), name="series", split_column="split",
-          group_column="patient_id", study_column="patient_id", image_size=0)  # fmt: skip
+          group_column="patient_id", study_column="patient_id", slice_position_column="z_mm",
+          image_size=0)  # fmt: skip
     config = _volume_config(str(tmp_path / "tfds"))
     configuration.validate(config)
     records = pipeline.open_records(config)
@@ -121,13 +124,32 @@ def test_volumes_are_consecutive_slices_with_one_crop_and_train_on_the_mesh(tmp_
     volume = example["image"]
     assert volume.shape == (4, 32, 32, 1)
     bright = (volume[..., 0] > volume.min() + 1e-3).sum(axis=(1, 2))
-    assert np.all(np.diff(bright) > 0)  # consecutive slices, in z order: the disc grows slice by slice
+    assert np.all(np.diff(bright) > 0)  # consecutive slices in z order (not file-name order): the disc grows
     train.train(config, str(tmp_path / "run"))  # on the 8-device mesh (data.batch_size 8)
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert len(rows) == 6 and all(np.isfinite(r["mae/loss"]) for r in rows)
     config.model.volume_depth = 16
     with pytest.raises(ValueError, match="no series of model.volume_depth=16 slices"):
         pipeline.open_records(config)
+
+
+def test_slices_are_ordered_by_position_then_image_id_and_a_bad_position_is_refused(tmp_path):
+    from data_prep.sources import csv_manifest
+    from mvlp_jax.data import records as R
+    from mvlp_jax.data import studies
+
+    record = lambda image, **extra: {"image_id": image.encode(), **extra}
+    keys = [studies.slice_key(record(i, slice_position=np.float32(z))) for i, z in (("a", 2.5), ("b", -1.0))]
+    assert keys == [(2.5, "a"), (-1.0, "b")]
+    indices, short = studies.volumes(["s", "s", "t"], keys + [studies.slice_key(record("c"))], depth=2)
+    assert indices.tolist() == [[1, 0]] and short == 1  # b (z -1) before a; series t is too short
+    without = [studies.slice_key(record(i)) for i in ("z2", "z1")]
+    assert studies.volumes(["s", "s"], without, depth=2)[0].tolist() == [[1, 0]]  # no positions: by image id
+    _series(str(tmp_path), patients=1, slices=2)
+    with open(tmp_path / "manifest.csv", "a") as f:
+        f.write("images/p0_s000.png,p0,train,above\n")
+    with pytest.raises(R.InputError, match="z_mm='above' is not a number"):
+        csv_manifest.scan(str(tmp_path), split_column="split", slice_position_column="z_mm")
 
 
 def test_volume_config_refusals():

@@ -9,6 +9,8 @@ Dense annotations: --mask_column names a mask file per row (relative to the mani
 --mask_dir; same size as the image; 0 background, 255 foreground); --boxes_csv (relative to --input_dir) holds
 one row per box: `image` (the manifest's image-column value), `label`, and `x, y, w, h` in the image file's
 pixels. Every record of a dataset built with --boxes_csv carries boxes (none for an image without rows).
+Volumes: --slice_position_column names a number per row (a CT slice's z in mm, or its index) that orders the
+slices of a series (--study_column) when the 3D encoder stacks them; a row without one is refused.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ def scan(
     mask_column: str = "",
     mask_dir: str = "",
     boxes_csv: str = "",
+    slice_position_column: str = "",
     views: str = "frontal",
     seed: int = 0,
     strict: bool = False,
@@ -88,6 +91,7 @@ def scan(
                 study_column,
                 view_column,
                 mask_column,
+                slice_position_column,
             )
             if c
         )
@@ -123,6 +127,13 @@ def scan(
             if mask_column and not (row[mask_column] and os.path.exists(mask_path)):
                 skips.skip(R.MASK_MISSING, where, f"{mask_column}={row[mask_column]!r} -> {mask_path}")
                 continue
+            try:
+                position = float(row[slice_position_column]) if slice_position_column else float("nan")
+            except ValueError:
+                raise R.InputError(
+                    f"{where}: {slice_position_column}={row[slice_position_column]!r} is not a number (a slice's "
+                    f"z position or index)"
+                ) from None
             image_boxes = boxes.get(row[image_column], [])
             unmatched_boxes.discard(row[image_column])
             manifest_values.append(row[image_column])
@@ -143,6 +154,7 @@ def scan(
                     mask_path=mask_path,
                     boxes=tuple(b for _, b in image_boxes),
                     box_labels=tuple(label for label, _ in image_boxes),
+                    slice_position=position,
                 )
             )
     notes = []
@@ -159,7 +171,11 @@ def scan(
             f"{len(unmatched_boxes)} image(s) of {boxes_csv} match no manifest row, e.g. "
             f"{', '.join(sorted(unmatched_boxes)[:5])}"
         )
-    annotations = (("mask",) if mask_column else ()) + (("boxes",) if boxes_csv else ())
+    annotations = (
+        (("mask",) if mask_column else ())
+        + (("boxes",) if boxes_csv else ())
+        + (("slice_position",) if slice_position_column else ())
+    )
     return R.SourceScan(
         "csv",
         os.path.basename(manifests[0][1]),

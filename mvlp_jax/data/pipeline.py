@@ -58,7 +58,7 @@ def open_records(config: ml_collections.ConfigDict) -> TrainRecords:
     volumetric = config.model.encoder == "vit3d"
     if grouped or volumetric or registry.needs_targets(config):
         keys = [
-            (r["study_id"].decode(), r["view"].decode(), r["image_id"].decode())
+            (r["study_id"].decode(), r["view"].decode(), studies.slice_key(r))
             for r in (
                 source[i]
                 for i in tqdm(range(len(source)), desc="reading study ids", unit="img", disable=len(source) < 10_000)
@@ -66,7 +66,7 @@ def open_records(config: ml_collections.ConfigDict) -> TrainRecords:
         ]
         study_ids = [study for study, _, _ in keys]
     if volumetric:
-        indices, short = studies.volumes(study_ids, [image for _, _, image in keys], config.model.volume_depth)
+        indices, short = studies.volumes(study_ids, [key for _, _, key in keys], config.model.volume_depth)
         if short:
             print(f"{where}: {short} series have fewer than {config.model.volume_depth} slices: left out", flush=True)
         if not len(indices):

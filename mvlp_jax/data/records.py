@@ -91,6 +91,7 @@ class RawRecord:
     mask_path: str = ""  # a segmentation mask of the image's size (0 background, >127 foreground)
     boxes: tuple[tuple[float, float, float, float], ...] = ()  # (x0, y0, x1, y1) in the source image's pixels
     box_labels: tuple[str, ...] = ()
+    slice_position: float = float("nan")  # a slice's place in its series (z in mm or an index), for volumes
 
 
 @dataclasses.dataclass
@@ -105,7 +106,8 @@ class SourceScan:
     skips: SkipLog
     description: str = ""
     notes: list[str] = dataclasses.field(default_factory=list)
-    annotations: tuple[str, ...] = ()  # dense annotations every record carries: "mask", "boxes"
+    annotations: tuple[str, ...] = ()  # what every record carries beyond the core: "mask", "boxes",
+    # "slice_position"
 
     def drop_duplicate_ids(self) -> None:
         """Keeps the first record of each image id; later ones are skipped and counted.

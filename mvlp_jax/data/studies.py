@@ -46,14 +46,21 @@ def largest(study_ids: list[str]) -> int:
     return max(sizes.values(), default=1)
 
 
-def volumes(series_ids: list[str], image_ids: list[str], depth: int) -> tuple[np.ndarray, int]:
-    """A split's slices as volumes: (record index per series and slice (S, longest), -1 for padding, slices ordered
-    by image id: name slices so that this is their order, e.g. '..._z007'), and how many series were left out for
-    having fewer than `depth` slices. Each series is one study id (a CT series, a patient's scan)."""
+def slice_key(record: dict) -> tuple[float, str]:
+    """A slice's place in its series: its stored `slice_position` (datasets built with --slice_position_column, z
+    in mm or an index), then its image id (the whole order without positions: name slices so, e.g. '..._z007')."""
+    position = float(record["slice_position"]) if "slice_position" in record else 0.0
+    return position, record["image_id"].decode()
+
+
+def volumes(series_ids: list[str], slice_keys: list[tuple[float, str]], depth: int) -> tuple[np.ndarray, int]:
+    """A split's slices as volumes: (record index per series and slice (S, longest), -1 for padding, slices in
+    `slice_key` order), and how many series were left out for having fewer than `depth` slices. Each series is
+    one study id (a CT series, a patient's scan)."""
     members: dict[str, list[int]] = {}
     for index, series in enumerate(series_ids):
         members.setdefault(series, []).append(index)
-    kept = [sorted(m, key=lambda i: image_ids[i]) for m in members.values() if len(m) >= depth]
+    kept = [sorted(m, key=lambda i: slice_keys[i]) for m in members.values() if len(m) >= depth]
     records = np.full((len(kept), max((len(m) for m in kept), default=depth)), -1, np.int64)
     for s, slices in enumerate(kept):
         records[s, : len(slices)] = slices
