@@ -78,19 +78,22 @@ def test_mae_in_3d_overfits_a_single_volume():
     assert np.mean(losses[-10:]) < 0.2 * np.mean(losses[:10]), (losses[:10], losses[-10:])
 
 
-def _series(root: str, patients: int = 3, slices: int = 12, size: int = 32) -> None:
-    """CT-like series: slice z of patient p holds a disc whose radius grows with z (so order is visible); the
-    file names are in another order (only the z_mm column gives the slices' order)."""
+def _series(root: str, patients: int = 3, slices: int = 12, size: int = 32, splits: tuple = ()) -> None:
+    """CT-like series: slice z of patient p holds a disc whose radius grows with z (so order is visible), a
+    "tumour" from slice 3 on (its mask); the file names are in another order (only z_mm gives the slices')."""
     os.makedirs(os.path.join(root, "images"), exist_ok=True)
-    rows = ["image,patient_id,split,z_mm"]
+    rows = ["image,patient_id,split,z_mm,mask"]
     yy, xx = np.mgrid[:size, :size] - size / 2
     scrambled = np.random.default_rng(0).permutation(slices)
     for p in range(patients):
         for z in range(slices):
-            disc = (np.hypot(yy, xx) < 2 + z).astype(np.uint8) * (100 + 40 * p)
+            disc = np.hypot(yy, xx) < 2 + z
             name = f"images/p{p}_s{scrambled[z]:03d}.png"
-            Image.fromarray(disc).save(os.path.join(root, name))
-            rows.append(f"{name},p{p},train,{-880.0 + 3.27 * z:.2f}")
+            Image.fromarray(disc.astype(np.uint8) * (100 + 40 * p)).save(os.path.join(root, name))
+            mask = Image.fromarray(disc.astype(np.uint8) * 255 * (z >= 3))
+            mask.save(os.path.join(root, name.replace(".png", "_mask.png")))
+            split = splits[p] if splits else "train"
+            rows.append(f"{name},p{p},{split},{-880.0 + 3.27 * z:.2f},{name.replace('.png', '_mask.png')}")
     with open(os.path.join(root, "manifest.csv"), "w") as f:
         f.write("\n".join(rows) + "\n")
 
@@ -170,3 +173,100 @@ def test_the_3d_train_step_compiles_for_a_tpu_slice():
     (report,) = aot.compile_programs(config, "v4-8", target_dim=0, programs=("train",))
     assert report.fits and report.chips == 4 and report.flops > 0
     assert report.collectives["all-gather"]["count"] > 0  # fsdp gathers the sharded parameters
+
+
+def test_windows_cover_a_series_and_stitch_back_averaging_overlaps():
+    from mvlp_jax.evaluation.dense.volume_segmentation import stitch, window_starts
+
+    assert (
+        window_starts(12, 4, 3) == [0, 3, 6, 8]
+        and window_starts(12, 4, 4) == [0, 4, 8]
+        and window_starts(4, 4, 2) == [0]
+    )
+    series = np.arange(12, dtype=np.float64)[:, None] * np.ones((1, 2))
+    starts = np.array(window_starts(12, 4, 3))
+    windows = np.stack([series[s : s + 4] for s in starts])
+    np.testing.assert_array_equal(stitch(windows, starts), series)
+    windows[1] += 3.0  # slices 3-6; slice 3 is also in window 0, 6 in window 2: their mean moves by 1.5
+    moved = stitch(windows, starts) - series
+    np.testing.assert_allclose(moved[:, 0], [0, 0, 0, 1.5, 3, 3, 1.5, 0, 0, 0, 0, 0])
+
+
+def test_the_plane_head_gives_each_plane_its_tubelets_slices():
+    from mvlp_jax.models.dense_heads import PlaneUpsampling, ProgressiveUpsampling
+
+    tokens = jnp.asarray(np.random.default_rng(2).normal(size=(2, 3, 2, 2, 16)), jnp.float32)
+    head = PlaneUpsampling(depth=6, patch_size=4, channels=(8, 8))
+    variables = head.init(jax.random.PRNGKey(0), tokens)
+    out = head.apply(variables, tokens)
+    assert out.shape == (2, 6, 8, 8, 1)
+    plane = ProgressiveUpsampling(patch_size=4, channels=(8, 8), classes=2)
+    inner = {collection: tree["planes"] for collection, tree in variables.items()}
+    for k in range(3):  # plane k's two output channels are slices 2k and 2k + 1
+        np.testing.assert_allclose(
+            out[:, 2 * k : 2 * k + 2, ..., 0],
+            plane.apply(inner, tokens[:, k]).transpose(0, 3, 1, 2),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+    with pytest.raises(ValueError, match="3 token planes do not divide a volume of 4 slices"):
+        PlaneUpsampling(depth=4, patch_size=4, channels=(8,)).init(jax.random.PRNGKey(0), tokens)
+
+
+def test_volume_scores_are_whole_series_counted_once_whatever_their_windows():
+    from mvlp_jax.evaluation.dense.volume_segmentation import TASK, window_starts
+
+    rng = np.random.default_rng(3)
+    masks = rng.random((2, 10, 4, 4)) < 0.3  # two series of 10 slices; series 1 has no mask on slices 0-4
+    masks[1, :5] = False
+    starts = {0: window_starts(10, 4, 2), 1: window_starts(10, 4, 4)}  # 4 windows and 3
+    of_series = np.array([s for s in (0, 1) for _ in starts[s]])
+    start = np.array(starts[0] + starts[1])
+    truth = {
+        "targets": {"mask": np.stack([masks[s, b : b + 4] for s, b in zip(of_series, start)])},
+        "series": of_series,
+        "starts": start,
+    }
+    guess = masks.copy()
+    guess[0, 2] = ~guess[0, 2]  # one slice of series 0 wrong
+    logits = np.where(np.stack([guess[s, b : b + 4] for s, b in zip(of_series, start)]), 4.0, -4.0)[..., None]
+    scores, predicted = TASK.score(logits, truth, 4, {})
+    dice = lambda p, t: 2 * (p & t).sum() / (p.sum() + t.sum())
+    expected = [dice(guess[0], masks[0]), 1.0]
+    assert scores["dice"](np.arange(7)) == pytest.approx(np.mean(expected))  # each series once, not per window
+    assert scores["dice"](np.array([4, 5, 6])) == pytest.approx(1.0) and scores["dice"](np.array([0])) == pytest.approx(
+        expected[0]
+    )
+    per_slice = [dice(guess[0, z], masks[0, z]) for z in range(10) if masks[0, z].any()]
+    assert scores["dice_slices"](np.arange(4)) == pytest.approx(np.mean(per_slice))
+    np.testing.assert_array_equal(predicted[1], guess[0, 2:6])
+
+
+def test_a_head_on_a_frozen_3d_encoder_segments_the_held_out_series(tmp_path):
+    """Train on one series, stop early on another, score the third whole: the evaluation binary end to end on a
+    2-step MAE3D checkpoint; a 2D evaluator refuses the volume encoder by name."""
+    from configs import segmentation
+    from data_prep.build_dataset import build
+    from mvlp_jax.evaluation import evaluate
+    from mvlp_jax.pretrain import train
+
+    _series(str(tmp_path / "raw"), splits=("train", "validate", "test"))
+    build("csv", str(tmp_path / "raw"), str(tmp_path / "tfds"), name="series", split_column="split",
+          group_column="patient_id", study_column="patient_id", slice_position_column="z_mm", mask_column="mask",
+          image_size=0)  # fmt: skip
+    config = _volume_config(str(tmp_path / "tfds"), total_steps=2, **{"checkpoint.save_interval_steps": 2})
+    config.data.train_split = "train"
+    train.train(config, str(tmp_path / "run"))
+    c = segmentation.get_config("volume")
+    c.data_dir, c.dataset, c.workdirs = str(tmp_path / "tfds"), "series", str(tmp_path / "run")
+    c.volume_segmentation.depth, c.volume_segmentation.stride = 4, 3
+    c.volume_segmentation.channels, c.volume_segmentation.epochs, c.volume_segmentation.lr = (16, 8), 40, 2e-3
+    results = evaluate.evaluate(c, str(tmp_path / "out"))
+    (row,) = results["volume_segmentation"]
+    assert row["test_images"] == 4 and row["train_patients"] == 1  # windows 0, 3, 6, 8 of the test series
+    assert row["dice"]["mean"] > 0.6 and row["dice_slices"]["mean"] > 0.4, row
+    assert "Dice per volume" in open(tmp_path / "out" / "results.md").read()
+    assert os.path.getsize(tmp_path / "out" / "volume_segmentation.png") > 5_000
+    c.evaluator = "segmentation"
+    with pytest.raises(ValueError, match="encodes volumes .* use evaluator='volume_segmentation'"):
+        evaluate.evaluate(c, str(tmp_path / "out2"))

@@ -24,6 +24,11 @@ def eval_image(png: bytes, config: ml_collections.ConfigDict) -> np.ndarray:
     return transforms.normalise(pixels, config.data.mean, config.data.std, c)
 
 
+def eval_volume(pngs: list[bytes], config: ml_collections.ConfigDict) -> np.ndarray:
+    """A volume's evaluation view: its slices' (`pngs`, in order) evaluation views stacked, (D, S, S, channels)."""
+    return np.stack([eval_image(png, config) for png in pngs])
+
+
 def eval_study(records: list[dict], types: np.ndarray, config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
     """A study's evaluation views: {"image": (V, S, S, C) (padding zeros), "view_type": (V,), "view_mask": (V,)}
     for its `records` (at most V = len(types), frontal first)."""

@@ -105,12 +105,16 @@ def apply_to_split(
 ) -> np.ndarray:
     """`forward(params, images)` over every record of `source` (centre crop at the model's size, the training
     normalisation), batch-sharded over all devices of `mesh`; float32 (N, ...) in record order. Over `Studies`,
-    `forward(params, {"image", "view_type", "view_mask"})` (views.eval_study)."""
+    `forward(params, {"image", "view_type", "view_mask"})` (views.eval_study); over `Volumes`, `forward(params,
+    volumes (B, depth, S, S, C))`."""
     per_device = -(-batch_size // mesh.devices.size)
     batch = per_device * mesh.devices.size
-    prep = lambda r: (
-        views.eval_study(r["views"], r["view_types"], config) if "views" in r else views.eval_image(r["image"], config)
-    )
+
+    def prep(r: dict) -> Any:
+        if "views" in r:
+            return views.eval_study(r["views"], r["view_types"], config)
+        return views.eval_volume(r["slices"], config) if "slices" in r else views.eval_image(r["image"], config)
+
     n = len(source)
     padded = grain.MapDataset.range(-(-n // batch) * batch).map(lambda i: prep(source[min(i, n - 1)])).batch(batch)
     jitted = jax.jit(forward, out_shardings=sharding.replicated(mesh))
@@ -140,6 +144,19 @@ class Studies:
     def __getitem__(self, i: int) -> dict:
         views = [self.source[int(j)] for j in self.indices[i] if j >= 0]
         return {**views[0], "views": views, "view_types": self.types[i]}
+
+
+class Volumes:
+    """Windows of a split's series as a source: item i is {"slices": the PNGs of records `windows[i]` in order}."""
+
+    def __init__(self, source, windows: np.ndarray):
+        self.source, self.windows = source, np.asarray(windows)
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"slices": [self.source[int(j)]["image"] for j in self.windows[i]]}
 
 
 class Subset:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import ml_collections
 
 from mvlp_jax.evaluation import classification, common, retrieval, zero_shot
-from mvlp_jax.evaluation.dense import detection, segmentation
+from mvlp_jax.evaluation.dense import detection, segmentation, volume_segmentation
 from mvlp_jax.runtime import schema
 
 EVALUATORS: dict[str, common.Evaluator] = {}
@@ -21,7 +21,7 @@ def register(evaluator: common.Evaluator) -> common.Evaluator:
     return evaluator
 
 
-for _module in (classification, retrieval, zero_shot, segmentation, detection):
+for _module in (classification, retrieval, zero_shot, segmentation, detection, volume_segmentation):
     register(_module.EVALUATOR)
 
 

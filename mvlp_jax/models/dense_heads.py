@@ -118,6 +118,29 @@ class ProgressiveUpsampling(nn.Module):
         return nn.Conv(self.classes, (1, 1), name="classifier")(x)
 
 
+class PlaneUpsampling(nn.Module):
+    """Masks of volumes from a ViT3D's token grid (B, depth / t, h, w, D): each plane of tokens (a tubelet of t
+    slices) through one ProgressiveUpsampling whose t output channels are its t slices' logits; returns
+    (B, depth, h * patch, w * patch, 1). The planes share the head; the encoder already mixed them."""
+
+    depth: int = 16
+    patch_size: int = 16
+    channels: Sequence[int] = (512, 256, 128, 64)
+    decoder: str = "upsampling"
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, train: bool = False) -> jax.Array:
+        b, planes = tokens.shape[:2]
+        if self.depth % planes:
+            raise ValueError(f"{planes} token planes do not divide a volume of {self.depth} slices")
+        t = self.depth // planes
+        x = ProgressiveUpsampling(
+            patch_size=self.patch_size, channels=self.channels, classes=t, decoder=self.decoder, name="planes"
+        )(tokens.reshape(b * planes, *tokens.shape[2:]), train)
+        h, w = x.shape[1:3]
+        return x.reshape(b, planes, h, w, t).transpose(0, 1, 4, 2, 3).reshape(b, self.depth, h, w, 1)
+
+
 class CenterNet(nn.Module):
     """CenterNet (Zhou et al., 2019) on the decoder's map at stride patch / 4 (at least 1): per class a centre
     heatmap (logits), and per cell the box size and the centre's sub-cell offset, both in cells.

@@ -126,11 +126,14 @@ class Pretrainer(nn.Module):
 
     def patch_grid(self, images: jax.Array, train: bool = False, view_type: jax.Array | None = None) -> jax.Array:
         """The last layer's patch tokens as a grid (B, H / patch, W / patch, D), float32: what dense heads
-        (segmentation, detection) read; `view_type` as in `features`."""
+        (segmentation, detection) read; `view_type` as in `features`. Of volumes (B, depth, H, W, C) (a ViT3D),
+        the grid has a plane per tubelet of slices: (B, depth / tubelet, H / patch, W / patch, D)."""
         tokens = self.encoder(images, train=train, view_type=view_type)
         tokens = tokens[:, 1:] if self.encoder.cls_token else tokens
         p = self.encoder.patch_size
-        return tokens.reshape(images.shape[0], images.shape[1] // p, images.shape[2] // p, -1).astype(jnp.float32)
+        planes = (-1,) if images.ndim == 5 else ()
+        grid = (images.shape[0], *planes, images.shape[-3] // p, images.shape[-2] // p, tokens.shape[-1])
+        return tokens.reshape(grid).astype(jnp.float32)
 
     def init_all(self, images: jax.Array, targets: jax.Array | None = None) -> None:
         """Touches every submodule the configured objectives use, so `init` creates their parameters."""

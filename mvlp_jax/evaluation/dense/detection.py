@@ -117,7 +117,7 @@ def decode(
     return out
 
 
-class Detection:
+class Detection(task_lib.ImageTask):
     name, feature, metric, metric_label = "detection", "boxes", "map", "mAP@[.40:.75]"
     metrics = {"map": "mAP@[.40:.75]"}
     head_labels = {"upsampling": "CenterNet", "pyramid": "simple feature pyramid + CenterNet"}

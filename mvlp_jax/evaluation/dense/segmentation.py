@@ -36,6 +36,13 @@ def loss_fn(logits: jax.Array, targets: dict[str, jax.Array]) -> jax.Array:
     return FOCAL_WEIGHT * focal - jnp.log(dice)
 
 
+def masks_of(records: list[dict], size: int) -> np.ndarray:
+    """The records' masks cropped and resized as their images are (nearest-neighbour), bool (N, size, size)."""
+    return np.stack(
+        [transforms.center_crop_resize(transforms.decode_png(r["mask"]), size, Image.NEAREST) > 0 for r in records]
+    )
+
+
 def _outline(mask: np.ndarray) -> np.ndarray:
     """Pixels of `mask` with a 4-neighbour outside it."""
     padded = np.pad(mask, 1)
@@ -43,7 +50,7 @@ def _outline(mask: np.ndarray) -> np.ndarray:
     return mask & ~inner
 
 
-class Segmentation:
+class Segmentation(task_lib.ImageTask):
     name, feature, metric, metric_label = "segmentation", "mask", "dice", "Dice"
     metrics = {"dice": "Dice", "dice_nonempty": "Dice, non-empty masks"}  # the SIIM convention beside it
     head_labels = {"upsampling": "SETR-PUP", "pyramid": "simple feature pyramid + upsampling"}
@@ -55,15 +62,9 @@ class Segmentation:
     def read(self, source, size: int, patch: int, context: dict) -> Truth:
         """Every record: its mask cropped and resized as the image is (nearest-neighbour), bool (N, size, size)."""
         records = [source[i] for i in range(len(source))]
-        masks = (
-            np.stack(
-                [transforms.center_crop_resize(transforms.decode_png(r["mask"]), size, Image.NEAREST) for r in records]
-            )
-            > 0
-        )
         return {
             "records": np.arange(len(records)),
-            "targets": {"mask": masks},
+            "targets": {"mask": masks_of(records, size)},
             "patients": np.array([r["subject_id"].decode() for r in records]),
         }
 

@@ -39,11 +39,17 @@ class DenseTask(Protocol):
     metric: str  # the main metric's key in a result row (comparisons use it)
     metric_label: str
     metrics: dict[str, str]  # every metric it reports (the main one first) -> its label
+    unit: str  # what a case is, in results' words ("images", "windows")
     head_labels: dict[str, str]  # per decoder (models/dense_heads.DECODERS), how results name the head
 
     def context(self, sources: dict, c: ml_collections.ConfigDict) -> dict: ...  # what read / head need
 
     def read(self, source, size: int, patch: int, context: dict) -> Truth: ...
+
+    # what the encoder reads for the truth's items (features.apply_to_split's source): images or volumes
+    def inputs(self, source, truth: Truth, config: ml_collections.ConfigDict) -> Any: ...
+
+    def cases(self, truth: Truth) -> np.ndarray: ...  # the patient of each scored case (a test split's size)
 
     def head(self, patch: int, c: ml_collections.ConfigDict, context: dict, decoder: str) -> nn.Module: ...
 
@@ -71,6 +77,24 @@ def open_split(data_dir: str, dataset: str, split: str, task: DenseTask):
     if len(source) == 0:
         raise ValueError(f"split {split!r} of {name}:{version} is empty")
     return source, f"{name}:{version}/{split}"
+
+
+class ImageTask:
+    """What a 2D task shares: the encoder reads the truth's records, an image each (an encoder of volumes is
+    refused), and each image is a case."""
+
+    unit = "images"
+
+    def inputs(self, source, truth: Truth, config: ml_collections.ConfigDict) -> features.Subset:
+        if config.model.encoder == "vit3d":
+            raise ValueError(
+                "this checkpoint encodes volumes (model.encoder=vit3d), this evaluator images: use "
+                "evaluator='volume_segmentation'"
+            )
+        return features.Subset(source, truth["records"])
+
+    def cases(self, truth: Truth) -> np.ndarray:
+        return truth["patients"]
 
 
 def decoder_for(setting: str, encoder_kind: str) -> str:
@@ -105,7 +129,7 @@ def run(task: DenseTask, config: ml_collections.ConfigDict, output_dir: str, mes
                 role: task.read(src, size, patch, context) for role, (src, _) in sources.items()
             }
             statistics.require(
-                truth_by_view[(size, patch)]["test"]["patients"], sources["test"][1], config.bootstrap > 0
+                task.cases(truth_by_view[(size, patch)]["test"]), sources["test"][1], config.bootstrap > 0
             )
             task.check(truth_by_view[(size, patch)]["test"], sources["test"][1])
         truth = dict(truth_by_view[(size, patch)])
@@ -119,7 +143,7 @@ def run(task: DenseTask, config: ml_collections.ConfigDict, output_dir: str, mes
             role: features.apply_to_split(
                 forward,
                 encoder.params,
-                features.Subset(src, truth[role]["records"]),
+                task.inputs(src, truth[role], encoder.config),
                 encoder.config,
                 config.batch_size,
                 mesh,
@@ -206,10 +230,10 @@ def run(task: DenseTask, config: ml_collections.ConfigDict, output_dir: str, mes
             results[task.name].append(row)
             value, (lo, hi) = row[task.metric]["mean"], row[task.metric]["ci95"]
             print(
-                f"{encoder.name} (step {encoder.step}), {report.percent(fraction)} of the training images = "
+                f"{encoder.name} (step {encoder.step}), {report.percent(fraction)} of the training {task.unit} = "
                 f"{row['train_images']} of {row['train_patients']} patients, {row['head']['encoder']} encoder: "
                 f"test {task.metric_label} {value:.4f} [{lo:.4f}, {hi:.4f}]"
-                f"{report.seeds_note(row[task.metric].get('seeds', []))} ({row['test_images']} images; best "
+                f"{report.seeds_note(row[task.metric].get('seeds', []))} ({row['test_images']} {task.unit}; best "
                 f"epoch {head.epoch})",
                 flush=True,
             )
@@ -228,7 +252,7 @@ def run(task: DenseTask, config: ml_collections.ConfigDict, output_dir: str, mes
 def table(task: DenseTask, results: dict) -> str:
     labels = [f"{label} [95% CI]" for label in task.metrics.values()]
     lines = [
-        "| checkpoint | step | training images | head | " + " | ".join(labels) + " | test images |",
+        f"| checkpoint | step | training {task.unit} | head | " + " | ".join(labels) + f" | test {task.unit} |",
         "| --- " * (5 + len(labels)) + "|",
     ]
     for r in results[task.name]:
@@ -243,7 +267,7 @@ def table(task: DenseTask, results: dict) -> str:
         lo, hi = c["interval"]
         lines.append(
             f"\n{c['candidate']} vs {c['baseline']} ({report.percent(c['label_fraction'])} of the training "
-            f"images): {task.metric_label} difference {c['difference']:+.4f} [95% CI {lo:+.4f}, {hi:+.4f}], "
+            f"{task.unit}): {task.metric_label} difference {c['difference']:+.4f} [95% CI {lo:+.4f}, {hi:+.4f}], "
             f"P(not better) = {c['p_not_better']:.3f}"
         )
     return "\n".join(lines) + "\n"
@@ -269,7 +293,7 @@ def plot(task: DenseTask, source, truth: Truth, shown: dict[str, Any], size: int
             ax.set_xticks([]), ax.set_yticks([])
             if i == 0:
                 ax.set_ylabel(name, fontsize=8)
-    fig.suptitle(f"{task.name} on test images: truth (red) and prediction (blue)", fontsize=9)
+    fig.suptitle(f"{task.name} on test {task.unit}: truth (red) and prediction (blue)", fontsize=9)
     fig.tight_layout()
     storage.save_figure(fig, path, dpi=110)
     plt.close(fig)
