@@ -18,8 +18,11 @@ tiny (45 photographs; 158 slices of 3 patients): they prove the path end to end,
    (bootstrap=0), a plumbing check. Picture: ct_windows.png, each window as its own panel, tumour outlined.
 5. CT in 3D: the three patients as volumes (sts_ct_volumes: the train and validate patients train, the test
    patient is held out); MAE in 3D (configs/mae.py:demo,volume, 16 slices, tubelets of 2) for `--steps`
-   steps of 4 volumes, then its masked-reconstruction loss on the held-out patient's volumes against the untrained
-   encoder's (the same masks). A plumbing check of the 3D path on real CT, not a method.
+   steps of 4 volumes; then its masked-reconstruction loss on the held-out patient's volumes against the untrained
+   encoder's (the same masks), and tumour segmentation in 3D (evaluator=volume_segmentation: windows of 16
+   slices, the head trains on the train patient, stops early on the validate one, the test patient's series is
+   stitched and scored whole). A plumbing check of the 3D path on real CT, not a method: the encoder saw the
+   train and validate patients' slices in pretraining, never the test patient's.
 
 Stages whose output exists are reused. Prints the tables; last, the fundus mAUC of MAE minus untrained.
 """
@@ -49,6 +52,7 @@ DATASETS = {
         label_columns="tumor",
         group_column="patient_id",
         study_column="patient_id",  # a patient's slices are one series: a volume for the 3D encoder
+        slice_position_column="z_mm",  # stacked in z order
         mask_column="mask",
         window="ct_soft_lung_bone",
         intensity_offset=32768,
@@ -133,13 +137,21 @@ def segmentation_config(out: str, workdirs: list[str]):
     return config
 
 
+def volume_segmentation_config(out: str, workdir: str):
+    """Tumour masks in 3D on sts_ct's three patients (train / validate / test), windows of the encoder's depth."""
+    config = demo.load_config("segmentation", "volume")
+    config.data_dir, config.workdirs = os.path.join(out, "tfds"), f"{workdir},random_init"
+    config.volume_segmentation.depth = demo.load_config("mae", "demo,volume").model.volume_depth
+    return config
+
+
 def heldout_reconstruction(out: str, workdir: str, masks: int = 8) -> dict[str, float]:
     """Masked-reconstruction loss of MAE in 3D on the held-out patient's non-overlapping volumes (centre crops,
     no jitter), trained vs untrained, `masks` draws of the same masks for both."""
     import jax
     import numpy as np
 
-    from mvlp_jax.data import built, transforms, views
+    from mvlp_jax.data import built, studies, transforms, views
     from mvlp_jax.pretrain import encoder as encoder_lib
     from mvlp_jax.runtime import sharding
 
@@ -148,7 +160,7 @@ def heldout_reconstruction(out: str, workdir: str, masks: int = 8) -> dict[str, 
     config = trained.config
     builder, _, _ = built.open_builder(config.data.data_dir, config.data.dataset)
     source = built.open_split(builder, "test")
-    records = sorted((source[i] for i in range(len(source))), key=lambda r: r["image_id"])
+    records = sorted((source[i] for i in range(len(source))), key=studies.slice_key)
     size, depth = config.model.image_size, config.model.volume_depth
     slices = np.stack(
         [
@@ -255,6 +267,16 @@ def main() -> None:
         f"\nCT in 3D (held-out patient, {volumes['volumes']} volumes of 16 slices): masked-reconstruction loss "
         f"MAE3D {volumes['ct_mae3d']:.4f} vs untrained {volumes['random_init']:.4f}"
     )
+    in_3d = evaluate(
+        args.workdir, "eval_ct_volume_segmentation", volume_segmentation_config(args.workdir, workdirs["ct_mae3d"])
+    )
+    for row in in_3d["volume_segmentation"]:
+        seeds = ", ".join(f"{v:.3f}" for v in row["dice"].get("seeds", [row["dice"]["mean"]]))
+        print(
+            f"CT in 3D, tumour segmentation of the test patient's series ({row['test_images']} windows of 16 "
+            f"slices, stitched): {row['name']} Dice per volume {row['dice']['mean']:.3f}, per slice with a mask "
+            f"{row['dice_slices']['mean']:.3f} (seeds {seeds})"
+        )
     print(f"\nthis invocation {time.perf_counter() - start:.0f} s")
     rows = {os.path.basename(r["name"]): r for r in fundus["checkpoints"]}
     difference = next(c for c in fundus["comparisons"] if c["candidate"] == "random_init")

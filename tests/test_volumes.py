@@ -131,6 +131,7 @@ def test_volumes_are_consecutive_slices_with_one_crop_and_train_on_the_mesh(tmp_
     train.train(config, str(tmp_path / "run"))  # on the 8-device mesh (data.batch_size 8)
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert len(rows) == 6 and all(np.isfinite(r["mae/loss"]) for r in rows)
+    assert all("volumes_per_s" in r and "images_per_s" not in r for r in rows)  # a batch counts volumes
     config.model.volume_depth = 16
     with pytest.raises(ValueError, match="no series of model.volume_depth=16 slices"):
         pipeline.open_records(config)
@@ -172,6 +173,7 @@ def test_the_3d_train_step_compiles_for_a_tpu_slice():
     config = _volume_config("", **{"mesh.data": 2, "mesh.fsdp": 2, "model.image_size": 64, "model.volume_depth": 8})
     (report,) = aot.compile_programs(config, "v4-8", target_dim=0, programs=("train",))
     assert report.fits and report.chips == 4 and report.flops > 0
+    assert "volumes/s per chip" in "\n".join(report.lines()) and report.summary()["examples"] == "volumes"
     assert report.collectives["all-gather"]["count"] > 0  # fsdp gathers the sharded parameters
 
 

@@ -33,6 +33,14 @@ def interval(value: float, ci: list[float]) -> str:
     return f"{value:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]"
 
 
+def difference(value: float, interval: list[float], p_not_better: float) -> str:
+    """'+0.0300 [95% CI -0.0100, +0.0700], P(not better) = 0.120', or '+0.0300 (no interval)' without draws
+    (bootstrap=0, or too few patients)."""
+    if not np.all(np.isfinite(interval)):
+        return f"{value:+.4f} (no interval: bootstrap=0 or too few patients)"
+    return f"{value:+.4f} [95% CI {interval[0]:+.4f}, {interval[1]:+.4f}], P(not better) = {p_not_better:.3f}"
+
+
 def seeds_note(values: list[float]) -> str:
     """' (3 seeds: 0.5412-0.5803)' where several seeds trained heads, else ''."""
     return f" ({len(values)} seeds: {min(values):.4f}-{max(values):.4f})" if len(values) > 1 else ""
@@ -63,11 +71,9 @@ def markdown(results: dict) -> str:
             f"{_ci(row, 'accuracy')} | " + " | ".join(aucs) + " |"
         )
     for c in results["comparisons"]:
-        lo, hi = c["interval"]
         lines.append(
             f"\n{c['candidate']} vs {c['baseline']} ({percent(c['label_fraction'])} labels): mAUC difference "
-            f"{c['mauc_difference']:+.4f} [95% CI {lo:+.4f}, {hi:+.4f}], "
-            f"P(not better) = {c['p_not_better']:.3f}"
+            + difference(c["mauc_difference"], c["interval"], c["p_not_better"])
         )
     skipped = {percent(row["label_fraction"]): row.get("labels_skipped", {}) for row in results["checkpoints"]}
     for fraction, labels in skipped.items():

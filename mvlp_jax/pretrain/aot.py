@@ -236,8 +236,9 @@ class Report:
     optimal_seconds: float
     collectives: dict
     compile_seconds: float
-    images_per_step: int
+    images_per_step: int  # what a step's batch holds: images (a study's view slots each), or volumes
     attention: str = "auto"
+    examples: str = "images"  # what images_per_step counts, in words: "images", or "volumes" (a ViT3D)
     kernel_calls: int = 0  # attention kernels in the optimised HLO: Pallas flash (TPU), cuDNN fused (GPU)
     loops: bool = False  # while loops (scan, accumulation): XLA's cost analysis counts their bodies once
     refused: bool = False  # the compiler refused the program for HBM (temp_bytes: what it asked for)
@@ -302,6 +303,7 @@ class Report:
                     "flops": self.flops,
                     "intensity": self.intensity,
                     "images_per_s_per_chip": self.images_per_s_per_chip,
+                    "examples": self.examples,  # what the figure above counts: images or volumes
                 }
             ),
             "optimal_seconds": self.optimal_seconds if self.estimate_valid else None,
@@ -357,7 +359,11 @@ class Report:
             ),
             f"  collectives: {comm}",
             f"  at {MFU_FOR_ESTIMATE:.0%} MFU: "
-            + ("not estimated (loops)" if self.loops else f"{self.images_per_s_per_chip:.1f} images/s per {unit}")
+            + (
+                "not estimated (loops)"
+                if self.loops
+                else f"{self.images_per_s_per_chip:.1f} {self.examples}/s per {unit}"
+            )
             + f"; compiler's time estimate: {estimate}",
         ]
 
@@ -398,6 +404,7 @@ def compile_programs(
             chip=chip,
             images_per_step=images,
             attention=config.model.attention,
+            examples="volumes" if config.model.encoder == "vit3d" else "images",
         )
         try:
             compiled = _compile(program, parts)

@@ -134,7 +134,7 @@ def _train(
             f"hint: data.data_dir is on {config.data.data_dir.split('/')[0]}//, read one request per record: "
             f"--config.data.num_threads=64 (now {config.data.num_threads}) keeps more requests in flight"
         )
-    examples = "studies" if config.data.max_views > 1 else "images"
+    examples = "volumes" if config.model.encoder == "vit3d" else "studies" if config.data.max_views > 1 else "images"
     _log(
         f"{records.where}: {len(records.indices)} training {examples}; mesh {dict(mesh.shape)}; "
         f"{configuration_summary(config)}; compiling the train step..."

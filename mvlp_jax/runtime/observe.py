@@ -101,7 +101,7 @@ class IntervalMeans:
 
 class Reporter:
     """Accumulates step timings; every `log_every` steps writes scalars and prints one progress line. The rate
-    counts what a batch holds: `examples` "images", or "studies" (data.max_views > 1)."""
+    counts what a batch holds: `examples` "images", "studies" (data.max_views > 1) or "volumes" (a ViT3D)."""
 
     def __init__(
         self,

@@ -264,11 +264,10 @@ def table(task: DenseTask, results: dict) -> str:
             f"{r['head']['kind']}, {r['head']['encoder']} encoder | " + " | ".join(cells) + f" | {r['test_images']} |"
         )
     for c in results["comparisons"]:
-        lo, hi = c["interval"]
         lines.append(
             f"\n{c['candidate']} vs {c['baseline']} ({report.percent(c['label_fraction'])} of the training "
-            f"{task.unit}): {task.metric_label} difference {c['difference']:+.4f} [95% CI {lo:+.4f}, {hi:+.4f}], "
-            f"P(not better) = {c['p_not_better']:.3f}"
+            f"{task.unit}): {task.metric_label} difference "
+            + report.difference(c["difference"], c["interval"], c["p_not_better"])
         )
     return "\n".join(lines) + "\n"
 

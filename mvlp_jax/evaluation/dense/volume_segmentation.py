@@ -60,8 +60,8 @@ class VolumeSegmentation(segmentation.Segmentation):
 
     def read(self, source, size: int, patch: int, context: dict) -> Truth:
         """Per window: its slices' records ("windows" (W, depth)), its series and first slice, the masks
-        (W, depth, size, size), the patient; "records" and "shown" name the slice pictures draw (the window's
-        slice with the most mask)."""
+        (W, depth, size, size), the patient; "records" and "shown" name the slice pictures draw (of the slices no
+        earlier window holds, the one with the most mask)."""
         records = [source[i] for i in range(len(source))]
         depth, stride = context["depth"], context["stride"]
         series, short = studies.volumes(
@@ -80,15 +80,20 @@ class VolumeSegmentation(segmentation.Segmentation):
                 windows.append(slices[start : start + depth])
                 of_series.append(s)
                 starts.append(start)
-        windows = np.stack(windows)
+        windows, of_series, starts = np.stack(windows), np.asarray(of_series), np.asarray(starts)
         masks = segmentation.masks_of(records, size)[windows]
-        shown = masks.reshape(*windows.shape, -1).sum(-1).argmax(1)
+        area = masks.reshape(*windows.shape, -1).sum(-1)
+        new = [
+            0 if w == 0 or of_series[w - 1] != of_series[w] else starts[w - 1] + depth - starts[w]
+            for w in range(len(windows))
+        ]
+        shown = np.array([first + int(area[w, first:].argmax()) for w, first in enumerate(new)])
         return {
             "records": windows[np.arange(len(windows)), shown],
             "shown": shown,
             "windows": windows,
-            "series": np.asarray(of_series),
-            "starts": np.asarray(starts),
+            "series": of_series,
+            "starts": starts,
             "targets": {"mask": masks},
             "patients": np.array([records[int(w[0])]["subject_id"].decode() for w in windows]),
         }
