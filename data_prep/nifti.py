@@ -12,7 +12,8 @@ grid: any non-zero voxel is foreground) and any others (labels, split), copied t
 Each volume is turned to the closest RAS+ orientation (nibabel), so whatever its affine a slice is an axial image
 in the radiological convention: anterior at the top, the patient's right on the image's left. Slice k is written
 as a 16-bit PNG holding its values (scale slope and intercept applied: Hounsfield units for CT) plus
---intensity_offset, rounded and clipped to 0..65535 (clipped voxels are counted); its mask as 0 / 255. OUT's
+--intensity_offset, rounded and clipped to 0..65535 (clipped voxels are counted; NaN voxels, which some files
+hold outside the field of view, become the volume's lowest value and are counted too); its mask as 0 / 255. OUT's
 manifest.csv names each slice (image, mask, series, patient_id, slice_index, z_mm: the slice centre's position
 along the scanner's inferior-superior axis, pixel spacing and slice thickness in mm) with the volume's own
 columns. Pixels need not be square: the builder's resize does not correct for spacing.
@@ -22,6 +23,8 @@ from __future__ import annotations
 
 import csv
 import os
+import zlib
+from typing import Any
 
 import numpy as np
 from absl import app, flags
@@ -45,15 +48,17 @@ def define_flags() -> None:
 OWN_COLUMNS = ("image", "mask", "series", "patient_id", "slice_index", "z_mm", "pixel_spacing_mm", "slice_thickness_mm")
 
 
-def _load(path: str):
-    """The NIfTI image at `path` turned to the closest RAS+ orientation; InputError names an unreadable file."""
+def _load(path: str) -> tuple[Any, np.ndarray]:
+    """(the NIfTI image at `path` in the closest RAS+ orientation, its values as float32 with scale slope and
+    intercept applied; trailing dimensions of one dropped); InputError names an unreadable or truncated file."""
     import nibabel as nib
     from nibabel.filebasedimages import ImageFileError
 
     try:
-        return nib.as_closest_canonical(nib.load(path))
-    except (FileNotFoundError, ImageFileError) as error:
-        raise InputError(f"{path}: not a readable NIfTI volume ({error})") from None
+        image = nib.as_closest_canonical(nib.squeeze_image(nib.load(path)))
+        return image, image.get_fdata(dtype=np.float32)
+    except (FileNotFoundError, ImageFileError, EOFError, OSError, zlib.error) as error:
+        raise InputError(f"{path}: not a readable NIfTI volume ({type(error).__name__}: {error})") from None
 
 
 def axial_slices(volume: np.ndarray) -> np.ndarray:
@@ -63,23 +68,26 @@ def axial_slices(volume: np.ndarray) -> np.ndarray:
 
 def convert_volume(path: str, mask_path: str, offset: float) -> dict:
     """One NIfTI volume -> {"slices" uint16 (Z, rows, cols), "masks" bool or None, "z_mm" (Z,), "spacing" (row,
-    col, slice) mm, "clipped" voxels}."""
-    image = _load(path)
-    if len(image.shape) != 3:
-        raise InputError(f"{path}: a volume of shape {image.shape}; this reads 3D volumes (one channel, one time)")
-    values = np.rint(image.get_fdata(dtype=np.float32) + offset)
+    col, slice) mm, "clipped" voxels, "missing" voxels (NaN, stored as the volume's lowest value)}."""
+    image, values = _load(path)
+    if values.ndim != 3:
+        raise InputError(f"{path}: a volume of shape {values.shape}; this reads 3D volumes (one channel, one time)")
+    missing = ~np.isfinite(values)
+    if missing.all():
+        raise InputError(f"{path}: every voxel is NaN or infinite")
+    values = np.rint(np.where(missing, values[~missing].min(), values) + offset)
     clipped = int(((values < 0) | (values > 65535)).sum())
     masks = None
     if mask_path:
-        mask = _load(mask_path)
-        if mask.shape != image.shape or not np.allclose(mask.affine, image.affine, atol=1e-3):
+        mask, labels = _load(mask_path)
+        if labels.shape != values.shape or not np.allclose(mask.affine, image.affine, atol=1e-3):
             raise InputError(
-                f"{mask_path}: its grid {mask.shape} (affine {np.round(mask.affine, 3).tolist()}) is not its "
-                f"volume's {image.shape} ({path}); resample the mask onto the volume first"
+                f"{mask_path}: its grid {labels.shape} (affine {np.round(mask.affine, 3).tolist()}) is not its "
+                f"volume's {values.shape} ({path}); resample the mask onto the volume first"
             )
-        masks = axial_slices(np.asanyarray(mask.dataobj) != 0)
-    centre = np.array([(image.shape[0] - 1) / 2, (image.shape[1] - 1) / 2])
-    z_mm = image.affine[2, :2] @ centre + image.affine[2, 2] * np.arange(image.shape[2]) + image.affine[2, 3]
+        masks = axial_slices(np.nan_to_num(labels) != 0)
+    centre = np.array([(values.shape[0] - 1) / 2, (values.shape[1] - 1) / 2])
+    z_mm = image.affine[2, :2] @ centre + image.affine[2, 2] * np.arange(values.shape[2]) + image.affine[2, 3]
     spacing = image.header.get_zooms()[:3]
     return {
         "slices": axial_slices(np.clip(values, 0, 65535).astype(np.uint16)),
@@ -87,6 +95,7 @@ def convert_volume(path: str, mask_path: str, offset: float) -> dict:
         "z_mm": z_mm,
         "spacing": (float(spacing[1]), float(spacing[0]), float(spacing[2])),
         "clipped": clipped,
+        "missing": int(missing.sum()),
     }
 
 
@@ -98,17 +107,19 @@ def convert(input_dir: str, output_dir: str, manifest: str = "volumes.csv", offs
     extra = [c for c in rows[0] if c not in ("volume",) + OWN_COLUMNS]
     for folder in ("images", "masks"):
         os.makedirs(os.path.join(output_dir, folder), exist_ok=True)
-    out, seen, clipped = [], set(), 0
+    out, seen, clipped, missing = [], set(), 0, 0
     for row in tqdm(rows, desc="NIfTI volumes", unit="volume"):
         path = os.path.join(input_dir, row["volume"])
         name = os.path.basename(row["volume"])
         series = row.get("series") or name.removesuffix(".gz").removesuffix(".nii")
+        if os.sep in series or series in ("", ".", ".."):
+            raise InputError(f"{path}: series {series!r} cannot name a file; give a series without {os.sep!r}")
         if series in seen:
             raise InputError(f"{path}: series {series!r} is listed twice; give each volume its own series")
         seen.add(series)
         mask_path = os.path.join(input_dir, row["mask"]) if row.get("mask") else ""
         volume = convert_volume(path, mask_path, offset)
-        clipped += volume["clipped"]
+        clipped, missing = clipped + volume["clipped"], missing + volume["missing"]
         for k, pixels in enumerate(volume["slices"]):
             image = f"images/{series}_z{k:04d}.png"
             Image.fromarray(pixels).save(os.path.join(output_dir, image))
@@ -133,7 +144,7 @@ def convert(input_dir: str, output_dir: str, manifest: str = "volumes.csv", offs
         writer = csv.DictWriter(f, fieldnames=list(OWN_COLUMNS) + extra)
         writer.writeheader()
         writer.writerows(out)
-    return {"volumes": len(rows), "slices": len(out), "clipped": clipped}
+    return {"volumes": len(rows), "slices": len(out), "clipped": clipped, "missing": missing}
 
 
 def main(argv: list[str]) -> None:
@@ -142,6 +153,7 @@ def main(argv: list[str]) -> None:
     print(
         f"{counts['volumes']} volumes -> {counts['slices']} slices in {FLAGS.output_dir} (manifest.csv)"
         + (f"; {counts['clipped']} voxels clipped to 0..65535 after the offset" if counts["clipped"] else "")
+        + (f"; {counts['missing']} NaN voxels stored as their volume's lowest value" if counts["missing"] else "")
     )
 
 

@@ -66,7 +66,7 @@ def test_two_orientations_of_one_volume_give_the_same_slices_hu_and_z(tmp_path):
         ],
     )  # fmt: skip
     counts = convert(str(raw), str(tmp_path / "out"))
-    assert counts == {"volumes": 2, "slices": 8, "clipped": 0}
+    assert counts == {"volumes": 2, "slices": 8, "clipped": 0, "missing": 0}
     rows = list(csv.DictReader(open(tmp_path / "out" / "manifest.csv")))
     assert [r["series"] for r in rows] == ["a"] * 4 + ["b"] * 4 and rows[4]["split"] == "test"
     assert [float(r["z_mm"]) for r in rows[:4]] == [-100.0, -97.5, -95.0, -92.5]  # slice k at the affine's z
@@ -81,7 +81,8 @@ def test_two_orientations_of_one_volume_give_the_same_slices_hu_and_z(tmp_path):
         assert pixels[0, 0] == 100 * k  # the right-anterior voxel at the top left (radiological convention)
         assert pixels[-1, -1] == -1000 and (pixels == 40).sum() == 4
         assert (read(row["mask"]) == 255).sum() == (4 if k in (1, 2) else 0)
-        np.testing.assert_array_equal(read(row["mask"]) == 255, pixels == 40) if k in (1, 2) else None
+        if k in (1, 2):
+            np.testing.assert_array_equal(read(row["mask"]) == 255, pixels == 40)
 
 
 def test_bad_volumes_are_refused_by_name(tmp_path):
@@ -95,9 +96,26 @@ def test_bad_volumes_are_refused_by_name(tmp_path):
     with pytest.raises(InputError, match="series 's' is listed twice"):
         convert(str(tmp_path), str(tmp_path / "out"))
     (tmp_path / "broken.nii").write_bytes(b"not a volume")
-    _write(tmp_path, [{"volume": "broken.nii"}])
-    with pytest.raises(InputError, match="broken.nii: not a readable NIfTI volume"):
+    whole = open(tmp_path / "v.nii", "rb").read()
+    (tmp_path / "cut.nii").write_bytes(whole[: len(whole) // 2])  # a transfer that stopped half way
+    for name in ("broken.nii", "cut.nii"):
+        _write(tmp_path, [{"volume": name}])
+        with pytest.raises(InputError, match=f"{name}: not a readable NIfTI volume"):
+            convert(str(tmp_path), str(tmp_path / "out"))
+    _write(tmp_path, [{"volume": "v.nii", "series": "a/b"}])
+    with pytest.raises(InputError, match="series 'a/b' cannot name a file"):
         convert(str(tmp_path), str(tmp_path / "out"))
+
+
+def test_nan_voxels_and_a_trailing_dimension_of_one_are_read(tmp_path):
+    hu, _ = _anatomy()
+    hu[0, 0, 0] = np.nan  # outside the field of view
+    _save(tmp_path, "v.nii", hu[..., None], np.eye(4))  # (X, Y, Z, 1), as some converters write
+    _write(tmp_path, [{"volume": "v.nii"}])
+    counts = convert(str(tmp_path), str(tmp_path / "out"))
+    assert counts["missing"] == 1 and counts["slices"] == SHAPE[2]
+    first = np.asarray(Image.open(tmp_path / "out" / "images" / "v_z0000.png")).astype(np.int64) - 32768
+    assert first[-1, -1] == -1000  # x 0, y 0 (left, posterior): the lowest value of the volume
 
 
 def test_converted_volumes_build_and_stack_in_z_order(tmp_path):

@@ -150,10 +150,13 @@ def test_slices_are_ordered_by_position_then_image_id_and_a_bad_position_is_refu
     without = [studies.slice_key(record(i)) for i in ("z2", "z1")]
     assert studies.volumes(["s", "s"], without, depth=2)[0].tolist() == [[1, 0]]  # no positions: by image id
     _series(str(tmp_path), patients=1, slices=2)
-    with open(tmp_path / "manifest.csv", "a") as f:
-        f.write("images/p0_s000.png,p0,train,above\n")
-    with pytest.raises(R.InputError, match="z_mm='above' is not a number"):
-        csv_manifest.scan(str(tmp_path), split_column="split", slice_position_column="z_mm")
+    for bad in ("above", "nan"):  # a NaN would sort nowhere and scramble its series
+        with open(tmp_path / "manifest.csv", "a") as f:
+            f.write(f"images/p0_s000.png,p0,train,{bad}\n")
+        with pytest.raises(R.InputError, match=f"z_mm='{bad}' is not a finite number"):
+            csv_manifest.scan(str(tmp_path), split_column="split", slice_position_column="z_mm")
+        lines = open(tmp_path / "manifest.csv").read().splitlines()[:-1]
+        open(tmp_path / "manifest.csv", "w").write("\n".join(lines) + "\n")
 
 
 def test_volume_config_refusals():
@@ -219,29 +222,39 @@ def test_volume_scores_are_whole_series_counted_once_whatever_their_windows():
     from mvlp_jax.evaluation.dense.volume_segmentation import TASK, window_starts
 
     rng = np.random.default_rng(3)
-    masks = rng.random((2, 10, 4, 4)) < 0.3  # two series of 10 slices; series 1 has no mask on slices 0-4
+    masks = rng.random((3, 10, 4, 4)) < 0.3  # series of 10, 10 and 3 slices; series 1 has no mask on slices 0-4
     masks[1, :5] = False
-    starts = {0: window_starts(10, 4, 2), 1: window_starts(10, 4, 4)}  # 4 windows and 3
-    of_series = np.array([s for s in (0, 1) for _ in starts[s]])
-    start = np.array(starts[0] + starts[1])
+    lengths = (10, 10, 3)
+    padded = masks.copy()
+    padded[2, 3:] = masks[2, 2]  # the short series' window repeats its last slice
+    starts = {0: window_starts(10, 4, 2), 1: window_starts(10, 4, 4), 2: [0]}  # 4 windows, 3 and 1
+    of_series = np.array([s for s in (0, 1, 2) for _ in starts[s]])
+    start = np.array(starts[0] + starts[1] + starts[2])
+    cut = lambda volumes: np.stack([volumes[s, b : b + 4] for s, b in zip(of_series, start)])
     truth = {
-        "targets": {"mask": np.stack([masks[s, b : b + 4] for s, b in zip(of_series, start)])},
+        "targets": {"mask": cut(padded)},
         "series": of_series,
         "starts": start,
+        "lengths": np.array([lengths[s] for s in of_series]),
     }
-    guess = masks.copy()
+    guess = padded.copy()
     guess[0, 2] = ~guess[0, 2]  # one slice of series 0 wrong
-    logits = np.where(np.stack([guess[s, b : b + 4] for s, b in zip(of_series, start)]), 4.0, -4.0)[..., None]
-    scores, predicted = TASK.score(logits, truth, 4, {})
+    guess[2, 3:] = True  # the short series' padding predicted full: not scored
+    scores, predicted = TASK.score(np.where(cut(guess), 4.0, -4.0)[..., None], truth, 4, {})
     dice = lambda p, t: 2 * (p & t).sum() / (p.sum() + t.sum())
-    expected = [dice(guess[0], masks[0]), 1.0]
-    assert scores["dice"](np.arange(7)) == pytest.approx(np.mean(expected))  # each series once, not per window
-    assert scores["dice"](np.array([4, 5, 6])) == pytest.approx(1.0) and scores["dice"](np.array([0])) == pytest.approx(
-        expected[0]
-    )
-    per_slice = [dice(guess[0, z], masks[0, z]) for z in range(10) if masks[0, z].any()]
-    assert scores["dice_slices"](np.arange(4)) == pytest.approx(np.mean(per_slice))
+    expected = [dice(guess[0], masks[0]), 1.0, 1.0]
+    assert scores["dice"](np.arange(8)) == pytest.approx(np.mean(expected))  # each series once, not per window
+    assert scores["dice"](np.array([4, 5, 6])) == pytest.approx(1.0)
+    assert scores["dice"](np.array([0, 1, 2, 3, 7])) == pytest.approx((expected[0] + 1.0) / 2)  # whole series drawn
+    per_slice = [dice(guess[s, z], masks[s, z]) for s in range(3) for z in range(lengths[s]) if masks[s, z].any()]
+    assert scores["dice_slices"](np.arange(8)) == pytest.approx(np.mean(per_slice))  # pooled over slices
     np.testing.assert_array_equal(predicted[1], guess[0, 2:6])
+    np.testing.assert_array_equal(predicted[7, :3], masks[2, :3])
+    assert not predicted[7, 3:].any()  # the padding is no prediction
+    assert (
+        TASK.cases({**truth, "patients": np.array(["a"] * 4 + ["b"] * 3 + ["c"])}).tolist()
+        == ["a"] * 10 + ["b"] * 10 + ["c"] * 3
+    )
 
 
 def test_a_head_on_a_frozen_3d_encoder_segments_the_held_out_series(tmp_path):

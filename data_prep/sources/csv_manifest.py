@@ -15,6 +15,7 @@ slices of a series (--study_column) when the 3D encoder stacks them; a row witho
 
 from __future__ import annotations
 
+import math
 import os
 
 from data_prep.sources.tables import read_csv
@@ -129,10 +130,12 @@ def scan(
                 continue
             try:
                 position = float(row[slice_position_column]) if slice_position_column else float("nan")
+                if slice_position_column and not math.isfinite(position):
+                    raise ValueError
             except ValueError:
                 raise R.InputError(
-                    f"{where}: {slice_position_column}={row[slice_position_column]!r} is not a number (a slice's "
-                    f"z position or index)"
+                    f"{where}: {slice_position_column}={row[slice_position_column]!r} is not a finite number (a "
+                    f"slice's z position or index)"
                 ) from None
             image_boxes = boxes.get(row[image_column], [])
             unmatched_boxes.discard(row[image_column])

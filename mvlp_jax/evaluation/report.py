@@ -33,12 +33,12 @@ def interval(value: float, ci: list[float]) -> str:
     return f"{value:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]"
 
 
-def difference(value: float, interval: list[float], p_not_better: float) -> str:
+def difference(value: float, ci: list[float], p_not_better: float) -> str:
     """'+0.0300 [95% CI -0.0100, +0.0700], P(not better) = 0.120', or '+0.0300 (no interval)' without draws
     (bootstrap=0, or too few patients)."""
-    if not np.all(np.isfinite(interval)):
+    if not np.all(np.isfinite(ci)):
         return f"{value:+.4f} (no interval: bootstrap=0 or too few patients)"
-    return f"{value:+.4f} [95% CI {interval[0]:+.4f}, {interval[1]:+.4f}], P(not better) = {p_not_better:.3f}"
+    return f"{value:+.4f} [95% CI {ci[0]:+.4f}, {ci[1]:+.4f}], P(not better) = {p_not_better:.3f}"
 
 
 def seeds_note(values: list[float]) -> str:

@@ -136,7 +136,8 @@ def _train(
         )
     examples = "volumes" if config.model.encoder == "vit3d" else "studies" if config.data.max_views > 1 else "images"
     _log(
-        f"{records.where}: {len(records.indices)} training {examples}; mesh {dict(mesh.shape)}; "
+        f"{records.where}: {len(records.indices)} training {'series' if examples == 'volumes' else examples}; "
+        f"mesh {dict(mesh.shape)}; "
         f"{configuration_summary(config)}; compiling the train step..."
     )
     with observe.CompileTimer() as timer:

@@ -1,10 +1,12 @@
 """Segmentation in 3D (`--config.evaluator=volume_segmentation`): the masks of a ViT3D's volumes. A split's slices
 become series (one per study id, ordered by `slice_position`, then image id: studies.volumes) and each series
-windows of `depth` consecutive slices, `stride` apart (the last window ends at the series' last slice). A head on
-the frozen token grid (dense_heads.PlaneUpsampling: SETR's upsampling per tubelet plane) learns the windows' masks
-with segmentation's loss; the test windows' logits are averaged where windows overlap, and each test series is
-scored whole: Dice over its voxels (the main metric) and Dice per slice with a non-empty mask. The loop around it
-is task.py: label fractions, seeds, early stopping on the validation series, patient-level intervals."""
+windows of `depth` consecutive slices, `stride` apart (the last window ends at the series' last slice; a series
+shorter than `depth` is one window, its last slice repeated). A head on the frozen token grid
+(dense_heads.PlaneUpsampling: SETR's upsampling, shared by the tubelet planes) learns the windows' masks with
+segmentation's loss; the test windows' logits are averaged where windows overlap, and each test series is scored
+whole on its own slices: Dice over its voxels (the main metric: a mean over series) and Dice per slice with a
+non-empty mask (a mean over those slices). The loop around it is task.py: label fractions, seeds, early stopping
+on the validation series, patient-level intervals."""
 
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ def stitch(windows: np.ndarray, starts: np.ndarray) -> np.ndarray:
 
 class VolumeSegmentation(segmentation.Segmentation):
     name, metric, metric_label, unit = "volume_segmentation", "dice", "Dice per volume", "windows"
-    metrics = {"dice": "Dice per volume", "dice_slices": "Dice per slice with a mask"}
+    metrics = {"dice": "Dice per volume", "dice_slices": "Dice per slice with a mask"}  # means over series, slices
     head_labels = {"upsampling": "SETR-PUP per tubelet plane", "pyramid": "simple feature pyramid per tubelet plane"}
     build_hint = (
         "build it with data_prep.build_dataset --mask_column=... --study_column=SERIES "
@@ -59,27 +61,24 @@ class VolumeSegmentation(segmentation.Segmentation):
         return {"depth": c.depth, "stride": c.stride}
 
     def read(self, source, size: int, patch: int, context: dict) -> Truth:
-        """Per window: its slices' records ("windows" (W, depth)), its series and first slice, the masks
-        (W, depth, size, size), the patient; "records" and "shown" name the slice pictures draw (of the slices no
-        earlier window holds, the one with the most mask)."""
+        """Per window: its slices' records ("windows" (W, depth); a series shorter than depth is one window, its
+        last slice repeated), its series, first slice and the series' length, the masks (W, depth, size, size),
+        the patient; "records" and "shown" name the slice pictures draw (of the slices no earlier window holds,
+        the one with the most mask)."""
         records = [source[i] for i in range(len(source))]
         depth, stride = context["depth"], context["stride"]
-        series, short = studies.volumes(
-            [r["study_id"].decode() for r in records], [studies.slice_key(r) for r in records], depth
+        series, _ = studies.volumes(
+            [r["study_id"].decode() for r in records], [studies.slice_key(r) for r in records], depth=1
         )
-        if not len(series):
-            raise ValueError(
-                f"no series of volume_segmentation.depth={depth} slices (a series is a study id: {self.build_hint})"
-            )
-        if short:
-            print(f"{short} series have fewer than {depth} slices: left out", flush=True)
-        windows, of_series, starts = [], [], []
+        windows, of_series, starts, lengths = [], [], [], []
         for s, slices in enumerate(series):
             slices = slices[slices >= 0]
-            for start in window_starts(len(slices), depth, stride):
-                windows.append(slices[start : start + depth])
+            padded = np.concatenate([slices, np.repeat(slices[-1:], max(0, depth - len(slices)))])
+            for start in window_starts(len(padded), depth, stride):
+                windows.append(padded[start : start + depth])
                 of_series.append(s)
                 starts.append(start)
+                lengths.append(len(slices))
         windows, of_series, starts = np.stack(windows), np.asarray(of_series), np.asarray(starts)
         masks = segmentation.masks_of(records, size)[windows]
         area = masks.reshape(*windows.shape, -1).sum(-1)
@@ -94,6 +93,7 @@ class VolumeSegmentation(segmentation.Segmentation):
             "windows": windows,
             "series": of_series,
             "starts": starts,
+            "lengths": np.asarray(lengths),
             "targets": {"mask": masks},
             "patients": np.array([records[int(w[0])]["subject_id"].decode() for w in windows]),
         }
@@ -104,48 +104,57 @@ class VolumeSegmentation(segmentation.Segmentation):
                 f"volume_segmentation reads volumes: this checkpoint's encoder is model.encoder="
                 f"{config.model.encoder!r}, not 'vit3d'"
             )
+        depth = truth["windows"].shape[1]
+        if depth % config.model.tubelet:
+            raise ValueError(
+                f"volume_segmentation.depth={depth} is not a multiple of the checkpoint's model.tubelet="
+                f"{config.model.tubelet}"
+            )
         return features.Volumes(source, truth["windows"])
 
     def cases(self, truth: Truth) -> np.ndarray:
         """A patient per scored slice: a test split is judged by its slices (a volume is one of a few)."""
-        ends = {}
-        for s, start, patient in zip(truth["series"], truth["starts"], truth["patients"]):
-            ends[s] = (max(ends.get(s, (0, ""))[0], start + truth["windows"].shape[1]), patient)
-        return np.array([patient for length, patient in ends.values() for _ in range(length)])
+        length = dict(zip(truth["series"], zip(truth["lengths"], truth["patients"])))
+        return np.array([patient for n, patient in length.values() for _ in range(n)])
 
     def head(self, patch: int, c: ml_collections.ConfigDict, context: dict, decoder: str) -> PlaneUpsampling:
         return PlaneUpsampling(depth=context["depth"], patch_size=patch, channels=tuple(c.channels), decoder=decoder)
 
     def score(self, outputs: np.ndarray, truth: Truth, patch: int, context: dict):
-        """Each series' windows stitched (logits averaged) and thresholded at 0: Dice over the series' voxels and
-        over its slices with a mask; a statistic over windows counts each series once, whatever its windows."""
+        """Each series' windows stitched (logits averaged) and thresholded at 0, its own slices only: Dice over its
+        voxels, and Dice of each of its slices with a mask (pooled over the chosen series' slices); a statistic
+        over windows counts each series once, whatever its windows."""
         masks, of_series, starts = truth["targets"]["mask"], truth["series"], truth["starts"]
+        depth = masks.shape[1]
         predicted = np.zeros(masks.shape, bool)
-        volume_dice, slice_dice = {}, {}
+        volume_dice, slice_dice = {}, {}  # series -> (sum, count)
         for s in np.unique(of_series):
             members = np.flatnonzero(of_series == s)
-            guess = stitch(outputs[members, ..., 0], starts[members]) > 0.0
-            true = stitch(masks[members].astype(np.float64), starts[members]) > 0.5
-            volume_dice[s] = float(metrics.dice_per_image(guess[None], true[None])[0])
-            nonempty = true.reshape(len(true), -1).any(1)
-            per_slice = metrics.dice_per_image(guess[nonempty], true[nonempty])
-            slice_dice[s] = float(per_slice.mean()) if nonempty.any() else float("nan")
+            length = int(truth["lengths"][members[0]])
+            guess = stitch(outputs[members, ..., 0], starts[members])[:length] > 0.0
+            true = stitch(masks[members].astype(np.float64), starts[members])[:length] > 0.5
+            volume_dice[s] = (float(metrics.dice_per_image(guess[None], true[None])[0]), 1.0)
+            nonempty = true.reshape(length, -1).any(1)
+            slice_dice[s] = (
+                float(metrics.dice_per_image(guess[nonempty], true[nonempty]).sum()),
+                float(nonempty.sum()),
+            )
             for w in members:
-                predicted[w] = guess[starts[w] : starts[w] + masks.shape[1]]
+                part = guess[starts[w] : starts[w] + depth]
+                predicted[w, : len(part)] = part
         windows_of = np.bincount(of_series)
 
-        def per_series(values: dict) -> Any:
-            scores = np.array([values[s] for s in of_series])
+        def pooled(per_series: dict) -> Any:
+            """chosen windows -> sum / count over their series, each series once per draw of its windows."""
+            sums, counts = (np.array([per_series[s][k] for s in of_series]) / windows_of[of_series] for k in (0, 1))
 
             def statistic(chosen: np.ndarray) -> float:
-                kept = chosen[np.isfinite(scores[chosen])]
-                return (
-                    float(np.average(scores[kept], weights=1.0 / windows_of[of_series[kept]])) if len(kept) else np.nan
-                )
+                count = counts[chosen].sum()
+                return float(sums[chosen].sum() / count) if count > 0 else float("nan")
 
             return statistic
 
-        return {"dice": per_series(volume_dice), "dice_slices": per_series(slice_dice)}, predicted
+        return {"dice": pooled(volume_dice), "dice_slices": pooled(slice_dice)}, predicted
 
     def draw(self, ax: Any, image: np.ndarray, truth: Truth, predicted: np.ndarray, i: int) -> str:
         k = int(truth["shown"][i])
