@@ -294,13 +294,13 @@ class Block(nn.Module):
         return constrain(x, "batch", "length", "embed"), None
 
 
-class Encoder(nn.Module):
-    """`depth` blocks (looped or scanned, optionally rematerialised) then a final LayerNorm. With
-    `window_size` (ViTDet) blocks attend within windows of the patch grid, except `global_blocks`."""
+class EncoderSettings(nn.Module):
+    """The settings of a stack of blocks: its size and how it runs. The Encoder has them, and so does every image
+    encoder (Backbone), which hands them to its Encoder (`encoder_of`)."""
 
-    depth: int
-    num_heads: int
-    mlp_dim: int
+    depth: int = 12
+    num_heads: int = 12
+    mlp_dim: int = 3072
     dropout: float = 0.0
     drop_path: float = 0.0
     layer_norm_eps: float = 1e-6
@@ -309,7 +309,17 @@ class Encoder(nn.Module):
     scan: bool = False
     remat_policy: str = "none"
     sow_attention: bool = False
-    attention: str = "auto"
+    attention: str = "auto"  # kernels.ATTENTION_IMPLEMENTATIONS
+
+
+# The names of those settings, in order
+ENCODER_FIELDS = tuple(name for name in EncoderSettings.__annotations__ if name not in ("parent", "name"))
+
+
+class Encoder(EncoderSettings):
+    """`depth` blocks (looped or scanned, optionally rematerialised) then a final LayerNorm. With
+    `window_size` (ViTDet) blocks attend within windows of the patch grid, except `global_blocks`."""
+
     window_size: int = 0
     global_blocks: tuple[int, ...] = ()
 
@@ -364,21 +374,12 @@ class Encoder(nn.Module):
         return layer_norm("norm", self.layer_norm_eps, self.dtype, self.param_dtype)(x)
 
 
-# The Encoder settings a ViT and a ViTDet carry under the same names
-ENCODER_FIELDS = (
-    "depth",
-    "num_heads",
-    "mlp_dim",
-    "dropout",
-    "drop_path",
-    "layer_norm_eps",
-    "dtype",
-    "param_dtype",
-    "scan",
-    "remat_policy",
-    "sow_attention",
-    "attention",
-)
+class Backbone(EncoderSettings):
+    """The settings every image encoder (vit.ViT, vitdet.ViTDet, vit3d.ViT3D) shares: its Encoder's (handed over by
+    `encoder_of`), its width and its patch. Each adds its own fields."""
+
+    width: int = 768
+    patch_size: int = 16
 
 
 def encoder_of(model: nn.Module, **extra) -> Encoder:

@@ -18,7 +18,7 @@ import numpy as np
 
 from mvlp_jax import kernels
 from mvlp_jax.kernels import patchify
-from mvlp_jax.models.transformer import Dtype, Encoder, constrain, encoder_of, logical, sincos_2d
+from mvlp_jax.models.transformer import Backbone, Dtype, Encoder, constrain, encoder_of, logical, sincos_2d
 
 # name -> (width, depth, num_heads, mlp_dim); the patch comes from the name ('B/16').
 VARIANTS = {
@@ -145,7 +145,7 @@ class PatchEmbed(nn.Module):
 VIEW_TYPES = ("frontal", "lateral", "other")  # a study's views, in the order its images are given
 
 
-class ViT(nn.Module):
+class ViT(Backbone):
     """ViT encoder. `keep_ids` (B, K) selects the visible patches (MAE); returns (B, [1+]N, width).
 
     A study of several views, images (B, V, H, W, C), is one sequence: each view's patch tokens get its
@@ -153,23 +153,9 @@ class ViT(nn.Module):
     to the tokens of all the study's views, padded views (`view_mask` False) excepted; returns (B, [1+]V*N,
     width). A single image is a study of one frontal view."""
 
-    width: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_dim: int = 3072
-    patch_size: int = 16
     image_size: int = 224
     posemb: str = "sincos2d"
     cls_token: bool = True
-    dropout: float = 0.0
-    drop_path: float = 0.0
-    layer_norm_eps: float = 1e-6
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    scan: bool = False
-    remat_policy: str = "none"
-    sow_attention: bool = False
-    attention: str = "auto"  # kernels.ATTENTION_IMPLEMENTATIONS
     view_types: int = 0  # > 0: a learned embedding per view type (multi-view studies)
 
     @nn.compact

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mvlp_jax.models.transformer import Dtype, constrain, encoder_of, logical, sincos_2d
+from mvlp_jax.models.transformer import Backbone, constrain, encoder_of, logical, sincos_2d
 from mvlp_jax.models.vit import MAE, masked_autoencode
 
 
@@ -44,26 +44,12 @@ def sincos_3d(depth: int, height: int, width: int, dim: int) -> np.ndarray:
     return (planar + along[:, None, :]).reshape(depth * height * width, dim).astype(np.float32)
 
 
-class ViT3D(nn.Module):
+class ViT3D(Backbone):
     """ViT encoder of volumes (B, D, H, W, C); `keep_ids` (B, K) selects the visible tubelets (MAE3D); returns
     (B, [1+]N, width) with N = D/t * H/p * W/p."""
 
-    width: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_dim: int = 3072
-    patch_size: int = 16
     tubelet: int = 2
     cls_token: bool = True
-    dropout: float = 0.0
-    drop_path: float = 0.0
-    layer_norm_eps: float = 1e-6
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    scan: bool = False
-    remat_policy: str = "none"
-    sow_attention: bool = False
-    attention: str = "auto"
     volumetric = True  # read by objectives: a 5-D input is one volume, not a study of views
 
     @nn.compact

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from mvlp_jax.models.transformer import (  # noqa: F401 - window_partition, window_unpartition: part of this API
-    Dtype,
+    Backbone,
     constrain,
     encoder_of,
     logical,
@@ -41,29 +41,15 @@ def default_global_blocks(depth: int, every: int = 3) -> tuple[int, ...]:
     return tuple(range(every - 1, depth, every))
 
 
-class ViTDet(nn.Module):
+class ViTDet(Backbone):
     """Windowed ViT backbone (no CLS token): (B,H,W,C) -> (B, N, width); `token_mask` (B,N) for SimMIM.
 
     A study (B, V, H, W, C) is one sequence (B, V*N, width), as vit.ViT reads it (position and view-type
     embeddings per view, padded views masked): windowed blocks attend within each view's windows, global blocks
     across all the study's views."""
 
-    width: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_dim: int = 3072
-    patch_size: int = 16
     window_size: int = 14
     global_blocks: Sequence[int] | None = None  # default: every 3rd block
-    dropout: float = 0.0
-    drop_path: float = 0.0
-    layer_norm_eps: float = 1e-6
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    remat_policy: str = "none"
-    scan: bool = False
-    sow_attention: bool = False
-    attention: str = "auto"  # kernels.ATTENTION_IMPLEMENTATIONS
     view_types: int = 0  # > 0: a learned embedding per view type (multi-view studies)
     cls_token = False  # read by heads and objectives
 
